@@ -1,3 +1,41 @@
-"""Selective Parameter Update (SPU) as a PEFT method."""
+"""Selective Parameter Update (SPU) as a PEFT method.
+
+Importing `spu_peft` registers SPU with PEFT, so `get_peft_model(model, SPUConfig())` and
+`PeftModel.from_pretrained(model, path)` work for SPU adapters.
+"""
+
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+from .compose import dense_deltas, fold_adapters, subtract_adapter
+from .config import SPUConfig, SPUPeftType
+from .layer import Linear, SPULayer
+from .model import MODEL_TAGS, SPUModel
+from .selection import SCORES, SelectionReport, select_parameters
 
 __version__ = "0.1.0"
+
+
+def _register() -> None:
+    """Put SPU into PEFT's registries (PEFT's `register_peft_method` accepts only its own `PeftType` names)."""
+    PEFT_TYPE_TO_CONFIG_MAPPING[SPUPeftType.SPU] = SPUConfig
+    PEFT_TYPE_TO_TUNER_MAPPING[SPUPeftType.SPU] = SPUModel
+    PEFT_TYPE_TO_PREFIX_MAPPING[SPUPeftType.SPU] = SPUModel.prefix
+
+
+_register()
+
+__all__ = [
+    "MODEL_TAGS",
+    "SCORES",
+    "Linear",
+    "SPUConfig",
+    "SPULayer",
+    "SPUModel",
+    "SPUPeftType",
+    "SelectionReport",
+    "__version__",
+    "dense_deltas",
+    "fold_adapters",
+    "select_parameters",
+    "subtract_adapter",
+]

@@ -1,0 +1,96 @@
+"""Arithmetic on SPU adapters: fold several into one, subtract one (undo a task), export dense deltas."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from peft.utils.other import ModulesToSaveWrapper
+from torch import nn
+
+from .config import SPUConfig
+from .layer import SPULayer, union_sum
+
+
+def _spu_configs(model: nn.Module, adapter_names: Sequence[str]) -> list[SPUConfig]:
+    configs = []
+    for name in adapter_names:
+        config = model.peft_config.get(name)
+        if not isinstance(config, SPUConfig):
+            raise ValueError(
+                f"{name!r} is not an SPU adapter of this model; adapters: {sorted(model.peft_config)}"
+            )
+        configs.append(config)
+    targets = {
+        frozenset(c.target_modules) if isinstance(c.target_modules, set) else c.target_modules
+        for c in configs
+    }
+    if len(targets) > 1:
+        raise ValueError(
+            f"Adapters {list(adapter_names)} target different modules; only like adapters can be combined."
+        )
+    return configs
+
+
+def _combine(
+    model: nn.Module, terms: Sequence[tuple[str, float]], new_adapter_name: str, source: str
+) -> None:
+    """Create `new_adapter_name` whose weight and bias deltas are the signed sum of the given adapters' deltas."""
+    if new_adapter_name in model.peft_config:
+        raise ValueError(
+            f"An adapter named {new_adapter_name!r} exists already; choose a new `new_adapter_name`."
+        )
+    configs = _spu_configs(model, [name for name, _ in terms])
+    config = copy.deepcopy(configs[-1])
+    config.selection = {"combined_from": [f"{'+' if sign > 0 else '-'}{name}" for name, sign in terms]}
+    config.init_weights = True
+    model.add_adapter(new_adapter_name, config)
+    for module in model.modules():
+        if isinstance(module, SPULayer) and new_adapter_name in module.spu_indices:
+            _combine_layer(module, terms, new_adapter_name)
+        elif isinstance(module, ModulesToSaveWrapper) and source in module.modules_to_save:
+            module.modules_to_save[new_adapter_name].load_state_dict(
+                module.modules_to_save[source].state_dict()
+            )
+
+
+def _combine_layer(layer: SPULayer, terms: Sequence[tuple[str, float]], new: str) -> None:
+    deltas = [(idx, sign * val.detach()) for name, sign in terms for idx, val in layer.sparse_deltas(name)]
+    indices, values = union_sum(deltas)
+    template = layer.spu_values[new]
+    layer.spu_indices[new] = indices.to(layer.spu_indices[new].dtype)
+    layer.spu_values[new] = nn.Parameter(values.to(template.dtype), requires_grad=template.requires_grad)
+    if new in layer.spu_bias:
+        bias = torch.zeros_like(layer.spu_bias[new])
+        for name, sign in terms:
+            if name in layer.spu_bias:
+                bias += sign * layer.spu_bias[name].detach()
+        layer.spu_bias[new].data.copy_(bias)
+
+
+def fold_adapters(model: nn.Module, adapter_names: Sequence[str], new_adapter_name: str) -> None:
+    """Add an SPU adapter whose delta is the exact sum of `adapter_names`' deltas (support = their union).
+
+    Dense `modules_to_save` cannot be summed: the new adapter takes those of the last adapter in `adapter_names`.
+    """
+    if not adapter_names:
+        raise ValueError("`adapter_names` is empty; name the SPU adapters to fold.")
+    _combine(model, [(name, 1.0) for name in adapter_names], new_adapter_name, source=adapter_names[-1])
+
+
+def subtract_adapter(model: nn.Module, adapter_name: str, remove: str, new_adapter_name: str) -> None:
+    """Add an SPU adapter equal to `adapter_name` minus `remove`, e.g. to undo one task of a folded sequence.
+
+    Its `modules_to_save` are those of `adapter_name`.
+    """
+    _combine(model, [(adapter_name, 1.0), (remove, -1.0)], new_adapter_name, source=adapter_name)
+
+
+def dense_deltas(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The dense weight delta of every SPU layer of an adapter, keyed by module name (for inspection)."""
+    return {
+        name: module.get_delta_weight(adapter_name)
+        for name, module in model.named_modules()
+        if isinstance(module, SPULayer) and adapter_name in module.spu_indices
+    }

@@ -1,0 +1,112 @@
+"""Configuration of the SPU adapter."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft.config import PeftConfig
+
+
+class SPUPeftType(str, enum.Enum):
+    """PEFT's `PeftType` is a closed enum, so SPU brings its own member with the value PEFT stores on disk."""
+
+    SPU = "SPU"
+
+
+# The first linear layer of each MLP block, per transformers `model_type`. Other model types may join.
+TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
+    "clip": ["fc1"],
+    "clip_vision_model": ["fc1"],
+    "clip_text_model": ["fc1"],
+}
+
+# Modules trained densely beside the sparse deltas (the paper trains CLIP's visual projection).
+TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING: dict[str, list[str]] = {
+    "clip": ["visual_projection"],
+}
+
+BUDGETS = ("per_tensor", "per_row", "global")
+BIAS_OPTIONS = ("none", "spu_only")
+
+
+@dataclass
+class SPUConfig(PeftConfig):
+    """Configuration of [`SPUModel`], the Selective Parameter Update adapter (Zhang et al., CVPR 2024).
+
+    SPU trains a sparse subset of the entries of each targeted weight matrix. The subset is chosen from data by
+    [`spu_peft.select_parameters`]; until then a seeded random pattern of the same size stands in, so the adapter works
+    like any PEFT adapter from the moment it is created.
+
+    Args:
+        target_modules (`Optional[Union[list[str], str]]`):
+            Names (suffix match) or a regex of the linear layers to adapt. `None` picks the first MLP linear of each
+            block for known model types (CLIP: `fc1` in both towers).
+        exclude_modules (`Optional[Union[list[str], str]]`):
+            Names or a regex of modules never to adapt.
+        density (`float`):
+            Fraction of the entries of each target matrix that train, in (0, 1]. Defaults to `0.1`, as in the paper.
+        budget (`str`):
+            How the entries are counted: `"per_tensor"` (top `density` of each matrix, the paper's rule),
+            `"per_row"` (top `density` of each output row) or `"global"` (top `density` of all targets pooled, so
+            layers get different counts). Defaults to `"per_tensor"`.
+        bias (`str`):
+            `"spu_only"` trains a dense, per-adapter delta of the targeted layers' biases (the paper trains the fc1
+            biases); `"none"` leaves biases frozen. Defaults to `"spu_only"`.
+        modules_to_save (`Optional[list[str]]`):
+            Modules trained densely and saved beside the deltas. `None` uses the model type's default (CLIP:
+            `visual_projection`); pass `[]` for none.
+        init_weights (`bool`):
+            `True` starts the values at zero, so the adapter is the identity. `False` draws random non-zero values
+            (used by tests). Defaults to `True`.
+        seed (`int`):
+            Seed of the data-free initial selection and of the `random` score. Defaults to `0`.
+        selection (`Optional[dict]`):
+            Filled in by `select_parameters`: the score, the share of data used and a description of the data, so
+            a saved adapter says how its entries were chosen. Leave it `None`.
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Linear layers to adapt (names or regex); None uses the model type's MLP first layer."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Names or regex of modules never to adapt."}
+    )
+    density: float = field(
+        default=0.1, metadata={"help": "Fraction of each target matrix's entries that train, in (0, 1]."}
+    )
+    budget: str = field(
+        default="per_tensor", metadata={"help": f"How entries are counted, one of {BUDGETS}."}
+    )
+    bias: str = field(default="spu_only", metadata={"help": f"Bias handling, one of {BIAS_OPTIONS}."})
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Dense trainable modules; None uses the model type's default, [] none."},
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: zero values (identity adapter); False: random values."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the initial selection and of the random score."})
+    selection: dict[str, Any] | None = field(
+        default=None, metadata={"help": "How the entries were selected; written by select_parameters."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = SPUPeftType.SPU
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
+            raise ValueError(f"`density` must be a number in (0, 1], got {self.density!r}")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"`density` must be in (0, 1], got {self.density}")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"`budget` must be one of {BUDGETS}, got {self.budget!r}")
+        if self.bias not in BIAS_OPTIONS:
+            raise ValueError(f"`bias` must be one of {BIAS_OPTIONS}, got {self.bias!r}")

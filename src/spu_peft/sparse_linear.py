@@ -1,0 +1,100 @@
+"""A linear layer whose weight is a frozen dense matrix plus sparse deltas.
+
+Autograd through `F.linear(x, W.index_add(...))` would keep a dense copy of the effective weight per layer for the
+backward pass. `SparseDeltaLinear` keeps only the inputs and the sparse tensors, rebuilds the effective weight in
+backward, and returns gradients for the delta values alone: no dense weight gradient outlives the backward call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+SparseDelta = tuple[torch.Tensor, torch.Tensor]  # (flat indices, values)
+
+
+def compose_weight(weight: torch.Tensor, deltas: Sequence[SparseDelta]) -> torch.Tensor:
+    """Return `weight + sum of deltas` in the weight's dtype, never modifying `weight` itself.
+
+    Each entry receives exactly one addition per delta, in order, so the result equals adding dense deltas.
+    """
+    flat = weight.reshape(-1)
+    for indices, values in deltas:
+        flat = flat.index_add(0, indices.long(), values.to(weight.dtype))
+    return flat.view_as(weight)
+
+
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype `F.linear` would use here: autocast's if active, else the weight's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+class SparseDeltaLinear(torch.autograd.Function):
+    """`F.linear(x, weight + deltas, bias)` with gradients for `x`, `bias` and the delta values only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype, indices, *values):  # noqa: D417 - autograd signature
+        ctx.dtype = dtype
+        ctx.num_deltas = len(indices)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, *indices, *values)
+        effective = compose_weight(weight, list(zip(indices, values)))
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dtype), effective.to(dtype), None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, *sparse = ctx.saved_tensors
+        indices, values = sparse[: ctx.num_deltas], sparse[ctx.num_deltas :]
+        needs_x, _, needs_bias, _, _, *needs_values = ctx.needs_input_grad
+        dtype = ctx.dtype
+        grad_output = grad_output.to(dtype)
+
+        grad_x = grad_bias = None
+        if needs_x:
+            effective = compose_weight(weight, list(zip(indices, values))).to(dtype)
+            grad_x = (grad_output @ effective).to(x.dtype)
+        if needs_bias:
+            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).to(ctx.bias_dtype)
+        grad_values = [None] * ctx.num_deltas
+        if any(needs_values):
+            # The dense product lives only inside this call; the gather keeps the selected entries.
+            grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(
+                dtype
+            )
+            grad_flat = grad_weight.reshape(-1)
+            for i, (idx, val) in enumerate(zip(indices, values)):
+                if needs_values[i]:
+                    grad_values[i] = grad_flat[idx.long()].to(val.dtype)
+        return grad_x, None, grad_bias, None, None, *grad_values
+
+
+def sparse_delta_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    deltas: Sequence[SparseDelta],
+) -> torch.Tensor:
+    """Apply `F.linear(x, weight + deltas, bias)` exactly as a dense delta would, under autocast or not.
+
+    When the dense weight itself needs a gradient (parameter scoring), plain autograd is used so that the weight's
+    gradient is available; otherwise the memory-lean `SparseDeltaLinear` path is taken.
+    """
+    dtype = compute_dtype(x, weight)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad
+        or (bias is not None and bias.requires_grad)
+        or any(v.requires_grad for _, v in deltas)
+    )
+    if weight.requires_grad or not needs_grad:
+        effective = compose_weight(weight, deltas)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dtype), effective.to(dtype), None if bias is None else bias.to(dtype))
+    indices = tuple(idx for idx, _ in deltas)
+    values = tuple(val for _, val in deltas)
+    return SparseDeltaLinear.apply(x, weight, bias, dtype, indices, *values)

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random CLIP models and batches, built in code so tests need no network."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import CLIPConfig, CLIPModel  # noqa: E402
+
+VOCAB = 99
+
+
+def tiny_clip_config(hidden: int = 32, intermediate: int = 48) -> CLIPConfig:
+    return CLIPConfig(
+        text_config=dict(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+        ),
+        vision_config=dict(
+            image_size=16,
+            patch_size=4,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
+        projection_dim=16,
+    )
+
+
+def make_tiny_clip(seed: int = 0, **kwargs) -> CLIPModel:
+    torch.manual_seed(seed)
+    return CLIPModel(tiny_clip_config(**kwargs)).eval()
+
+
+def make_batch(seed: int = 0, n: int = 4) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(1, VOCAB, (n, 7), generator=generator),
+        "pixel_values": torch.randn(n, 3, 16, 16, generator=generator),
+    }
+
+
+@pytest.fixture
+def tiny_clip() -> CLIPModel:
+    return make_tiny_clip()
+
+
+@pytest.fixture
+def batch() -> dict[str, torch.Tensor]:
+    return make_batch()

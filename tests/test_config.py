@@ -1,0 +1,88 @@
+"""SPUConfig defaults and the errors for impossible values."""
+
+import pytest
+import torch
+from conftest import make_tiny_clip
+from peft import get_peft_model
+from transformers import BertConfig, BertModel
+
+from spu_peft import SPUConfig, SPULayer
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"density": 0.0}, "`density`"),
+        ({"density": 1.5}, "`density`"),
+        ({"density": -0.1}, "`density`"),
+        ({"density": "0.1"}, "`density`"),
+        ({"budget": "per_layer"}, "`budget`"),
+        ({"bias": "all"}, "`bias`"),
+    ],
+)
+def test_impossible_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SPUConfig(**kwargs)
+
+
+def test_density_one_is_allowed():
+    assert SPUConfig(density=1.0).density == 1.0
+
+
+def test_clip_defaults_target_fc1_in_both_towers_and_save_visual_projection(tiny_clip):
+    model = get_peft_model(tiny_clip, SPUConfig())
+    layers = sorted(name for name, m in model.named_modules() if isinstance(m, SPULayer))
+    assert layers == [
+        f"base_model.model.{tower}_model.encoder.layers.{i}.mlp.fc1"
+        for tower in ("text", "vision")
+        for i in (0, 1)
+    ]
+    assert model.peft_config["default"].modules_to_save == ["visual_projection"]
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    expected_spu = [f"{layer}.{kind}.default" for layer in layers for kind in ("spu_bias", "spu_values")]
+    assert trainable == sorted(
+        expected_spu + ["base_model.model.visual_projection.modules_to_save.default.weight"]
+    )
+
+
+def test_empty_modules_to_save_trains_no_dense_module(tiny_clip):
+    model = get_peft_model(tiny_clip, SPUConfig(modules_to_save=[], bias="none"))
+    trainable = {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"spu_values"}
+
+
+def test_target_modules_matching_nothing_is_refused(tiny_clip):
+    with pytest.raises(ValueError, match="`target_modules`"):
+        get_peft_model(tiny_clip, SPUConfig(target_modules=["nonexistent"]))
+
+
+def test_target_that_is_not_linear_is_refused(tiny_clip):
+    with pytest.raises(ValueError, match="`target_modules`.*Conv2d"):
+        get_peft_model(tiny_clip, SPUConfig(target_modules=["patch_embedding"], modules_to_save=[]))
+
+
+def test_model_type_without_default_targets_asks_for_target_modules():
+    torch.manual_seed(0)
+    bert = BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+    )
+    with pytest.raises(ValueError, match="`target_modules` has no default for model type 'bert'"):
+        get_peft_model(bert, SPUConfig())
+    model = get_peft_model(bert, SPUConfig(target_modules=["intermediate.dense"]))
+    assert sum(isinstance(m, SPULayer) for m in model.modules()) == 1
+
+
+def test_initial_selection_is_reproducible_and_sized_by_density():
+    def supports(seed):
+        model = get_peft_model(make_tiny_clip(), SPUConfig(seed=seed, density=0.25))
+        return {
+            n: m.spu_indices["default"].clone() for n, m in model.named_modules() if isinstance(m, SPULayer)
+        }
+
+    first, again, other = supports(0), supports(0), supports(1)
+    for name, indices in first.items():
+        assert indices.dtype == torch.int32
+        assert indices.numel() == round(0.25 * 32 * 48)
+        assert torch.equal(indices, again[name])
+        assert torch.equal(indices, indices.sort().values)
+        assert not torch.equal(indices, other[name])

@@ -1,0 +1,214 @@
+"""The SPU layer: forward against a dense reference, gradients, merging, adapters, dtypes."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_batch, make_tiny_clip
+from peft import get_peft_model
+
+from spu_peft import SPUConfig, SPULayer
+from spu_peft.sparse_linear import compose_weight
+
+
+def spu_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, SPULayer)}
+
+
+def dense_reference(layer: SPULayer, x: torch.Tensor, adapters=("default",)) -> torch.Tensor:
+    """F.linear with the dense delta added to the weight, as the issue defines SPU's output."""
+    base = layer.get_base_layer()
+    weight, bias = base.weight, base.bias
+    for name in adapters:
+        delta = torch.zeros(weight.numel(), dtype=torch.float32)
+        for idx, val in layer.sparse_deltas(name):
+            delta[idx.long()] += val.detach()
+        weight = weight + delta.view_as(weight).to(weight.dtype)
+        if name in layer.spu_bias:
+            bias = bias + layer.spu_bias[name].detach().to(bias.dtype)
+    return F.linear(x, weight, bias)
+
+
+@pytest.fixture
+def model():
+    return get_peft_model(make_tiny_clip(), SPUConfig(init_weights=False))
+
+
+def test_forward_equals_dense_reference_exactly(model):
+    x = torch.randn(3, 5, 32)
+    for layer in spu_layers(model).values():
+        assert torch.equal(layer(x), dense_reference(layer, x))
+
+
+def test_init_weights_true_is_the_identity(batch):
+    base = make_tiny_clip()
+    expected = base(**batch).logits_per_image
+    model = get_peft_model(base, SPUConfig())
+    assert torch.equal(model(**batch).logits_per_image, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_base_under_autocast_matches_reference(dtype):
+    model = get_peft_model(make_tiny_clip().to(dtype), SPUConfig(init_weights=False))
+    x = torch.randn(3, 32, dtype=dtype)
+    for layer in spu_layers(model).values():
+        assert layer.spu_values["default"].dtype == torch.float32
+        with torch.autocast("cpu", dtype=dtype):
+            out = layer(x)
+            expected = dense_reference(layer, x)
+        assert out.dtype == expected.dtype == dtype
+        assert torch.equal(out, expected)
+
+
+def test_fp32_base_under_bf16_autocast_matches_reference(model):
+    x = torch.randn(3, 32)
+    for layer in spu_layers(model).values():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, expected = layer(x), dense_reference(layer, x)
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_fast_path_gradients_equal_dense_autograd(dtype, tol):
+    """SparseDeltaLinear's hand-written backward against autograd through the composed dense weight."""
+    model = get_peft_model(make_tiny_clip().to(dtype), SPUConfig(init_weights=False))
+    layer = next(iter(spu_layers(model).values()))
+    x = torch.randn(4, 3, 32, dtype=dtype, requires_grad=True)
+    values, bias = layer.spu_values["default"], layer.spu_bias["default"]
+
+    layer(x).float().pow(2).sum().backward()
+    fast = (x.grad.clone(), values.grad.clone(), bias.grad.clone())
+    x.grad = values.grad = bias.grad = None
+
+    base = layer.get_base_layer()
+    weight = compose_weight(base.weight, layer.sparse_deltas("default"))
+    F.linear(x, weight, base.bias + bias.to(dtype)).float().pow(2).sum().backward()
+    for got, want in zip(fast, (x.grad, values.grad, bias.grad)):
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_training_changes_only_selected_entries_even_with_weight_decay(batch):
+    base = make_tiny_clip()
+    reference = copy.deepcopy(base.state_dict())
+    model = get_peft_model(base, SPUConfig())
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.5
+    )
+    model.train()
+    for _ in range(3):
+        outputs = model(**batch, return_loss=True)
+        outputs.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    # no dense gradient of a target's size is kept, nor optimizer state of that size
+    for layer in spu_layers(model).values():
+        assert layer.get_base_layer().weight.grad is None
+    state_sizes = [t.numel() for state in optimizer.state.values() for t in state.values() if t.dim()]
+    assert max(state_sizes) <= 16 * 32  # the visual projection; fc1 weights are 48 x 32, their values 154
+
+    merged = model.merge_and_unload()
+    merged_state = merged.state_dict()
+    for layer_name in spu_layers(get_peft_model(make_tiny_clip(), SPUConfig())):
+        key = layer_name.removeprefix("base_model.model.") + ".weight"
+        changed = (merged_state[key] != reference[key]).flatten().nonzero().squeeze(1)
+        assert 0 < changed.numel() <= round(0.1 * 48 * 32)
+    frozen_keys = [k for k in reference if ".fc1." not in k and not k.startswith("visual_projection")]
+    for key in frozen_keys:
+        assert torch.equal(merged_state[key], reference[key]), key
+    assert not torch.equal(merged_state["visual_projection.weight"], reference["visual_projection.weight"])
+
+
+def test_unselected_entries_stay_bit_identical():
+    model = get_peft_model(make_tiny_clip(), SPUConfig())
+    layer = next(iter(spu_layers(model).values()))
+    original = layer.get_base_layer().weight.detach().clone()
+    optimizer = torch.optim.AdamW([layer.spu_values["default"]], lr=0.1, weight_decay=1.0)
+    for _ in range(3):
+        layer(torch.randn(5, 32)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    effective = compose_weight(layer.get_base_layer().weight, layer.sparse_deltas("default")).detach()
+    unselected = torch.ones(original.numel(), dtype=torch.bool)
+    unselected[layer.spu_indices["default"].long()] = False
+    assert torch.equal(effective.flatten()[unselected], original.flatten()[unselected])
+    assert (effective.flatten()[~unselected] != original.flatten()[~unselected]).all()
+
+
+def test_merge_unmerge_and_disable(model, batch):
+    base_state = copy.deepcopy(model.get_base_model().state_dict())
+    adapted = model(**batch).logits_per_image
+    with model.disable_adapter():
+        disabled = model(**batch).logits_per_image
+    model.merge_adapter()
+    assert torch.equal(model(**batch).logits_per_image, adapted)
+    model.unmerge_adapter()
+    for key, value in model.get_base_model().state_dict().items():
+        if key in base_state:
+            assert torch.equal(value, base_state[key]), key
+    assert torch.equal(model(**batch).logits_per_image, adapted)
+    assert torch.equal(disabled, make_tiny_clip()(**batch).logits_per_image)
+
+
+def test_safe_merge_refuses_non_finite_deltas(model):
+    layer = next(iter(spu_layers(model).values()))
+    layer.spu_values["default"].data[0] = float("nan")
+    before = layer.get_base_layer().weight.detach().clone()
+    with pytest.raises(ValueError, match="NaNs detected"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(layer.get_base_layer().weight, before)
+
+
+def test_merge_and_unload_and_unload(model, batch):
+    adapted = model(**batch).logits_per_image
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert not any(isinstance(m, SPULayer) for m in merged.modules())
+    assert torch.equal(merged(**batch).logits_per_image, adapted)
+    unloaded = model.unload()
+    assert not any(isinstance(m, SPULayer) for m in unloaded.modules())
+    # unload keeps the dense modules_to_save wrapper's original module: the base model comes back
+    assert torch.equal(unloaded(**batch).logits_per_image, make_tiny_clip()(**batch).logits_per_image)
+
+
+def test_two_active_adapters_add_their_deltas():
+    model = get_peft_model(make_tiny_clip(), SPUConfig(init_weights=False, modules_to_save=[]))
+    model.add_adapter("other", SPUConfig(init_weights=False, seed=7, modules_to_save=[]))
+    model.base_model.set_adapter(["default", "other"])
+    x = torch.randn(2, 32)
+    for layer in spu_layers(model).values():
+        assert torch.equal(layer(x), dense_reference(layer, x, adapters=("default", "other")))
+    model.base_model.set_adapter("other")
+    for layer in spu_layers(model).values():
+        assert torch.equal(layer(x), dense_reference(layer, x, adapters=("other",)))
+
+
+def test_delete_adapter_cleans_up():
+    model = get_peft_model(make_tiny_clip(), SPUConfig())
+    model.add_adapter("other", SPUConfig(seed=3))
+    model.delete_adapter("other")
+    assert "other" not in model.peft_config
+    for layer in spu_layers(model).values():
+        for attr in SPULayer.adapter_layer_names + SPULayer.other_param_names:
+            assert list(getattr(layer, attr).keys()) == (["default"] if len(getattr(layer, attr)) else [])
+    assert not any(".other" in key for key in model.state_dict())
+
+
+def test_added_adapter_is_frozen_until_set():
+    model = get_peft_model(make_tiny_clip(), SPUConfig())
+    model.add_adapter("other", SPUConfig(seed=3))
+    layer = next(iter(spu_layers(model).values()))
+    assert layer.spu_values["default"].requires_grad
+    assert not layer.spu_values["other"].requires_grad
+    model.set_adapter("other")
+    assert layer.spu_values["other"].requires_grad and not layer.spu_values["default"].requires_grad
+
+
+def test_gradient_checkpointing_reaches_the_values():
+    model = get_peft_model(make_tiny_clip(), SPUConfig())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    model(**make_batch(), return_loss=True).loss.backward()
+    for layer in spu_layers(model).values():
+        assert layer.spu_values["default"].grad is not None
+        assert layer.spu_values["default"].grad.abs().sum() > 0
