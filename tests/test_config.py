@@ -33,16 +33,12 @@ def test_clip_defaults_target_fc1_in_both_towers_and_save_visual_projection(tiny
     model = get_peft_model(tiny_clip, SPUConfig())
     layers = sorted(name for name, m in model.named_modules() if isinstance(m, SPULayer))
     assert layers == [
-        f"base_model.model.{tower}_model.encoder.layers.{i}.mlp.fc1"
-        for tower in ("text", "vision")
-        for i in (0, 1)
+        f"base_model.model.{tower}_model.encoder.layers.{i}.mlp.fc1" for tower in ("text", "vision") for i in (0, 1)
     ]
     assert model.peft_config["default"].modules_to_save == ["visual_projection"]
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     expected_spu = [f"{layer}.{kind}.default" for layer in layers for kind in ("spu_bias", "spu_values")]
-    assert trainable == sorted(
-        expected_spu + ["base_model.model.visual_projection.modules_to_save.default.weight"]
-    )
+    assert trainable == sorted(expected_spu + ["base_model.model.visual_projection.modules_to_save.default.weight"])
 
 
 def test_empty_modules_to_save_trains_no_dense_module(tiny_clip):
@@ -63,9 +59,7 @@ def test_target_that_is_not_linear_is_refused(tiny_clip):
 
 def test_model_type_without_default_targets_asks_for_target_modules():
     torch.manual_seed(0)
-    bert = BertModel(
-        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
-    )
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37))
     with pytest.raises(ValueError, match="`target_modules` has no default for model type 'bert'"):
         get_peft_model(bert, SPUConfig())
     model = get_peft_model(bert, SPUConfig(target_modules=["intermediate.dense"]))
@@ -75,9 +69,7 @@ def test_model_type_without_default_targets_asks_for_target_modules():
 def test_initial_selection_is_reproducible_and_sized_by_density():
     def supports(seed):
         model = get_peft_model(make_tiny_clip(), SPUConfig(seed=seed, density=0.25))
-        return {
-            n: m.spu_indices["default"].clone() for n, m in model.named_modules() if isinstance(m, SPULayer)
-        }
+        return {n: m.spu_indices["default"].clone() for n, m in model.named_modules() if isinstance(m, SPULayer)}
 
     first, again, other = supports(0), supports(0), supports(1)
     for name, indices in first.items():

@@ -93,9 +93,7 @@ def test_training_changes_only_selected_entries_even_with_weight_decay(batch):
     base = make_tiny_clip()
     reference = copy.deepcopy(base.state_dict())
     model = get_peft_model(base, SPUConfig())
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.5
-    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.5)
     model.train()
     for _ in range(3):
         outputs = model(**batch, return_loss=True)

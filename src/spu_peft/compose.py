@@ -18,14 +18,9 @@ def _spu_configs(model: nn.Module, adapter_names: Sequence[str]) -> list[SPUConf
     for name in adapter_names:
         config = model.peft_config.get(name)
         if not isinstance(config, SPUConfig):
-            raise ValueError(
-                f"{name!r} is not an SPU adapter of this model; adapters: {sorted(model.peft_config)}"
-            )
+            raise ValueError(f"{name!r} is not an SPU adapter of this model; adapters: {sorted(model.peft_config)}")
         configs.append(config)
-    targets = {
-        frozenset(c.target_modules) if isinstance(c.target_modules, set) else c.target_modules
-        for c in configs
-    }
+    targets = {frozenset(c.target_modules) if isinstance(c.target_modules, set) else c.target_modules for c in configs}
     if len(targets) > 1:
         raise ValueError(
             f"Adapters {list(adapter_names)} target different modules; only like adapters can be combined."
@@ -33,14 +28,10 @@ def _spu_configs(model: nn.Module, adapter_names: Sequence[str]) -> list[SPUConf
     return configs
 
 
-def _combine(
-    model: nn.Module, terms: Sequence[tuple[str, float]], new_adapter_name: str, source: str
-) -> None:
+def _combine(model: nn.Module, terms: Sequence[tuple[str, float]], new_adapter_name: str, source: str) -> None:
     """Create `new_adapter_name` whose weight and bias deltas are the signed sum of the given adapters' deltas."""
     if new_adapter_name in model.peft_config:
-        raise ValueError(
-            f"An adapter named {new_adapter_name!r} exists already; choose a new `new_adapter_name`."
-        )
+        raise ValueError(f"An adapter named {new_adapter_name!r} exists already; choose a new `new_adapter_name`.")
     configs = _spu_configs(model, [name for name, _ in terms])
     config = copy.deepcopy(configs[-1])
     config.selection = {"combined_from": [f"{'+' if sign > 0 else '-'}{name}" for name, sign in terms]}
@@ -50,9 +41,7 @@ def _combine(
         if isinstance(module, SPULayer) and new_adapter_name in module.spu_indices:
             _combine_layer(module, terms, new_adapter_name)
         elif isinstance(module, ModulesToSaveWrapper) and source in module.modules_to_save:
-            module.modules_to_save[new_adapter_name].load_state_dict(
-                module.modules_to_save[source].state_dict()
-            )
+            module.modules_to_save[new_adapter_name].load_state_dict(module.modules_to_save[source].state_dict())
 
 
 def _combine_layer(layer: SPULayer, terms: Sequence[tuple[str, float]], new: str) -> None:

@@ -69,9 +69,7 @@ class SPUConfig(PeftConfig):
 
     target_modules: list[str] | str | None = field(
         default=None,
-        metadata={
-            "help": "Linear layers to adapt (names or regex); None uses the model type's MLP first layer."
-        },
+        metadata={"help": "Linear layers to adapt (names or regex); None uses the model type's MLP first layer."},
     )
     exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names or regex of modules never to adapt."}
@@ -79,9 +77,7 @@ class SPUConfig(PeftConfig):
     density: float = field(
         default=0.1, metadata={"help": "Fraction of each target matrix's entries that train, in (0, 1]."}
     )
-    budget: str = field(
-        default="per_tensor", metadata={"help": f"How entries are counted, one of {BUDGETS}."}
-    )
+    budget: str = field(default="per_tensor", metadata={"help": f"How entries are counted, one of {BUDGETS}."})
     bias: str = field(default="spu_only", metadata={"help": f"Bias handling, one of {BIAS_OPTIONS}."})
     modules_to_save: list[str] | None = field(
         default=None,

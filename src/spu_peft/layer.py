@@ -76,9 +76,7 @@ class SPULayer(BaseTunerLayer):
             torch.zeros(0, dtype=torch.float32, device=device), requires_grad=False
         )
         if config.bias == "spu_only" and self.get_base_layer().bias is not None:
-            self.spu_bias[adapter_name] = nn.Parameter(
-                self._initial_values(self.out_features, config, device)
-            )
+            self.spu_bias[adapter_name] = nn.Parameter(self._initial_values(self.out_features, config, device))
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -137,9 +135,7 @@ class SPULayer(BaseTunerLayer):
             [(self.spu_frozen_indices[adapter_name], frozen_values), (self.spu_indices[adapter_name], values)]
         )
         self.spu_frozen_indices[adapter_name] = indices.to(self.spu_indices[adapter_name].dtype)
-        self.spu_frozen_values[adapter_name] = nn.Parameter(
-            summed.to(frozen_values.dtype), requires_grad=False
-        )
+        self.spu_frozen_values[adapter_name] = nn.Parameter(summed.to(frozen_values.dtype), requires_grad=False)
 
     # ---- merging -------------------------------------------------------------------------------------------------
 
@@ -162,12 +158,9 @@ class SPULayer(BaseTunerLayer):
             if delta_bias is not None:
                 merged_bias = base_layer.bias.data + delta_bias.detach().to(base_layer.bias.dtype)
             if safe_merge and not (
-                torch.isfinite(merged_weight).all()
-                and (merged_bias is None or torch.isfinite(merged_bias).all())
+                torch.isfinite(merged_weight).all() and (merged_bias is None or torch.isfinite(merged_bias).all())
             ):
-                raise ValueError(
-                    f"NaNs detected in the merged weights. The adapter {name} seems to be broken"
-                )
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
             self._merge_backups[name] = (
                 touched,
                 flat[touched].clone(),
@@ -181,7 +174,7 @@ class SPULayer(BaseTunerLayer):
     def unmerge(self) -> None:
         """Restore the base weight and bias exactly as they were before `merge`."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base_layer = self.get_base_layer()
         while self.merged_adapters:
@@ -197,9 +190,7 @@ def union_sum(deltas: list[SparseDelta]) -> SparseDelta:
     indices = torch.cat([idx.long() for idx, _ in deltas])
     values = torch.cat([val.detach().float() for _, val in deltas])
     union, inverse = torch.unique(indices, sorted=True, return_inverse=True)
-    summed = torch.zeros(union.numel(), dtype=values.dtype, device=values.device).index_add_(
-        0, inverse, values
-    )
+    summed = torch.zeros(union.numel(), dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
     keep = summed != 0
     return union[keep], summed[keep]
 

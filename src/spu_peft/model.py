@@ -44,9 +44,7 @@ class SPUModel(BaseTuner):
     tuner_layer_cls = SPULayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING
 
-    def __init__(
-        self, model, config, adapter_name="default", low_cpu_mem_usage: bool = False, **kwargs
-    ) -> None:
+    def __init__(self, model, config, adapter_name="default", low_cpu_mem_usage: bool = False, **kwargs) -> None:
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(MODEL_TAGS)
@@ -85,9 +83,7 @@ class SPUModel(BaseTuner):
         """Disable all adapters: SPU's bias deltas are per adapter, so the output is exactly the base model's."""
         self._enable_adapter_layers(enabled=False)
 
-    def _create_and_replace(
-        self, spu_config, adapter_name, target, target_name, parent, current_key, **kwargs
-    ):
+    def _create_and_replace(self, spu_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if isinstance(target, SPULayer):
             target.update_layer(adapter_name, spu_config, key=current_key)
             return
@@ -112,9 +108,7 @@ class SPUModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         """Replace index buffers by packed bit masks wherever that is smaller."""
-        to_return = super()._get_adapter_state_dict(
-            model, config, adapter_name, state_dict, unwanted_adapter_names
-        )
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         for name, module in model.named_modules():
             if not isinstance(module, SPULayer) or adapter_name not in module.spu_indices:
                 continue
@@ -169,10 +163,7 @@ def _load_sparse_fields(module: SPULayer, name: str, adapter_name: str, state_di
                     f"{where}: the file holds no support for this layer; it was saved from a model with "
                     "different target modules. Load it onto the base model and config it was trained with."
                 )
-        if mask is not None:
-            indices = unpack_mask(mask, numel, where)
-        else:
-            indices = check_indices(indices, numel, where)
+        indices = unpack_mask(mask, numel, where) if mask is not None else check_indices(indices, numel, where)
         if values is None:
             raise ValueError(f"{where}: the file has a support but no `{values_name}`; the file is corrupt.")
         check_values(values, indices.numel(), where)
@@ -181,9 +172,7 @@ def _load_sparse_fields(module: SPULayer, name: str, adapter_name: str, state_di
             indices, values = indices[order], values[order]
             state_dict[f"{prefix}.{values_name}"] = values
         indices = indices.to(device=weight.device, dtype=index_dtype(numel))
-        getattr(module, buffer_name)[adapter_name] = (
-            indices  # resizes the placeholder; load_state_dict fills it
-        )
+        getattr(module, buffer_name)[adapter_name] = indices  # resizes the placeholder; load_state_dict fills it
         state_dict[f"{prefix}.{buffer_name}"] = indices
         placeholder = getattr(module, values_name)[adapter_name]
         if placeholder.shape != values.shape:

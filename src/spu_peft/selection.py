@@ -101,9 +101,7 @@ def select_parameters(
     num_batches = 0
     if score in GRADIENT_SCORES:
         if dataloader is None:
-            raise ValueError(
-                f"score={score!r} needs a `dataloader` of task data; only 'magnitude' and 'random' do not"
-            )
+            raise ValueError(f"score={score!r} needs a `dataloader` of task data; only 'magnitude' and 'random' do not")
         scores, num_batches = _gradient_scores(model, layers, dataloader, score, fraction, max_batches)
     elif score == "magnitude":
         scores = {name: _effective_weight(layer).abs().float() for name, layer in layers.items()}
@@ -151,16 +149,12 @@ def select_parameters(
 def _resolve_adapter(model: nn.Module, adapter_name: str | None) -> tuple[str, SPUConfig]:
     peft_config = getattr(model, "peft_config", None)
     if not isinstance(peft_config, Mapping):
-        raise ValueError(
-            "`model` holds no PEFT adapter; wrap it first with `get_peft_model(model, SPUConfig())`."
-        )
+        raise ValueError("`model` holds no PEFT adapter; wrap it first with `get_peft_model(model, SPUConfig())`.")
     if adapter_name is None:
         active = getattr(model, "active_adapters", None) or [getattr(model, "active_adapter", "default")]
         active = [active] if isinstance(active, str) else list(active)
         if len(active) != 1:
-            raise ValueError(
-                f"Several adapters are active ({active}); pass `adapter_name` to say which to select for."
-            )
+            raise ValueError(f"Several adapters are active ({active}); pass `adapter_name` to say which to select for.")
         adapter_name = active[0]
     config = peft_config.get(adapter_name)
     if not isinstance(config, SPUConfig):
@@ -224,9 +218,7 @@ def _gradient_scores(
     """Accumulate per-entry gradient statistics with `autograd.grad`, so no `.grad` is ever stored."""
     weights = {name: layer.get_base_layer().weight for name, layer in layers.items()}
     if any(layer.merged for layer in layers.values()):
-        raise ValueError(
-            "The adapter is merged into the base weights; call `unmerge_adapter()` before selecting."
-        )
+        raise ValueError("The adapter is merged into the base weights; call `unmerge_adapter()` before selecting.")
     sums = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
     device = next(iter(weights.values())).device
     flags = {param: param.requires_grad for param in model.parameters()}
@@ -257,9 +249,7 @@ def _gradient_scores(
         model.train(was_training)
     num_batches = _all_reduce(sums, num_batches)
     if num_batches == 0:
-        raise ValueError(
-            "The dataloader yielded no batches; selection needs at least one batch of task data."
-        )
+        raise ValueError("The dataloader yielded no batches; selection needs at least one batch of task data.")
     scores = {name: (total / num_batches).abs() for name, total in sums.items()}
     for name, s in scores.items():
         if not torch.isfinite(s).all():
@@ -289,9 +279,7 @@ def _top_entries(
     scores: dict[str, torch.Tensor], layers: dict[str, SPULayer], config: SPUConfig
 ) -> dict[str, torch.Tensor]:
     if config.budget == "per_tensor":
-        return {
-            name: _top_k(s.flatten(), num_selected(s.numel(), config.density)) for name, s in scores.items()
-        }
+        return {name: _top_k(s.flatten(), num_selected(s.numel(), config.density)) for name, s in scores.items()}
     if config.budget == "per_row":
         supports = {}
         for name, s in scores.items():
@@ -305,6 +293,5 @@ def _top_entries(
     chosen = _top_k(pooled, num_selected(pooled.numel(), config.density))
     offsets = torch.tensor([0] + [scores[name].numel() for name in names], device=pooled.device).cumsum(0)
     return {
-        name: chosen[(chosen >= offsets[i]) & (chosen < offsets[i + 1])] - offsets[i]
-        for i, name in enumerate(names)
+        name: chosen[(chosen >= offsets[i]) & (chosen < offsets[i + 1])] - offsets[i] for i, name in enumerate(names)
     }

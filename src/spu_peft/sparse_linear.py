@@ -64,9 +64,7 @@ class SparseDeltaLinear(torch.autograd.Function):
         grad_values = [None] * ctx.num_deltas
         if any(needs_values):
             # The dense product lives only inside this call; the gather keeps the selected entries.
-            grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(
-                dtype
-            )
+            grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dtype)
             grad_flat = grad_weight.reshape(-1)
             for i, (idx, val) in enumerate(zip(indices, values)):
                 if needs_values[i]:
@@ -87,9 +85,7 @@ def sparse_delta_linear(
     """
     dtype = compute_dtype(x, weight)
     needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad
-        or (bias is not None and bias.requires_grad)
-        or any(v.requires_grad for _, v in deltas)
+        x.requires_grad or (bias is not None and bias.requires_grad) or any(v.requires_grad for _, v in deltas)
     )
     if weight.requires_grad or not needs_grad:
         effective = compose_weight(weight, deltas)
