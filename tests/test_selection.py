@@ -1,0 +1,156 @@
+"""select_parameters: scores, budgets, determinism, hygiene, accumulation over tasks."""
+
+import pytest
+import torch
+from conftest import make_batch, make_tiny_clip
+from peft import get_peft_model
+
+from spu_peft import SCORES, SPUConfig, SPULayer, select_parameters
+
+
+def spu_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, SPULayer)}
+
+
+def supports(model):
+    return {n: m.spu_indices["default"].clone() for n, m in spu_layers(model).items()}
+
+
+def fresh(**kwargs):
+    return get_peft_model(make_tiny_clip(), SPUConfig(**kwargs))
+
+
+def loader(seed, n=4):
+    return [make_batch(seed * 100 + i) for i in range(n)]
+
+
+def test_output_norm_score_is_the_papers_formula():
+    """Top entries of |mean over batches of d(mean_i ||logits_per_image_i||^2)/dW|, computed by hand."""
+    model = fresh()
+    batches = loader(0, n=2)
+    layer_name, layer = next(iter(spu_layers(model).items()))
+    weight = layer.get_base_layer().weight
+    total = torch.zeros_like(weight)
+    for batch in batches:
+        weight.requires_grad_(True)
+        logits = model(**batch).logits_per_image
+        total += torch.autograd.grad(logits.pow(2).sum(1).mean(), weight)[0]
+        weight.requires_grad_(False)
+    expected = torch.sort((total / 2).abs().flatten(), descending=True, stable=True).indices[: round(0.1 * 48 * 32)]
+    select_parameters(model, batches, fraction=1.0)
+    assert torch.equal(layer.spu_indices["default"].long(), expected.sort().values), layer_name
+
+
+def test_same_data_same_selection_different_data_different_selection():
+    first, again, other = fresh(), fresh(), fresh()
+    select_parameters(first, loader(0))
+    select_parameters(again, loader(0))
+    select_parameters(other, loader(1))
+    a, b, c = supports(first), supports(again), supports(other)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+def test_fraction_and_max_batches_bound_the_batches_used():
+    model = fresh()
+    assert select_parameters(model, loader(0, n=8), fraction=0.25).num_batches == 2
+    assert select_parameters(model, loader(0, n=8), fraction=1.0, max_batches=3).num_batches == 3
+    assert select_parameters(model, iter(loader(0, n=5))).num_batches == 5  # no length: all batches
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_every_score_selects_density_entries_and_zeroes_values(score):
+    model = fresh(init_weights=False)
+    batches = [dict(b, return_loss=True) for b in loader(0)]
+    report = select_parameters(model, batches, score=score, consolidate=False)
+    assert report.score == score
+    assert set(report.num_selected.values()) == {round(0.1 * 48 * 32)}
+    for layer in spu_layers(model).values():
+        assert not layer.spu_values["default"].any()
+        assert layer.spu_values["default"].requires_grad
+        indices = layer.spu_indices["default"]
+        assert torch.equal(indices, indices.unique(sorted=True))
+
+
+def test_per_row_budget_selects_the_same_count_in_every_row():
+    model = fresh(budget="per_row", density=0.25)
+    select_parameters(model, loader(0))
+    for layer in spu_layers(model).values():
+        rows = layer.spu_indices["default"].long() // layer.in_features
+        assert torch.equal(torch.bincount(rows, minlength=48), torch.full((48,), 8))
+
+
+def test_selection_leaves_no_grad_and_restores_mode_and_flags():
+    model = fresh()
+    model.train()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    select_parameters(model, loader(0))
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+    after = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert after == flags
+
+
+def test_empty_dataloader_is_refused():
+    with pytest.raises(ValueError, match="no batches"):
+        select_parameters(fresh(), [])
+
+
+def test_non_finite_scores_are_refused():
+    batch = make_batch()
+    batch["pixel_values"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        select_parameters(fresh(), [batch])
+
+
+def test_batches_must_be_keyword_dicts():
+    with pytest.raises(ValueError, match="dicts of the model's keyword arguments"):
+        select_parameters(fresh(), [(torch.zeros(1), torch.zeros(1))])
+
+
+def test_task_loss_without_loss_output_says_how_to_get_one():
+    with pytest.raises(ValueError, match="return_loss=True"):
+        select_parameters(fresh(), loader(0), score="task_loss")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"score": "grad"}, "`score`"), ({"fraction": 0}, "`fraction`")])
+def test_bad_arguments_name_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        select_parameters(fresh(), loader(0), **kwargs)
+
+
+def test_unknown_adapter_is_refused():
+    with pytest.raises(ValueError, match="not an SPU adapter"):
+        select_parameters(fresh(), loader(0), adapter_name="nope")
+
+
+def test_reselection_keeps_what_earlier_tasks_learned():
+    model = fresh(modules_to_save=[])
+    select_parameters(model, loader(0))
+    for layer in spu_layers(model).values():
+        torch.nn.init.normal_(layer.spu_values["default"], std=0.1)
+    batch = make_batch(42)
+    learned = model(**batch).logits_per_image
+    select_parameters(model, loader(1))
+    assert torch.allclose(model(**batch).logits_per_image, learned, atol=1e-5)
+    for layer in spu_layers(model).values():
+        assert layer.spu_frozen_indices["default"].numel() == round(0.1 * 48 * 32)
+        assert not layer.spu_values["default"].any()
+
+
+def test_reselection_without_consolidate_discards_learning():
+    model = fresh(modules_to_save=[], bias="none")
+    base = model(**make_batch(42)).logits_per_image
+    for layer in spu_layers(model).values():
+        torch.nn.init.normal_(layer.spu_values["default"], std=0.1)
+    select_parameters(model, loader(1), consolidate=False)
+    assert torch.equal(model(**make_batch(42)).logits_per_image, base)
+
+
+def test_report_describes_the_selection():
+    report = select_parameters(fresh(), loader(0), fraction=0.5)
+    data = report.to_dict()
+    assert data["num_batches"] == 2 and data["score"] == "output_norm" and data["budget"] == "per_tensor"
+    assert data["total_selected"] == 4 * round(0.1 * 48 * 32)
+    assert set(data["numel"].values()) == {48 * 32}
+    assert data["score_seconds"] >= 0
