@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv (once) with a CPU build of torch, then install spu-peft with its test and embedded-data extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test]"
