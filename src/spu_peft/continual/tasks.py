@@ -1,0 +1,26 @@
+"""Class-incremental task sequences: which classes each task teaches, and which examples belong to it."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+
+def class_incremental_split(num_classes: int, num_tasks: int, seed: int = 0) -> list[list[int]]:
+    """Split class ids into `num_tasks` tasks of near-equal size, in a class order fixed by `seed`."""
+    if num_tasks < 1:
+        raise ValueError(f"`num_tasks` must be at least 1, got {num_tasks}")
+    if num_tasks > num_classes:
+        raise ValueError(
+            f"`num_tasks` ({num_tasks}) exceeds the number of classes ({num_classes}); use at most {num_classes}."
+        )
+    order = list(range(num_classes))
+    random.Random(seed).shuffle(order)
+    bounds = [round(t * num_classes / num_tasks) for t in range(num_tasks + 1)]
+    return [sorted(order[bounds[t] : bounds[t + 1]]) for t in range(num_tasks)]
+
+
+def task_indices(labels: Sequence[int], classes: Sequence[int]) -> list[int]:
+    """Positions of the examples whose label is one of `classes`."""
+    wanted = set(classes)
+    return [i for i, label in enumerate(labels) if label in wanted]

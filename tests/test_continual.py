@@ -1,0 +1,121 @@
+"""Continual toolkit: metrics against hand-computed matrices, the replay buffer, task splits."""
+
+import pytest
+
+from spu_peft.continual import (
+    ContinualLearningMetric,
+    TaskBalancedReplayBuffer,
+    average_accuracy,
+    average_forgetting,
+    backward_transfer,
+    class_incremental_split,
+    continual_metrics,
+    task_indices,
+)
+
+# acc[t][j]: accuracy on task j after training task t
+ACC = [
+    [90.0],
+    [70.0, 80.0],
+    [60.0, 85.0, 75.0],
+]
+
+
+def test_metrics_match_hand_computation():
+    assert average_accuracy(ACC) == pytest.approx((60 + 85 + 75) / 3)
+    # task 0: best 90 before the last task, 60 at the end -> 30; task 1: best 80 -> 85 at the end -> -5
+    assert average_forgetting(ACC) == pytest.approx((30 + -5) / 2)
+    assert backward_transfer(ACC) == pytest.approx(((60 - 90) + (85 - 80)) / 2)
+
+
+def test_forgetting_ignores_the_last_task():
+    """Regression: the reference metric averaged forgetting over the current task too (always 0)."""
+    assert average_forgetting([[50.0], [40.0, 99.0]]) == pytest.approx(10.0)
+
+
+def test_single_task_has_no_forgetting():
+    assert continual_metrics([[70.0]]) == {"avg_acc": 70.0, "forgetting": 0.0, "bwt": 0.0}
+
+
+def test_control_drop_is_frozen_minus_final():
+    result = continual_metrics(ACC, control_accuracy=[90.0, 85.0, 80.0], frozen_control_accuracy=91.0)
+    assert result["control_drop"] == pytest.approx(11.0)
+    assert result["final_control_acc"] == 80.0
+
+
+def test_evaluate_metric_matches_functions():
+    rows = [(t, j, ACC[t][j]) for t in range(3) for j in range(t + 1)]
+    metric = ContinualLearningMetric()
+    result = metric.compute(
+        after_task=[r[0] for r in rows],
+        task=[r[1] for r in rows],
+        accuracy=[r[2] for r in rows],
+        control_accuracy=[90.0, 85.0, 80.0],
+        frozen_control_accuracy=91.0,
+    )
+    assert result == pytest.approx(continual_metrics(ACC, [90.0, 85.0, 80.0], 91.0))
+
+
+def test_evaluate_metric_refuses_a_hole_in_the_matrix():
+    with pytest.raises(ValueError, match="misses entries"):
+        ContinualLearningMetric().compute(after_task=[0, 1], task=[0, 1], accuracy=[1.0, 2.0])
+
+
+def test_malformed_matrix_is_refused():
+    with pytest.raises(ValueError, match="Row 1"):
+        average_accuracy([[1.0], [2.0]])
+    with pytest.raises(ValueError, match="empty"):
+        average_forgetting([])
+
+
+def test_buffer_balances_tasks_and_is_deterministic():
+    buffer = TaskBalancedReplayBuffer(size=100, seed=3)
+    buffer.add_task(0, range(0, 500))
+    assert buffer.per_task() == {0: 100}
+    first_task = buffer.indices
+    buffer.add_task(1, range(500, 1000))
+    assert buffer.per_task() == {0: 50, 1: 50}
+    buffer.add_task(2, range(1000, 1010))
+    assert buffer.per_task() == {0: 33, 1: 33, 2: 10}
+    # shrinking keeps a prefix of each task's shuffled order
+    assert buffer.indices[:33] == first_task[:33]
+    again = TaskBalancedReplayBuffer(size=100, seed=3)
+    for task, indices in enumerate([range(0, 500), range(500, 1000), range(1000, 1010)]):
+        again.add_task(task, indices)
+    assert again.indices == buffer.indices
+    other = TaskBalancedReplayBuffer(size=100, seed=4)
+    other.add_task(0, range(0, 500))
+    assert other.indices != first_task
+
+
+def test_buffer_state_round_trips():
+    buffer = TaskBalancedReplayBuffer(size=10, seed=1)
+    buffer.add_task(0, range(20))
+    restored = TaskBalancedReplayBuffer(size=0)
+    restored.load_state_dict(buffer.state_dict())
+    assert restored.indices == buffer.indices and len(restored) == 10
+    with pytest.raises(ValueError, match="already"):
+        restored.add_task(0, range(3))
+
+
+def test_buffer_refuses_negative_size():
+    with pytest.raises(ValueError, match="`size`"):
+        TaskBalancedReplayBuffer(size=-1)
+
+
+def test_class_incremental_split_is_fixed_per_seed_and_covers_all_classes():
+    split = class_incremental_split(10, 5, seed=0)
+    assert split == class_incremental_split(10, 5, seed=0)
+    assert split != class_incremental_split(10, 5, seed=1)
+    assert sorted(c for task in split for c in task) == list(range(10))
+    assert [len(task) for task in split] == [2] * 5
+    assert [len(t) for t in class_incremental_split(10, 3)] == [3, 4, 3]
+
+
+def test_more_tasks_than_classes_is_refused():
+    with pytest.raises(ValueError, match="exceeds the number of classes"):
+        class_incremental_split(4, 5)
+
+
+def test_task_indices():
+    assert task_indices([0, 1, 2, 1, 0], [1, 2]) == [1, 2, 3]
