@@ -21,7 +21,6 @@ import csv
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -120,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-batch-size", type=int, default=256, help="Evaluation batch size.")
     parser.add_argument("--max-train-per-task", type=int, default=None, help="Cap on training images per task.")
     parser.add_argument("--max-test-per-task", type=int, default=None, help="Cap on test images per task.")
+    parser.add_argument("--max-control", type=int, default=None, help="Cap on control-set images (a seeded sample).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of class order, data order and buffer.")
     parser.add_argument("--output-dir", default=None, help="Where results go (default results/<sequence>/).")
     parser.add_argument("--cache-dir", default=None, help="Cache of the embedded model (default ~/.cache/spu_peft).")
@@ -132,6 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.epochs = 1
         args.max_train_per_task = args.max_train_per_task or 64
         args.max_test_per_task = args.max_test_per_task or 32
+        args.max_control = args.max_control or 192
         args.buffer_size = min(args.buffer_size, 32)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
@@ -272,6 +273,8 @@ def load_sequence_data(args: argparse.Namespace, processor, accelerator: Acceler
         control_names = _class_names(control, args.label_column, None)
         control = _standardise(control, args.image_column, args.label_column, "--control-dataset")
 
+    if control is not None and args.max_control is not None and args.max_control < len(control):
+        control = control.shuffle(seed=args.seed).select(range(args.max_control))
     templates = list(embedded.CAPTION_TEMPLATES) if args.model == EMBEDDED else [CAPTION_TEMPLATE]
     with accelerator.main_process_first():
         train, test = _preprocess(train, processor.image_processor), _preprocess(test, processor.image_processor)
@@ -536,7 +539,7 @@ def markdown_table(methods: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(output_dir: Path, config: dict, methods: dict) -> None:
+def write_outputs(output_dir: Path, config: dict, methods: dict, plots: bool = True) -> None:
     _atomic_write(output_dir / "results.json", json.dumps({"config": config, "methods": methods}, indent=2))
     rows = [
         [
@@ -559,7 +562,8 @@ def write_outputs(output_dir: Path, config: dict, methods: dict) -> None:
         csv.writer(handle).writerows(rows)
     os.replace(tmp, output_dir / "results.csv")
     _atomic_write(output_dir / "results.md", markdown_table(methods) + "\n")
-    plot_results(output_dir, methods)
+    if plots:
+        plot_results(output_dir, methods)
 
 
 def plot_results(output_dir: Path, methods: dict) -> None:
@@ -665,7 +669,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             methods[method] = {**result, "sweep": [point] if args.lr_sweep and lr is not None else None}
         if accelerator.is_main_process:
-            write_outputs(output_dir, config, methods)
+            write_outputs(output_dir, config, methods, plots=False)
     for result in methods.values():
         if result.get("sweep"):
             result["sweep"].sort(key=lambda p: p["lr"])
