@@ -154,3 +154,13 @@ def test_report_describes_the_selection():
     assert data["total_selected"] == 4 * round(0.1 * 48 * 32)
     assert set(data["numel"].values()) == {48 * 32}
     assert data["score_seconds"] >= 0
+
+
+def test_selection_keeps_parameter_identity_so_an_existing_optimizer_trains_the_new_entries():
+    """Trainer builds its optimizer before callbacks run; selection must not orphan the optimizer's tensors."""
+    model = fresh(budget="global")
+    params = {n: p for n, p in model.named_parameters() if n.endswith("spu_values.default")}
+    select_parameters(model, loader(0))
+    for name, param in model.named_parameters():
+        if name.endswith("spu_values.default"):
+            assert param is params[name]

@@ -16,10 +16,21 @@ class SPUPeftType(str, enum.Enum):
 
 
 # The first linear layer of each MLP block, per transformers `model_type`. Other model types may join.
+# Gated MLPs (LLaMA-style SwiGLU) have two first layers, `gate_proj` and `up_proj`, both mapping the hidden state
+# into the MLP's intermediate space; SPU's "fc1" is that input side, so both are targeted (`down_proj` is fc2).
 TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "clip": ["fc1"],
     "clip_vision_model": ["fc1"],
     "clip_text_model": ["fc1"],
+    "siglip": ["fc1"],
+    "siglip_vision_model": ["fc1"],
+    "siglip_text_model": ["fc1"],
+    "vit": ["fc1"],
+    "bert": ["intermediate.dense"],
+    "roberta": ["intermediate.dense"],
+    "llama": ["gate_proj", "up_proj"],
+    "mistral": ["gate_proj", "up_proj"],
+    "qwen2": ["gate_proj", "up_proj"],
 }
 
 # Modules trained densely beside the sparse deltas (the paper trains CLIP's visual projection).

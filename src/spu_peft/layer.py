@@ -114,17 +114,17 @@ class SPULayer(BaseTunerLayer):
         """Replace the adapter's trainable entries with `indices` (any order) and zero their values.
 
         With `consolidate`, what the current values learned is first folded into the frozen delta, so it keeps
-        acting on the output. The old values parameter is replaced: create the optimizer after selecting.
+        acting on the output. The values keep their `Parameter` object (an optimizer that already holds it, as
+        `Trainer`'s does, still trains it), but any optimizer state of theirs is stale: start a fresh optimizer
+        per task, as the paper does.
         """
         weight = self.get_base_layer().weight
         if consolidate:
             self._fold_into_frozen(adapter_name)
-        old = self.spu_values[adapter_name]
+        values = self.spu_values[adapter_name]
         indices = indices.to(device=weight.device).long().unique(sorted=True)
         self.spu_indices[adapter_name] = indices.to(index_dtype(weight.numel()))
-        self.spu_values[adapter_name] = nn.Parameter(
-            torch.zeros(indices.numel(), dtype=old.dtype, device=old.device), requires_grad=old.requires_grad
-        )
+        values.data = torch.zeros(indices.numel(), dtype=values.dtype, device=values.device)
 
     def _fold_into_frozen(self, adapter_name: str) -> None:
         values = self.spu_values[adapter_name].detach()

@@ -80,7 +80,8 @@ def select_parameters(
         description: a description of the selection data, recorded in the adapter config and model card.
 
     Returns:
-        A [`SelectionReport`]. The adapter's value parameters are replaced: create the optimizer afterwards.
+        A [`SelectionReport`]. The adapter's values are zeroed and resized in place (same `Parameter` objects);
+        start a fresh optimizer for the task, since old optimizer state no longer matches the entries.
     """
     if score not in SCORES:
         raise ValueError(f"`score` must be one of {SCORES}, got {score!r}")
