@@ -11,6 +11,7 @@ from .config import SPUConfig, SPUPeftType
 from .layer import Linear, SPULayer
 from .model import MODEL_TAGS, SPUModel
 from .selection import SCORES, SelectionReport, select_parameters
+from .trainer import SPUSelectionCallback
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "SPULayer",
     "SPUModel",
     "SPUPeftType",
+    "SPUSelectionCallback",
     "SelectionReport",
     "__version__",
     "dense_deltas",
