@@ -264,3 +264,19 @@ def test_counts_on_clip_vit_b_16_configuration(capsys):
     assert 2.9 <= 100 * trainable / total <= 3.3
     model.print_trainable_parameters()
     assert "trainable params: 4,544,112" in capsys.readouterr().out
+
+
+def test_model_card_states_how_the_adapter_was_made_and_loaded(tmp_path):
+    model = get_peft_model(make_tiny_clip(), SPUConfig(density=0.2))
+    select_parameters(model, [make_batch()], description="two animal classes")
+    model.save_pretrained(tmp_path)
+    spu_peft.update_model_card(model, tmp_path)
+    spu_peft.update_model_card(model, tmp_path)  # refreshing replaces the section, never duplicates it
+    card = (tmp_path / "README.md").read_text()
+    assert card.count(spu_peft.hub.SECTION_HEADING) == 1
+    for text in ("density: 0.2 (per_tensor)", "`output_norm`", "two animal classes", "import spu_peft", "['fc1']"):
+        assert text in card
+    for tag in spu_peft.MODEL_TAGS:
+        assert f"- {tag}" in card
+    with pytest.raises(ValueError, match="save_pretrained"):
+        spu_peft.update_model_card(model, tmp_path / "elsewhere")

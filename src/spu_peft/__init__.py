@@ -8,6 +8,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 
 from .compose import dense_deltas, fold_adapters, subtract_adapter
 from .config import SPUConfig, SPUPeftType
+from .hub import model_card_section, update_model_card
 from .layer import Linear, SPULayer
 from .model import MODEL_TAGS, SPUModel
 from .selection import SCORES, SelectionReport, select_parameters
@@ -38,6 +39,8 @@ __all__ = [
     "__version__",
     "dense_deltas",
     "fold_adapters",
+    "model_card_section",
     "select_parameters",
     "subtract_adapter",
+    "update_model_card",
 ]
