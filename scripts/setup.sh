@@ -9,3 +9,5 @@ fi
 # torch first and pinned: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
+# Register the venv kernel so the notebook test finds "python3" on a fresh machine.
+.venv/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null

@@ -1,0 +1,41 @@
+"""notebooks/quickstart.ipynb runs top to bottom (on a barely pretrained embedded model, to stay fast)."""
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from spu_peft.embedded import embedded_clip_path, pretrain_embedded_clip
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+
+
+def test_committed_notebook_has_no_outputs():
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    assert all(
+        not cell.get("outputs") and not cell.get("execution_count")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+    )
+
+
+def test_quickstart_runs(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    pretrain_embedded_clip(embedded_clip_path(cache), max_steps=1, limit=64)
+    monkeypatch.setenv("SPU_PEFT_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    assert (tmp_path / "spu-quickstart-adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "spu_selection.png").stat().st_size > 0
+    outputs = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
+    assert "reloaded output identical: True" in outputs
+    assert os.environ.get("SPU_PEFT_CACHE") == str(cache)
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
