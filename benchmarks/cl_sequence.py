@@ -121,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-test-per-task", type=int, default=None, help="Cap on test images per task.")
     parser.add_argument("--max-control", type=int, default=None, help="Cap on control-set images (a seeded sample).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of class order, data order and buffer.")
+    parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads per process (default: 1 "
+                        "with the embedded model, whose small matrices gain nothing from more; else torch's default).")
     parser.add_argument("--output-dir", default=None, help="Where results go (default results/<sequence>/).")
     parser.add_argument("--cache-dir", default=None, help="Cache of the embedded model (default ~/.cache/spu_peft).")
     parser.add_argument("--resume", action="store_true", help="Continue a killed run from its last finished task.")
@@ -615,6 +617,9 @@ def plot_results(output_dir: Path, methods: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.num_threads or args.model == EMBEDDED:
+        # With tiny matrices, OpenMP threads mostly wait on each other; on a busy CPU a step got 40x slower.
+        torch.set_num_threads(args.num_threads or 1)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     datasets.disable_progress_bars()

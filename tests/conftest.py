@@ -8,6 +8,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import CLIPConfig, CLIPModel  # noqa: E402
 
+# The test models are tiny: one thread is as fast, and immune to OpenMP stalls on a busy machine.
+torch.set_num_threads(1)
+
 VOCAB = 99
 
 
