@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import make_tiny_clip
 from peft import get_peft_model
-from transformers import BertConfig, BertModel
+from transformers import DistilBertConfig, DistilBertModel
 
 from spu_peft import SPUConfig, SPULayer
 
@@ -59,10 +59,10 @@ def test_target_that_is_not_linear_is_refused(tiny_clip):
 
 def test_model_type_without_default_targets_asks_for_target_modules():
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37))
-    with pytest.raises(ValueError, match="`target_modules` has no default for model type 'bert'"):
-        get_peft_model(bert, SPUConfig())
-    model = get_peft_model(bert, SPUConfig(target_modules=["intermediate.dense"]))
+    distilbert = DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=4, hidden_dim=37, vocab_size=50))
+    with pytest.raises(ValueError, match="`target_modules` has no default for model type 'distilbert'"):
+        get_peft_model(distilbert, SPUConfig())
+    model = get_peft_model(distilbert, SPUConfig(target_modules=["lin1"]))
     assert sum(isinstance(m, SPULayer) for m in model.modules()) == 1
 
 
