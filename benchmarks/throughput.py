@@ -1,0 +1,830 @@
+"""Training and inference cost of SPU against dense masking, LoRA, SHiRA and full fine-tuning on CLIP.
+
+Every method runs on the same CLIP model (random weights, built in code: no download), the same batch and the same
+optimizer (AdamW), each in its own subprocess so that its peak memory is its own:
+
+- `spu`: this package, `SPUConfig()` defaults (10% of every fc1 + fc1 bias deltas + `visual_projection`);
+- `dense_mask`: the reference implementation's approach: dense fc1 weights, fc1 biases and `visual_projection`
+  trainable, each fc1 weight gradient multiplied by a fixed 0/1 mask of 10% of its entries (AdamW's weight decay
+  still reaches the whole dense tensor, as in the reference);
+- `lora`: PEFT LoRA on fc1, ranks chosen so that r * (m + n) ~ 10% of m * n, + `visual_projection`;
+- `shira`: PEFT SHiRA on fc1 with one r for all layers, chosen so that the total number of entries matches SPU's;
+- `full`: full fine-tuning.
+
+Usage:
+    python benchmarks/throughput.py --models tiny,vit-b-16 --json throughput.json
+    python benchmarks/throughput.py --quick --models tiny            # seconds; what the test runs
+    python benchmarks/throughput.py --models vit-b-16 --methods spu --profile   # torch.profiler table of a step
+    python benchmarks/throughput.py --models vit-b-16 --methods spu,lora --experiment inplace_compose
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the models are built from configs; nothing is ever downloaded
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from transformers import CLIPConfig, CLIPModel  # noqa: E402
+
+logger = get_logger(__name__)
+
+# ---- defaults, in one place ------------------------------------------------------------------------------------------
+METHODS = ("spu", "dense_mask", "lora", "shira", "full")
+METRICS = (
+    "step_s",
+    "peak_mem_bytes",
+    "trainable_params",
+    "state_bytes",
+    "adapter_bytes",
+    "infer_s",
+    "infer_merged_s",
+    "score_s",
+)
+ADAPTER_METHODS = ("spu", "lora", "shira")  # PEFT adapters: saved as adapters, merged with merge_and_unload
+EXPERIMENTS = ("none", "cached_eval", "inplace_compose", "sampled_grad", "inplace_sampled")
+MODELS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "text_config": dict(
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            bos_token_id=998,
+            eos_token_id=999,
+        ),
+        "vision_config": dict(
+            image_size=28,
+            patch_size=4,
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+        ),
+        "projection_dim": 64,
+    },
+    # openai/clip-vit-base-patch16's shapes, random weights
+    "vit-b-16": {
+        "text_config": dict(
+            vocab_size=49408,
+            hidden_size=512,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=8,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+        ),
+        "vision_config": dict(
+            image_size=224,
+            patch_size=16,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+        ),
+        "projection_dim": 512,
+    },
+}
+QUICK = dict(warmup_steps=1, steps=1, infer_repeats=1, score_batches=1)
+
+# Each target: (key, statement, threshold); the ratio is computed in `evaluate_targets`.
+TARGETS = (
+    ("spu_step_vs_lora", "SPU step time <= 1.15x LoRA", 1.15),
+    ("spu_step_vs_full", "SPU step time <= 0.85x full fine-tuning", 0.85),
+    ("spu_step_vs_dense_mask", "SPU step time <= 0.9x dense_mask", 0.90),
+    ("spu_mem_vs_dense_mask", "SPU peak memory clearly below dense_mask (<= 0.9x)", 0.90),
+    ("spu_mem_vs_lora", "SPU peak memory <= 1.10x LoRA", 1.10),
+    ("spu_infer_vs_base", "unmerged SPU inference <= 1.10x base", 1.10),
+    ("spu_merged_infer_vs_base", "merged SPU inference = base (<= 1.05x, timing noise)", 1.05),
+    ("score_batch_vs_step", "scoring one batch costs <= one SPU training step", 1.00),
+    ("adapter_vs_values", "SPU adapter file <= 1.35x its fp32 values + dense modules", 1.35),
+)
+
+# Worker flags forwarded from the parent to each method's subprocess.
+FORWARDED = (
+    "batch_size",
+    "seq_len",
+    "warmup_steps",
+    "steps",
+    "infer_repeats",
+    "score_batches",
+    "density",
+    "lr",
+    "weight_decay",
+    "seed",
+    "threads",
+    "clock",
+    "bf16",
+    "profile",
+    "experiment",
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="tiny,vit-b-16", help=f"Comma-separated models, of {sorted(MODELS)}.")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated methods, of {METHODS}.")
+    parser.add_argument("--batch-size", type=int, default=8, help="Images per batch (each with one caption).")
+    parser.add_argument("--seq-len", type=int, default=16, help="Tokens per caption.")
+    parser.add_argument("--warmup-steps", type=int, default=1, help="Training steps run before timing.")
+    parser.add_argument("--steps", type=int, default=3, help="Timed training steps; the median is reported.")
+    parser.add_argument("--infer-repeats", type=int, default=3, help="Timed inference forwards; median reported.")
+    parser.add_argument(
+        "--score-batches", type=int, default=2, help="Batches `select_parameters` scores (25%% of a 4x longer task)."
+    )
+    parser.add_argument("--density", type=float, default=0.1, help="Share of each fc1 matrix that trains.")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate.")
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (all methods).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the model weights, the data and the masks.")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads; default: torch's choice.")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed seconds. cpu: this process's CPU seconds, steadier on a machine shared with other jobs "
+        "(use with --threads 1; CPU devices only).",
+    )
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for training and inference (for CUDA).")
+    parser.add_argument("--quick", action="store_true", help=f"Smoke run: {QUICK}.")
+    parser.add_argument("--json", type=Path, default=None, help="Write the results as JSON to this path.")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="Run all methods in this process (fast start, for tests); peak memory then carries over between methods.",
+    )
+    parser.add_argument("--profile", action="store_true", help="Log a torch.profiler table of one extra step.")
+    parser.add_argument(
+        "--experiment",
+        choices=EXPERIMENTS,
+        default="none",
+        help="Monkeypatch spu_peft with a prototype of a proposed layer change before measuring (see README).",
+    )
+    parser.add_argument("--worker", action="store_true", help="Internal: measure one method, write --json, exit.")
+    parser.add_argument("--method", choices=METHODS, default=None, help="Internal: the worker's method.")
+    parser.add_argument("--with-base", action="store_true", help="Internal: the worker also times the base model.")
+    args = parser.parse_args(argv)
+
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if unknown := [m for m in args.models if m not in MODELS]:
+        raise ValueError(f"`--models` must be among {sorted(MODELS)}, got {unknown}")
+    if unknown := [m for m in args.methods if m not in METHODS]:
+        raise ValueError(f"`--methods` must be among {METHODS}, got {unknown}")
+    for name in ("batch_size", "seq_len", "steps", "infer_repeats", "score_batches"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
+    if args.warmup_steps < 0:
+        raise ValueError(f"`--warmup-steps` must be >= 0, got {args.warmup_steps}")
+    if not 0.0 < args.density <= 1.0:
+        raise ValueError(f"`--density` must be in (0, 1], got {args.density}")
+    if args.worker and (args.method is None or len(args.models) != 1 or args.json is None):
+        raise ValueError("`--worker` needs `--method`, exactly one model in `--models` and `--json`.")
+    return args
+
+
+# ---- model, data and methods -----------------------------------------------------------------------------------------
+
+
+def make_model(model_name: str, seed: int) -> CLIPModel:
+    torch.manual_seed(seed)  # every worker builds bit-identical weights
+    spec = MODELS[model_name]
+    return CLIPModel(CLIPConfig(**spec))
+
+
+def make_batch(model_name: str, batch_size: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
+    """`batch_size` images with one caption each: bos, random tokens, eos (where the text tower pools)."""
+    text, vision = MODELS[model_name]["text_config"], MODELS[model_name]["vision_config"]
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, text["bos_token_id"], (batch_size, seq_len), generator=generator)  # (B, T)
+    input_ids[:, 0], input_ids[:, -1] = text["bos_token_id"], text["eos_token_id"]
+    size = vision["image_size"]
+    return {
+        "pixel_values": torch.randn(batch_size, 3, size, size, generator=generator),  # (B, 3, H, W)
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+    }
+
+
+def fc1_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    return {name: tuple(m.weight.shape) for name, m in model.named_modules() if name.endswith("fc1")}
+
+
+def lora_ranks(model: torch.nn.Module, density: float) -> dict[str, int]:
+    """Rank per tower such that r * (m + n) ~ density * m * n, i.e. LoRA trains as many entries as SPU's values."""
+    ranks = {}
+    for name, (m, n) in fc1_shapes(model).items():
+        tower = name.split(".")[0]  # text_model / vision_model
+        ranks[f"{tower}.*fc1"] = max(1, round(density * m * n / (m + n)))
+    return ranks
+
+
+def shira_rank(model: torch.nn.Module, density: float) -> int:
+    """SHiRA takes one r for all layers (r * (m + n) entries each): match SPU's total number of entries."""
+    from spu_peft.layer import num_selected
+
+    shapes = fc1_shapes(model).values()
+    return max(1, round(sum(num_selected(m * n, density) for m, n in shapes) / sum(m + n for m, n in shapes)))
+
+
+def prepare_method(model: CLIPModel, method: str, args: argparse.Namespace) -> tuple[torch.nn.Module, list]:
+    """Make `method`'s parameters trainable; returns the model and the tensors it keeps only for training."""
+    from peft import LoraConfig, ShiraConfig, get_peft_model
+
+    import spu_peft
+
+    if method == "spu":
+        return get_peft_model(model, spu_peft.SPUConfig(density=args.density, seed=args.seed)), []
+    if method == "lora":
+        ranks = lora_ranks(model, args.density)
+        config = LoraConfig(
+            r=max(ranks.values()),
+            lora_alpha=max(ranks.values()),
+            rank_pattern=ranks,
+            alpha_pattern=ranks,  # scaling 1 everywhere
+            target_modules=["fc1"],
+            modules_to_save=["visual_projection"],
+        )
+        return get_peft_model(model, config), []
+    if method == "shira":
+        config = ShiraConfig(
+            r=shira_rank(model, args.density),
+            target_modules=["fc1"],
+            modules_to_save=["visual_projection"],
+            random_seed=args.seed,
+        )
+        return get_peft_model(model, config), []
+    if method == "full":
+        model.requires_grad_(True)
+        return model, []
+    # dense_mask: the reference keeps dense trainable fc1 weights and zeroes the unselected gradient entries
+    from spu_peft.layer import num_selected
+
+    model.requires_grad_(False)
+    model.visual_projection.weight.requires_grad_(True)
+    generator = torch.Generator().manual_seed(args.seed)
+    masks = []
+    for name, module in model.named_modules():
+        if not name.endswith("fc1"):
+            continue
+        weight = module.weight
+        chosen = torch.randperm(weight.numel(), generator=generator)[: num_selected(weight.numel(), args.density)]
+        mask = torch.zeros(weight.numel(), dtype=torch.bool)
+        mask[chosen] = True
+        mask = mask.view_as(weight).to(weight.device)
+        weight.requires_grad_(True)
+        module.bias.requires_grad_(True)
+        weight.register_hook(lambda grad, mask=mask: grad * mask)
+        masks.append(mask)
+    return model, masks
+
+
+def training_only_tensors(model: torch.nn.Module, method: str, masks: list) -> list[torch.Tensor]:
+    """Index / mask tensors a method holds to train (counted in `state_bytes` beside params, grads, AdamW state)."""
+    if method == "spu":
+        return [b for name, b in model.named_buffers() if ".spu_indices." in name or ".spu_frozen_indices." in name]
+    if method == "shira":
+        from peft.tuners.shira.layer import ShiraLayer
+
+        return [t for m in model.modules() if isinstance(m, ShiraLayer) for t in m.shira_indices.values()]
+    return masks
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: list[torch.Tensor]) -> int:
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = sum(p.nbytes for p in params) + sum(p.grad.nbytes for p in params if p.grad is not None)
+    total += sum(t.nbytes for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+    return total + sum(t.nbytes for t in extra)
+
+
+def adapter_bytes(model: torch.nn.Module, method: str, directory: str) -> int:
+    """Bytes of the safetensors files that hold what training changed."""
+    if method == "dense_mask":  # the trained dense tensors: fc1 weights and biases, visual_projection
+        from safetensors.torch import save_file
+
+        trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trained, os.path.join(directory, "dense_mask.safetensors"))
+    else:
+        model.save_pretrained(directory)
+    return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
+
+
+# ---- measuring -------------------------------------------------------------------------------------------------------
+
+
+CLOCK = time.perf_counter  # replaced by time.process_time under --clock cpu
+
+
+def clock() -> float:
+    return CLOCK()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak: CUDA's allocator counter, or on Linux the process's RSS high-water mark."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # hand freed heap pages back first, or they would count towards the next peak
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
+    except OSError:
+        logger.warning("Cannot reset the peak RSS here: the peak covers the whole worker.", main_process_only=False)
+
+
+def peak_memory(device: torch.device, key: str = "VmHWM") -> int:
+    """Peak bytes since the last reset (`key="VmRSS"`: the current bytes)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) if key == "VmHWM" else torch.cuda.memory_allocated(device)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if platform.system() == "Darwin" else rss * 1024
+
+
+def time_inference(model, batch, repeats: int, accelerator: Accelerator, variants: dict[str, Any]) -> dict:
+    """Median seconds of an eval forward (no loss) per variant, a context manager that sets the variant up.
+
+    The variants alternate round by round (round 0 is the warm-up), so a drifting background load hits them alike.
+    """
+    model.eval()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(repeats + 1):
+        for name, variant in variants.items():
+            with variant(), torch.inference_mode(), accelerator.autocast():
+                synchronize(accelerator.device)
+                start = clock()
+                model(**batch)
+                synchronize(accelerator.device)
+            if round_:
+                times[name].append(clock() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+@contextlib.contextmanager
+def patched(obj, attr: str, value):
+    original = getattr(obj, attr)
+    setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        setattr(obj, attr, original)
+
+
+@contextlib.contextmanager
+def merged(model):
+    """The adapter merged into the base weights as `merge_and_unload` merges it (the wrappers stay, one `if` each)."""
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
+
+
+def experiment_patches(name: str) -> list[tuple[Any, str, Any]]:
+    """Prototypes of proposed layer changes, as (object, attribute, replacement) monkeypatches of `spu_peft`.
+
+    src/ stays as it is; the measured effect of each is in benchmarks/README.md.
+    """
+    from spu_peft import layer as spu_layer
+    from spu_peft import sparse_linear
+
+    if name == "none":
+        return []
+    if name == "cached_eval":
+        # Without autograd, reuse W + deltas until the weight or the values change (their version counters say
+        # when): an unmerged adapter then costs what the base model costs, at one W-sized copy per layer.
+        stock = sparse_linear.sparse_delta_linear
+        cache: dict[int, tuple[tuple, torch.Tensor]] = {}
+
+        def cached_sparse_delta_linear(x, weight, bias, deltas):
+            if torch.is_grad_enabled():
+                return stock(x, weight, bias, deltas)
+            key = (weight._version, *((id(v), v._version) for _, v in deltas))
+            hit = cache.get(id(weight))
+            if hit is None or hit[0] != key:
+                hit = cache[id(weight)] = (key, sparse_linear.compose_weight(weight, deltas))
+            dtype = sparse_linear.compute_dtype(x, weight)
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(x.to(dtype), hit[1].to(dtype), None if bias is None else bias.to(dtype))
+
+        return [(spu_layer, "sparse_delta_linear", cached_sparse_delta_linear)]
+
+    inplace, sampled = name in ("inplace_compose", "inplace_sampled"), name in ("sampled_grad", "inplace_sampled")
+    return [(sparse_linear, "SparseDeltaLinear", prototype_function(sparse_linear, inplace, sampled))]
+
+
+def prototype_function(sparse_linear, inplace: bool, sampled: bool) -> type:
+    """`SparseDeltaLinear` with two proposed changes, each optional.
+
+    inplace: add the deltas into W in place, run the matmul, put W's touched entries back from a saved copy, so no
+    W-sized tensor is allocated and written per call (the stock path does so in forward and again in backward).
+    sampled: compute the value gradients as a sampled matmul (`torch.sparse.sampled_addmm` at the support) instead
+    of the dense `grad_output^T @ x` product followed by a gather.
+    """
+
+    def compose(weight, deltas):
+        if not inplace:
+            return sparse_linear.compose_weight(weight, deltas), []
+        flat = weight.data.reshape(-1)  # `.data`: own version counter, so autograd's saved-tensor check stays quiet
+        saved = []
+        for idx, val in deltas:
+            pos = idx.long()
+            saved.append((pos, flat[pos].clone()))
+            flat.index_add_(0, pos, val.detach().to(weight.dtype))
+        return weight, saved
+
+    def restore(weight, saved):
+        flat = weight.data.reshape(-1)
+        for pos, original in reversed(saved):  # reverse order undoes overlapping deltas exactly
+            flat[pos] = original
+
+    def value_grads(grad_output, x, shape, indices, values, needs, dtype):
+        go = grad_output.reshape(-1, grad_output.shape[-1])  # (tokens, out)
+        x = x.reshape(-1, x.shape[-1]).to(dtype)  # (tokens, in)
+        grads = [None] * len(indices)
+        if not sampled:
+            grad_flat = (go.t() @ x).reshape(-1)  # (out * in,): the dense product, then a gather
+            for i, (idx, val) in enumerate(zip(indices, values)):
+                if needs[i]:
+                    grads[i] = grad_flat[idx.long()].to(val.dtype)
+            return grads
+        out_features, in_features = shape
+        if go.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
+            go, x = go.float(), x.float()  # CPU sampled_addmm has no bf16 / fp16 kernel
+        for i, (idx, val) in enumerate(zip(indices, values)):
+            if needs[i]:
+                idx = idx.long()  # sorted flat positions = CSR order
+                rows = torch.bincount(idx // in_features, minlength=out_features)
+                crow = torch.cat([rows.new_zeros(1), rows.cumsum(0)])
+                pattern = torch.sparse_csr_tensor(crow, idx % in_features, go.new_zeros(idx.numel()), shape)
+                grads[i] = torch.sparse.sampled_addmm(pattern, go.t(), x, beta=0.0).values().to(val.dtype)
+        return grads
+
+    class PrototypeSparseDeltaLinear(sparse_linear.SparseDeltaLinear):
+        @staticmethod
+        def forward(ctx, x, weight, bias, dtype, indices, *values):
+            ctx.dtype, ctx.num_deltas = dtype, len(indices)
+            ctx.bias_dtype = None if bias is None else bias.dtype
+            ctx.save_for_backward(x, weight, *indices, *values)
+            effective, saved = compose(weight, list(zip(indices, values)))
+            try:
+                with torch.autocast(x.device.type, enabled=False):
+                    return F.linear(x.to(dtype), effective.to(dtype), None if bias is None else bias.to(dtype))
+            finally:
+                restore(weight, saved)
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            x, weight, *sparse = ctx.saved_tensors
+            indices, values = sparse[: ctx.num_deltas], sparse[ctx.num_deltas :]
+            needs_x, _, needs_bias, _, _, *needs_values = ctx.needs_input_grad
+            grad_output = grad_output.to(ctx.dtype)
+            grad_x = grad_bias = None
+            if needs_x:
+                effective, saved = compose(weight, list(zip(indices, values)))
+                try:
+                    grad_x = (grad_output @ effective.to(ctx.dtype)).to(x.dtype)
+                finally:
+                    restore(weight, saved)
+            if needs_bias:
+                grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).to(ctx.bias_dtype)
+            grad_values = [None] * ctx.num_deltas
+            if any(needs_values):
+                grad_values = value_grads(grad_output, x, weight.shape, indices, values, needs_values, ctx.dtype)
+            return grad_x, None, grad_bias, None, None, *grad_values
+
+    return PrototypeSparseDeltaLinear
+
+
+def run_method(args: argparse.Namespace, model_name: str, method: str, with_base: bool, accelerator) -> dict:
+    """Measure one method on one model; returns its metrics (and the base model's inference time if asked)."""
+    import spu_peft
+
+    device = accelerator.device
+    result: dict[str, Any] = dict.fromkeys(METRICS)
+
+    # 1. data: one batch, reused for every step, scoring batch and forward, so methods see the same numbers
+    batch = {k: v.to(device) for k, v in make_batch(model_name, args.batch_size, args.seq_len, args.seed).items()}
+
+    # 2. model
+    model = make_model(model_name, args.seed).to(device)
+    if with_base and method not in ADAPTER_METHODS:
+        result.update(
+            time_inference(model, batch, args.infer_repeats, accelerator, {"base_infer_s": contextlib.nullcontext})
+        )
+    model, masks = prepare_method(model, method, args)
+
+    # 3. selection (SPU): time `select_parameters` on `score_batches` batches = 25% of a 4x longer task
+    if method == "spu":
+        task = [batch] * (4 * args.score_batches)
+        # select_parameters times its scoring phase (not the top-k) itself: lend it the benchmark's clock
+        with accelerator.autocast(), patched(spu_peft.selection, "time", SimpleNamespace(perf_counter=clock)):
+            spu_peft.select_parameters(model, task, max_batches=1)  # warm-up, as training gets warm-up steps
+            report = spu_peft.select_parameters(model, task, fraction=0.25)
+        result["score_s"] = report.score_seconds
+        result["score_batches"] = report.num_batches
+
+    # 4. training: forward + backward + AdamW step, median after warm-up
+    params = [p for p in model.parameters() if p.requires_grad]
+    result["trainable_params"] = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    model.train()
+    times = []
+    for step in range(args.warmup_steps + args.steps):
+        if step == args.warmup_steps:  # the peak of the steady state, once warm-up has created the AdamW state
+            reset_peak_memory(device)
+            memory_at_start = peak_memory(device, "VmRSS")
+        synchronize(device)
+        start = clock()
+        with accelerator.autocast():
+            loss = model(**batch, return_loss=True).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        synchronize(device)
+        if step >= args.warmup_steps:
+            times.append(clock() - start)
+        if step == args.warmup_steps + args.steps - 1:
+            result["state_bytes"] = state_bytes(model, optimizer, training_only_tensors(model, method, masks))
+        optimizer.zero_grad(set_to_none=True)
+    result["peak_mem_bytes"] = peak_memory(device)
+    result["step_s"] = statistics.median(times)
+    logger.info(
+        "%s / %s: step %.3fs, loss %.4f, memory %.0f MiB after warm-up, %.0f MiB at the peak",
+        model_name,
+        method,
+        result["step_s"],
+        loss.item(),
+        memory_at_start / 2**20,
+        result["peak_mem_bytes"] / 2**20,
+    )
+
+    if args.profile:
+
+        def train_step():
+            accelerator.backward(model(**batch, return_loss=True).loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        profile(train_step, accelerator, f"one training step of {model_name} / {method}")
+        if method == "spu":  # re-selects the support: after the timed steps, before nothing that depends on it
+            profile(
+                lambda: spu_peft.select_parameters(model, [batch], max_batches=1),
+                accelerator,
+                f"select_parameters on one batch of {model_name}",
+            )
+
+    # 5. the adapter on disk
+    with tempfile.TemporaryDirectory() as directory:
+        result["adapter_bytes"] = adapter_bytes(model, method, directory)
+
+    # 6. inference: the unmerged adapter, merged into the base weights, and (adapters disabled) the base model
+    variants: dict[str, Any] = {"infer_s": contextlib.nullcontext}
+    if method in ADAPTER_METHODS:
+        variants["infer_merged_s"] = lambda: merged(model)
+        if with_base:
+            variants["base_infer_s"] = model.disable_adapter
+    result.update(time_inference(model, batch, args.infer_repeats, accelerator, variants))
+    return result
+
+
+def profile(fn, accelerator: Accelerator, title: str) -> None:
+    """Log torch.profiler's table of one call of `fn`, ops sorted by their own time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if accelerator.device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof, accelerator.autocast():
+        fn()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    logger.info("torch.profiler, %s:\n%s", title, table)
+
+
+# ---- reporting -------------------------------------------------------------------------------------------------------
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def evaluate_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    def get(method: str, key: str) -> float | None:
+        return (results.get(method) or {}).get(key)
+
+    base = (results.get("base") or {}).get("infer_s")
+    score_per_batch = ratio(get("spu", "score_s"), results.get("meta", {}).get("score_batches"))
+    adapter_reference = None if get("spu", "trainable_params") is None else 4 * get("spu", "trainable_params")
+    measured = {
+        "spu_step_vs_lora": ratio(get("spu", "step_s"), get("lora", "step_s")),
+        "spu_step_vs_full": ratio(get("spu", "step_s"), get("full", "step_s")),
+        "spu_step_vs_dense_mask": ratio(get("spu", "step_s"), get("dense_mask", "step_s")),
+        "spu_mem_vs_dense_mask": ratio(get("spu", "peak_mem_bytes"), get("dense_mask", "peak_mem_bytes")),
+        "spu_mem_vs_lora": ratio(get("spu", "peak_mem_bytes"), get("lora", "peak_mem_bytes")),
+        "spu_infer_vs_base": ratio(get("spu", "infer_s"), base),
+        "spu_merged_infer_vs_base": ratio(get("spu", "infer_merged_s"), base),
+        "score_batch_vs_step": ratio(score_per_batch, get("spu", "step_s")),
+        "adapter_vs_values": ratio(get("spu", "adapter_bytes"), adapter_reference),
+    }
+    return {
+        key: {
+            "target": text,
+            "threshold": threshold,
+            "ratio": None if measured[key] is None else round(measured[key], 4),
+            "pass": None if measured[key] is None else bool(measured[key] <= threshold),
+        }
+        for key, text, threshold in TARGETS
+    }
+
+
+def fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if unit == "MiB":
+        return f"{value / 2**20:,.1f}"
+    if unit == "x":
+        return f"{value:.2f}x"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.3f}"
+
+
+def markdown(model_name: str, results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    lora = results.get("lora") or {}
+    lines = [
+        f"### {model_name} ({meta['device']}, {meta['threads']} threads, {meta['clock']} clock, "
+        f"batch {meta['batch_size']}x{meta['seq_len']} tokens, median of {meta['steps']} steps, "
+        f"load {meta['load_avg_before']} -> {meta['load_avg_after']})",
+        "",
+        "| method | step s | step / LoRA | peak MiB | peak / LoRA | trainable | state MiB | state / LoRA "
+        "| adapter MiB | adapter / LoRA | infer s | merged infer s | score s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method in METHODS:
+        r = results.get(method)
+        if r is None:
+            continue
+        lines.append(
+            f"| {method} | {fmt(r['step_s'])} | {fmt(ratio(r['step_s'], lora.get('step_s')), 'x')} "
+            f"| {fmt(r['peak_mem_bytes'], 'MiB')} | {fmt(ratio(r['peak_mem_bytes'], lora.get('peak_mem_bytes')), 'x')} "
+            f"| {fmt(r['trainable_params'])} | {fmt(r['state_bytes'], 'MiB')} "
+            f"| {fmt(ratio(r['state_bytes'], lora.get('state_bytes')), 'x')} | {fmt(r['adapter_bytes'], 'MiB')} "
+            f"| {fmt(ratio(r['adapter_bytes'], lora.get('adapter_bytes')), 'x')} | {fmt(r['infer_s'])} "
+            f"| {fmt(r['infer_merged_s'])} | {fmt(r['score_s'])} |"
+        )
+    lines.append(f"| base | | | | | | | | | | {fmt(results['base']['infer_s'])} | | |")
+    lines += ["", "| target | ratio | pass |", "|---|---:|:---:|"]
+    for t in results["targets"].values():
+        verdict = "-" if t["pass"] is None else ("pass" if t["pass"] else "**FAIL**")
+        lines.append(f"| {t['target']} | {fmt(t['ratio'], 'x')} | {verdict} |")
+    return "\n".join(lines)
+
+
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def worker_command(args: argparse.Namespace, model_name: str, method: str, with_base: bool, out: Path) -> list:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", "--models", model_name, "--method", method]
+    command += ["--json", str(out)] + (["--with-base"] if with_base else [])
+    for name in FORWARDED:
+        value = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            command += [flag] if value else []
+        elif value is not None:
+            command += [flag, str(value)]
+    return command
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no")
+    if accelerator.num_processes > 1:
+        raise ValueError("This benchmark measures one process; run it with `python`, not a multi-process launch.")
+    if args.clock == "cpu":
+        if accelerator.device.type != "cpu":
+            raise ValueError(f"`--clock cpu` measures CPU time; on {accelerator.device} use `--clock wall`.")
+        global CLOCK
+        CLOCK = time.process_time
+    for obj, attr, value in experiment_patches(args.experiment):
+        setattr(obj, attr, value)
+
+    if args.worker:  # one method on one model, in a fresh process
+        result = run_method(args, args.models[0], args.method, args.with_base, accelerator)
+        args.json.write_text(json.dumps(result))
+        return result
+
+    all_results: dict[str, Any] = {}
+    for model_name in args.models:
+        # 1. sizes derived from the model, logged so a reader can check the budgets match
+        probe = make_model(model_name, args.seed)
+        ranks, shira_r = lora_ranks(probe, args.density), shira_rank(probe, args.density)
+        logger.info(
+            "%s: %.1fM params, fc1 %s, LoRA ranks %s, SHiRA r %d",
+            model_name,
+            sum(p.numel() for p in probe.parameters()) / 1e6,
+            sorted(set(fc1_shapes(probe).values())),
+            ranks,
+            shira_r,
+        )
+        del probe
+        meta = {
+            "device": str(accelerator.device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "warmup_steps": args.warmup_steps,
+            "steps": args.steps,
+            "infer_repeats": args.infer_repeats,
+            "score_batches": None,
+            "clock": args.clock,
+            "bf16": args.bf16,
+            "experiment": args.experiment,
+            "lora_ranks": ranks,
+            "shira_r": shira_r,
+            "subprocess_per_method": not args.in_process,
+            "load_avg_before": load_average(),
+        }
+
+        # 2. one worker per method; the base model is timed in the SPU worker with the adapter disabled, in rounds
+        # alternating with the SPU forwards, so that the inference ratios compare like with like
+        results: dict[str, Any] = {}
+        adapters = [m for m in args.methods if m in ADAPTER_METHODS]
+        base_owner = "spu" if "spu" in args.methods else (adapters or args.methods)[0]
+        for method in args.methods:
+            logger.info("%s / %s: measuring", model_name, method)
+            if args.in_process:
+                results[method] = run_method(args, model_name, method, method == base_owner, accelerator)
+                gc.collect()
+            else:
+                with tempfile.TemporaryDirectory() as directory:
+                    out = Path(directory) / "result.json"
+                    subprocess.run(worker_command(args, model_name, method, method == base_owner, out), check=True)
+                    results[method] = json.loads(out.read_text())
+
+        # 3. assemble: shared figures, base, targets
+        base = {"infer_s": results[base_owner].pop("base_infer_s", None)}
+        meta["score_batches"] = (results.get("spu") or {}).pop("score_batches", None)
+        if "spu" in results and "dense_mask" in results:
+            results["dense_mask"]["score_s"] = results["spu"]["score_s"]  # the reference scores the same way
+        meta["load_avg_after"] = load_average()
+        model_results = {method: results[method] for method in args.methods}
+        model_results["base"] = base
+        model_results["meta"] = meta
+        model_results["targets"] = evaluate_targets(model_results)
+        all_results[model_name] = model_results
+
+    # 4. report: the markdown table (printed: it is the result) and the JSON
+    if accelerator.is_main_process:
+        print("\n\n".join(markdown(name, r) for name, r in all_results.items()))
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(all_results, indent=2))
+            logger.info("wrote %s", args.json)
+    return all_results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""Tests of the embedded foundation model and its offline datasets (fast: no full pretraining)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Image
+from PIL import Image as PILImage
+from transformers import AutoProcessor, AutoTokenizer, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
+from spu_peft.embedded import (
+    ANIMAL_CLASSES,
+    CAPTION_TEMPLATES,
+    PRETRAINING_CLASSES,
+    build_image_processor,
+    build_processor,
+    build_tokenizer,
+    captions_for,
+    class_text_embeddings,
+    domain_of,
+    embedded_clip_config,
+    embedded_clip_path,
+    load_animal_shapes,
+    load_embedded_clip,
+    load_pretraining_data,
+    pixel_values_from_images,
+    pretrain_embedded_clip,
+    read_pretraining_metrics,
+    zero_shot_accuracy,
+    zero_shot_predictions,
+)
+from spu_peft.embedded import model as embedded_model
+
+SMALL = {"rendered_per_class": 12, "control_per_class": 4}
+TINY_RUN = {"max_steps": 2, "limit": 96, "batch_size": 32}
+
+
+def _digests(split) -> set[str]:
+    """Hashes of the stored PNG bytes (no decoding; one deterministic encoder writes every image)."""
+    encoded = split.data.column("image").combine_chunks().field("bytes").to_pylist()
+    return {hashlib.sha1(b).hexdigest() for b in encoded}
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    return load_pretraining_data(seed=0, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def animals():
+    return load_animal_shapes(seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def cached_root(tmp_path_factory, small_data) -> Path:
+    """A cache root holding a tiny (2-step) embedded model for seed 0."""
+    root = tmp_path_factory.mktemp("cache")
+    pretrain_embedded_clip(embedded_clip_path(root, seed=0), seed=0, data=small_data, **TINY_RUN)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_pretraining_data_features_and_sizes(small_data):
+    assert set(small_data) == {"train", "control"}
+    for split in small_data.values():
+        assert isinstance(split.features["image"], Image)
+        assert isinstance(split.features["label"], ClassLabel)
+        assert split.features["label"].names == list(PRETRAINING_CLASSES)
+        image = split[0]["image"]
+        assert image.mode == "L" and image.size == (28, 28)
+    assert len(PRETRAINING_CLASSES) == 48 and len(set(PRETRAINING_CLASSES)) == 48
+    assert {domain_of(c) for c in PRETRAINING_CLASSES} == {"digits", "letters", "shapes"}
+    n_rendered = 26 + 12
+    assert len(small_data["control"]) == 48 * SMALL["control_per_class"]
+    assert len(small_data["train"]) == 10 * (500 - SMALL["control_per_class"]) + n_rendered * 12
+    assert np.bincount(small_data["control"]["label"], minlength=48).tolist() == [4] * 48
+
+
+def test_default_pretraining_sizes():
+    data = load_pretraining_data(seed=0)
+    assert (len(data["train"]), len(data["control"])) == (12_300, 1_440)
+
+
+def test_control_is_disjoint_from_train(small_data):
+    assert not _digests(small_data["train"]) & _digests(small_data["control"])
+
+
+def test_pretraining_data_is_deterministic(small_data):
+    again = load_pretraining_data(seed=0, **SMALL)
+    other = load_pretraining_data(seed=1, **SMALL)
+    for name in ("train", "control"):
+        assert again[name]["label"] == small_data[name]["label"]
+        assert _digests(again[name]) == _digests(small_data[name])
+    assert _digests(other["control"]) != _digests(small_data["control"])
+
+
+def test_animal_shapes(animals):
+    assert (len(animals["train"]), len(animals["test"])) == (8_000, 2_000)
+    assert animals["test"].features["label"].names == list(ANIMAL_CLASSES)
+    assert np.bincount(animals["test"]["label"]).tolist() == [200] * 10
+    image = animals["train"][0]["image"]
+    assert image.mode == "L" and image.size == (28, 28)
+    assert not _digests(animals["train"]) & _digests(animals["test"])
+    assert load_animal_shapes(seed=0)["test"]["label"] == animals["test"]["label"]
+
+
+def test_captions_for():
+    assert captions_for(["cat", "dog"], "a photo of a {}.") == ["a photo of a cat.", "a photo of a dog."]
+    assert len(CAPTION_TEMPLATES) >= 8 and all("{}" in t for t in CAPTION_TEMPLATES)
+
+
+# ------------------------------------------------------------------------------- tokenizer, processor
+
+
+@pytest.mark.parametrize("text", ["giraffe", "zebra", "axolotl", "Quokka 🦘 naïve", "a photo of a letter Q."])
+def test_tokenizer_encodes_unseen_words_without_unknown(tokenizer, text):
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.unk_token_id is None or tokenizer.unk_token_id not in ids
+    assert all(0 <= i < len(tokenizer) for i in ids)
+    assert tokenizer.decode(ids, skip_special_tokens=True).strip() == text.lower()
+
+
+def test_tokenizer_round_trips_through_auto_tokenizer(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    captions = captions_for(list(ANIMAL_CLASSES), CAPTION_TEMPLATES[0])
+    assert loaded(captions)["input_ids"] == tokenizer(captions)["input_ids"]
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == (
+        tokenizer.bos_token,
+        tokenizer.eos_token,
+        tokenizer.pad_token,
+    )
+    assert loaded.eos_token_id != 2  # transformers' legacy CLIP pooling would kick in
+
+
+def test_tokenizer_is_deterministic(tokenizer):
+    assert build_tokenizer().get_vocab() == tokenizer.get_vocab()
+
+
+def test_processor_matches_fast_pixel_path(small_data):
+    images = small_data["control"][:16]["image"]
+    expected = build_processor()(images=images, return_tensors="pt")["pixel_values"]
+    fast = pixel_values_from_images(images)
+    assert fast.shape == expected.shape == (16, 3, 28, 28)
+    assert torch.equal(fast, expected)
+    arrays = np.stack([np.asarray(im) for im in images])
+    assert torch.equal(pixel_values_from_images(arrays), expected)
+    all_levels = [PILImage.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)).resize((28, 28))]
+    expected_levels = build_image_processor()(images=all_levels, return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixel_values_from_images(all_levels), expected_levels)
+
+
+def test_fast_pixel_path_falls_back_for_other_images():
+    rgb = [PILImage.new("RGB", (40, 32), (200, 10, 30))]
+    expected = build_processor()(images=rgb, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixel_values_from_images(rgb), expected)
+
+
+def test_config_is_small_clip_with_fc1(tokenizer):
+    config = embedded_clip_config(tokenizer)
+    assert config.vision_config.image_size == 28 and config.vision_config.patch_size == 4
+    assert config.text_config.vocab_size == len(tokenizer)
+    model = CLIPModel(config)
+    names = {n for n, _ in model.named_modules()}
+    for tower, cfg in (("vision_model", config.vision_config), ("text_model", config.text_config)):
+        for i in range(cfg.num_hidden_layers):
+            assert f"{tower}.encoder.layers.{i}.mlp.fc1" in names
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+
+
+# --------------------------------------------------------------------------------- pretraining, cache
+
+
+def test_cache_path(monkeypatch, tmp_path):
+    assert embedded_clip_path(tmp_path, seed=3) == tmp_path / "embedded-clip-v1-seed3"
+    monkeypatch.setenv("SPU_PEFT_CACHE", str(tmp_path / "env"))
+    assert embedded_clip_path(seed=0) == tmp_path / "env" / "embedded-clip-v1-seed0"
+    monkeypatch.delenv("SPU_PEFT_CACHE")
+    assert embedded_clip_path().parent == Path.home() / ".cache" / "spu_peft"
+
+
+def test_tiny_pretraining_saves_a_loadable_clip(cached_root, small_data):
+    path = embedded_clip_path(cached_root, seed=0)
+    metrics = read_pretraining_metrics(path)
+    assert metrics["steps"] == TINY_RUN["max_steps"] and 0.0 <= metrics["control_accuracy"] <= 1.0
+    assert set(metrics["control_accuracy_by_domain"]) <= {"digits", "letters", "shapes"}
+    processor = AutoProcessor.from_pretrained(path)
+    model = CLIPModel.from_pretrained(path)
+    batch = small_data["control"][:4]
+    captions = captions_for(PRETRAINING_CLASSES[:3], "a {}.")
+    inputs = processor(text=captions, images=batch["image"], padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.logits_per_image.shape == (4, 3)
+
+
+def test_load_embedded_clip_reuses_cache(cached_root, small_data, monkeypatch):
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("the cached model should have been reused")
+
+    monkeypatch.setattr(embedded_model, "pretrain_embedded_clip", must_not_train)
+    weights = embedded_clip_path(cached_root, seed=0) / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    model, processor = load_embedded_clip(cache_dir=cached_root, seed=0)
+    assert weights.stat().st_mtime_ns == mtime
+    assert not model.training
+    control = small_data["control"].select(range(32))
+    acc = zero_shot_accuracy(model, processor, control, PRETRAINING_CLASSES, CAPTION_TEMPLATES[:2])
+    assert acc == zero_shot_accuracy(model, processor.tokenizer, control, PRETRAINING_CLASSES, CAPTION_TEMPLATES[:2])
+    assert 0.0 <= acc <= 1.0
+
+
+def test_zero_shot_uses_a_foreign_image_processor(cached_root, small_data):
+    """A processor that is not the embedded one (e.g. a hub CLIP's) must be used as is, not the fast path."""
+    model, processor = load_embedded_clip(cache_dir=cached_root, seed=0)
+    other = CLIPImageProcessorPil(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_mean=[0.2] * 3, image_std=[0.3] * 3
+    )
+    foreign = CLIPProcessor(image_processor=other, tokenizer=processor.tokenizer)
+    control = small_data["control"].select(range(16))
+    preds, labels = zero_shot_predictions(model, foreign, control, PRETRAINING_CLASSES, CAPTION_TEMPLATES[:1])
+    text = class_text_embeddings(model, processor, PRETRAINING_CLASSES, CAPTION_TEMPLATES[:1])
+    with torch.no_grad():
+        pixels = other(images=list(control["image"]), return_tensors="pt")["pixel_values"]
+        features = torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    assert preds.tolist() == (features @ text.T).argmax(dim=-1).tolist()
+    assert labels.tolist() == control["label"]
+
+
+def test_load_embedded_clip_trains_on_first_use(tmp_path, small_data):
+    model, processor = load_embedded_clip(cache_dir=tmp_path, seed=1, pretrain_kwargs={"data": small_data, **TINY_RUN})
+    assert isinstance(model, CLIPModel)
+    assert [p.name for p in tmp_path.iterdir()] == ["embedded-clip-v1-seed1"]  # no temporary leftovers
+    assert processor.tokenizer("zebra")["input_ids"][-1] == processor.tokenizer.eos_token_id
+
+
+def test_interrupted_pretraining_leaves_no_cache(tmp_path, monkeypatch):
+    def killed(output_dir, **kwargs):
+        (Path(output_dir) / "config.json").write_text("{}")  # half written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embedded_model, "pretrain_embedded_clip", killed)
+    with pytest.raises(KeyboardInterrupt):
+        load_embedded_clip(cache_dir=tmp_path, seed=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pretraining_is_deterministic(tmp_path, small_data):
+    first = pretrain_embedded_clip(tmp_path / "a", seed=0, data=small_data, **TINY_RUN)
+    second = pretrain_embedded_clip(tmp_path / "b", seed=0, data=small_data, **TINY_RUN)
+    assert first["final_loss"] == second["final_loss"]
+    a = CLIPModel.from_pretrained(tmp_path / "a").state_dict()
+    b = CLIPModel.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
