@@ -122,8 +122,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-test-per-task", type=int, default=None, help="Cap on test images per task.")
     parser.add_argument("--max-control", type=int, default=None, help="Cap on control-set images (a seeded sample).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of class order, data order and buffer.")
-    parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads per process (default: 1 "
-                        "with the embedded model, whose small matrices gain nothing from more; else torch's default).")
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per process (default: 1 "
+        "with the embedded model, whose small matrices gain nothing from more; else torch's default).",
+    )
     parser.add_argument("--output-dir", default=None, help="Where results go (default results/<sequence>/).")
     parser.add_argument("--cache-dir", default=None, help="Cache of the embedded model (default ~/.cache/spu_peft).")
     parser.add_argument("--resume", action="store_true", help="Continue a killed run from its last finished task.")
@@ -536,7 +541,8 @@ def markdown_table(methods: dict) -> str:
         drop = r.get("control_drop")
         lines.append(
             f"| {name} | {r['lr'] if r['lr'] is not None else '-'} | {r['avg_acc']:.1f} | {r['forgetting']:.1f} | "
-            f"{r['bwt']:.1f} | {'-' if control is None else f'{control:.1f}'} | {'-' if drop is None else f'{drop:.1f}'} | "
+            f"{r['bwt']:.1f} | {'-' if control is None else f'{control:.1f}'} | "
+            f"{'-' if drop is None else f'{drop:.1f}'} | "
             f"{r['trainable_params']:,} | {r['adapter_bytes'] or '-'} | {r['wall_s']:.0f} |"
         )
     return "\n".join(lines)
@@ -643,7 +649,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 2. data
     data = load_sequence_data(args, processor, accelerator)
     logger.info(
-        f"{len(data.class_names)} classes in {args.num_tasks} tasks {[[data.class_names[c] for c in t] for t in data.tasks]}; "
+        f"{len(data.class_names)} classes in {args.num_tasks} tasks "
+        f"{[[data.class_names[c] for c in t] for t in data.tasks]}; "
         f"{sum(map(len, data.train_indices))} training images; control set: "
         f"{0 if data.control is None else len(data.control)} images",
         main_process_only=True,

@@ -38,7 +38,9 @@ def llama():
 
 def siglip():
     config = SiglipConfig(
-        text_config=dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4),
+        text_config=dict(
+            vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4
+        ),
         vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                            image_size=16, patch_size=4),
     )  # fmt: skip
