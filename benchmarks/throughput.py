@@ -150,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=16, help="Tokens per caption.")
     parser.add_argument("--warmup-steps", type=int, default=1, help="Training steps run before timing.")
     parser.add_argument("--steps", type=int, default=3, help="Timed training steps; the median is reported.")
-    parser.add_argument("--infer-repeats", type=int, default=3, help="Timed inference forwards; median reported.")
+    parser.add_argument("--infer-repeats", type=int, default=5, help="Timed inference forwards; median reported.")
     parser.add_argument(
         "--score-batches", type=int, default=2, help="Batches `select_parameters` scores (25%% of a 4x longer task)."
     )
