@@ -61,7 +61,7 @@ METRICS = (
     "score_s",
 )
 ADAPTER_METHODS = ("spu", "lora", "shira")  # PEFT adapters: saved as adapters, merged with merge_and_unload
-EXPERIMENTS = ("none", "cached_eval", "inplace_compose", "sampled_grad", "inplace_sampled")
+EXPERIMENTS = ("cached_eval", "inplace_compose", "dense_value_grad")
 MODELS: dict[str, dict[str, Any]] = {
     "tiny": {
         "text_config": dict(
@@ -136,6 +136,7 @@ FORWARDED = (
     "seed",
     "threads",
     "clock",
+    "malloc",
     "bf16",
     "profile",
     "experiment",
@@ -166,24 +167,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="wall: elapsed seconds. cpu: this process's CPU seconds, steadier on a machine shared with other jobs "
         "(use with --threads 1; CPU devices only).",
     )
+    parser.add_argument(
+        "--malloc",
+        choices=("keep", "default"),
+        default="keep",
+        help="keep: glibc keeps freed blocks (up to 32 MiB) for reuse instead of unmapping and page-faulting them "
+        "in again every step, which adds 10-30%% noisy time on CPU. default: leave glibc as it is.",
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for training and inference (for CUDA).")
     parser.add_argument("--quick", action="store_true", help=f"Smoke run: {QUICK}.")
     parser.add_argument("--json", type=Path, default=None, help="Write the results as JSON to this path.")
     parser.add_argument(
         "--in-process",
         action="store_true",
-        help="Run all methods in this process (fast start, for tests); peak memory then carries over between methods.",
+        help="Run every measurement in this process (fast start, for tests); memory peaks then carry over.",
     )
-    parser.add_argument("--profile", action="store_true", help="Log a torch.profiler table of one extra step.")
+    parser.add_argument("--profile", action="store_true", help="Log torch.profiler tables of one step per method.")
     parser.add_argument(
         "--experiment",
-        choices=EXPERIMENTS,
-        default="none",
-        help="Monkeypatch spu_peft with a prototype of a proposed layer change before measuring (see README).",
+        default="",
+        help=f"Comma-separated prototypes of layer changes, of {EXPERIMENTS}: each is timed as an extra SPU variant "
+        "(`spu+NAME`, the same model with the prototype monkeypatched in), interleaved with the stock SPU.",
     )
-    parser.add_argument("--worker", action="store_true", help="Internal: measure one method, write --json, exit.")
-    parser.add_argument("--method", choices=METHODS, default=None, help="Internal: the worker's method.")
-    parser.add_argument("--with-base", action="store_true", help="Internal: the worker also times the base model.")
+    parser.add_argument(
+        "--worker",
+        choices=("memory", "timing"),
+        default=None,
+        help="Internal: `memory` measures --method's peak, state and file; `timing` times all --methods; "
+        "both write --json and exit.",
+    )
+    parser.add_argument("--method", choices=METHODS, default=None, help="Internal: the memory worker's method.")
     args = parser.parse_args(argv)
 
     if args.quick:
@@ -202,8 +215,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"`--warmup-steps` must be >= 0, got {args.warmup_steps}")
     if not 0.0 < args.density <= 1.0:
         raise ValueError(f"`--density` must be in (0, 1], got {args.density}")
-    if args.worker and (args.method is None or len(args.models) != 1 or args.json is None):
-        raise ValueError("`--worker` needs `--method`, exactly one model in `--models` and `--json`.")
+    args.experiment = [e.strip() for e in args.experiment.split(",") if e.strip()]
+    if unknown := [e for e in args.experiment if e not in EXPERIMENTS]:
+        raise ValueError(f"`--experiment` must be among {EXPERIMENTS}, got {unknown}")
+    if args.experiment and "spu" not in args.methods:
+        raise ValueError("`--experiment` times SPU variants; include `spu` in `--methods`.")
+    if args.worker and (len(args.models) != 1 or args.json is None):
+        raise ValueError("`--worker` needs exactly one model in `--models` and `--json`.")
+    if args.worker == "memory" and args.method is None:
+        raise ValueError("`--worker memory` needs `--method`.")
     return args
 
 
@@ -348,6 +368,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def keep_freed_memory() -> None:
+    """Make glibc reuse freed activation memory rather than hand it back and page-fault it in again.
+
+    By default glibc unmaps large freed blocks and trims the heap, so every forward re-faults several hundred MiB
+    (measured: 80k-220k page faults per ViT-B/16 forward, varying with each process's allocation history).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap (this also fixes it)
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: do not give the heap's top back on every free
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a fresh peak: CUDA's allocator counter, or on Linux the process's RSS high-water mark."""
     gc.collect()
@@ -376,33 +410,17 @@ def peak_memory(device: torch.device, key: str = "VmHWM") -> int:
     return rss if platform.system() == "Darwin" else rss * 1024
 
 
-def time_inference(model, batch, repeats: int, accelerator: Accelerator, variants: dict[str, Any]) -> dict:
-    """Median seconds of an eval forward (no loss) per variant, a context manager that sets the variant up.
-
-    The variants alternate round by round (round 0 is the warm-up), so a drifting background load hits them alike.
-    """
-    model.eval()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for round_ in range(repeats + 1):
-        for name, variant in variants.items():
-            with variant(), torch.inference_mode(), accelerator.autocast():
-                synchronize(accelerator.device)
-                start = clock()
-                model(**batch)
-                synchronize(accelerator.device)
-            if round_:
-                times[name].append(clock() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 @contextlib.contextmanager
-def patched(obj, attr: str, value):
-    original = getattr(obj, attr)
-    setattr(obj, attr, value)
+def patched(*patches: tuple[Any, str, Any]):
+    """Set (object, attribute, value) patches for the duration of the block."""
+    originals = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
+    for obj, attr, value in patches:
+        setattr(obj, attr, value)
     try:
         yield
     finally:
-        setattr(obj, attr, original)
+        for obj, attr, value in reversed(originals):
+            setattr(obj, attr, value)
 
 
 @contextlib.contextmanager
@@ -423,8 +441,6 @@ def experiment_patches(name: str) -> list[tuple[Any, str, Any]]:
     from spu_peft import layer as spu_layer
     from spu_peft import sparse_linear
 
-    if name == "none":
-        return []
     if name == "cached_eval":
         # Without autograd, reuse W + deltas until the weight or the values change (their version counters say
         # when): an unmerged adapter then costs what the base model costs, at one W-sized copy per layer.
@@ -444,17 +460,17 @@ def experiment_patches(name: str) -> list[tuple[Any, str, Any]]:
 
         return [(spu_layer, "sparse_delta_linear", cached_sparse_delta_linear)]
 
-    inplace, sampled = name in ("inplace_compose", "inplace_sampled"), name in ("sampled_grad", "inplace_sampled")
+    inplace, sampled = name == "inplace_compose", name != "dense_value_grad"
     return [(sparse_linear, "SparseDeltaLinear", prototype_function(sparse_linear, inplace, sampled))]
 
 
 def prototype_function(sparse_linear, inplace: bool, sampled: bool) -> type:
-    """`SparseDeltaLinear` with two proposed changes, each optional.
+    """`SparseDeltaLinear` with its weight handling and value gradients swapped for alternatives.
 
     inplace: add the deltas into W in place, run the matmul, put W's touched entries back from a saved copy, so no
     W-sized tensor is allocated and written per call (the stock path does so in forward and again in backward).
-    sampled: compute the value gradients as a sampled matmul (`torch.sparse.sampled_addmm` at the support) instead
-    of the dense `grad_output^T @ x` product followed by a gather.
+    sampled=False: value gradients from the dense `grad_output^T @ x` product and a gather, as spu-peft did before
+    it took the sampled matmul (`sparse_linear.sampled_weight_gradient`).
     """
 
     def compose(weight, deltas):
@@ -476,23 +492,16 @@ def prototype_function(sparse_linear, inplace: bool, sampled: bool) -> type:
     def value_grads(grad_output, x, shape, indices, values, needs, dtype):
         go = grad_output.reshape(-1, grad_output.shape[-1])  # (tokens, out)
         x = x.reshape(-1, x.shape[-1]).to(dtype)  # (tokens, in)
-        grads = [None] * len(indices)
-        if not sampled:
-            grad_flat = (go.t() @ x).reshape(-1)  # (out * in,): the dense product, then a gather
-            for i, (idx, val) in enumerate(zip(indices, values)):
-                if needs[i]:
-                    grads[i] = grad_flat[idx.long()].to(val.dtype)
-            return grads
-        out_features, in_features = shape
-        if go.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
-            go, x = go.float(), x.float()  # CPU sampled_addmm has no bf16 / fp16 kernel
+        grads, grad_flat = [None] * len(indices), None
         for i, (idx, val) in enumerate(zip(indices, values)):
-            if needs[i]:
-                idx = idx.long()  # sorted flat positions = CSR order
-                rows = torch.bincount(idx // in_features, minlength=out_features)
-                crow = torch.cat([rows.new_zeros(1), rows.cumsum(0)])
-                pattern = torch.sparse_csr_tensor(crow, idx % in_features, go.new_zeros(idx.numel()), shape)
-                grads[i] = torch.sparse.sampled_addmm(pattern, go.t(), x, beta=0.0).values().to(val.dtype)
+            if not needs[i]:
+                continue
+            if sampled and sparse_linear._sampled_applies(idx, shape, dtype):  # the stock choice
+                grads[i] = sparse_linear.sampled_weight_gradient(go, x, idx, shape).to(val.dtype)
+            else:
+                if grad_flat is None:
+                    grad_flat = (go.t() @ x).reshape(-1)  # (out * in,): the dense product, then a gather
+                grads[i] = grad_flat[idx.long()].to(val.dtype)
         return grads
 
     class PrototypeSparseDeltaLinear(sparse_linear.SparseDeltaLinear):
@@ -531,95 +540,168 @@ def prototype_function(sparse_linear, inplace: bool, sampled: bool) -> type:
     return PrototypeSparseDeltaLinear
 
 
-def run_method(args: argparse.Namespace, model_name: str, method: str, with_base: bool, accelerator) -> dict:
-    """Measure one method on one model; returns its metrics (and the base model's inference time if asked)."""
+def rotated(names: list, shift: int) -> list:
+    """`names` started at position `shift`: each variant takes every place in the round in turn (the first of a
+    round measured 5-10% slower on CPU)."""
+    shift %= len(names)
+    return names[shift:] + names[:shift]
+
+
+def train_step(model, batch, optimizer, accelerator: Accelerator) -> torch.Tensor:
+    """Forward + backward + AdamW step; the gradients stay until the caller zeroes them."""
+    with accelerator.autocast():
+        loss = model(**batch, return_loss=True).loss
+    accelerator.backward(loss)
+    optimizer.step()
+    return loss
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def device_batch(args: argparse.Namespace, model_name: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """One batch, reused for every step, scoring batch and forward, so that all methods see the same numbers."""
+    return {k: v.to(device) for k, v in make_batch(model_name, args.batch_size, args.seq_len, args.seed).items()}
+
+
+def measure_memory(args: argparse.Namespace, model_name: str, method: str, accelerator: Accelerator) -> dict:
+    """Peak memory of one method's training step, its training state and its file (in a process of its own)."""
     import spu_peft
 
     device = accelerator.device
-    result: dict[str, Any] = dict.fromkeys(METRICS)
-
-    # 1. data: one batch, reused for every step, scoring batch and forward, so methods see the same numbers
-    batch = {k: v.to(device) for k, v in make_batch(model_name, args.batch_size, args.seq_len, args.seed).items()}
-
-    # 2. model
-    model = make_model(model_name, args.seed).to(device)
-    if with_base and method not in ADAPTER_METHODS:
-        result.update(
-            time_inference(model, batch, args.infer_repeats, accelerator, {"base_infer_s": contextlib.nullcontext})
-        )
-    model, masks = prepare_method(model, method, args)
-
-    # 3. selection (SPU): time `select_parameters` on `score_batches` batches = 25% of a 4x longer task
+    # 1. data and model; SPU selects its entries first, as it does before training
+    batch = device_batch(args, model_name, device)
+    model, masks = prepare_method(make_model(model_name, args.seed).to(device), method, args)
     if method == "spu":
-        task = [batch] * (4 * args.score_batches)
-        # select_parameters times its scoring phase (not the top-k) itself: lend it the benchmark's clock
-        with accelerator.autocast(), patched(spu_peft.selection, "time", SimpleNamespace(perf_counter=clock)):
-            spu_peft.select_parameters(model, task, max_batches=1)  # warm-up, as training gets warm-up steps
-            report = spu_peft.select_parameters(model, task, fraction=0.25)
-        result["score_s"] = report.score_seconds
-        result["score_batches"] = report.num_batches
-
-    # 4. training: forward + backward + AdamW step, median after warm-up
-    params = [p for p in model.parameters() if p.requires_grad]
-    result["trainable_params"] = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    model.train()
-    times = []
-    for step in range(args.warmup_steps + args.steps):
-        if step == args.warmup_steps:  # the peak of the steady state, once warm-up has created the AdamW state
-            reset_peak_memory(device)
-            memory_at_start = peak_memory(device, "VmRSS")
-        synchronize(device)
-        start = clock()
         with accelerator.autocast():
-            loss = model(**batch, return_loss=True).loss
-        accelerator.backward(loss)
-        optimizer.step()
-        synchronize(device)
-        if step >= args.warmup_steps:
-            times.append(clock() - start)
-        if step == args.warmup_steps + args.steps - 1:
-            result["state_bytes"] = state_bytes(model, optimizer, training_only_tensors(model, method, masks))
+            spu_peft.select_parameters(model, [batch] * (4 * args.score_batches), fraction=0.25)
+    optimizer = make_optimizer(model, args)
+
+    # 2. training: warm-up creates the AdamW state, then one step under a fresh peak (the steady state's)
+    model.train()
+    for _ in range(max(1, args.warmup_steps)):
+        train_step(model, batch, optimizer, accelerator)
         optimizer.zero_grad(set_to_none=True)
-    result["peak_mem_bytes"] = peak_memory(device)
-    result["step_s"] = statistics.median(times)
+    reset_peak_memory(device)
+    memory_at_start = peak_memory(device, "VmRSS")
+    train_step(model, batch, optimizer, accelerator)
+    result = {
+        "peak_mem_bytes": peak_memory(device),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "state_bytes": state_bytes(model, optimizer, training_only_tensors(model, method, masks)),
+    }
+    optimizer.zero_grad(set_to_none=True)
     logger.info(
-        "%s / %s: step %.3fs, loss %.4f, memory %.0f MiB after warm-up, %.0f MiB at the peak",
+        "%s / %s: %.0f MiB after warm-up, %.0f MiB at the peak of a step, %.1f MiB of training state",
         model_name,
         method,
-        result["step_s"],
-        loss.item(),
         memory_at_start / 2**20,
         result["peak_mem_bytes"] / 2**20,
+        result["state_bytes"] / 2**20,
     )
 
+    # 3. the adapter on disk
+    with tempfile.TemporaryDirectory() as directory:
+        result["adapter_bytes"] = adapter_bytes(model, method, directory)
+    return result
+
+
+def measure_time(args: argparse.Namespace, model_name: str, accelerator: Accelerator) -> dict:
+    """Step, scoring and inference times of every method and SPU prototype, interleaved in this one process.
+
+    Timing each method in a process of its own compares more than the methods: each process has its own allocator
+    history and meets the machine's load at another moment (on the shared 2-core machine this was written on, one
+    method's step time varied by 15-30% between processes). Alternating the methods step by step in one process puts
+    them on the same footing; memory, which needs a process of its own, is measured by `measure_memory`.
+    """
+    import spu_peft
+
+    device = accelerator.device
+    # 1. data and models: one per method, all from the same weights, plus the base model
+    batch = device_batch(args, model_name, device)
+    models = {m: prepare_method(make_model(model_name, args.seed).to(device), m, args)[0] for m in args.methods}
+    base = make_model(model_name, args.seed).to(device)
+    # variant -> (method, patches): the methods, then SPU with each prototype monkeypatched in
+    variants = {m: (m, []) for m in args.methods}
+    variants.update({f"spu+{e}": ("spu", experiment_patches(e)) for e in args.experiment})
+    results: dict[str, Any] = {name: {"step_s": None, "infer_s": None, "infer_merged_s": None} for name in variants}
+
+    # 2. selection (SPU): `select_parameters` on `score_batches` batches = 25% of a 4x longer task
+    if "spu" in models:
+        task = [batch] * (4 * args.score_batches)
+        # select_parameters times its scoring phase (not the top-k) itself: lend it the benchmark's clock
+        with accelerator.autocast(), patched((spu_peft.selection, "time", SimpleNamespace(perf_counter=clock))):
+            spu_peft.select_parameters(models["spu"], task, max_batches=1)  # warm-up, as the steps get
+            report = spu_peft.select_parameters(models["spu"], task, fraction=0.25)
+        results["score"] = {"score_s": report.score_seconds, "score_batches": report.num_batches}
+
+    # 3. training steps, round by round over the variants (SPU variants share the SPU model and optimizer)
+    optimizers = {m: make_optimizer(model, args) for m, model in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for model in models.values():
+        model.train()
+    for step in range(args.warmup_steps + args.steps):
+        for name in rotated(list(variants), step):
+            method, patches = variants[name]
+            with patched(*patches):
+                synchronize(device)
+                start = clock()
+                train_step(models[method], batch, optimizers[method], accelerator)
+                synchronize(device)
+            if step >= args.warmup_steps:
+                times[name].append(clock() - start)
+            optimizers[method].zero_grad(set_to_none=True)
+    for name, t in times.items():
+        results[name]["step_s"] = statistics.median(t)
+    logger.info("%s: step seconds %s", model_name, {name: round(results[name]["step_s"], 3) for name in variants})
+
+    # 4. inference, round by round: each variant unmerged, each adapter merged into its base weights (as
+    # merge_and_unload merges it; the wrappers stay, one `if` each), and the base model; round 0 is the warm-up
+    forwards: dict[tuple[str, str], tuple[Any, Any]] = {("base", "infer_s"): (base, contextlib.nullcontext)}
+    for name, (method, patches) in variants.items():
+        forwards[(name, "infer_s")] = (models[method], lambda patches=patches: patched(*patches))
+        if method in ADAPTER_METHODS and not patches:
+            forwards[(name, "infer_merged_s")] = (models[method], lambda model=models[method]: merged(model))
+    inference_times: dict[tuple[str, str], list[float]] = {key: [] for key in forwards}
+    for model in [base, *models.values()]:
+        model.eval()
+    for round_ in range(args.infer_repeats + 1):
+        for key in rotated(list(forwards), round_):
+            model, variant = forwards[key]
+            with variant(), torch.inference_mode(), accelerator.autocast():
+                synchronize(device)
+                start = clock()
+                model(**batch)
+                synchronize(device)
+            if round_:
+                inference_times[key].append(clock() - start)
+    results["base"] = {}
+    for (name, key), t in inference_times.items():
+        results[name][key] = statistics.median(t)
+
+    # 5. optional: where the time goes, per variant and for the scoring
     if args.profile:
-
-        def train_step():
-            accelerator.backward(model(**batch, return_loss=True).loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        profile(train_step, accelerator, f"one training step of {model_name} / {method}")
-        if method == "spu":  # re-selects the support: after the timed steps, before nothing that depends on it
+        for name, (method, patches) in variants.items():
+            model, optimizer = models[method], optimizers[method]
+            model.train()
+            with patched(*patches):
+                profile(
+                    lambda model=model, optimizer=optimizer: (
+                        train_step(model, batch, optimizer, accelerator),
+                        optimizer.zero_grad(set_to_none=True),
+                    ),
+                    accelerator,
+                    f"one training step of {model_name} / {name}",
+                )
+        if "spu" in models:  # re-selects the support; nothing after this depends on it
             profile(
-                lambda: spu_peft.select_parameters(model, [batch], max_batches=1),
+                lambda: spu_peft.select_parameters(models["spu"], [batch], max_batches=1),
                 accelerator,
                 f"select_parameters on one batch of {model_name}",
             )
-
-    # 5. the adapter on disk
-    with tempfile.TemporaryDirectory() as directory:
-        result["adapter_bytes"] = adapter_bytes(model, method, directory)
-
-    # 6. inference: the unmerged adapter, merged into the base weights, and (adapters disabled) the base model
-    variants: dict[str, Any] = {"infer_s": contextlib.nullcontext}
-    if method in ADAPTER_METHODS:
-        variants["infer_merged_s"] = lambda: merged(model)
-        if with_base:
-            variants["base_infer_s"] = model.disable_adapter
-    result.update(time_inference(model, batch, args.infer_repeats, accelerator, variants))
-    return result
+    return results
 
 
 def profile(fn, accelerator: Accelerator, title: str) -> None:
@@ -707,6 +789,11 @@ def markdown(model_name: str, results: dict[str, Any]) -> str:
             f"| {fmt(r['infer_merged_s'])} | {fmt(r['score_s'])} |"
         )
     lines.append(f"| base | | | | | | | | | | {fmt(results['base']['infer_s'])} | | |")
+    for name, r in results.get("experiments", {}).items():  # prototypes: timed only
+        lines.append(
+            f"| {name} (prototype) | {fmt(r['step_s'])} | {fmt(ratio(r['step_s'], lora.get('step_s')), 'x')} "
+            f"| | | | | | | | {fmt(r['infer_s'])} | | |"
+        )
     lines += ["", "| target | ratio | pass |", "|---|---:|:---:|"]
     for t in results["targets"].values():
         verdict = "-" if t["pass"] is None else ("pass" if t["pass"] else "**FAIL**")
@@ -721,17 +808,35 @@ def load_average() -> float | None:
         return None
 
 
-def worker_command(args: argparse.Namespace, model_name: str, method: str, with_base: bool, out: Path) -> list:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", "--models", model_name, "--method", method]
-    command += ["--json", str(out)] + (["--with-base"] if with_base else [])
+def worker_command(args: argparse.Namespace, model_name: str, worker: str, method: str | None, out: Path) -> list:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--models", model_name]
+    command += ["--methods", ",".join(args.methods), "--json", str(out)] + (["--method", method] if method else [])
     for name in FORWARDED:
         value = getattr(args, name)
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             command += [flag] if value else []
+        elif isinstance(value, list):
+            command += [flag, ",".join(value)] if value else []
         elif value is not None:
             command += [flag, str(value)]
     return command
+
+
+def run_worker(args: argparse.Namespace, model_name: str, worker: str, method: str | None, accelerator) -> dict:
+    """Run a measurement in a fresh process (or, with --in-process / for timing in tests, in this one)."""
+    if args.in_process:
+        result = (
+            measure_memory(args, model_name, method, accelerator)
+            if worker == "memory"
+            else measure_time(args, model_name, accelerator)
+        )
+        gc.collect()
+        return result
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory) / "result.json"
+        subprocess.run(worker_command(args, model_name, worker, method, out), check=True)
+        return json.loads(out.read_text())
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -742,16 +847,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no")
     if accelerator.num_processes > 1:
         raise ValueError("This benchmark measures one process; run it with `python`, not a multi-process launch.")
+    if args.malloc == "keep" and accelerator.device.type == "cpu":
+        keep_freed_memory()
     if args.clock == "cpu":
         if accelerator.device.type != "cpu":
             raise ValueError(f"`--clock cpu` measures CPU time; on {accelerator.device} use `--clock wall`.")
         global CLOCK
         CLOCK = time.process_time
-    for obj, attr, value in experiment_patches(args.experiment):
-        setattr(obj, attr, value)
 
-    if args.worker:  # one method on one model, in a fresh process
-        result = run_method(args, args.models[0], args.method, args.with_base, accelerator)
+    if args.worker:  # one measurement on one model, in a fresh process
+        model_name = args.models[0]
+        if args.worker == "memory":
+            result = measure_memory(args, model_name, args.method, accelerator)
+        else:
+            result = measure_time(args, model_name, accelerator)
         args.json.write_text(json.dumps(result))
         return result
 
@@ -780,43 +889,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "infer_repeats": args.infer_repeats,
             "score_batches": None,
             "clock": args.clock,
+            "malloc": args.malloc,
             "bf16": args.bf16,
-            "experiment": args.experiment,
             "lora_ranks": ranks,
             "shira_r": shira_r,
-            "subprocess_per_method": not args.in_process,
+            "memory_subprocess_per_method": not args.in_process,
             "load_avg_before": load_average(),
         }
 
-        # 2. one worker per method; the base model is timed in the SPU worker with the adapter disabled, in rounds
-        # alternating with the SPU forwards, so that the inference ratios compare like with like
+        # 2. memory: one fresh process per method, so that each peak is the method's own
         results: dict[str, Any] = {}
-        adapters = [m for m in args.methods if m in ADAPTER_METHODS]
-        base_owner = "spu" if "spu" in args.methods else (adapters or args.methods)[0]
         for method in args.methods:
-            logger.info("%s / %s: measuring", model_name, method)
-            if args.in_process:
-                results[method] = run_method(args, model_name, method, method == base_owner, accelerator)
-                gc.collect()
-            else:
-                with tempfile.TemporaryDirectory() as directory:
-                    out = Path(directory) / "result.json"
-                    subprocess.run(worker_command(args, model_name, method, method == base_owner, out), check=True)
-                    results[method] = json.loads(out.read_text())
+            logger.info("%s / %s: measuring memory", model_name, method)
+            results[method] = run_worker(args, model_name, "memory", method, accelerator)
 
-        # 3. assemble: shared figures, base, targets
-        base = {"infer_s": results[base_owner].pop("base_infer_s", None)}
-        meta["score_batches"] = (results.get("spu") or {}).pop("score_batches", None)
-        if "spu" in results and "dense_mask" in results:
-            results["dense_mask"]["score_s"] = results["spu"]["score_s"]  # the reference scores the same way
+        # 3. time: all methods interleaved in one process (see `measure_time`)
+        logger.info("%s: timing %s", model_name, ", ".join(args.methods + [f"spu+{e}" for e in args.experiment]))
+        timing = run_worker(args, model_name, "timing", None, accelerator)
+        score = timing.pop("score", {})
+        meta["score_batches"] = score.get("score_batches")
+        for method in args.methods:
+            results[method].update(timing.pop(method))
+            results[method]["score_s"] = score.get("score_s") if method in ("spu", "dense_mask") else None
         meta["load_avg_after"] = load_average()
-        model_results = {method: results[method] for method in args.methods}
-        model_results["base"] = base
+
+        # 4. assemble: the methods' figures in a fixed key order, base, prototypes, targets
+        model_results: dict[str, Any] = {m: {key: results[m].get(key) for key in METRICS} for m in args.methods}
+        model_results["base"] = {"infer_s": timing.pop("base")["infer_s"]}
+        if timing:
+            model_results["experiments"] = timing
         model_results["meta"] = meta
         model_results["targets"] = evaluate_targets(model_results)
         all_results[model_name] = model_results
 
-    # 4. report: the markdown table (printed: it is the result) and the JSON
+    # 5. report: the markdown table (printed: it is the result) and the JSON
     if accelerator.is_main_process:
         print("\n\n".join(markdown(name, r) for name, r in all_results.items()))
         if args.json is not None:

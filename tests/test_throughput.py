@@ -37,6 +37,7 @@ def test_quick_run_writes_every_model_method_and_key(throughput, tmp_path):
     threads = torch.get_num_threads()
     try:
         argv = ["--quick", "--models", "tiny", "--in-process", "--threads", "1", "--json", str(path)]
+        argv += ["--experiment", "dense_value_grad,cached_eval"]
         returned = throughput.main(argv)
     finally:
         torch.set_num_threads(threads)
@@ -44,7 +45,7 @@ def test_quick_run_writes_every_model_method_and_key(throughput, tmp_path):
     assert data == json.loads(json.dumps(returned))
     assert set(data) == {"tiny"}
     tiny = data["tiny"]
-    assert set(tiny) == {*throughput.METHODS, "base", "meta", "targets"}
+    assert set(tiny) == {*throughput.METHODS, "base", "experiments", "meta", "targets"}
     assert tiny["base"]["infer_s"] > 0
 
     for method in throughput.METHODS:
@@ -55,6 +56,9 @@ def test_quick_run_writes_every_model_method_and_key(throughput, tmp_path):
         assert (figures["infer_merged_s"] is not None) == (method in throughput.ADAPTER_METHODS), method
         assert (figures["score_s"] is not None) == (method in ("spu", "dense_mask")), method
     assert tiny["dense_mask"]["score_s"] == tiny["spu"]["score_s"]
+    assert set(tiny["experiments"]) == {"spu+dense_value_grad", "spu+cached_eval"}
+    for figures in tiny["experiments"].values():
+        assert figures["step_s"] > 0 and figures["infer_s"] > 0
 
     # the budgets: LoRA and SHiRA train about as many fc1 entries as SPU, the baselines as the paper says
     fc1_entries = tiny["spu"]["trainable_params"] - 64 * 64 - (3 + 2) * 256  # minus visual_projection, fc1 biases
@@ -84,16 +88,30 @@ def test_ranks_match_spu_budget_on_vit_b_16_shapes(throughput):
 
 
 def test_worker_command_forwards_the_settings(throughput, tmp_path):
-    args = throughput.parse_args(["--quick", "--bf16", "--threads", "2", "--experiment", "cached_eval"])
-    command = throughput.worker_command(args, "tiny", "lora", True, tmp_path / "out.json")
+    argv = ["--quick", "--bf16", "--threads", "2", "--clock", "cpu", "--experiment", "cached_eval,dense_value_grad"]
+    args = throughput.parse_args(argv + ["--methods", "spu,lora"])
+    command = throughput.worker_command(args, "tiny", "memory", "lora", tmp_path / "out.json")
     assert command[1] == str(BENCHMARK)
     worker = throughput.parse_args(command[2:])
-    assert worker.worker and worker.with_base and worker.method == "lora" and worker.models == ["tiny"]
+    assert worker.worker == "memory" and worker.method == "lora" and worker.models == ["tiny"]
+    assert worker.methods == ["spu", "lora"]
     for name in throughput.FORWARDED:
         assert getattr(worker, name) == getattr(args, name), name
+    timing = throughput.parse_args(throughput.worker_command(args, "tiny", "timing", None, tmp_path / "t.json")[2:])
+    assert timing.worker == "timing" and timing.method is None
 
 
-@pytest.mark.parametrize("argv", [["--models", "vit-l"], ["--methods", "adalora"], ["--steps", "0"], ["--worker"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--models", "vit-l"],
+        ["--methods", "adalora"],
+        ["--steps", "0"],
+        ["--experiment", "magic"],
+        ["--methods", "lora", "--experiment", "dense_value_grad"],
+        ["--worker", "memory", "--models", "tiny", "--json", "x.json"],
+    ],
+)
 def test_bad_arguments_raise_before_any_work(throughput, argv):
     with pytest.raises(ValueError):
         throughput.parse_args(argv)
@@ -108,9 +126,9 @@ def first_layer(model) -> SPULayer:
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("experiment", ["inplace_compose", "sampled_grad", "inplace_sampled"])
+@pytest.mark.parametrize("experiment", ["inplace_compose", "dense_value_grad"])
 def test_function_prototypes_match_stock_and_leave_the_weight_alone(throughput, monkeypatch, experiment, autocast):
-    """In-place compose is exact; the sampled matmul sums in another order, so its value gradients are close."""
+    """In-place compose is exact; the dense product sums in another order, so its value gradients are close."""
     layer = first_layer(spu_model())
     weight = layer.get_base_layer().weight
     original = weight.detach().clone()
