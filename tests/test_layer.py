@@ -9,7 +9,7 @@ from conftest import make_batch, make_tiny_clip
 from peft import get_peft_model
 
 from spu_peft import SPUConfig, SPULayer
-from spu_peft.sparse_linear import compose_weight
+from spu_peft.sparse_linear import SparseDeltaLinear, compose_weight, sampled_weight_gradient
 
 
 def spu_layers(model):
@@ -87,6 +87,38 @@ def test_fast_path_gradients_equal_dense_autograd(dtype, tol):
     F.linear(x, weight, base.bias + bias.to(dtype)).float().pow(2).sum().backward()
     for got, want in zip(fast, (x.grad, values.grad, bias.grad)):
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    ("density", "ordering"), [(0.001, "sorted"), (0.1, "sorted"), (0.6, "sorted"), (0.1, "unsorted")]
+)
+def test_value_gradients_on_every_path_equal_dense_autograd(density, ordering):
+    """Sampled (sorted, sparse), dense-product (dense) and fallback (unsorted) gradients, with a frozen delta too."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 40), torch.randn(48)
+    idx = torch.randperm(weight.numel())[: max(1, int(density * weight.numel()))]
+    idx = idx if ordering == "unsorted" else idx.sort().values
+    frozen_idx = torch.randperm(weight.numel())[:100].sort().values
+    values = torch.randn(idx.numel(), requires_grad=True)
+    frozen = torch.randn(100)
+    x = torch.randn(2, 7, 40, requires_grad=True)
+    out = SparseDeltaLinear.apply(x, weight, bias, torch.float32, (frozen_idx, idx.int()), frozen, values)
+    out.pow(2).sum().backward()
+    fast = (x.grad.clone(), values.grad.clone())
+    x.grad = values.grad = None
+
+    dense = compose_weight(weight, [(frozen_idx, frozen), (idx, values)])
+    F.linear(x, dense, bias).pow(2).sum().backward()
+    torch.testing.assert_close(fast[0], x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[1], values.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_weight_gradient_matches_the_dense_product_with_empty_and_full_rows():
+    grad_output, x = torch.randn(9, 6), torch.randn(9, 5)
+    dense = (grad_output.t() @ x).reshape(-1)
+    indices = torch.tensor([0, 1, 2, 3, 4, 17, 29])  # row 0 full, rows 1, 2 and 4 empty
+    got = sampled_weight_gradient(grad_output, x, indices.int(), torch.Size((6, 5)))
+    torch.testing.assert_close(got, dense[indices], rtol=1e-6, atol=1e-6)
 
 
 def test_training_changes_only_selected_entries_even_with_weight_decay(batch):
