@@ -16,6 +16,7 @@ from transformers import AutoProcessor, AutoTokenizer, CLIPImageProcessorPil, CL
 
 from spu_peft.embedded import (
     ANIMAL_CLASSES,
+    ANIMAL_PRETRAINING_PER_CLASS,
     CAPTION_TEMPLATES,
     PRETRAINING_CLASSES,
     build_image_processor,
@@ -75,23 +76,35 @@ def cached_root(tmp_path_factory, small_data) -> Path:
 
 def test_pretraining_data_features_and_sizes(small_data):
     assert set(small_data) == {"train", "control"}
+    assert small_data["train"].features["label"].names == list(PRETRAINING_CLASSES + ANIMAL_CLASSES)
+    assert small_data["control"].features["label"].names == list(PRETRAINING_CLASSES)  # never an animal
     for split in small_data.values():
         assert isinstance(split.features["image"], Image)
         assert isinstance(split.features["label"], ClassLabel)
-        assert split.features["label"].names == list(PRETRAINING_CLASSES)
         image = split[0]["image"]
         assert image.mode == "L" and image.size == (28, 28)
     assert len(PRETRAINING_CLASSES) == 48 and len(set(PRETRAINING_CLASSES)) == 48
     assert {domain_of(c) for c in PRETRAINING_CLASSES} == {"digits", "letters", "shapes"}
     n_rendered = 26 + 12
     assert len(small_data["control"]) == 48 * SMALL["control_per_class"]
-    assert len(small_data["train"]) == 10 * (500 - SMALL["control_per_class"]) + n_rendered * 12
+    n_animals = 10 * ANIMAL_PRETRAINING_PER_CLASS
+    assert len(small_data["train"]) == 10 * (500 - SMALL["control_per_class"]) + n_rendered * 12 + n_animals
     assert np.bincount(small_data["control"]["label"], minlength=48).tolist() == [4] * 48
+    train_counts = np.bincount(small_data["train"]["label"], minlength=58)
+    assert train_counts[48:].tolist() == [ANIMAL_PRETRAINING_PER_CLASS] * 10
+
+
+def test_pretraining_without_animals():
+    data = load_pretraining_data(seed=0, animals_per_class=0, **SMALL)
+    assert data["train"].features["label"].names == list(PRETRAINING_CLASSES)
+    assert len(data["train"]) == 10 * (500 - SMALL["control_per_class"]) + 38 * 12
+    with pytest.raises(ValueError, match="animals_per_class"):
+        load_pretraining_data(animals_per_class=ANIMAL_PRETRAINING_PER_CLASS + 1)
 
 
 def test_default_pretraining_sizes():
     data = load_pretraining_data(seed=0)
-    assert (len(data["train"]), len(data["control"])) == (12_300, 1_440)
+    assert (len(data["train"]), len(data["control"])) == (12_500, 1_440)
 
 
 def test_control_is_disjoint_from_train(small_data):
@@ -108,13 +121,20 @@ def test_pretraining_data_is_deterministic(small_data):
 
 
 def test_animal_shapes(animals):
-    assert (len(animals["train"]), len(animals["test"])) == (8_000, 2_000)
+    assert (len(animals["train"]), len(animals["test"])) == (7_840, 1_960)  # 200 images reserved for pretraining
     assert animals["test"].features["label"].names == list(ANIMAL_CLASSES)
-    assert np.bincount(animals["test"]["label"]).tolist() == [200] * 10
+    assert np.bincount(animals["test"]["label"]).tolist() == [196] * 10
     image = animals["train"][0]["image"]
     assert image.mode == "L" and image.size == (28, 28)
     assert not _digests(animals["train"]) & _digests(animals["test"])
     assert load_animal_shapes(seed=0)["test"]["label"] == animals["test"]["label"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pretraining_animals_never_appear_in_the_continual_splits(small_data, seed):
+    pretraining = _digests(small_data["train"])
+    for split in load_animal_shapes(seed=seed).values():
+        assert not pretraining & _digests(split)
 
 
 def test_captions_for():
@@ -186,9 +206,9 @@ def test_config_is_small_clip_with_fc1(tokenizer):
 
 
 def test_cache_path(monkeypatch, tmp_path):
-    assert embedded_clip_path(tmp_path, seed=3) == tmp_path / "embedded-clip-v1-seed3"
+    assert embedded_clip_path(tmp_path, seed=3) == tmp_path / "embedded-clip-v2-seed3"
     monkeypatch.setenv("SPU_PEFT_CACHE", str(tmp_path / "env"))
-    assert embedded_clip_path(seed=0) == tmp_path / "env" / "embedded-clip-v1-seed0"
+    assert embedded_clip_path(seed=0) == tmp_path / "env" / "embedded-clip-v2-seed0"
     monkeypatch.delenv("SPU_PEFT_CACHE")
     assert embedded_clip_path().parent == Path.home() / ".cache" / "spu_peft"
 
@@ -198,6 +218,7 @@ def test_tiny_pretraining_saves_a_loadable_clip(cached_root, small_data):
     metrics = read_pretraining_metrics(path)
     assert metrics["steps"] == TINY_RUN["max_steps"] and 0.0 <= metrics["control_accuracy"] <= 1.0
     assert set(metrics["control_accuracy_by_domain"]) <= {"digits", "letters", "shapes"}
+    assert 0.0 <= metrics["animal_zero_shot_accuracy"] <= 1.0
     processor = AutoProcessor.from_pretrained(path)
     model = CLIPModel.from_pretrained(path)
     batch = small_data["control"][:4]
@@ -244,7 +265,7 @@ def test_zero_shot_uses_a_foreign_image_processor(cached_root, small_data):
 def test_load_embedded_clip_trains_on_first_use(tmp_path, small_data):
     model, processor = load_embedded_clip(cache_dir=tmp_path, seed=1, pretrain_kwargs={"data": small_data, **TINY_RUN})
     assert isinstance(model, CLIPModel)
-    assert [p.name for p in tmp_path.iterdir()] == ["embedded-clip-v1-seed1"]  # no temporary leftovers
+    assert [p.name for p in tmp_path.iterdir()] == ["embedded-clip-v2-seed1"]  # no temporary leftovers
     assert processor.tokenizer("zebra")["input_ids"][-1] == processor.tokenizer.eos_token_id
 
 

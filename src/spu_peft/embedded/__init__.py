@@ -1,12 +1,13 @@
 """The embedded default foundation model: a small offline-pretrained CLIP and its datasets.
 
 ``load_embedded_clip()`` returns a transformers ``CLIPModel`` and ``CLIPProcessor`` pretrained by the
-project on digits, rendered letters and rendered shapes (cached after the first call), and
+project on digits, rendered letters, rendered shapes and a few animal silhouettes (cached after the first call), and
 ``load_animal_shapes()`` the new domain for the continual-learning benchmark. Everything runs offline.
 """
 
 from .data import (
     ANIMAL_CLASSES,
+    ANIMAL_PRETRAINING_PER_CLASS,
     CAPTION_TEMPLATES,
     DIGIT_CLASSES,
     HELD_OUT_TEMPLATES,
@@ -41,6 +42,7 @@ from .model import (
 
 __all__ = [
     "ANIMAL_CLASSES",
+    "ANIMAL_PRETRAINING_PER_CLASS",
     "CACHE_ENV",
     "CAPTION_TEMPLATES",
     "DIGIT_CLASSES",
