@@ -60,6 +60,17 @@ def test_quick_run_compares_every_method_and_writes_all_outputs(quick_run):
         ).exists()
 
 
+def test_forked_workers_reach_the_same_numbers(tiny_model, quick_run, tmp_path):
+    _, in_process = quick_run
+    methods = ["zeroshot", "lora_replay", "spu_replay"]
+    forked = cl_sequence.main(quick_args(tiny_model, tmp_path, "--methods", ",".join(methods), "--workers", "2"))
+    assert list(forked) == methods
+    for name in methods:
+        for key in ("acc_matrix", "control_acc", "trainable_params"):
+            assert forked[name][key] == in_process["methods"][name][key], (name, key)
+    assert (tmp_path / "runs" / "spu_replay_lr0.0003" / "adapter_task1" / "adapter_model.safetensors").exists()
+
+
 def test_zero_shot_rows_are_the_frozen_model(quick_run):
     _, results = quick_run
     zeroshot = results["methods"]["zeroshot"]
@@ -107,6 +118,7 @@ def test_resume_after_a_crash_reaches_the_same_numbers_without_recomputing(
         (["--methods", "spu_replay,adapterfusion"], "unknown method"),
         (["--density", "0"], "--density"),
         (["--epochs", "0"], "--epochs"),
+        (["--workers", "0"], "--workers"),
     ],
 )
 def test_bad_flags_stop_before_any_work(flags, message, capsys):

@@ -42,11 +42,13 @@ def train_task(
     epochs: int = 1,
     replay_loader: Iterable[dict[str, torch.Tensor]] | None = None,
     description: str = "train",
+    progress_bar: bool = True,
 ) -> list[float]:
     """Train for `epochs` over `train_loader`; each step also takes one batch from `replay_loader` if given.
 
     `caption_inputs` are the token ids of one caption per class in `class_ids` (the classes seen so far), and
-    batches' `labels` are dataset class ids. Returns the mean loss of each epoch.
+    batches' `labels` are dataset class ids. Returns the mean loss of each epoch. `progress_bar=False` hides the
+    bar (shown on the local main process otherwise), e.g. in worker processes that share one terminal.
     """
     device = accelerator.device
     lookup = torch.full((max(class_ids) + 1,), -1, dtype=torch.long, device=device)
@@ -56,7 +58,9 @@ def train_task(
     model.train()
     losses = []
     steps = epochs * len(train_loader)
-    progress = tqdm(total=steps, desc=description, disable=not accelerator.is_local_main_process, leave=False)
+    progress = tqdm(
+        total=steps, desc=description, disable=not (progress_bar and accelerator.is_local_main_process), leave=False
+    )
     for _ in range(epochs):
         total, count = 0.0, 0
         for batch in train_loader:
