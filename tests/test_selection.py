@@ -164,3 +164,12 @@ def test_selection_keeps_parameter_identity_so_an_existing_optimizer_trains_the_
     for name, param in model.named_parameters():
         if name.endswith("spu_values.default"):
             assert param is params[name]
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 500, 999, 1000, 1200])
+def test_top_k_is_the_stable_sort_selection_with_many_ties(k):
+    from spu_peft.selection import _top_k
+
+    scores = torch.randint(0, 5, (1000,), generator=torch.Generator().manual_seed(k)).float()
+    expected = torch.sort(scores, descending=True, stable=True).indices[:k].sort().values
+    assert torch.equal(_top_k(scores, k), expected)

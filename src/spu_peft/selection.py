@@ -272,8 +272,20 @@ def _all_reduce(sums: dict[str, torch.Tensor], num_batches: int) -> int:
 
 
 def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores; a stable sort breaks ties towards the lower index, deterministically."""
-    return torch.sort(scores, descending=True, stable=True).indices[:k]
+    """Indices (ascending) of the k largest of 1-D `scores`; ties at the threshold go to the lower indices.
+
+    The set equals the first k of a stable descending sort, without the sort: a partial `topk` finds the k-th
+    largest value, then everything above it and the lowest-index entries equal to it are kept. On ViT-B/16's 24
+    fc1 matrices the stable sort took 5 s of CPU time, more than scoring a batch.
+    """
+    if k >= scores.numel():
+        return torch.arange(scores.numel(), device=scores.device)
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
+    threshold = torch.topk(scores, k, sorted=False).values.min()
+    above = torch.nonzero(scores > threshold).squeeze(1)
+    ties = torch.nonzero(scores == threshold).squeeze(1)[: k - above.numel()]
+    return torch.cat([above, ties]).sort().values
 
 
 def _top_entries(
