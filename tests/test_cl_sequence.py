@@ -175,3 +175,55 @@ def test_two_processes_select_identical_entries(tiny_model, tmp_path):
     assert results["config"]["processes"] == 2
     selections = results["methods"]["spu_replay"]["selections"]
     assert len(selections) == 2 and all(s["ranks_agree"] for s in selections)
+
+
+def test_targets_are_margins_against_the_named_peers():
+    def method(acc, forgetting, drop, sweep=None):
+        return {"avg_acc": acc, "forgetting": forgetting, "control_drop": drop, "sweep": sweep}
+
+    spu_sweep = [
+        {"lr": 1e-4, "avg_acc": 60.0, "control_drop": 10.0},
+        {"lr": 3e-4, "avg_acc": 66.0, "control_drop": 15.0},
+    ]
+    full_sweep = [
+        {"lr": 1e-5, "avg_acc": 61.5, "control_drop": 20.0},
+        {"lr": 3e-5, "avg_acc": 70.0, "control_drop": 30.0},
+    ]
+    methods = {
+        "finetune_replay": method(70.0, 20.0, 30.0, full_sweep),
+        "lora_replay": method(68.0, 25.0, 18.0),
+        "random_replay": method(65.0, 24.0, 16.0),
+        "spu_replay": method(66.0, 22.0, 15.0, spu_sweep),
+    }
+    targets = {t["target"]: t for t in cl_sequence.evaluate_targets(methods)}
+    margins = {name: t["margin"] for name, t in targets.items()}
+    assert margins == {
+        "control drop >= 5 points below finetune_replay": 10.0,
+        "forgetting <= finetune_replay": -2.0,
+        "control drop >= 5 points below lora_replay": -2.0,
+        "forgetting <= lora_replay": 3.0,
+        "accuracy within 3 points of the best of lora_replay, random_replay": 1.0,
+        "sweep: at matched accuracy (within 2 points) control drop >= 8 points below finetune_replay": 2.0,
+    }
+    assert [t["pass"] for t in targets.values()] == [True, False, False, True, True, True]
+    sweep_target = targets[
+        "sweep: at matched accuracy (within 2 points) control drop >= 8 points below finetune_replay"
+    ]
+    assert sweep_target["matched_pairs"] == [[1e-4, 1e-5]]
+    assert cl_sequence.evaluate_targets({"lora_replay": methods["lora_replay"]}) == []
+
+
+def test_lr_sweep_writes_sorted_points_and_the_tradeoff_plot(tiny_model, tmp_path):
+    methods = cl_sequence.main(
+        quick_args(tiny_model, tmp_path, "--methods", "spu_replay", "--lr", "1e-3", "--lr-sweep")
+    )
+    sweep = methods["spu_replay"]["sweep"]
+    assert [p["lr"] for p in sweep] == pytest.approx([1e-4, 1e-3 / 3, 1e-3, 3e-3, 1e-2])
+    assert all(set(p) == {"lr", "avg_acc", "forgetting", "control_drop"} for p in sweep)
+    assert methods["spu_replay"]["lr"] == 1e-3  # the run reported in the table is the chosen rate
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
+
+
+def test_default_rates_come_from_the_sweep_grids():
+    for method, lr in cl_sequence.DEFAULT_LR.items():
+        assert lr in cl_sequence.SWEEP_LRS[method], method
