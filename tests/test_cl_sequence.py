@@ -227,3 +227,15 @@ def test_lr_sweep_writes_sorted_points_and_the_tradeoff_plot(tiny_model, tmp_pat
 def test_default_rates_come_from_the_sweep_grids():
     for method, lr in cl_sequence.DEFAULT_LR.items():
         assert lr in cl_sequence.SWEEP_LRS[method], method
+
+
+@pytest.mark.parametrize(("flag", "projection_trains"), [("default", True), ("none", False)])
+def test_modules_to_save_flag_decides_whether_the_projection_trains(flag, projection_trains):
+    from conftest import make_tiny_clip
+
+    args = cl_sequence.parse_args(["--modules-to-save", flag])
+    for method in ("spu_replay", "random_replay"):
+        model = cl_sequence.build_model(method, make_tiny_clip(), args)
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        assert any("visual_projection" in name for name in trainable) == projection_trains
+        assert any("spu_values" in name for name in trainable)
