@@ -16,14 +16,17 @@ a killed run up at the last finished task.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
+import ctypes
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -715,6 +718,18 @@ def _run_dir(output_dir: Path, method: str, lr: float | None) -> Path:
     return output_dir / "runs" / (method if lr is None else f"{method}_lr{lr:g}")
 
 
+def _die_with_parent(parent: int) -> None:
+    """Make a forked worker die with the process that started it (Linux `PR_SET_PDEATHSIG`).
+
+    After the main process is killed, an orphaned worker would go on writing its run's checkpoints while a
+    `--resume` redoes the same run in the same folder.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: workers end when they next read their queue
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _run_in_worker(method: str, lr: float | None) -> dict:
     torch.set_num_threads(1)
     c = _FORK_CONTEXT
@@ -735,7 +750,10 @@ def _run_all(runs, base, data, args, accelerator, tokenizer, output_dir: Path) -
     _FORK_CONTEXT.update(base=base, data=data, args=args, accelerator=accelerator, tokenizer=tokenizer)
     _FORK_CONTEXT.update(output_dir=output_dir)
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=min(args.workers, len(runs)), mp_context=context) as pool:
+    workers = min(args.workers, len(runs))
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         yield from pool.map(_run_in_worker, *zip(*runs))
 
 

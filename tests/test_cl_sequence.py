@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -239,3 +240,38 @@ def test_modules_to_save_flag_decides_whether_the_projection_trains(flag, projec
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         assert any("visual_projection" in name for name in trainable) == projection_trains
         assert any("spu_values" in name for name in trainable)
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie (an orphan's zombie may linger where nothing reaps it)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(), reason="Linux /proc")
+def test_forked_workers_die_with_a_killed_main_process(tiny_model, tmp_path):
+    long_run = ["--epochs", "500", "--num-tasks", "2", "--max-train-per-task", "64", "--max-test-per-task", "32"]
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "cl_sequence.py"), "--model", tiny_model,
+        "--control-dataset", "none", "--methods", "lora_replay,spu_replay", "--workers", "2",
+        "--buffer-size", "32", "--output-dir", str(tmp_path), *long_run,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    main = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = Path(f"/proc/{main.pid}/task/{main.pid}/children")
+    workers: list[int] = []
+    deadline = time.monotonic() + 180
+    while len(workers) < 2 and time.monotonic() < deadline and main.poll() is None:
+        workers = [int(pid) for pid in children.read_text().split()] if children.exists() else []
+        time.sleep(0.1)
+    assert len(workers) >= 2, "the workers never started"
+    time.sleep(1.0)  # let them train
+    main.kill()
+    main.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers)
