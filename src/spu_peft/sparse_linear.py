@@ -91,8 +91,10 @@ and a gather win. Measured on a ViT-B/16 fc1 at 10% density (CPU, one thread): t
 
 
 def _sampled_applies(indices: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> bool:
-    """The sampled product needs float32/64 (no half-precision kernel on CPU) and sorted indices (CSR order)."""
-    if dtype not in (torch.float32, torch.float64) or indices.numel() > SAMPLED_GRADIENT_MAX_DENSITY * shape.numel():
+    """The sampled product needs CPU or CUDA, float32/64 (no half-precision kernel on CPU) and sorted indices."""
+    if indices.device.type not in ("cpu", "cuda") or dtype not in (torch.float32, torch.float64):
+        return False
+    if indices.numel() > SAMPLED_GRADIENT_MAX_DENSITY * shape.numel():
         return False
     return indices.numel() < 2 or bool((indices[1:] > indices[:-1]).all())
 
