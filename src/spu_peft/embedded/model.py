@@ -35,6 +35,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ..continual.evaluation import class_text_features, tokenize_prompts
 from .data import (
     ANIMAL_CLASSES,
     CAPTION_TEMPLATES,
@@ -226,27 +227,16 @@ def _tokenizer_of(processor_or_tokenizer: Any) -> PreTrainedTokenizerBase:
     return processor_or_tokenizer if tokenizer is None else tokenizer
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
 def class_text_embeddings(
     model: CLIPModel,
     processor_or_tokenizer: Any,
     class_names: Sequence[str],
     templates: Sequence[str] = CAPTION_TEMPLATES,
 ) -> torch.Tensor:
-    """(C, D) unit text embeddings: the mean over templates of each class's caption embeddings (CLIP's
-    prompt ensembling), renormalised."""
-    tokenizer = _tokenizer_of(processor_or_tokenizer)
-    device = _device_of(model)
-    total = None
-    for template in templates:
-        enc = tokenizer(captions_for(class_names, template), padding=True, truncation=True, return_tensors="pt")
-        emb = _text_embeds(model, enc["input_ids"].to(device), enc["attention_mask"].to(device))
-        total = emb if total is None else total + emb
-    return F.normalize(total, dim=-1)
+    """(C, D) unit text embeddings in float32: the renormalised mean over templates of each class's caption
+    embeddings (CLIP's prompt ensembling), as :func:`spu_peft.continual.class_text_features` computes them."""
+    prompts = tokenize_prompts(_tokenizer_of(processor_or_tokenizer), class_names, templates)
+    return class_text_features(model, prompts, len(class_names))
 
 
 def _uses_embedded_pixels(processor_or_tokenizer: Any) -> bool:
@@ -285,7 +275,8 @@ def zero_shot_predictions(
     predictions = []
     for start in range(0, len(dataset), batch_size):
         pixels = to_pixels(dataset[start : start + batch_size]["image"])
-        logits = _image_embeds(model, pixels.to(device=_device_of(model), dtype=text.dtype)) @ text.T
+        parameter = next(model.parameters())
+        logits = _image_embeds(model, pixels.to(device=parameter.device, dtype=parameter.dtype)).float() @ text.T
         predictions.append(logits.argmax(dim=-1).cpu().numpy())
     model.train(was_training)
     preds = np.concatenate(predictions) if predictions else np.zeros(0, dtype=np.int64)
