@@ -57,3 +57,13 @@ def tiny_clip() -> CLIPModel:
 @pytest.fixture
 def batch() -> dict[str, torch.Tensor]:
     return make_batch()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A barely pretrained embedded CLIP saved to disk: enough to exercise the benchmarks, not to learn."""
+    from spu_peft.embedded import pretrain_embedded_clip
+
+    path = tmp_path_factory.mktemp("model")
+    pretrain_embedded_clip(path, max_steps=1, limit=64)
+    return str(path)

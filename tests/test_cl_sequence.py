@@ -17,16 +17,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import cl_sequence  # noqa: E402
 
-from spu_peft.embedded import pretrain_embedded_clip  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """A barely pretrained embedded CLIP: enough to exercise the pipeline, not to learn."""
-    path = tmp_path_factory.mktemp("model")
-    pretrain_embedded_clip(path, max_steps=1, limit=64)
-    return str(path)
-
 
 def quick_args(model: str, output_dir: Path, *extra: str) -> list[str]:
     return ["--model", model, "--control-dataset", "embedded", "--quick", "--output-dir", str(output_dir), *extra]
