@@ -29,7 +29,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods:
         parser.error(f"unknown method(s) {unknown} in --methods; choose from {', '.join(METHODS)}")
+    if repeated := sorted({m for m in args.methods if args.methods.count(m) > 1}):
+        parser.error(f"--methods lists {repeated} more than once; each method runs once per learning rate")
     if args.num_tasks < 1:
         parser.error(f"--num-tasks must be at least 1, got {args.num_tasks}")
     if not 0 < args.density <= 1 or not 0 < args.score_fraction <= 1:
@@ -194,6 +196,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--buffer-size must be >= 0 and --replay-batch-size >= 1")
     if args.lr is not None and args.lr <= 0:
         parser.error(f"--lr must be positive, got {args.lr}")
+    names = [name.strip() for name in args.modules_to_save.split(",") if name.strip()]
+    keyword = names[0].lower() if len(names) == 1 else None
+    if not names:
+        parser.error("--modules-to-save is empty; use 'default', 'none' or module names")
+    args.modules_to_save = None if keyword == "default" else [] if keyword == "none" else names
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     if args.control_dataset is None:
@@ -357,9 +364,24 @@ def build_model(method: str, base: CLIPModel, args: argparse.Namespace) -> torch
     if method == "lora_replay":
         rank = args.lora_rank or lora_rank_matching_spu(base, targets, args.density)
         return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
-    dense = {"default": None, "none": []}.get(args.modules_to_save, args.modules_to_save.split(","))
-    config = spu_peft.SPUConfig(target_modules=targets, density=args.density, seed=args.seed, modules_to_save=dense)
+    config = spu_peft.SPUConfig(
+        target_modules=targets, density=args.density, seed=args.seed, modules_to_save=args.modules_to_save
+    )
     return get_peft_model(model, config)
+
+
+def check_modules_to_save(base: CLIPModel, args: argparse.Namespace) -> None:
+    """Stop before any training if a `--modules-to-save` name matches no module (PEFT would ignore it silently)."""
+    suffixes = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+    targets = set(TARGET_LAYERS[args.target_layers])
+    for name in args.modules_to_save or []:
+        last = name.rsplit(".", 1)[-1]
+        if last not in suffixes or last in targets:
+            raise SystemExit(
+                f"error: --modules-to-save {name!r} "
+                + ("is a target layer, adapted sparsely" if last in targets else "matches no module of the model")
+                + "; use 'default', 'none' or names such as visual_projection,text_projection"
+            )
 
 
 def support_digest(model: torch.nn.Module) -> str:
@@ -751,10 +773,23 @@ def _run_all(runs, base, data, args, accelerator, tokenizer, output_dir: Path) -
     _FORK_CONTEXT.update(output_dir=output_dir)
     context = multiprocessing.get_context("fork")
     workers = min(args.workers, len(runs))
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
-    ) as pool:
-        yield from pool.map(_run_in_worker, *zip(*runs))
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),))
+    try:
+        futures = [pool.submit(_run_in_worker, method, lr) for method, lr in runs]
+        pending = set(futures)
+        for future in futures:
+            while not future.done():  # a failure anywhere stops everything at once, not when its turn comes
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for finished in done:
+                    if finished.exception() is not None:
+                        raise finished.exception()
+            yield future.result()
+    except BaseException:  # includes the consumer closing this generator early
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in multiprocessing.active_children():
+            child.terminate()
+        raise
+    pool.shutdown()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -765,7 +800,8 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if args.workers is None:
         on_one_cpu_process = accelerator.device.type == "cpu" and accelerator.num_processes == 1
-        args.workers = (os.cpu_count() or 1) if args.model == EMBEDDED and on_one_cpu_process else 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        args.workers = cores if args.model == EMBEDDED and on_one_cpu_process else 1
     elif args.workers > 1 and (accelerator.device.type != "cpu" or accelerator.num_processes > 1):
         raise SystemExit("error: --workers > 1 runs on the CPU of a single process; drop it or --num_processes")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -785,6 +821,7 @@ def main(argv: list[str] | None = None) -> dict:
         base, processor = CLIPModel.from_pretrained(args.model), AutoProcessor.from_pretrained(args.model)
     base.eval()
     tokenizer = processor.tokenizer
+    check_modules_to_save(base, args)
 
     # 2. data
     data = load_sequence_data(args, processor, accelerator)

@@ -1,6 +1,7 @@
 """benchmarks/cl_sequence.py: a quick sequence end to end, resume after a crash, bad flags, two processes."""
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -110,6 +111,8 @@ def test_resume_after_a_crash_reaches_the_same_numbers_without_recomputing(
         (["--density", "0"], "--density"),
         (["--epochs", "0"], "--epochs"),
         (["--workers", "0"], "--workers"),
+        (["--methods", "spu,lora_replay,spu"], "more than once"),
+        (["--modules-to-save", " , "], "--modules-to-save is empty"),
     ],
 )
 def test_bad_flags_stop_before_any_work(flags, message, capsys):
@@ -142,6 +145,42 @@ def test_data_problems_stop_before_training(tiny_model, tmp_path, flags, message
 
     with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         cl_sequence.load_sequence_data(args, AutoProcessor.from_pretrained(tiny_model), Accelerator(cpu=True))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("visual_projectoin", "matches no module"), ("visual_projection, fc1", "is a target layer")],
+)
+def test_bad_modules_to_save_stop_before_training(tiny_model, tmp_path, value, message):
+    with pytest.raises(SystemExit, match=message):
+        cl_sequence.main(quick_args(tiny_model, tmp_path, "--methods", "spu_replay", "--modules-to-save", value))
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("value", "expected"), [("Default", None), ("NONE", []), (" a , b ", ["a", "b"])])
+def test_modules_to_save_values_are_parsed(value, expected):
+    assert cl_sequence.parse_args(["--modules-to-save", value]).modules_to_save == expected
+
+
+def test_a_failing_worker_stops_the_others_at_once(monkeypatch, tmp_path):
+    def fake_run(method, lr, *rest):
+        if method == "fail":
+            time.sleep(0.5)
+            raise RuntimeError("boom")
+        time.sleep(60)
+        return {}
+
+    monkeypatch.setattr(cl_sequence, "run_method", fake_run)
+    args = cl_sequence.parse_args(["--workers", "2"])
+    runs = [("slow", 1.0), ("fail", 1.0), ("slow", 2.0)]  # the failure is not first in line
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="boom"):
+        list(cl_sequence._run_all(runs, None, None, args, None, None, tmp_path))
+    assert time.monotonic() - start < 20
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not multiprocessing.active_children()  # the slow worker was stopped, not left running
 
 
 def test_missing_dataset_folder_is_reported(tiny_model, tmp_path):

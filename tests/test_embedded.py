@@ -245,6 +245,14 @@ def test_load_embedded_clip_reuses_cache(cached_root, small_data, monkeypatch):
     assert 0.0 <= acc <= 1.0
 
 
+def test_class_text_embeddings_truncate_long_class_names(cached_root, small_data):
+    model, processor = load_embedded_clip(cache_dir=cached_root, seed=0)
+    names = ["cat", " ".join(["a very long animal name"] * 20)]
+    text = class_text_embeddings(model, processor, names, CAPTION_TEMPLATES[:2])
+    assert text.shape == (2, model.config.projection_dim)
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(2))
+
+
 def test_zero_shot_uses_a_foreign_image_processor(cached_root, small_data):
     """A processor that is not the embedded one (e.g. a hub CLIP's) must be used as is, not the fast path."""
     model, processor = load_embedded_clip(cache_dir=cached_root, seed=0)

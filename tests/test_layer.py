@@ -121,6 +121,14 @@ def test_sampled_weight_gradient_matches_the_dense_product_with_empty_and_full_r
     torch.testing.assert_close(got, dense[indices], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(("tokens", "entries"), [(5, 0), (0, 4)])
+def test_sampled_weight_gradient_of_nothing_is_empty_or_zero(tokens, entries):
+    got = sampled_weight_gradient(
+        torch.randn(tokens, 6), torch.randn(tokens, 5), torch.arange(entries), torch.Size((6, 5))
+    )
+    assert torch.equal(got, torch.zeros(entries))
+
+
 def test_training_changes_only_selected_entries_even_with_weight_decay(batch):
     base = make_tiny_clip()
     reference = copy.deepcopy(base.state_dict())

@@ -173,3 +173,10 @@ def test_top_k_is_the_stable_sort_selection_with_many_ties(k):
     scores = torch.randint(0, 5, (1000,), generator=torch.Generator().manual_seed(k)).float()
     expected = torch.sort(scores, descending=True, stable=True).indices[:k].sort().values
     assert torch.equal(_top_k(scores, k), expected)
+
+
+def test_top_k_refuses_nan_scores():
+    from spu_peft.selection import _top_k
+
+    with pytest.raises(ValueError, match="NaN"):
+        _top_k(torch.tensor([1.0, float("nan"), 3.0, 2.0]), 2)

@@ -278,6 +278,8 @@ def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     largest value, then everything above it and the lowest-index entries equal to it are kept. On ViT-B/16's 24
     fc1 matrices the stable sort took 5 s of CPU time, more than scoring a batch.
     """
+    if torch.isnan(scores).any():
+        raise ValueError("Selection scores contain NaN; check the model's weights and the data.")
     if k >= scores.numel():
         return torch.arange(scores.numel(), device=scores.device)
     if k <= 0:

@@ -104,6 +104,8 @@ def sampled_weight_gradient(
 ) -> torch.Tensor:
     """Entries `indices` (sorted flat positions) of `grad_output.T @ x`, without forming the dense product."""
     out_features, in_features = shape
+    if indices.numel() == 0 or grad_output.shape[0] == 0:  # nothing to sample, or no tokens to sum over
+        return grad_output.new_zeros(indices.numel())
     indices = indices.long()
     rows = torch.bincount(indices // in_features, minlength=out_features)
     crow = torch.cat([rows.new_zeros(1), rows.cumsum(0)])

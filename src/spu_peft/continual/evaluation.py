@@ -18,7 +18,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def tokenize_prompts(tokenizer: Any, class_names: Sequence[str], templates: Sequence[str]) -> dict[str, torch.Tensor]:
     """Token ids of every (template, class) prompt, template-major: row `t * C + c`."""
     prompts = [template.format(name) for template in templates for name in class_names]
-    return dict(tokenizer(prompts, padding=True, return_tensors="pt"))
+    return dict(tokenizer(prompts, padding=True, truncation=True, return_tensors="pt"))
 
 
 @torch.no_grad()
