@@ -436,7 +436,7 @@ def merged(model):
 def experiment_patches(name: str) -> list[tuple[Any, str, Any]]:
     """Prototypes of proposed layer changes, as (object, attribute, replacement) monkeypatches of `spu_peft`.
 
-    src/ stays as it is; the measured effect of each is in benchmarks/README.md.
+    src/ stays as it is; the measured effect of each is in README.md ("Performance").
     """
     from spu_peft import layer as spu_layer
     from spu_peft import sparse_linear
@@ -460,22 +460,18 @@ def experiment_patches(name: str) -> list[tuple[Any, str, Any]]:
 
         return [(spu_layer, "sparse_delta_linear", cached_sparse_delta_linear)]
 
-    inplace, sampled = name == "inplace_compose", name != "dense_value_grad"
-    return [(sparse_linear, "SparseDeltaLinear", prototype_function(sparse_linear, inplace, sampled))]
+    if name == "dense_value_grad":
+        # Value gradients from the dense `grad_output^T @ x` product and a gather, as before the sampled matmul.
+        return [(sparse_linear, "_sampled_applies", lambda *_: False)]
+    return [(sparse_linear, "SparseDeltaLinear", inplace_compose_function(sparse_linear))]
 
 
-def prototype_function(sparse_linear, inplace: bool, sampled: bool) -> type:
-    """`SparseDeltaLinear` with its weight handling and value gradients swapped for alternatives.
-
-    inplace: add the deltas into W in place, run the matmul, put W's touched entries back from a saved copy, so no
-    W-sized tensor is allocated and written per call (the stock path does so in forward and again in backward).
-    sampled=False: value gradients from the dense `grad_output^T @ x` product and a gather, as spu-peft did before
-    it took the sampled matmul (`sparse_linear.sampled_weight_gradient`).
-    """
+def inplace_compose_function(sparse_linear) -> type:
+    """`SparseDeltaLinear` that adds the deltas into W in place, runs the matmul and puts W's touched entries back
+    from a saved copy, so no W-sized tensor is allocated and written per call (the stock path does so in forward and
+    again in backward)."""
 
     def compose(weight, deltas):
-        if not inplace:
-            return sparse_linear.compose_weight(weight, deltas), []
         flat = weight.data.reshape(-1)  # `.data`: own version counter, so autograd's saved-tensor check stays quiet
         saved = []
         for idx, val in deltas:
@@ -488,21 +484,6 @@ def prototype_function(sparse_linear, inplace: bool, sampled: bool) -> type:
         flat = weight.data.reshape(-1)
         for pos, original in reversed(saved):  # reverse order undoes overlapping deltas exactly
             flat[pos] = original
-
-    def value_grads(grad_output, x, shape, indices, values, needs, dtype):
-        go = grad_output.reshape(-1, grad_output.shape[-1])  # (tokens, out)
-        x = x.reshape(-1, x.shape[-1]).to(dtype)  # (tokens, in)
-        grads, grad_flat = [None] * len(indices), None
-        for i, (idx, val) in enumerate(zip(indices, values)):
-            if not needs[i]:
-                continue
-            if sampled and sparse_linear._sampled_applies(idx, shape, dtype):  # the stock choice
-                grads[i] = sparse_linear.sampled_weight_gradient(go, x, idx, shape).to(val.dtype)
-            else:
-                if grad_flat is None:
-                    grad_flat = (go.t() @ x).reshape(-1)  # (out * in,): the dense product, then a gather
-                grads[i] = grad_flat[idx.long()].to(val.dtype)
-        return grads
 
     class PrototypeSparseDeltaLinear(sparse_linear.SparseDeltaLinear):
         @staticmethod
@@ -532,9 +513,9 @@ def prototype_function(sparse_linear, inplace: bool, sampled: bool) -> type:
                     restore(weight, saved)
             if needs_bias:
                 grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).to(ctx.bias_dtype)
-            grad_values = [None] * ctx.num_deltas
-            if any(needs_values):
-                grad_values = value_grads(grad_output, x, weight.shape, indices, values, needs_values, ctx.dtype)
+            grad_values = sparse_linear.value_gradients(
+                grad_output, x, weight.shape, indices, values, needs_values, ctx.dtype
+            )
             return grad_x, None, grad_bias, None, None, *grad_values
 
     return PrototypeSparseDeltaLinear

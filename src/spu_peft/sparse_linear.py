@@ -63,22 +63,41 @@ class SparseDeltaLinear(torch.autograd.Function):
             grad_x = (grad_output @ effective).to(x.dtype)
         if needs_bias:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).to(ctx.bias_dtype)
-        grad_values = [None] * ctx.num_deltas
-        if any(needs_values):
-            grad_output_2d = grad_output.reshape(-1, grad_output.shape[-1])
-            x_2d = x.reshape(-1, x.shape[-1]).to(dtype)
-            grad_flat = None
-            for i, (idx, val) in enumerate(zip(indices, values)):
-                if not needs_values[i]:
-                    continue
-                if _sampled_applies(idx, weight.shape, dtype):
-                    grad = sampled_weight_gradient(grad_output_2d, x_2d, idx, weight.shape)
-                else:
-                    if grad_flat is None:  # the dense product lives only inside this call
-                        grad_flat = (grad_output_2d.t() @ x_2d).reshape(-1)
-                    grad = grad_flat[idx.long()]
-                grad_values[i] = grad.to(val.dtype)
+        grad_values = value_gradients(grad_output, x, weight.shape, indices, values, needs_values, dtype)
         return grad_x, None, grad_bias, None, None, *grad_values
+
+
+def value_gradients(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    shape: torch.Size,
+    indices: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    needs: Sequence[bool],
+    dtype: torch.dtype,
+) -> list[torch.Tensor | None]:
+    """Gradients of each delta's values (None where not needed): the entries `indices` of `grad_output^T @ x`.
+
+    A sampled matmul computes only those entries where it applies; otherwise the dense product is formed once for
+    all deltas, lives only inside this call, and is gathered.
+    """
+    grads: list[torch.Tensor | None] = [None] * len(indices)
+    if not any(needs):
+        return grads
+    grad_output_2d = grad_output.reshape(-1, grad_output.shape[-1])
+    x_2d = x.reshape(-1, x.shape[-1]).to(dtype)
+    grad_flat = None
+    for i, (idx, val) in enumerate(zip(indices, values)):
+        if not needs[i]:
+            continue
+        if _sampled_applies(idx, shape, dtype):
+            grad = sampled_weight_gradient(grad_output_2d, x_2d, idx, shape)
+        else:
+            if grad_flat is None:
+                grad_flat = (grad_output_2d.t() @ x_2d).reshape(-1)
+            grad = grad_flat[idx.long()]
+        grads[i] = grad.to(val.dtype)
+    return grads
 
 
 SAMPLED_GRADIENT_MAX_DENSITY = 0.25

@@ -272,10 +272,10 @@ def zero_shot_predictions(
     model.eval()
     text = class_text_embeddings(model, processor_or_tokenizer, class_names, templates)
     to_pixels = _pixel_function(processor_or_tokenizer)
+    parameter = next(model.parameters())
     predictions = []
     for start in range(0, len(dataset), batch_size):
         pixels = to_pixels(dataset[start : start + batch_size]["image"])
-        parameter = next(model.parameters())
         logits = _image_embeds(model, pixels.to(device=parameter.device, dtype=parameter.dtype)).float() @ text.T
         predictions.append(logits.argmax(dim=-1).cpu().numpy())
     model.train(was_training)
