@@ -17,7 +17,13 @@ from spu_peft import SPUConfig, SPULayer
         ({"density": -0.1}, "`density`"),
         ({"density": "0.1"}, "`density`"),
         ({"budget": "per_layer"}, "`budget`"),
-        ({"bias": "all"}, "`bias`"),
+        ({"bias": "lora_only"}, "`bias`"),
+        ({"seed": 1.5}, "`seed`"),
+        ({"seed": "a"}, "`seed`"),
+        ({"seed": True}, "`seed`"),
+        ({"seed": -1}, "`seed`"),
+        ({"init_weights": "no"}, "`init_weights`"),
+        ({"init_weights": 0}, "`init_weights`"),
     ],
 )
 def test_impossible_values_name_the_field(kwargs, field):

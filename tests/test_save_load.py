@@ -76,7 +76,10 @@ def test_global_budget_layers_with_different_counts_round_trip(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(make_tiny_clip(), tmp_path)
     assert torch.equal(loaded(**batch).logits_per_image, expected)
-    assert {n: int(m.spu_values["default"].numel()) for n, m in spu_layers(loaded).items()} == report.num_selected
+    counts = {
+        n.removeprefix("base_model.model."): m.spu_values["default"].numel() for n, m in spu_layers(loaded).items()
+    }
+    assert counts == report.num_selected
 
 
 def test_named_adapter_goes_to_a_subfolder_and_loads_under_its_name(tmp_path):
@@ -98,16 +101,19 @@ def _tamper(path, edit):
     save_file(state, path / ADAPTER_FILE)
 
 
+FC1 = "text_model.encoder.layers.0.mlp.fc1"
+
+
 def _first(state, suffix):
     return next(key for key in sorted(state) if key.endswith(suffix))
 
 
-def _to_indices(state):
-    key = _first(state, ".spu_mask")
+def _to_indices(state, mask="spu_mask", indices="spu_indices"):
+    key = _first(state, f".{mask}")
     bits = (state[key].long().unsqueeze(1) >> torch.arange(8)) & 1
-    state[key.replace(".spu_mask", ".spu_indices")] = bits.flatten().nonzero().squeeze(1).to(torch.int32)
+    state[key.replace(mask, indices)] = bits.flatten().nonzero().squeeze(1).to(torch.int32)
     del state[key]
-    return key.replace(".spu_mask", ".spu_indices")
+    return key.replace(mask, indices)
 
 
 def _out_of_range(state):
@@ -130,9 +136,13 @@ def _short_values(state):
     state[key] = state[key][:-1].clone()
 
 
-def _nan_values(state):
-    key = _first(state, ".spu_values")
-    state[key][3] = float("nan")
+def _poison(suffix, value):
+    def edit(state):
+        key = _first(state, suffix)
+        state[key] = state[key].clone()
+        state[key].view(-1)[0] = value
+
+    return edit
 
 
 def _wrong_mask_length(state):
@@ -140,31 +150,77 @@ def _wrong_mask_length(state):
     state[key] = torch.cat([state[key], torch.zeros(4, dtype=torch.uint8)])
 
 
-def _missing_layer(state):
+def _drop(suffix):
+    def edit(state):
+        del state[_first(state, suffix)]
+
+    return edit
+
+
+def _mask_and_indices(state):
     key = _first(state, ".spu_mask")
-    del state[key]
+    state[key.replace("spu_mask", "spu_indices")] = torch.arange(3, dtype=torch.int32)
+
+
+def _extra_key(state):
+    state["base_model.model.text_model.encoder.layers.0.mlp.fc2.spu_values"] = torch.zeros(3)
+
+
+def _base_weight(state):
+    state[f"base_model.model.{FC1}.base_layer.weight"] = torch.zeros(48, 32)
 
 
 @pytest.mark.parametrize(
-    ("edit", "message"),
+    ("edit", "module", "message"),
     [
-        (_out_of_range, "indices range over"),
-        (_duplicated, "duplicates"),
-        (_float_indices, "integer dtype"),
-        (_short_values, "values for"),
-        (_nan_values, "NaN"),
-        (_wrong_mask_length, "different base model"),
-        (_missing_layer, "no support for this layer"),
+        (_out_of_range, FC1, r"\(spu_indices\): indices range over"),
+        (_duplicated, FC1, r"\(spu_indices\): indices contain duplicates"),
+        (_float_indices, FC1, r"\(spu_indices\): indices must have an integer dtype"),
+        (_short_values, FC1, r"\(spu_values\): 153 values for 154"),
+        (_poison(".spu_values", float("nan")), FC1, r"\(spu_values\): values contain NaN"),
+        (_poison(".spu_frozen_values", float("inf")), FC1, r"\(spu_frozen_values\): values contain NaN or inf"),
+        (_poison(".spu_bias", float("nan")), FC1, r"\(spu_bias\): contains NaN"),
+        (_poison("visual_projection.weight", float("-inf")), "visual_projection", r"\(weight\): contains NaN"),
+        (_wrong_mask_length, FC1, r"\(spu_mask\): the bit mask has 196 bytes.*different base model"),
+        (_drop(".spu_mask"), FC1, r"\(spu_indices\): the file has values but no support"),
+        (_drop(".spu_values"), FC1, r"\(spu_values\): the file has a support but no values"),
+        (_drop(".spu_bias"), FC1, r"\(spu_bias\): the adapter trains this layer's bias but the file has no bias"),
+        (_drop("visual_projection.weight"), "visual_projection", r"\(weight\): .*modules_to_save.*has no `weight`"),
+        (_mask_and_indices, FC1, r"\(spu_mask\): the file stores both a bit mask and `spu_indices`"),
+        (_extra_key, "fc2", r"tensor\(s\) this adapter does not have: .*fc2.spu_values"),
+        (_base_weight, FC1, r"does not have: .*base_layer.weight"),
+    ],
+    ids=[
+        "out-of-range",
+        "duplicated",
+        "float-indices",
+        "short-values",
+        "nan-values",
+        "inf-frozen-values",
+        "nan-bias",
+        "inf-dense-module",
+        "wrong-mask-length",
+        "missing-support",
+        "missing-values",
+        "missing-bias",
+        "missing-dense-module",
+        "mask-and-indices",
+        "extra-key",
+        "base-weight",
     ],
 )
-def test_tampered_files_are_refused_naming_the_module(tmp_path, edit, message):
-    trained_model().save_pretrained(tmp_path)
+def test_tampered_files_are_refused_naming_the_module_and_field(tmp_path, edit, module, message):
+    model = trained_model()
+    select_parameters(model, score="random")  # a reselection: the file now also holds a frozen delta
+    for layer in spu_layers(model).values():
+        torch.nn.init.normal_(layer.spu_values["default"], std=0.01)
+    model.save_pretrained(tmp_path)
     _tamper(tmp_path, edit)
     base = make_tiny_clip()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     with pytest.raises(ValueError, match=message) as error:
         PeftModel.from_pretrained(base, tmp_path)
-    assert "module `text_model.encoder.layers.0.mlp.fc1`" in str(error.value)
+    assert module in str(error.value)
     after = {k.replace(".base_layer", "").replace(".original_module", ""): v for k, v in base.state_dict().items()}
     for key, value in before.items():
         assert torch.equal(after[key], value), "nothing may be written into the base model"

@@ -113,10 +113,71 @@ def test_task_loss_without_loss_output_says_how_to_get_one():
         select_parameters(fresh(), loader(0), score="task_loss")
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [({"score": "grad"}, "`score`"), ({"fraction": 0}, "`fraction`")])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"score": "grad"}, "`score`"),
+        ({"fraction": 0}, "`fraction`"),
+        ({"fraction": "0.5"}, "`fraction`"),
+        ({"fraction": True}, "`fraction`"),
+        ({"max_batches": True}, "`max_batches`"),
+        ({"max_batches": 2.0}, "`max_batches`"),
+        ({"max_batches": 0}, "`max_batches`"),
+        ({"score_dtype": torch.int8}, "`score_dtype`"),
+    ],
+)
 def test_bad_arguments_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
         select_parameters(fresh(), loader(0), **kwargs)
+
+
+def test_a_data_parallel_model_is_selected_through_its_module():
+    plain, wrapped = fresh(), fresh()
+    select_parameters(plain, loader(0))
+    select_parameters(torch.nn.DataParallel(wrapped), loader(0))
+    a, b = supports(plain), supports(wrapped)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_output_norm_selection_of_every_layer_matches_dense_autograd():
+    """The per-layer accumulation during backward selects what plain autograd on the dense weights selects."""
+    model = fresh()
+    batches = loader(3, n=3)
+    weights = {n: m.get_base_layer().weight for n, m in spu_layers(model).items()}
+    totals = {n: torch.zeros_like(w) for n, w in weights.items()}
+    for batch in batches:
+        for w in weights.values():
+            w.requires_grad_(True)
+        logits = model(**batch).logits_per_image
+        grads = torch.autograd.grad(logits.pow(2).sum(1).mean(), list(weights.values()))
+        for n, g in zip(weights, grads):
+            totals[n] += g
+        for w in weights.values():
+            w.requires_grad_(False)
+    select_parameters(model, batches, fraction=1.0)
+    for n, layer in spu_layers(model).items():
+        expected = torch.sort((totals[n] / 3).abs().flatten(), descending=True, stable=True).indices[:154]
+        assert torch.equal(layer.spu_indices["default"].long(), expected.sort().values), n
+
+
+def test_a_reused_optimizer_keeps_training_after_a_global_reselection():
+    """A global budget resizes the values: the optimizer's old moments must not reach torch (or the new entries)."""
+    model = fresh(budget="global", modules_to_save=[])
+    select_parameters(model, loader(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for batch in loader(1, n=2):
+        model(**batch).logits_per_image.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    select_parameters(model, loader(2))
+    values = {n: m.spu_values["default"] for n, m in spu_layers(model).items()}
+    assert any(optimizer.state[v]["exp_avg"].shape != v.shape for v in values.values())  # the sizes did change
+    before = {n: v.detach().clone() for n, v in values.items()}
+    model(**make_batch(5)).logits_per_image.pow(2).mean().backward()
+    optimizer.step()
+    for n, v in values.items():
+        assert optimizer.state[v]["exp_avg"].shape == v.shape and int(optimizer.state[v]["step"]) == 1
+        assert not torch.equal(v, before[n])
 
 
 def test_unknown_adapter_is_refused():

@@ -39,7 +39,7 @@ TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING: dict[str, list[str]] = {
 }
 
 BUDGETS = ("per_tensor", "per_row", "global")
-BIAS_OPTIONS = ("none", "spu_only")
+BIAS_OPTIONS = ("none", "spu_only", "all")
 
 
 @dataclass
@@ -64,7 +64,15 @@ class SPUConfig(PeftConfig):
             layers get different counts). Defaults to `"per_tensor"`.
         bias (`str`):
             `"spu_only"` trains a dense, per-adapter delta of the targeted layers' biases (the paper trains the fc1
-            biases); `"none"` leaves biases frozen. Defaults to `"spu_only"`.
+            biases); `"none"` leaves biases frozen; `"all"` trains every bias of the model in place, shared by all
+            adapters, as PEFT's `bias="all"` does for LoRA. Defaults to `"spu_only"`.
+
+            This departs from PEFT on purpose: PEFT's `"<method>_only"` makes the *base* biases of the targeted layers
+            trainable, shared by every adapter, and allows only one adapter with a bias. SPU's `"spu_only"` keeps the
+            base biases frozen and gives each adapter its own bias delta (`spu_bias`), so one adapter per task works,
+            disabling or deleting an adapter restores the base exactly, and adapters can be folded and subtracted.
+            `"all"` keeps PEFT's semantics: the base biases change, are saved in the adapter file, are not undone by
+            `disable_adapter()`, and a model with such an adapter holds no other adapter.
         modules_to_save (`Optional[list[str]]`):
             Modules trained densely and saved beside the deltas. `None` uses the model type's default (CLIP:
             `visual_projection`); pass `[]` for none.
@@ -72,7 +80,9 @@ class SPUConfig(PeftConfig):
             `True` starts the values at zero, so the adapter is the identity. `False` draws random non-zero values
             (used by tests). Defaults to `True`.
         seed (`int`):
-            Seed of the data-free initial selection and of the `random` score. Defaults to `0`.
+            Seed of the data-free initial selection, of the `init_weights=False` values and of the `random` score.
+            Each is mixed with the adapter's and the layer's name, so layers and adapters differ while a rebuild with
+            the same names is identical. Defaults to `0`.
         selection (`Optional[dict]`):
             Filled in by `select_parameters`: the score, the share of data used and a description of the data, so
             a saved adapter says how its entries were chosen. Leave it `None`.
@@ -117,3 +127,9 @@ class SPUConfig(PeftConfig):
             raise ValueError(f"`budget` must be one of {BUDGETS}, got {self.budget!r}")
         if self.bias not in BIAS_OPTIONS:
             raise ValueError(f"`bias` must be one of {BIAS_OPTIONS}, got {self.bias!r}")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"`init_weights` must be True or False, got {self.init_weights!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"`seed` must be an integer, got {self.seed!r}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"`seed` must be in [0, 2**63), got {self.seed}")

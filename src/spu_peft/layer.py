@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
-import zlib
 from typing import Any
 
 import torch
@@ -12,7 +12,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .config import SPUConfig
+from .distributed import full_tensor, is_sharded_tensor
 from .encoding import index_dtype
+from .optim_state import mark_support_changed
+from .scoring import scoring_linear
 from .sparse_linear import SparseDelta, compose_weight, sparse_delta_linear
 
 
@@ -21,13 +24,30 @@ def num_selected(numel: int, density: float) -> int:
     return max(1, round(density * numel))
 
 
-def random_support(shape: torch.Size, config: SPUConfig, key: str, device: torch.device) -> torch.Tensor:
-    """A seeded random support, the data-free stand-in used until `select_parameters` runs.
+def _initial_values(n: int, config: SPUConfig, seed: int, device: torch.device) -> torch.Tensor:
+    """Zeros (the identity adapter) or, with `init_weights=False`, small seeded random values."""
+    if config.init_weights:
+        return torch.zeros(n, dtype=torch.float32, device=device)
+    generator = torch.Generator().manual_seed(seed)
+    return (0.02 * torch.randn(n, generator=generator)).to(device)
 
-    The seed mixes `config.seed` with the layer's name so that layers differ but a rebuild is reproducible.
+
+def adapter_seed(config: SPUConfig, purpose: str, adapter_name: str, key: str) -> int:
+    """A 63-bit seed from `config.seed`, what it seeds, the adapter's name and the layer's name.
+
+    Mixing in both names makes layers and adapters differ (two adapters with one config are not copies), while a
+    rebuild with the same names is bit-identical.
     """
+    text = f"{purpose}:{config.seed}:{adapter_name}:{key}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+def random_support(
+    shape: tuple[int, int], config: SPUConfig, key: str, device: torch.device, adapter_name: str = "default"
+) -> torch.Tensor:
+    """A seeded random support, the data-free stand-in used until `select_parameters` runs."""
     out_features, in_features = shape
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(key.encode()))
+    generator = torch.Generator().manual_seed(adapter_seed(config, "support", adapter_name, key))
     if config.budget == "per_row":
         k = num_selected(in_features, config.density)
         cols = torch.rand(out_features, in_features, generator=generator).argsort(dim=1)[:, :k]
@@ -43,8 +63,11 @@ class SPULayer(BaseTunerLayer):
 
     `spu_indices` / `spu_values` hold the entries selected for the current task (the values train).
     `spu_frozen_indices` / `spu_frozen_values` hold what earlier selections of the same adapter learned, folded
-    into one sparse delta when `select_parameters` picks new entries, so a task sequence never loses earlier updates.
+    into one sparse delta when `select_parameters` picks new entries, so a task sequence never loses earlier updates;
+    they are buffers (saved, never trained) and the frozen values stay float32 whatever the base dtype.
     `spu_bias` is a dense delta of the layer's bias. Indices are flat positions into the weight, sorted ascending.
+    Shapes come from `in_features` / `out_features`, never from the weight tensor, which a sharding engine (FSDP)
+    may hold as a flat shard.
     """
 
     adapter_layer_names = ("spu_values", "spu_bias")
@@ -56,36 +79,44 @@ class SPULayer(BaseTunerLayer):
         self.spu_bias = nn.ParameterDict({})
         self.spu_indices = BufferDict(persistent=True)
         self.spu_frozen_indices = BufferDict(persistent=True)
-        # A ParameterDict (never trainable) rather than a buffer, so PEFT's fp32 upcast of adapter weights covers it.
-        self.spu_frozen_values = nn.ParameterDict({})
+        self.spu_frozen_values = BufferDict(persistent=True)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._merge_backups: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self._scorer = None  # set by `select_parameters` while it scores (see `spu_peft.scoring`)
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
 
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def weight_numel(self) -> int:
+        return self.out_features * self.in_features
+
     def update_layer(self, adapter_name: str, config: SPUConfig, key: str = "") -> None:
         """Create the adapter's tensors with a data-free support; `select_parameters` replaces it later."""
-        weight = self.get_base_layer().weight
-        device = weight.device
-        indices = random_support(weight.shape, config, key, device)
+        device = self.get_base_layer().weight.device
+        indices = random_support(self.weight_shape, config, key, device, adapter_name)
         self.spu_indices[adapter_name] = indices
-        self.spu_values[adapter_name] = nn.Parameter(self._initial_values(indices.numel(), config, device))
+        values = _initial_values(indices.numel(), config, adapter_seed(config, "values", adapter_name, key), device)
+        self.spu_values[adapter_name] = nn.Parameter(values)
         self.spu_frozen_indices[adapter_name] = torch.zeros(0, dtype=indices.dtype, device=device)
-        self.spu_frozen_values[adapter_name] = nn.Parameter(
-            torch.zeros(0, dtype=torch.float32, device=device), requires_grad=False
-        )
+        self.spu_frozen_values[adapter_name] = torch.zeros(0, dtype=torch.float32, device=device)
         if config.bias == "spu_only" and self.get_base_layer().bias is not None:
-            self.spu_bias[adapter_name] = nn.Parameter(self._initial_values(self.out_features, config, device))
+            seed = adapter_seed(config, "bias", adapter_name, key)
+            self.spu_bias[adapter_name] = nn.Parameter(_initial_values(self.out_features, config, seed, device))
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    @staticmethod
-    def _initial_values(n: int, config: SPUConfig, device: torch.device) -> torch.Tensor:
-        if config.init_weights:
-            return torch.zeros(n, dtype=torch.float32, device=device)
-        generator = torch.Generator().manual_seed(config.seed + 1)
-        return (0.02 * torch.randn(n, generator=generator)).to(device)
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """PEFT's move, except that the frozen values keep float32: a bf16 round trip would erode earlier tasks."""
+        frozen = self.spu_frozen_values[adapter_name] if adapter_name in self.spu_frozen_values else None  # noqa: SIM401 (BufferDict has no get)
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        if frozen is not None:
+            moved = self.spu_frozen_values[adapter_name]
+            self.spu_frozen_values[adapter_name] = frozen.to(moved.device)
 
     # ---- reading the adapter -------------------------------------------------------------------------------------
 
@@ -100,7 +131,8 @@ class SPULayer(BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's dense weight delta, for inspection and merging (the base weight's shape and dtype)."""
         weight = self.get_base_layer().weight
-        return compose_weight(torch.zeros_like(weight), self.sparse_deltas(adapter_name))
+        zeros = torch.zeros(self.weight_shape, dtype=weight.dtype, device=weight.device)
+        return compose_weight(zeros, self.sparse_deltas(adapter_name))
 
     def get_delta_bias(self, adapter_name: str) -> torch.Tensor | None:
         """The adapter's dense bias delta, or None when its biases do not train."""
@@ -114,20 +146,31 @@ class SPULayer(BaseTunerLayer):
         """Replace the adapter's trainable entries with `indices` (any order) and zero their values.
 
         With `consolidate`, what the current values learned is first folded into the frozen delta, so it keeps
-        acting on the output. The values keep their `Parameter` object (an optimizer that already holds it, as
-        `Trainer`'s does, still trains it), but any optimizer state of theirs is stale: start a fresh optimizer
-        per task, as the paper does.
+        acting on the output. The values keep their `Parameter` object, so an optimizer that already holds it (as
+        `Trainer`'s does) trains the new entries; its state for them (Adam's moments, which belonged to the old
+        entries) is dropped at that optimizer's next step (`spu_peft.optim_state`), as a fresh optimizer would have it.
         """
-        weight = self.get_base_layer().weight
+        device = self.get_base_layer().weight.device
+        values = self.spu_values[adapter_name]
+        indices = indices.to(device=device).long().unique(sorted=True)
+        if indices.numel() != values.shape[0] and is_sharded_tensor(values):
+            raise ValueError(
+                f"The new support has {indices.numel()} entries where the sharded values hold {values.shape[0]}; "
+                "a model sharded with FSDP keeps its parameter shapes. Select with a per-tensor or per-row budget."
+            )
         if consolidate:
             self._fold_into_frozen(adapter_name)
-        values = self.spu_values[adapter_name]
-        indices = indices.to(device=weight.device).long().unique(sorted=True)
-        self.spu_indices[adapter_name] = indices.to(index_dtype(weight.numel()))
-        values.data = torch.zeros(indices.numel(), dtype=values.dtype, device=values.device)
+        self.spu_indices[adapter_name] = indices.to(index_dtype(self.weight_numel))
+        with torch.no_grad():
+            if values.shape[0] == indices.numel():
+                values.zero_()  # in place: sharded parameters (FSDP) keep their storage
+            else:
+                values.data = torch.zeros(indices.numel(), dtype=values.dtype, device=values.device)
+        values.grad = None
+        mark_support_changed(values)
 
     def _fold_into_frozen(self, adapter_name: str) -> None:
-        values = self.spu_values[adapter_name].detach()
+        values = full_tensor(self.spu_values[adapter_name].detach())
         if not values.any():
             return
         frozen_values = self.spu_frozen_values[adapter_name]
@@ -135,7 +178,7 @@ class SPULayer(BaseTunerLayer):
             [(self.spu_frozen_indices[adapter_name], frozen_values), (self.spu_indices[adapter_name], values)]
         )
         self.spu_frozen_indices[adapter_name] = indices.to(self.spu_indices[adapter_name].dtype)
-        self.spu_frozen_values[adapter_name] = nn.Parameter(summed.to(frozen_values.dtype), requires_grad=False)
+        self.spu_frozen_values[adapter_name] = summed.to(frozen_values.dtype)
 
     # ---- merging -------------------------------------------------------------------------------------------------
 
@@ -225,6 +268,9 @@ class Linear(nn.Module, SPULayer):
         deltas = [delta for name in active for delta in self.sparse_deltas(name)]
         if not torch.is_autocast_enabled(x.device.type):
             x = self._cast_input_dtype(x, weight.dtype)
+        if self._scorer is not None:  # select_parameters is scoring: record this layer's weight gradient
+            probe, record = self._scorer
+            return scoring_linear(x, weight, bias, deltas, probe, record)
         return sparse_delta_linear(x, weight, bias, deltas)
 
     def __repr__(self) -> str:

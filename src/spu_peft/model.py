@@ -11,17 +11,11 @@ from .config import (
     TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING,
     SPUConfig,
 )
-from .encoding import check_indices, check_values, index_dtype, mask_is_smaller, pack_mask, unpack_mask
+from .encoding import mask_is_smaller, pack_mask
 from .layer import Linear, SPULayer
+from .loading import PEFT_PREFIX, SPARSE_FIELDS, check_shapes, decode_adapter_state_dict, spu_layers
 
-_PEFT_PREFIX = "base_model.model."
 MODEL_TAGS = ["spu", "selective-parameter-update", "continual-learning"]
-
-# (in-memory buffer, on-disk mask key, values parameter) of the two sparse deltas each adapter holds
-_SPARSE_FIELDS = (
-    ("spu_indices", "spu_mask", "spu_values"),
-    ("spu_frozen_indices", "spu_frozen_mask", "spu_frozen_values"),
-)
 
 
 class SPUModel(BaseTuner):
@@ -66,13 +60,21 @@ class SPUModel(BaseTuner):
         return peft_config
 
     def _check_new_adapter_config(self, config: SPUConfig) -> None:
-        """SPU's bias deltas belong to each adapter, so PEFT's one-adapter-with-bias rule does not apply."""
+        """PEFT allows one adapter with a bias. SPU's `spu_only` bias deltas belong to each adapter, so only `all`
+        (which trains the base model's biases, shared by every adapter) keeps that rule."""
+        if len(self.peft_config) > 1 and any(c.bias == "all" for c in self.peft_config.values()):
+            raise ValueError(
+                "An SPU adapter with bias='all' trains the base model's biases, which every adapter shares, so the "
+                "model can hold only that one adapter. Use bias='spu_only' (a bias delta per adapter) for several."
+            )
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        """Freeze everything but the adapter tensors; unlike PEFT's `*_only` bias rule, base biases stay frozen."""
+        """Freeze everything but the adapter tensors. `spu_only` trains `spu_bias`, not PEFT's shared base bias, so
+        it is hidden from PEFT's `*_only` rule; `all` keeps PEFT's meaning (every bias of the model trains)."""
         saved = {name: config.bias for name, config in self.peft_config.items()}
         for config in self.peft_config.values():
-            config.bias = "none"
+            if config.bias == "spu_only":
+                config.bias = "none"
         try:
             super()._mark_only_adapters_as_trainable(model)
         finally:
@@ -80,7 +82,11 @@ class SPUModel(BaseTuner):
                 config.bias = saved[name]
 
     def disable_adapter_layers(self) -> None:
-        """Disable all adapters: SPU's bias deltas are per adapter, so the output is exactly the base model's."""
+        """Disable all adapters. SPU's `spu_only` bias deltas are per adapter, so the output is exactly the base
+        model's; only `bias="all"` (trained base biases) cannot be undone, and PEFT warns about that."""
+        if any(self.peft_config[name].bias == "all" for name in self.active_adapters if name in self.peft_config):
+            super().disable_adapter_layers()
+            return
         self._enable_adapter_layers(enabled=False)
 
     def _create_and_replace(self, spu_config, adapter_name, target, target_name, parent, current_key, **kwargs):
@@ -98,97 +104,89 @@ class SPUModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    # ---- activation ----------------------------------------------------------------------------------------------
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one or several adapters; several SPU adapters add their deltas.
+
+        PEFT keeps one dense copy per adapter of each `modules_to_save` module and can run only one of them, so
+        SPU adapters that train the same dense module (CLIP's `visual_projection` by default) cannot be active
+        together; the error says how to combine them instead.
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        _check_dense_modules_can_combine(self.peft_config, names)
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+
     # ---- saving --------------------------------------------------------------------------------------------------
 
     @classmethod
     def _get_learnable_bias_state_dict(cls, model, state_dict, config) -> dict[str, torch.Tensor]:
-        """SPU's trainable bias lives in `spu_bias`; the frozen base biases are never saved."""
+        """With `bias="spu_only"` the trainable bias lives in `spu_bias` and the frozen base biases are never saved;
+        `bias="all"` saves the model's biases as PEFT does."""
+        if config.bias == "all":
+            return super()._get_learnable_bias_state_dict(model, state_dict, config)
         return {}
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """Replace index buffers by packed bit masks wherever that is smaller."""
+        """Replace index buffers by packed bit masks wherever that is smaller, after checking the tensors are whole."""
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        for name, module in model.named_modules():
-            if not isinstance(module, SPULayer) or adapter_name not in module.spu_indices:
-                continue
-            numel = module.get_base_layer().weight.numel()
-            for buffer_name, mask_name, _ in _SPARSE_FIELDS:
-                key = f"{name}.{buffer_name}.{adapter_name}"
+        _refuse_sharded_tensors(to_return)
+        for name, layer in spu_layers(model, adapter_name):
+            numel = layer.weight_numel
+            for buffer_name, mask_name, values_name in SPARSE_FIELDS:
+                key = f"{PEFT_PREFIX}{name}.{buffer_name}.{adapter_name}"
+                if key not in to_return:
+                    key = key.removeprefix(PEFT_PREFIX)
                 indices = to_return.get(key)
-                if indices is not None and indices.numel() and mask_is_smaller(indices.numel(), numel):
-                    to_return[f"{name}.{mask_name}.{adapter_name}"] = pack_mask(to_return.pop(key), numel)
+                values = to_return.get(key.replace(f".{buffer_name}.", f".{values_name}."))
+                if indices is None or values is None:
+                    continue
+                if values.numel() != indices.numel():
+                    raise _sharded_error(f"`{name}.{values_name}` holds {values.numel()} of {indices.numel()} values")
+                if indices.numel() and mask_is_smaller(indices.numel(), numel):
+                    to_return[key.replace(f".{buffer_name}.", f".{mask_name}.")] = pack_mask(to_return.pop(key), numel)
         return to_return
 
     # ---- loading -------------------------------------------------------------------------------------------------
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Decode and validate every sparse delta before `load_state_dict` sees it.
-
-        Supports are decoded into the layers' index buffers, and value placeholders are resized to the file's
-        counts (a global budget gives layers different counts). Anything that does not fit raises a `ValueError`
-        naming the module, before a single weight is written.
-        """
-        state_dict = dict(state_dict)
-        for name, module in model.named_modules():
-            if isinstance(module, SPULayer) and adapter_name in module.spu_indices:
-                _load_sparse_fields(module, name, adapter_name, state_dict)
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        _check_shapes(model, remapped)
+        """Decode and validate the whole file (`spu_peft.loading`) before `load_state_dict` sees any of it."""
+        decoded = decode_adapter_state_dict(model, config, adapter_name, state_dict)
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, decoded)
+        check_shapes(model, remapped)
         return remapped
 
 
-def _checkpoint_prefix(module_name: str) -> str:
-    """The key prefix of a module in a checkpoint, which always carries PEFT's `base_model.model.` prefix."""
-    if module_name.startswith(_PEFT_PREFIX):
-        return module_name
-    return _PEFT_PREFIX + module_name
+def _check_dense_modules_can_combine(peft_config: dict, names: list[str]) -> None:
+    holders: dict[str, list[str]] = {}
+    for name in names:
+        config = peft_config.get(name)
+        for module in (getattr(config, "modules_to_save", None) or []) if isinstance(config, SPUConfig) else []:
+            holders.setdefault(module, []).append(name)
+    clashes = {module: who for module, who in holders.items() if len(who) > 1}
+    if clashes:
+        module, who = next(iter(clashes.items()))
+        raise ValueError(
+            f"Only one adapter can be set at a time for ModulesToSaveWrapper `{module}`: SPU adapters {who} each "
+            "train their own dense copy of it (modules_to_save), so they cannot be active together. Either create "
+            "the adapters with `SPUConfig(modules_to_save=[])` (sparse deltas add up), or fold them into one with "
+            f"`spu_peft.fold_adapters(model, {who}, 'combined')`, which keeps the last one's `{module}`."
+        )
 
 
-def _load_sparse_fields(module: SPULayer, name: str, adapter_name: str, state_dict: dict) -> None:
-    prefix = _checkpoint_prefix(name)
-    weight = module.get_base_layer().weight
-    numel = weight.numel()
-    for buffer_name, mask_name, values_name in _SPARSE_FIELDS:
-        where = f"SPU adapter file, module `{prefix.removeprefix(_PEFT_PREFIX)}` ({buffer_name})"
-        mask = state_dict.pop(f"{prefix}.{mask_name}", None)
-        indices = state_dict.pop(f"{prefix}.{buffer_name}", None)
-        values = state_dict.get(f"{prefix}.{values_name}")
-        if mask is None and indices is None:
-            if buffer_name == "spu_frozen_indices" and values is not None and values.numel() == 0:
-                indices = torch.zeros(0, dtype=torch.int64)
-            else:
-                raise ValueError(
-                    f"{where}: the file holds no support for this layer; it was saved from a model with "
-                    "different target modules. Load it onto the base model and config it was trained with."
-                )
-        indices = unpack_mask(mask, numel, where) if mask is not None else check_indices(indices, numel, where)
-        if values is None:
-            raise ValueError(f"{where}: the file has a support but no `{values_name}`; the file is corrupt.")
-        check_values(values, indices.numel(), where)
-        order = indices.argsort()
-        if not torch.equal(order, torch.arange(order.numel())):
-            indices, values = indices[order], values[order]
-            state_dict[f"{prefix}.{values_name}"] = values
-        indices = indices.to(device=weight.device, dtype=index_dtype(numel))
-        getattr(module, buffer_name)[adapter_name] = indices  # resizes the placeholder; load_state_dict fills it
-        state_dict[f"{prefix}.{buffer_name}"] = indices
-        placeholder = getattr(module, values_name)[adapter_name]
-        if placeholder.shape != values.shape:
-            getattr(module, values_name)[adapter_name] = nn.Parameter(
-                torch.zeros(values.shape, dtype=placeholder.dtype, device=placeholder.device),
-                requires_grad=placeholder.requires_grad,
-            )
+def _sharded_error(what: str) -> ValueError:
+    return ValueError(
+        f"SPU cannot save this adapter: {what}, so the model is sharded (FSDP) and this process holds only a shard. "
+        "Call `spu_peft.save_adapter(model, directory)` on every process instead: it gathers the full tensors and "
+        "writes the adapter on the main process."
+    )
 
 
-def _check_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Turn shape mismatches (an adapter made for another base) into a clear error before torch raises one."""
-    model_state = model.state_dict()
+def _refuse_sharded_tensors(state_dict: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.tensor import DTensor
+
     for key, tensor in state_dict.items():
-        target = model_state.get(key, model_state.get(key.removeprefix(_PEFT_PREFIX)))
-        if target is not None and target.shape != tensor.shape:
-            raise ValueError(
-                f"SPU adapter file, `{key.removeprefix(_PEFT_PREFIX)}`: shape {tuple(tensor.shape)} in the file but "
-                f"{tuple(target.shape)} in the model; the adapter was made for a different base model."
-            )
+        if isinstance(tensor, DTensor):
+            raise _sharded_error(f"`{key}` is a DTensor (FSDP2)")

@@ -6,6 +6,7 @@ with any support, and this utility replaces the support with the top-scoring ent
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -19,7 +20,10 @@ import torch
 from torch import nn
 
 from .config import SPUConfig
+from .distributed import all_reduce_sum, full_tensor, lockstep, sharding_engine, unwrap_replicated, whole_parameters
 from .layer import SPULayer, num_selected
+from .loading import PEFT_PREFIX, spu_layers
+from .scoring import ScoreSums
 from .sparse_linear import compose_weight
 
 logger = logging.getLogger(__name__)
@@ -61,59 +65,70 @@ def select_parameters(
     consolidate: bool = True,
     seed: int | None = None,
     description: str | None = None,
+    score_dtype: torch.dtype = torch.float32,
+    score_device: torch.device | str | None = None,
 ) -> SelectionReport:
     """Score every entry of the adapter's target weights on task data and train only the top ones from now on.
 
+    Works on the model as you hold it: a `PeftModel`, a model with SPU layers injected, or either wrapped in
+    `DataParallel`, `DistributedDataParallel`, FSDP1 (`FullyShardedDataParallel`) or FSDP2 (`fully_shard`). Under
+    `torch.distributed` every process must call it; scores are summed over processes, so every process selects the
+    entries an unsharded model selects on the union of their batches (also when some have fewer or no batches).
+
     Args:
-        model: a PEFT model (or a model with SPU layers injected) holding an SPU adapter.
+        model: the model holding an SPU adapter.
         dataloader: any iterable of dicts of the model's keyword arguments (a `DataLoader` over a processor's
             output). Not needed for the data-free scores `magnitude` and `random`.
         score: `output_norm` (the paper: |mean gradient of the squared L2 norm of each row of the model's main
             output|, `logits_per_image` for CLIP), `task_loss` (|mean gradient of the model's `loss`|), `fisher`
             (mean squared gradient of `loss`), `magnitude` (|weight|) or `random`.
         fraction: share of the dataloader's batches to use (the paper: 25%), when it has a length.
-        max_batches: upper bound on the number of batches.
+        max_batches: upper bound on the number of batches (per process).
         adapter_name: the SPU adapter to re-select; defaults to the active one.
         consolidate: fold what the adapter learned so far into its frozen delta before replacing its support, so
             a task sequence keeps earlier updates. `False` discards them.
         seed: seed of the `random` score; defaults to the config's `seed`.
         description: a description of the selection data, recorded in the adapter config and model card.
+        score_dtype: dtype of the score sums. `torch.float32` is the paper's score; `torch.bfloat16` halves their
+            memory and may change a few entries near the threshold.
+        score_device: where the score sums live (default: each layer's device); `"cpu"` keeps them off the GPU.
 
     Returns:
-        A [`SelectionReport`]. The adapter's values are zeroed and resized in place (same `Parameter` objects);
-        start a fresh optimizer for the task, since old optimizer state no longer matches the entries.
+        A [`SelectionReport`]. The adapter's values are zeroed in place (same `Parameter` objects, resized only under
+        a global budget); an optimizer that holds them drops their stale state at its next step.
     """
-    if score not in SCORES:
-        raise ValueError(f"`score` must be one of {SCORES}, got {score!r}")
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"`fraction` must be in (0, 1], got {fraction}")
-    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
-        raise ValueError(f"`max_batches` must be a positive integer or None, got {max_batches!r}")
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    adapter_name, config = _resolve_adapter(model, adapter_name)
-    layers = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, SPULayer) and adapter_name in module.spu_indices
-    }
+    _check_arguments(score, fraction, max_batches, score_dtype)
+    runner = unwrap_replicated(model)
+    engine = sharding_engine(runner)
+    adapter_name, config = _resolve_adapter(runner, adapter_name)
+    layers = dict(spu_layers(runner, adapter_name))
+    if not layers:
+        raise ValueError(f"The model has no SPU layer holding adapter {adapter_name!r}.")
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError("The adapter is merged into the base weights; call `unmerge_adapter()` before selecting.")
+    if engine is not None and config.budget == "global":
+        raise ValueError(
+            "budget='global' gives each layer a different number of entries, which a model sharded with FSDP cannot "
+            "take after wrapping (its parameters have fixed shapes). Select before wrapping, or use 'per_tensor'."
+        )
 
     start = time.perf_counter()
     num_batches = 0
     if score in GRADIENT_SCORES:
         if dataloader is None:
             raise ValueError(f"score={score!r} needs a `dataloader` of task data; only 'magnitude' and 'random' do not")
-        scores, num_batches = _gradient_scores(model, layers, dataloader, score, fraction, max_batches)
+        sums, num_batches = _gradient_score_sums(
+            runner, layers, dataloader, score, fraction, max_batches, engine, score_dtype, score_device
+        )
+        scores = _LazyScores(layers, lambda name, layer: (sums.whole(name, _device(layer)) / num_batches).abs())
     elif score == "magnitude":
-        scores = {name: _effective_weight(layer).abs().float() for name, layer in layers.items()}
+        scores = _LazyScores(layers, lambda name, layer: _effective_weight(runner, layer, engine).abs().float())
     else:
         seed = config.seed if seed is None else seed
-        scores = {name: _random_scores(layer, seed, name) for name, layer in layers.items()}
+        scores = _LazyScores(layers, lambda name, layer: _random_scores(layer, seed, name))
     score_seconds = time.perf_counter() - start
 
-    supports = _top_entries(scores, layers, config)
-    for name, layer in layers.items():
-        layer.set_support(adapter_name, supports[name], consolidate=consolidate)
+    supports = _select_and_apply(runner, layers, scores, config, adapter_name, consolidate, engine)
 
     previous = config.selection or {}
     config.selection = {
@@ -131,8 +146,8 @@ def select_parameters(
         num_batches=num_batches,
         score_seconds=score_seconds,
         total_seconds=time.perf_counter() - start,
-        num_selected={name: int(s.numel()) for name, s in supports.items()},
-        numel={name: layer.get_base_layer().weight.numel() for name, layer in layers.items()},
+        num_selected=supports,
+        numel={name: layer.weight_numel for name, layer in layers.items()},
     )
     logger.info(
         "SPU selection (%s, %s): %d of %d entries in %d layers from %d batches, scored in %.2fs",
@@ -145,6 +160,59 @@ def select_parameters(
         score_seconds,
     )
     return report
+
+
+def _check_arguments(score: Any, fraction: Any, max_batches: Any, score_dtype: Any) -> None:
+    if score not in SCORES:
+        raise ValueError(f"`score` must be one of {SCORES}, got {score!r}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"`fraction` must be a number in (0, 1], got {fraction!r}")
+    if max_batches is not None and (type(max_batches) is not int or max_batches < 1):
+        raise ValueError(f"`max_batches` must be a positive integer or None, got {max_batches!r}")
+    if score_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise ValueError(f"`score_dtype` must be a floating-point torch dtype, got {score_dtype!r}")
+
+
+def _device(layer: SPULayer) -> torch.device:
+    return layer.get_base_layer().weight.device
+
+
+class _LazyScores:
+    """Whole score matrices computed one layer at a time, so a sharded model never holds them all at once."""
+
+    def __init__(self, layers: dict[str, SPULayer], compute) -> None:
+        self.layers, self.compute = layers, compute
+
+    def __call__(self, name: str) -> torch.Tensor:
+        scores = self.compute(name, self.layers[name])
+        if not torch.isfinite(scores).all():
+            raise ValueError(
+                f"Scores of `{name}` are not finite (NaN or infinity); check the data and the model's dtype."
+            )
+        return scores
+
+
+def _select_and_apply(
+    runner: nn.Module,
+    layers: dict[str, SPULayer],
+    scores: _LazyScores,
+    config: SPUConfig,
+    adapter_name: str,
+    consolidate: bool,
+    engine: str | None,
+) -> dict[str, int]:
+    """Pick each layer's top entries and make them the adapter's support; returns the counts per layer."""
+    if config.budget == "global":
+        supports = _global_top_entries({name: scores(name) for name in layers}, config.density)
+    else:
+        supports = None
+    counts = {}
+    for name, layer in layers.items():
+        support = supports[name] if supports is not None else _layer_top_entries(scores(name), config)
+        with whole_parameters(runner, layer, engine):
+            layer.set_support(adapter_name, support, consolidate=consolidate)
+        counts[name] = int(support.numel())
+    return counts
 
 
 def _resolve_adapter(model: nn.Module, adapter_name: str | None) -> tuple[str, SPUConfig]:
@@ -166,19 +234,21 @@ def _resolve_adapter(model: nn.Module, adapter_name: str | None) -> tuple[str, S
     return adapter_name, config
 
 
-def _effective_weight(layer: SPULayer) -> torch.Tensor:
-    """The layer's weight as the model currently uses it (base plus active adapters' deltas)."""
-    weight = layer.get_base_layer().weight.detach()
-    if layer.merged:
-        return weight
-    active = [name for name in layer.active_adapters if name in layer.spu_indices]
-    return compose_weight(weight, [d for name in active for d in layer.sparse_deltas(name)]).detach()
+def _effective_weight(runner: nn.Module, layer: SPULayer, engine: str | None) -> torch.Tensor:
+    """The layer's weight as the model currently uses it (base plus active adapters' deltas), whole."""
+    with whole_parameters(runner, layer, engine, writeback=False):
+        weight = full_tensor(layer.get_base_layer().weight.detach())
+        if layer.merged:
+            return weight.clone()
+        active = [name for name in layer.active_adapters if name in layer.spu_indices]
+        deltas = [(idx, full_tensor(val.detach())) for name in active for idx, val in layer.sparse_deltas(name)]
+        return compose_weight(weight, deltas).detach()
 
 
 def _random_scores(layer: SPULayer, seed: int, name: str) -> torch.Tensor:
-    weight = layer.get_base_layer().weight
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return torch.rand(weight.shape, generator=generator).to(weight.device)
+    """Seeded by the layer's checkpoint name, so a sharded, wrapped or bare model draws what a `PeftModel` draws."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32((PEFT_PREFIX + name).encode()))
+    return torch.rand(layer.weight_shape, generator=generator).to(_device(layer))
 
 
 def _objective(outputs: Any, score: str) -> torch.Tensor:
@@ -208,67 +278,55 @@ def _num_batches(dataloader: Iterable, fraction: float, max_batches: int | None)
     return n if max_batches is None else min(n, max_batches)
 
 
-def _gradient_scores(
-    model: nn.Module,
+def _gradient_score_sums(
+    runner: nn.Module,
     layers: dict[str, SPULayer],
     dataloader: Iterable[Mapping[str, Any]],
     score: str,
     fraction: float,
     max_batches: int | None,
-) -> tuple[dict[str, torch.Tensor], int]:
-    """Accumulate per-entry gradient statistics with `autograd.grad`, so no `.grad` is ever stored."""
-    weights = {name: layer.get_base_layer().weight for name, layer in layers.items()}
-    if any(layer.merged for layer in layers.values()):
-        raise ValueError("The adapter is merged into the base weights; call `unmerge_adapter()` before selecting.")
-    sums = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
-    device = next(iter(weights.values())).device
-    flags = {param: param.requires_grad for param in model.parameters()}
-    was_training = model.training
+    engine: str | None,
+    score_dtype: torch.dtype,
+    score_device: torch.device | str | None,
+) -> tuple[ScoreSums, int]:
+    """Run the scoring batches; each SPU layer adds its weight gradient to its sum during backward."""
+    device = _device(next(iter(layers.values())))
+    sums = ScoreSums(
+        {name: layer.weight_shape for name, layer in layers.items()},
+        {name: _device(layer) for name, layer in layers.items()},
+        squared=score == "fisher",
+        sharded=engine is not None,
+        dtype=score_dtype,
+        device=score_device,
+    )
+    probe = torch.zeros((), device=device, requires_grad=True)
+    was_training = runner.training
     num_batches = 0
     try:
-        model.eval()
-        for param in flags:
-            param.requires_grad_(False)
-        for weight in weights.values():
-            weight.requires_grad_(True)
-        for batch in islice(dataloader, _num_batches(dataloader, fraction, max_batches)):
+        runner.eval()
+        for name, layer in layers.items():
+            layer._scorer = (probe, functools.partial(sums.add, name))
+        batches = islice(dataloader, _num_batches(dataloader, fraction, max_batches))
+        for batch, real in lockstep(batches, sharded=engine is not None, device=device):
             if not isinstance(batch, Mapping):
                 raise ValueError(
                     "select_parameters expects batches that are dicts of the model's keyword arguments "
                     f"(e.g. a DataLoader over a processor's output), got {type(batch).__name__}."
                 )
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            objective = _objective(model(**batch), score)
-            grads = torch.autograd.grad(objective, list(weights.values()), allow_unused=True)
-            for name, grad in zip(weights, grads):
-                if grad is not None:
-                    sums[name] += grad.float().pow(2) if score == "fisher" else grad.float()
-            num_batches += 1
+            sums.weight = 1.0 if real else 0.0
+            objective = _objective(runner(**batch), score)
+            torch.autograd.grad(objective, [probe], allow_unused=True)
+            num_batches += int(real)
     finally:
-        for param, flag in flags.items():
-            param.requires_grad_(flag)
-        model.train(was_training)
-    num_batches = _all_reduce(sums, num_batches)
+        for layer in layers.values():
+            layer._scorer = None
+        runner.train(was_training)
+    sums.finish()
+    num_batches = int(all_reduce_sum(torch.tensor([float(num_batches)], dtype=torch.float64)).item())
     if num_batches == 0:
         raise ValueError("The dataloader yielded no batches; selection needs at least one batch of task data.")
-    scores = {name: (total / num_batches).abs() for name, total in sums.items()}
-    for name, s in scores.items():
-        if not torch.isfinite(s).all():
-            raise ValueError(
-                f"Scores of `{name}` are not finite (NaN or infinity); check the data and the model's dtype."
-            )
-    return scores, num_batches
-
-
-def _all_reduce(sums: dict[str, torch.Tensor], num_batches: int) -> int:
-    """Under torch.distributed, sum statistics over ranks so that every rank selects the same entries."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return num_batches
-    for total in sums.values():
-        torch.distributed.all_reduce(total)
-    count = torch.tensor([num_batches], dtype=torch.float64, device=next(iter(sums.values())).device)
-    torch.distributed.all_reduce(count)
-    return int(count.item())
+    return sums, num_batches
 
 
 def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -290,22 +348,21 @@ def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([above, ties]).sort().values
 
 
-def _top_entries(
-    scores: dict[str, torch.Tensor], layers: dict[str, SPULayer], config: SPUConfig
-) -> dict[str, torch.Tensor]:
+def _layer_top_entries(scores: torch.Tensor, config: SPUConfig) -> torch.Tensor:
+    """The flat indices of one layer's top `density` entries (`per_tensor`) or of each row's (`per_row`)."""
     if config.budget == "per_tensor":
-        return {name: _top_k(s.flatten(), num_selected(s.numel(), config.density)) for name, s in scores.items()}
-    if config.budget == "per_row":
-        supports = {}
-        for name, s in scores.items():
-            rows, cols = s.shape
-            k = num_selected(cols, config.density)
-            top_cols = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
-            supports[name] = (torch.arange(rows, device=s.device).unsqueeze(1) * cols + top_cols).flatten()
-        return supports
+        return _top_k(scores.flatten(), num_selected(scores.numel(), config.density))
+    rows, cols = scores.shape
+    k = num_selected(cols, config.density)
+    top_cols = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return (torch.arange(rows, device=scores.device).unsqueeze(1) * cols + top_cols).flatten()
+
+
+def _global_top_entries(scores: dict[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
+    """The top `density` of all layers' entries pooled, split back per layer (layers get different counts)."""
     names = sorted(scores)
     pooled = torch.cat([scores[name].flatten() for name in names])
-    chosen = _top_k(pooled, num_selected(pooled.numel(), config.density))
+    chosen = _top_k(pooled, num_selected(pooled.numel(), density))
     offsets = torch.tensor([0] + [scores[name].numel() for name in names], device=pooled.device).cumsum(0)
     return {
         name: chosen[(chosen >= offsets[i]) & (chosen < offsets[i + 1])] - offsets[i] for i, name in enumerate(names)

@@ -1,0 +1,180 @@
+"""What SPU needs from the engine a model runs under: replicated (one process, DDP) or sharded (FSDP1, FSDP2).
+
+Selection and saving work on the model as the user holds it. Replicated models are scored on `model.module` (no
+gradient synchronisation to confuse) and their score sums are summed over processes at the end. Sharded models must
+run their forward on every process in lockstep, so scoring keeps only this process's shard of each score sum and
+exchanges each layer's gradient as it is produced. Everything here is a no-op without `torch.distributed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+FSDP1 = "fsdp1"
+FSDP2 = "fsdp2"
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def unwrap_replicated(model: nn.Module) -> nn.Module:
+    """The module inside `DistributedDataParallel` / `DataParallel`; anything else as it is."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def sharding_engine(model: nn.Module) -> str | None:
+    """`"fsdp1"`, `"fsdp2"` or None (the model's parameters are whole on this process)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    for module in model.modules():
+        if isinstance(module, FSDP):
+            return FSDP1
+        if isinstance(module, FSDPModule):
+            return FSDP2
+    return None
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor (FSDP2) is gathered (a collective), anything else is returned as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def is_sharded_tensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+@contextlib.contextmanager
+def whole_parameters(root: nn.Module, module: nn.Module, engine: str | None, writeback: bool = True) -> Iterator[None]:
+    """Within the block, `module`'s parameters are whole on this process.
+
+    FSDP1 gathers just the units that own `module`'s parameters (one block, not the model); FSDP2 needs nothing here
+    (its DTensors are read with `full_tensor`), nor do replicated models. A collective for FSDP1: every process
+    must enter it for the same module.
+    """
+    if engine != FSDP1:
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with contextlib.ExitStack() as stack:
+        for unit in _fsdp1_owners(root, module):
+            stack.enter_context(FSDP.summon_full_params(unit, recurse=False, writeback=writeback))
+        yield
+
+
+def _fsdp1_owners(root: nn.Module, target: nn.Module) -> list[nn.Module]:
+    """The FSDP1 units (nearest FSDP ancestors) holding any parameter of `target`, outermost first."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    owners: list[nn.Module] = []
+
+    def visit(module: nn.Module, owner: nn.Module | None, inside: bool) -> None:
+        if isinstance(module, FSDP):
+            owner = module
+        inside = inside or module is target
+        if inside and owner is not None and owner not in owners and any(True for _ in module.parameters(False)):
+            owners.append(owner)
+        for child in module.children():
+            visit(child, owner, inside)
+
+    visit(root, None, False)
+    return owners
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` in place over processes (gloo needs CPU or GPU tensors of a reducible dtype: float32 is used)."""
+    if not is_distributed():
+        return tensor
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        widened = tensor.float()
+        dist.all_reduce(widened)
+        return tensor.copy_(widened)
+    dist.all_reduce(tensor)
+    return tensor
+
+
+def shard_range(numel: int) -> tuple[int, int]:
+    """This process's share `[start, stop)` of `numel` flat entries (equal shares, the last may be short)."""
+    size = -(-numel // world_size())
+    start = min(rank() * size, numel)
+    return start, min(start + size, numel)
+
+
+def gather_shards(shard: torch.Tensor, numel: int) -> torch.Tensor:
+    """Concatenate every process's `shard_range` share into the whole flat tensor (a collective)."""
+    if not is_distributed():
+        return shard
+    size = -(-numel // world_size())
+    padded = torch.zeros(size, dtype=shard.dtype, device=shard.device)
+    padded[: shard.numel()] = shard
+    pieces = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(pieces, padded)
+    return torch.cat(pieces)[:numel]
+
+
+def lockstep(batches: Iterable[Any], sharded: bool, device: torch.device) -> Iterator[tuple[Any, bool]]:
+    """Yield `(batch, real)` so that every process runs the same number of forward passes.
+
+    A replicated model needs no lockstep: each process scores its own batches. A sharded model's forward is a
+    collective, so a process that has run out of batches keeps stepping with a stand-in batch (its last one, or one
+    sent by the first process that has one) marked `real=False`, whose contribution the caller zeroes.
+    """
+    if not (sharded and is_distributed()):
+        for batch in batches:
+            yield batch, True
+        return
+    iterator = iter(batches)
+    last = None
+    while True:
+        batch = next(iterator, None)
+        has = torch.tensor([batch is not None, batch is None and last is None], dtype=torch.int64)
+        flags = [torch.zeros_like(has) for _ in range(world_size())]
+        dist.all_gather(flags, has)
+        holders = [r for r, f in enumerate(flags) if f[0]]
+        if not holders:
+            return
+        if any(f[1] for f in flags):  # someone has never had a batch: the first holder sends one
+            sent = [_to_cpu(batch) if rank() == holders[0] else None]
+            dist.broadcast_object_list(sent, src=holders[0])
+            stand_in = _to_device(sent[0], device)
+        else:
+            stand_in = last
+        if batch is not None:
+            last = batch
+            yield batch, True
+        else:
+            yield stand_in, False
+
+
+def _to_cpu(batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, dict):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch

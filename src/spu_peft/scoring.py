@@ -1,0 +1,115 @@
+"""Gradient scores of every target weight entry, accumulated layer by layer during the backward pass.
+
+While scoring, each SPU layer runs `_ScoringLinear`: its backward computes the layer's dense weight gradient
+`dL/dW = grad_output^T x` (the same for `W` and `W + deltas`), adds it (or its square, for `fisher`) to that layer's
+score sum at once and frees it, so at most one target's dense gradient exists at a time beside the sums. No weight
+needs `requires_grad`, no `.grad` is written, and a sharding engine (FSDP) has the weight whole inside forward and
+backward, so the layer sees full gradients whatever the engine. Sharded models keep only this process's share of each
+sum (the gradient is summed over processes first); replicated ones keep whole sums, summed over processes at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .distributed import all_reduce_sum, gather_shards, shard_range
+from .sparse_linear import SparseDelta, compose_weight, compute_dtype
+
+
+class ScoreSums:
+    """Per-layer sums of (squared) weight gradients over the scoring batches.
+
+    `dtype` and `device` trade precision and accelerator memory: float32 on the layer's device is the paper's score;
+    bfloat16 halves the sums, `device="cpu"` keeps them off the accelerator.
+    """
+
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, int]],
+        devices: dict[str, torch.device],
+        squared: bool,
+        sharded: bool,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.shapes, self.squared, self.sharded, self.dtype = shapes, squared, sharded, dtype
+        self.sums: dict[str, torch.Tensor] = {}
+        for name, (rows, cols) in shapes.items():
+            where = torch.device(device) if device is not None else devices[name]
+            if sharded:
+                start, stop = shard_range(rows * cols)
+                self.sums[name] = torch.zeros(stop - start, dtype=dtype, device=where)
+            else:
+                self.sums[name] = torch.zeros(rows, cols, dtype=dtype, device=where)
+        self.weight = 1.0  # 0 for a sharded process's stand-in batch: it steps with the others but adds nothing
+
+    def add(self, name: str, gradient: torch.Tensor) -> None:
+        """Add one batch's float32 weight gradient of layer `name`."""
+        term = gradient.square() if self.squared else gradient
+        if self.weight != 1.0:
+            term = term * self.weight
+        total = self.sums[name]
+        if self.sharded:
+            term = all_reduce_sum(term.contiguous()).view(-1)
+            start, stop = shard_range(term.numel())
+            term = term[start:stop]
+        total += term.to(device=total.device, dtype=total.dtype)
+
+    def finish(self) -> None:
+        """Sum whole (replicated) sums over processes, one layer at a time."""
+        if not self.sharded:
+            for total in self.sums.values():
+                all_reduce_sum(total)
+
+    def whole(self, name: str, device: torch.device) -> torch.Tensor:
+        """Layer `name`'s sum as a whole float32 matrix on `device` (gathered from every process if sharded)."""
+        rows, cols = self.shapes[name]
+        total = self.sums[name]
+        if self.sharded:
+            total = gather_shards(total, rows * cols)
+        return total.to(device=device, dtype=torch.float32).view(rows, cols)
+
+    def release(self, name: str) -> None:
+        del self.sums[name]
+
+
+class _ScoringLinear(torch.autograd.Function):
+    """`F.linear(x, weight + deltas, bias)` whose backward records the dense weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, probe, record, dtype, indices, *values):  # noqa: D417 - autograd signature
+        ctx.record, ctx.dtype, ctx.num_deltas = record, dtype, len(indices)
+        ctx.save_for_backward(x, weight, *indices, *values)
+        effective = compose_weight(weight, list(zip(indices, values)))
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dtype), effective.to(dtype), None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, *sparse = ctx.saved_tensors
+        indices, values = sparse[: ctx.num_deltas], sparse[ctx.num_deltas :]
+        grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
+        x_2d = x.reshape(-1, x.shape[-1])
+        # (x^T g)^T, the layout autograd's own linear backward uses, in float32
+        ctx.record(torch.mm(x_2d.t().float(), grad_2d.float()).t())
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            effective = compose_weight(weight, list(zip(indices, values))).to(ctx.dtype)
+            grad_x = (grad_output.to(ctx.dtype) @ effective).to(x.dtype)
+        return grad_x, None, None, torch.zeros((), device=grad_output.device), None, None, None, *([None] * len(values))
+
+
+def scoring_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    deltas: list[SparseDelta],
+    probe: torch.Tensor,
+    record,
+) -> torch.Tensor:
+    """The SPU layer's output while scoring; `probe` (a leaf that requires grad) puts every target in the graph."""
+    indices = tuple(idx for idx, _ in deltas)
+    values = tuple(val.detach() for _, val in deltas)
+    bias = None if bias is None else bias.detach()
+    return _ScoringLinear.apply(x, weight.detach(), bias, probe, record, compute_dtype(x, weight), indices, *values)
