@@ -8,6 +8,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 
 from .compose import dense_deltas, fold_adapters, subtract_adapter
 from .config import SPUConfig, SPUPeftType
+from .distributed import save_adapter, scalar_parameters
 from .hub import model_card_section, update_model_card
 from .layer import Linear, SPULayer
 from .loading import guard_set_peft_model_state_dict
@@ -44,6 +45,8 @@ __all__ = [
     "dense_deltas",
     "fold_adapters",
     "model_card_section",
+    "save_adapter",
+    "scalar_parameters",
     "select_parameters",
     "subtract_adapter",
     "update_model_card",

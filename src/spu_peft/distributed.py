@@ -9,6 +9,7 @@ exchanges each layer's gradient as it is produced. Everything here is a no-op wi
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -18,6 +19,8 @@ from torch import nn
 
 FSDP1 = "fsdp1"
 FSDP2 = "fsdp2"
+# True while `save_adapter` saves a state dict it gathered whole, which a model holding FSDP1 shards may then save
+gathered_state_dict = contextvars.ContextVar("spu_gathered_state_dict", default=False)
 
 
 def is_distributed() -> bool:
@@ -57,6 +60,15 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def holds_fsdp1_shards(model: nn.Module) -> bool:
+    """Whether `model` sits inside FSDP1 without being its root: its own `state_dict()` then mixes shards in."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if isinstance(model, FSDP) or gathered_state_dict.get():
+        return False
+    return any(getattr(module, "_is_fsdp_managed_module", False) for module in model.modules())
 
 
 def is_sharded_tensor(tensor: torch.Tensor) -> bool:
@@ -178,3 +190,48 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return batch
+
+
+def save_adapter(model: nn.Module, save_directory: str, **kwargs: Any) -> None:
+    """`save_pretrained` for the model as you hold it: plain, `DataParallel`/DDP, FSDP1 or FSDP2.
+
+    Sharded parameters are gathered into whole tensors first (FSDP1's full state dict, FSDP2's
+    `get_model_state_dict(full_state_dict=True)`, offloaded from an accelerator to the CPU), then the main process writes the adapter as
+    `PeftModel.save_pretrained` does; the file reloads with `PeftModel.from_pretrained` on an unsharded base. Under
+    `torch.distributed` it is a collective: call it on every process. `kwargs` go to `save_pretrained`.
+    """
+    runner = unwrap_replicated(model)
+    engine = sharding_engine(runner)
+    state_dict = None
+    if engine == FSDP1:
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        on_accelerator = any(p.device.type != "cpu" for p in runner.parameters())  # offloading CPU tensors crashes
+        full = FullStateDictConfig(offload_to_cpu=on_accelerator, rank0_only=True)
+        with FSDP.state_dict_type(runner, StateDictType.FULL_STATE_DICT, full):
+            state_dict = runner.state_dict()
+        runner = runner.module if isinstance(runner, FSDP) else runner
+    elif engine == FSDP2:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(runner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank() == 0:
+        if state_dict is not None:
+            kwargs["state_dict"] = state_dict
+        token = gathered_state_dict.set(state_dict is not None)
+        try:
+            runner.save_pretrained(save_directory, **kwargs)
+        finally:
+            gathered_state_dict.reset(token)
+    if is_distributed():
+        dist.barrier()
+
+
+def scalar_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """The model's 0-d parameters (CLIP's `logit_scale`), which FSDP refuses to shard.
+
+    Pass them as FSDP1's `ignored_states` or FSDP2's `ignored_params`: they stay whole and unsynchronised on every
+    process, which is right for SPU, where they are frozen.
+    """
+    return {param for param in model.parameters() if param.dim() == 0}

@@ -26,6 +26,8 @@ PEFT_PREFIX = "base_model.model."
 # Names that wrappers (FSDP1, activation checkpointing, torch.compile) insert into module paths but not into keys.
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
+# every per-adapter tensor of an SPU layer, as the model's state dict names it
+SPU_FIELDS = ("spu_indices", "spu_values", "spu_frozen_indices", "spu_frozen_values", "spu_bias")
 # (in-memory index buffer, on-disk mask key, values tensor) of the two sparse deltas each adapter holds
 SPARSE_FIELDS = (
     ("spu_indices", "spu_mask", "spu_values"),
@@ -33,11 +35,16 @@ SPARSE_FIELDS = (
 )
 
 
+def strip_wrappers(name: str) -> str:
+    """A module path or key without the segments wrappers insert (FSDP1 units, checkpointing, torch.compile)."""
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
 def relative_name(module_name: str) -> str:
     """A module's path as checkpoint keys spell it, without wrapper segments or PEFT's `base_model.model.`."""
-    for segment in _WRAPPER_SEGMENTS:
-        module_name = module_name.replace(segment, "")
-    return module_name.removeprefix(PEFT_PREFIX)
+    return strip_wrappers(module_name).removeprefix(PEFT_PREFIX)
 
 
 def spu_layers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, SPULayer]]:

@@ -11,9 +11,18 @@ from .config import (
     TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING,
     SPUConfig,
 )
+from .distributed import holds_fsdp1_shards, is_sharded_tensor
 from .encoding import mask_is_smaller, pack_mask
 from .layer import Linear, SPULayer
-from .loading import PEFT_PREFIX, SPARSE_FIELDS, check_shapes, decode_adapter_state_dict, spu_layers
+from .loading import (
+    PEFT_PREFIX,
+    SPARSE_FIELDS,
+    SPU_FIELDS,
+    check_shapes,
+    decode_adapter_state_dict,
+    spu_layers,
+    strip_wrappers,
+)
 
 MODEL_TAGS = ["spu", "selective-parameter-update", "continual-learning"]
 
@@ -129,23 +138,33 @@ class SPUModel(BaseTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """Replace index buffers by packed bit masks wherever that is smaller, after checking the tensors are whole."""
-        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        _refuse_sharded_tensors(to_return)
+        """Pick the adapter's tensors by walking the SPU layers, and store supports as bit masks where smaller.
+
+        Keys are matched after removing wrapper segments, so a model whose blocks are nested FSDP1 units saves every
+        layer (PEFT's own key discovery strips only a leading `_fsdp_wrapped_module.` and would silently drop them).
+        """
+        if holds_fsdp1_shards(model):
+            raise _sharded_error("the model is wrapped in FSDP1 (FullyShardedDataParallel)")
+        by_name = {strip_wrappers(key): key for key in state_dict}
+        to_return = {}
         for name, layer in spu_layers(model, adapter_name):
-            numel = layer.weight_numel
+            prefix = PEFT_PREFIX + name if PEFT_PREFIX + name + ".spu_indices." + adapter_name in by_name else name
+            fields = {}
+            for field in SPU_FIELDS:
+                key = by_name.get(f"{prefix}.{field}.{adapter_name}")
+                if key is not None:
+                    fields[field] = state_dict[key]
+            _refuse_sharded_tensors(name, fields)
             for buffer_name, mask_name, values_name in SPARSE_FIELDS:
-                key = f"{PEFT_PREFIX}{name}.{buffer_name}.{adapter_name}"
-                if key not in to_return:
-                    key = key.removeprefix(PEFT_PREFIX)
-                indices = to_return.get(key)
-                values = to_return.get(key.replace(f".{buffer_name}.", f".{values_name}."))
+                indices, values = fields.get(buffer_name), fields.get(values_name)
                 if indices is None or values is None:
                     continue
                 if values.numel() != indices.numel():
                     raise _sharded_error(f"`{name}.{values_name}` holds {values.numel()} of {indices.numel()} values")
-                if indices.numel() and mask_is_smaller(indices.numel(), numel):
-                    to_return[key.replace(f".{buffer_name}.", f".{mask_name}.")] = pack_mask(to_return.pop(key), numel)
+                if indices.numel() and mask_is_smaller(indices.numel(), layer.weight_numel):
+                    fields[mask_name] = pack_mask(fields.pop(buffer_name), layer.weight_numel)
+            to_return.update({f"{prefix}.{field}.{adapter_name}": tensor for field, tensor in fields.items()})
+        to_return.update(cls._get_learnable_bias_state_dict(model, state_dict, config))
         return to_return
 
     # ---- loading -------------------------------------------------------------------------------------------------
@@ -178,15 +197,13 @@ def _check_dense_modules_can_combine(peft_config: dict, names: list[str]) -> Non
 
 def _sharded_error(what: str) -> ValueError:
     return ValueError(
-        f"SPU cannot save this adapter: {what}, so the model is sharded (FSDP) and this process holds only a shard. "
+        f"SPU cannot save this adapter: {what}, so this process may hold only shards of its tensors. "
         "Call `spu_peft.save_adapter(model, directory)` on every process instead: it gathers the full tensors and "
         "writes the adapter on the main process."
     )
 
 
-def _refuse_sharded_tensors(state_dict: dict[str, torch.Tensor]) -> None:
-    from torch.distributed.tensor import DTensor
-
-    for key, tensor in state_dict.items():
-        if isinstance(tensor, DTensor):
-            raise _sharded_error(f"`{key}` is a DTensor (FSDP2)")
+def _refuse_sharded_tensors(name: str, tensors: dict[str, torch.Tensor]) -> None:
+    for field, tensor in tensors.items():
+        if is_sharded_tensor(tensor):
+            raise _sharded_error(f"`{name}.{field}` is a DTensor (FSDP2)")
