@@ -54,7 +54,8 @@ def wrap(model: torch.nn.Module, engine: str) -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     ignored = spu_peft.scalar_parameters(model)
-    for layer in [*model.base_model.model.vision_model.encoder.layers, *model.base_model.model.text_model.encoder.layers]:
+    clip = model.base_model.model
+    for layer in [*clip.vision_model.encoder.layers, *clip.text_model.encoder.layers]:
         fully_shard(layer, ignored_params=ignored)
     return fully_shard(model, ignored_params=ignored)
 
@@ -87,7 +88,11 @@ def main() -> None:
         union = rank_batches(args.scenario, 0) + rank_batches(args.scenario, 1)
         select_parameters(reference, union, fraction=1.0)
         found["reference_supports"] = supports(reference)
-        base_fc1 = {n: m.get_base_layer().weight.detach().clone() for n, m in reference.named_modules() if isinstance(m, SPULayer)}
+        base_fc1 = {
+            n: m.get_base_layer().weight.detach().clone()
+            for n, m in reference.named_modules()
+            if isinstance(m, SPULayer)
+        }
     dist.init_process_group("gloo")
 
     model = wrap(build(), args.engine)

@@ -196,9 +196,10 @@ def save_adapter(model: nn.Module, save_directory: str, **kwargs: Any) -> None:
     """`save_pretrained` for the model as you hold it: plain, `DataParallel`/DDP, FSDP1 or FSDP2.
 
     Sharded parameters are gathered into whole tensors first (FSDP1's full state dict, FSDP2's
-    `get_model_state_dict(full_state_dict=True)`, offloaded from an accelerator to the CPU), then the main process writes the adapter as
-    `PeftModel.save_pretrained` does; the file reloads with `PeftModel.from_pretrained` on an unsharded base. Under
-    `torch.distributed` it is a collective: call it on every process. `kwargs` go to `save_pretrained`.
+    `get_model_state_dict(full_state_dict=True)`, offloaded from an accelerator to the CPU), then the main process
+    writes the adapter as `PeftModel.save_pretrained` does; the file reloads with `PeftModel.from_pretrained` on an
+    unsharded base. Under `torch.distributed` it is a collective: call it on every process. `kwargs` go to
+    `save_pretrained`.
     """
     runner = unwrap_replicated(model)
     engine = sharding_engine(runner)
