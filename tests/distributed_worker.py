@@ -75,7 +75,7 @@ def logits(model: torch.nn.Module, seed: int = 7) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--engine", required=True, choices=["ddp", "fsdp1", "fsdp1-nested", "fsdp2"])
+    parser.add_argument("--engine", required=True, choices=["ddp", "fsdp1", "fsdp1-nested", "fsdp2", "zero2"])
     parser.add_argument("--scenario", default="empty", choices=sorted(BATCHES), help="batches of the first selection")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -83,6 +83,7 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     out = Path(args.out)
     found: dict = {"engine": args.engine}
+    base_fc1 = None
     if rank == 0:  # the unsharded reference, before the process group exists (selection would sum over it)
         reference = build()
         union = rank_batches(args.scenario, 0) + rank_batches(args.scenario, 1)
@@ -94,6 +95,9 @@ def main() -> None:
             if isinstance(m, SPULayer)
         }
     dist.init_process_group("gloo")
+    if args.engine == "zero2":
+        deepspeed_zero2(args, rank, found, base_fc1)
+        return
 
     model = wrap(build(), args.engine)
     report = select_parameters(model, rank_batches(args.scenario, rank), fraction=1.0)
@@ -121,12 +125,17 @@ def main() -> None:
     except ValueError as error:
         found["plain_save"] = str(error)
     spu_peft.save_adapter(model, str(out / "adapter"))
+    if rank == 0 and found["plain_save"] == "saved":
+        plain = PeftModel.from_pretrained(make_tiny_clip(), out / "plain0")
+        found["plain_reload_max_diff"] = float((logits(plain) - trained).abs().max())
+    finish(out, rank, found, trained, base_fc1)
+
+
+def finish(out: Path, rank: int, found: dict, trained: torch.Tensor, base_fc1: dict | None) -> None:
+    """Process 0 reloads the saved adapter onto an unsharded base; every process writes its findings."""
     if rank == 0:
         loaded = PeftModel.from_pretrained(make_tiny_clip(), out / "adapter")
         found["reload_max_diff"] = float((logits(loaded) - trained).abs().max())
-        if found["plain_save"] == "saved":
-            plain = PeftModel.from_pretrained(make_tiny_clip(), out / "plain0")
-            found["plain_reload_max_diff"] = float((logits(plain) - trained).abs().max())
         changed = {}
         for n, m in loaded.named_modules():
             if isinstance(m, SPULayer):
@@ -139,6 +148,40 @@ def main() -> None:
         found["only_selected_entries_changed"] = changed
     (out / f"rank{rank}.json").write_text(json.dumps(found))
     dist.destroy_process_group()
+
+
+def deepspeed_zero2(args: argparse.Namespace, rank: int, found: dict, base_fc1: dict | None) -> None:
+    """ZeRO-2: select before `deepspeed.initialize` (scores summed over processes), train, save, reload."""
+    import deepspeed
+
+    model = build()
+    clip = model.base_model.model
+    clip.logit_scale = torch.nn.Parameter(clip.logit_scale.detach().view(1), requires_grad=False)  # no 0-d broadcast
+    report = select_parameters(model, rank_batches(args.scenario, rank), fraction=1.0)
+    found["num_batches"], found["supports"] = report.num_batches, supports(model)
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1, "torch_adam": True}},
+        "zero_optimization": {"stage": 2},
+    }
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
+    try:
+        select_parameters(engine, rank_batches("uneven", rank), fraction=1.0)
+        found["plain_save"] = "selected under the engine"
+    except ValueError as error:
+        found["plain_save"] = str(error)
+    engine.train()
+    for step in range(3):
+        engine.backward(engine(**make_batch(50 + 10 * rank + step), return_loss=True).loss)
+        engine.step()
+    engine.eval()
+    found["reselection_keeps_outputs"] = True  # a reselection needs a new engine: nothing to keep here
+    trained = logits(engine.module)
+    if rank == 0:
+        engine.module.save_pretrained(args.out + "/adapter")
+    dist.barrier()
+    finish(Path(args.out), rank, found, trained, base_fc1)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,18 @@ def unwrap_replicated(model: nn.Module) -> nn.Module:
     return model
 
 
+def refuse_deepspeed(model: nn.Module) -> None:
+    """DeepSpeed keeps its own float32 copies of the trainable parameters (ZeRO-1/2) or partitions them (ZeRO-3),
+    so a support chosen after `deepspeed.initialize` would be undone at its next step: refuse, saying what works."""
+    if type(model).__name__ == "DeepSpeedEngine" or any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise ValueError(
+            "SPU cannot select entries of a model DeepSpeed already manages: its optimizer keeps float32 copies of "
+            "the values (ZeRO-1/2) or partitions them (ZeRO-3) and would undo the new support. Call "
+            "`select_parameters` on the model before `deepspeed.initialize`, and build a new engine for each task "
+            "(ZeRO-1 and ZeRO-2; ZeRO-3 is not supported)."
+        )
+
+
 def sharding_engine(model: nn.Module) -> str | None:
     """`"fsdp1"`, `"fsdp2"` or None (the model's parameters are whole on this process)."""
     from torch.distributed.fsdp import FSDPModule

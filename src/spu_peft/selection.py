@@ -20,7 +20,15 @@ import torch
 from torch import nn
 
 from .config import SPUConfig
-from .distributed import all_reduce_sum, full_tensor, lockstep, sharding_engine, unwrap_replicated, whole_parameters
+from .distributed import (
+    all_reduce_sum,
+    full_tensor,
+    lockstep,
+    refuse_deepspeed,
+    sharding_engine,
+    unwrap_replicated,
+    whole_parameters,
+)
 from .layer import SPULayer, num_selected
 from .loading import PEFT_PREFIX, spu_layers
 from .scoring import ScoreSums
@@ -98,6 +106,7 @@ def select_parameters(
         a global budget); an optimizer that holds them drops their stale state at its next step.
     """
     _check_arguments(score, fraction, max_batches, score_dtype)
+    refuse_deepspeed(model)
     runner = unwrap_replicated(model)
     engine = sharding_engine(runner)
     adapter_name, config = _resolve_adapter(runner, adapter_name)
