@@ -24,23 +24,6 @@ def loader(seed, n=4):
     return [make_batch(seed * 100 + i) for i in range(n)]
 
 
-def test_output_norm_score_is_the_papers_formula():
-    """Top entries of |mean over batches of d(mean_i ||logits_per_image_i||^2)/dW|, computed by hand."""
-    model = fresh()
-    batches = loader(0, n=2)
-    layer_name, layer = next(iter(spu_layers(model).items()))
-    weight = layer.get_base_layer().weight
-    total = torch.zeros_like(weight)
-    for batch in batches:
-        weight.requires_grad_(True)
-        logits = model(**batch).logits_per_image
-        total += torch.autograd.grad(logits.pow(2).sum(1).mean(), weight)[0]
-        weight.requires_grad_(False)
-    expected = torch.sort((total / 2).abs().flatten(), descending=True, stable=True).indices[: round(0.1 * 48 * 32)]
-    select_parameters(model, batches, fraction=1.0)
-    assert torch.equal(layer.spu_indices["default"].long(), expected.sort().values), layer_name
-
-
 def test_same_data_same_selection_different_data_different_selection():
     first, again, other = fresh(), fresh(), fresh()
     select_parameters(first, loader(0))
@@ -139,25 +122,40 @@ def test_a_data_parallel_model_is_selected_through_its_module():
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_output_norm_selection_of_every_layer_matches_dense_autograd():
-    """The per-layer accumulation during backward selects what plain autograd on the dense weights selects."""
+@pytest.mark.parametrize("score", ["output_norm", "task_loss", "fisher"])
+def test_every_layer_selects_what_dense_autograd_selects(score):
+    """Scores accumulated layer by layer during backward pick the entries of the formula on whole dense gradients
+    (`torch.autograd.grad` of the objective with respect to every target weight at once, as before)."""
     model = fresh()
-    batches = loader(3, n=3)
+    batches = [{**batch, "return_loss": True} for batch in loader(3, n=3)]
     weights = {n: m.get_base_layer().weight for n, m in spu_layers(model).items()}
     totals = {n: torch.zeros_like(w) for n, w in weights.items()}
+    model.eval()
     for batch in batches:
         for w in weights.values():
             w.requires_grad_(True)
-        logits = model(**batch).logits_per_image
-        grads = torch.autograd.grad(logits.pow(2).sum(1).mean(), list(weights.values()))
+        out = model(**batch)
+        objective = out.logits_per_image.pow(2).sum(1).mean() if score == "output_norm" else out.loss
+        grads = torch.autograd.grad(objective, list(weights.values()))
         for n, g in zip(weights, grads):
-            totals[n] += g
+            totals[n] += g.pow(2) if score == "fisher" else g
         for w in weights.values():
             w.requires_grad_(False)
-    select_parameters(model, batches, fraction=1.0)
+    select_parameters(model, batches, score=score, fraction=1.0)
     for n, layer in spu_layers(model).items():
         expected = torch.sort((totals[n] / 3).abs().flatten(), descending=True, stable=True).indices[:154]
         assert torch.equal(layer.spu_indices["default"].long(), expected.sort().values), n
+
+
+def test_reduced_precision_and_offloaded_score_sums_select_nearly_or_exactly_the_same():
+    reference, half, offloaded = fresh(), fresh(), fresh()
+    select_parameters(reference, loader(4))
+    select_parameters(half, loader(4), score_dtype=torch.bfloat16)
+    select_parameters(offloaded, loader(4), score_device="cpu")
+    a, b, c = supports(reference), supports(half), supports(offloaded)
+    assert all(torch.equal(a[n], c[n]) for n in a)
+    shared = [len(set(a[n].tolist()) & set(b[n].tolist())) / a[n].numel() for n in a]
+    assert all(b[n].numel() == a[n].numel() for n in a) and min(shared) > 0.95
 
 
 def test_a_reused_optimizer_keeps_training_after_a_global_reselection():
