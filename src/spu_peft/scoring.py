@@ -11,10 +11,16 @@ sum (the gradient is summed over processes first); replicated ones keep whole su
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .distributed import all_reduce_sum, gather_shards, shard_range
-from .sparse_linear import SparseDelta, compose_weight, compute_dtype
+from .sparse_linear import (
+    SparseDelta,
+    composed_linear,
+    compute_dtype,
+    input_gradient,
+    save_linear_inputs,
+    saved_linear_inputs,
+)
 
 
 class ScoreSums:
@@ -79,24 +85,20 @@ class _ScoringLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, probe, record, dtype, indices, *values):  # noqa: D417 - autograd signature
-        ctx.record, ctx.dtype, ctx.num_deltas = record, dtype, len(indices)
-        ctx.save_for_backward(x, weight, *indices, *values)
-        effective = compose_weight(weight, list(zip(indices, values)))
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.to(dtype), effective.to(dtype), None if bias is None else bias.to(dtype))
+        ctx.record, ctx.dtype = record, dtype
+        save_linear_inputs(ctx, x, weight, indices, values)
+        return composed_linear(x, weight, bias, list(zip(indices, values)), dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, weight, *sparse = ctx.saved_tensors
-        indices, values = sparse[: ctx.num_deltas], sparse[ctx.num_deltas :]
+        x, weight, indices, values = saved_linear_inputs(ctx)
         grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
         x_2d = x.reshape(-1, x.shape[-1])
         # (x^T g)^T, the layout autograd's own linear backward uses, in float32
         ctx.record(torch.mm(x_2d.t().float(), grad_2d.float()).t())
         grad_x = None
         if ctx.needs_input_grad[0]:
-            effective = compose_weight(weight, list(zip(indices, values))).to(ctx.dtype)
-            grad_x = (grad_output.to(ctx.dtype) @ effective).to(x.dtype)
+            grad_x = input_gradient(grad_output, weight, indices, values, ctx.dtype, x.dtype)
         return grad_x, None, None, torch.zeros((), device=grad_output.device), None, None, None, *([None] * len(values))
 
 

@@ -28,6 +28,32 @@ def compose_weight(weight: torch.Tensor, deltas: Sequence[SparseDelta]) -> torch
     return flat.view_as(weight)
 
 
+def composed_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, deltas: Sequence[SparseDelta], dtype: torch.dtype
+) -> torch.Tensor:
+    """`F.linear(x, weight + deltas, bias)` computed in `dtype`, outside autocast (the caller chose the dtype)."""
+    effective = compose_weight(weight, deltas)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.to(dtype), effective.to(dtype), None if bias is None else bias.to(dtype))
+
+
+def save_linear_inputs(ctx, x: torch.Tensor, weight: torch.Tensor, indices: tuple, values: tuple) -> None:
+    """Keep what backward needs to rebuild `weight + deltas`: the sparse tensors, never a dense copy."""
+    ctx.num_deltas = len(indices)
+    ctx.save_for_backward(x, weight, *indices, *values)
+
+
+def saved_linear_inputs(ctx) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    x, weight, *sparse = ctx.saved_tensors
+    return x, weight, sparse[: ctx.num_deltas], sparse[ctx.num_deltas :]
+
+
+def input_gradient(grad_output: torch.Tensor, weight: torch.Tensor, indices, values, dtype, x_dtype) -> torch.Tensor:
+    """`grad_output @ (weight + deltas)` in `dtype`, returned in the input's dtype."""
+    effective = compose_weight(weight, list(zip(indices, values))).to(dtype)
+    return (grad_output.to(dtype) @ effective).to(x_dtype)
+
+
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype `F.linear` would use here: autocast's if active, else the weight's."""
     device_type = x.device.type
@@ -42,25 +68,20 @@ class SparseDeltaLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, dtype, indices, *values):  # noqa: D417 - autograd signature
         ctx.dtype = dtype
-        ctx.num_deltas = len(indices)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, *indices, *values)
-        effective = compose_weight(weight, list(zip(indices, values)))
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.to(dtype), effective.to(dtype), None if bias is None else bias.to(dtype))
+        save_linear_inputs(ctx, x, weight, indices, values)
+        return composed_linear(x, weight, bias, list(zip(indices, values)), dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, weight, *sparse = ctx.saved_tensors
-        indices, values = sparse[: ctx.num_deltas], sparse[ctx.num_deltas :]
+        x, weight, indices, values = saved_linear_inputs(ctx)
         needs_x, _, needs_bias, _, _, *needs_values = ctx.needs_input_grad
         dtype = ctx.dtype
         grad_output = grad_output.to(dtype)
 
         grad_x = grad_bias = None
         if needs_x:
-            effective = compose_weight(weight, list(zip(indices, values))).to(dtype)
-            grad_x = (grad_output @ effective).to(x.dtype)
+            grad_x = input_gradient(grad_output, weight, indices, values, dtype, x.dtype)
         if needs_bias:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).to(ctx.bias_dtype)
         grad_values = value_gradients(grad_output, x, weight.shape, indices, values, needs_values, dtype)
@@ -152,9 +173,7 @@ def sparse_delta_linear(
         x.requires_grad or (bias is not None and bias.requires_grad) or any(v.requires_grad for _, v in deltas)
     )
     if weight.requires_grad or not needs_grad:
-        effective = compose_weight(weight, deltas)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.to(dtype), effective.to(dtype), None if bias is None else bias.to(dtype))
+        return composed_linear(x, weight, bias, deltas, dtype)
     indices = tuple(idx for idx, _ in deltas)
     values = tuple(val for _, val in deltas)
     return SparseDeltaLinear.apply(x, weight, bias, dtype, indices, *values)
