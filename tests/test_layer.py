@@ -17,14 +17,22 @@ def spu_layers(model):
 
 
 def dense_reference(layer: SPULayer, x: torch.Tensor, adapters=("default",)) -> torch.Tensor:
-    """F.linear with the dense delta added to the weight, as the issue defines SPU's output."""
+    """F.linear with each adapter's dense delta added to the weight, as SPU's output is defined: a float32 weight
+    takes one addition per delta, a half-precision one is summed with all deltas in float32 and rounded once."""
     base = layer.get_base_layer()
     weight, bias = base.weight, base.bias
+    deltas = []
     for name in adapters:
         delta = torch.zeros(weight.numel(), dtype=torch.float32)
         for idx, val in layer.sparse_deltas(name):
             delta[idx.long()] += val.detach()
-        weight = weight + delta.view_as(weight).to(weight.dtype)
+        deltas.append(delta.view_as(weight))
+    if weight.dtype == torch.float32:
+        for delta in deltas:
+            weight = weight + delta
+    else:
+        weight = (weight.float() + sum(deltas)).to(weight.dtype)
+    for name in adapters:
         if name in layer.spu_bias:
             bias = bias + layer.spu_bias[name].detach().to(bias.dtype)
     return F.linear(x, weight, bias)

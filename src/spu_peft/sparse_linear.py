@@ -20,12 +20,23 @@ SparseDelta = tuple[torch.Tensor, torch.Tensor]  # (flat indices, values)
 def compose_weight(weight: torch.Tensor, deltas: Sequence[SparseDelta]) -> torch.Tensor:
     """Return `weight + sum of deltas` in the weight's dtype, never modifying `weight` itself.
 
-    Each entry receives exactly one addition per delta, in order, so the result equals adding dense deltas.
+    A float32/64 weight receives exactly one addition per delta, in order, so the result equals adding dense deltas.
+    A half-precision weight (bf16, fp16) is summed with its deltas in float32 and rounded once: rounding the float32
+    delta to the weight's dtype first would round twice, up to a whole bf16 spacing off `W + delta`.
     """
     flat = weight.reshape(-1)
-    for indices, values in deltas:
-        flat = flat.index_add(0, indices.long(), values.to(weight.dtype))
-    return flat.view_as(weight)
+    if not deltas:
+        return weight
+    if weight.dtype in (torch.float32, torch.float64):
+        for indices, values in deltas:
+            flat = flat.index_add(0, indices.long(), values.to(weight.dtype))
+        return flat.view_as(weight)
+    indices = torch.cat([idx.long() for idx, _ in deltas])
+    values = torch.cat([val.float() for _, val in deltas])
+    if len(deltas) > 1:  # overlapping supports (a frozen delta and the current one) are summed before rounding
+        indices, inverse = torch.unique(indices, return_inverse=True)
+        values = values.new_zeros(indices.numel()).index_add_(0, inverse, values)
+    return flat.index_copy(0, indices, (flat[indices].float() + values).to(weight.dtype)).view_as(weight)
 
 
 def composed_linear(
