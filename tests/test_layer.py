@@ -258,3 +258,26 @@ def test_gradient_checkpointing_reaches_the_values():
     for layer in spu_layers(model).values():
         assert layer.spu_values["default"].grad is not None
         assert layer.spu_values["default"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_composition_rounds_once(dtype):
+    """W + frozen delta + current delta in float32, rounded once to the weight's dtype (not once per delta)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 64, generator=generator).to(dtype)
+    frozen = (
+        torch.randperm(4096, generator=generator)[:800].sort().values,
+        torch.randn(800, generator=generator) * 0.3,
+    )
+    current = (
+        torch.randperm(4096, generator=generator)[:800].sort().values,
+        torch.randn(800, generator=generator) * 0.3,
+    )
+    dense = torch.zeros(4096)
+    for idx, val in (frozen, current):
+        dense.index_add_(0, idx, val)
+    expected = (weight.float() + dense.view(64, 64)).to(dtype)
+    original = weight.clone()
+    composed = compose_weight(weight, [frozen, current])
+    assert composed.dtype == dtype and torch.equal(composed, expected)
+    assert torch.equal(weight, original), "the base weight itself is never modified"
