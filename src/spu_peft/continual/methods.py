@@ -144,6 +144,21 @@ FULL_GRID = (3e-6, 1e-5, 3e-5, 9e-5, 3e-4)
 SPARSE_GRID = (3e-5, 1e-4, 3e-4, 9e-4, 3e-3)
 LORA_GRID = (1e-4, 3.3e-4, 1e-3, 3e-3, 1e-2)
 
+
+def _sparse(name: str, score: Callable[[SequenceSettings], str], replay: bool, description: str) -> ContinualMethod:
+    """An SPU-adapter method: SPU's support (or a random one of the same size) selected before every task."""
+    return ContinualMethod(
+        name,
+        _spu,
+        replay=replay,
+        selection_score=score,
+        default_lr=3e-4,
+        sweep_lrs=SPARSE_GRID,
+        save_task_adapters=True,
+        description=description,
+    )
+
+
 BUILTIN_METHODS = (
     ContinualMethod("zeroshot", _frozen, trains=False, description="the frozen model"),
     ContinualMethod("finetune", _full, default_lr=1e-5, sweep_lrs=FULL_GRID, description="full fine-tuning"),
@@ -153,35 +168,9 @@ BUILTIN_METHODS = (
     ContinualMethod(
         "lora_replay", _lora, replay=True, default_lr=3.3e-4, sweep_lrs=LORA_GRID, description="LoRA + replay"
     ),
-    ContinualMethod(
-        "random_replay",
-        _spu,
-        replay=True,
-        selection_score=_random_score,
-        default_lr=3e-4,
-        sweep_lrs=SPARSE_GRID,
-        save_task_adapters=True,
-        description="SPU's adapter on a random support + replay",
-    ),
-    ContinualMethod(
-        "spu_replay",
-        _spu,
-        replay=True,
-        selection_score=_settings_score,
-        default_lr=3e-4,
-        sweep_lrs=SPARSE_GRID,
-        save_task_adapters=True,
-        description="SPU + replay",
-    ),
-    ContinualMethod(
-        "spu",
-        _spu,
-        selection_score=_settings_score,
-        default_lr=3e-4,
-        sweep_lrs=SPARSE_GRID,
-        save_task_adapters=True,
-        description="SPU without replay",
-    ),
+    _sparse("random_replay", _random_score, True, "SPU's adapter on a random support + replay"),
+    _sparse("spu_replay", _settings_score, True, "SPU + replay"),
+    _sparse("spu", _settings_score, False, "SPU without replay"),
 )
 for _method in BUILTIN_METHODS:
     register_method(_method)

@@ -369,7 +369,10 @@ def run_method(
             )
         _reached("trained", run_dir, task)
         state["acc_matrix"].append(task_accuracies(model, task, data, settings, accelerator, tokenizer))
-        state["control_acc"].append(control_accuracy(model, data, settings, accelerator, tokenizer))
+        if method.trains or not state["control_acc"]:
+            state["control_acc"].append(control_accuracy(model, data, settings, accelerator, tokenizer))
+        else:  # an untrained model keeps its control accuracy
+            state["control_acc"].append(state["control_acc"][0])
         state["buffer"] = buffer.state_dict()
         state["wall_s"] += time.perf_counter() - start
         if accelerator.is_main_process:
