@@ -125,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "folder; 'none' to skip.",
     )
     parser.add_argument("--control-split", default="control", help="Split of --control-dataset to use.")
+    parser.add_argument("--control-image-column", default="image", help="Image column of --control-dataset.")
+    parser.add_argument("--control-label-column", default="label", help="Label column of --control-dataset.")
     parser.add_argument("--methods", default=None, help="Comma-separated registered methods (default: all seven).")
     parser.add_argument("--target-layers", default="fc1", choices=sorted(TARGET_LAYERS), help="Layers adapted.")
     parser.add_argument(
@@ -226,10 +228,10 @@ def load_sequence_data(args: argparse.Namespace, processor, accelerator: Acceler
             parts = train.train_test_split(test_size=0.2, seed=args.settings.seed)
             train, test = parts["train"], parts["test"]
         columns = (args.image_column, args.label_column)
+    control_columns = (args.control_image_column, args.control_label_column)
     if args.control_dataset == EMBEDDED:
         control = _embedded().load_pretraining_data(seed=args.settings.seed)["control"]
-        if columns != ("image", "label"):
-            control = control.rename_columns(dict(zip(("image", "label"), columns)))
+        control_columns = ("image", "label")
     elif args.control_dataset != "none":
         loaded = _load_any(args.control_dataset)
         control = loaded[args.control_split] if isinstance(loaded, datasets.DatasetDict) else loaded
@@ -244,6 +246,7 @@ def load_sequence_data(args: argparse.Namespace, processor, accelerator: Acceler
             class_names=class_names,
             image_column=columns[0],
             label_column=columns[1],
+            control_columns=control_columns,
             accelerator=accelerator,
         )
     except ValueError as error:

@@ -130,13 +130,14 @@ def prepare_sequence_data(
     control_class_names: Sequence[str] | None = None,
     image_column: str = "image",
     label_column: str = "label",
+    control_columns: tuple[str, str] = ("image", "label"),
     accelerator: Accelerator | None = None,
 ) -> SequenceData:
     """Split `train`/`test` into the settings' tasks and preprocess them (and the control set) with `processor`.
 
     Class names come from the splits' `ClassLabel` feature unless given; the control set (from the pretraining
-    domain, never trained on) has the same columns. Every problem of the data raises `ValueError` here, before
-    any training.
+    domain, never trained on) has its image and label columns in `control_columns`. Every problem of the data
+    raises `ValueError` here, before any training.
     """
     fingerprints = {"train": train._fingerprint, "test": test._fingerprint}
     fingerprints["control"] = None if control is None else control._fingerprint
@@ -160,8 +161,9 @@ def prepare_sequence_data(
         raise ValueError("a task has no training or test images; check the label column and the class names")
     names: list[str] = []
     if control is not None:
-        control = _standardise(control, image_column, label_column, "the control set")
-        names = list(control_class_names) if control_class_names else label_names(control, "labels", label_column)
+        control = _standardise(control, *control_columns, "the control set")
+        names = control_class_names or label_names(control, "labels", control_columns[1])
+        names = list(names)
         if settings.max_control is not None and settings.max_control < len(control):
             control = control.shuffle(seed=settings.seed).select(range(settings.max_control))
     context = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
