@@ -74,6 +74,9 @@ def numerics_report() -> dict[str, Any]:
         "mode": "reproducible" if pinned else "native",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mkl_cbwr": os.environ.get("MKL_CBWR"),
+        # Set to emulate an older CPU (the proof in README): recorded, not required.
+        "mkl_enable_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS"),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
         "mkldnn": torch.backends.mkldnn.enabled,
         "nnpack": torch._C._get_nnpack_enabled(),
         "threads": torch.get_num_threads(),
