@@ -33,6 +33,7 @@ SETTINGS = SequenceSettings(
     buffer_size=16,
     max_train_per_task=32,
     max_test_per_task=16,
+    numerics="native",  # the pins are tested in test_continual and the sequence notebook
 )
 METHODS = ["zeroshot", "spu_replay"]
 
@@ -249,7 +250,7 @@ def test_paper_protocol_runs_offline_with_replay_from_the_second_epoch(setup, tm
 
     monkeypatch.setattr(engine, "train_task", recording)
     small = {k: getattr(SETTINGS, k) for k in ("num_tasks", "max_train_per_task", "max_test_per_task", "buffer_size")}
-    paper = protocol_settings("paper", **small, epochs=2, batch_size=16, replay_batch_size=16)
+    paper = protocol_settings("paper", **small, epochs=2, batch_size=16, replay_batch_size=16, numerics="native")
     results = run(setup, tmp_path, methods=["zeroshot", "finetune_replay", "spu_replay"], settings=paper)
     config = json.loads((tmp_path / "results.json").read_text())["config"]
     assert config["lrs"] == {"finetune_replay": 7.5e-6, "spu_replay": 7.5e-6} and config["loss"] == "clip"

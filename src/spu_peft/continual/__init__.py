@@ -1,6 +1,7 @@
 """Continual learning of CLIP models: the sequence engine (methods, runner, checkpoints, outputs) and its parts
 (task splits, a replay buffer, the training step, zero-shot evaluation, metrics, reproducible CPU numerics)."""
 
+from .data import SequenceData, check_modules_to_save, prepare_sequence_data
 from .evaluation import (
     DEFAULT_TEMPLATES,
     class_text_features,
@@ -27,7 +28,7 @@ from .metrics import (
 from .numerics import numerics_report, pin_cpu_numerics
 from .replay import TaskBalancedReplayBuffer
 from .reporting import evaluate_targets, markdown_table, plot_results, write_outputs
-from .sequence import SequenceData, check_modules_to_save, prepare_sequence_data, run_method, run_sequence
+from .sequence import run_method, run_sequence
 from .settings import PROTOCOLS, TARGET_LAYERS, SequenceSettings, protocol_settings
 from .tasks import class_incremental_split, task_indices
 from .training import caption_loss, clip_loss, reference_cosine_factor, train_task, training_step

@@ -35,11 +35,13 @@ def _is_x86() -> bool:
 def pin_cpu_numerics() -> dict[str, Any]:
     """Pin the math libraries' processor-dependent choices; returns :func:`numerics_report`.
 
-    Call it before the first tensor operation of the process (importing torch, transformers or spu_peft is fine):
-    MKL reads ``MKL_CBWR`` at its first call and ATen reads ``ATEN_CPU_CAPABILITY`` at its first dispatch, so a
-    later call cannot take effect. Setting the two variables in the environment before starting Python works
-    too. Forked processes inherit the pins. It also turns off oneDNN and NNPACK, whose convolution blockings depend
-    on the cache sizes, so convolutions run ATen's im2col with an MKL GEMM.
+    It must act before the first tensor operation of the process: MKL reads ``MKL_CBWR`` at its first call and
+    ATen reads ``ATEN_CPU_CAPABILITY`` at its first dispatch, so a later call cannot take effect (importing torch,
+    transformers, peft or accelerate computes nothing; importing spu_peft computes one small tensor today, so set
+    the two variables of ``REPRODUCIBLE_ENV`` in ``os.environ`` before importing it, as the main job and
+    notebooks/sequence.ipynb do, and call this to check and finish the pinning). Forked processes inherit it.
+    It also turns off oneDNN and NNPACK, whose convolution blockings depend on the cache sizes, so convolutions
+    run ATen's im2col with an MKL GEMM.
 
     Raises:
         RuntimeError: the CPU has no AVX2, or ATen already chose another capability (called too late).
