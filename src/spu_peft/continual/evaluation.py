@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .tasks import class_lookup
+
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
@@ -60,10 +62,7 @@ def zero_shot_predictions(
     unwrapped = _unwrap(model)
     device = class_features.device
     parameter = next(unwrapped.parameters())
-    lookup = None
-    if class_ids is not None:
-        lookup = torch.full((max(class_ids) + 1,), -1, dtype=torch.long, device=device)
-        lookup[torch.tensor(list(class_ids), device=device)] = torch.arange(len(class_ids), device=device)
+    lookup = None if class_ids is None else class_lookup(class_ids, device)
     predicted, true = [], []
     for batch in dataloader:
         pixel_values = batch["pixel_values"].to(device=device, dtype=parameter.dtype)

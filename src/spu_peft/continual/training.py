@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .tasks import class_lookup
+
 logger = logging.getLogger(__name__)
 
 
@@ -87,13 +89,6 @@ def _cycle(loader: Iterable) -> Iterator:
         yield from loader
 
 
-def _class_lookup(class_ids: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Dataset class id -> row of the seen classes' captions."""
-    lookup = torch.full((max(class_ids) + 1,), -1, dtype=torch.long, device=device)
-    lookup[torch.tensor(list(class_ids), device=device)] = torch.arange(len(class_ids), device=device)
-    return lookup
-
-
 def train_task(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -114,7 +109,7 @@ def train_task(
     bar (shown on the local main process otherwise), e.g. in worker processes that share one terminal.
     """
     device = accelerator.device
-    lookup = _class_lookup(class_ids, device)
+    lookup = class_lookup(class_ids, device)
     captions = {k: v.to(device) for k, v in caption_inputs.items()}
     replay = _cycle(replay_loader) if replay_loader is not None else None
     model.train()
