@@ -1,4 +1,10 @@
-"""Continual toolkit: metrics against hand-computed matrices, the replay buffer, task splits."""
+"""Continual toolkit: metrics against hand-computed matrices, the replay buffer, task splits, numerics."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -119,3 +125,26 @@ def test_more_tasks_than_classes_is_refused():
 
 def test_task_indices():
     assert task_indices([0, 1, 2, 1, 0], [1, 2]) == [1, 2, 3]
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "ATEN_CPU_CAPABILITY")}
+    return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 numerics")
+def test_numerics_are_pinned_before_the_first_tensor_operation_or_refused():
+    pinned = _python(
+        "import torch; from spu_peft.continual import pin_cpu_numerics; import json; "
+        "print(json.dumps(pin_cpu_numerics()))",
+        MKL_CBWR="COMPATIBLE",
+        ATEN_CPU_CAPABILITY="avx2",
+    )
+    report = json.loads(pinned.stdout.strip().splitlines()[-1])
+    assert report["mode"] == "reproducible" and report["cpu_capability"] == "AVX2" and not report["mkldnn"]
+    late = _python(
+        "import os, torch; torch.ones(8).sum()\n"
+        "if torch.backends.cpu.get_cpu_capability() == 'AVX2': raise SystemExit(0)  # an AVX2-only CPU\n"
+        "from spu_peft.continual import pin_cpu_numerics; pin_cpu_numerics()"
+    )
+    assert late.returncode == 0 or "call pin_cpu_numerics() before any tensor operation" in late.stderr

@@ -27,12 +27,17 @@ from spu_peft.embedded import (
     domain_of,
     embedded_clip_config,
     embedded_clip_path,
+    embedded_model_path,
+    english_words,
     load_animal_shapes,
     load_embedded_clip,
     load_pretraining_data,
     pixel_values_from_images,
     pretrain_embedded_clip,
+    pretraining_recipe,
     read_pretraining_metrics,
+    recipe_hash,
+    shipped_model_path,
     zero_shot_accuracy,
     zero_shot_predictions,
 )
@@ -40,6 +45,10 @@ from spu_peft.embedded import model as embedded_model
 
 SMALL = {"rendered_per_class": 12, "control_per_class": 4}
 TINY_RUN = {"max_steps": 2, "limit": 96, "batch_size": 32}
+
+
+def tiny_recipe(small_data, seed=0):
+    return pretraining_recipe(seed, data=small_data, **TINY_RUN)
 
 
 def _digests(split) -> set[str]:
@@ -67,7 +76,8 @@ def tokenizer():
 def cached_root(tmp_path_factory, small_data) -> Path:
     """A cache root holding a tiny (2-step) embedded model for seed 0."""
     root = tmp_path_factory.mktemp("cache")
-    pretrain_embedded_clip(embedded_clip_path(root, seed=0), seed=0, data=small_data, **TINY_RUN)
+    path = embedded_clip_path(root, seed=0, recipe=tiny_recipe(small_data))
+    pretrain_embedded_clip(path, seed=0, data=small_data, progress_bar=False, **TINY_RUN)
     return root
 
 
@@ -206,15 +216,55 @@ def test_config_is_small_clip_with_fc1(tokenizer):
 
 
 def test_cache_path(monkeypatch, tmp_path):
-    assert embedded_clip_path(tmp_path, seed=3) == tmp_path / "embedded-clip-v2-seed3"
+    suffix = recipe_hash(pretraining_recipe(3))
+    assert embedded_clip_path(tmp_path, seed=3) == tmp_path / f"embedded-clip-v3-seed3-{suffix}"
     monkeypatch.setenv("SPU_PEFT_CACHE", str(tmp_path / "env"))
-    assert embedded_clip_path(seed=0) == tmp_path / "env" / "embedded-clip-v2-seed0"
+    assert embedded_clip_path(seed=0).parent == tmp_path / "env"
     monkeypatch.delenv("SPU_PEFT_CACHE")
     assert embedded_clip_path().parent == Path.home() / ".cache" / "spu_peft"
 
 
+def test_a_changed_recipe_gets_another_cache_folder(tmp_path, small_data):
+    assert embedded_clip_path(tmp_path, recipe=pretraining_recipe(0)) == embedded_clip_path(tmp_path)
+    assert recipe_hash(pretraining_recipe(0, epochs=10)) == recipe_hash(pretraining_recipe(0))  # 10 is the default
+    others = [pretraining_recipe(0, epochs=3), pretraining_recipe(1), tiny_recipe(small_data)]
+    folders = {embedded_clip_path(tmp_path, recipe=r) for r in [pretraining_recipe(0), *others]}
+    assert len(folders) == 4
+    with pytest.raises(TypeError, match="unknown pretraining argument"):
+        pretraining_recipe(0, epoch=3)
+
+
+def test_a_model_built_with_a_recipe_records_its_hash(cached_root, small_data):
+    path = embedded_clip_path(cached_root, seed=0, recipe=tiny_recipe(small_data))
+    assert read_pretraining_metrics(path)["recipe_hash"] == recipe_hash(tiny_recipe(small_data))
+    assert path.name.endswith(recipe_hash(tiny_recipe(small_data)))
+
+
+def test_the_default_model_is_shipped_and_loads_without_pretraining(monkeypatch, tmp_path):
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("the shipped model should have been used")
+
+    monkeypatch.setattr(embedded_model, "pretrain_embedded_clip", must_not_train)
+    monkeypatch.setenv("SPU_PEFT_CACHE", str(tmp_path))
+    shipped = shipped_model_path()
+    assert embedded_model_path() == shipped
+    metrics = read_pretraining_metrics(shipped)
+    assert metrics["recipe_hash"] == recipe_hash(pretraining_recipe(0))  # the shipped weights follow the recipe
+    assert metrics["numerics"]["mode"] == "reproducible" and metrics["control_accuracy"] > 0.85
+    assert (shipped / "model.safetensors").stat().st_size < 1_300_000
+    model, processor = load_embedded_clip()
+    assert sum(p.numel() for p in model.parameters()) == metrics["num_parameters"]
+    assert processor.tokenizer("zebra")["input_ids"][-1] == processor.tokenizer.eos_token_id
+    assert list(tmp_path.iterdir()) == []  # nothing was cached
+
+
+def test_word_list_is_package_data():
+    words = english_words()
+    assert len(words) == len(set(words)) > 500 and "giraffe" in words and words[0] == "aardvark"
+
+
 def test_tiny_pretraining_saves_a_loadable_clip(cached_root, small_data):
-    path = embedded_clip_path(cached_root, seed=0)
+    path = embedded_clip_path(cached_root, seed=0, recipe=tiny_recipe(small_data))
     metrics = read_pretraining_metrics(path)
     assert metrics["steps"] == TINY_RUN["max_steps"] and 0.0 <= metrics["control_accuracy"] <= 1.0
     assert set(metrics["control_accuracy_by_domain"]) <= {"digits", "letters", "shapes"}
@@ -234,9 +284,11 @@ def test_load_embedded_clip_reuses_cache(cached_root, small_data, monkeypatch):
         raise AssertionError("the cached model should have been reused")
 
     monkeypatch.setattr(embedded_model, "pretrain_embedded_clip", must_not_train)
-    weights = embedded_clip_path(cached_root, seed=0) / "model.safetensors"
+    weights = embedded_clip_path(cached_root, seed=0, recipe=tiny_recipe(small_data)) / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
-    model, processor = load_embedded_clip(cache_dir=cached_root, seed=0)
+    model, processor = load_embedded_clip(
+        cache_dir=cached_root, seed=0, pretrain_kwargs={"data": small_data, **TINY_RUN}
+    )
     assert weights.stat().st_mtime_ns == mtime
     assert not model.training
     control = small_data["control"].select(range(32))
@@ -246,7 +298,7 @@ def test_load_embedded_clip_reuses_cache(cached_root, small_data, monkeypatch):
 
 
 def test_class_text_embeddings_truncate_long_class_names(cached_root, small_data):
-    model, processor = load_embedded_clip(cache_dir=cached_root, seed=0)
+    model, processor = load_embedded_clip()
     names = ["cat", " ".join(["a very long animal name"] * 20)]
     text = class_text_embeddings(model, processor, names, CAPTION_TEMPLATES[:2])
     assert text.shape == (2, model.config.projection_dim)
@@ -255,7 +307,7 @@ def test_class_text_embeddings_truncate_long_class_names(cached_root, small_data
 
 def test_zero_shot_uses_a_foreign_image_processor(cached_root, small_data):
     """A processor that is not the embedded one (e.g. a hub CLIP's) must be used as is, not the fast path."""
-    model, processor = load_embedded_clip(cache_dir=cached_root, seed=0)
+    model, processor = load_embedded_clip()
     other = CLIPImageProcessorPil(
         size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_mean=[0.2] * 3, image_std=[0.3] * 3
     )
@@ -273,7 +325,7 @@ def test_zero_shot_uses_a_foreign_image_processor(cached_root, small_data):
 def test_load_embedded_clip_trains_on_first_use(tmp_path, small_data):
     model, processor = load_embedded_clip(cache_dir=tmp_path, seed=1, pretrain_kwargs={"data": small_data, **TINY_RUN})
     assert isinstance(model, CLIPModel)
-    assert [p.name for p in tmp_path.iterdir()] == ["embedded-clip-v2-seed1"]  # no temporary leftovers
+    assert [p.name for p in tmp_path.iterdir()] == [embedded_clip_path(tmp_path, 1, tiny_recipe(small_data, 1)).name]
     assert processor.tokenizer("zebra")["input_ids"][-1] == processor.tokenizer.eos_token_id
 
 
@@ -284,7 +336,7 @@ def test_interrupted_pretraining_leaves_no_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(embedded_model, "pretrain_embedded_clip", killed)
     with pytest.raises(KeyboardInterrupt):
-        load_embedded_clip(cache_dir=tmp_path, seed=0)
+        load_embedded_clip(cache_dir=tmp_path, seed=1)
     assert list(tmp_path.iterdir()) == []
 
 

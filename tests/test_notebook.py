@@ -1,5 +1,6 @@
-"""notebooks/quickstart.ipynb runs top to bottom (on a barely pretrained embedded model, to stay fast)."""
+"""The notebooks run top to bottom, offline, on the shipped embedded model."""
 
+import json
 import os
 from pathlib import Path
 
@@ -7,13 +8,13 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from spu_peft.embedded import embedded_clip_path, pretrain_embedded_clip
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOK = NOTEBOOKS / "quickstart.ipynb"
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 
-
-def test_committed_notebook_has_no_outputs():
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "sequence.ipynb"])
+def test_committed_notebook_has_no_outputs(name):
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     assert all(
         not cell.get("outputs") and not cell.get("execution_count")
         for cell in notebook.cells
@@ -22,8 +23,7 @@ def test_committed_notebook_has_no_outputs():
 
 
 def test_quickstart_runs(tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    pretrain_embedded_clip(embedded_clip_path(cache), max_steps=1, limit=64)
+    cache = tmp_path / "cache"  # stays empty: the default model is shipped with the package
     monkeypatch.setenv("SPU_PEFT_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
@@ -35,7 +35,20 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     assert (tmp_path / "spu_selection.png").stat().st_size > 0
     outputs = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
     assert "reloaded output identical: True" in outputs
-    assert os.environ.get("SPU_PEFT_CACHE") == str(cache)
+    assert os.environ.get("SPU_PEFT_CACHE") == str(cache) and not cache.exists()
+
+
+def test_sequence_notebook_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPU_PEFT_CACHE", str(tmp_path / "cache"))
+    notebook = nbformat.read(NOTEBOOKS / "sequence.ipynb", as_version=4)
+    client = NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    results = json.loads((tmp_path / "sequence-results" / "results.json").read_text())
+    assert list(results["methods"]) == ["zeroshot", "finetune_replay", "spu_replay", "vision_replay"]
+    assert results["config"]["numerics_report"]["mode"] == "reproducible"
+    assert not (tmp_path / "cache").exists()
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

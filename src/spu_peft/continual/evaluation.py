@@ -8,11 +8,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .tasks import class_lookup
+
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _pooled(output: Any) -> torch.Tensor:
+    """Projected features from `get_*_features` (a tensor in transformers 4, an output object in 5)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 def tokenize_prompts(tokenizer: Any, class_names: Sequence[str], templates: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -29,42 +36,59 @@ def class_text_features(
     model = _unwrap(model)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in prompt_inputs.items()}
-    features = F.normalize(model.get_text_features(**inputs).pooler_output.float(), dim=-1)  # [T * C, D]
+    features = F.normalize(_pooled(model.get_text_features(**inputs)).float(), dim=-1)  # [T * C, D]
     features = features.view(-1, num_classes, features.shape[-1]).mean(0)  # [C, D]
     return F.normalize(features, dim=-1)
 
 
 @torch.no_grad()
-def zero_shot_accuracy(
+def zero_shot_predictions(
     model: torch.nn.Module,
     dataloader: Iterable[dict[str, torch.Tensor]],
     class_features: torch.Tensor,
-    class_ids: Sequence[int],
+    class_ids: Sequence[int] | None = None,
     accelerator: Any | None = None,
-) -> float:
-    """Accuracy (percent) of predicting, among `class_ids`, the class whose text feature is closest to the image's.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted, true) positions among `class_ids` of CLIP's zero-shot classification of every batch.
 
-    Batches hold `pixel_values` and `labels` (dataset class ids). With an `accelerator`, predictions are gathered
-    over processes with `gather_for_metrics`, so every rank returns the same number.
+    Each image is predicted as the class whose text feature (a row of `class_features`, in `class_ids` order) is
+    closest to its image feature. Batches hold `pixel_values` and `labels` (dataset class ids; `class_ids=None`
+    means the labels are the rows themselves). With an `accelerator`, predictions are gathered over processes
+    with `gather_for_metrics`, so every rank returns the same tensors. The only zero-shot evaluation of the
+    package: pretraining, the sequence and the notebooks all use it.
     """
     was_training = model.training
     model.eval()
     unwrapped = _unwrap(model)
     device = class_features.device
-    lookup = torch.full((max(class_ids) + 1,), -1, dtype=torch.long, device=device)
-    lookup[torch.tensor(list(class_ids), device=device)] = torch.arange(len(class_ids), device=device)
-    correct = total = 0
+    parameter = next(unwrapped.parameters())
+    lookup = None if class_ids is None else class_lookup(class_ids, device)
+    predicted, true = [], []
     for batch in dataloader:
-        pixel_values = batch["pixel_values"].to(device)
+        pixel_values = batch["pixel_values"].to(device=device, dtype=parameter.dtype)
         labels = batch["labels"].to(device)
-        image = F.normalize(unwrapped.get_image_features(pixel_values=pixel_values).pooler_output.float(), dim=-1)
+        image = F.normalize(_pooled(unwrapped.get_image_features(pixel_values=pixel_values)).float(), dim=-1)
         predictions = (image @ class_features.t()).argmax(-1)
-        targets = lookup[labels]
+        targets = labels if lookup is None else lookup[labels]
         if accelerator is not None:
             predictions, targets = accelerator.gather_for_metrics((predictions, targets))
-        correct += int((predictions == targets).sum())
-        total += int(targets.numel())
+        predicted.append(predictions.cpu())
+        true.append(targets.cpu())
     model.train(was_training)
-    if total == 0:
+    if not true:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(predicted), torch.cat(true)
+
+
+def zero_shot_accuracy(
+    model: torch.nn.Module,
+    dataloader: Iterable[dict[str, torch.Tensor]],
+    class_features: torch.Tensor,
+    class_ids: Sequence[int] | None = None,
+    accelerator: Any | None = None,
+) -> float:
+    """Accuracy (percent) of :func:`zero_shot_predictions`."""
+    predicted, true = zero_shot_predictions(model, dataloader, class_features, class_ids, accelerator)
+    if len(true) == 0:
         raise ValueError("The evaluation dataloader yielded no examples.")
-    return 100.0 * correct / total
+    return 100.0 * int((predicted == true).sum()) / len(true)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+import torch
+
 
 def class_incremental_split(num_classes: int, num_tasks: int, seed: int = 0) -> list[list[int]]:
     """Split class ids into `num_tasks` tasks of near-equal size, in a class order fixed by `seed`."""
@@ -24,3 +26,10 @@ def task_indices(labels: Sequence[int], classes: Sequence[int]) -> list[int]:
     """Positions of the examples whose label is one of `classes`."""
     wanted = set(classes)
     return [i for i, label in enumerate(labels) if label in wanted]
+
+
+def class_lookup(class_ids: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """A table from dataset class id to position in `class_ids` (-1 for the others), to index with labels."""
+    lookup = torch.full((max(class_ids) + 1,), -1, dtype=torch.long, device=device)
+    lookup[torch.tensor(list(class_ids), device=device)] = torch.arange(len(class_ids), device=device)
+    return lookup

@@ -1,14 +1,17 @@
-"""One task of continual training: current batches plus replay batches, CLIP's image-to-caption loss."""
+"""Training: the one optimisation step of pretraining and the sequence, CLIP's two losses, a task's epochs."""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from .tasks import class_lookup
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +26,62 @@ def caption_loss(
     class's caption. `targets` index rows of `caption_inputs`.
     """
     outputs = model(pixel_values=pixel_values, **caption_inputs)
-    logits = outputs.logits_per_image  # [B, C], scaled by CLIP's (frozen) temperature
+    logits = outputs.logits_per_image  # [B, C], scaled by CLIP's temperature
     return F.cross_entropy(logits, targets)
+
+
+def clip_loss(
+    model: torch.nn.Module, pixel_values: torch.Tensor, targets: torch.Tensor, caption_inputs: dict
+) -> torch.Tensor:
+    """The symmetric in-batch CLIP loss (FLYP, the reference implementation): image `i`'s caption is the caption of
+    its class (row `targets[i]` of `caption_inputs`), and the target of both directions is `arange(B)`.
+
+    As in the reference, images of the same class in a batch count as each other's negatives.
+    """
+    captions = {k: v[targets] for k, v in caption_inputs.items()}  # one caption per image: [B, L]
+    outputs = model(pixel_values=pixel_values, **captions)
+    labels = torch.arange(len(targets), device=targets.device)
+    return (F.cross_entropy(outputs.logits_per_image, labels) + F.cross_entropy(outputs.logits_per_text, labels)) / 2
+
+
+LOSS_FUNCTIONS = {"caption": caption_loss, "clip": clip_loss}
+
+
+def training_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    pixel_values: torch.Tensor,
+    targets: torch.Tensor,
+    caption_inputs: dict[str, torch.Tensor],
+    *,
+    loss: str = "caption",
+    accelerator: Any | None = None,
+) -> float:
+    """One optimisation step on a batch; returns its loss. Pretraining and every sequence method use it.
+
+    `targets` index rows of `caption_inputs` (one caption per class); `loss` is `caption` or `clip`.
+    """
+    value = LOSS_FUNCTIONS[loss](model, pixel_values, targets, caption_inputs)
+    if accelerator is not None:
+        accelerator.backward(value)
+    else:
+        value.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(value.detach())
+
+
+def reference_cosine_factor(epoch: int, epochs: int, num_tasks: int) -> float:
+    """The learning-rate factor of a task's `epoch` in the reference implementation.
+
+    It rebuilds `CosineAnnealingWarmupRestarts(first_cycle_steps=epochs * num_tasks, warmup_steps=1, min_lr=0)`
+    with the optimiser at every task and steps it once per epoch. Its warm-up starts from `min_lr`, so the first
+    epoch of every task runs at rate 0 (AdamW's moments fill, no weight moves); epoch `e >= 1` runs at
+    `(1 + cos(pi * (e - 1) / (epochs * num_tasks - 1))) / 2`, so each task only sees the start of one long cosine.
+    """
+    if epoch == 0:
+        return 0.0
+    return 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / max(1, epochs * num_tasks - 1)))
 
 
 def _cycle(loader: Iterable) -> Iterator:
@@ -43,6 +100,7 @@ def train_task(
     replay_loader: Iterable[dict[str, torch.Tensor]] | None = None,
     description: str = "train",
     progress_bar: bool = True,
+    loss: str = "caption",
 ) -> list[float]:
     """Train for `epochs` over `train_loader`; each step also takes one batch from `replay_loader` if given.
 
@@ -51,15 +109,16 @@ def train_task(
     bar (shown on the local main process otherwise), e.g. in worker processes that share one terminal.
     """
     device = accelerator.device
-    lookup = torch.full((max(class_ids) + 1,), -1, dtype=torch.long, device=device)
-    lookup[torch.tensor(list(class_ids), device=device)] = torch.arange(len(class_ids), device=device)
+    lookup = class_lookup(class_ids, device)
     captions = {k: v.to(device) for k, v in caption_inputs.items()}
     replay = _cycle(replay_loader) if replay_loader is not None else None
     model.train()
     losses = []
-    steps = epochs * len(train_loader)
     progress = tqdm(
-        total=steps, desc=description, disable=not (progress_bar and accelerator.is_local_main_process), leave=False
+        total=epochs * len(train_loader),
+        desc=description,
+        disable=not (progress_bar and accelerator.is_local_main_process),
+        leave=False,
     )
     for _ in range(epochs):
         total, count = 0.0, 0
@@ -69,11 +128,10 @@ def train_task(
                 old = next(replay)
                 pixel_values = torch.cat([pixel_values, old["pixel_values"]])
                 labels = torch.cat([labels, old["labels"]])
-            loss = caption_loss(model, pixel_values.to(device), lookup[labels.to(device)], captions)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            total += float(loss.detach())
+            targets = lookup[labels.to(device)]
+            total += training_step(
+                model, optimizer, pixel_values.to(device), targets, captions, loss=loss, accelerator=accelerator
+            )
             count += 1
             progress.update(1)
         losses.append(total / max(count, 1))

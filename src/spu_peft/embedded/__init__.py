@@ -1,7 +1,8 @@
 """The embedded default foundation model: a small offline-pretrained CLIP and its datasets.
 
 ``load_embedded_clip()`` returns a transformers ``CLIPModel`` and ``CLIPProcessor`` pretrained by the
-project on digits, rendered letters, rendered shapes and a few animal silhouettes (cached after the first call), and
+project on digits, rendered letters, rendered shapes and a few animal silhouettes (shipped with the package for
+seed 0; other seeds and recipes are pretrained on first use and cached), and
 ``load_animal_shapes()`` the new domain for the continual-learning benchmark. Everything runs offline.
 """
 
@@ -24,6 +25,7 @@ from .model import (
     CACHE_ENV,
     EMBEDDED_CLIP_CONFIG,
     EMBEDDED_CLIP_NAME,
+    PRETRAINING_DEFAULTS,
     build_image_processor,
     build_processor,
     build_tokenizer,
@@ -31,11 +33,16 @@ from .model import (
     class_text_embeddings,
     embedded_clip_config,
     embedded_clip_path,
+    embedded_model_path,
+    english_words,
     load_embedded_clip,
     load_embedded_processor,
     pixel_values_from_images,
     pretrain_embedded_clip,
+    pretraining_recipe,
     read_pretraining_metrics,
+    recipe_hash,
+    shipped_model_path,
     zero_shot_accuracy,
     zero_shot_predictions,
 )
@@ -48,6 +55,7 @@ __all__ = [
     "DIGIT_CLASSES",
     "EMBEDDED_CLIP_CONFIG",
     "EMBEDDED_CLIP_NAME",
+    "PRETRAINING_DEFAULTS",
     "HELD_OUT_TEMPLATES",
     "LETTER_CLASSES",
     "PRETRAINING_CLASSES",
@@ -62,13 +70,18 @@ __all__ = [
     "domain_of",
     "embedded_clip_config",
     "embedded_clip_path",
+    "embedded_model_path",
+    "english_words",
     "load_animal_shapes",
     "load_embedded_clip",
     "load_embedded_processor",
     "load_pretraining_data",
     "pixel_values_from_images",
     "pretrain_embedded_clip",
+    "pretraining_recipe",
     "read_pretraining_metrics",
+    "recipe_hash",
+    "shipped_model_path",
     "zero_shot_accuracy",
     "zero_shot_predictions",
 ]

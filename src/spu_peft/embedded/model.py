@@ -8,6 +8,7 @@ pretraining corpus (digits, letters, shapes, 20 animals per class) on first use 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -15,16 +16,17 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
 from PIL import Image as PILImage
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tqdm.auto import tqdm
 from transformers import (
     AutoTokenizer,
     CLIPConfig,
@@ -36,6 +38,9 @@ from transformers import (
 )
 
 from ..continual.evaluation import class_text_features, tokenize_prompts
+from ..continual.evaluation import zero_shot_predictions as _predictions
+from ..continual.numerics import numerics_report
+from ..continual.training import training_step
 from .data import (
     ANIMAL_CLASSES,
     CAPTION_TEMPLATES,
@@ -47,13 +52,13 @@ from .data import (
     load_animal_shapes,
     load_pretraining_data,
 )
-from .vocabulary import ENGLISH_WORDS
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_CLIP_NAME = "embedded-clip-v2"  # v2: the pretraining corpus holds a few animals
+EMBEDDED_CLIP_NAME = "embedded-clip-v3"  # v2: the corpus holds a few animals; v3: one training step, recipe hash
 CACHE_ENV = "SPU_PEFT_CACHE"
 METRICS_FILE = "pretraining_metrics.json"
+RECIPE_FILE = "recipe.json"
 
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<|startoftext|>", "<|endoftext|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)  # ids 0, 1, 2 (eos must not be 2: legacy CLIP pooling)
@@ -91,10 +96,17 @@ DEFAULT_EPOCHS = 10
 # ------------------------------------------------------------------------------------------ tokenizer
 
 
+def english_words() -> list[str]:
+    """The everyday words of the package data file `words.txt`, in order (they give later class names, such as
+    the animals', sensible sub-word pieces; the byte-level model encodes any string regardless)."""
+    text = resources.files(__package__).joinpath("words.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
 def _tokenizer_corpus() -> list[str]:
     """Captions of every pretraining class (repeated: they dominate the merges) plus everyday words."""
     captions = [c for t in CAPTION_TEMPLATES for c in captions_for(PRETRAINING_CLASSES, t)]
-    return captions * 4 + list(ENGLISH_WORDS)
+    return captions * 4 + english_words()
 
 
 def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB_SIZE) -> PreTrainedTokenizerFast:
@@ -208,20 +220,6 @@ def embedded_clip_config(tokenizer: PreTrainedTokenizerBase | None = None) -> CL
     )
 
 
-def _pooled(output: Any) -> torch.Tensor:
-    """Projected features from ``get_*_features`` (a tensor in transformers 4, an output object in 5)."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-def _image_embeds(model: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
-    return F.normalize(_pooled(model.get_image_features(pixel_values=pixel_values)), dim=-1)
-
-
-def _text_embeds(model: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    out = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-    return F.normalize(_pooled(out), dim=-1)
-
-
 def _tokenizer_of(processor_or_tokenizer: Any) -> PreTrainedTokenizerBase:
     tokenizer = getattr(processor_or_tokenizer, "tokenizer", None)
     return processor_or_tokenizer if tokenizer is None else tokenizer
@@ -258,7 +256,13 @@ def _pixel_function(processor_or_tokenizer: Any) -> Callable[[list], torch.Tenso
     return lambda images: image_processor(images=images, return_tensors="pt")["pixel_values"]
 
 
-@torch.no_grad()
+def _labelled_batches(dataset: Dataset, processor_or_tokenizer: Any, batch_size: int) -> Iterator[dict]:
+    to_pixels = _pixel_function(processor_or_tokenizer)
+    for start in range(0, len(dataset), batch_size):
+        part = dataset[start : start + batch_size]
+        yield {"pixel_values": to_pixels(part["image"]), "labels": torch.as_tensor(part["label"])}
+
+
 def zero_shot_predictions(
     model: CLIPModel,
     processor_or_tokenizer: Any,
@@ -267,20 +271,12 @@ def zero_shot_predictions(
     templates: Sequence[str] = CAPTION_TEMPLATES,
     batch_size: int = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted, true) labels of CLIP zero-shot classification of ``dataset`` (``image``/``label``)."""
-    was_training = model.training
-    model.eval()
+    """(predicted, true) labels of CLIP zero-shot classification of ``dataset`` (``image``/``label``), by
+    :func:`spu_peft.continual.zero_shot_predictions` on the text embeddings of ``class_names``."""
     text = class_text_embeddings(model, processor_or_tokenizer, class_names, templates)
-    to_pixels = _pixel_function(processor_or_tokenizer)
-    parameter = next(model.parameters())
-    predictions = []
-    for start in range(0, len(dataset), batch_size):
-        pixels = to_pixels(dataset[start : start + batch_size]["image"])
-        logits = _image_embeds(model, pixels.to(device=parameter.device, dtype=parameter.dtype)).float() @ text.T
-        predictions.append(logits.argmax(dim=-1).cpu().numpy())
-    model.train(was_training)
-    preds = np.concatenate(predictions) if predictions else np.zeros(0, dtype=np.int64)
-    return preds, np.asarray(dataset["label"], dtype=np.int64)
+    batches = _labelled_batches(dataset, processor_or_tokenizer, batch_size)
+    predicted, true = _predictions(model, batches, text)
+    return predicted.numpy(), true.numpy()
 
 
 def zero_shot_accuracy(
@@ -335,28 +331,6 @@ def _warmup_cosine(total_steps: int, warmup_fraction: float = 0.05) -> Any:
     return factor
 
 
-def _training_step(
-    model: CLIPModel,
-    pixels: torch.Tensor,
-    labels: torch.Tensor,
-    caption_ids: torch.Tensor,
-    caption_mask: torch.Tensor,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """Cross-entropy of each image against one randomly templated caption of every class.
-
-    With 48 classes a batch repeats classes, so in-batch contrastive targets would be mostly false
-    negatives; scoring against all class captions avoids that and is what zero-shot evaluation does.
-    """
-    n_templates, n_classes, _ = caption_ids.shape
-    choice = torch.randint(n_templates, (n_classes,), generator=generator)
-    rows = torch.arange(n_classes)
-    text = _text_embeds(model, caption_ids[choice, rows], caption_mask[choice, rows])
-    image = _image_embeds(model, pixels)
-    scale = model.logit_scale.clamp(max=math.log(100.0)).exp()
-    return F.cross_entropy(scale * image @ text.T, labels)
-
-
 def _train(
     model: CLIPModel,
     pixels: torch.Tensor,
@@ -367,22 +341,37 @@ def _train(
     total_steps: int,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
+    progress_bar: bool = True,
 ) -> float:
-    """The optimisation loop (shuffled epochs, warmup + cosine schedule); returns the last loss."""
+    """The optimisation loop (shuffled epochs, warmup + cosine schedule); returns the last loss.
+
+    Each step is :func:`spu_peft.continual.training_step` with the ``caption`` loss: every image against one
+    randomly templated caption of every class. With 58 classes a batch repeats classes, so in-batch contrastive
+    targets would be mostly false negatives; scoring against all class captions is what zero-shot evaluation
+    does. The temperature is clamped at 100 after every step, as in CLIP.
+    """
+    caption_ids, caption_mask = captions
+    n_templates, n_classes, _ = caption_ids.shape
+    rows = torch.arange(n_classes)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps))
     model.train()
-    step, loss, start = 0, float("nan"), time.perf_counter()
+    step, loss = 0, float("nan")
+    progress = tqdm(total=total_steps, desc="pretraining the embedded CLIP", disable=not progress_bar, unit="step")
     while step < total_steps:
         for batch in torch.randperm(len(labels), generator=generator).split(batch_size):
-            batch_loss = _training_step(model, pixels[batch], labels[batch], *captions, generator)
-            optimizer.zero_grad(set_to_none=True)
-            batch_loss.backward()
-            optimizer.step()
+            choice = torch.randint(n_templates, (n_classes,), generator=generator)
+            step_captions = {"input_ids": caption_ids[choice, rows], "attention_mask": caption_mask[choice, rows]}
+            loss = training_step(model, optimizer, pixels[batch], labels[batch], step_captions)
             schedule.step()
-            step, loss = step + 1, batch_loss.item()
+            with torch.no_grad():
+                model.logit_scale.clamp_(max=math.log(100.0))
+            step += 1
+            progress.update(1)
             if step >= total_steps:
                 break
-        logger.info("step %d/%d loss %.4f (%.0f s)", step, total_steps, loss, time.perf_counter() - start)
+        progress.set_postfix(loss=f"{loss:.3f}")
+        logger.info("step %d/%d loss %.4f", step, total_steps, loss)
+    progress.close()
     model.eval()
     return loss
 
@@ -414,6 +403,46 @@ def _limit(dataset: Dataset, limit: int | None) -> Dataset:
     return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
 
 
+PRETRAINING_DEFAULTS: dict[str, Any] = {
+    "epochs": DEFAULT_EPOCHS,
+    "batch_size": 64,
+    "learning_rate": 3e-3,
+    "weight_decay": 0.05,
+    "max_steps": None,
+    "limit": None,
+    "templates": CAPTION_TEMPLATES,
+}
+"""Keyword arguments of :func:`pretrain_embedded_clip` that shape the model, with their defaults."""
+
+
+def pretraining_recipe(seed: int = 0, data: DatasetDict | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Everything that decides the pretrained weights: the model name (version), seed, optimisation, data,
+    architecture, tokenizer. ``kwargs`` are :func:`pretrain_embedded_clip`'s (``PRETRAINING_DEFAULTS``)."""
+    unknown = set(kwargs) - set(PRETRAINING_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown pretraining argument(s) {sorted(unknown)}; known: {sorted(PRETRAINING_DEFAULTS)}")
+    options = {**PRETRAINING_DEFAULTS, **kwargs}
+    options["templates"] = list(options["templates"])
+    return {
+        "name": EMBEDDED_CLIP_NAME,
+        "seed": seed,
+        **options,
+        # The default corpus is made from the seed; a given one is known by its content (datasets fingerprints).
+        "data": None if data is None else {name: split._fingerprint for name, split in sorted(data.items())},
+        "architecture": EMBEDDED_CLIP_CONFIG,
+        "tokenizer": {"vocab_size": TOKENIZER_VOCAB_SIZE, "max_length": MAX_TEXT_LENGTH, "words": _words_digest()},
+    }
+
+
+def _words_digest() -> str:
+    return hashlib.sha256("\n".join(english_words()).encode()).hexdigest()[:16]
+
+
+def recipe_hash(recipe: dict[str, Any]) -> str:
+    """A short, stable hash of a recipe (the cache folder's suffix)."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def pretrain_embedded_clip(
     output_dir: str | os.PathLike[str],
     seed: int = 0,
@@ -425,16 +454,29 @@ def pretrain_embedded_clip(
     limit: int | None = None,
     templates: Sequence[str] = CAPTION_TEMPLATES,
     data: DatasetDict | None = None,
+    progress_bar: bool = True,
 ) -> dict[str, Any]:
     """Pretrain the embedded CLIP on digits + letters + shapes (+ a few animals) and save it.
 
-    Deterministic for a seed on a given machine. ``max_steps`` and ``limit`` (examples per split) make
-    quick smoke runs; ``data`` reuses an already loaded :func:`load_pretraining_data` result. Returns
-    metrics, also written to ``pretraining_metrics.json``: zero-shot accuracy on the never-trained
-    ``control`` split (overall, per domain and with held-out templates), on the animal test split of
-    ``seed`` (the continual sequence's starting point) and the wall time.
+    Deterministic for a seed; bit-identical on every x86-64 CPU when the process runs with
+    :func:`spu_peft.continual.pin_cpu_numerics` (the shipped model was made so). ``max_steps`` and ``limit``
+    (examples per split) make quick smoke runs; ``data`` reuses an already loaded :func:`load_pretraining_data`
+    result. ``progress_bar`` shows the steps and the time left. Returns metrics, also written to
+    ``pretraining_metrics.json`` (the recipe goes to ``recipe.json``): zero-shot accuracy on the never-trained
+    ``control`` split (overall, per domain and with held-out templates), on the animal test split of ``seed``
+    (the continual sequence's starting point), the wall time and the numerics settings.
     """
     start = time.perf_counter()
+    options = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "weight_decay": weight_decay,
+        "max_steps": max_steps,
+        "limit": limit,
+        "templates": list(templates),
+    }
+    recipe = pretraining_recipe(seed, data, **options)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     data = data if data is not None else load_pretraining_data(seed)
@@ -462,6 +504,7 @@ def pretrain_embedded_clip(
             total_steps=total_steps,
             optimizer=_optimizer(model, learning_rate, weight_decay),
             generator=generator,
+            progress_bar=progress_bar,
         )
     finally:
         torch.set_flush_denormal(False)
@@ -469,6 +512,7 @@ def pretrain_embedded_clip(
 
     metrics: dict[str, Any] = {
         "seed": seed,
+        "recipe_hash": recipe_hash(recipe),
         "steps": int(total_steps),
         "epochs": total_steps / steps_per_epoch,
         "train_examples": len(labels),
@@ -476,9 +520,10 @@ def pretrain_embedded_clip(
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "final_loss": loss,
         "train_seconds": train_seconds,
+        "numerics": numerics_report(),
         **_evaluate(model, tokenizer, control, _limit(load_animal_shapes(seed)["test"], limit)),
     }
-    _save(model, tokenizer, output_dir, metrics)
+    _save(model, tokenizer, output_dir, metrics, recipe)
     logger.info(
         "embedded CLIP zero-shot accuracy: control %.3f, animals %.3f",
         metrics["control_accuracy"],
@@ -488,30 +533,45 @@ def pretrain_embedded_clip(
 
 
 def _save(
-    model: CLIPModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | os.PathLike[str], metrics: dict
+    model: CLIPModel,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: str | os.PathLike[str],
+    metrics: dict,
+    recipe: dict,
 ) -> None:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     build_processor(tokenizer).save_pretrained(out)
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ cache
 
 
-def embedded_clip_path(cache_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> Path:
-    """Where the embedded model of ``seed`` lives: ``<root>/embedded-clip-v2-seed<seed>``.
+def shipped_model_path() -> Path:
+    """The folder of the embedded model shipped inside the package (seed 0, the default recipe)."""
+    return Path(str(resources.files(__package__).joinpath("pretrained")))
 
-    ``root`` is ``cache_dir`` if given, else ``$SPU_PEFT_CACHE``, else ``~/.cache/spu_peft``.
+
+def embedded_clip_path(
+    cache_dir: str | os.PathLike[str] | None = None, seed: int = 0, recipe: dict[str, Any] | None = None
+) -> Path:
+    """Where the embedded model of a recipe is cached: ``<root>/embedded-clip-v3-seed<seed>-<recipe hash>``.
+
+    ``recipe`` defaults to :func:`pretraining_recipe` of ``seed``; a changed recipe gets another folder, so a
+    stale model is never reused. ``root`` is ``cache_dir`` if given, else ``$SPU_PEFT_CACHE``, else
+    ``~/.cache/spu_peft``.
     """
+    recipe = recipe if recipe is not None else pretraining_recipe(seed)
     root = cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "spu_peft"
-    return Path(root).expanduser() / f"{EMBEDDED_CLIP_NAME}-seed{seed}"
+    return Path(root).expanduser() / f"{EMBEDDED_CLIP_NAME}-seed{seed}-{recipe_hash(recipe)}"
 
 
 def _is_complete(path: Path) -> bool:
     required = ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json", METRICS_FILE)
-    return all((path / name).is_file() for name in required)
+    return all((path / name).is_file() for name in required + (RECIPE_FILE,))
 
 
 def _pretrain_into(path: Path, seed: int, pretrain_kwargs: dict[str, Any]) -> None:
@@ -542,17 +602,35 @@ def load_embedded_processor(path: str | os.PathLike[str]) -> CLIPProcessor:
     )
 
 
+def embedded_model_path(
+    cache_dir: str | os.PathLike[str] | None = None, seed: int = 0, pretrain_kwargs: dict[str, Any] | None = None
+) -> Path:
+    """The folder :func:`load_embedded_clip` loads: the shipped model when the recipe is its recipe, else the
+    cache folder of the recipe (which may not exist yet)."""
+    kwargs = {k: v for k, v in (pretrain_kwargs or {}).items() if k != "progress_bar"}
+    recipe = pretraining_recipe(seed, **kwargs)
+    shipped = shipped_model_path()
+    if (shipped / RECIPE_FILE).is_file() and recipe_hash(json.loads((shipped / RECIPE_FILE).read_text())) == (
+        recipe_hash(recipe)
+    ):
+        return shipped
+    return embedded_clip_path(cache_dir, seed, recipe)
+
+
 def load_embedded_clip(
     cache_dir: str | os.PathLike[str] | None = None,
     seed: int = 0,
     pretrain_kwargs: dict[str, Any] | None = None,
 ) -> tuple[CLIPModel, CLIPProcessor]:
-    """The pretrained embedded CLIP and its processor, pretraining and caching it on first use.
+    """The pretrained embedded CLIP and its processor.
 
-    ``pretrain_kwargs`` are passed to :func:`pretrain_embedded_clip` only when the cache is empty.
-    The model is returned in eval mode on the CPU.
+    Seed 0 with the default recipe is shipped with the package, so it loads at once and every machine starts
+    from the same weights. Other seeds and recipes are pretrained on first use (a few minutes on a CPU, with a
+    progress bar) and cached in a folder named after the recipe's hash. ``pretrain_kwargs`` are
+    :func:`pretrain_embedded_clip`'s arguments (they are part of the recipe). The model is returned in eval mode
+    on the CPU.
     """
-    path = embedded_clip_path(cache_dir, seed)
+    path = embedded_model_path(cache_dir, seed, pretrain_kwargs)
     if not _is_complete(path):
         logger.info("no embedded CLIP cached at %s: pretraining it (a few minutes on CPU)", path)
         _pretrain_into(path, seed, dict(pretrain_kwargs or {}))

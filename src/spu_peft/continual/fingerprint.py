@@ -1,0 +1,84 @@
+"""A run's fingerprint: everything that shapes its numbers, so that a resume never mixes two different runs.
+
+It holds the settings (every field of `SequenceSettings`), the base model's identity (its configuration and a hash
+of its weights), the data's identity (the `datasets` fingerprints of the splits, which follow their content) and
+`RECIPE_VERSION`, the version of what the runner does with them. Where a run is resumed with another
+fingerprint, :func:`check_fingerprint` stops before any work and names each difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .settings import SequenceSettings
+
+RECIPE_VERSION = 1
+"""Bump when the runner computes other numbers from the same settings, model and data."""
+
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+class FingerprintMismatchError(ValueError):
+    """A resumed run's fingerprint differs from the one recorded; `differences` lists (key, recorded, now)."""
+
+    def __init__(self, differences: list[tuple[str, Any, Any]]) -> None:
+        self.differences = differences
+        listed = "; ".join(f"`{key}`: recorded {old!r}, now {new!r}" for key, old, new in differences)
+        super().__init__(f"cannot resume: the run in this folder was made with other settings ({listed})")
+
+
+def model_identity(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's configuration (without the library version) and of every tensor of its state dict."""
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        described = {k: v for k, v in config.to_dict().items() if k != "transformers_version"}
+        digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def sequence_fingerprint(settings: SequenceSettings, model_id: str, data_id: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint of a run: settings, model identity, data identity and recipe version."""
+    return {"recipe_version": RECIPE_VERSION, "settings": settings.to_dict(), "model": model_id, "data": data_id}
+
+
+def fingerprint_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, recorded, current) for each setting and identity that differs."""
+    differences = []
+    old, new = recorded.get("settings", {}), current["settings"]
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            differences.append((key, old.get(key), new.get(key)))
+    for key in ("model", "data", "recipe_version"):
+        if recorded.get(key) != current[key]:
+            differences.append((key, recorded.get(key), current[key]))
+    return differences
+
+
+def check_fingerprint(
+    output_dir: str | os.PathLike[str], fingerprint: dict[str, Any], resume: bool, write: bool = True
+) -> None:
+    """On resume, refuse a folder made with another fingerprint (or none); then (`write`) record this one."""
+    path = Path(output_dir) / FINGERPRINT_FILE
+    if resume and path.exists():
+        differences = fingerprint_differences(json.loads(path.read_text()), fingerprint)
+        if differences:
+            raise FingerprintMismatchError(differences)
+    elif resume and (Path(output_dir) / "runs").exists():
+        raise FingerprintMismatchError([("fingerprint", None, "missing: made by an older version; rerun afresh")])
+    if not write:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
+    os.replace(tmp, path)

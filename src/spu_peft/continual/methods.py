@@ -1,0 +1,177 @@
+"""The continual-learning methods a sequence compares, as a registry users can extend.
+
+A method says how to turn a copy of the base model into the model it trains, whether its steps replay earlier
+tasks, which selection score (if any) picks its support before each task, and its learning rates. The seven
+built-ins are registered below exactly as a user registers their own:
+
+    from spu_peft.continual import ContinualMethod, register_method
+
+    def vision_tower_only(model, settings):  # model: a private copy of the base CLIPModel
+        model.requires_grad_(False)
+        model.vision_model.requires_grad_(True)
+        return model
+
+    register_method(ContinualMethod("vision_replay", vision_tower_only, replay=True, default_lr=1e-5))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from ..config import SPUConfig
+from .settings import SequenceSettings
+
+Builder = Callable[[torch.nn.Module, SequenceSettings], torch.nn.Module]
+
+
+@dataclass(frozen=True)
+class ContinualMethod:
+    """A method of the sequence benchmark.
+
+    Args:
+        name: its name in `--methods`, result tables and run folders.
+        build: `build(model, settings)` returns the model to train from `model`, a private copy of the base
+            model (the runner seeds torch with `settings.seed` first, so a resumed run rebuilds it identically).
+            Parameters with `requires_grad` are trained.
+        replay: whether each step joins a batch from the task-balanced replay buffer.
+        selection_score: `selection_score(settings)` names the `select_parameters` score run before each task (the
+            model must hold an SPU adapter); `None` selects nothing.
+        default_lr: the learning rate when the settings give none (`None` for methods that do not train).
+        sweep_lrs: the grid of `lr_sweep` runs.
+        trains: `False` for methods evaluated as they are (`zeroshot`).
+        save_task_adapters: save the adapter after every task (`adapter_task<t>/`, with `save_pretrained`).
+        description: one line for tables and `--help`.
+    """
+
+    name: str
+    build: Builder
+    replay: bool = False
+    selection_score: Callable[[SequenceSettings], str] | None = None
+    default_lr: float | None = None
+    sweep_lrs: tuple[float, ...] = ()
+    trains: bool = True
+    save_task_adapters: bool = False
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.trains and (self.default_lr is None or self.default_lr <= 0):
+            raise ValueError(f"method {self.name!r} trains, so `default_lr` must be positive, got {self.default_lr}")
+
+    def __repr__(self) -> str:
+        return f"ContinualMethod(name={self.name!r}, ...)"
+
+
+_REGISTRY: dict[str, ContinualMethod] = {}
+
+
+def register_method(method: ContinualMethod, *, overwrite: bool = False) -> ContinualMethod:
+    """Make `method` available to `run_sequence` (and `--methods`) under its name."""
+    if method.name in _REGISTRY and not overwrite:
+        raise ValueError(f"a method named {method.name!r} is registered already; pass overwrite=True to replace it")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> ContinualMethod:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; registered: {', '.join(_REGISTRY)}") from None
+
+
+def registered_methods() -> tuple[str, ...]:
+    """Names of the registered methods, in registration order."""
+    return tuple(_REGISTRY)
+
+
+# ---- the built-in methods ------------------------------------------------------------------------------------------
+
+
+def lora_rank_matching_spu(model: torch.nn.Module, targets: tuple[str, ...], density: float) -> int:
+    """The LoRA rank whose A and B hold about as many parameters as SPU's sparse values on the same layers."""
+    values = lora = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            values += round(density * module.weight.numel())
+            lora += module.in_features + module.out_features
+    return max(1, round(values / lora))
+
+
+def _frozen(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
+    return model.requires_grad_(False)
+
+
+def _full(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
+    model.requires_grad_(True)
+    if hasattr(model, "logit_scale"):
+        model.logit_scale.requires_grad_(False)  # the temperature stays frozen for every method
+    return model
+
+
+def _lora(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
+    targets = list(settings.target_modules)
+    rank = settings.lora_rank or lora_rank_matching_spu(model, settings.target_modules, settings.density)
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
+
+
+def _spu(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
+    modules_to_save = None if settings.modules_to_save is None else list(settings.modules_to_save)
+    config = SPUConfig(
+        target_modules=list(settings.target_modules),
+        density=settings.density,
+        seed=settings.seed,
+        modules_to_save=modules_to_save,
+    )
+    return get_peft_model(model, config)
+
+
+def _settings_score(settings: SequenceSettings) -> str:
+    return settings.score
+
+
+def _random_score(settings: SequenceSettings) -> str:
+    return "random"
+
+
+# Learning-rate grids of `lr_sweep`. On the embedded default the sweep gave README's trade-off curves; each
+# method's default rate is the largest of its grid whose control drop stayed under 10 points: as much learning as
+# it gets at a bounded cost to what the model knew. The no-replay variants take their replay counterparts' rate.
+FULL_GRID = (3e-6, 1e-5, 3e-5, 9e-5, 3e-4)
+SPARSE_GRID = (3e-5, 1e-4, 3e-4, 9e-4, 3e-3)
+LORA_GRID = (1e-4, 3.3e-4, 1e-3, 3e-3, 1e-2)
+
+
+def _sparse(name: str, score: Callable[[SequenceSettings], str], replay: bool, description: str) -> ContinualMethod:
+    """An SPU-adapter method: SPU's support (or a random one of the same size) selected before every task."""
+    return ContinualMethod(
+        name,
+        _spu,
+        replay=replay,
+        selection_score=score,
+        default_lr=3e-4,
+        sweep_lrs=SPARSE_GRID,
+        save_task_adapters=True,
+        description=description,
+    )
+
+
+BUILTIN_METHODS = (
+    ContinualMethod("zeroshot", _frozen, trains=False, description="the frozen model"),
+    ContinualMethod("finetune", _full, default_lr=1e-5, sweep_lrs=FULL_GRID, description="full fine-tuning"),
+    ContinualMethod(
+        "finetune_replay", _full, replay=True, default_lr=1e-5, sweep_lrs=FULL_GRID, description="full + replay"
+    ),
+    ContinualMethod(
+        "lora_replay", _lora, replay=True, default_lr=3.3e-4, sweep_lrs=LORA_GRID, description="LoRA + replay"
+    ),
+    _sparse("random_replay", _random_score, True, "SPU's adapter on a random support + replay"),
+    _sparse("spu_replay", _settings_score, True, "SPU + replay"),
+    _sparse("spu", _settings_score, False, "SPU without replay"),
+)
+for _method in BUILTIN_METHODS:
+    register_method(_method)
+DEFAULT_METHODS: tuple[str, ...] = tuple(m.name for m in BUILTIN_METHODS)

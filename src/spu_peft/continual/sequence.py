@@ -1,0 +1,437 @@
+"""The sequence runner: every method over a class-incremental sequence of tasks, with checkpoints and resume.
+
+    import os
+    os.environ.update(MKL_CBWR="COMPATIBLE", ATEN_CPU_CAPABILITY="avx2")  # reproducible numerics: before any import
+
+    from spu_peft.continual import prepare_sequence_data, protocol_settings, run_sequence
+
+    settings = protocol_settings("embedded", num_tasks=5)
+    data = prepare_sequence_data(splits["train"], splits["test"], processor, settings, control=control_split)
+    methods = run_sequence(clip, processor, data, settings, output_dir="results/my-sequence")
+
+Every method sees the same data, class order, epochs and replay buffer. Each (method, learning rate) run trains
+in its own folder `runs/<method>[_lr<lr>]/` and checkpoints after every task (see `checkpoint`), so a run killed
+at any point resumes (`resume=True`) to the numbers of an uninterrupted one, recomputing no finished task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from ..layer import SPULayer
+from ..selection import select_parameters
+from .checkpoint import fresh_tmp, latest_checkpoint, load_weights, replace_directory, save_weights, write_checkpoint
+from .data import SequenceData, check_modules_to_save
+from .evaluation import class_text_features, tokenize_prompts, zero_shot_accuracy
+from .fingerprint import check_fingerprint, model_identity, sequence_fingerprint
+from .methods import DEFAULT_METHODS, ContinualMethod, get_method
+from .numerics import numerics_report, pin_cpu_numerics
+from .replay import TaskBalancedReplayBuffer
+from .reporting import summarise, write_outputs
+from .settings import SequenceSettings
+from .training import reference_cosine_factor, train_task
+
+logger = get_logger(__name__)
+
+SWEEP_FACTORS = (0.1, 1 / 3, 1.0, 3.0, 10.0)
+"""With `settings.lr` set, `lr_sweep` runs these multiples of it (else each method's `sweep_lrs`)."""
+
+
+# ---- one method over the whole sequence --------------------------------------------------------------------------
+
+
+def _reached(point: str, run_dir: Path, task: int) -> None:
+    """A named point of a run's progress (a place where a kill is tested); does nothing."""
+
+
+class _WithCaptions:
+    """A dataloader whose batches also carry the caption token ids, as `select_parameters` expects."""
+
+    def __init__(self, loader, captions: dict[str, torch.Tensor]) -> None:
+        self.loader, self.captions = loader, captions
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield {"pixel_values": batch["pixel_values"], **self.captions}
+
+
+def _shuffled_loader(dataset, indices, batch_size, seed, accelerator, repeat_to=None):
+    """A deterministic shuffled DataLoader over `indices`, sharded over processes by accelerate."""
+    generator = torch.Generator().manual_seed(seed)
+    order = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+    while repeat_to is not None and len(order) < repeat_to:
+        order += [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+    loader = DataLoader(Subset(dataset, order[:repeat_to] if repeat_to else order), batch_size=batch_size)
+    return accelerator.prepare_data_loader(loader)
+
+
+def _eval_loader(dataset, indices, settings: SequenceSettings, accelerator):
+    return accelerator.prepare_data_loader(DataLoader(Subset(dataset, indices), batch_size=settings.eval_batch_size))
+
+
+def task_accuracies(model, task: int, data: SequenceData, settings, accelerator, tokenizer) -> list[float]:
+    """Accuracy on every task seen so far, each predicted among all seen classes (class-incremental)."""
+    seen = sorted(c for t in data.tasks[: task + 1] for c in t)
+    names = [data.class_names[c] for c in seen]
+    features = class_text_features(model, tokenize_prompts(tokenizer, names, settings.templates), len(names))
+    return [
+        zero_shot_accuracy(
+            model, _eval_loader(data.test, data.test_indices[j], settings, accelerator), features, seen, accelerator
+        )
+        for j in range(task + 1)
+    ]
+
+
+def control_accuracy(model, data: SequenceData, settings, accelerator, tokenizer) -> float | None:
+    """Zero-shot accuracy on the control set (the pretraining domain), or None without one."""
+    if data.control is None:
+        return None
+    names = data.control_class_names
+    features = class_text_features(model, tokenize_prompts(tokenizer, names, settings.templates), len(names))
+    loader = _eval_loader(data.control, list(range(len(data.control))), settings, accelerator)
+    return zero_shot_accuracy(model, loader, features, list(range(len(names))), accelerator)
+
+
+def support_digest(model: torch.nn.Module) -> str:
+    """A fingerprint of every SPU layer's selected entries, to check that all processes chose the same ones."""
+    digest = hashlib.sha256()
+    for name, module in sorted(model.named_modules(), key=lambda item: item[0]):
+        if isinstance(module, SPULayer):
+            for indices in module.spu_indices.values():
+                digest.update(name.encode() + indices.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_model(method: ContinualMethod, base: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
+    """A fresh copy of the base model prepared for `method` (seeded, so a resumed run rebuilds it identically)."""
+    torch.manual_seed(settings.seed)
+    return method.build(copy.deepcopy(base), settings)
+
+
+def _train_one_task(model, method, lr, task, data, settings, accelerator, tokenizer, buffer, state, progress_bar):
+    seen = sorted(c for t in data.tasks[: task + 1] for c in t)
+    captions = tokenize_prompts(tokenizer, [data.class_names[c] for c in seen], [settings.caption_template])
+    task_seed = settings.seed * 1000 + task
+    if method.selection_score is not None:
+        loader = _shuffled_loader(
+            data.train, data.train_indices[task], settings.scoring_batch_size, task_seed, accelerator
+        )
+        report = select_parameters(
+            model,
+            _WithCaptions(loader, captions),
+            score=method.selection_score(settings),
+            fraction=settings.score_fraction,
+            seed=task_seed,
+            description=f"task {task}: classes {data.task_class_names()[task]}",
+        )
+        digests = gather_object([support_digest(model)])
+        state["selections"].append(
+            {
+                "task": task,
+                "score_s": report.score_seconds,
+                "selected": report.total_selected,
+                "ranks_agree": len(set(digests)) == 1,
+            }
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
+    prepared_model, optimizer = accelerator.prepare(model, optimizer)
+    losses = []
+    for epoch in range(settings.epochs):
+        factor = 1.0
+        if settings.lr_schedule == "reference_cosine":
+            factor = reference_cosine_factor(epoch, settings.epochs, settings.num_tasks)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * factor
+        train_loader = _shuffled_loader(
+            data.train, data.train_indices[task], settings.batch_size, task_seed * 100 + epoch, accelerator
+        )
+        replay_loader = None
+        if method.replay and len(buffer) and epoch >= settings.replay_from_epoch:
+            replay_loader = _shuffled_loader(
+                data.train,
+                buffer.indices,
+                settings.replay_batch_size,
+                task_seed * 100 + epoch + 50,
+                accelerator,
+                repeat_to=len(train_loader) * settings.replay_batch_size * accelerator.num_processes,
+            )
+        losses += train_task(
+            prepared_model,
+            optimizer,
+            train_loader,
+            captions,
+            seen,
+            accelerator,
+            epochs=1,
+            replay_loader=replay_loader,
+            description=f"{method.name} task {task} epoch {epoch}",
+            progress_bar=progress_bar,
+            loss=settings.loss,
+        )
+    model = accelerator.unwrap_model(prepared_model)
+    accelerator.free_memory()
+    state["losses"].append(losses)
+    if method.replay and settings.buffer_size > 0:
+        buffer.add_task(task, data.train_indices[task])
+    return model
+
+
+def run_method(
+    method: ContinualMethod,
+    lr: float | None,
+    base: torch.nn.Module,
+    tokenizer: Any,
+    data: SequenceData,
+    settings: SequenceSettings,
+    accelerator: Accelerator,
+    run_dir: Path,
+    resume: bool = False,
+    progress_bar: bool = True,
+) -> dict[str, Any]:
+    """Train `method` at `lr` over the whole sequence, checkpointing after every task; returns its raw results.
+
+    With `resume`, it continues after the newest checkpoint in `run_dir` (a finished run trains nothing).
+    """
+    label = method.name if lr is None else f"{method.name} (lr {lr:g})"
+    model = build_model(method, base, settings).to(accelerator.device)
+    state: dict[str, Any] = {"acc_matrix": [], "control_acc": [], "losses": [], "buffer": None, "selections": []}
+    state["wall_s"] = 0.0
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        state, folder = checkpoint
+        if method.trains:
+            load_weights(model, folder / "weights")
+        logger.info(f"{label}: resuming after task {len(state['acc_matrix'])}", main_process_only=True)
+    buffer = TaskBalancedReplayBuffer(settings.buffer_size, seed=settings.seed)
+    if state["buffer"]:
+        buffer.load_state_dict(state["buffer"])
+
+    for task in range(len(state["acc_matrix"]), settings.num_tasks):
+        start = time.perf_counter()
+        if method.trains:
+            model = _train_one_task(
+                model, method, lr, task, data, settings, accelerator, tokenizer, buffer, state, progress_bar
+            )
+        _reached("trained", run_dir, task)
+        state["acc_matrix"].append(task_accuracies(model, task, data, settings, accelerator, tokenizer))
+        if method.trains or not state["control_acc"]:
+            state["control_acc"].append(control_accuracy(model, data, settings, accelerator, tokenizer))
+        else:  # an untrained model keeps its control accuracy
+            state["control_acc"].append(state["control_acc"][0])
+        state["buffer"] = buffer.state_dict()
+        state["wall_s"] += time.perf_counter() - start
+        if accelerator.is_main_process:
+            if method.save_task_adapters:
+                adapter = run_dir / f"adapter_task{task}"
+                tmp = fresh_tmp(adapter)
+                save_weights(model, tmp)
+                replace_directory(tmp, adapter)
+                _reached("adapter_saved", run_dir, task)
+            write_checkpoint(run_dir, task, state, model if method.trains else None)
+            _reached("checkpointed", run_dir, task)
+        accelerator.wait_for_everyone()
+        logger.info(f"{label} task {task}: acc {state['acc_matrix'][-1]} control {state['control_acc'][-1]}")
+
+    weights = run_dir / f"task{settings.num_tasks - 1}" / "weights"
+    files = list(weights.glob("*.safetensors")) if weights.exists() else []
+    return {
+        "lr": lr,
+        "acc_matrix": state["acc_matrix"],
+        "control_acc": state["control_acc"],
+        "losses": state["losses"],
+        "selections": state["selections"],
+        "trainable_params": trainable_parameters(model) if method.trains else 0,
+        "adapter_bytes": sum(f.stat().st_size for f in files) or None,
+        "wall_s": state["wall_s"],
+    }
+
+
+# ---- every run, in this process or in forked workers --------------------------------------------------------------
+
+
+_FORK_CONTEXT: dict[str, Any] = {}  # what forked workers inherit: model, data and settings, set before they start
+
+
+def run_dir_name(method: str, lr: float | None) -> str:
+    return method if lr is None else f"{method}_lr{lr:g}"
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make a forked worker die with the process that started it (Linux `PR_SET_PDEATHSIG`).
+
+    After the main process is killed, an orphaned worker would go on writing its run's checkpoints while a
+    resume redoes the same run in the same folder.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: workers end when they next read their queue
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _run_in_worker(index: int) -> dict:
+    torch.set_num_threads(1)
+    c = _FORK_CONTEXT
+    method, lr = c["runs"][index]
+    run_dir = c["output_dir"] / "runs" / run_dir_name(method.name, lr)
+    return run_method(method, lr, *c["args"], run_dir, c["resume"], False)
+
+
+def _run_all(runs, args: tuple, output_dir: Path, resume: bool, workers: int) -> Iterator[dict]:
+    """Results of every (method, lr) run, in order: in this process, or from `workers` forked processes.
+
+    Runs are independent (each seeds itself and checkpoints into its own folder) and every process computes with
+    one thread, so a pool gives the same numbers as one process, about `workers` times sooner on a multi-core CPU.
+    """
+    if workers == 1:
+        for method, lr in runs:
+            run_dir = output_dir / "runs" / run_dir_name(method.name, lr)
+            yield run_method(method, lr, *args, run_dir, resume, True)
+        return
+    _FORK_CONTEXT.update(runs=runs, args=args, output_dir=output_dir, resume=resume)
+    context = multiprocessing.get_context("fork")
+    pool = ProcessPoolExecutor(
+        min(workers, len(runs)), mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
+    )
+    try:
+        futures = [pool.submit(_run_in_worker, i) for i in range(len(runs))]
+        pending = set(futures)
+        for future in futures:
+            while not future.done():  # a failure anywhere stops everything at once, not when its turn comes
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for finished in done:
+                    if finished.exception() is not None:
+                        raise finished.exception()
+            yield future.result()
+    except BaseException:  # includes the consumer closing this generator early
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in multiprocessing.active_children():
+            child.terminate()
+        raise
+    pool.shutdown()
+
+
+def sequence_runs(
+    methods: Sequence[ContinualMethod], settings: SequenceSettings, lr_sweep: bool = False
+) -> list[tuple[ContinualMethod, float | None]]:
+    """The (method, learning rate) runs: each method at `settings.lr` or its default, then the sweep's others."""
+    chosen = {m.name: (settings.lr or m.default_lr) if m.trains else None for m in methods}
+    runs = [(m, chosen[m.name]) for m in methods]
+    if lr_sweep:
+        for m in methods:
+            if m.trains:
+                grid = [settings.lr * f for f in SWEEP_FACTORS] if settings.lr else m.sweep_lrs
+                runs += [(m, lr) for lr in grid if lr != chosen[m.name]]
+    return runs
+
+
+def run_sequence(
+    model: torch.nn.Module,
+    processor: Any,
+    data: SequenceData,
+    settings: SequenceSettings,
+    *,
+    output_dir: str | os.PathLike[str],
+    methods: Sequence[str | ContinualMethod] = DEFAULT_METHODS,
+    lr_sweep: bool = False,
+    resume: bool = False,
+    workers: int = 1,
+    accelerator: Accelerator | None = None,
+    plots: bool = True,
+    extra_config: dict[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run every method over the sequence; write results.json/.csv/.md and plots to `output_dir`; return them.
+
+    `model` is any `CLIPModel` (never modified: each run trains a copy), `processor` its `CLIPProcessor`, `data`
+    from :func:`prepare_sequence_data` with the same settings. With `settings.numerics == "reproducible"` the CPU
+    math libraries are pinned first (:func:`pin_cpu_numerics`; it raises if tensors were computed before in this
+    process: call it first). `resume` continues the runs in `output_dir` and refuses a folder whose fingerprint
+    differs (`FingerprintMismatchError`); without it, earlier runs there are removed. `workers > 1` trains runs in
+    forked one-thread CPU processes; per-method numbers do not depend on it. `extra_config` is recorded in
+    results.json beside the settings.
+    """
+    if settings.numerics == "reproducible":
+        pin_cpu_numerics()
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    resolved = [get_method(m) if isinstance(m, str) else m for m in methods]
+    names = [m.name for m in resolved]
+    if not resolved or len(set(names)) < len(names):
+        raise ValueError(f"`methods` must name each method once, got {names}")
+    if workers < 1 or (workers > 1 and (accelerator.device.type != "cpu" or accelerator.num_processes > 1)):
+        raise ValueError(f"`workers` > 1 needs a single CPU process, and at least 1; got {workers}")
+    check_modules_to_save(model, settings)
+    output_dir = Path(output_dir)
+    fingerprint = sequence_fingerprint(settings, model_identity(model), data.identity)
+    check_fingerprint(output_dir, fingerprint, resume, write=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if not resume and (output_dir / "runs").exists():
+            shutil.rmtree(output_dir / "runs")
+        check_fingerprint(output_dir, fingerprint, resume)
+    accelerator.wait_for_everyone()
+
+    runs = sequence_runs(resolved, settings, lr_sweep)
+    model = model.to(accelerator.device).eval()
+    frozen_control = control_accuracy(model, data, settings, accelerator, processor.tokenizer)
+    if frozen_control is not None:
+        logger.info(f"frozen model's control accuracy: {frozen_control:.1f}%", main_process_only=True)
+    config = {
+        **settings.to_dict(),
+        **(extra_config or {}),
+        "methods": names,
+        "lrs": {m.name: lr for m, lr in runs[: len(resolved)] if lr is not None},
+        "tasks": data.task_class_names(),
+        "processes": accelerator.num_processes,
+        "workers": workers,
+        "numerics_report": numerics_report(),
+        "fingerprint": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16],
+        "frozen_control_acc": frozen_control,
+    }
+    results: dict[str, dict] = {}
+    args = (model, processor.tokenizer, data, settings, accelerator)
+    finished = _run_all(runs, args, output_dir, resume, workers)
+    bar = tqdm(zip(runs, finished), total=len(runs), desc="runs", disable=not accelerator.is_local_main_process)
+    for (method, lr), raw in bar:
+        result = summarise(raw, frozen_control)
+        point = {k: result[k] for k in ("lr", "avg_acc", "forgetting", "control_drop")}
+        if method.name in results:
+            results[method.name]["sweep"].append(point)
+        else:
+            results[method.name] = {**result, "sweep": [point] if lr_sweep and lr is not None else None}
+        if accelerator.is_main_process:
+            write_outputs(output_dir, config, results, plots=False)
+            _reached("outputs_written", output_dir, -1)
+    for result in results.values():
+        if result.get("sweep"):
+            result["sweep"].sort(key=lambda p: p["lr"])
+    if accelerator.is_main_process:
+        write_outputs(output_dir, config, results, plots=plots)
+    accelerator.wait_for_everyone()
+    return results

@@ -1,0 +1,46 @@
+"""`python -m spu_peft.embedded --output-dir DIR [--seed N]`: pretrain the embedded CLIP under pinned numerics.
+
+This is how the model shipped in `spu_peft/embedded/pretrained/` is made (seed 0, the default recipe); the same
+command reproduces it bit for bit on any x86-64 CPU with AVX2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", required=True, help="Folder to write the model to.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the corpus, the initialisation and the order.")
+    parser.add_argument("--numerics", choices=("reproducible", "native"), default="reproducible", help="CPU numerics.")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from ..continual.numerics import REPRODUCIBLE_ENV, pin_cpu_numerics
+    from .model import pretrain_embedded_clip
+
+    if args.numerics == "reproducible":
+        preset = all(os.environ.get(k) == v for k, v in REPRODUCIBLE_ENV.items())
+        try:
+            pin_cpu_numerics()
+        except RuntimeError:
+            if preset:
+                raise
+            # Importing the package computed a tensor before the pins could apply: start again with them set.
+            command = [sys.executable, "-m", "spu_peft.embedded", *(argv if argv is not None else sys.argv[1:])]
+            os.execve(sys.executable, command, {**os.environ, **REPRODUCIBLE_ENV})
+    torch.set_num_threads(1)  # tiny matrices: threads only wait on each other, and one thread is reproducible
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics = pretrain_embedded_clip(args.output_dir, seed=args.seed)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

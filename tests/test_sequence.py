@@ -1,0 +1,262 @@
+"""spu_peft.continual's sequence engine: resume after a kill at any point, the fingerprint, the method registry,
+the paper's protocol, from Python on a barely pretrained embedded model."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPModel
+
+from spu_peft.continual import (
+    ContinualMethod,
+    FingerprintMismatchError,
+    SequenceSettings,
+    clip_loss,
+    prepare_sequence_data,
+    protocol_settings,
+    reference_cosine_factor,
+    register_method,
+    registered_methods,
+    run_sequence,
+)
+from spu_peft.continual import checkpoint as checkpoints
+from spu_peft.continual import methods as registry
+from spu_peft.continual import sequence as engine
+from spu_peft.embedded import load_animal_shapes, load_embedded_processor, load_pretraining_data
+
+SETTINGS = SequenceSettings(
+    num_tasks=2,
+    epochs=1,
+    batch_size=16,
+    replay_batch_size=16,
+    buffer_size=16,
+    max_train_per_task=32,
+    max_test_per_task=16,
+    numerics="native",  # the pins are tested in test_continual and the sequence notebook
+)
+METHODS = ["zeroshot", "spu_replay"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model):
+    model, processor = CLIPModel.from_pretrained(tiny_model).eval(), load_embedded_processor(tiny_model)
+    splits = load_animal_shapes(seed=0)
+    control = load_pretraining_data(seed=0, rendered_per_class=12, control_per_class=2)["control"]
+    data = prepare_sequence_data(splits["train"], splits["test"], processor, SETTINGS, control=control)
+    return model, processor, data
+
+
+def run(setup, output_dir, resume=False, methods=METHODS, settings=SETTINGS, **kwargs):
+    model, processor, data = setup
+    return run_sequence(
+        model, processor, data, settings, output_dir=output_dir, methods=methods, resume=resume, plots=False, **kwargs
+    )
+
+
+def numbers(results):
+    return {name: (r["acc_matrix"], r["control_acc"], r["trainable_params"]) for name, r in results.items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup, tmp_path_factory):
+    return numbers(run(setup, tmp_path_factory.mktemp("whole")))
+
+
+class Crash(BaseException):
+    """What a kill looks like to the code under test: nothing after it runs (not an Exception, so nothing
+    catches it)."""
+
+
+def _points(setup, tmp_path, monkeypatch) -> list[tuple[str, int]]:
+    seen = []
+    monkeypatch.setattr(engine, "_reached", lambda point, run_dir, task: seen.append((run_dir.name, point, task)))
+    run(setup, tmp_path / "count")
+    monkeypatch.undo()
+    return seen
+
+
+def _trained_after_resume(setup, output_dir, monkeypatch) -> tuple[dict, list]:
+    trained = []
+    real = engine._train_one_task
+
+    def counting(model, method, lr, task, *rest):
+        trained.append((method.name, task))
+        return real(model, method, lr, task, *rest)
+
+    monkeypatch.setattr(engine, "_train_one_task", counting)
+    results = run(setup, output_dir, resume=True)
+    monkeypatch.undo()
+    return numbers(results), trained
+
+
+def _unfinished(output_dir: Path) -> list[tuple[str, int]]:
+    """(method, task) of the training tasks that no checkpoint holds."""
+    todo = []
+    for name in METHODS:
+        found = checkpoints.latest_checkpoint(output_dir / "runs" / engine.run_dir_name(name, _lr(name)))
+        done = 0 if found is None else len(found[0]["acc_matrix"])
+        todo += [(name, t) for t in range(done, SETTINGS.num_tasks) if name != "zeroshot"]
+    return todo
+
+
+def _lr(name):
+    return registry.get_method(name).default_lr
+
+
+def _crashed_run(setup, output_dir, kind, k, monkeypatch) -> None:
+    """Run until the `k`-th progress point (`point`), the second task's training (`training`) or the `k`-th
+    rename of a finished checkpoint folder (`replacing`), and stop there as a kill would."""
+    calls = []
+
+    def crash(*args):
+        calls.append(args)
+        if len(calls) == k + 1:
+            raise Crash
+
+    if kind == "point":
+        monkeypatch.setattr(engine, "_reached", crash)
+    elif kind == "training":
+        real_train = engine.train_task
+
+        def train(*args, **kwargs):
+            if "task 1" in kwargs["description"]:
+                crash()
+            return real_train(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "train_task", train)
+    else:
+        real_replace = checkpoints.replace_directory
+        monkeypatch.setattr(checkpoints, "replace_directory", lambda *a: crash() or real_replace(*a))
+    with pytest.raises(Crash):
+        run(setup, output_dir)
+    monkeypatch.undo()
+
+
+def test_a_run_killed_at_any_point_resumes_to_the_same_numbers_recomputing_nothing(
+    setup, uninterrupted, tmp_path, monkeypatch
+):
+    """Regression: resuming after `zeroshot` finished raised FileNotFoundError (no weights); a kill between the
+    weights and the progress file resumed from a mismatched pair."""
+    points = _points(setup, tmp_path, monkeypatch)
+    assert {p for _, p, _ in points} == {"trained", "adapter_saved", "checkpointed", "outputs_written"}
+    crashes = [("point", i) for i in range(len(points))] + [("training", 0), ("replacing", 2)]
+    for kind, k in crashes:
+        output_dir = tmp_path / f"{kind}{k}"
+        _crashed_run(setup, output_dir, kind, k, monkeypatch)
+        unfinished = _unfinished(output_dir)
+        resumed, trained = _trained_after_resume(setup, output_dir, monkeypatch)
+        assert resumed == uninterrupted, (kind, k)
+        assert trained == unfinished, (kind, k)  # finished tasks are not trained again
+
+
+def test_a_finished_run_resumes_without_training(setup, uninterrupted, tmp_path, monkeypatch):
+    run(setup, tmp_path)
+    resumed, trained = _trained_after_resume(setup, tmp_path, monkeypatch)
+    assert resumed == uninterrupted and trained == []
+
+
+def test_resume_with_other_settings_is_refused_naming_them(setup, tmp_path):
+    run(setup, tmp_path)
+    before = (tmp_path / "results.json").read_text()
+    other = SequenceSettings(**{**SETTINGS.to_dict(), "density": 0.02, "epochs": 2})
+    with pytest.raises(FingerprintMismatchError) as caught:
+        run(setup, tmp_path, resume=True, settings=other)
+    assert [(k, a, b) for k, a, b in caught.value.differences] == [("density", 0.1, 0.02), ("epochs", 1, 2)]
+    assert "`density`: recorded 0.1, now 0.02" in str(caught.value)
+    assert (tmp_path / "results.json").read_text() == before  # nothing was touched
+
+
+def test_per_method_numbers_do_not_depend_on_workers(setup, uninterrupted, tmp_path):
+    assert numbers(run(setup, tmp_path, workers=2)) == uninterrupted
+
+
+# ---- the method registry ---------------------------------------------------------------------------------------------
+
+
+def _vision_tower_only(model, settings):
+    model.requires_grad_(False)
+    model.vision_model.requires_grad_(True)
+    return model
+
+
+def test_a_registered_method_runs_beside_the_built_ins(setup, uninterrupted, tmp_path):
+    method = register_method(ContinualMethod("vision_replay", _vision_tower_only, replay=True, default_lr=1e-4))
+    try:
+        assert "vision_replay" in registered_methods()
+        with pytest.raises(ValueError, match="registered already"):
+            register_method(method)
+        results = run(setup, tmp_path, methods=["zeroshot", "vision_replay"])
+    finally:
+        registry._REGISTRY.pop("vision_replay")
+    vision = sum(p.numel() for p in setup[0].vision_model.parameters())
+    assert results["vision_replay"]["trainable_params"] == vision
+    assert numbers(results)["zeroshot"] == uninterrupted["zeroshot"]
+    with pytest.raises(ValueError, match="unknown method 'vision_replay'"):
+        run(setup, tmp_path, methods=["vision_replay"])
+
+
+def test_a_method_that_trains_needs_a_learning_rate():
+    with pytest.raises(ValueError, match="default_lr"):
+        ContinualMethod("nameless", _vision_tower_only)
+
+
+# ---- the paper's protocol --------------------------------------------------------------------------------------------
+
+
+def test_paper_protocol_is_the_reference_settings():
+    paper = protocol_settings("paper")
+    assert (paper.lr, paper.weight_decay, paper.epochs, paper.batch_size) == (7.5e-6, 0.2, 10, 128)
+    assert (paper.loss, paper.lr_schedule, paper.replay_from_epoch, paper.score_batch_size) == (
+        "clip",
+        "reference_cosine",
+        1,
+        128,
+    )
+    assert protocol_settings("paper", epochs=2).epochs == 2
+    assert protocol_settings("embedded") == SequenceSettings()
+    with pytest.raises(ValueError, match="`protocol`"):
+        protocol_settings("papers")
+
+
+def test_reference_cosine_warms_up_from_zero_and_decays_over_all_tasks():
+    assert reference_cosine_factor(0, 10, 10) == 0.0  # the reference's one warm-up step starts at min_lr = 0
+    assert reference_cosine_factor(1, 10, 10) == 1.0
+    assert reference_cosine_factor(9, 10, 10) == pytest.approx(
+        0.5 * (1 + torch.cos(torch.tensor(torch.pi * 8 / 99)).item())
+    )
+    assert reference_cosine_factor(1, 1, 1) == 1.0
+
+
+def test_clip_loss_is_the_symmetric_in_batch_loss(tiny_clip, batch):
+    captions = {"input_ids": batch["input_ids"][:3], "attention_mask": torch.ones_like(batch["input_ids"][:3])}
+    targets = torch.tensor([2, 0, 2, 1])  # two images of class 2: each other's negatives, as in the reference
+    loss = clip_loss(tiny_clip, batch["pixel_values"], targets, captions)
+    out = tiny_clip(pixel_values=batch["pixel_values"], input_ids=captions["input_ids"][targets],
+                    attention_mask=captions["attention_mask"][targets])  # fmt: skip
+    labels = torch.arange(4)
+    expected = (torch.nn.functional.cross_entropy(out.logits_per_image, labels)
+                + torch.nn.functional.cross_entropy(out.logits_per_text, labels)) / 2  # fmt: skip
+    torch.testing.assert_close(loss, expected)
+
+
+def test_paper_protocol_runs_offline_with_replay_from_the_second_epoch(setup, tmp_path, monkeypatch):
+    steps = []
+    real = engine.train_task
+
+    def recording(model, optimizer, loader, *args, **kwargs):
+        steps.append((kwargs["description"], kwargs["replay_loader"] is not None, optimizer.param_groups[0]["lr"]))
+        return real(model, optimizer, loader, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_task", recording)
+    small = {k: getattr(SETTINGS, k) for k in ("num_tasks", "max_train_per_task", "max_test_per_task", "buffer_size")}
+    paper = protocol_settings("paper", **small, epochs=2, batch_size=16, replay_batch_size=16, numerics="native")
+    results = run(setup, tmp_path, methods=["zeroshot", "finetune_replay", "spu_replay"], settings=paper)
+    config = json.loads((tmp_path / "results.json").read_text())["config"]
+    assert config["lrs"] == {"finetune_replay": 7.5e-6, "spu_replay": 7.5e-6} and config["loss"] == "clip"
+    replay = {d: r for d, r, _ in steps}
+    assert replay["spu_replay task 1 epoch 0"] is False and replay["spu_replay task 1 epoch 1"] is True
+    assert replay["spu_replay task 0 epoch 1"] is False  # nothing to replay during the first task
+    rates = {d: lr for d, _, lr in steps}
+    assert rates["finetune_replay task 0 epoch 0"] == 0.0 and rates["finetune_replay task 0 epoch 1"] == 7.5e-6
+    assert all(len(r["acc_matrix"]) == 2 for r in results.values())
