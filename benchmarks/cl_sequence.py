@@ -15,37 +15,21 @@ a markdown table in the paper's Acc / F / C form, PNG plots) land in `--output-d
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
+import re
 import sys
+from pathlib import Path
 
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from transformers import AutoProcessor, CLIPModel
 
-def _numerics_flag(argv: list[str]) -> str:
-    for i, arg in enumerate(argv):
-        if arg.startswith("--numerics="):
-            return arg.split("=", 1)[1]
-        if arg == "--numerics" and i + 1 < len(argv):
-            return argv[i + 1]
-    return "reproducible"
-
-
-# 0. Pinned numerics (the default) must be set before the first tensor operation, and importing the libraries
-# below computes one: put MKL's and ATen's variables in place now (`pin_cpu_numerics` in main() checks them).
-if __name__ == "__main__" and _numerics_flag(sys.argv[1:]) == "reproducible":
-    os.environ.update({"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "avx2"})
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import re  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import datasets  # noqa: E402
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate.logging import get_logger  # noqa: E402
-from transformers import AutoProcessor, CLIPModel  # noqa: E402
-
-import spu_peft  # noqa: E402
-from spu_peft.continual import (  # noqa: E402
+import spu_peft
+from spu_peft.continual import (
     PROTOCOLS,
     TARGET_LAYERS,
     FingerprintMismatchError,

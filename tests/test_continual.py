@@ -134,11 +134,10 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 numerics")
 def test_numerics_are_pinned_before_the_first_tensor_operation_or_refused():
-    pinned = _python(
-        "import torch; from spu_peft.continual import pin_cpu_numerics; import json; "
-        "print(json.dumps(pin_cpu_numerics()))",
-        MKL_CBWR="COMPATIBLE",
-        ATEN_CPU_CAPABILITY="avx2",
+    pinned = _python(  # after importing everything: importing computes no tensor (that would fix ATen's choice)
+        "import json, torch, datasets, transformers, peft, accelerate, spu_peft, spu_peft.embedded\n"
+        "from spu_peft.continual import pin_cpu_numerics\n"
+        "print(json.dumps(pin_cpu_numerics()))"
     )
     report = json.loads(pinned.stdout.strip().splitlines()[-1])
     assert report["mode"] == "reproducible" and report["cpu_capability"] == "AVX2" and not report["mkldnn"]

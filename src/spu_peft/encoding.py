@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import torch
 
-_BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.int32)  # little-endian bit order within a byte
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    """1, 2, 4, ... 128: little-endian bit order within a byte. Built on use, never at import: a tensor operation at
+    import would fix ATen's CPU capability before `spu_peft.continual.pin_cpu_numerics` could choose it."""
+    return 2 ** torch.arange(8, dtype=torch.int32, device=device)
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -27,7 +31,7 @@ def pack_mask(indices: torch.Tensor, numel: int) -> torch.Tensor:
     padded = (numel + 7) // 8 * 8
     mask = torch.zeros(padded, dtype=torch.int32, device=indices.device)
     mask[indices.long()] = 1
-    return (mask.view(-1, 8) * _BIT_WEIGHTS.to(indices.device)).sum(1).to(torch.uint8)
+    return (mask.view(-1, 8) * _bit_weights(indices.device)).sum(1).to(torch.uint8)
 
 
 def unpack_mask(packed: torch.Tensor, numel: int, where: str) -> torch.Tensor:
