@@ -2,8 +2,9 @@
 
 Autograd through `F.linear(x, W.index_add(...))` would keep a dense copy of the effective weight per layer for the
 backward pass. `SparseDeltaLinear` keeps only the inputs and the sparse tensors, rebuilds the effective weight in
-backward, and returns gradients for the delta values alone: no dense weight gradient outlives the backward call. At
-SPU's densities those gradients come from a sampled matmul (only the selected dot products), not the dense product.
+backward, and returns gradients for the delta values alone: no dense weight gradient outlives the backward call. On
+a CPU, at SPU's densities, those gradients come from a sampled matmul (only the selected dot products); elsewhere
+from the dense product and a gather (`SAMPLED_VALUE_GRAD_DEVICES` says why).
 """
 
 from __future__ import annotations
@@ -101,17 +102,31 @@ def value_gradients(
 
 
 SAMPLED_GRADIENT_MAX_DENSITY = 0.25
-"""Up to this share of a weight's entries, value gradients are computed at the selected entries only.
+"""Up to this share of a weight's entries, value gradients may come from a sampled product at the selected entries;
+above it the dense product and a gather do less work."""
 
-`torch.sparse.sampled_addmm` does the work of the selected dot products; above this density the dense BLAS product
-and a gather win. Measured on a ViT-B/16 fc1 at 10% density (CPU, one thread): the layer's forward + backward took
-268 ms against 324 ms with the dense product (benchmarks/throughput.py has the whole-model figures).
+SAMPLED_VALUE_GRAD_DEVICES: tuple[str, ...] = ("cpu",)
+"""Device types where the sampled product (`torch.sparse.sampled_addmm`) was measured faster than the dense product
+`grad_output^T @ x` and a gather; every other device type takes the dense product.
+
+- CPU (measured, float32, 10% density): one ViT-B/16 fc1 layer's forward + backward took 268 ms sampled against 324 ms
+  dense (one thread); whole training steps are in README.md ("Performance"), from
+  `benchmarks/throughput.py --value-grad auto,dense`.
+- CUDA and every other device type: nothing measured, so the dense product (the vendor's BLAS is the safe bet).
+  `benchmarks/throughput.py --device cuda --value-grad auto,sampled` measures the alternative on a GPU; add "cuda"
+  here only on such evidence.
 """
 
 
+def value_grad_path(device_type: str) -> str:
+    """`"sampled"` where the sampled product was measured faster on `device_type`, else `"dense"`."""
+    return "sampled" if device_type in SAMPLED_VALUE_GRAD_DEVICES else "dense"
+
+
 def _sampled_applies(indices: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> bool:
-    """The sampled product needs CPU or CUDA, float32/64 (no half-precision kernel on CPU) and sorted indices."""
-    if indices.device.type not in ("cpu", "cuda") or dtype not in (torch.float32, torch.float64):
+    """The device's rule picks the sampled product, whose kernels need float32/64 (none for half precision on CPU)
+    and sorted indices, at a density up to `SAMPLED_GRADIENT_MAX_DENSITY`."""
+    if value_grad_path(indices.device.type) != "sampled" or dtype not in (torch.float32, torch.float64):
         return False
     if indices.numel() > SAMPLED_GRADIENT_MAX_DENSITY * shape.numel():
         return False
