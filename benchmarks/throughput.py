@@ -545,13 +545,6 @@ def markdown(model_name: str, results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
 def worker_command(args: argparse.Namespace, model_name: str, worker: str, out: Path) -> list[str]:
     """This run's own flags, then the worker's (argparse keeps the last of a repeated flag)."""
     return [sys.executable, os.path.abspath(__file__), *args.argv, "--worker", worker, "--models", model_name,
@@ -611,7 +604,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         meta = dict(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, bf16=args.bf16)
         meta.update(batch_size=batch["input_ids"].shape[0], seq_len=batch["input_ids"].shape[1], steps=args.steps)
         meta.update(value_grad=args.value_grad, lora_ranks=ranks, shira_r=shira_rank(shapes, args.density))
-        meta.update(score_batches=args.score_batches, score_sums_bytes=sums, load_avg_before=load_average())
+        meta.update(
+            score_batches=args.score_batches, score_sums_bytes=sums, load_avg_before=round(os.getloadavg()[0], 2)
+        )
         meta.update(memory_subprocess_per_method=not args.in_process)
         logger.info("%s: %.1fM params, %d targets %s, LoRA ranks %s, SHiRA r %d, fp32 score sums %.0f MiB",
                     model_name, sum(p.numel() for p in probe.parameters()) / 1e6, len(shapes),
@@ -625,7 +620,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         # 3. time: all methods interleaved in one process (see `measure_time`)
         timing = run_worker(args, model_name, "timing", accelerator)
-        meta["load_avg_after"] = load_average()
+        meta["load_avg_after"] = round(os.getloadavg()[0], 2)
 
         # 4. assemble: the methods' figures in a fixed key order, SPU variants, base, selections, targets
         model_results: dict[str, Any] = {}
