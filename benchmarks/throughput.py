@@ -335,10 +335,13 @@ def measure_memory(args: argparse.Namespace, model_name: str, task: str, acceler
     batch, loss_inputs = make_batch(model_name, args, device)
     method = "spu" if task.startswith("select-") else task
     model, masks = prepare_method(make_model(model_name, args.seed).to(device), method, args)
-    if task.startswith("select-"):
+    if task.startswith("select-"):  # cold: the process's first forward; then warm, as the training step is
+        reset_peak_memory(device)
+        select(model, batch, args, accelerator, task.removeprefix("select-"))
+        cold = peak_memory(device)
         reset_peak_memory(device)
         report = select(model, batch, args, accelerator, task.removeprefix("select-"))
-        return {"peak_mem_bytes": peak_memory(device), "select_s": report.total_seconds}
+        return {"peak_mem_bytes": peak_memory(device), "cold_peak_mem_bytes": cold, "select_s": report.total_seconds}
     if method == "spu":
         select(model, batch, args, accelerator)
     optimizer = make_optimizer(model)
@@ -371,7 +374,8 @@ def timed_rounds(runs: dict[Any, tuple[Any, Any]], rounds: int, device: torch.de
     """Median seconds of each `fn` of `runs` (name -> (context, fn)), called round by round after a warm-up round.
 
     Each round starts at the next name, so that every run takes every place in turn (the first of a round measured
-    5-10% slower on CPU); `context()` (a merge, say) is entered outside the timed call.
+    5-10% slower on CPU); `context()` (a merge, say) is entered outside the timed call. A `fn` that returns a number
+    reports its own seconds (`select_parameters` times its scoring phase).
     """
     names, times = list(runs), {name: [] for name in runs}
     for round_ in range(WARMUP_STEPS + rounds):
@@ -382,11 +386,11 @@ def timed_rounds(runs: dict[Any, tuple[Any, Any]], rounds: int, device: torch.de
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
-                fn()
+                seconds = fn()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 if round_ >= WARMUP_STEPS:
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(time.perf_counter() - start if seconds is None else seconds)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -407,19 +411,24 @@ def measure_time(args: argparse.Namespace, model_name: str, accelerator: Acceler
     base = make_model(model_name, args.seed).to(device)
     results: dict[str, Any] = {name: {} for name in models}
 
-    # 2. selection (SPU) with each kind of score sums, and the share of fp32's entries each kind also selects
+    # 2. selection (SPU), round by round over the kinds of score sums; the share of fp32's entries each selects
     if "spu" in models:
         spu_layers = [m for m in models["spu"].modules() if isinstance(m, SPULayer)]
-        select(models["spu"], batch, args, accelerator, max_batches=1)  # warm-up, as the steps get
-        chosen, selection = {}, {}
-        for kind in args.score_sums:  # score_seconds: the scoring phase, without the top-k
-            report = select(models["spu"], batch, args, accelerator, kind)
+        chosen, reports = {}, {}
+
+        def selection(kind):
+            reports[kind] = select(models["spu"], batch, args, accelerator, kind)
             chosen[kind] = [layer.spu_indices["default"].clone() for layer in spu_layers]
-            selection[kind] = {"score_s": report.score_seconds, "score_batches": report.num_batches}
+            return reports[kind].score_seconds  # the scoring phase, without the top-k
+
+        runs = {kind: (contextlib.nullcontext, lambda k=kind: selection(k)) for kind in args.score_sums}
+        score_seconds = timed_rounds(runs, args.steps, device)
+        results["selection"] = {
+            k: {"score_s": s, "score_batches": reports[k].num_batches} for k, s in score_seconds.items()
+        }
         for kind in chosen if "fp32" in chosen else ():
             shared = sum(int(torch.isin(a, b).sum()) for a, b in zip(chosen[kind], chosen["fp32"]))
-            selection[kind]["overlap_with_fp32"] = shared / sum(a.numel() for a in chosen["fp32"])
-        results["selection"] = selection
+            results["selection"][kind]["overlap_with_fp32"] = shared / sum(a.numel() for a in chosen["fp32"])
 
     # 3. training steps, round by round over the methods and SPU's further value-gradient paths
     steps = {}
@@ -531,11 +540,12 @@ def markdown(model_name: str, results: dict[str, Any]) -> str:
             cells = [fmt(r.get(k), "MiB" if k.endswith("bytes") else "") for k in METRICS]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if selection := results.get("selection"):
-        lines += ["", f"| score sums | score s ({meta['score_batches']} batches) | select s | peak MiB | sums MiB "
-                  "| share of fp32's entries |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        header = f"score sums | score s ({meta['score_batches']} batches) | select s | peak MiB | cold peak MiB"
+        lines += ["", f"| {header} | sums MiB | share of fp32's entries |", "|---|---:|---:|---:|---:|---:|---:|"]
         for kind, r in selection.items():
             cells = [fmt(r.get("score_s")), fmt(r.get("select_s")), fmt(r.get("peak_mem_bytes"), "MiB")]
-            cells += [fmt(meta["score_sums_bytes"][kind], "MiB"), fmt(r.get("overlap_with_fp32"), ".4f")]
+            cells += [fmt(r.get("cold_peak_mem_bytes"), "MiB"), fmt(meta["score_sums_bytes"][kind], "MiB")]
+            cells.append(fmt(r.get("overlap_with_fp32"), ".4f"))
             lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     lines += ["", "| target | ratio | threshold | margin | met |", "|---|---:|---:|---:|:---:|"]
     for t in results["targets"].values():
