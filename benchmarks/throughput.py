@@ -20,7 +20,7 @@ and inference times of all methods are measured interleaved in one process (see 
 Usage:
     python benchmarks/throughput.py --json results/throughput.json   # vit-b-16 and llama, ~30 min on 2 CPU cores
     python benchmarks/throughput.py --quick --models tiny,tiny-llama  # seconds; what the test runs
-    python benchmarks/throughput.py --models llama --methods spu --value-grad auto,dense  # both gradient paths
+    python benchmarks/throughput.py --models llama --methods spu --value-grad auto,sampled  # both gradient paths
     python benchmarks/throughput.py --device cuda --bf16              # on a GPU
     python benchmarks/throughput.py --models vit-b-16 --methods spu --profile  # torch.profiler tables
 """
@@ -46,7 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the models are built from config
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
-from memory import keep_freed_memory, peak_memory, reset_peak_memory  # noqa: E402
+from memory import keep_freed_memory, peak_memory, release_freed_memory, reset_peak_memory  # noqa: E402
 from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 logger = get_logger(__name__)
@@ -593,9 +593,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError("This benchmark measures one process; run it with `python`, not a multi-process launch.")
     if "sampled" in args.value_grad and device.type not in ("cpu", "cuda"):
         raise ValueError(f"`--value-grad sampled` needs torch.sparse.sampled_addmm, which {device.type} lacks.")
-    if device.type == "cpu":
+    if device.type == "cpu" and args.worker not in (*METHODS, *(f"select-{kind}" for kind in SCORE_SUMS)):
         # glibc's default unmaps and re-faults several hundred MiB of activations every step: 10-30% noisy time
         keep_freed_memory()
+    elif device.type == "cpu":  # a memory worker: RSS should follow the live tensors, whatever it costs in time
+        release_freed_memory()
     if args.worker:  # one measurement on one model, in a fresh process
         result = measure(args, args.models[0], args.worker, accelerator)
         args.json.write_text(json.dumps(result))
