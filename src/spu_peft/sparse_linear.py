@@ -2,9 +2,9 @@
 
 Autograd through `F.linear(x, W.index_add(...))` would keep a dense copy of the effective weight per layer for the
 backward pass. `SparseDeltaLinear` keeps only the inputs and the sparse tensors, rebuilds the effective weight in
-backward, and returns gradients for the delta values alone: no dense weight gradient outlives the backward call. On
-a CPU, at SPU's densities, those gradients come from a sampled matmul (only the selected dot products); elsewhere
-from the dense product and a gather (`SAMPLED_VALUE_GRAD_DEVICES` says why).
+backward, and returns gradients for the delta values alone: no dense weight gradient outlives the backward call. They
+come from the dense product `grad_output^T @ x`, gathered at the selected entries; a sampled matmul that computes only
+the selected dot products is kept for devices where it measures faster (`SAMPLED_VALUE_GRAD_DEVICES`: none so far).
 """
 
 from __future__ import annotations
@@ -105,16 +105,20 @@ SAMPLED_GRADIENT_MAX_DENSITY = 0.25
 """Up to this share of a weight's entries, value gradients may come from a sampled product at the selected entries;
 above it the dense product and a gather do less work."""
 
-SAMPLED_VALUE_GRAD_DEVICES: tuple[str, ...] = ("cpu",)
+SAMPLED_VALUE_GRAD_DEVICES: tuple[str, ...] = ()
 """Device types where the sampled product (`torch.sparse.sampled_addmm`) was measured faster than the dense product
-`grad_output^T @ x` and a gather; every other device type takes the dense product.
+`grad_output^T @ x` and a gather. None is: every device type takes the dense product.
 
-- CPU (measured, float32, 10% density): one ViT-B/16 fc1 layer's forward + backward took 268 ms sampled against 324 ms
-  dense (one thread); whole training steps are in README.md ("Performance"), from
-  `benchmarks/throughput.py --value-grad auto,dense`.
+- CPU (float32, 10% density, torch 2.13, 2 cores; README.md "Performance" has the commands): the dense product was
+  as fast or faster. Whole SPU training steps, 15 interleaved rounds: ViT-B/16 3.05 s sampled against 2.86 s dense
+  at 2 threads, 5.39 s against 5.23 s at 1 thread; the 119M LLaMA shape 0.711 s against 0.695 s, and 1.200 s
+  against 1.198 s. The value gradients of one layer alone: ViT-B/16 fc1 39 ms against 25 ms (2 threads), 66 against
+  49 ms (1 thread); LLaMA gate_proj 6.6 against 5.3 ms, and 11.0 against 10.8 ms. (An earlier one-thread measurement
+  of an fc1 forward + backward, 268 ms sampled against 324 ms dense, did not reproduce.)
 - CUDA and every other device type: nothing measured, so the dense product (the vendor's BLAS is the safe bet).
-  `benchmarks/throughput.py --device cuda --value-grad auto,sampled` measures the alternative on a GPU; add "cuda"
-  here only on such evidence.
+
+`benchmarks/throughput.py --value-grad auto,sampled` times the sampled product beside the rule's choice on any
+device; add a device type here only on such evidence.
 """
 
 
