@@ -110,11 +110,12 @@ SAMPLED_VALUE_GRAD_DEVICES: tuple[str, ...] = ()
 `grad_output^T @ x` and a gather. None is: every device type takes the dense product.
 
 - CPU (float32, 10% density, torch 2.13, 2 cores; README.md "Performance" has the commands): the dense product was
-  as fast or faster. Whole SPU training steps, 15 interleaved rounds: ViT-B/16 3.05 s sampled against 2.86 s dense
-  at 2 threads, 5.39 s against 5.23 s at 1 thread; the 119M LLaMA shape 0.711 s against 0.695 s, and 1.200 s
-  against 1.198 s. The value gradients of one layer alone: ViT-B/16 fc1 39 ms against 25 ms (2 threads), 66 against
-  49 ms (1 thread); LLaMA gate_proj 6.6 against 5.3 ms, and 11.0 against 10.8 ms. (An earlier one-thread measurement
-  of an fc1 forward + backward, 268 ms sampled against 324 ms dense, did not reproduce.)
+  as fast or faster. Whole SPU training steps, medians of 15 interleaved rounds, sampled against dense: ViT-B/16
+  3.05 s against 2.86 s at 2 threads, 5.39 s against 5.23 s at 1 thread; the 119M LLaMA shape 0.711 s against
+  0.695 s and 1.200 s against 1.198 s (a tie: another run had 0.728 s against 0.749 s). The value gradients of one
+  layer alone: ViT-B/16 fc1 39 ms against 25 ms (2 threads), 66 ms against 49 ms (1 thread); LLaMA gate_proj 6.6 ms
+  against 5.3 ms and 11.0 ms against 10.8 ms. An earlier one-thread measurement of an fc1 forward + backward (268 ms
+  sampled against 324 ms dense) did not reproduce.
 - CUDA and every other device type: nothing measured, so the dense product (the vendor's BLAS is the safe bet).
 
 `benchmarks/throughput.py --value-grad auto,sampled` times the sampled product beside the rule's choice on any
