@@ -18,7 +18,7 @@ score sums (`--score-sums`), are measured in a fresh subprocess each, so that ev
 and inference times of all methods are measured interleaved in one process (see `measure_time`).
 
 Usage:
-    python benchmarks/throughput.py --json results/throughput.json   # vit-b-16 and llama, ~30 min on 2 CPU cores
+    python benchmarks/throughput.py --json results/throughput.json   # vit-b-16 and llama, ~16 min on 2 CPU cores
     python benchmarks/throughput.py --quick --models tiny,tiny-llama  # seconds; what the test runs
     python benchmarks/throughput.py --models llama --methods spu --value-grad auto,sampled  # both gradient paths
     python benchmarks/throughput.py --device cuda --bf16              # on a GPU
