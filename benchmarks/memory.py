@@ -28,6 +28,21 @@ def keep_freed_memory() -> None:
     libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: do not give the heap's top back on every free
 
 
+def release_freed_memory() -> None:
+    """Make glibc hand every freed block of 1 MiB or more back to the system at once, so that RSS follows the live
+    tensors: for measuring memory, not time (every such allocation then page-faults afresh).
+
+    With glibc's default (or `keep_freed_memory`) large blocks also come from the heap, whose fragmentation depends on
+    the order of allocations: the peak RSS of one LoRA step on ViT-B/16 measured 2,302, 2,789 and 2,586 MiB in three
+    processes.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed at 1 MiB (setting it also stops glibc from raising it)
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a fresh peak: CUDA's allocator counter, or on Linux the process's RSS high-water mark."""
     gc.collect()

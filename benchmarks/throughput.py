@@ -1,21 +1,28 @@
-"""Training and inference cost of SPU against dense masking, LoRA, SHiRA and full fine-tuning on CLIP.
+"""Training, selection and inference cost of SPU against dense masking, LoRA, SHiRA and full fine-tuning.
 
-Every method runs on the same CLIP model (random weights, built in code: no download), the same batch and the same
-optimizer (AdamW), each in its own subprocess so that its peak memory is its own:
+The models have random weights and are built from configs in code (no download): `vit-b-16` is CLIP ViT-B/16 (SPU on
+every fc1, fc1 bias deltas and `visual_projection`), `llama` a 119M LLaMA-style decoder (SPU on `gate_proj` and
+`up_proj`, causal-LM loss); `tiny` and `tiny-llama` are their smoke-test sizes. Every method adapts SPU's default
+targets for the model type and trains with AdamW on the same batch:
 
-- `spu`: this package, `SPUConfig()` defaults (10% of every fc1 + fc1 bias deltas + `visual_projection`);
-- `dense_mask`: the reference implementation's approach: dense fc1 weights, fc1 biases and `visual_projection`
-  trainable, each fc1 weight gradient multiplied by a fixed 0/1 mask of 10% of its entries (AdamW's weight decay
+- `spu`: this package, `SPUConfig()` defaults;
+- `dense_mask`: the reference implementation's approach: dense target weights (and biases, and SPU's dense modules)
+  trainable, each weight gradient multiplied by a fixed 0/1 mask of `density` of its entries (AdamW's weight decay
   still reaches the whole dense tensor, as in the reference);
-- `lora`: PEFT LoRA on fc1, ranks chosen so that r * (m + n) ~ 10% of m * n, + `visual_projection`;
-- `shira`: PEFT SHiRA on fc1 with one r for all layers, chosen so that the total number of entries matches SPU's;
+- `lora`: PEFT LoRA on the targets, rank r per layer such that r * (m + n) ~ density * m * n;
+- `shira`: PEFT SHiRA on the targets, one r for all, so that the total number of entries matches SPU's;
 - `full`: full fine-tuning.
 
+Peak memory, training state and adapter file of each method, and the peak of `select_parameters` with each kind of
+score sums (`--score-sums`), are measured in a fresh subprocess each, so that every peak is its own. Step, scoring
+and inference times of all methods are measured interleaved in one process (see `measure_time`).
+
 Usage:
-    python benchmarks/throughput.py --models tiny,vit-b-16 --json throughput.json
-    python benchmarks/throughput.py --quick --models tiny            # seconds; what the test runs
-    python benchmarks/throughput.py --models vit-b-16 --methods spu --profile   # torch.profiler table of a step
-    python benchmarks/throughput.py --models vit-b-16 --methods spu,lora --experiment inplace_compose
+    python benchmarks/throughput.py --json results/throughput.json   # vit-b-16 and llama, ~16 min on 2 CPU cores
+    python benchmarks/throughput.py --quick --models tiny,tiny-llama  # seconds; what the test runs
+    python benchmarks/throughput.py --models llama --methods spu --value-grad auto,sampled  # both gradient paths
+    python benchmarks/throughput.py --device cuda --bf16              # on a GPU
+    python benchmarks/throughput.py --models vit-b-16 --methods spu --profile  # torch.profiler tables
 """
 
 from __future__ import annotations
@@ -32,82 +39,53 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the models are built from configs; nothing is ever downloaded
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
-from memory import keep_freed_memory, peak_memory, reset_peak_memory  # noqa: E402
-from transformers import CLIPConfig, CLIPModel  # noqa: E402
+from memory import keep_freed_memory, peak_memory, release_freed_memory, reset_peak_memory  # noqa: E402
+from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 logger = get_logger(__name__)
 
 # ---- defaults, in one place ------------------------------------------------------------------------------------------
 METHODS = ("spu", "dense_mask", "lora", "shira", "full")
-METRICS = (
-    "step_s",
-    "peak_mem_bytes",
-    "trainable_params",
-    "state_bytes",
-    "adapter_bytes",
-    "infer_s",
-    "infer_merged_s",
-    "score_s",
-)
 ADAPTER_METHODS = ("spu", "lora", "shira")  # PEFT adapters: saved as adapters, merged with merge_and_unload
-EXPERIMENTS = ("cached_eval", "inplace_compose", "dense_value_grad")
-MODELS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "text_config": dict(
-            vocab_size=1000,
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=32,
-            bos_token_id=998,
-            eos_token_id=999,
-        ),
-        "vision_config": dict(
-            image_size=28,
-            patch_size=4,
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-        ),
-        "projection_dim": 64,
-    },
-    # openai/clip-vit-base-patch16's shapes, random weights
-    "vit-b-16": {
-        "text_config": dict(
-            vocab_size=49408,
-            hidden_size=512,
-            intermediate_size=2048,
-            num_hidden_layers=12,
-            num_attention_heads=8,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-        ),
-        "vision_config": dict(
-            image_size=224,
-            patch_size=16,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-        ),
-        "projection_dim": 512,
-    },
-}
-QUICK = dict(warmup_steps=1, steps=1, infer_repeats=1, score_batches=1)
+METRICS = ("step_s", "peak_mem_bytes", "trainable_params", "state_bytes", "adapter_bytes", "infer_s")
+METRICS += ("infer_merged_s", "score_s")
+VALUE_GRADS = ("auto", "sampled", "dense")  # auto: the library's rule for the device (spu_peft.sparse_linear)
+SCORE_SUMS = {"fp32": {}, "bf16": {"score_dtype": torch.bfloat16}, "cpu": {"score_device": "cpu"}}
+LR, WEIGHT_DECAY = 1e-4, 0.01  # AdamW, every method
+WARMUP_STEPS = 1  # untimed steps (and forwards) before the timed ones; the first creates AdamW's state
+QUICK = dict(steps=1, score_batches=1)
 
-# Each target: (key, statement, threshold); the ratio is computed in `evaluate_targets`.
+
+def clip(vocab, text, text_layers, text_heads, positions, image, patch, vision, vision_layers, vision_heads, proj):
+    text_config = dict(vocab_size=vocab, hidden_size=text, intermediate_size=4 * text, num_hidden_layers=text_layers)
+    text_config.update(num_attention_heads=text_heads, max_position_embeddings=positions)
+    text_config.update(bos_token_id=vocab - 2, eos_token_id=vocab - 1)
+    vision_config = dict(image_size=image, patch_size=patch, hidden_size=vision, intermediate_size=4 * vision)
+    vision_config.update(num_hidden_layers=vision_layers, num_attention_heads=vision_heads)
+    return dict(family="clip", batch_size=8, seq_len=16, text_config=text_config, vision_config=vision_config,
+                projection_dim=proj)  # fmt: skip
+
+
+def llama(vocab, hidden, intermediate, layers, heads, seq_len):
+    config = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers)
+    return dict(family="llama", batch_size=2, seq_len=seq_len, num_attention_heads=heads, **config)
+
+
+MODELS: dict[str, dict[str, Any]] = {
+    "tiny": clip(1000, 64, 2, 4, 32, 28, 4, 64, 3, 4, 64),
+    "vit-b-16": clip(49408, 512, 12, 8, 77, 224, 16, 768, 12, 12, 512),  # openai/clip-vit-base-patch16's shapes
+    "tiny-llama": llama(1000, 64, 176, 2, 4, seq_len=16),
+    "llama": llama(8000, 1024, 2816, 8, 16, seq_len=128),  # 119M parameters
+}
+
+# Each target: (key, statement, threshold); `evaluate_targets` computes the measured ratio.
 TARGETS = (
     ("spu_step_vs_lora", "SPU step time <= 1.15x LoRA", 1.15),
     ("spu_step_vs_full", "SPU step time <= 0.85x full fine-tuning", 0.85),
@@ -118,230 +96,180 @@ TARGETS = (
     ("spu_merged_infer_vs_base", "merged SPU inference = base (<= 1.05x, timing noise)", 1.05),
     ("score_batch_vs_step", "scoring one batch costs <= one SPU training step", 1.00),
     ("adapter_vs_values", "SPU adapter file <= 1.35x its fp32 values + dense modules", 1.35),
-)
-
-# Worker flags forwarded from the parent to each method's subprocess.
-FORWARDED = (
-    "batch_size",
-    "seq_len",
-    "warmup_steps",
-    "steps",
-    "infer_repeats",
-    "score_batches",
-    "density",
-    "lr",
-    "weight_decay",
-    "seed",
-    "threads",
-    "clock",
-    "malloc",
-    "bf16",
-    "profile",
-    "experiment",
+    ("select_fp32_peak", "selection peak (fp32 sums) <= SPU training peak + the fp32 sums", 1.00),
+    ("select_bf16_peak", "selection peak (bf16 sums) <= SPU training peak", 1.00),
+    ("select_cpu_peak", "selection peak (sums on the CPU) <= SPU training peak, in accelerator memory", 1.00),
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="tiny,vit-b-16", help=f"Comma-separated models, of {sorted(MODELS)}.")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated methods, of {METHODS}.")
-    parser.add_argument("--batch-size", type=int, default=8, help="Images per batch (each with one caption).")
-    parser.add_argument("--seq-len", type=int, default=16, help="Tokens per caption.")
-    parser.add_argument("--warmup-steps", type=int, default=1, help="Training steps run before timing.")
-    parser.add_argument("--steps", type=int, default=3, help="Timed training steps; the median is reported.")
-    parser.add_argument("--infer-repeats", type=int, default=5, help="Timed inference forwards; median reported.")
-    parser.add_argument(
-        "--score-batches", type=int, default=2, help="Batches `select_parameters` scores (25%% of a 4x longer task)."
-    )
-    parser.add_argument("--density", type=float, default=0.1, help="Share of each fc1 matrix that trains.")
-    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate.")
-    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (all methods).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the model weights, the data and the masks.")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads; default: torch's choice.")
-    parser.add_argument(
-        "--clock",
-        choices=("wall", "cpu"),
-        default="wall",
-        help="wall: elapsed seconds. cpu: this process's CPU seconds, steadier on a machine shared with other jobs "
-        "(use with --threads 1; CPU devices only).",
-    )
-    parser.add_argument(
-        "--malloc",
-        choices=("keep", "default"),
-        default="keep",
-        help="keep: glibc keeps freed blocks (up to 32 MiB) for reuse instead of unmapping and page-faulting them "
-        "in again every step, which adds 10-30%% noisy time on CPU. default: leave glibc as it is.",
-    )
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for training and inference (for CUDA).")
-    parser.add_argument("--quick", action="store_true", help=f"Smoke run: {QUICK}.")
-    parser.add_argument("--json", type=Path, default=None, help="Write the results as JSON to this path.")
-    parser.add_argument(
-        "--in-process",
-        action="store_true",
-        help="Run every measurement in this process (fast start, for tests); memory peaks then carry over.",
-    )
-    parser.add_argument("--profile", action="store_true", help="Log torch.profiler tables of one step per method.")
-    parser.add_argument(
-        "--experiment",
-        default="",
-        help=f"Comma-separated prototypes of layer changes, of {EXPERIMENTS}: each is timed as an extra SPU variant "
-        "(`spu+NAME`, the same model with the prototype monkeypatched in), interleaved with the stock SPU.",
-    )
-    parser.add_argument(
-        "--worker",
-        choices=("memory", "timing"),
-        default=None,
-        help="Internal: `memory` measures --method's peak, state and file; `timing` times all --methods; "
-        "both write --json and exit.",
-    )
-    parser.add_argument("--method", choices=METHODS, default=None, help="Internal: the memory worker's method.")
+    add = parser.add_argument
+    add("--models", default="vit-b-16,llama", help=f"Comma-separated models, of {tuple(MODELS)}.")
+    add("--methods", default=",".join(METHODS), help=f"Comma-separated methods, of {METHODS}.")
+    add("--batch-size", type=int, default=None, help="Sequences per batch (CLIP: images, one caption each); default: "
+        "the model's (CLIP 8, LLaMA 2).")  # fmt: skip
+    add("--seq-len", type=int, default=None, help="Tokens per sequence; default: the model's (CLIP 16, llama 128).")
+    add("--steps", type=int, default=5, help="Timed training steps and inference forwards; medians are reported.")
+    add("--score-batches", type=int, default=2, help="Batches `select_parameters` scores (25%% of a 4x longer task).")
+    add("--score-sums", default=",".join(SCORE_SUMS), help=f"Comma-separated score sums, of {tuple(SCORE_SUMS)}: "
+        "fp32 (the paper's), bf16 (`score_dtype=torch.bfloat16`), cpu (`score_device='cpu'`).")  # fmt: skip
+    add("--value-grad", default="auto", help=f"Comma-separated value-gradient paths of SPU, of {VALUE_GRADS}: the "
+        "first trains `spu`, each further one is timed beside it as `spu/PATH`. auto: the library's rule for the "
+        "device; sampled: a sampled product at the selected entries; dense: the dense product, gathered.")  # fmt: skip
+    add("--density", type=float, default=0.1, help="Share of each target matrix that trains.")
+    add("--seed", type=int, default=0, help="Seed of the model weights, the data and the masks.")
+    add("--threads", type=int, default=None, help="torch CPU threads; default: torch's choice.")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: what accelerate picks.")
+    add("--bf16", action="store_true", help="bf16 autocast for training, selection and inference.")
+    add("--quick", action="store_true", help=f"Smoke run: {QUICK}.")
+    add("--json", type=Path, default=None, help="Write the results as JSON to this path.")
+    add("--in-process", action="store_true", help="Measure everything in this process (fast start, for tests); "
+        "memory peaks then carry over.")  # fmt: skip
+    add("--profile", action="store_true", help="Log torch.profiler tables of a step per method and of scoring.")
+    add("--worker", default=None, help="Internal: measure one thing (`timing`, a method's memory or `select-KIND`'s) "
+        "on one model, write --json and exit.")  # fmt: skip
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a worker starts with these, then its own flags
 
     if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if unknown := [m for m in args.models if m not in MODELS]:
-        raise ValueError(f"`--models` must be among {sorted(MODELS)}, got {unknown}")
-    if unknown := [m for m in args.methods if m not in METHODS]:
-        raise ValueError(f"`--methods` must be among {METHODS}, got {unknown}")
-    for name in ("batch_size", "seq_len", "steps", "infer_repeats", "score_batches"):
-        if getattr(args, name) < 1:
+        vars(args).update(QUICK)
+    for name, known in (
+        ("models", MODELS),
+        ("methods", METHODS),
+        ("value_grad", VALUE_GRADS),
+        ("score_sums", SCORE_SUMS),
+    ):
+        items = [m.strip() for m in getattr(args, name).split(",") if m.strip()]
+        flag = "--" + name.replace("_", "-")
+        if unknown := [m for m in items if m not in known]:
+            raise ValueError(f"`{flag}` must be among {tuple(known)}, got {unknown}")
+        if not items or len(set(items)) != len(items):
+            raise ValueError(f"`{flag}` must name each of its items once, got {getattr(args, name)!r}")
+        setattr(args, name, items)
+    for name in ("batch_size", "seq_len", "steps", "score_batches"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
-    if args.warmup_steps < 0:
-        raise ValueError(f"`--warmup-steps` must be >= 0, got {args.warmup_steps}")
     if not 0.0 < args.density <= 1.0:
         raise ValueError(f"`--density` must be in (0, 1], got {args.density}")
-    args.experiment = [e.strip() for e in args.experiment.split(",") if e.strip()]
-    if unknown := [e for e in args.experiment if e not in EXPERIMENTS]:
-        raise ValueError(f"`--experiment` must be among {EXPERIMENTS}, got {unknown}")
-    if args.experiment and "spu" not in args.methods:
-        raise ValueError("`--experiment` times SPU variants; include `spu` in `--methods`.")
-    if args.worker and (len(args.models) != 1 or args.json is None):
-        raise ValueError("`--worker` needs exactly one model in `--models` and `--json`.")
-    if args.worker == "memory" and args.method is None:
-        raise ValueError("`--worker memory` needs `--method`.")
+    if len(args.value_grad) > 1 and "spu" not in args.methods:
+        raise ValueError("Several `--value-grad` paths time SPU variants; include `spu` in `--methods`.")
+    workers = ("timing", *METHODS, *(f"select-{kind}" for kind in SCORE_SUMS))
+    if args.worker is not None and (args.worker not in workers or len(args.models) != 1 or args.json is None):
+        raise ValueError(f"`--worker` must be one of {workers}, with one model in `--models` and `--json`.")
     return args
 
 
-# ---- model, data and methods -----------------------------------------------------------------------------------------
+# ---- models, data and methods ----------------------------------------------------------------------------------------
 
 
-def make_model(model_name: str, seed: int) -> CLIPModel:
+def make_model(model_name: str, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)  # every worker builds bit-identical weights
+    spec = {k: v for k, v in MODELS[model_name].items() if k not in ("family", "batch_size", "seq_len")}
+    if MODELS[model_name]["family"] == "clip":
+        return CLIPModel(CLIPConfig(**spec))
+    return LlamaForCausalLM(LlamaConfig(**spec))
+
+
+def make_batch(model_name: str, args: argparse.Namespace, device: torch.device) -> tuple[dict, dict]:
+    """One batch, reused for every step, scoring batch and forward, and the inputs that make the model return its
+    training loss: CLIP's contrastive loss, or the decoder's causal-LM loss on its own tokens."""
     spec = MODELS[model_name]
-    return CLIPModel(CLIPConfig(**spec))
+    shape = (args.batch_size or spec["batch_size"], args.seq_len or spec["seq_len"])  # (B, T)
+    generator = torch.Generator().manual_seed(args.seed)
+    if spec["family"] == "llama":
+        input_ids = torch.randint(0, spec["vocab_size"], shape, generator=generator)
+        batch, loss_inputs = {"input_ids": input_ids}, {"labels": input_ids}
+    else:
+        text, size = spec["text_config"], spec["vision_config"]["image_size"]
+        input_ids = torch.randint(0, text["bos_token_id"], shape, generator=generator)
+        input_ids[:, 0], input_ids[:, -1] = text["bos_token_id"], text["eos_token_id"]  # the text tower pools at eos
+        pixel_values = torch.randn(shape[0], 3, size, size, generator=generator)  # (B, 3, H, W)
+        batch, loss_inputs = {"pixel_values": pixel_values, "input_ids": input_ids}, {"return_loss": True}
+    batch["attention_mask"] = torch.ones_like(input_ids)
+    move = lambda d: {k: v.to(device) if torch.is_tensor(v) else v for k, v in d.items()}  # noqa: E731
+    return move(batch), move(loss_inputs)
 
 
-def make_batch(model_name: str, batch_size: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
-    """`batch_size` images with one caption each: bos, random tokens, eos (where the text tower pools)."""
-    text, vision = MODELS[model_name]["text_config"], MODELS[model_name]["vision_config"]
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, text["bos_token_id"], (batch_size, seq_len), generator=generator)  # (B, T)
-    input_ids[:, 0], input_ids[:, -1] = text["bos_token_id"], text["eos_token_id"]
-    size = vision["image_size"]
-    return {
-        "pixel_values": torch.randn(batch_size, 3, size, size, generator=generator),  # (B, 3, H, W)
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-    }
+def target_shapes(model: torch.nn.Module) -> tuple[dict[str, tuple[int, int]], list[str], list[str]]:
+    """SPU's default targets for the model type (every method adapts them), their shapes and SPU's dense modules."""
+    from spu_peft.config import (
+        TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING,
+        TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING,
+    )
+
+    targets = TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING[model.config.model_type]
+    dense = TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING.get(model.config.model_type, [])
+    shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets}
+    return shapes, targets, dense
 
 
-def fc1_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    return {name: tuple(m.weight.shape) for name, m in model.named_modules() if name.endswith("fc1")}
+def lora_ranks(shapes: dict[str, tuple[int, int]], density: float) -> dict[str, int]:
+    """Rank per layer such that r * (m + n) ~ density * m * n: LoRA trains as many entries as SPU's values."""
+    return {name: max(1, round(density * m * n / (m + n))) for name, (m, n) in shapes.items()}
 
 
-def lora_ranks(model: torch.nn.Module, density: float) -> dict[str, int]:
-    """Rank per tower such that r * (m + n) ~ density * m * n, i.e. LoRA trains as many entries as SPU's values."""
-    ranks = {}
-    for name, (m, n) in fc1_shapes(model).items():
-        tower = name.split(".")[0]  # text_model / vision_model
-        ranks[f"{tower}.*fc1"] = max(1, round(density * m * n / (m + n)))
-    return ranks
-
-
-def shira_rank(model: torch.nn.Module, density: float) -> int:
+def shira_rank(shapes: dict[str, tuple[int, int]], density: float) -> int:
     """SHiRA takes one r for all layers (r * (m + n) entries each): match SPU's total number of entries."""
     from spu_peft.layer import num_selected
 
-    shapes = fc1_shapes(model).values()
-    return max(1, round(sum(num_selected(m * n, density) for m, n in shapes) / sum(m + n for m, n in shapes)))
+    total = sum(num_selected(m * n, density) for m, n in shapes.values())
+    return max(1, round(total / sum(m + n for m, n in shapes.values())))
 
 
-def prepare_method(model: CLIPModel, method: str, args: argparse.Namespace) -> tuple[torch.nn.Module, list]:
+def prepare_method(model: torch.nn.Module, method: str, args: argparse.Namespace) -> tuple[torch.nn.Module, list]:
     """Make `method`'s parameters trainable; returns the model and the tensors it keeps only for training."""
     from peft import LoraConfig, ShiraConfig, get_peft_model
 
     import spu_peft
+    from spu_peft.layer import num_selected
 
+    shapes, targets, dense = target_shapes(model)
     if method == "spu":
         return get_peft_model(model, spu_peft.SPUConfig(density=args.density, seed=args.seed)), []
     if method == "lora":
-        ranks = lora_ranks(model, args.density)
-        config = LoraConfig(
-            r=max(ranks.values()),
-            lora_alpha=max(ranks.values()),
-            rank_pattern=ranks,
-            alpha_pattern=ranks,  # scaling 1 everywhere
-            target_modules=["fc1"],
-            modules_to_save=["visual_projection"],
-        )
+        ranks = lora_ranks(shapes, args.density)
+        r = max(ranks.values())  # alpha = r everywhere: scaling 1
+        config = LoraConfig(r=r, lora_alpha=r, rank_pattern=ranks, alpha_pattern=ranks, target_modules=targets,
+                            modules_to_save=dense or None)  # fmt: skip
         return get_peft_model(model, config), []
     if method == "shira":
-        config = ShiraConfig(
-            r=shira_rank(model, args.density),
-            target_modules=["fc1"],
-            modules_to_save=["visual_projection"],
-            random_seed=args.seed,
-        )
+        r = shira_rank(shapes, args.density)
+        config = ShiraConfig(r=r, target_modules=targets, modules_to_save=dense or None, random_seed=args.seed)
         return get_peft_model(model, config), []
     if method == "full":
-        model.requires_grad_(True)
-        return model, []
-    # dense_mask: the reference keeps dense trainable fc1 weights and zeroes the unselected gradient entries
-    from spu_peft.layer import num_selected
-
+        return model.requires_grad_(True), []
+    # dense_mask: the reference keeps dense trainable target weights and zeroes the unselected gradient entries
     model.requires_grad_(False)
-    model.visual_projection.weight.requires_grad_(True)
-    generator = torch.Generator().manual_seed(args.seed)
-    masks = []
-    for name, module in model.named_modules():
-        if not name.endswith("fc1"):
-            continue
+    for name in dense:
+        model.get_submodule(name).requires_grad_(True)
+    generator, masks = torch.Generator().manual_seed(args.seed), []
+    for name in shapes:
+        module = model.get_submodule(name).requires_grad_(True)  # weight and bias
         weight = module.weight
         chosen = torch.randperm(weight.numel(), generator=generator)[: num_selected(weight.numel(), args.density)]
         mask = torch.zeros(weight.numel(), dtype=torch.bool)
         mask[chosen] = True
-        mask = mask.view_as(weight).to(weight.device)
-        weight.requires_grad_(True)
-        module.bias.requires_grad_(True)
-        weight.register_hook(lambda grad, mask=mask: grad * mask)
-        masks.append(mask)
+        masks.append(mask.view_as(weight).to(weight.device))
+        weight.register_hook(lambda grad, mask=masks[-1]: grad * mask)
     return model, masks
 
 
-def training_only_tensors(model: torch.nn.Module, method: str, masks: list) -> list[torch.Tensor]:
-    """Index / mask tensors a method holds to train (counted in `state_bytes` beside params, grads, AdamW state)."""
-    if method == "spu":
-        return [b for name, b in model.named_buffers() if ".spu_indices." in name or ".spu_frozen_indices." in name]
-    if method == "shira":
-        from peft.tuners.shira.layer import ShiraLayer
-
-        return [t for m in model.modules() if isinstance(m, ShiraLayer) for t in m.shira_indices.values()]
-    return masks
-
-
-def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: list[torch.Tensor]) -> int:
+def state_bytes(model: torch.nn.Module, method: str, optimizer: torch.optim.Optimizer, masks: list) -> int:
+    """Trainable parameters, their gradients, AdamW's state and the index / mask tensors a method keeps to train."""
     params = [p for p in model.parameters() if p.requires_grad]
     total = sum(p.nbytes for p in params) + sum(p.grad.nbytes for p in params if p.grad is not None)
     total += sum(t.nbytes for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
-    return total + sum(t.nbytes for t in extra)
+    if method == "spu":
+        masks = [b for name, b in model.named_buffers() if ".spu_indices." in name or ".spu_frozen_indices." in name]
+    elif method == "shira":
+        masks = [t for name, t in model.named_buffers() if ".shira_indices." in name]
+    return total + sum(t.nbytes for t in masks)
 
 
 def adapter_bytes(model: torch.nn.Module, method: str, directory: str) -> int:
     """Bytes of the safetensors files that hold what training changed."""
-    if method == "dense_mask":  # the trained dense tensors: fc1 weights and biases, visual_projection
+    if method == "dense_mask":  # the trained dense tensors
         from safetensors.torch import save_file
 
         trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -354,29 +282,18 @@ def adapter_bytes(model: torch.nn.Module, method: str, directory: str) -> int:
 # ---- measuring -------------------------------------------------------------------------------------------------------
 
 
-CLOCK = time.perf_counter  # replaced by time.process_time under --clock cpu
-
-
-def clock() -> float:
-    return CLOCK()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @contextlib.contextmanager
-def patched(*patches: tuple[Any, str, Any]):
-    """Set (object, attribute, value) patches for the duration of the block."""
-    originals = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
-    for obj, attr, value in patches:
-        setattr(obj, attr, value)
+def value_grad(path: str, device: torch.device):
+    """SPU's value gradients forced onto `path` by patching the device rule of `spu_peft.sparse_linear`."""
+    from spu_peft import sparse_linear
+
+    stock = sparse_linear.SAMPLED_VALUE_GRAD_DEVICES
+    if path != "auto":
+        sparse_linear.SAMPLED_VALUE_GRAD_DEVICES = (device.type,) if path == "sampled" else ()
     try:
         yield
     finally:
-        for obj, attr, value in reversed(originals):
-            setattr(obj, attr, value)
+        sparse_linear.SAMPLED_VALUE_GRAD_DEVICES = stock
 
 
 @contextlib.contextmanager
@@ -389,155 +306,63 @@ def merged(model):
         model.unmerge_adapter()
 
 
-def experiment_patches(name: str) -> list[tuple[Any, str, Any]]:
-    """Prototypes of proposed layer changes, as (object, attribute, replacement) monkeypatches of `spu_peft`.
-
-    src/ stays as it is; the measured effect of each is in README.md ("Performance").
-    """
-    from spu_peft import layer as spu_layer
-    from spu_peft import sparse_linear
-
-    if name == "cached_eval":
-        # Without autograd, reuse W + deltas until the weight or the values change (their version counters say
-        # when): an unmerged adapter then costs what the base model costs, at one W-sized copy per layer.
-        stock = sparse_linear.sparse_delta_linear
-        cache: dict[int, tuple[tuple, torch.Tensor]] = {}
-
-        def cached_sparse_delta_linear(x, weight, bias, deltas):
-            if torch.is_grad_enabled():
-                return stock(x, weight, bias, deltas)
-            key = (weight._version, *((id(v), v._version) for _, v in deltas))
-            hit = cache.get(id(weight))
-            if hit is None or hit[0] != key:
-                hit = cache[id(weight)] = (key, sparse_linear.compose_weight(weight, deltas))
-            dtype = sparse_linear.compute_dtype(x, weight)
-            with torch.autocast(x.device.type, enabled=False):
-                return F.linear(x.to(dtype), hit[1].to(dtype), None if bias is None else bias.to(dtype))
-
-        return [(spu_layer, "sparse_delta_linear", cached_sparse_delta_linear)]
-
-    if name == "dense_value_grad":
-        # Value gradients from the dense `grad_output^T @ x` product and a gather, as before the sampled matmul.
-        return [(sparse_linear, "_sampled_applies", lambda *_: False)]
-    return [(sparse_linear, "SparseDeltaLinear", inplace_compose_function(sparse_linear))]
-
-
-def inplace_compose_function(sparse_linear) -> type:
-    """`SparseDeltaLinear` that adds the deltas into W in place, runs the matmul and puts W's touched entries back
-    from a saved copy, so no W-sized tensor is allocated and written per call (the stock path does so in forward and
-    again in backward)."""
-
-    def compose(weight, deltas):
-        flat = weight.data.reshape(-1)  # `.data`: own version counter, so autograd's saved-tensor check stays quiet
-        saved = []
-        for idx, val in deltas:
-            pos = idx.long()
-            saved.append((pos, flat[pos].clone()))
-            flat.index_add_(0, pos, val.detach().to(weight.dtype))
-        return weight, saved
-
-    def restore(weight, saved):
-        flat = weight.data.reshape(-1)
-        for pos, original in reversed(saved):  # reverse order undoes overlapping deltas exactly
-            flat[pos] = original
-
-    class PrototypeSparseDeltaLinear(sparse_linear.SparseDeltaLinear):
-        @staticmethod
-        def forward(ctx, x, weight, bias, dtype, indices, *values):
-            ctx.dtype, ctx.num_deltas = dtype, len(indices)
-            ctx.bias_dtype = None if bias is None else bias.dtype
-            ctx.save_for_backward(x, weight, *indices, *values)
-            effective, saved = compose(weight, list(zip(indices, values)))
-            try:
-                with torch.autocast(x.device.type, enabled=False):
-                    return F.linear(x.to(dtype), effective.to(dtype), None if bias is None else bias.to(dtype))
-            finally:
-                restore(weight, saved)
-
-        @staticmethod
-        def backward(ctx, grad_output):
-            x, weight, *sparse = ctx.saved_tensors
-            indices, values = sparse[: ctx.num_deltas], sparse[ctx.num_deltas :]
-            needs_x, _, needs_bias, _, _, *needs_values = ctx.needs_input_grad
-            grad_output = grad_output.to(ctx.dtype)
-            grad_x = grad_bias = None
-            if needs_x:
-                effective, saved = compose(weight, list(zip(indices, values)))
-                try:
-                    grad_x = (grad_output @ effective.to(ctx.dtype)).to(x.dtype)
-                finally:
-                    restore(weight, saved)
-            if needs_bias:
-                grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).to(ctx.bias_dtype)
-            grad_values = sparse_linear.value_gradients(
-                grad_output, x, weight.shape, indices, values, needs_values, ctx.dtype
-            )
-            return grad_x, None, grad_bias, None, None, *grad_values
-
-    return PrototypeSparseDeltaLinear
-
-
-def rotated(names: list, shift: int) -> list:
-    """`names` started at position `shift`: each variant takes every place in the round in turn (the first of a
-    round measured 5-10% slower on CPU)."""
-    shift %= len(names)
-    return names[shift:] + names[:shift]
-
-
-def train_step(model, batch, optimizer, accelerator: Accelerator) -> torch.Tensor:
-    """Forward + backward + AdamW step; the gradients stay until the caller zeroes them."""
+def train_step(model, batch, loss_inputs, optimizer, accelerator: Accelerator) -> None:
+    """Forward + backward + AdamW step; the gradients stay until the next step starts."""
+    optimizer.zero_grad(set_to_none=True)
     with accelerator.autocast():
-        loss = model(**batch, return_loss=True).loss
+        loss = model(**batch, **loss_inputs).loss
     accelerator.backward(loss)
     optimizer.step()
-    return loss
 
 
-def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
 
 
-def device_batch(args: argparse.Namespace, model_name: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """One batch, reused for every step, scoring batch and forward, so that all methods see the same numbers."""
-    return {k: v.to(device) for k, v in make_batch(model_name, args.batch_size, args.seq_len, args.seed).items()}
-
-
-def measure_memory(args: argparse.Namespace, model_name: str, method: str, accelerator: Accelerator) -> dict:
-    """Peak memory of one method's training step, its training state and its file (in a process of its own)."""
+def select(model, batch, args, accelerator, kind: str = "fp32", **kwargs):
+    """`select_parameters` on `score_batches` batches (25% of a task 4x as long) with `kind`'s score sums."""
     import spu_peft
 
+    with accelerator.autocast():
+        task = [batch] * (4 * args.score_batches)
+        return spu_peft.select_parameters(model, task, fraction=0.25, **SCORE_SUMS[kind], **kwargs)
+
+
+def measure_memory(args: argparse.Namespace, model_name: str, task: str, accelerator: Accelerator) -> dict:
+    """Peak memory of one method's training step, its state and its file; or of one selection (`select-KIND`)."""
     device = accelerator.device
     # 1. data and model; SPU selects its entries first, as it does before training
-    batch = device_batch(args, model_name, device)
+    batch, loss_inputs = make_batch(model_name, args, device)
+    method = "spu" if task.startswith("select-") else task
     model, masks = prepare_method(make_model(model_name, args.seed).to(device), method, args)
+    if task.startswith("select-"):  # cold: the process's first forward; then warm, as the training step is
+        reset_peak_memory(device)
+        select(model, batch, args, accelerator, task.removeprefix("select-"))
+        cold = peak_memory(device)
+        reset_peak_memory(device)
+        select(model, batch, args, accelerator, task.removeprefix("select-"))
+        return {"peak_mem_bytes": peak_memory(device), "cold_peak_mem_bytes": cold}
     if method == "spu":
-        with accelerator.autocast():
-            spu_peft.select_parameters(model, [batch] * (4 * args.score_batches), fraction=0.25)
-    optimizer = make_optimizer(model, args)
+        select(model, batch, args, accelerator)
+    optimizer = make_optimizer(model)
 
     # 2. training: warm-up creates the AdamW state, then one step under a fresh peak (the steady state's)
     model.train()
-    for _ in range(max(1, args.warmup_steps)):
-        train_step(model, batch, optimizer, accelerator)
+    with value_grad(args.value_grad[0] if method == "spu" else "auto", device):
+        train_step(model, batch, loss_inputs, optimizer, accelerator)
         optimizer.zero_grad(set_to_none=True)
-    reset_peak_memory(device)
-    memory_at_start = peak_memory(device, "VmRSS")
-    train_step(model, batch, optimizer, accelerator)
+        reset_peak_memory(device)
+        at_start = peak_memory(device, "VmRSS")
+        train_step(model, batch, loss_inputs, optimizer, accelerator)
     result = {
         "peak_mem_bytes": peak_memory(device),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "state_bytes": state_bytes(model, optimizer, training_only_tensors(model, method, masks)),
+        "state_bytes": state_bytes(model, method, optimizer, masks),
     }
     optimizer.zero_grad(set_to_none=True)
-    logger.info(
-        "%s / %s: %.0f MiB after warm-up, %.0f MiB at the peak of a step, %.1f MiB of training state",
-        model_name,
-        method,
-        memory_at_start / 2**20,
-        result["peak_mem_bytes"] / 2**20,
-        result["state_bytes"] / 2**20,
-    )
+    peak, state = result["peak_mem_bytes"] / 2**20, result["state_bytes"] / 2**20
+    logger.info("%s / %s: %.0f MiB after warm-up, %.0f MiB at a step's peak, %.1f MiB of training state",
+                model_name, method, at_start / 2**20, peak, state)  # fmt: skip
 
     # 3. the adapter on disk
     with tempfile.TemporaryDirectory() as directory:
@@ -545,112 +370,114 @@ def measure_memory(args: argparse.Namespace, model_name: str, method: str, accel
     return result
 
 
+def timed_rounds(runs: dict[Any, tuple[Any, Any]], rounds: int, device: torch.device) -> dict[Any, float]:
+    """Median seconds of each `fn` of `runs` (name -> (context, fn)), called round by round after a warm-up round.
+
+    Each round starts at the next name, so that every run takes every place in turn (the first of a round measured
+    5-10% slower on CPU); `context()` (a merge, say) is entered outside the timed call. A `fn` that returns a number
+    reports its own seconds (`select_parameters` times its scoring phase).
+    """
+    names, times = list(runs), {name: [] for name in runs}
+    for round_ in range(WARMUP_STEPS + rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            context, fn = runs[name]
+            with context():
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                seconds = fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if round_ >= WARMUP_STEPS:
+                    times[name].append(time.perf_counter() - start if seconds is None else seconds)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def measure_time(args: argparse.Namespace, model_name: str, accelerator: Accelerator) -> dict:
-    """Step, scoring and inference times of every method and SPU prototype, interleaved in this one process.
+    """Step, scoring and inference times of every method and SPU variant, interleaved in this one process.
 
     Timing each method in a process of its own compares more than the methods: each process has its own allocator
     history and meets the machine's load at another moment (on the shared 2-core machine this was written on, one
     method's step time varied by 15-30% between processes). Alternating the methods step by step in one process puts
     them on the same footing; memory, which needs a process of its own, is measured by `measure_memory`.
     """
-    import spu_peft
+    from spu_peft import SPULayer
 
     device = accelerator.device
     # 1. data and models: one per method, all from the same weights, plus the base model
-    batch = device_batch(args, model_name, device)
+    batch, loss_inputs = make_batch(model_name, args, device)
     models = {m: prepare_method(make_model(model_name, args.seed).to(device), m, args)[0] for m in args.methods}
     base = make_model(model_name, args.seed).to(device)
-    # variant -> (method, patches): the methods, then SPU with each prototype monkeypatched in
-    variants = {m: (m, []) for m in args.methods}
-    variants.update({f"spu+{e}": ("spu", experiment_patches(e)) for e in args.experiment})
-    results: dict[str, Any] = {name: {"step_s": None, "infer_s": None, "infer_merged_s": None} for name in variants}
+    results: dict[str, Any] = {name: {} for name in models}
 
-    # 2. selection (SPU): `select_parameters` on `score_batches` batches = 25% of a 4x longer task
+    # 2. selection (SPU), round by round over the kinds of score sums; the share of fp32's entries each selects
     if "spu" in models:
-        task = [batch] * (4 * args.score_batches)
-        # select_parameters times its scoring phase (not the top-k) itself: lend it the benchmark's clock
-        with accelerator.autocast(), patched((spu_peft.selection, "time", SimpleNamespace(perf_counter=clock))):
-            spu_peft.select_parameters(models["spu"], task, max_batches=1)  # warm-up, as the steps get
-            report = spu_peft.select_parameters(models["spu"], task, fraction=0.25)
-        results["score"] = {"score_s": report.score_seconds, "score_batches": report.num_batches}
+        spu_layers = [m for m in models["spu"].modules() if isinstance(m, SPULayer)]
+        chosen, reports = {}, {kind: [] for kind in args.score_sums}
 
-    # 3. training steps, round by round over the variants (SPU variants share the SPU model and optimizer)
-    optimizers = {m: make_optimizer(model, args) for m, model in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for model in models.values():
-        model.train()
-    for step in range(args.warmup_steps + args.steps):
-        for name in rotated(list(variants), step):
-            method, patches = variants[name]
-            with patched(*patches):
-                synchronize(device)
-                start = clock()
-                train_step(models[method], batch, optimizers[method], accelerator)
-                synchronize(device)
-            if step >= args.warmup_steps:
-                times[name].append(clock() - start)
-            optimizers[method].zero_grad(set_to_none=True)
-    for name, t in times.items():
-        results[name]["step_s"] = statistics.median(t)
-    logger.info("%s: step seconds %s", model_name, {name: round(results[name]["step_s"], 3) for name in variants})
+        def selection(kind):
+            reports[kind].append(select(models["spu"], batch, args, accelerator, kind))
+            chosen[kind] = [layer.spu_indices["default"].clone() for layer in spu_layers]
+            return reports[kind][-1].score_seconds  # the scoring phase, without the top-k
 
-    # 4. inference, round by round: each variant unmerged, each adapter merged into its base weights (as
-    # merge_and_unload merges it; the wrappers stay, one `if` each), and the base model; round 0 is the warm-up
-    forwards: dict[tuple[str, str], tuple[Any, Any]] = {("base", "infer_s"): (base, contextlib.nullcontext)}
-    for name, (method, patches) in variants.items():
-        forwards[(name, "infer_s")] = (models[method], lambda patches=patches: patched(*patches))
-        if method in ADAPTER_METHODS and not patches:
-            forwards[(name, "infer_merged_s")] = (models[method], lambda model=models[method]: merged(model))
-    inference_times: dict[tuple[str, str], list[float]] = {key: [] for key in forwards}
-    for model in [base, *models.values()]:
+        runs = {kind: (contextlib.nullcontext, lambda k=kind: selection(k)) for kind in args.score_sums}
+        results["selection"] = {}
+        for kind, seconds in timed_rounds(runs, args.steps, device).items():
+            total = statistics.median(r.total_seconds for r in reports[kind][WARMUP_STEPS:])
+            results["selection"][kind] = {"score_s": seconds, "select_s": total}
+            results["selection"][kind]["score_batches"] = reports[kind][0].num_batches
+        for kind in chosen if "fp32" in chosen else ():
+            shared = sum(int(torch.isin(a, b).sum()) for a, b in zip(chosen[kind], chosen["fp32"]))
+            results["selection"][kind]["overlap_with_fp32"] = shared / sum(a.numel() for a in chosen["fp32"])
+
+    # 3. training steps, round by round over the methods and SPU's further value-gradient paths
+    steps = {}
+    for method, model in models.items():
+        path = args.value_grad[0] if method == "spu" else "auto"
+        steps[method] = (lambda p=path: value_grad(p, device), model, make_optimizer(model))
+    for path in args.value_grad[1:]:
+        steps[f"spu/{path}"] = (lambda p=path: value_grad(p, device), models["spu"], steps["spu"][2])
+
+    def training(model, optimizer):
+        return lambda: train_step(model.train(), batch, loss_inputs, optimizer, accelerator)
+
+    runs = {name: (context, training(model, optimizer)) for name, (context, model, optimizer) in steps.items()}
+    step_seconds = timed_rounds(runs, args.steps, device)
+    for name, seconds in step_seconds.items():
+        results.setdefault(name, {})["step_s"] = seconds
+    logger.info("%s: step seconds %s", model_name, {name: round(s, 3) for name, s in step_seconds.items()})
+
+    # 4. inference, round by round: the base model, each method unmerged and each adapter merged into its base
+    # weights (as merge_and_unload merges it; the wrappers stay, one `if` each)
+    def forward(model):
+        with torch.inference_mode(), accelerator.autocast():
+            model(**batch)
+
+    runs = {("base", "infer_s"): (contextlib.nullcontext, lambda: forward(base.eval()))}
+    for method, model in models.items():
         model.eval()
-    for round_ in range(args.infer_repeats + 1):
-        for key in rotated(list(forwards), round_):
-            model, variant = forwards[key]
-            with variant(), torch.inference_mode(), accelerator.autocast():
-                synchronize(device)
-                start = clock()
-                model(**batch)
-                synchronize(device)
-            if round_:
-                inference_times[key].append(clock() - start)
-    results["base"] = {}
-    for (name, key), t in inference_times.items():
-        results[name][key] = statistics.median(t)
+        runs[(method, "infer_s")] = (contextlib.nullcontext, lambda m=model: forward(m))
+        if method in ADAPTER_METHODS:
+            runs[(method, "infer_merged_s")] = (lambda m=model: merged(m), lambda m=model: forward(m))
+    for (name, key), seconds in timed_rounds(runs, args.steps, device).items():
+        results.setdefault(name, {})[key] = seconds
 
-    # 5. optional: where the time goes, per variant and for the scoring
+    # 5. optional: where the time goes, per training run and in the scoring
     if args.profile:
-        for name, (method, patches) in variants.items():
-            model, optimizer = models[method], optimizers[method]
-            model.train()
-            with patched(*patches):
-                profile(
-                    lambda model=model, optimizer=optimizer: (
-                        train_step(model, batch, optimizer, accelerator),
-                        optimizer.zero_grad(set_to_none=True),
-                    ),
-                    accelerator,
-                    f"one training step of {model_name} / {name}",
-                )
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        runs = {name: (context, training(model, optimizer)) for name, (context, model, optimizer) in steps.items()}
         if "spu" in models:  # re-selects the support; nothing after this depends on it
-            profile(
-                lambda: spu_peft.select_parameters(models["spu"], [batch], max_batches=1),
-                accelerator,
-                f"select_parameters on one batch of {model_name}",
-            )
+            scoring = lambda: select(models["spu"], batch, args, accelerator, max_batches=1)  # noqa: E731
+            runs["scoring"] = (contextlib.nullcontext, scoring)
+        for name, (context, fn) in runs.items():
+            with context(), profile(activities=activities) as prof:
+                fn()
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+            logger.info("torch.profiler, %s / %s:\n%s", model_name, name, table)
     return results
-
-
-def profile(fn, accelerator: Accelerator, title: str) -> None:
-    """Log torch.profiler's table of one call of `fn`, ops sorted by their own time."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if accelerator.device.type == "cuda" else [])
-    with torch_profile(activities=activities) as prof, accelerator.autocast():
-        fn()
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
-    logger.info("torch.profiler, %s:\n%s", title, table)
 
 
 # ---- reporting -------------------------------------------------------------------------------------------------------
@@ -661,32 +488,32 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def evaluate_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    def get(method: str, key: str) -> float | None:
-        return (results.get(method) or {}).get(key)
+    def get(name: str, key: str) -> float | None:
+        return (results.get(name) or results.get("selection", {}).get(name) or {}).get(key)
 
-    base = (results.get("base") or {}).get("infer_s")
-    score_per_batch = ratio(get("spu", "score_s"), results.get("meta", {}).get("score_batches"))
-    adapter_reference = None if get("spu", "trainable_params") is None else 4 * get("spu", "trainable_params")
+    meta = results["meta"]
+    peak, trainable = get("spu", "peak_mem_bytes"), get("spu", "trainable_params")
     measured = {
         "spu_step_vs_lora": ratio(get("spu", "step_s"), get("lora", "step_s")),
         "spu_step_vs_full": ratio(get("spu", "step_s"), get("full", "step_s")),
         "spu_step_vs_dense_mask": ratio(get("spu", "step_s"), get("dense_mask", "step_s")),
-        "spu_mem_vs_dense_mask": ratio(get("spu", "peak_mem_bytes"), get("dense_mask", "peak_mem_bytes")),
-        "spu_mem_vs_lora": ratio(get("spu", "peak_mem_bytes"), get("lora", "peak_mem_bytes")),
-        "spu_infer_vs_base": ratio(get("spu", "infer_s"), base),
-        "spu_merged_infer_vs_base": ratio(get("spu", "infer_merged_s"), base),
-        "score_batch_vs_step": ratio(score_per_batch, get("spu", "step_s")),
-        "adapter_vs_values": ratio(get("spu", "adapter_bytes"), adapter_reference),
+        "spu_mem_vs_dense_mask": ratio(peak, get("dense_mask", "peak_mem_bytes")),
+        "spu_mem_vs_lora": ratio(peak, get("lora", "peak_mem_bytes")),
+        "spu_infer_vs_base": ratio(get("spu", "infer_s"), get("base", "infer_s")),
+        "spu_merged_infer_vs_base": ratio(get("spu", "infer_merged_s"), get("base", "infer_s")),
+        "score_batch_vs_step": ratio(ratio(get("spu", "score_s"), meta["score_batches"]), get("spu", "step_s")),
+        "adapter_vs_values": ratio(get("spu", "adapter_bytes"), trainable and 4 * trainable),
+        "select_fp32_peak": ratio(get("fp32", "peak_mem_bytes"), peak and peak + meta["score_sums_bytes"]["fp32"]),
+        "select_bf16_peak": ratio(get("bf16", "peak_mem_bytes"), peak),
+        # a CPU run keeps score_device="cpu" sums in the memory it measures, as fp32: nothing to compare
+        "select_cpu_peak": ratio(get("cpu", "peak_mem_bytes"), peak) if meta["device"] != "cpu" else None,
     }
     return {
-        key: {
-            "target": text,
-            "threshold": threshold,
-            "ratio": None if measured[key] is None else round(measured[key], 4),
-            "pass": None if measured[key] is None else bool(measured[key] <= threshold),
-        }
-        for key, text, threshold in TARGETS
-    }
+        key: {"target": text, "threshold": threshold, "ratio": None if value is None else round(value, 4),
+              "margin": None if value is None else round(threshold - value, 4),
+              "pass": None if value is None else bool(value <= threshold)}
+        for (key, text, threshold), value in zip(TARGETS, (measured[key] for key, _, _ in TARGETS))
+    }  # fmt: skip
 
 
 def fmt(value: float | None, unit: str = "") -> str:
@@ -694,85 +521,63 @@ def fmt(value: float | None, unit: str = "") -> str:
         return "-"
     if unit == "MiB":
         return f"{value / 2**20:,.1f}"
-    if unit == "x":
-        return f"{value:.2f}x"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:.3f}"
+    if unit:
+        return f"{value:{unit}}"
+    return f"{value:,}" if isinstance(value, int) else f"{value:.3f}"
 
 
 def markdown(model_name: str, results: dict[str, Any]) -> str:
     meta = results["meta"]
-    lora = results.get("lora") or {}
     lines = [
-        f"### {model_name} ({meta['device']}, {meta['threads']} threads, {meta['clock']} clock, "
-        f"batch {meta['batch_size']}x{meta['seq_len']} tokens, median of {meta['steps']} steps, "
-        f"load {meta['load_avg_before']} -> {meta['load_avg_after']})",
+        f"### {model_name} ({meta['device']}, {meta['threads']} threads, bf16 autocast {meta['bf16']}, batch "
+        f"{meta['batch_size']}x{meta['seq_len']} tokens, median of {meta['steps']} steps, load "
+        f"{meta['load_avg_before']} -> {meta['load_avg_after']})",
         "",
-        "| method | step s | step / LoRA | peak MiB | peak / LoRA | trainable | state MiB | state / LoRA "
-        "| adapter MiB | adapter / LoRA | infer s | merged infer s | score s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | step s | peak MiB | trainable | state MiB | adapter MiB | infer s | merged infer s | score s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for method in METHODS:
-        r = results.get(method)
-        if r is None:
-            continue
-        lines.append(
-            f"| {method} | {fmt(r['step_s'])} | {fmt(ratio(r['step_s'], lora.get('step_s')), 'x')} "
-            f"| {fmt(r['peak_mem_bytes'], 'MiB')} | {fmt(ratio(r['peak_mem_bytes'], lora.get('peak_mem_bytes')), 'x')} "
-            f"| {fmt(r['trainable_params'])} | {fmt(r['state_bytes'], 'MiB')} "
-            f"| {fmt(ratio(r['state_bytes'], lora.get('state_bytes')), 'x')} | {fmt(r['adapter_bytes'], 'MiB')} "
-            f"| {fmt(ratio(r['adapter_bytes'], lora.get('adapter_bytes')), 'x')} | {fmt(r['infer_s'])} "
-            f"| {fmt(r['infer_merged_s'])} | {fmt(r['score_s'])} |"
-        )
-    lines.append(f"| base | | | | | | | | | | {fmt(results['base']['infer_s'])} | | |")
-    for name, r in results.get("experiments", {}).items():  # prototypes: timed only
-        lines.append(
-            f"| {name} (prototype) | {fmt(r['step_s'])} | {fmt(ratio(r['step_s'], lora.get('step_s')), 'x')} "
-            f"| | | | | | | | {fmt(r['infer_s'])} | | |"
-        )
-    lines += ["", "| target | ratio | pass |", "|---|---:|:---:|"]
+    for name, r in results.items():
+        if name in METHODS or name.startswith("spu/") or name == "base":
+            cells = [fmt(r.get(k), "MiB" if k.endswith("bytes") else "") for k in METRICS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if selection := results.get("selection"):
+        header = f"score sums | score s ({meta['score_batches']} batches) | select s | peak MiB | cold peak MiB"
+        lines += ["", f"| {header} | sums MiB | share of fp32's entries |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for kind, r in selection.items():
+            cells = [fmt(r.get("score_s")), fmt(r.get("select_s")), fmt(r.get("peak_mem_bytes"), "MiB")]
+            cells += [fmt(r.get("cold_peak_mem_bytes"), "MiB"), fmt(meta["score_sums_bytes"][kind], "MiB")]
+            cells.append(fmt(r.get("overlap_with_fp32"), ".4f"))
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    lines += ["", "| target | ratio | threshold | margin | met |", "|---|---:|---:|---:|:---:|"]
     for t in results["targets"].values():
-        verdict = "-" if t["pass"] is None else ("pass" if t["pass"] else "**FAIL**")
-        lines.append(f"| {t['target']} | {fmt(t['ratio'], 'x')} | {verdict} |")
+        verdict = "-" if t["pass"] is None else ("yes" if t["pass"] else "**no**")
+        cells = [fmt(t["ratio"], ".2f"), fmt(t["threshold"], ".2f"), fmt(t["margin"], "+.2f"), verdict]
+        lines.append(f"| {t['target']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
+def worker_command(args: argparse.Namespace, model_name: str, worker: str, out: Path) -> list[str]:
+    """This run's own flags, then the worker's (argparse keeps the last of a repeated flag)."""
+    return [sys.executable, os.path.abspath(__file__), *args.argv, "--worker", worker, "--models", model_name,
+            "--json", str(out)]  # fmt: skip
 
 
-def worker_command(args: argparse.Namespace, model_name: str, worker: str, method: str | None, out: Path) -> list:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--models", model_name]
-    command += ["--methods", ",".join(args.methods), "--json", str(out)] + (["--method", method] if method else [])
-    for name in FORWARDED:
-        value = getattr(args, name)
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            command += [flag] if value else []
-        elif isinstance(value, list):
-            command += [flag, ",".join(value)] if value else []
-        elif value is not None:
-            command += [flag, str(value)]
-    return command
+def measure(args: argparse.Namespace, model_name: str, worker: str, accelerator: Accelerator) -> dict:
+    """One measurement in this process: `timing`, or the memory of a method or a selection (`select-KIND`)."""
+    if worker == "timing":
+        return measure_time(args, model_name, accelerator)
+    return measure_memory(args, model_name, worker, accelerator)
 
 
-def run_worker(args: argparse.Namespace, model_name: str, worker: str, method: str | None, accelerator) -> dict:
-    """Run a measurement in a fresh process (or, with --in-process / for timing in tests, in this one)."""
+def run_worker(args: argparse.Namespace, model_name: str, worker: str, accelerator: Accelerator) -> dict:
+    """One measurement in a fresh process (or, with --in-process, in this one)."""
     if args.in_process:
-        result = (
-            measure_memory(args, model_name, method, accelerator)
-            if worker == "memory"
-            else measure_time(args, model_name, accelerator)
-        )
+        result = measure(args, model_name, worker, accelerator)
         gc.collect()
         return result
     with tempfile.TemporaryDirectory() as directory:
         out = Path(directory) / "result.json"
-        subprocess.run(worker_command(args, model_name, worker, method, out), check=True)
+        subprocess.run(worker_command(args, model_name, worker, out), check=True)
         return json.loads(out.read_text())
 
 
@@ -781,85 +586,70 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.threads:
         torch.set_num_threads(args.threads)
-    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("`--device cuda` needs a CUDA device; torch sees none.")
+    accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision="bf16" if args.bf16 else "no")
+    device = accelerator.device
     if accelerator.num_processes > 1:
         raise ValueError("This benchmark measures one process; run it with `python`, not a multi-process launch.")
-    if args.malloc == "keep" and accelerator.device.type == "cpu":
+    if "sampled" in args.value_grad and device.type not in ("cpu", "cuda"):
+        raise ValueError(f"`--value-grad sampled` needs torch.sparse.sampled_addmm, which {device.type} lacks.")
+    if device.type == "cpu" and args.worker not in (*METHODS, *(f"select-{kind}" for kind in SCORE_SUMS)):
+        # glibc's default unmaps and re-faults several hundred MiB of activations every step: 10-30% noisy time
         keep_freed_memory()
-    if args.clock == "cpu":
-        if accelerator.device.type != "cpu":
-            raise ValueError(f"`--clock cpu` measures CPU time; on {accelerator.device} use `--clock wall`.")
-        global CLOCK
-        CLOCK = time.process_time
-
+    elif device.type == "cpu":  # a memory worker: RSS should follow the live tensors, whatever it costs in time
+        release_freed_memory()
     if args.worker:  # one measurement on one model, in a fresh process
-        model_name = args.models[0]
-        if args.worker == "memory":
-            result = measure_memory(args, model_name, args.method, accelerator)
-        else:
-            result = measure_time(args, model_name, accelerator)
+        result = measure(args, args.models[0], args.worker, accelerator)
         args.json.write_text(json.dumps(result))
         return result
 
     all_results: dict[str, Any] = {}
     for model_name in args.models:
-        # 1. sizes derived from the model, logged so a reader can check the budgets match
-        probe = make_model(model_name, args.seed)
-        ranks, shira_r = lora_ranks(probe, args.density), shira_rank(probe, args.density)
-        logger.info(
-            "%s: %.1fM params, fc1 %s, LoRA ranks %s, SHiRA r %d",
-            model_name,
-            sum(p.numel() for p in probe.parameters()) / 1e6,
-            sorted(set(fc1_shapes(probe).values())),
-            ranks,
-            shira_r,
+        # 1. sizes derived from the model, logged so that a reader can check that the budgets match
+        with torch.device("meta"):
+            probe = make_model(model_name, args.seed)
+        shapes = target_shapes(probe)[0]
+        ranks = {f"{m}x{n}": r for (m, n), r in zip(shapes.values(), lora_ranks(shapes, args.density).values())}
+        entries = sum(m * n for m, n in shapes.values())
+        sums = {"fp32": 4 * entries, "bf16": 2 * entries, "cpu": 4 * entries if device.type == "cpu" else 0}
+        batch, _ = make_batch(model_name, args, torch.device("cpu"))
+        meta = dict(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, bf16=args.bf16)
+        meta.update(batch_size=batch["input_ids"].shape[0], seq_len=batch["input_ids"].shape[1], steps=args.steps)
+        meta.update(value_grad=args.value_grad, lora_ranks=ranks, shira_r=shira_rank(shapes, args.density))
+        meta.update(
+            score_batches=args.score_batches, score_sums_bytes=sums, load_avg_before=round(os.getloadavg()[0], 2)
         )
-        del probe
-        meta = {
-            "device": str(accelerator.device),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "batch_size": args.batch_size,
-            "seq_len": args.seq_len,
-            "warmup_steps": args.warmup_steps,
-            "steps": args.steps,
-            "infer_repeats": args.infer_repeats,
-            "score_batches": None,
-            "clock": args.clock,
-            "malloc": args.malloc,
-            "bf16": args.bf16,
-            "lora_ranks": ranks,
-            "shira_r": shira_r,
-            "memory_subprocess_per_method": not args.in_process,
-            "load_avg_before": load_average(),
-        }
+        meta.update(memory_subprocess_per_method=not args.in_process)
+        logger.info("%s: %.1fM params, %d targets %s, LoRA ranks %s, SHiRA r %d, fp32 score sums %.0f MiB",
+                    model_name, sum(p.numel() for p in probe.parameters()) / 1e6, len(shapes),
+                    sorted(set(shapes.values())), ranks, meta["shira_r"], sums["fp32"] / 2**20)  # fmt: skip
 
-        # 2. memory: one fresh process per method, so that each peak is the method's own
+        # 2. memory: one fresh process per method and per selection, so that each peak is its own
         results: dict[str, Any] = {}
-        for method in args.methods:
-            logger.info("%s / %s: measuring memory", model_name, method)
-            results[method] = run_worker(args, model_name, "memory", method, accelerator)
+        for task in args.methods + ([f"select-{k}" for k in args.score_sums] if "spu" in args.methods else []):
+            logger.info("%s / %s: measuring memory", model_name, task)
+            results[task] = run_worker(args, model_name, task, accelerator)
 
         # 3. time: all methods interleaved in one process (see `measure_time`)
-        logger.info("%s: timing %s", model_name, ", ".join(args.methods + [f"spu+{e}" for e in args.experiment]))
-        timing = run_worker(args, model_name, "timing", None, accelerator)
-        score = timing.pop("score", {})
-        meta["score_batches"] = score.get("score_batches")
-        for method in args.methods:
-            results[method].update(timing.pop(method))
-            results[method]["score_s"] = score.get("score_s") if method in ("spu", "dense_mask") else None
-        meta["load_avg_after"] = load_average()
+        timing = run_worker(args, model_name, "timing", accelerator)
+        meta["load_avg_after"] = round(os.getloadavg()[0], 2)
 
-        # 4. assemble: the methods' figures in a fixed key order, base, prototypes, targets
-        model_results: dict[str, Any] = {m: {key: results[m].get(key) for key in METRICS} for m in args.methods}
-        model_results["base"] = {"infer_s": timing.pop("base")["infer_s"]}
-        if timing:
-            model_results["experiments"] = timing
+        # 4. assemble: the methods' figures in a fixed key order, SPU variants, base, selections, targets
+        model_results: dict[str, Any] = {}
+        for name, figures in timing.items():
+            figures.update(results.get(name, {}))
+            model_results[name] = {k: figures.get(k) for k in METRICS} if name in METHODS else figures
+        for kind, figures in model_results.get("selection", {}).items():
+            figures.update(results[f"select-{kind}"])
+            meta["score_batches"] = figures["score_batches"]
+        if "spu" in model_results:
+            model_results["spu"]["score_s"] = next(iter(model_results["selection"].values()))["score_s"]
         model_results["meta"] = meta
         model_results["targets"] = evaluate_targets(model_results)
         all_results[model_name] = model_results
 
-    # 5. report: the markdown table (printed: it is the result) and the JSON
+    # 5. report: the markdown tables (printed: they are the result) and the JSON
     if accelerator.is_main_process:
         print("\n\n".join(markdown(name, r) for name, r in all_results.items()))
         if args.json is not None:

@@ -1,8 +1,7 @@
-"""benchmarks/throughput.py: the quick path's JSON, its budgets, its worker plumbing and its layer prototypes.
+"""benchmarks/throughput.py: the quick path's JSON, its budgets, its worker plumbing; the value-gradient device rule.
 
-Nothing here is timed. The SPU fast path against a dense autograd reference (fp32 and bf16) is covered by
-tests/test_layer.py::test_fast_path_gradients_equal_dense_autograd; the tests below hold the benchmark's
-monkeypatched prototypes of layer changes to the same standard against the stock path.
+Nothing here is timed. The SPU fast path against a dense autograd reference (fp32 and bf16, both gradient paths) is
+covered by tests/test_layer.py.
 """
 
 import os
@@ -16,11 +15,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import make_tiny_clip  # noqa: E402
-from peft import get_peft_model  # noqa: E402
-from torch import nn  # noqa: E402
 
-from spu_peft import SPUConfig, SPULayer  # noqa: E402
+from spu_peft import sparse_linear  # noqa: E402
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 
@@ -38,69 +34,82 @@ def test_quick_run_writes_every_model_method_and_key(throughput, tmp_path):
     path = tmp_path / "throughput.json"
     threads = torch.get_num_threads()
     try:
-        argv = ["--quick", "--models", "tiny", "--in-process", "--threads", "1", "--json", str(path)]
-        argv += ["--experiment", "dense_value_grad,cached_eval"]
-        returned = throughput.main(argv)
+        argv = ["--quick", "--models", "tiny,tiny-llama", "--in-process", "--threads", "1", "--json", str(path)]
+        returned = throughput.main(argv + ["--value-grad", "auto,dense"])
     finally:
         torch.set_num_threads(threads)
     data = json.loads(path.read_text())
     assert data == json.loads(json.dumps(returned))
-    assert set(data) == {"tiny"}
-    tiny = data["tiny"]
-    assert set(tiny) == {*throughput.METHODS, "base", "experiments", "meta", "targets"}
-    assert tiny["base"]["infer_s"] > 0
+    assert set(data) == {"tiny", "tiny-llama"}
+    for name, figures in data.items():
+        assert set(figures) == {*throughput.METHODS, "spu/dense", "base", "selection", "meta", "targets"}, name
+        assert figures["base"]["infer_s"] > 0 and figures["spu/dense"]["step_s"] > 0
+        for method in throughput.METHODS:
+            row = figures[method]
+            assert set(row) == set(throughput.METRICS), (name, method)
+            for key in ("step_s", "peak_mem_bytes", "trainable_params", "state_bytes", "adapter_bytes", "infer_s"):
+                assert row[key] > 0, (name, method, key)
+            assert (row["infer_merged_s"] is not None) == (method in throughput.ADAPTER_METHODS), (name, method)
+            assert (row["score_s"] is not None) == (method == "spu"), (name, method)
+        assert set(figures["selection"]) == set(throughput.SCORE_SUMS)
+        for kind, row in figures["selection"].items():
+            assert min(row[k] for k in ("score_s", "select_s", "peak_mem_bytes", "cold_peak_mem_bytes")) > 0, (
+                name,
+                kind,
+            )
+            assert 0.9 <= row["overlap_with_fp32"] <= 1.0, (name, kind)
+        # on a CPU the sums live where the model does, so score_device="cpu" selects what fp32 selects
+        assert figures["selection"]["fp32"]["overlap_with_fp32"] == figures["selection"]["cpu"]["overlap_with_fp32"]
+        assert figures["meta"]["score_batches"] == 1 and figures["meta"]["value_grad"] == ["auto", "dense"]
+        assert set(figures["targets"]) == {key for key, _, _ in throughput.TARGETS}
+        for key, target in figures["targets"].items():
+            assert set(target) == {"target", "threshold", "ratio", "margin", "pass"}
+            if key == "select_cpu_peak":  # a CPU run: nothing leaves the measured memory
+                assert target["ratio"] is None and target["pass"] is None
+            else:
+                assert target["ratio"] is not None and isinstance(target["pass"], bool), key
+                assert target["margin"] == pytest.approx(target["threshold"] - target["ratio"], abs=1e-3)
 
-    for method in throughput.METHODS:
-        figures = tiny[method]
-        assert set(figures) == set(throughput.METRICS), method
-        for key in ("step_s", "peak_mem_bytes", "trainable_params", "state_bytes", "adapter_bytes", "infer_s"):
-            assert figures[key] > 0, (method, key)
-        assert (figures["infer_merged_s"] is not None) == (method in throughput.ADAPTER_METHODS), method
-        assert (figures["score_s"] is not None) == (method in ("spu", "dense_mask")), method
-    assert tiny["dense_mask"]["score_s"] == tiny["spu"]["score_s"]
-    assert set(tiny["experiments"]) == {"spu+dense_value_grad", "spu+cached_eval"}
-    for figures in tiny["experiments"].values():
-        assert figures["step_s"] > 0 and figures["infer_s"] > 0
-
-    # the budgets: LoRA and SHiRA train about as many fc1 entries as SPU, the baselines as the paper says
+    # the budgets: LoRA and SHiRA train about as many target entries as SPU, the baselines as the paper says
+    tiny, llama = data["tiny"], data["tiny-llama"]
     fc1_entries = tiny["spu"]["trainable_params"] - 64 * 64 - (3 + 2) * 256  # minus visual_projection, fc1 biases
     assert fc1_entries == 5 * round(0.1 * 256 * 64)
+    assert llama["spu"]["trainable_params"] == 2 * 2 * round(0.1 * 176 * 64)  # gate_proj + up_proj, no biases
     for method in ("lora", "shira"):
         assert abs(tiny[method]["trainable_params"] - 64 * 64 - fc1_entries) <= 0.05 * fc1_entries, method
+        assert abs(llama[method]["trainable_params"] / llama["spu"]["trainable_params"] - 1) <= 0.07, method
     assert tiny["dense_mask"]["trainable_params"] == 64 * 64 + 5 * (256 * 64 + 256)
-    assert tiny["full"]["trainable_params"] == sum(p.numel() for p in throughput.make_model("tiny", 0).parameters())
-
-    assert tiny["meta"]["score_batches"] == 1
-    assert set(tiny["targets"]) == {key for key, _, _ in throughput.TARGETS}
-    for target in tiny["targets"].values():
-        assert set(target) == {"target", "threshold", "ratio", "pass"}
-        assert target["ratio"] is not None and isinstance(target["pass"], bool)
+    assert llama["dense_mask"]["trainable_params"] == 4 * 176 * 64
+    for name in data:
+        assert data[name]["full"]["trainable_params"] == sum(
+            p.numel() for p in throughput.make_model(name, 0).parameters()
+        )
 
 
-def test_ranks_match_spu_budget_on_vit_b_16_shapes(throughput):
-    """10% of m * n ~ r * (m + n): 61 for the vision fc1 (3072 x 768), 41 for the text fc1 (2048 x 512)."""
-    model = nn.ModuleDict(
-        {
-            "vision_model": nn.ModuleDict({"fc1": nn.Linear(768, 3072, device="meta")}),
-            "text_model": nn.ModuleDict({"fc1": nn.Linear(512, 2048, device="meta")}),
-        }
-    )
-    assert throughput.lora_ranks(model, 0.1) == {"vision_model.*fc1": 61, "text_model.*fc1": 41}
-    assert throughput.shira_rank(model, 0.1) == 53  # one r for all: (235930 + 104858) / (3840 + 2560)
+def test_ranks_match_spu_budget_on_vit_b_16_and_llama_shapes(throughput):
+    """10% of m * n ~ r * (m + n): 61 for the vision fc1 (3072 x 768), 41 for the text fc1, 75 for gate/up_proj."""
+    vit = {"vision.fc1": (3072, 768), "text.fc1": (2048, 512)}
+    assert throughput.lora_ranks(vit, 0.1) == {"vision.fc1": 61, "text.fc1": 41}
+    assert throughput.shira_rank(vit, 0.1) == 53  # one r for all: (235930 + 104858) / (3840 + 2560)
+    llama = {f"model.layers.{i}.mlp.{p}": (2816, 1024) for i in range(8) for p in ("gate_proj", "up_proj")}
+    assert set(throughput.lora_ranks(llama, 0.1).values()) == {75} and throughput.shira_rank(llama, 0.1) == 75
+    with torch.device("meta"):
+        model = throughput.make_model("llama", 0)
+    shapes, targets, dense = throughput.target_shapes(model)
+    assert shapes == llama and targets == ["gate_proj", "up_proj"] and dense == []
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == 119
 
 
 def test_worker_command_forwards_the_settings(throughput, tmp_path):
-    argv = ["--quick", "--bf16", "--threads", "2", "--clock", "cpu", "--experiment", "cached_eval,dense_value_grad"]
-    args = throughput.parse_args(argv + ["--methods", "spu,lora"])
-    command = throughput.worker_command(args, "tiny", "memory", "lora", tmp_path / "out.json")
+    argv = ["--quick", "--bf16", "--threads", "2", "--device", "cpu", "--value-grad", "dense,sampled"]
+    args = throughput.parse_args(argv + ["--methods", "spu,lora", "--models", "tiny,llama", "--score-sums", "bf16"])
+    command = throughput.worker_command(args, "tiny", "select-bf16", tmp_path / "out.json")
     assert command[1] == str(BENCHMARK)
     worker = throughput.parse_args(command[2:])
-    assert worker.worker == "memory" and worker.method == "lora" and worker.models == ["tiny"]
-    assert worker.methods == ["spu", "lora"]
-    for name in throughput.FORWARDED:
-        assert getattr(worker, name) == getattr(args, name), name
-    timing = throughput.parse_args(throughput.worker_command(args, "tiny", "timing", None, tmp_path / "t.json")[2:])
-    assert timing.worker == "timing" and timing.method is None
+    assert worker.worker == "select-bf16" and worker.models == ["tiny"] and worker.json == tmp_path / "out.json"
+    for name, value in vars(args).items():
+        if name not in ("worker", "models", "json", "argv"):
+            assert getattr(worker, name) == value, name
 
 
 @pytest.mark.parametrize(
@@ -108,10 +117,13 @@ def test_worker_command_forwards_the_settings(throughput, tmp_path):
     [
         ["--models", "vit-l"],
         ["--methods", "adalora"],
+        ["--methods", "spu,spu"],
         ["--steps", "0"],
-        ["--experiment", "magic"],
-        ["--methods", "lora", "--experiment", "dense_value_grad"],
-        ["--worker", "memory", "--models", "tiny", "--json", "x.json"],
+        ["--value-grad", "magic"],
+        ["--score-sums", "fp8"],
+        ["--methods", "lora", "--value-grad", "auto,dense"],
+        ["--worker", "select-bf16", "--models", "tiny"],  # no --json
+        ["--worker", "nothing", "--models", "tiny", "--json", "x.json"],
     ],
 )
 def test_bad_arguments_raise_before_any_work(throughput, argv):
@@ -119,56 +131,36 @@ def test_bad_arguments_raise_before_any_work(throughput, argv):
         throughput.parse_args(argv)
 
 
-def spu_model():
-    return get_peft_model(make_tiny_clip(), SPUConfig(init_weights=False))
+@pytest.mark.parametrize("device_type", ["cpu", "cuda", "mps", "xpu", "hpu", "privateuseone", "meta", "new_backend"])
+def test_value_gradients_take_the_dense_product_unless_the_sampled_one_was_measured_faster(device_type, monkeypatch):
+    """Issue #12: the path is chosen per device type by measurement; CPU measured dense as fast or faster, and where
+    nothing was measured (CUDA and the rest) the dense product is the safe bet."""
+    assert sparse_linear.value_grad_path(device_type) == "dense"
+    shape = torch.Size((10, 10))
+    indices = torch.arange(0, 100, 10)  # sorted, 10%: what the sampled product would take
+    assert not sparse_linear._sampled_applies(indices, shape, torch.float32)
+    monkeypatch.setattr(sparse_linear, "SAMPLED_VALUE_GRAD_DEVICES", ("cpu",))  # as a measurement would add it
+    assert sparse_linear.value_grad_path(device_type) == ("sampled" if device_type == "cpu" else "dense")
+    assert sparse_linear._sampled_applies(indices, shape, torch.float32)
+    assert not sparse_linear._sampled_applies(indices, shape, torch.bfloat16)  # no half-precision kernel on CPU
+    assert not sparse_linear._sampled_applies(indices.to("meta"), shape, torch.float32)
 
 
-def first_layer(model) -> SPULayer:
-    return next(m for m in model.modules() if isinstance(m, SPULayer))
-
-
-@pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("experiment", ["inplace_compose", "dense_value_grad"])
-def test_function_prototypes_match_stock_and_leave_the_weight_alone(throughput, monkeypatch, experiment, autocast):
-    """In-place compose is exact; the dense product sums in another order, so its value gradients are close."""
-    layer = first_layer(spu_model())
-    weight = layer.get_base_layer().weight
-    original = weight.detach().clone()
-    x = torch.randn(4, 3, 32)
-    values, bias = layer.spu_values["default"], layer.spu_bias["default"]
-
-    def run():
-        x_ = x.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = layer(x_)
-        out.float().pow(2).sum().backward()
-        grads = (out.detach(), x_.grad, values.grad.clone(), bias.grad.clone())
-        values.grad = bias.grad = None
-        return grads
-
-    stock = run()
-    for obj, attr, value in throughput.experiment_patches(experiment):
-        monkeypatch.setattr(obj, attr, value)
-    patched = run()
-    tol = 0.0 if experiment == "inplace_compose" else (2e-2 if autocast else 1e-5)
-    for got, want in zip(patched, stock):
-        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
-    assert torch.equal(weight, original)
-
-
-def test_cached_eval_prototype_follows_value_updates(throughput, monkeypatch):
-    model = spu_model()
-    layer = first_layer(model)
-    x = torch.randn(4, 32)
-    with torch.no_grad():
-        before = layer(x)
-    for obj, attr, value in throughput.experiment_patches("cached_eval"):
-        monkeypatch.setattr(obj, attr, value)
-    with torch.no_grad():
-        assert torch.equal(layer(x), before)
-        layer.spu_values["default"].add_(0.5)  # an optimizer step: the values' version moves on
-        after = layer(x)
-    monkeypatch.undo()
-    with torch.no_grad():
-        assert not torch.equal(after, before)
-        assert torch.equal(after, layer(x))
+@pytest.mark.parametrize("path", ["sampled", "dense"])
+def test_value_grad_flag_forces_the_path_and_both_give_the_same_gradients(throughput, monkeypatch, path):
+    torch.manual_seed(0)
+    weight, x = torch.randn(48, 40), torch.randn(2, 7, 40)
+    indices = torch.randperm(48 * 40)[:192].sort().values.int()
+    values = torch.randn(indices.numel(), requires_grad=True)
+    reference = torch.zeros(48 * 40).index_put((indices.long(),), values.detach())
+    reference = reference.view(48, 40).requires_grad_(True)
+    torch.nn.functional.linear(x, weight + reference).pow(2).sum().backward()
+    calls = []
+    stock = sparse_linear.sampled_weight_gradient
+    monkeypatch.setattr(sparse_linear, "sampled_weight_gradient", lambda *a: calls.append(1) or stock(*a))
+    with throughput.value_grad(path, torch.device("cpu")):
+        out = sparse_linear.SparseDeltaLinear.apply(x, weight, None, torch.float32, (indices,), values)
+        out.pow(2).sum().backward()
+    assert bool(calls) == (path == "sampled")
+    torch.testing.assert_close(values.grad, reference.grad.reshape(-1)[indices.long()], rtol=1e-5, atol=1e-5)
+    assert sparse_linear.SAMPLED_VALUE_GRAD_DEVICES == ()  # the rule is restored

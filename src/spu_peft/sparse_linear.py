@@ -2,8 +2,9 @@
 
 Autograd through `F.linear(x, W.index_add(...))` would keep a dense copy of the effective weight per layer for the
 backward pass. `SparseDeltaLinear` keeps only the inputs and the sparse tensors, rebuilds the effective weight in
-backward, and returns gradients for the delta values alone: no dense weight gradient outlives the backward call. At
-SPU's densities those gradients come from a sampled matmul (only the selected dot products), not the dense product.
+backward, and returns gradients for the delta values alone: no dense weight gradient outlives the backward call. They
+come from the dense product `grad_output^T @ x`, gathered at the selected entries; a sampled matmul that computes only
+the selected dot products is kept for devices where it measures faster (`SAMPLED_VALUE_GRAD_DEVICES`: none so far).
 """
 
 from __future__ import annotations
@@ -133,17 +134,36 @@ def value_gradients(
 
 
 SAMPLED_GRADIENT_MAX_DENSITY = 0.25
-"""Up to this share of a weight's entries, value gradients are computed at the selected entries only.
+"""Up to this share of a weight's entries, value gradients may come from a sampled product at the selected entries;
+above it the dense product and a gather do less work."""
 
-`torch.sparse.sampled_addmm` does the work of the selected dot products; above this density the dense BLAS product
-and a gather win. Measured on a ViT-B/16 fc1 at 10% density (CPU, one thread): the layer's forward + backward took
-268 ms against 324 ms with the dense product (benchmarks/throughput.py has the whole-model figures).
+SAMPLED_VALUE_GRAD_DEVICES: tuple[str, ...] = ()
+"""Device types where the sampled product (`torch.sparse.sampled_addmm`) was measured faster than the dense product
+`grad_output^T @ x` and a gather. None is: every device type takes the dense product.
+
+- CPU (float32, 10% density, torch 2.13, 2 cores; README.md "Performance" has the commands): the dense product was
+  as fast or faster. Whole SPU training steps, medians of 15 interleaved rounds, sampled against dense: ViT-B/16
+  3.05 s against 2.86 s at 2 threads, 5.39 s against 5.23 s at 1 thread; the 119M LLaMA shape 0.711 s against
+  0.695 s and 1.200 s against 1.198 s (a tie: another run had 0.728 s against 0.749 s). The value gradients of one
+  layer alone: ViT-B/16 fc1 39 ms against 25 ms (2 threads), 66 ms against 49 ms (1 thread); LLaMA gate_proj 6.6 ms
+  against 5.3 ms and 11.0 ms against 10.8 ms. An earlier one-thread measurement of an fc1 forward + backward (268 ms
+  sampled against 324 ms dense) did not reproduce.
+- CUDA and every other device type: nothing measured, so the dense product (the vendor's BLAS is the safe bet).
+
+`benchmarks/throughput.py --value-grad auto,sampled` times the sampled product beside the rule's choice on any
+device; add a device type here only on such evidence.
 """
 
 
+def value_grad_path(device_type: str) -> str:
+    """`"sampled"` where the sampled product was measured faster on `device_type`, else `"dense"`."""
+    return "sampled" if device_type in SAMPLED_VALUE_GRAD_DEVICES else "dense"
+
+
 def _sampled_applies(indices: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> bool:
-    """The sampled product needs CPU or CUDA, float32/64 (no half-precision kernel on CPU) and sorted indices."""
-    if indices.device.type not in ("cpu", "cuda") or dtype not in (torch.float32, torch.float64):
+    """The device's rule picks the sampled product, whose kernels need float32/64 (none for half precision on CPU)
+    and sorted indices, at a density up to `SAMPLED_GRADIENT_MAX_DENSITY`."""
+    if value_grad_path(indices.device.type) != "sampled" or dtype not in (torch.float32, torch.float64):
         return False
     if indices.numel() > SAMPLED_GRADIENT_MAX_DENSITY * shape.numel():
         return False
