@@ -201,12 +201,8 @@ def test_precision_of_merging_into_bf16_weights(trained):
     assert errors["once"] <= 0.5 and errors["spacings"] <= 1.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spu_peft.sparse_linear.compose_weight rounds the float32 delta to bf16 before adding it to the bf16 "
-    "weight: two roundings, up to one bf16 spacing off W + delta (and any relative error where W and delta nearly "
-    "cancel). Adding in float32 and rounding once keeps every entry within half a spacing.",
-)
 def test_merged_entries_are_rounded_once(trained):
+    """Regression: compose_weight rounded the float32 delta to bf16 before adding it (two roundings, up to a whole
+    bf16 spacing off W + delta); it now adds in float32 and rounds once."""
     _, model, _ = trained
     assert merge_errors(model)["spacings"] <= 0.5

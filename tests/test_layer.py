@@ -97,11 +97,15 @@ def test_fast_path_gradients_equal_dense_autograd(dtype, tol):
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("sampled_on_cpu", [False, True])
 @pytest.mark.parametrize(
     ("density", "ordering"), [(0.001, "sorted"), (0.1, "sorted"), (0.6, "sorted"), (0.1, "unsorted")]
 )
-def test_value_gradients_on_every_path_equal_dense_autograd(density, ordering):
-    """Sampled (sorted, sparse), dense-product (dense) and fallback (unsorted) gradients, with a frozen delta too."""
+def test_value_gradients_on_every_path_equal_dense_autograd(density, ordering, sampled_on_cpu, monkeypatch):
+    """Dense-product gradients, and with the sampled kernel enabled for the CPU: sampled (sorted, sparse), dense
+    (dense) and fallback (unsorted) gradients, with a frozen delta too."""
+    if sampled_on_cpu:
+        monkeypatch.setattr("spu_peft.sparse_linear.SAMPLED_VALUE_GRAD_DEVICES", ("cpu",))
     torch.manual_seed(0)
     weight, bias = torch.randn(48, 40), torch.randn(48)
     idx = torch.randperm(weight.numel())[: max(1, int(density * weight.numel()))]
