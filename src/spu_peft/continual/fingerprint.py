@@ -18,8 +18,9 @@ import torch
 
 from .settings import SequenceSettings
 
-RECIPE_VERSION = 1
-"""Bump when the runner computes other numbers from the same settings, model and data."""
+RECIPE_VERSION = 2
+"""Bump when the runner computes other numbers from the same settings, model and data (2: value gradients from
+the dense product on the CPU too; layer-by-layer selection scores)."""
 
 FINGERPRINT_FILE = "fingerprint.json"
 
