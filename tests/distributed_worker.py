@@ -1,9 +1,10 @@
-"""One process of a 2-process run (torchrun, gloo, CPU) of SPU under DDP, FSDP1 or FSDP2; driven by
-tests/test_distributed.py.
+"""One process of a 2-process run (torchrun, gloo, CPU) of SPU under DDP, FSDP1, FSDP2 and DeepSpeed ZeRO-2 in
+turn; driven by tests/test_distributed.py.
 
-Every process builds the same tiny CLIP with an SPU adapter, wraps it, selects on its own batches, trains, reselects
-and saves with `spu_peft.save_adapter`. Process 0 also builds the unsharded reference: selection on the union of
-both processes' batches, and the saved file reloaded onto a fresh base. The findings go to `<out>/rank<r>.json`.
+For each engine, every process builds the same tiny CLIP with an SPU adapter, wraps it, selects on its own batches,
+trains, reselects and saves with `spu_peft.save_adapter`. Process 0 also builds the unsharded reference (selection
+on the union of both processes' batches) and reloads every saved file onto a fresh base. The findings go to
+`<out>/<engine>/rank<r>.json`.
 """
 
 import argparse
@@ -73,34 +74,45 @@ def logits(model: torch.nn.Module, seed: int = 7) -> torch.Tensor:
         return model(**make_batch(seed)).logits_per_image
 
 
+ENGINES = ("ddp", "fsdp1", "fsdp1-nested", "fsdp2", "zero2")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--engine", required=True, choices=["ddp", "fsdp1", "fsdp1-nested", "fsdp2", "zero2"])
+    parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {ENGINES}; run in turn")
     parser.add_argument("--scenario", default="empty", choices=sorted(BATCHES), help="batches of the first selection")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
-    out = Path(args.out)
-    found: dict = {"engine": args.engine}
+    reference: dict = {}
     base_fc1 = None
     if rank == 0:  # the unsharded reference, before the process group exists (selection would sum over it)
-        reference = build()
+        model = build()
         union = rank_batches(args.scenario, 0) + rank_batches(args.scenario, 1)
-        select_parameters(reference, union, fraction=1.0)
-        found["reference_supports"] = supports(reference)
-        base_fc1 = {
-            n: m.get_base_layer().weight.detach().clone()
-            for n, m in reference.named_modules()
-            if isinstance(m, SPULayer)
-        }
+        select_parameters(model, union, fraction=1.0)
+        reference["reference_supports"] = supports(model)
+        base_fc1 = {n: m.get_base_layer().weight.detach().clone() for n, m in model.named_modules() if is_spu(m)}
     dist.init_process_group("gloo")
-    if args.engine == "zero2":
-        deepspeed_zero2(args, rank, found, base_fc1)
-        return
+    for engine in args.engines.split(","):
+        out = Path(args.out) / engine
+        out.mkdir(parents=True, exist_ok=True)
+        found = {"engine": engine, **reference}
+        if engine == "zero2":
+            deepspeed_zero2(args.scenario, out, rank, found, base_fc1)
+        else:
+            sharded_run(engine, args.scenario, out, rank, found, base_fc1)
+    dist.destroy_process_group()
 
-    model = wrap(build(), args.engine)
-    report = select_parameters(model, rank_batches(args.scenario, rank), fraction=1.0)
+
+def is_spu(module: torch.nn.Module) -> bool:
+    return isinstance(module, SPULayer)
+
+
+def sharded_run(engine: str, scenario: str, out: Path, rank: int, found: dict, base_fc1: dict | None) -> None:
+    """Select on the wrapped model, train, reselect, save with `save_adapter` (and try plain `save_pretrained`)."""
+    model = wrap(build(), engine)
+    report = select_parameters(model, rank_batches(scenario, rank), fraction=1.0)
     found["num_batches"] = report.num_batches
     found["supports"] = supports(model)
 
@@ -119,8 +131,8 @@ def main() -> None:
     trained = logits(model)
 
     try:  # what a user of PEFT tries first; under sharding it must refuse clearly, not write shards
-        holder = model.module if args.engine == "ddp" else model
-        holder.save_pretrained(os.path.join(args.out, f"plain{rank}"))
+        holder = model.module if engine == "ddp" else model
+        holder.save_pretrained(str(out / f"plain{rank}"))
         found["plain_save"] = "saved"
     except ValueError as error:
         found["plain_save"] = str(error)
@@ -147,17 +159,17 @@ def finish(out: Path, rank: int, found: dict, trained: torch.Tensor, base_fc1: d
                 )
         found["only_selected_entries_changed"] = changed
     (out / f"rank{rank}.json").write_text(json.dumps(found))
-    dist.destroy_process_group()
+    dist.barrier()
 
 
-def deepspeed_zero2(args: argparse.Namespace, rank: int, found: dict, base_fc1: dict | None) -> None:
+def deepspeed_zero2(scenario: str, out: Path, rank: int, found: dict, base_fc1: dict | None) -> None:
     """ZeRO-2: select before `deepspeed.initialize` (scores summed over processes), train, save, reload."""
     import deepspeed
 
     model = build()
     clip = model.base_model.model
     clip.logit_scale = torch.nn.Parameter(clip.logit_scale.detach().view(1), requires_grad=False)  # no 0-d broadcast
-    report = select_parameters(model, rank_batches(args.scenario, rank), fraction=1.0)
+    report = select_parameters(model, rank_batches(scenario, rank), fraction=1.0)
     found["num_batches"], found["supports"] = report.num_batches, supports(model)
     config = {
         "train_micro_batch_size_per_gpu": 4,
@@ -176,12 +188,11 @@ def deepspeed_zero2(args: argparse.Namespace, rank: int, found: dict, base_fc1: 
         engine.backward(engine(**make_batch(50 + 10 * rank + step), return_loss=True).loss)
         engine.step()
     engine.eval()
-    found["reselection_keeps_outputs"] = True  # a reselection needs a new engine: nothing to keep here
     trained = logits(engine.module)
     if rank == 0:
-        engine.module.save_pretrained(args.out + "/adapter")
+        engine.module.save_pretrained(str(out / "adapter"))
     dist.barrier()
-    finish(Path(args.out), rank, found, trained, base_fc1)
+    finish(out, rank, found, trained, base_fc1)
 
 
 if __name__ == "__main__":
