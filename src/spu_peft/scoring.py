@@ -1,8 +1,9 @@
 """Gradient scores of every target weight entry, accumulated layer by layer during the backward pass.
 
-While scoring, each SPU layer runs `_ScoringLinear`: its backward computes the layer's dense weight gradient
-`dL/dW = grad_output^T x` (the same for `W` and `W + deltas`), adds it (or its square, for `fisher`) to that layer's
-score sum at once and frees it, so at most one target's dense gradient exists at a time beside the sums. No weight
+While scoring, each SPU layer runs `_ScoringLinear`: its backward adds the layer's weight gradient
+`dL/dW = grad_output^T x` (the same for `W` and `W + deltas`), or its square for `fisher`, to that layer's score sum
+at once: straight into a float32 sum (`addmm_`), or through one temporary dense gradient, so at most one target's
+dense gradient exists at a time beside the sums. No weight
 needs `requires_grad`, no `.grad` is written, and a sharding engine (FSDP) has the weight whole inside forward and
 backward, so the layer sees full gradients whatever the engine. Sharded models keep only this process's share of each
 sum (the gradient is summed over processes first); replicated ones keep whole sums, summed over processes at the end.
@@ -50,14 +51,28 @@ class ScoreSums:
                 self.sums[name] = torch.zeros(rows, cols, dtype=dtype, device=where)
         self.weight = 1.0  # 0 for a sharded process's stand-in batch: it steps with the others but adds nothing
 
-    def add(self, name: str, gradient: torch.Tensor) -> None:
-        """Add one batch's float32 weight gradient of layer `name`."""
-        term = gradient.square() if self.squared else gradient
+    def add(self, name: str, x: torch.Tensor, grad_output: torch.Tensor) -> None:
+        """Add one batch's weight gradient `grad_output^T x` of layer `name` (both 2-D: tokens x features).
+
+        A whole float32 sum on the layer's device takes it in place (`addmm_`: no dense gradient is formed at all);
+        squares (`fisher`), reduced-precision or offloaded sums and sharded models form the float32 gradient first.
+        """
+        total = self.sums[name]
+        if (
+            not (self.squared or self.sharded)
+            and self.weight == 1.0
+            and total.dtype == torch.float32
+            and total.device == x.device
+        ):
+            total.addmm_(grad_output.t().float(), x.float())
+            return
+        term = torch.mm(grad_output.t().float(), x.float())
+        if self.squared:
+            term = term.square()
         if self.weight != 1.0:
             term = term * self.weight
-        total = self.sums[name]
         if self.sharded:
-            term = all_reduce_sum(term.contiguous()).view(-1)
+            term = all_reduce_sum(term).view(-1)
             start, stop = shard_range(term.numel())
             term = term[start:stop]
         total += term.to(device=total.device, dtype=total.dtype)
@@ -92,10 +107,7 @@ class _ScoringLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, weight, indices, values = saved_linear_inputs(ctx)
-        grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
-        x_2d = x.reshape(-1, x.shape[-1])
-        # (x^T g)^T, the layout autograd's own linear backward uses, in float32
-        ctx.record(torch.mm(x_2d.t().float(), grad_2d.float()).t())
+        ctx.record(x.reshape(-1, x.shape[-1]), grad_output.reshape(-1, grad_output.shape[-1]))
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = input_gradient(grad_output, weight, indices, values, ctx.dtype, x.dtype)
