@@ -2,7 +2,7 @@
 """Does SPU's choice of entries matter, and when? SPU against a random support and full fine-tuning, per model width.
 
 For every member of the embedded family (`spu_peft.embedded.EMBEDDED_FAMILY`: the same corpus and recipe at widths 64,
-128 and 256) and every sequence seed, this measures:
+128 and 256, width 256 at a lower pretraining rate) and every sequence seed, this measures:
 
 1. **overlap**: the share of a task's selected entries (the paper's score, on the first task of the seed's class
    order) that are also among the control set's top entries at the same density, per tower, against a random support
@@ -76,14 +76,17 @@ logger = logging.getLogger("scaling")
 CAPTION_TEMPLATE = "a photo of a {}."
 COMPARED = ("spu_replay", "random_replay", "finetune_replay")
 PEERS = ("random_replay", "finetune_replay")  # SPU minus each
+MAIN_VARIANT = "output_norm @ 0.1"  # the paper's score and density: every width and seed
 SCORES = ("task_loss", "fisher", "magnitude")  # besides the paper's output_norm, at the largest width
 DENSITIES = (0.03, 0.3)  # besides the paper's 0.1, at the largest width
-# Learning-rate grids per width, chosen from seed 0 so that every curve crosses the accuracy band of the comparison
-# (README: "Does the selection matter?"). Sparse grids serve SPU, random and every score and density variant.
+# Learning-rate grids per width. Sparse grids serve SPU, random and every score and density variant. At widths 64 and
+# 128 four rates a factor ~3 apart span "barely learns" to "loses a third of the control set"; at 256, where one run
+# costs ~5x a width-64 run on 2 CPU cores, the end that width 64 showed never matters for the comparison (full 3e-4
+# overshoots SPU's best accuracy; sparse 1e-4 stays near the frozen point) is dropped.
 LR_GRIDS: dict[int, dict[str, tuple[float, ...]]] = {
     64: {"full": (1e-5, 3e-5, 1e-4, 3e-4), "sparse": (1e-4, 3e-4, 1e-3, 3e-3)},
     128: {"full": (1e-5, 3e-5, 1e-4, 3e-4), "sparse": (1e-4, 3e-4, 1e-3, 3e-3)},
-    256: {"full": (1e-5, 3e-5, 1e-4, 3e-4), "sparse": (1e-4, 3e-4, 1e-3, 3e-3)},
+    256: {"full": (1e-5, 3e-5, 1e-4), "sparse": (3e-4, 1e-3, 3e-3)},
 }
 SEQUENCE = {  # the main job's sequence, with caps that fit the study in about 2.5 hours of 2 CPU cores
     "epochs": 3,
@@ -128,6 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--variant-width", type=int, default=None, help="Width of the score and density variants (the largest)."
     )
+    parser.add_argument("--variant-seeds", default=None, help="Seeds of the variants (default: every --seeds).")
     parser.add_argument("--target-gain", type=float, default=6.0, help="Matched accuracy: zero-shot + this (points).")
     parser.add_argument("--num-tasks", type=int, default=None, help="Class-incremental tasks (5).")
     parser.add_argument("--epochs", type=int, default=None, help=f"Epochs per task ({SEQUENCE['epochs']}).")
@@ -152,6 +156,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if getattr(args, name) is None:
                 setattr(args, name, value)
     args.seeds = [int(s) for s in (args.seeds or "0,1,2").split(",") if s.strip()]
+    variant_seeds = args.variant_seeds
+    args.variant_seeds = [int(s) for s in variant_seeds.split(",") if s.strip()] if variant_seeds else args.seeds
+    if not set(args.variant_seeds) <= set(args.seeds):
+        parser.error(f"--variant-seeds {args.variant_seeds} must be among --seeds {args.seeds}")
     args.models = dict(item.split("=", 1) for item in args.models.split(",")) if args.models else {}
     args.models = {int(width): path for width, path in args.models.items()}
     args.widths = [int(w) for w in args.widths.split(",")] if args.widths else sorted(args.models or EMBEDDED_FAMILY)
@@ -216,6 +224,7 @@ def load_member(width: int, args: argparse.Namespace) -> tuple[CLIPModel, Any, d
         "pretraining_control_accuracy": metrics.get("control_accuracy"),
         "pretraining_animal_accuracy": metrics.get("animal_zero_shot_accuracy"),
         "pretraining_seconds": metrics.get("train_seconds"),
+        "pretraining_learning_rate": json.loads((path / "recipe.json").read_text()).get("learning_rate"),
         "pretraining_numerics": (metrics.get("numerics") or {}).get("mode"),
         "pretraining_threads": (metrics.get("numerics") or {}).get("threads"),
     }
@@ -408,10 +417,12 @@ def per_doubling(points: list[tuple[int, float]]) -> dict[str, float] | None:
 
 
 def comparisons(widths: list[int], args: argparse.Namespace) -> list[tuple[int, str, str, str]]:
-    """(width, label, spu curve, peer curve) of every comparison: the main ones at every width, the variants at the
-    largest."""
-    rows = [(w, "output_norm @ 0.1", "spu_replay", peer) for w in widths for peer in PEERS]
-    largest = max(widths)
+    """(width, label, spu curve, peer curve) of every comparison: the main ones at every width, the variants at
+    `--variant-width` (the largest)."""
+    rows = [(w, MAIN_VARIANT, "spu_replay", peer) for w in widths for peer in PEERS]
+    if args.variant_width not in widths:
+        return rows
+    largest = args.variant_width
     for score in args.scores:
         rows += [(largest, f"{score} @ 0.1", f"spu_{score}_replay", peer) for peer in PEERS]
     for density in args.densities:
@@ -424,17 +435,19 @@ def analyse(study: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     widths = sorted(study["family"])
     table = []
     for width, label, spu, peer in comparisons(widths, args):
-        per_seed = {}
-        for seed in args.seeds:
+        per_seed, seeds = {}, args.seeds if label == MAIN_VARIANT else args.variant_seeds
+        for seed in seeds:
             cell = study["sequences"][width][seed]
             if spu in cell["curves"] and peer in cell["curves"] and "zero_shot" in cell:
                 per_seed[seed] = advantage(cell["curves"], cell["zero_shot"], spu, peer, args.target_gain)
+        if not per_seed:
+            continue  # not run (another --parts or --seeds): "not reached" is kept for curves that never get there
         row = {"width": width, "parameters": study["family"][width]["parameters"], "variant": label}
         row |= {"spu": spu, "peer": peer, "per_seed": per_seed}
         for rule in ("gain", "common"):
-            row[rule] = spread([per_seed[s][rule]["advantage"] if s in per_seed else None for s in args.seeds])
+            row[rule] = spread([per_seed[s][rule]["advantage"] if s in per_seed else None for s in seeds])
             for side in ("drop_spu", "drop_peer", "target"):
-                row[f"{rule}_{side}"] = spread([per_seed[s][rule][side] if s in per_seed else None for s in args.seeds])
+                row[f"{rule}_{side}"] = spread([per_seed[s][rule][side] if s in per_seed else None for s in seeds])
         table.append(row)
     trends = {}
     for peer in PEERS:
@@ -442,7 +455,7 @@ def analyse(study: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             points = [
                 (r["parameters"], v)
                 for r in table
-                if r["variant"] == "output_norm @ 0.1" and r["peer"] == peer
+                if r["variant"] == MAIN_VARIANT and r["peer"] == peer
                 for v in r[rule]["values"]
                 if v is not None
             ]
@@ -457,6 +470,8 @@ def _pm(s: dict[str, Any], digits: int = 1) -> str:
     if s["mean"] is None:
         return "not reached"
     missing = "" if s["n"] == len(s["values"]) else f" ({s['n']} of {len(s['values'])} seeds)"
+    if s["n"] == 1:
+        return f"{s['mean']:+.{digits}f} (1 seed){missing}"
     return f"{s['mean']:+.{digits}f} ± {s['std']:.{digits}f} [{s['min']:+.{digits}f}, {s['max']:+.{digits}f}]{missing}"
 
 
@@ -469,14 +484,15 @@ def markdown(study: dict[str, Any], analysis: dict[str, Any], args: argparse.Nam
     lines = [
         "**The family** (pretrained once, seed 0; zero-shot accuracies in percent):",
         "",
-        "| width | parameters | fc1 entries | control acc | animals (zero-shot, seeds' test caps) | pretraining s |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| width | parameters | fc1 entries | pretraining lr | control acc | animals (zero-shot, seeds' test caps) "
+        "| pretraining s |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for w, info in sorted(family.items()):
         animals = [sequences[w][s]["zero_shot"] for s in args.seeds if "zero_shot" in sequences[w][s]]
         seconds = info["pretraining_seconds"]
         lines.append(
-            f"| {w} | {info['parameters']:,} | {info['fc1_entries']:,} | "
+            f"| {w} | {info['parameters']:,} | {info['fc1_entries']:,} | {info['pretraining_learning_rate']:g} | "
             f"{100 * info['pretraining_control_accuracy']:.1f} | {_mean(animals)} | "
             f"{'-' if seconds is None else f'{seconds:.0f}'} |"
         )
@@ -539,7 +555,7 @@ def plot(study: dict[str, Any], analysis: dict[str, Any], args: argparse.Namespa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    main = [r for r in analysis["comparisons"] if r["variant"] == "output_norm @ 0.1"]
+    main = [r for r in analysis["comparisons"] if r["variant"] == MAIN_VARIANT]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     titles = {"gain": f"at zero-shot + {args.target_gain:g} points", "common": "at the highest accuracy both reach"}
     colours = {"random_replay": "tab:orange", "finetune_replay": "tab:green"}
@@ -650,7 +666,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cell["cost"]["overlap"] = {"wall_s": time.perf_counter() - t0, "load": [l0, os.getloadavg()[0]]}
             # 3. the compared methods over their grids; 4. at the largest width, other scores and densities
             parts = [("main", folder, settings, study_methods(grid), "")] if "main" in args.parts else []
-            if width == args.variant_width:
+            if width == args.variant_width and seed in args.variant_seeds:
                 if "scores" in args.parts and args.scores:
                     parts.append(("scores", folder / "scores", settings, score_methods(grid, args.scores), ""))
                 for density in args.densities if "densities" in args.parts else ():
