@@ -123,3 +123,11 @@ def test_bad_flags_are_refused_with_the_flag_named(capsys):
         with pytest.raises(SystemExit):
             scaling.parse_args(argv)
         assert flag in capsys.readouterr().err
+
+
+def test_the_pretraining_command_refuses_a_width_outside_the_family(capsys, tmp_path):
+    from spu_peft.embedded.__main__ import main as pretrain_main
+
+    with pytest.raises(SystemExit):
+        pretrain_main(["--output-dir", str(tmp_path), "--width", "96", "--numerics", "native"])
+    assert "--width must be one of [64, 128, 256]" in capsys.readouterr().err
