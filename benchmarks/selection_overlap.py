@@ -3,10 +3,13 @@
 
 SPU protects generic knowledge only if the entries it trains for a new task are not the ones the pretraining domain
 relies on. This scores the embedded CLIP with `select_parameters` on one Animal-Shape task, on a second task and on
-the control set, and prints, per fc1, the share of the first task's entries that the other selections also hold,
-next to what a random support of the same size shares with the control selection.
+the control set, and prints, per fc1 and per tower, the share of the first task's entries that the other selections
+also hold, next to what a random support of the same size shares with the control selection.
 
     python benchmarks/selection_overlap.py --json results/selection_overlap.json
+    python benchmarks/selection_overlap.py --width 256 --density 0.03   # another member of the family, budget
+
+`benchmarks/scaling.py` measures the same overlaps per width and seed with the functions below.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,6 +30,7 @@ from spu_peft import SPUConfig, SPULayer, select_parameters  # noqa: E402
 from spu_peft.continual import tokenize_prompts  # noqa: E402
 from spu_peft.embedded import (  # noqa: E402
     ANIMAL_CLASSES,
+    EMBEDDED_FAMILY,
     PRETRAINING_CLASSES,
     load_animal_shapes,
     load_embedded_clip,
@@ -35,24 +40,32 @@ from spu_peft.embedded import (  # noqa: E402
 )
 
 CAPTION_TEMPLATE = "a photo of a {}."
+TOWERS = ("vision_model", "text_model")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="A saved embedded CLIP folder (default: the cached one).")
+    parser.add_argument("--model", default=None, help="A saved embedded CLIP folder (default: the family's --width).")
+    parser.add_argument("--width", type=int, default=64, help=f"Member of the family {sorted(EMBEDDED_FAMILY)}.")
     parser.add_argument("--task-a", default="horse,sheep", help="Classes of the task whose selection is compared.")
     parser.add_argument("--task-b", default="bird,elephant", help="Classes of a second task.")
     parser.add_argument("--batches", type=int, default=13, help="Batches scored per selection (25%% of a task).")
     parser.add_argument("--batch-size", type=int, default=32, help="Images per batch.")
+    parser.add_argument("--density", type=float, default=0.1, help="Share of each fc1 selected (the paper: 0.1).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the model, the splits and the random support.")
     parser.add_argument("--json", type=Path, default=None, help="Write the overlaps as JSON to this path.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.model is None and args.width not in EMBEDDED_FAMILY:
+        parser.error(f"--width must be one of {sorted(EMBEDDED_FAMILY)} (or pass --model), got {args.width}")
+    if not 0 < args.density <= 1:
+        parser.error(f"--density must be in (0, 1], got {args.density}")
+    return args
 
 
 def load_model(args: argparse.Namespace) -> tuple[CLIPModel, CLIPProcessor]:
     """A fresh copy of the model (each selection gets its own adapter) and its processor."""
     if args.model is None:
-        return load_embedded_clip(seed=args.seed)
+        return load_embedded_clip(seed=args.seed, pretrain_kwargs=EMBEDDED_FAMILY[args.width])
     return CLIPModel.from_pretrained(args.model).eval(), load_embedded_processor(args.model)
 
 
@@ -68,15 +81,30 @@ def scoring_batches(dataset, class_names: list[str], label_names: list[str], arg
     ]
 
 
-def supports(base: CLIPModel, batches: list[dict] | None, seed: int) -> dict[str, set[int]]:
-    """The entries `select_parameters` chooses per fc1 (`random` when no batches are given)."""
-    model = get_peft_model(base, SPUConfig(seed=seed))
-    select_parameters(model, batches, score="output_norm" if batches else "random", fraction=1.0)
+def supports(
+    base: CLIPModel, batches: Iterable[Mapping] | None, seed: int, density: float = 0.1, score: str = "output_norm"
+) -> dict[str, set[int]]:
+    """The entries `select_parameters` chooses per fc1 of `base` (which gets an adapter: pass a fresh copy), with
+    `score` on all of `batches`, or a random support of the same size (seeded by `seed`) when `batches` is None."""
+    model = get_peft_model(base, SPUConfig(seed=seed, density=density))
+    select_parameters(model, batches, score=score if batches is not None else "random", fraction=1.0, seed=seed)
     return {
         name.split("base_model.model.")[-1]: set(module.spu_indices["default"].tolist())
         for name, module in model.named_modules()
         if isinstance(module, SPULayer)
     }
+
+
+def shared(selection: dict[str, set[int]], other: dict[str, set[int]], layers: Iterable[str] | None = None) -> float:
+    """The share of `selection`'s entries (pooled over `layers`, default all) that `other` also holds."""
+    names = list(selection if layers is None else layers)
+    total = sum(len(selection[n]) for n in names)
+    return sum(len(selection[n] & other[n]) for n in names) / total if total else float("nan")
+
+
+def tower_layers(selection: dict[str, set[int]]) -> dict[str, list[str]]:
+    """The fc1 names of each tower (`vision_model`, `text_model`) that `selection` covers."""
+    return {tower: [n for n in selection if n.startswith(tower + ".")] for tower in TOWERS}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -88,17 +116,20 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     task_a = scoring_batches(animals, args.task_a.split(","), list(ANIMAL_CLASSES), args, tokenizer)
     task_b = scoring_batches(animals, args.task_b.split(","), list(ANIMAL_CLASSES), args, tokenizer)
     on_control = scoring_batches(control, list(PRETRAINING_CLASSES), list(PRETRAINING_CLASSES), args, tokenizer)
-    a, b, c = (supports(load_model(args)[0], batches, args.seed) for batches in (task_a, task_b, on_control))
-    random = supports(load_model(args)[0], None, args.seed)
+    a, b, c = (
+        supports(load_model(args)[0], batches, args.seed, args.density) for batches in (task_a, task_b, on_control)
+    )
+    random = supports(load_model(args)[0], None, args.seed, args.density)
+    groups = {name: [name] for name in a} | {tower: names for tower, names in tower_layers(a).items() if names}
     overlaps = {
         name: {
-            "task_a_and_control": len(a[name] & c[name]) / len(a[name]),
-            "task_a_and_task_b": len(a[name] & b[name]) / len(a[name]),
-            "random_and_control": len(random[name] & c[name]) / len(random[name]),
+            "task_a_and_control": shared(a, c, layers),
+            "task_a_and_task_b": shared(a, b, layers),
+            "random_and_control": shared(random, c, layers),
         }
-        for name in a
+        for name, layers in groups.items()
     }
-    print("| fc1 | task A & control | task A & task B | random & control |\n|---|---:|---:|---:|")
+    print("| fc1 (or tower) | task A & control | task A & task B | random & control |\n|---|---:|---:|---:|")
     for name, o in overlaps.items():
         print(
             f"| {name} | {o['task_a_and_control']:.2f} | {o['task_a_and_task_b']:.2f} | {o['random_and_control']:.2f} |"

@@ -49,7 +49,8 @@ from .numerics import numerics_report, pin_cpu_numerics
 from .replay import TaskBalancedReplayBuffer
 from .reporting import summarise, write_outputs
 from .settings import SequenceSettings
-from .training import reference_cosine_factor, train_task
+from .tasks import class_lookup
+from .training import LOSS_FUNCTIONS, reference_cosine_factor, train_task
 
 logger = get_logger(__name__)
 
@@ -76,6 +77,48 @@ class _WithCaptions:
     def __iter__(self):
         for batch in self.loader:
             yield {"pixel_values": batch["pixel_values"], **self.captions}
+
+
+LOSS_SCORES = ("task_loss", "fisher")
+"""Selection scores that differentiate a loss: the engine scores them with the sequence's training loss."""
+
+
+class _TrainingLoss(torch.nn.Module):
+    """The model as `select_parameters` sees it for `task_loss` and `fisher`: its forward returns the sequence's
+    training loss (`settings.loss`) on a batch of images and their caption rows, so those scores follow what the
+    task trains (a bare `CLIPModel` would need one caption per image and return its in-batch loss)."""
+
+    def __init__(self, model: torch.nn.Module, loss: str, captions: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.model, self.loss, self.captions = model, LOSS_FUNCTIONS[loss], captions
+
+    @property
+    def peft_config(self):
+        return self.model.peft_config
+
+    @property
+    def active_adapters(self):
+        return self.model.active_adapters
+
+    def forward(self, pixel_values: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": self.loss(self.model, pixel_values, targets, self.captions)}
+
+
+class _WithTargets:
+    """A dataloader of images and their caption rows (`targets`, looked up from the labels), for `_TrainingLoss`."""
+
+    def __init__(self, loader, lookup: torch.Tensor) -> None:
+        self.loader, self.lookup = loader, lookup
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield {
+                "pixel_values": batch["pixel_values"],
+                "targets": self.lookup[batch["labels"].to(self.lookup.device)],
+            }
 
 
 def _shuffled_loader(dataset, indices, batch_size, seed, accelerator, repeat_to=None):
@@ -140,13 +183,19 @@ def _train_one_task(model, method, lr, task, data, settings, accelerator, tokeni
     captions = tokenize_prompts(tokenizer, [data.class_names[c] for c in seen], [settings.caption_template])
     task_seed = settings.seed * 1000 + task
     if method.selection_score is not None:
+        score = method.selection_score(settings)
         loader = _shuffled_loader(
             data.train, data.train_indices[task], settings.scoring_batch_size, task_seed, accelerator
         )
+        scored, batches = model, _WithCaptions(loader, captions)
+        if score in LOSS_SCORES:
+            device_captions = {k: v.to(accelerator.device) for k, v in captions.items()}
+            scored = _TrainingLoss(model, settings.loss, device_captions)
+            batches = _WithTargets(loader, class_lookup(seen, accelerator.device))
         report = select_parameters(
-            model,
-            _WithCaptions(loader, captions),
-            score=method.selection_score(settings),
+            scored,
+            batches,
+            score=score,
             fraction=settings.score_fraction,
             seed=task_seed,
             description=f"task {task}: classes {data.task_class_names()[task]}",

@@ -1,0 +1,706 @@
+#!/usr/bin/env python
+"""Does SPU's choice of entries matter, and when? SPU against a random support and full fine-tuning, per model width.
+
+For every member of the embedded family (`spu_peft.embedded.EMBEDDED_FAMILY`: the same corpus and recipe at widths 64,
+128 and 256, width 256 at a lower pretraining rate) and every sequence seed, this measures:
+
+1. **overlap**: the share of a task's selected entries (the paper's score, on the first task of the seed's class
+   order) that are also among the control set's top entries at the same density, per tower, against a random support
+   (the `selection_overlap` benchmark, per width);
+2. **trade-off**: `spu_replay`, `random_replay` and `finetune_replay` over a learning-rate grid on the Animal-Shape
+   sequence (`spu_peft.continual.run_sequence`); each method and seed gives a curve of (final accuracy, control drop)
+   points, starting at the frozen model (zero-shot accuracy, drop 0);
+3. **matched accuracy**: on each curve the control drop is interpolated linearly in accuracy at a target accuracy, and
+   the advantage of SPU is `drop(peer) - drop(spu)` (positive: SPU keeps more of the control set). Two targets: the
+   zero-shot accuracy plus `--target-gain` points (the same amount of learning at every width) and the highest
+   accuracy both curves of a comparison reach;
+4. at the largest width, the same for the other scores (`--scores`) and densities (`--densities`).
+
+    python benchmarks/scaling.py                       # the study of README's "Does the selection matter?"
+    python benchmarks/scaling.py --widths 64 --seeds 0 # a part of it; rerunning the full command resumes the rest
+    python benchmarks/scaling.py --quick --models 32=DIR,64=DIR   # a smoke run on saved models (the test)
+
+Outputs land in `--output-dir` (default `results/scaling/`): `scaling.json` (settings, family, every point, every
+advantage), `scaling.md` (the tables, printed at the end), `scaling.png` (advantage against parameter count) and
+`scaling_tradeoff.png` (every curve). Each sequence's runs checkpoint as the main job's do, so a killed study resumes
+where it stopped (`--fresh` starts over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+from selection_overlap import shared, supports, tower_layers  # noqa: E402
+from transformers import CLIPModel  # noqa: E402
+
+from spu_peft.continual import (  # noqa: E402
+    class_incremental_split,
+    get_method,
+    pin_cpu_numerics,
+    prepare_sequence_data,
+    protocol_settings,
+    run_sequence,
+    task_indices,
+    tokenize_prompts,
+)
+from spu_peft.embedded import (  # noqa: E402
+    CAPTION_TEMPLATES,
+    EMBEDDED_FAMILY,
+    embedded_model_path,
+    load_animal_shapes,
+    load_embedded_clip,
+    load_embedded_processor,
+    load_pretraining_data,
+    read_pretraining_metrics,
+)
+
+logger = logging.getLogger("scaling")
+
+# ---- defaults, in one place -----------------------------------------------------------------------------------------
+CAPTION_TEMPLATE = "a photo of a {}."
+COMPARED = ("spu_replay", "random_replay", "finetune_replay")
+PEERS = ("random_replay", "finetune_replay")  # SPU minus each
+MAIN_VARIANT = "output_norm @ 0.1"  # the paper's score and density: every width and seed
+SCORES = ("task_loss", "fisher", "magnitude")  # besides the paper's output_norm, at the largest width
+DENSITIES = (0.03, 0.3)  # besides the paper's 0.1, at the largest width
+# Learning-rate grids per width: four rates a factor ~3 apart, from a few points gained to many control points lost,
+# so that both matched-accuracy targets lie inside every curve. Sparse grids serve SPU, random and every score and
+# density variant. Width 256 learns faster: full fine-tuning gains 7 points at 1e-5 there, so its grid starts at 3e-6.
+LR_GRIDS: dict[int, dict[str, tuple[float, ...]]] = {
+    64: {"full": (1e-5, 3e-5, 1e-4, 3e-4), "sparse": (1e-4, 3e-4, 1e-3, 3e-3)},
+    128: {"full": (1e-5, 3e-5, 1e-4, 3e-4), "sparse": (1e-4, 3e-4, 1e-3, 3e-3)},
+    256: {"full": (3e-6, 1e-5, 3e-5, 1e-4), "sparse": (1e-4, 3e-4, 1e-3, 3e-3)},
+}
+SEQUENCE = {  # the main job's sequence, with caps that fit the study in about 2.2 core-hours (README)
+    "epochs": 3,
+    "max_train_per_task": 384,
+    "max_test_per_task": 200,
+    "max_control": 960,
+    "score_fraction": 1.0,  # the 384 images of a task: as many as the main job's 25% of 1,568
+}
+QUICK = {  # --quick: the values of the flags not given
+    "seeds": "0,1",
+    "num_tasks": 2,
+    "epochs": 1,
+    "max_train_per_task": 32,
+    "max_test_per_task": 16,
+    "max_control": 48,
+    "buffer_size": 16,
+    "full_lrs": "1e-4,1e-3",
+    "sparse_lrs": "1e-3,1e-2",
+    "scores": "magnitude",
+    "densities": "0.3",
+}
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--widths", default=None, help=f"Comma-separated widths of the family {sorted(EMBEDDED_FAMILY)}."
+    )
+    parser.add_argument("--models", default=None, help="WIDTH=DIR,...: saved CLIP folders instead of the family.")
+    parser.add_argument("--seeds", default=None, help="Sequence seeds: class order, data order, buffer (0,1,2).")
+    parser.add_argument("--full-lrs", default=None, help="Full fine-tuning's rates at every width (default: LR_GRIDS).")
+    parser.add_argument("--sparse-lrs", default=None, help="SPU's and random's rates at every width (LR_GRIDS).")
+    parser.add_argument("--scores", default=None, help=f"Other scores at the largest width ({','.join(SCORES)}).")
+    parser.add_argument("--densities", default=None, help="Other densities at the largest width (0.03,0.3).")
+    parser.add_argument(
+        "--parts", default="overlap,main,scores,densities", help="What to measure (comma-separated; default all)."
+    )
+    parser.add_argument(
+        "--variant-width", type=int, default=None, help="Width of the score and density variants (the largest)."
+    )
+    parser.add_argument("--variant-seeds", default=None, help="Seeds of the variants (default: every --seeds).")
+    parser.add_argument("--target-gain", type=float, default=6.0, help="Matched accuracy: zero-shot + this (points).")
+    parser.add_argument("--num-tasks", type=int, default=None, help="Class-incremental tasks (5).")
+    parser.add_argument("--epochs", type=int, default=None, help=f"Epochs per task ({SEQUENCE['epochs']}).")
+    parser.add_argument("--max-train-per-task", type=int, default=None, help="Training images per task (384).")
+    parser.add_argument("--max-test-per-task", type=int, default=None, help="Test images per task (200).")
+    parser.add_argument("--max-control", type=int, default=None, help="Control images (960, a seeded sample).")
+    parser.add_argument("--buffer-size", type=int, default=None, help="Replay buffer (200).")
+    parser.add_argument(
+        "--numerics",
+        default="native",
+        choices=("reproducible", "native"),
+        help="native (default: the pins cost 1.7x at width 64 and 3x at 256) or reproducible.",
+    )
+    parser.add_argument("--workers", type=int, default=None, help="Forked one-thread processes (default: cores).")
+    parser.add_argument("--output-dir", type=Path, default=Path("results/scaling"), help="Where results go.")
+    parser.add_argument("--fresh", action="store_true", help="Start over instead of resuming what is there.")
+    parser.add_argument("--quick", action="store_true", help="A smoke run: 2 seeds, 2 tasks, 1 epoch, tiny caps.")
+    args = parser.parse_args(argv)
+
+    if args.quick:
+        for name, value in QUICK.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+    args.seeds = [int(s) for s in (args.seeds or "0,1,2").split(",") if s.strip()]
+    variant_seeds = args.variant_seeds
+    args.variant_seeds = [int(s) for s in variant_seeds.split(",") if s.strip()] if variant_seeds else args.seeds
+    if not set(args.variant_seeds) <= set(args.seeds):
+        parser.error(f"--variant-seeds {args.variant_seeds} must be among --seeds {args.seeds}")
+    args.models = dict(item.split("=", 1) for item in args.models.split(",")) if args.models else {}
+    args.models = {int(width): path for width, path in args.models.items()}
+    args.widths = [int(w) for w in args.widths.split(",")] if args.widths else sorted(args.models or EMBEDDED_FAMILY)
+    unknown = [w for w in args.widths if w not in args.models and w not in EMBEDDED_FAMILY]
+    if unknown:
+        parser.error(f"--widths {unknown} are not in the family {sorted(EMBEDDED_FAMILY)}; pass --models WIDTH=DIR")
+    args.parts = [p for p in args.parts.split(",") if p]
+    if bad := [p for p in args.parts if p not in ("overlap", "main", "scores", "densities")]:
+        parser.error(f"--parts {bad}: choose from overlap, main, scores, densities")
+    if args.variant_width is None:
+        args.variant_width = max(args.models or EMBEDDED_FAMILY)
+    if not args.seeds or not args.widths:
+        parser.error("--seeds and --widths must not be empty")
+    args.scores = [s for s in (args.scores if args.scores is not None else ",".join(SCORES)).split(",") if s]
+    if bad := [s for s in args.scores if s not in SCORES]:
+        parser.error(f"--scores {bad}: choose from {','.join(SCORES)}")
+    args.densities = _floats(args.densities if args.densities is not None else ",".join(map(str, DENSITIES)))
+    if any(not 0 < d <= 1 or d == 0.1 for d in args.densities):
+        parser.error(f"--densities must be in (0, 1] and other than the paper's 0.1, got {args.densities}")
+    args.grids = {}
+    for width in args.widths:
+        grid = dict(LR_GRIDS.get(width, LR_GRIDS[min(LR_GRIDS, key=lambda w: abs(w - width))]))
+        if args.full_lrs:
+            grid["full"] = _floats(args.full_lrs)
+        if args.sparse_lrs:
+            grid["sparse"] = _floats(args.sparse_lrs)
+        if any(len(g) < 1 or min(g) <= 0 for g in grid.values()):
+            parser.error("learning-rate grids need at least one positive rate")
+        args.grids[width] = grid
+    overrides = {k: getattr(args, k) for k in ("num_tasks", "epochs", "max_train_per_task", "max_test_per_task")}
+    overrides |= {k: getattr(args, k) for k in ("max_control", "buffer_size")}
+    args.sequence = {**SEQUENCE, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        protocol_settings("embedded", **args.sequence)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    return args
+
+
+# ---- 1. models and data ---------------------------------------------------------------------------------------------
+
+
+def load_member(width: int, args: argparse.Namespace) -> tuple[CLIPModel, Any, dict[str, Any]]:
+    """The model of a width (pretrained and cached on first use), its processor and what the family table shows."""
+    if width in args.models:
+        path = Path(args.models[width])
+        model, processor = CLIPModel.from_pretrained(path).eval(), load_embedded_processor(path)
+    else:
+        path = embedded_model_path(pretrain_kwargs=EMBEDDED_FAMILY[width])
+        model, processor = load_embedded_clip(pretrain_kwargs=EMBEDDED_FAMILY[width])
+    metrics = read_pretraining_metrics(path)
+    info = {
+        "width": width,
+        "path": str(path),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "fc1_entries": sum(m.weight.numel() for n, m in model.named_modules() if n.endswith("fc1")),
+        "vision_layers": model.config.vision_config.num_hidden_layers,
+        "text_layers": model.config.text_config.num_hidden_layers,
+        "recipe_hash": metrics.get("recipe_hash"),
+        "pretraining_control_accuracy": metrics.get("control_accuracy"),
+        "pretraining_animal_accuracy": metrics.get("animal_zero_shot_accuracy"),
+        "pretraining_seconds": metrics.get("train_seconds"),
+        "pretraining_learning_rate": json.loads((path / "recipe.json").read_text()).get("learning_rate"),
+        "pretraining_numerics": (metrics.get("numerics") or {}).get("mode"),
+        "pretraining_threads": (metrics.get("numerics") or {}).get("threads"),
+    }
+    return model, processor, info
+
+
+def load_control() -> datasets.Dataset:
+    """The held-out split of the pretraining seed (0): every model of the family was pretrained on seed 0's other
+    images, so the control set of every sequence seed is this one (another seed's split holds seed 0's digits)."""
+    return load_pretraining_data(seed=0)["control"]
+
+
+def capped(split: datasets.Dataset, settings, cap: int | None) -> datasets.Dataset:
+    """Only the images a per-task cap keeps (in order), so preprocessing skips the rest; the sequence is the same."""
+    if cap is None:
+        return split
+    tasks = class_incremental_split(split.features["label"].num_classes, settings.num_tasks, seed=settings.seed)
+    labels = split["label"]
+    return split.select(sorted(i for task in tasks for i in task_indices(labels, task)[:cap]))
+
+
+def sequence_settings(args: argparse.Namespace, seed: int, density: float = 0.1):
+    return protocol_settings(
+        "embedded",
+        **args.sequence,
+        density=density,
+        seed=seed,
+        numerics=args.numerics,
+        caption_template=CAPTION_TEMPLATE,
+        templates=tuple(CAPTION_TEMPLATES),
+    )
+
+
+# ---- 2. overlap of selections ---------------------------------------------------------------------------------------
+
+
+def _batches(dataset, rows: list[int], captions: dict, size: int = 32) -> list[dict]:
+    return [
+        {"pixel_values": dataset[rows[i : i + size]]["pixel_values"], **captions} for i in range(0, len(rows), size)
+    ]
+
+
+def measure_overlap(base: CLIPModel, tokenizer, data, settings) -> dict[str, dict[str, float]]:
+    """Per tower: the share of the first task's selection (the paper's score on all its training images, as the
+    sequence's SPU selects it) that the control set's selection (its images, its classes' captions) also holds, the
+    same for a random support seeded as the sequence seeds it, and the share the second task's selection holds."""
+    selections = {}
+    for name, task in (("task0", 0), ("task1", 1)):
+        if task >= len(data.tasks):
+            continue
+        names = [data.class_names[c] for c in data.tasks[task]]
+        captions = tokenize_prompts(tokenizer, names, [settings.caption_template])
+        batches = _batches(data.train, data.train_indices[task], captions)
+        selections[name] = supports(copy.deepcopy(base), batches, settings.seed, settings.density)
+    captions = tokenize_prompts(tokenizer, data.control_class_names, [settings.caption_template])
+    batches = _batches(data.control, list(range(len(data.control))), captions)
+    control = supports(copy.deepcopy(base), batches, settings.seed, settings.density)
+    random = supports(copy.deepcopy(base), None, settings.seed * 1000, settings.density)
+    result = {}
+    for tower, layers in tower_layers(selections["task0"]).items():
+        result[tower] = {
+            "paper_and_control": shared(selections["task0"], control, layers),
+            "random_and_control": shared(random, control, layers),
+        }
+        if "task1" in selections:
+            result[tower]["task0_and_task1"] = shared(selections["task0"], selections["task1"], layers)
+    return result
+
+
+# ---- 3. the sequences -----------------------------------------------------------------------------------------------
+
+
+def _fixed_score(score: str, settings) -> str:
+    return score
+
+
+def study_methods(grid: dict[str, tuple[float, ...]], names: tuple[str, ...] = ("zeroshot", *COMPARED)) -> list:
+    """The named built-in methods, each over its grid (`finetune*` the full one, the others the sparse one)."""
+    methods = []
+    for name in names:
+        lrs = tuple(grid["full"] if name.startswith("finetune") else grid["sparse"])
+        method = get_method(name)
+        methods.append(dataclasses.replace(method, default_lr=lrs[0], sweep_lrs=lrs) if method.trains else method)
+    return methods
+
+
+def score_methods(grid: dict[str, tuple[float, ...]], scores: list[str]) -> list:
+    """`spu_replay` with each of `scores` in place of the paper's, over the sparse grid."""
+    return [
+        dataclasses.replace(
+            get_method("spu_replay"),
+            name=f"spu_{score}_replay",
+            selection_score=functools.partial(_fixed_score, score),
+            default_lr=grid["sparse"][0],
+            sweep_lrs=tuple(grid["sparse"]),
+            description=f"SPU with the {score} score + replay",
+        )
+        for score in scores
+    ]
+
+
+def run_part(base, processor, data, settings, methods, output_dir: Path, args) -> dict[str, Any]:
+    """One `run_sequence` over `methods` (each over its grid), with resume; returns its results and cost."""
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    results = run_sequence(
+        base,
+        processor,
+        data,
+        settings,
+        output_dir=output_dir,
+        methods=methods,
+        lr_sweep=True,
+        resume=not args.fresh,
+        workers=args.workers,
+        plots=False,
+        extra_config={"study": "benchmarks/scaling.py"},
+    )
+    return {
+        "results": results,
+        "wall_s": time.perf_counter() - start,
+        "run_s": sum(r["wall_s"] for r in results.values()),
+        "load": [load, os.getloadavg()[0]],
+    }
+
+
+def curves_of(results: dict[str, Any], suffix: str = "") -> dict[str, list[dict]]:
+    """Each trained method's points (lr, avg_acc, control_drop), sorted by rate, keyed `method[@density]`."""
+    return {
+        name + suffix: [{k: p[k] for k in ("lr", "avg_acc", "control_drop")} for p in r["sweep"]]
+        for name, r in results.items()
+        if r.get("sweep")
+    }
+
+
+# ---- 4. matched accuracy --------------------------------------------------------------------------------------------
+
+
+def drop_at(points: list[dict], zero_shot: float, target: float) -> float | None:
+    """The control drop at accuracy `target` on a curve: linear in accuracy between the two points (in rate order,
+    from the frozen model's (zero-shot, 0)) around the curve's first crossing of `target`; None if it never does."""
+    path = [(zero_shot, 0.0)] + [(p["avg_acc"], p["control_drop"]) for p in points]
+    for (a0, d0), (a1, d1) in zip(path, path[1:]):
+        if min(a0, a1) <= target <= max(a0, a1):
+            return d0 if a1 == a0 else d0 + (d1 - d0) * (target - a0) / (a1 - a0)
+    return None
+
+
+def advantage(curves: dict, zero_shot: float, spu: str, peer: str, gain: float) -> dict[str, Any]:
+    """`drop(peer) - drop(spu)` at zero-shot + `gain` and at the highest accuracy both curves reach."""
+    tops = [max([zero_shot] + [p["avg_acc"] for p in curves[name]]) for name in (spu, peer)]
+    out = {}
+    for rule, target in (("gain", zero_shot + gain), ("common", min(tops))):
+        drops = [drop_at(curves[name], zero_shot, target) for name in (spu, peer)]
+        out[rule] = {
+            "target": target,
+            "drop_spu": drops[0],
+            "drop_peer": drops[1],
+            "advantage": None if None in drops else drops[1] - drops[0],
+        }
+    return out
+
+
+def spread(values: list[float | None]) -> dict[str, Any]:
+    """Mean, sample std, min and max over seeds (None where a seed had no value)."""
+    kept = [v for v in values if v is not None]
+    if not kept:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0, "values": values}
+    std = statistics.stdev(kept) if len(kept) > 1 else 0.0
+    return {
+        "mean": statistics.fmean(kept),
+        "std": std,
+        "min": min(kept),
+        "max": max(kept),
+        "n": len(kept),
+        "values": values,
+    }
+
+
+def per_doubling(points: list[tuple[int, float]]) -> dict[str, float] | None:
+    """Least-squares slope of advantage against log2(parameters), over the seed-level points: points per doubling."""
+    if len({n for n, _ in points}) < 2:
+        return None
+    xs, ys = [math.log2(n) for n, _ in points], [v for _, v in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    residual = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys))
+    se = math.sqrt(residual / (len(xs) - 2) / sxx) if len(xs) > 2 else float("nan")
+    return {"slope": slope, "se": se, "points": len(xs)}
+
+
+def comparisons(widths: list[int], args: argparse.Namespace) -> list[tuple[int, str, str, str]]:
+    """(width, label, spu curve, peer curve) of every comparison: the main ones at every width, the variants at
+    `--variant-width` (the largest)."""
+    rows = [(w, MAIN_VARIANT, "spu_replay", peer) for w in widths for peer in PEERS]
+    if args.variant_width not in widths:
+        return rows
+    largest = args.variant_width
+    for score in args.scores:
+        rows += [(largest, f"{score} @ 0.1", f"spu_{score}_replay", peer) for peer in PEERS]
+    for density in args.densities:
+        rows += [(largest, f"output_norm @ {density:g}", f"spu_replay@{density:g}", f"random_replay@{density:g}")]
+        rows += [(largest, f"output_norm @ {density:g}", f"spu_replay@{density:g}", "finetune_replay")]
+    return rows
+
+
+def analyse(study: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    widths = sorted(study["family"])
+    table = []
+    for width, label, spu, peer in comparisons(widths, args):
+        per_seed, seeds = {}, args.seeds if label == MAIN_VARIANT else args.variant_seeds
+        for seed in seeds:
+            cell = study["sequences"][width][seed]
+            if spu in cell["curves"] and peer in cell["curves"] and "zero_shot" in cell:
+                per_seed[seed] = advantage(cell["curves"], cell["zero_shot"], spu, peer, args.target_gain)
+        if not per_seed:
+            continue  # not run (another --parts or --seeds): "not reached" is kept for curves that never get there
+        row = {"width": width, "parameters": study["family"][width]["parameters"], "variant": label}
+        row |= {"spu": spu, "peer": peer, "per_seed": per_seed}
+        for rule in ("gain", "common"):
+            row[rule] = spread([per_seed[s][rule]["advantage"] if s in per_seed else None for s in seeds])
+            for side in ("drop_spu", "drop_peer", "target"):
+                row[f"{rule}_{side}"] = spread([per_seed[s][rule][side] if s in per_seed else None for s in seeds])
+        table.append(row)
+    trends = {}
+    for peer in PEERS:
+        for rule in ("gain", "common"):
+            points = [
+                (r["parameters"], v)
+                for r in table
+                if r["variant"] == MAIN_VARIANT and r["peer"] == peer
+                for v in r[rule]["values"]
+                if v is not None
+            ]
+            trends[f"{peer}:{rule}"] = per_doubling(points)
+    return {"comparisons": table, "per_doubling": trends}
+
+
+# ---- 5. outputs -----------------------------------------------------------------------------------------------------
+
+
+def _pm(s: dict[str, Any], digits: int = 1) -> str:
+    if s["mean"] is None:
+        return "not reached"
+    missing = "" if s["n"] == len(s["values"]) else f" ({s['n']} of {len(s['values'])} seeds)"
+    if s["n"] == 1:
+        return f"{s['mean']:+.{digits}f} (1 seed){missing}"
+    return f"{s['mean']:+.{digits}f} ± {s['std']:.{digits}f} [{s['min']:+.{digits}f}, {s['max']:+.{digits}f}]{missing}"
+
+
+def _mean(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.1f}" if values else "-"
+
+
+def markdown(study: dict[str, Any], analysis: dict[str, Any], args: argparse.Namespace) -> str:
+    family, sequences = study["family"], study["sequences"]
+    lines = [
+        "**The family** (pretrained once, seed 0; zero-shot accuracies in percent):",
+        "",
+        "| width | parameters | fc1 entries | pretraining lr | control acc | animals (zero-shot, seeds' test caps) "
+        "| pretraining s |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for w, info in sorted(family.items()):
+        animals = [sequences[w][s]["zero_shot"] for s in args.seeds if "zero_shot" in sequences[w][s]]
+        seconds = info["pretraining_seconds"]
+        lines.append(
+            f"| {w} | {info['parameters']:,} | {info['fc1_entries']:,} | {info['pretraining_learning_rate']:g} | "
+            f"{100 * info['pretraining_control_accuracy']:.1f} | {_mean(animals)} | "
+            f"{'-' if seconds is None else f'{seconds:.0f}'} |"
+        )
+    lines += [
+        "",
+        "**Overlap** of the first task's selection with the control set's top entries (same density), share of the "
+        "task's entries, mean [min, max] over seeds:",
+        "",
+        "| width | vision: paper score | vision: random | text: paper score | text: random | "
+        "task 1 & task 2 (vision / text) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def ov(w, tower, key):
+        values = [sequences[w][s]["overlap"][tower].get(key) for s in args.seeds if "overlap" in sequences[w][s]]
+        values = [v for v in values if v is not None]
+        return f"{statistics.fmean(values):.2f} [{min(values):.2f}, {max(values):.2f}]" if values else "-"
+
+    for w in sorted(family):
+        lines.append(
+            f"| {w} | {ov(w, 'vision_model', 'paper_and_control')} | {ov(w, 'vision_model', 'random_and_control')} | "
+            f"{ov(w, 'text_model', 'paper_and_control')} | {ov(w, 'text_model', 'random_and_control')} | "
+            f"{ov(w, 'vision_model', 'task0_and_task1')} / {ov(w, 'text_model', 'task0_and_task1')} |"
+        )
+    gain = args.target_gain
+    lines += [
+        "",
+        "**SPU's advantage** (control points saved at matched accuracy: the peer's drop minus SPU's; positive "
+        f"favours SPU), mean ± std [min, max] over {len(args.seeds)} seeds. *+{gain:g}*: at zero-shot + {gain:g} "
+        f"points; *common*: at the highest accuracy both curves reach. Drops: SPU's / the peer's at +{gain:g}:",
+        "",
+        f"| width | parameters | variant (score @ density) | SPU minus | at +{gain:g} | drops at +{gain:g} | "
+        "at common | common target (acc) |",
+        "|---:|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for r in analysis["comparisons"]:
+        drops = r["gain_drop_spu"], r["gain_drop_peer"]
+        shown = (
+            "-" if None in (drops[0]["mean"], drops[1]["mean"]) else f"{drops[0]['mean']:.1f} / {drops[1]['mean']:.1f}"
+        )
+        target = r["common_target"]["mean"]
+        lines.append(
+            f"| {r['width']} | {r['parameters']:,} | {r['variant']} | {r['peer'].split('@')[0]} | {_pm(r['gain'])} | "
+            f"{shown} | {_pm(r['common'])} | {'-' if target is None else f'{target:.1f}'} |"
+        )
+    lines += ["", "**Trend** (least-squares slope over the seed-level points, points per doubling of parameters):", ""]
+    for key, trend in analysis["per_doubling"].items():
+        peer, rule = key.split(":")
+        if trend is not None:
+            lines.append(
+                f"- SPU minus {peer}, at {f'+{gain:g}' if rule == 'gain' else 'common'}: "
+                f"{trend['slope']:+.2f} ± {trend['se']:.2f} per doubling ({trend['points']} points)"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(study: dict[str, Any], analysis: dict[str, Any], args: argparse.Namespace, output_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main = [r for r in analysis["comparisons"] if r["variant"] == MAIN_VARIANT]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    titles = {"gain": f"at zero-shot + {args.target_gain:g} points", "common": "at the highest accuracy both reach"}
+    colours = {"random_replay": "tab:orange", "finetune_replay": "tab:green"}
+    for ax, rule in zip(axes, ("gain", "common")):
+        for offset, peer in zip((-0.03, 0.03), PEERS):
+            rows = sorted(
+                (r for r in main if r["peer"] == peer and r[rule]["mean"] is not None), key=lambda r: r["parameters"]
+            )
+            xs = [r["parameters"] * 2**offset for r in rows]
+            label = {"random_replay": "SPU minus random support", "finetune_replay": "SPU minus full fine-tuning"}[peer]
+            ax.errorbar(
+                xs,
+                [r[rule]["mean"] for r in rows],
+                yerr=[r[rule]["std"] for r in rows],
+                marker="o",
+                capsize=4,
+                color=colours[peer],
+                label=label + " (mean ± std)",
+            )
+            for x, r in zip(xs, rows):
+                seeds = [v for v in r[rule]["values"] if v is not None]
+                ax.scatter([x] * len(seeds), seeds, s=12, color=colours[peer], alpha=0.4)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set(title=f"Control points SPU saves, {titles[rule]}", xlabel="parameters")
+        ticks = sorted(study["family"][w]["parameters"] for w in study["family"])
+        ax.set_xticks(ticks, [f"{n / 1e6:.2f}M\n(width {w})" for n, w in zip(ticks, sorted(study["family"]))])
+        ax.minorticks_off()
+    axes[0].set_ylabel("advantage (control-drop points; > 0: SPU better)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(output_dir / "scaling.png", dpi=110)
+    plt.close(fig)
+
+    widths = sorted(study["family"])
+    fig, axes = plt.subplots(
+        len(widths), len(args.seeds), figsize=(3.6 * len(args.seeds), 3.0 * len(widths)), squeeze=False, sharex=False
+    )
+    styles = {
+        "spu_replay": ("tab:blue", "SPU"),
+        "random_replay": ("tab:orange", "random"),
+        "finetune_replay": ("tab:green", "full fine-tuning"),
+    }
+    for i, w in enumerate(widths):
+        for j, seed in enumerate(args.seeds):
+            ax, cell = axes[i][j], study["sequences"][w][seed]
+            for name, (colour, label) in styles.items():
+                points = cell["curves"].get(name, [])
+                ax.plot(
+                    [0] + [p["control_drop"] for p in points],
+                    [cell["zero_shot"]] + [p["avg_acc"] for p in points],
+                    marker="o",
+                    ms=3,
+                    color=colour,
+                    label=label,
+                )
+            ax.axhline(cell["zero_shot"] + args.target_gain, color="grey", lw=0.6, ls="--")
+            ax.set_title(f"width {w}, seed {seed}", fontsize=9)
+            if i == len(widths) - 1:
+                ax.set_xlabel("control drop (points)")
+            if j == 0:
+                ax.set_ylabel("final avg accuracy (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(output_dir / "scaling_tradeoff.png", dpi=100)
+    plt.close(fig)
+
+
+# ---- main -----------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.numerics == "reproducible":
+        pin_cpu_numerics()
+    torch.set_num_threads(1)  # every run is a one-thread process; the workers use the cores
+    if args.workers is None:
+        args.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    datasets.disable_progress_bars()
+    started, load = time.perf_counter(), os.getloadavg()[0]
+    study: dict[str, Any] = {"family": {}, "sequences": {}, "cost": []}
+
+    control = load_control()
+    animals = {seed: load_animal_shapes(seed=seed) for seed in args.seeds}
+    for width in args.widths:
+        # 1. the model of this width
+        t0 = time.perf_counter()
+        base, processor, info = load_member(width, args)
+        study["family"][width] = info | {"load_s": time.perf_counter() - t0}
+        study["sequences"][width] = {}
+        logger.info("width %d: %s parameters", width, f"{info['parameters']:,}")
+        grid = args.grids[width]
+        for seed in args.seeds:
+            settings = sequence_settings(args, seed)
+            train, test = animals[seed]["train"], animals[seed]["test"]
+            train, test = (
+                capped(train, settings, settings.max_train_per_task),
+                capped(test, settings, settings.max_test_per_task),
+            )
+            data = prepare_sequence_data(train, test, processor, settings, control=control)
+            cell = study["sequences"][width][seed] = {"curves": {}, "cost": {}}
+            folder = args.output_dir / f"w{width}" / f"seed{seed}"
+            # 2. overlap
+            if "overlap" in args.parts:
+                t0, l0 = time.perf_counter(), os.getloadavg()[0]
+                cell["overlap"] = measure_overlap(base, processor.tokenizer, data, settings)
+                cell["cost"]["overlap"] = {"wall_s": time.perf_counter() - t0, "load": [l0, os.getloadavg()[0]]}
+            # 3. the compared methods over their grids; 4. at the largest width, other scores and densities
+            parts = [("main", folder, settings, study_methods(grid), "")] if "main" in args.parts else []
+            if width == args.variant_width and seed in args.variant_seeds:
+                if "scores" in args.parts and args.scores:
+                    parts.append(("scores", folder / "scores", settings, score_methods(grid, args.scores), ""))
+                for density in args.densities if "densities" in args.parts else ():
+                    settings_d = sequence_settings(args, seed, density)
+                    methods = study_methods(grid, ("spu_replay", "random_replay"))
+                    parts.append(
+                        (f"density{density:g}", folder / f"density{density:g}", settings_d, methods, f"@{density:g}")
+                    )
+            for name, out, part_settings, methods, suffix in parts:
+                part = run_part(base, processor, data, part_settings, methods, out, args)
+                if name == "main":
+                    cell["zero_shot"] = part["results"]["zeroshot"]["avg_acc"]
+                    cell["frozen_control"] = part["results"]["zeroshot"]["final_control_acc"]
+                cell["curves"] |= curves_of(part["results"], suffix)
+                cell["cost"][name] = {k: part[k] for k in ("wall_s", "run_s", "load")}
+    study["wall_s"], study["load"] = time.perf_counter() - started, [load, os.getloadavg()[0]]
+
+    # 5. analysis and outputs
+    analysis = analyse(study, args)
+    settings = sequence_settings(args, args.seeds[0]).to_dict()
+    config = {k: v for k, v in vars(args).items() if k not in ("output_dir", "grids", "models")}
+    config |= {"grids": {str(w): g for w, g in args.grids.items()}, "settings": settings, "command": " ".join(sys.argv)}
+    report = markdown(study, analysis, args)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    out = {"config": config, "study": study, "analysis": analysis}
+    (args.output_dir / "scaling.json").write_text(json.dumps(out, indent=2, default=str))
+    (args.output_dir / "scaling.md").write_text(report)
+    plot(study, analysis, args, args.output_dir)
+    print(report)
+    print(
+        f"Study wall time {study['wall_s']:.0f} s (load {study['load'][0]:.1f} -> {study['load'][1]:.1f}); "
+        f"results in {args.output_dir}/ (scaling.json, scaling.md, scaling.png, scaling_tradeoff.png)"
+    )
+    return out
+
+
+if __name__ == "__main__":
+    main()

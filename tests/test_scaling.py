@@ -1,0 +1,133 @@
+"""benchmarks/scaling.py: the family's architectures, matched-accuracy arithmetic, and a quick study end to end."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import scaling  # noqa: E402
+
+from spu_peft.embedded import (  # noqa: E402
+    EMBEDDED_CLIP_CONFIG,
+    EMBEDDED_FAMILY,
+    embedded_architecture,
+    pretrain_embedded_clip,
+    pretraining_recipe,
+    recipe_hash,
+    shipped_model_path,
+)
+from spu_peft.embedded.model import read_pretraining_metrics  # noqa: E402
+
+
+def test_width_64_is_the_shipped_recipe_and_other_widths_scale_the_blocks():
+    shipped = read_pretraining_metrics(shipped_model_path())["recipe_hash"]
+    assert recipe_hash(pretraining_recipe()) == shipped == recipe_hash(pretraining_recipe(width=64))
+    assert recipe_hash(pretraining_recipe(width=128)) != shipped  # another member never reuses the shipped cache
+    wide = embedded_architecture(256)
+    for tower in ("vision_config", "text_config"):
+        assert wide[tower]["hidden_size"] == 256 and wide[tower]["intermediate_size"] == 1024
+        assert wide[tower]["num_attention_heads"] == 16
+        assert wide[tower]["num_hidden_layers"] == EMBEDDED_CLIP_CONFIG[tower]["num_hidden_layers"]
+    assert wide["projection_dim"] == 256 and sorted(EMBEDDED_FAMILY) == [64, 128, 256]
+
+
+@pytest.mark.parametrize("width", [0, 24, 64.0, "128", True])
+def test_a_width_that_is_not_a_multiple_of_16_is_refused(width):
+    with pytest.raises(ValueError, match="multiple of 16"):
+        embedded_architecture(width)
+
+
+def test_drop_at_interpolates_from_the_frozen_model_and_takes_the_first_crossing():
+    curve = [{"avg_acc": 40.0, "control_drop": 2.0}, {"avg_acc": 60.0, "control_drop": 10.0}]
+    assert scaling.drop_at(curve, 30.0, 35.0) == 1.0  # between (30, 0) and (40, 2)
+    assert scaling.drop_at(curve, 30.0, 50.0) == 6.0  # between (40, 2) and (60, 10)
+    assert scaling.drop_at(curve, 30.0, 61.0) is None  # never reached
+    falling = [{"avg_acc": 50.0, "control_drop": 4.0}, {"avg_acc": 45.0, "control_drop": 20.0}]
+    assert scaling.drop_at(falling, 30.0, 47.5) == 3.5  # the first crossing: (30, 0) to (50, 4), not the fall
+
+
+def test_advantage_is_the_peers_drop_minus_spus_at_both_targets():
+    curves = {
+        "spu": [{"avg_acc": 40.0, "control_drop": 1.0}, {"avg_acc": 50.0, "control_drop": 3.0}],
+        "peer": [{"avg_acc": 40.0, "control_drop": 4.0}, {"avg_acc": 45.0, "control_drop": 9.0}],
+    }
+    out = scaling.advantage(curves, 30.0, "spu", "peer", gain=5.0)
+    assert out["gain"] == {"target": 35.0, "drop_spu": 0.5, "drop_peer": 2.0, "advantage": 1.5}
+    assert out["common"]["target"] == 45.0  # the highest accuracy both reach
+    assert out["common"]["drop_spu"] == 2.0 and out["common"]["drop_peer"] == 9.0
+    assert out["common"]["advantage"] == 7.0
+
+
+def test_per_doubling_fits_points_per_doubling_of_parameters():
+    points = [(1000, 1.0), (2000, 3.0), (4000, 5.0), (4000, 5.0)]
+    trend = scaling.per_doubling(points)
+    assert math.isclose(trend["slope"], 2.0) and trend["points"] == 4 and math.isclose(trend["se"], 0.0, abs_tol=1e-9)
+    assert scaling.per_doubling([(1000, 1.0), (1000, 2.0)]) is None  # one size: no trend
+
+
+@pytest.fixture(scope="module")
+def narrow_model(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("width32")
+    pretrain_embedded_clip(path, width=32, max_steps=1, limit=64)
+    return str(path)
+
+
+def test_quick_study_measures_every_part_and_writes_its_outputs(tiny_model, narrow_model, tmp_path):
+    argv = ["--quick", "--models", f"32={narrow_model},64={tiny_model}", "--output-dir", str(tmp_path)]
+    argv += ["--scores", "task_loss", "--workers", "1"]
+    out = scaling.main(argv)
+    for name in ("scaling.json", "scaling.md", "scaling.png", "scaling_tradeoff.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "scaling.json").read_text())["analysis"] == json.loads(
+        json.dumps(out["analysis"], default=str)
+    )
+    study = out["study"]
+    assert sorted(study["family"]) == [32, 64]
+    assert study["family"][64]["parameters"] > study["family"][32]["parameters"]
+    for width in (32, 64):
+        for seed in (0, 1):
+            cell = study["sequences"][width][seed]
+            for tower in ("vision_model", "text_model"):
+                assert 0.0 <= cell["overlap"][tower]["paper_and_control"] <= 1.0
+            expected = {"spu_replay", "random_replay", "finetune_replay"}
+            if width == 64:  # the variants run at the largest width only
+                expected |= {"spu_task_loss_replay", "spu_replay@0.3", "random_replay@0.3"}
+            assert set(cell["curves"]) == expected
+            assert all(len(points) == 2 for points in cell["curves"].values())  # two rates per grid
+    rows = out["analysis"]["comparisons"]
+    labels = {(r["width"], r["variant"], r["peer"]) for r in rows}
+    assert (32, "output_norm @ 0.1", "random_replay") in labels
+    assert (64, "task_loss @ 0.1", "finetune_replay") in labels
+    assert (64, "output_norm @ 0.3", "random_replay@0.3") in labels
+    assert not any(r["width"] == 32 and r["variant"] != "output_norm @ 0.1" for r in rows)
+    report = (tmp_path / "scaling.md").read_text()
+    assert "**SPU's advantage**" in report and "| 32 |" in report and "| 64 |" in report
+
+    # Rerunning resumes every sequence from its checkpoints: the same numbers.
+    again = scaling.main(argv)
+    assert again["study"]["sequences"][64][1]["curves"] == study["sequences"][64][1]["curves"]
+
+
+def test_bad_flags_are_refused_with_the_flag_named(capsys):
+    for argv, flag in (
+        (["--widths", "96"], "--widths"),
+        (["--scores", "nope"], "--scores"),
+        (["--densities", "0.1"], "--densities"),
+        (["--parts", "all"], "--parts"),
+        (["--full-lrs", "0"], "learning-rate"),
+    ):
+        with pytest.raises(SystemExit):
+            scaling.parse_args(argv)
+        assert flag in capsys.readouterr().err
+
+
+def test_the_pretraining_command_refuses_a_width_outside_the_family(capsys, tmp_path):
+    from spu_peft.embedded.__main__ import main as pretrain_main
+
+    with pytest.raises(SystemExit):
+        pretrain_main(["--output-dir", str(tmp_path), "--width", "96", "--numerics", "native"])
+    assert "--width must be one of [64, 128, 256]" in capsys.readouterr().err
