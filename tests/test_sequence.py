@@ -260,3 +260,19 @@ def test_paper_protocol_runs_offline_with_replay_from_the_second_epoch(setup, tm
     rates = {d: lr for d, _, lr in steps}
     assert rates["finetune_replay task 0 epoch 0"] == 0.0 and rates["finetune_replay task 0 epoch 1"] == 7.5e-6
     assert all(len(r["acc_matrix"]) == 2 for r in results.values())
+
+
+def test_the_model_identity_follows_the_weights_not_the_folder_they_were_loaded_from(tmp_path):
+    from conftest import make_tiny_clip
+
+    from spu_peft.continual.fingerprint import model_identity
+
+    model = make_tiny_clip()
+    for folder in ("a", "moved/b"):
+        model.save_pretrained(tmp_path / folder)
+    a, b = (CLIPModel.from_pretrained(tmp_path / folder) for folder in ("a", "moved/b"))
+    assert a.config._name_or_path != b.config._name_or_path
+    assert model_identity(a) == model_identity(b)
+    with torch.no_grad():
+        b.logit_scale.add_(1e-3)
+    assert model_identity(b) != model_identity(a)

@@ -34,12 +34,18 @@ class FingerprintMismatchError(ValueError):
         super().__init__(f"cannot resume: the run in this folder was made with other settings ({listed})")
 
 
+UNIDENTIFYING_CONFIG_KEYS = ("transformers_version", "_name_or_path")
+"""Configuration entries that say where and with what a model was loaded, not what it is: a moved checkout or a
+copy of the same weights elsewhere must still resume."""
+
+
 def model_identity(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's configuration (without the library version) and of every tensor of its state dict."""
+    """SHA-256 of a model's configuration (without the library version and the folder it came from) and of every
+    tensor of its state dict."""
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
-        described = {k: v for k, v in config.to_dict().items() if k != "transformers_version"}
+        described = {k: v for k, v in config.to_dict().items() if k not in UNIDENTIFYING_CONFIG_KEYS}
         digest.update(json.dumps(described, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         data = tensor.detach().cpu().contiguous().reshape(-1)
