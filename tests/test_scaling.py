@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import scaling  # noqa: E402
 
+from spu_peft.continual import tradeoff  # noqa: E402
 from spu_peft.embedded import (  # noqa: E402
     EMBEDDED_CLIP_CONFIG,
     EMBEDDED_FAMILY,
@@ -43,11 +44,11 @@ def test_a_width_that_is_not_a_multiple_of_16_is_refused(width):
 
 def test_drop_at_interpolates_from_the_frozen_model_and_takes_the_first_crossing():
     curve = [{"avg_acc": 40.0, "control_drop": 2.0}, {"avg_acc": 60.0, "control_drop": 10.0}]
-    assert scaling.drop_at(curve, 30.0, 35.0) == 1.0  # between (30, 0) and (40, 2)
-    assert scaling.drop_at(curve, 30.0, 50.0) == 6.0  # between (40, 2) and (60, 10)
-    assert scaling.drop_at(curve, 30.0, 61.0) is None  # never reached
+    assert tradeoff.drop_at(curve, 30.0, 35.0) == 1.0  # between (30, 0) and (40, 2)
+    assert tradeoff.drop_at(curve, 30.0, 50.0) == 6.0  # between (40, 2) and (60, 10)
+    assert tradeoff.drop_at(curve, 30.0, 61.0) is None  # never reached
     falling = [{"avg_acc": 50.0, "control_drop": 4.0}, {"avg_acc": 45.0, "control_drop": 20.0}]
-    assert scaling.drop_at(falling, 30.0, 47.5) == 3.5  # the first crossing: (30, 0) to (50, 4), not the fall
+    assert tradeoff.drop_at(falling, 30.0, 47.5) == 3.5  # the first crossing: (30, 0) to (50, 4), not the fall
 
 
 def test_advantage_is_the_peers_drop_minus_spus_at_both_targets():
@@ -55,7 +56,7 @@ def test_advantage_is_the_peers_drop_minus_spus_at_both_targets():
         "spu": [{"avg_acc": 40.0, "control_drop": 1.0}, {"avg_acc": 50.0, "control_drop": 3.0}],
         "peer": [{"avg_acc": 40.0, "control_drop": 4.0}, {"avg_acc": 45.0, "control_drop": 9.0}],
     }
-    out = scaling.advantage(curves, 30.0, "spu", "peer", gain=5.0)
+    out = tradeoff.advantage(curves, 30.0, "spu", "peer", gain=5.0)
     assert out["gain"] == {"target": 35.0, "drop_spu": 0.5, "drop_peer": 2.0, "advantage": 1.5}
     assert out["common"]["target"] == 45.0  # the highest accuracy both reach
     assert out["common"]["drop_spu"] == 2.0 and out["common"]["drop_peer"] == 9.0
@@ -64,9 +65,9 @@ def test_advantage_is_the_peers_drop_minus_spus_at_both_targets():
 
 def test_per_doubling_fits_points_per_doubling_of_parameters():
     points = [(1000, 1.0), (2000, 3.0), (4000, 5.0), (4000, 5.0)]
-    trend = scaling.per_doubling(points)
+    trend = tradeoff.per_doubling(points)
     assert math.isclose(trend["slope"], 2.0) and trend["points"] == 4 and math.isclose(trend["se"], 0.0, abs_tol=1e-9)
-    assert scaling.per_doubling([(1000, 1.0), (1000, 2.0)]) is None  # one size: no trend
+    assert tradeoff.per_doubling([(1000, 1.0), (1000, 2.0)]) is None  # one size: no trend
 
 
 @pytest.fixture(scope="module")
