@@ -211,10 +211,9 @@ def lora_ranks(shapes: dict[str, tuple[int, int]], density: float) -> dict[str, 
 
 def shira_rank(shapes: dict[str, tuple[int, int]], density: float) -> int:
     """SHiRA takes one r for all layers (r * (m + n) entries each): match SPU's total number of entries."""
-    from spu_peft.layer import num_selected
+    from spu_peft.continual import rank_matching_spu
 
-    total = sum(num_selected(m * n, density) for m, n in shapes.values())
-    return max(1, round(total / sum(m + n for m, n in shapes.values())))
+    return rank_matching_spu(shapes.values(), density)
 
 
 def prepare_method(model: torch.nn.Module, method: str, args: argparse.Namespace) -> tuple[torch.nn.Module, list]:

@@ -147,3 +147,16 @@ def test_numerics_are_pinned_before_the_first_tensor_operation_or_refused():
         "from spu_peft.continual import pin_cpu_numerics; pin_cpu_numerics()"
     )
     assert late.returncode == 0 or "call pin_cpu_numerics() before any tensor operation" in late.stderr
+
+
+def test_lora_rank_matching_spu_holds_as_many_entries_as_spu_selects():
+    from conftest import make_tiny_clip
+
+    from spu_peft.continual import lora_rank_matching_spu, rank_matching_spu
+
+    assert rank_matching_spu([(3072, 768)] * 2, 0.1) == 61  # 2 x 235,930 values over 2 x 3,840 per rank
+    assert rank_matching_spu([(2816, 1024)], 0.1) == 75
+    model = make_tiny_clip()
+    shapes = [tuple(m.weight.shape) for n, m in model.named_modules() if n.endswith("fc1")]
+    assert len(shapes) > 0
+    assert lora_rank_matching_spu(model, ("fc1",), 0.1) == rank_matching_spu(shapes, 0.1)

@@ -15,6 +15,7 @@ from .methods import (
     ContinualMethod,
     get_method,
     lora_rank_matching_spu,
+    rank_matching_spu,
     register_method,
     registered_methods,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "evaluate_targets",
     "get_method",
     "lora_rank_matching_spu",
+    "rank_matching_spu",
     "markdown_table",
     "model_identity",
     "numerics_report",

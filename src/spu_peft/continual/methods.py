@@ -16,13 +16,14 @@ built-ins are registered below exactly as a user registers their own:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, get_peft_model
 
 from ..config import SPUConfig
+from ..layer import num_selected
 from .settings import SequenceSettings
 
 Builder = Callable[[torch.nn.Module, SequenceSettings], torch.nn.Module]
@@ -91,14 +92,22 @@ def registered_methods() -> tuple[str, ...]:
 # ---- the built-in methods ------------------------------------------------------------------------------------------
 
 
+def rank_matching_spu(shapes: Iterable[tuple[int, int]], density: float) -> int:
+    """One rank r whose r * (m + n) entries per (m, n) layer add up to as many as SPU selects on those layers
+    (LoRA's A and B at one rank; SHiRA's sparse entries)."""
+    shapes = list(shapes)
+    values = sum(num_selected(m * n, density) for m, n in shapes)
+    return max(1, round(values / sum(m + n for m, n in shapes)))
+
+
 def lora_rank_matching_spu(model: torch.nn.Module, targets: tuple[str, ...], density: float) -> int:
     """The LoRA rank whose A and B hold about as many parameters as SPU's sparse values on the same layers."""
-    values = lora = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            values += round(density * module.weight.numel())
-            lora += module.in_features + module.out_features
-    return max(1, round(values / lora))
+    shapes = [
+        tuple(module.weight.shape)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    ]
+    return rank_matching_spu(shapes, density)
 
 
 def _frozen(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
