@@ -142,7 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--numerics",
         default="native",
         choices=("reproducible", "native"),
-        help="native (default: the pins cost 1.7x at width 64 and 3x at 256) or reproducible.",
+        help="native (default, faster: the pins cost 1.7x on the main job) or reproducible (every x86-64 CPU alike).",
     )
     parser.add_argument("--workers", type=int, default=None, help="Forked one-thread processes (default: cores).")
     parser.add_argument("--output-dir", type=Path, default=Path("results/scaling"), help="Where results go.")
