@@ -6,6 +6,7 @@ from conftest import make_batch, make_tiny_clip
 from peft import get_peft_model
 
 from spu_peft import SCORES, SPUConfig, SPULayer, select_parameters
+from spu_peft.scoring import ScoreSums
 
 
 def spu_layers(model):
@@ -239,3 +240,22 @@ def test_top_k_refuses_nan_scores():
 
     with pytest.raises(ValueError, match="NaN"):
         _top_k(torch.tensor([1.0, float("nan"), 3.0, 2.0]), 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_score_sums_are_born_from_each_layers_first_gradient(dtype):
+    """No sum exists before its layer's first gradient (so the first backward frees activations as the sums grow);
+    the first gradient becomes the sum as is, later ones add to it, and a layer no batch reached scores zero."""
+    cpu = torch.device("cpu")
+    sums = ScoreSums({"a": (3, 2), "b": (2, 4)}, {"a": cpu, "b": cpu}, squared=False, sharded=False, dtype=dtype)
+    assert sums.sums == {}
+    x, grad_output = torch.randn(5, 2), torch.randn(5, 3)
+    sums.add("a", x, grad_output)
+    first = torch.mm(grad_output.t(), x).to(dtype)
+    assert list(sums.sums) == ["a"] and torch.equal(sums.sums["a"], first)
+    sums.add("a", 2 * x, grad_output)
+    sums.finish()
+    assert torch.allclose(
+        sums.whole("a", cpu), 3 * torch.mm(grad_output.t(), x), rtol=1e-2 if dtype != torch.float32 else 1e-6
+    )
+    assert sums.whole("b", cpu).dtype == torch.float32 and torch.equal(sums.whole("b", cpu), torch.zeros(2, 4))

@@ -3,7 +3,8 @@
 While scoring, each SPU layer runs `_ScoringLinear`: its backward adds the layer's weight gradient
 `dL/dW = grad_output^T x` (the same for `W` and `W + deltas`), or its square for `fisher`, to that layer's score sum
 at once: straight into a float32 sum (`addmm_`), or through one temporary dense gradient, so at most one target's
-dense gradient exists at a time beside the sums. No weight
+dense gradient exists at a time beside the sums. A sum is created by its layer's first gradient, during the first
+backward pass, so on the first batch the sums grow as the activations they replace are freed. No weight
 needs `requires_grad`, no `.grad` is written, and a sharding engine (FSDP) has the weight whole inside forward and
 backward, so the layer sees full gradients whatever the engine. Sharded models keep only this process's share of each
 sum (the gradient is summed over processes first); replicated ones keep whole sums, summed over processes at the end.
@@ -41,30 +42,24 @@ class ScoreSums:
         device: torch.device | str | None = None,
     ) -> None:
         self.shapes, self.squared, self.sharded, self.dtype = shapes, squared, sharded, dtype
-        self.sums: dict[str, torch.Tensor] = {}
-        for name, (rows, cols) in shapes.items():
-            where = torch.device(device) if device is not None else devices[name]
-            if sharded:
-                start, stop = shard_range(rows * cols)
-                self.sums[name] = torch.zeros(stop - start, dtype=dtype, device=where)
-            else:
-                self.sums[name] = torch.zeros(rows, cols, dtype=dtype, device=where)
+        self.devices = {name: torch.device(device) if device is not None else devices[name] for name in shapes}
+        self.sums: dict[str, torch.Tensor] = {}  # each born from its layer's first gradient, as activations die
         self.weight = 1.0  # 0 for a sharded process's stand-in batch: it steps with the others but adds nothing
 
     def add(self, name: str, x: torch.Tensor, grad_output: torch.Tensor) -> None:
         """Add one batch's weight gradient `grad_output^T x` of layer `name` (both 2-D: tokens x features).
 
-        A whole float32 sum on the layer's device takes it in place (`addmm_`: no dense gradient is formed at all);
-        squares (`fisher`), reduced-precision or offloaded sums and sharded models form the float32 gradient first.
+        A whole float32 sum on the layer's device is the first gradient itself, then takes the others in place
+        (`addmm_`: no further dense gradient is formed); squares (`fisher`), reduced-precision or offloaded sums and
+        sharded models form the float32 gradient first.
         """
-        total = self.sums[name]
-        if (
-            not (self.squared or self.sharded)
-            and self.weight == 1.0
-            and total.dtype == torch.float32
-            and total.device == x.device
-        ):
-            total.addmm_(grad_output.t().float(), x.float())
+        total = self.sums.get(name)
+        fused = not (self.squared or self.sharded) and self.weight == 1.0 and self.dtype == torch.float32
+        if fused and x.device == self.devices[name]:
+            if total is None:
+                self.sums[name] = torch.mm(grad_output.t().float(), x.float())
+            else:
+                total.addmm_(grad_output.t().float(), x.float())
             return
         term = torch.mm(grad_output.t().float(), x.float())
         if self.squared:
@@ -75,13 +70,21 @@ class ScoreSums:
             term = all_reduce_sum(term).view(-1)
             start, stop = shard_range(term.numel())
             term = term[start:stop]
-        total += term.to(device=total.device, dtype=total.dtype)
+        if total is None:  # a shard is a view of the whole gradient: copy it, or the whole would stay alive
+            self.sums[name] = term.to(device=self.devices[name], dtype=self.dtype, copy=self.sharded)
+        else:
+            total += term.to(device=total.device, dtype=total.dtype)
 
     def finish(self) -> None:
-        """Sum whole (replicated) sums over processes, one layer at a time."""
-        if not self.sharded:
-            for total in self.sums.values():
-                all_reduce_sum(total)
+        """Zeros for layers no batch reached; whole (replicated) sums summed over processes, one layer at a time."""
+        for name, (rows, cols) in self.shapes.items():
+            if name not in self.sums:
+                start, stop = shard_range(rows * cols)
+                shape = (stop - start,) if self.sharded else (rows, cols)
+                self.sums[name] = torch.zeros(shape, dtype=self.dtype, device=self.devices[name])
+        if not self.sharded:  # in the same order on every process (the sums were born in backward's order)
+            for name in self.shapes:
+                all_reduce_sum(self.sums[name])
 
     def whole(self, name: str, device: torch.device) -> torch.Tensor:
         """Layer `name`'s sum as a whole float32 matrix on `device` (gathered from every process if sharded)."""
