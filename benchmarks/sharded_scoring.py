@@ -23,12 +23,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from memory import peak_memory, reset_peak_memory  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from transformers import CLIPConfig, CLIPModel  # noqa: E402
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer  # noqa: E402
 
 import spu_peft  # noqa: E402
+from spu_peft.benchmarking import peak_memory, reset_peak_memory  # noqa: E402
 
 MIB = 2**20
 

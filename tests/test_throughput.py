@@ -1,4 +1,5 @@
-"""benchmarks/throughput.py: the quick path's JSON, its budgets, its worker plumbing; the value-gradient device rule.
+"""benchmarks/throughput.py and spu_peft.benchmarking: the quick run's JSON, its budgets, its worker plumbing;
+the value-gradient device rule.
 
 Nothing here is timed. The SPU fast path against a dense autograd reference (fp32 and bf16, both gradient paths) is
 covered by tests/test_layer.py.
@@ -16,7 +17,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from spu_peft import sparse_linear  # noqa: E402
+from spu_peft import benchmarking, sparse_linear  # noqa: E402
+from spu_peft.benchmarking import peers  # noqa: E402
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 
@@ -42,16 +44,16 @@ def test_quick_run_writes_every_model_method_and_key(throughput, tmp_path):
     assert data == json.loads(json.dumps(returned))
     assert set(data) == {"tiny", "tiny-llama"}
     for name, figures in data.items():
-        assert set(figures) == {*throughput.METHODS, "spu/dense", "base", "selection", "meta", "targets"}, name
+        assert set(figures) == {*benchmarking.METHODS, "spu/dense", "base", "selection", "meta", "targets"}, name
         assert figures["base"]["infer_s"] > 0 and figures["spu/dense"]["step_s"] > 0
-        for method in throughput.METHODS:
+        for method in benchmarking.METHODS:
             row = figures[method]
-            assert set(row) == set(throughput.METRICS), (name, method)
+            assert set(row) == set(benchmarking.METRICS), (name, method)
             for key in ("step_s", "peak_mem_bytes", "trainable_params", "state_bytes", "adapter_bytes", "infer_s"):
                 assert row[key] > 0, (name, method, key)
-            assert (row["infer_merged_s"] is not None) == (method in throughput.ADAPTER_METHODS), (name, method)
+            assert (row["infer_merged_s"] is not None) == (method in benchmarking.ADAPTER_METHODS), (name, method)
             assert (row["score_s"] is not None) == (method == "spu"), (name, method)
-        assert set(figures["selection"]) == set(throughput.SCORE_SUMS)
+        assert set(figures["selection"]) == set(benchmarking.SCORE_SUMS)
         for kind, row in figures["selection"].items():
             assert min(row[k] for k in ("score_s", "select_s", "peak_mem_bytes", "cold_peak_mem_bytes")) > 0, (
                 name,
@@ -61,7 +63,7 @@ def test_quick_run_writes_every_model_method_and_key(throughput, tmp_path):
         # on a CPU the sums live where the model does, so score_device="cpu" selects what fp32 selects
         assert figures["selection"]["fp32"]["overlap_with_fp32"] == figures["selection"]["cpu"]["overlap_with_fp32"]
         assert figures["meta"]["score_batches"] == 1 and figures["meta"]["value_grad"] == ["auto", "dense"]
-        assert set(figures["targets"]) == {key for key, _, _ in throughput.TARGETS}
+        assert set(figures["targets"]) == {key for key, _, _ in benchmarking.TARGETS}
         for key, target in figures["targets"].items():
             assert set(target) == {"target", "threshold", "ratio", "margin", "pass"}
             if key == "select_cpu_peak":  # a CPU run: nothing leaves the measured memory
@@ -89,13 +91,13 @@ def test_quick_run_writes_every_model_method_and_key(throughput, tmp_path):
 def test_ranks_match_spu_budget_on_vit_b_16_and_llama_shapes(throughput):
     """10% of m * n ~ r * (m + n): 61 for the vision fc1 (3072 x 768), 41 for the text fc1, 75 for gate/up_proj."""
     vit = {"vision.fc1": (3072, 768), "text.fc1": (2048, 512)}
-    assert throughput.lora_ranks(vit, 0.1) == {"vision.fc1": 61, "text.fc1": 41}
-    assert throughput.shira_rank(vit, 0.1) == 53  # one r for all: (235930 + 104858) / (3840 + 2560)
+    assert benchmarking.lora_ranks(vit, 0.1) == {"vision.fc1": 61, "text.fc1": 41}
+    assert benchmarking.shira_rank(vit, 0.1) == 53  # one r for all: (235930 + 104858) / (3840 + 2560)
     llama = {f"model.layers.{i}.mlp.{p}": (2816, 1024) for i in range(8) for p in ("gate_proj", "up_proj")}
-    assert set(throughput.lora_ranks(llama, 0.1).values()) == {75} and throughput.shira_rank(llama, 0.1) == 75
+    assert set(benchmarking.lora_ranks(llama, 0.1).values()) == {75} and benchmarking.shira_rank(llama, 0.1) == 75
     with torch.device("meta"):
         model = throughput.make_model("llama", 0)
-    shapes, targets, dense = throughput.target_shapes(model)
+    shapes, targets, dense = benchmarking.target_shapes(model)
     assert shapes == llama and targets == ["gate_proj", "up_proj"] and dense == []
     assert round(sum(p.numel() for p in model.parameters()) / 1e6) == 119
 
@@ -158,9 +160,19 @@ def test_value_grad_flag_forces_the_path_and_both_give_the_same_gradients(throug
     calls = []
     stock = sparse_linear.sampled_weight_gradient
     monkeypatch.setattr(sparse_linear, "sampled_weight_gradient", lambda *a: calls.append(1) or stock(*a))
-    with throughput.value_grad(path, torch.device("cpu")):
+    with peers.value_grad(path, torch.device("cpu")):
         out = sparse_linear.SparseDeltaLinear.apply(x, weight, None, torch.float32, (indices,), values)
         out.pow(2).sum().backward()
     assert bool(calls) == (path == "sampled")
     torch.testing.assert_close(values.grad, reference.grad.reshape(-1)[indices.long()], rtol=1e-5, atol=1e-5)
     assert sparse_linear.SAMPLED_VALUE_GRAD_DEVICES == ()  # the rule is restored
+
+
+def test_quick_gives_only_the_flags_not_given(throughput):
+    assert throughput.parse_args(["--quick"]).steps == 1
+    assert throughput.parse_args(["--quick", "--steps", "3"]).steps == 3  # was overridden by --quick
+
+
+def test_an_unknown_peer_method_is_refused_by_name():
+    with pytest.raises(ValueError, match="adalora"):
+        peers.prepare_method(torch.nn.Linear(2, 2), "adalora", 0.1, 0)

@@ -1,4 +1,4 @@
-"""Peak-memory measurement shared by the benchmarks: CUDA's allocator counters, or a process's RSS on Linux."""
+"""Peak-memory measurement for the benchmarks: CUDA's allocator counters, or a process's RSS on Linux."""
 
 from __future__ import annotations
 

@@ -1,0 +1,153 @@
+"""SPU and its peers on the same targets, trained the same way, for measuring what each costs.
+
+Every method adapts SPU's default targets for the model type (`target_shapes`) and trains with AdamW on the same
+batch:
+
+- `spu`: this package, `SPUConfig()` defaults;
+- `dense_mask`: the reference implementation's approach: dense target weights (and biases, and SPU's dense modules)
+  trainable, each weight gradient multiplied by a fixed 0/1 mask of `density` of its entries (AdamW's weight decay
+  still reaches the whole dense tensor, as in the reference);
+- `lora`: PEFT LoRA on the targets, rank r per layer such that r * (m + n) ~ density * m * n;
+- `shira`: PEFT SHiRA on the targets, one r for all, so that the total number of entries matches SPU's;
+- `full`: full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from ..config import (
+    TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING,
+    TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING,
+)
+
+METHODS = ("spu", "dense_mask", "lora", "shira", "full")
+ADAPTER_METHODS = ("spu", "lora", "shira")  # PEFT adapters: saved as adapters, merged with merge_and_unload
+LR, WEIGHT_DECAY = 1e-4, 0.01  # AdamW, every method
+
+
+def target_shapes(model: torch.nn.Module) -> tuple[dict[str, tuple[int, int]], list[str], list[str]]:
+    """SPU's default targets for the model type (every method adapts them), their shapes and SPU's dense modules."""
+    targets = TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING[model.config.model_type]
+    dense = TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING.get(model.config.model_type, [])
+    shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets}
+    return shapes, targets, dense
+
+
+def lora_ranks(shapes: dict[str, tuple[int, int]], density: float) -> dict[str, int]:
+    """Rank per layer such that r * (m + n) ~ density * m * n: LoRA trains as many entries as SPU's values."""
+    return {name: max(1, round(density * m * n / (m + n))) for name, (m, n) in shapes.items()}
+
+
+def shira_rank(shapes: dict[str, tuple[int, int]], density: float) -> int:
+    """SHiRA takes one r for all layers (r * (m + n) entries each): match SPU's total number of entries."""
+    from ..continual import rank_matching_spu
+
+    return rank_matching_spu(shapes.values(), density)
+
+
+def prepare_method(model: torch.nn.Module, method: str, density: float, seed: int) -> tuple[torch.nn.Module, list]:
+    """Make `method`'s parameters trainable; returns the model and the masks `dense_mask` keeps only for training."""
+    from peft import LoraConfig, ShiraConfig, get_peft_model
+
+    from ..config import SPUConfig
+    from ..layer import num_selected
+
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+    shapes, targets, dense = target_shapes(model)
+    if method == "spu":
+        return get_peft_model(model, SPUConfig(density=density, seed=seed)), []
+    if method == "lora":
+        ranks = lora_ranks(shapes, density)
+        r = max(ranks.values())  # alpha = r everywhere: scaling 1
+        config = LoraConfig(r=r, lora_alpha=r, rank_pattern=ranks, alpha_pattern=ranks, target_modules=targets,
+                            modules_to_save=dense or None)  # fmt: skip
+        return get_peft_model(model, config), []
+    if method == "shira":
+        r = shira_rank(shapes, density)
+        config = ShiraConfig(r=r, target_modules=targets, modules_to_save=dense or None, random_seed=seed)
+        return get_peft_model(model, config), []
+    if method == "full":
+        return model.requires_grad_(True), []
+    # dense_mask: the reference keeps dense trainable target weights and zeroes the unselected gradient entries
+    model.requires_grad_(False)
+    for name in dense:
+        model.get_submodule(name).requires_grad_(True)
+    generator, masks = torch.Generator().manual_seed(seed), []
+    for name in shapes:
+        module = model.get_submodule(name).requires_grad_(True)  # weight and bias
+        weight = module.weight
+        chosen = torch.randperm(weight.numel(), generator=generator)[: num_selected(weight.numel(), density)]
+        mask = torch.zeros(weight.numel(), dtype=torch.bool)
+        mask[chosen] = True
+        masks.append(mask.view_as(weight).to(weight.device))
+        weight.register_hook(lambda grad, mask=masks[-1]: grad * mask)
+    return model, masks
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
+
+
+def train_step(model, batch, loss_inputs, optimizer, accelerator: Accelerator) -> None:
+    """Forward + backward + AdamW step; the gradients stay until the next step starts."""
+    optimizer.zero_grad(set_to_none=True)
+    with accelerator.autocast():
+        loss = model(**batch, **loss_inputs).loss
+    accelerator.backward(loss)
+    optimizer.step()
+
+
+def state_bytes(model: torch.nn.Module, method: str, optimizer: torch.optim.Optimizer, masks: list) -> int:
+    """Trainable parameters, their gradients, AdamW's state and the index / mask tensors a method keeps to train."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = sum(p.nbytes for p in params) + sum(p.grad.nbytes for p in params if p.grad is not None)
+    total += sum(t.nbytes for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+    if method == "spu":
+        masks = [b for name, b in model.named_buffers() if ".spu_indices." in name or ".spu_frozen_indices." in name]
+    elif method == "shira":
+        masks = [t for name, t in model.named_buffers() if ".shira_indices." in name]
+    return total + sum(t.nbytes for t in masks)
+
+
+def adapter_bytes(model: torch.nn.Module, method: str, directory: str) -> int:
+    """Bytes of the safetensors files that hold what training changed."""
+    if method == "dense_mask":  # the trained dense tensors
+        from safetensors.torch import save_file
+
+        trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trained, os.path.join(directory, "dense_mask.safetensors"))
+    else:
+        model.save_pretrained(directory)
+    return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
+
+
+@contextlib.contextmanager
+def value_grad(path: str, device: torch.device):
+    """SPU's value gradients forced onto `path` (`auto`, `sampled`, `dense`) by patching the device rule of
+    `spu_peft.sparse_linear`, restored on exit."""
+    from .. import sparse_linear
+
+    stock = sparse_linear.SAMPLED_VALUE_GRAD_DEVICES
+    if path != "auto":
+        sparse_linear.SAMPLED_VALUE_GRAD_DEVICES = (device.type,) if path == "sampled" else ()
+    try:
+        yield
+    finally:
+        sparse_linear.SAMPLED_VALUE_GRAD_DEVICES = stock
+
+
+@contextlib.contextmanager
+def merged(model):
+    """The adapter merged into the base weights as `merge_and_unload` merges it (the wrappers stay, one `if` each)."""
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
