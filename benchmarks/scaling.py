@@ -29,13 +29,9 @@ where it stopped (`--fresh` starts over).
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
-import functools
 import json
 import logging
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,20 +41,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
-from selection_overlap import shared, supports, tower_layers  # noqa: E402
 from transformers import CLIPModel  # noqa: E402
 
 from spu_peft.continual import (  # noqa: E402
     class_incremental_split,
-    get_method,
     pin_cpu_numerics,
     prepare_sequence_data,
     protocol_settings,
     run_sequence,
     task_indices,
-    tokenize_prompts,
 )
-from spu_peft.continual.tradeoff import advantage, curves_of, per_doubling, spread  # noqa: E402
+from spu_peft.continual.overlap import measure_overlap  # noqa: E402
+from spu_peft.continual.scaling import StudyDesign, analyse, score_methods, study_methods  # noqa: E402
+from spu_peft.continual.scaling_report import markdown, plot  # noqa: E402
+from spu_peft.continual.tradeoff import curves_of  # noqa: E402
 from spu_peft.embedded import (  # noqa: E402
     CAPTION_TEMPLATES,
     EMBEDDED_FAMILY,
@@ -74,9 +70,6 @@ logger = logging.getLogger("scaling")
 
 # ---- defaults, in one place -----------------------------------------------------------------------------------------
 CAPTION_TEMPLATE = "a photo of a {}."
-COMPARED = ("spu_replay", "random_replay", "finetune_replay")
-PEERS = ("random_replay", "finetune_replay")  # SPU minus each
-MAIN_VARIANT = "output_norm @ 0.1"  # the paper's score and density: every width and seed
 SCORES = ("task_loss", "fisher", "magnitude")  # besides the paper's output_norm, at the largest width
 DENSITIES = (0.03, 0.3)  # besides the paper's 0.1, at the largest width
 # Learning-rate grids per width: four rates a factor ~3 apart, from a few points gained to many control points lost,
@@ -257,72 +250,7 @@ def sequence_settings(args: argparse.Namespace, seed: int, density: float = 0.1)
     )
 
 
-# ---- 2. overlap of selections ---------------------------------------------------------------------------------------
-
-
-def _batches(dataset, rows: list[int], captions: dict, size: int = 32) -> list[dict]:
-    return [
-        {"pixel_values": dataset[rows[i : i + size]]["pixel_values"], **captions} for i in range(0, len(rows), size)
-    ]
-
-
-def measure_overlap(base: CLIPModel, tokenizer, data, settings) -> dict[str, dict[str, float]]:
-    """Per tower: the share of the first task's selection (the paper's score on all its training images, as the
-    sequence's SPU selects it) that the control set's selection (its images, its classes' captions) also holds, the
-    same for a random support seeded as the sequence seeds it, and the share the second task's selection holds."""
-    selections = {}
-    for name, task in (("task0", 0), ("task1", 1)):
-        if task >= len(data.tasks):
-            continue
-        names = [data.class_names[c] for c in data.tasks[task]]
-        captions = tokenize_prompts(tokenizer, names, [settings.caption_template])
-        batches = _batches(data.train, data.train_indices[task], captions)
-        selections[name] = supports(copy.deepcopy(base), batches, settings.seed, settings.density)
-    captions = tokenize_prompts(tokenizer, data.control_class_names, [settings.caption_template])
-    batches = _batches(data.control, list(range(len(data.control))), captions)
-    control = supports(copy.deepcopy(base), batches, settings.seed, settings.density)
-    random = supports(copy.deepcopy(base), None, settings.seed * 1000, settings.density)
-    result = {}
-    for tower, layers in tower_layers(selections["task0"]).items():
-        result[tower] = {
-            "paper_and_control": shared(selections["task0"], control, layers),
-            "random_and_control": shared(random, control, layers),
-        }
-        if "task1" in selections:
-            result[tower]["task0_and_task1"] = shared(selections["task0"], selections["task1"], layers)
-    return result
-
-
-# ---- 3. the sequences -----------------------------------------------------------------------------------------------
-
-
-def _fixed_score(score: str, settings) -> str:
-    return score
-
-
-def study_methods(grid: dict[str, tuple[float, ...]], names: tuple[str, ...] = ("zeroshot", *COMPARED)) -> list:
-    """The named built-in methods, each over its grid (`finetune*` the full one, the others the sparse one)."""
-    methods = []
-    for name in names:
-        lrs = tuple(grid["full"] if name.startswith("finetune") else grid["sparse"])
-        method = get_method(name)
-        methods.append(dataclasses.replace(method, default_lr=lrs[0], sweep_lrs=lrs) if method.trains else method)
-    return methods
-
-
-def score_methods(grid: dict[str, tuple[float, ...]], scores: list[str]) -> list:
-    """`spu_replay` with each of `scores` in place of the paper's, over the sparse grid."""
-    return [
-        dataclasses.replace(
-            get_method("spu_replay"),
-            name=f"spu_{score}_replay",
-            selection_score=functools.partial(_fixed_score, score),
-            default_lr=grid["sparse"][0],
-            sweep_lrs=tuple(grid["sparse"]),
-            description=f"SPU with the {score} score + replay",
-        )
-        for score in scores
-    ]
+# ---- 2. the sequences -----------------------------------------------------------------------------------------------
 
 
 def run_part(base, processor, data, settings, methods, output_dir: Path, args) -> dict[str, Any]:
@@ -347,217 +275,6 @@ def run_part(base, processor, data, settings, methods, output_dir: Path, args) -
         "run_s": sum(r["wall_s"] for r in results.values()),
         "load": [load, os.getloadavg()[0]],
     }
-
-
-# ---- 4. matched accuracy (spu_peft.continual.tradeoff) ----------------------------------------------------------
-
-
-def comparisons(widths: list[int], args: argparse.Namespace) -> list[tuple[int, str, str, str]]:
-    """(width, label, spu curve, peer curve) of every comparison: the main ones at every width, the variants at
-    `--variant-width` (the largest)."""
-    rows = [(w, MAIN_VARIANT, "spu_replay", peer) for w in widths for peer in PEERS]
-    if args.variant_width not in widths:
-        return rows
-    largest = args.variant_width
-    for score in args.scores:
-        rows += [(largest, f"{score} @ 0.1", f"spu_{score}_replay", peer) for peer in PEERS]
-    for density in args.densities:
-        rows += [(largest, f"output_norm @ {density:g}", f"spu_replay@{density:g}", f"random_replay@{density:g}")]
-        rows += [(largest, f"output_norm @ {density:g}", f"spu_replay@{density:g}", "finetune_replay")]
-    return rows
-
-
-def analyse(study: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    widths = sorted(study["family"])
-    table = []
-    for width, label, spu, peer in comparisons(widths, args):
-        per_seed, seeds = {}, args.seeds if label == MAIN_VARIANT else args.variant_seeds
-        for seed in seeds:
-            cell = study["sequences"][width][seed]
-            if spu in cell["curves"] and peer in cell["curves"] and "zero_shot" in cell:
-                per_seed[seed] = advantage(cell["curves"], cell["zero_shot"], spu, peer, args.target_gain)
-        if not per_seed:
-            continue  # not run (another --parts or --seeds): "not reached" is kept for curves that never get there
-        row = {"width": width, "parameters": study["family"][width]["parameters"], "variant": label}
-        row |= {"spu": spu, "peer": peer, "per_seed": per_seed}
-        for rule in ("gain", "common"):
-            row[rule] = spread([per_seed[s][rule]["advantage"] if s in per_seed else None for s in seeds])
-            for side in ("drop_spu", "drop_peer", "target"):
-                row[f"{rule}_{side}"] = spread([per_seed[s][rule][side] if s in per_seed else None for s in seeds])
-        table.append(row)
-    trends = {}
-    for peer in PEERS:
-        for rule in ("gain", "common"):
-            points = [
-                (r["parameters"], v)
-                for r in table
-                if r["variant"] == MAIN_VARIANT and r["peer"] == peer
-                for v in r[rule]["values"]
-                if v is not None
-            ]
-            trends[f"{peer}:{rule}"] = per_doubling(points)
-    return {"comparisons": table, "per_doubling": trends}
-
-
-# ---- 5. outputs -----------------------------------------------------------------------------------------------------
-
-
-def _pm(s: dict[str, Any], digits: int = 1) -> str:
-    if s["mean"] is None:
-        return "not reached"
-    missing = "" if s["n"] == len(s["values"]) else f" ({s['n']} of {len(s['values'])} seeds)"
-    if s["n"] == 1:
-        return f"{s['mean']:+.{digits}f} (1 seed){missing}"
-    return f"{s['mean']:+.{digits}f} ± {s['std']:.{digits}f} [{s['min']:+.{digits}f}, {s['max']:+.{digits}f}]{missing}"
-
-
-def _mean(values: list[float]) -> str:
-    return f"{statistics.fmean(values):.1f}" if values else "-"
-
-
-def markdown(study: dict[str, Any], analysis: dict[str, Any], args: argparse.Namespace) -> str:
-    family, sequences = study["family"], study["sequences"]
-    lines = [
-        "**The family** (pretrained once, seed 0; zero-shot accuracies in percent):",
-        "",
-        "| width | parameters | fc1 entries | pretraining lr | control acc | animals (zero-shot, seeds' test caps) "
-        "| pretraining s |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for w, info in sorted(family.items()):
-        animals = [sequences[w][s]["zero_shot"] for s in args.seeds if "zero_shot" in sequences[w][s]]
-        seconds = info["pretraining_seconds"]
-        lines.append(
-            f"| {w} | {info['parameters']:,} | {info['fc1_entries']:,} | {info['pretraining_learning_rate']:g} | "
-            f"{100 * info['pretraining_control_accuracy']:.1f} | {_mean(animals)} | "
-            f"{'-' if seconds is None else f'{seconds:.0f}'} |"
-        )
-    lines += [
-        "",
-        "**Overlap** of the first task's selection with the control set's top entries (same density), share of the "
-        "task's entries, mean [min, max] over seeds:",
-        "",
-        "| width | vision: paper score | vision: random | text: paper score | text: random | "
-        "task 1 & task 2 (vision / text) |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-
-    def ov(w, tower, key):
-        values = [sequences[w][s]["overlap"][tower].get(key) for s in args.seeds if "overlap" in sequences[w][s]]
-        values = [v for v in values if v is not None]
-        return f"{statistics.fmean(values):.2f} [{min(values):.2f}, {max(values):.2f}]" if values else "-"
-
-    for w in sorted(family):
-        lines.append(
-            f"| {w} | {ov(w, 'vision_model', 'paper_and_control')} | {ov(w, 'vision_model', 'random_and_control')} | "
-            f"{ov(w, 'text_model', 'paper_and_control')} | {ov(w, 'text_model', 'random_and_control')} | "
-            f"{ov(w, 'vision_model', 'task0_and_task1')} / {ov(w, 'text_model', 'task0_and_task1')} |"
-        )
-    gain = args.target_gain
-    lines += [
-        "",
-        "**SPU's advantage** (control points saved at matched accuracy: the peer's drop minus SPU's; positive "
-        f"favours SPU), mean ± std [min, max] over {len(args.seeds)} seeds. *+{gain:g}*: at zero-shot + {gain:g} "
-        f"points; *common*: at the highest accuracy both curves reach. Drops: SPU's / the peer's at +{gain:g}:",
-        "",
-        f"| width | parameters | variant (score @ density) | SPU minus | at +{gain:g} | drops at +{gain:g} | "
-        "at common | common target (acc) |",
-        "|---:|---:|---|---|---:|---:|---:|---:|",
-    ]
-    for r in analysis["comparisons"]:
-        drops = r["gain_drop_spu"], r["gain_drop_peer"]
-        shown = (
-            "-" if None in (drops[0]["mean"], drops[1]["mean"]) else f"{drops[0]['mean']:.1f} / {drops[1]['mean']:.1f}"
-        )
-        target = r["common_target"]["mean"]
-        lines.append(
-            f"| {r['width']} | {r['parameters']:,} | {r['variant']} | {r['peer'].split('@')[0]} | {_pm(r['gain'])} | "
-            f"{shown} | {_pm(r['common'])} | {'-' if target is None else f'{target:.1f}'} |"
-        )
-    lines += ["", "**Trend** (least-squares slope over the seed-level points, points per doubling of parameters):", ""]
-    for key, trend in analysis["per_doubling"].items():
-        peer, rule = key.split(":")
-        if trend is not None:
-            lines.append(
-                f"- SPU minus {peer}, at {f'+{gain:g}' if rule == 'gain' else 'common'}: "
-                f"{trend['slope']:+.2f} ± {trend['se']:.2f} per doubling ({trend['points']} points)"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def plot(study: dict[str, Any], analysis: dict[str, Any], args: argparse.Namespace, output_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    main = [r for r in analysis["comparisons"] if r["variant"] == MAIN_VARIANT]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    titles = {"gain": f"at zero-shot + {args.target_gain:g} points", "common": "at the highest accuracy both reach"}
-    colours = {"random_replay": "tab:orange", "finetune_replay": "tab:green"}
-    for ax, rule in zip(axes, ("gain", "common")):
-        for offset, peer in zip((-0.03, 0.03), PEERS):
-            rows = sorted(
-                (r for r in main if r["peer"] == peer and r[rule]["mean"] is not None), key=lambda r: r["parameters"]
-            )
-            xs = [r["parameters"] * 2**offset for r in rows]
-            label = {"random_replay": "SPU minus random support", "finetune_replay": "SPU minus full fine-tuning"}[peer]
-            ax.errorbar(
-                xs,
-                [r[rule]["mean"] for r in rows],
-                yerr=[r[rule]["std"] for r in rows],
-                marker="o",
-                capsize=4,
-                color=colours[peer],
-                label=label + " (mean ± std)",
-            )
-            for x, r in zip(xs, rows):
-                seeds = [v for v in r[rule]["values"] if v is not None]
-                ax.scatter([x] * len(seeds), seeds, s=12, color=colours[peer], alpha=0.4)
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xscale("log")
-        ax.set(title=f"Control points SPU saves, {titles[rule]}", xlabel="parameters")
-        ticks = sorted(study["family"][w]["parameters"] for w in study["family"])
-        ax.set_xticks(ticks, [f"{n / 1e6:.2f}M\n(width {w})" for n, w in zip(ticks, sorted(study["family"]))])
-        ax.minorticks_off()
-    axes[0].set_ylabel("advantage (control-drop points; > 0: SPU better)")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(output_dir / "scaling.png", dpi=110)
-    plt.close(fig)
-
-    widths = sorted(study["family"])
-    fig, axes = plt.subplots(
-        len(widths), len(args.seeds), figsize=(3.6 * len(args.seeds), 3.0 * len(widths)), squeeze=False, sharex=False
-    )
-    styles = {
-        "spu_replay": ("tab:blue", "SPU"),
-        "random_replay": ("tab:orange", "random"),
-        "finetune_replay": ("tab:green", "full fine-tuning"),
-    }
-    for i, w in enumerate(widths):
-        for j, seed in enumerate(args.seeds):
-            ax, cell = axes[i][j], study["sequences"][w][seed]
-            for name, (colour, label) in styles.items():
-                points = cell["curves"].get(name, [])
-                ax.plot(
-                    [0] + [p["control_drop"] for p in points],
-                    [cell["zero_shot"]] + [p["avg_acc"] for p in points],
-                    marker="o",
-                    ms=3,
-                    color=colour,
-                    label=label,
-                )
-            ax.axhline(cell["zero_shot"] + args.target_gain, color="grey", lw=0.6, ls="--")
-            ax.set_title(f"width {w}, seed {seed}", fontsize=9)
-            if i == len(widths) - 1:
-                ax.set_xlabel("control drop (points)")
-            if j == 0:
-                ax.set_ylabel("final avg accuracy (%)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(output_dir / "scaling_tradeoff.png", dpi=100)
-    plt.close(fig)
 
 
 # ---- main -----------------------------------------------------------------------------------------------------------
@@ -621,16 +338,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     study["wall_s"], study["load"] = time.perf_counter() - started, [load, os.getloadavg()[0]]
 
     # 5. analysis and outputs
-    analysis = analyse(study, args)
+    design = StudyDesign(seeds=tuple(args.seeds), target_gain=args.target_gain, variant_width=args.variant_width,
+                         variant_seeds=tuple(args.variant_seeds), scores=tuple(args.scores),
+                         densities=tuple(args.densities))  # fmt: skip
+    analysis = analyse(study, design)
     settings = sequence_settings(args, args.seeds[0]).to_dict()
     config = {k: v for k, v in vars(args).items() if k not in ("output_dir", "grids", "models")}
     config |= {"grids": {str(w): g for w, g in args.grids.items()}, "settings": settings, "command": " ".join(sys.argv)}
-    report = markdown(study, analysis, args)
+    report = markdown(study, analysis, design)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     out = {"config": config, "study": study, "analysis": analysis}
     (args.output_dir / "scaling.json").write_text(json.dumps(out, indent=2, default=str))
     (args.output_dir / "scaling.md").write_text(report)
-    plot(study, analysis, args, args.output_dir)
+    plot(study, analysis, design, args.output_dir)
     print(report)
     print(
         f"Study wall time {study['wall_s']:.0f} s (load {study['load'][0]:.1f} -> {study['load'][1]:.1f}); "

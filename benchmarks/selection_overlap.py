@@ -9,7 +9,7 @@ also hold, next to what a random support of the same size shares with the contro
     python benchmarks/selection_overlap.py --json results/selection_overlap.json
     python benchmarks/selection_overlap.py --width 256 --density 0.03   # another member of the family, budget
 
-`benchmarks/scaling.py` measures the same overlaps per width and seed with the functions below.
+The helpers live in `spu_peft.continual.overlap`; `benchmarks/scaling.py` measures the same overlaps per width and seed.
 """
 
 from __future__ import annotations
@@ -17,17 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from peft import get_peft_model  # noqa: E402
 from transformers import CLIPModel, CLIPProcessor  # noqa: E402
 
-from spu_peft import SPUConfig, SPULayer, select_parameters  # noqa: E402
 from spu_peft.continual import tokenize_prompts  # noqa: E402
+from spu_peft.continual.overlap import shared, supports, tower_layers  # noqa: E402
 from spu_peft.embedded import (  # noqa: E402
     ANIMAL_CLASSES,
     EMBEDDED_FAMILY,
@@ -40,7 +38,6 @@ from spu_peft.embedded import (  # noqa: E402
 )
 
 CAPTION_TEMPLATE = "a photo of a {}."
-TOWERS = ("vision_model", "text_model")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,32 +76,6 @@ def scoring_batches(dataset, class_names: list[str], label_names: list[str], arg
         {"pixel_values": pixel_values_from_images(subset[i * size : (i + 1) * size]["image"]), **captions}
         for i in range(min(args.batches, len(subset) // size))
     ]
-
-
-def supports(
-    base: CLIPModel, batches: Iterable[Mapping] | None, seed: int, density: float = 0.1, score: str = "output_norm"
-) -> dict[str, set[int]]:
-    """The entries `select_parameters` chooses per fc1 of `base` (which gets an adapter: pass a fresh copy), with
-    `score` on all of `batches`, or a random support of the same size (seeded by `seed`) when `batches` is None."""
-    model = get_peft_model(base, SPUConfig(seed=seed, density=density))
-    select_parameters(model, batches, score=score if batches is not None else "random", fraction=1.0, seed=seed)
-    return {
-        name.split("base_model.model.")[-1]: set(module.spu_indices["default"].tolist())
-        for name, module in model.named_modules()
-        if isinstance(module, SPULayer)
-    }
-
-
-def shared(selection: dict[str, set[int]], other: dict[str, set[int]], layers: Iterable[str] | None = None) -> float:
-    """The share of `selection`'s entries (pooled over `layers`, default all) that `other` also holds."""
-    names = list(selection if layers is None else layers)
-    total = sum(len(selection[n]) for n in names)
-    return sum(len(selection[n] & other[n]) for n in names) / total if total else float("nan")
-
-
-def tower_layers(selection: dict[str, set[int]]) -> dict[str, list[str]]:
-    """The fc1 names of each tower (`vision_model`, `text_model`) that `selection` covers."""
-    return {tower: [n for n in selection if n.startswith(tower + ".")] for tower in TOWERS}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:

@@ -275,8 +275,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for kind, figures in model_results.get("selection", {}).items():
             figures.update(results[f"select-{kind}"])
             meta["score_batches"] = figures["score_batches"]
-        if "spu" in model_results:
-            model_results["spu"]["score_s"] = next(iter(model_results["selection"].values()))["score_s"]
         model_results["meta"] = meta
         model_results["targets"] = evaluate_targets(model_results)
         all_results[model_name] = model_results

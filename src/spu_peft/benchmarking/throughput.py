@@ -167,7 +167,13 @@ def measure_time(workload: Workload, settings: ThroughputSettings, accelerator: 
         return lambda: train_step(model.train(), batch, loss_inputs, optimizer, accelerator)
 
     runs = {name: (context, training(model, optimizer)) for name, (context, model, optimizer) in steps.items()}
+    if "spu" in models:  # scoring one batch, in the same rounds as the steps it is compared with (on its own model)
+        scorer = prepare_method(workload.build(), "spu", settings.density, settings.seed)[0]
+        scoring = lambda: select(scorer, workload, settings, accelerator, max_batches=1).score_seconds  # noqa: E731
+        runs["spu/scoring"] = (contextlib.nullcontext, scoring)
     step_seconds = timed_rounds(runs, settings.steps, device, WARMUP_STEPS)
+    if "spu" in models:
+        results["spu"]["score_s"] = step_seconds.pop("spu/scoring")
     for name, seconds in step_seconds.items():
         results.setdefault(name, {})["step_s"] = seconds
     logger.info("%s: step seconds %s", settings.model_name, {name: round(s, 3) for name, s in step_seconds.items()})
