@@ -9,7 +9,7 @@ entries as SPU) and `full` fine-tuning; `spu_peft.benchmarking.peers` sets each 
 
 Peak memory, training state and adapter file of each method, and the peak of `select_parameters` with each kind of
 score sums (`--score-sums`), are measured in a fresh subprocess each, so that every peak is its own. Step, scoring
-and inference times of all methods are measured interleaved in one process (see `measure_time`).
+and inference times of all methods are measured interleaved in one process (see `spu_peft.benchmarking.measure_time`).
 
 Usage:
     python benchmarks/throughput.py --json results/throughput.json   # vit-b-16 and llama, ~16 min on 2 CPU cores
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             logger.info("%s / %s: measuring memory", model_name, task)
             results[task] = run_worker(args, model_name, task, accelerator)
 
-        # 3. time: all methods interleaved in one process (see `measure_time`)
+        # 3. time: all methods interleaved in one process (see `spu_peft.benchmarking.measure_time`)
         timing = run_worker(args, model_name, "timing", accelerator)
         meta["load_avg_after"] = round(os.getloadavg()[0], 2)
 

@@ -259,3 +259,16 @@ def test_score_sums_are_born_from_each_layers_first_gradient(dtype):
         sums.whole("a", cpu), 3 * torch.mm(grad_output.t(), x), rtol=1e-2 if dtype != torch.float32 else 1e-6
     )
     assert sums.whole("b", cpu).dtype == torch.float32 and torch.equal(sums.whole("b", cpu), torch.zeros(2, 4))
+
+
+def test_score_sums_stay_float32_under_bf16_autocast(monkeypatch):
+    """accelerate's mixed precision runs selection under autocast, and on a CPU the backward pass runs under it too:
+    the sums must still take float32 gradients (the first one is the sum itself)."""
+    dtypes, finish = [], ScoreSums.finish
+    monkeypatch.setattr(
+        ScoreSums, "finish", lambda self: (dtypes.append({t.dtype for t in self.sums.values()}), finish(self))[1]
+    )
+    model = fresh()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = select_parameters(model, loader(5, n=3), fraction=1.0)
+    assert report.num_batches == 3 and dtypes == [{torch.float32}]

@@ -11,7 +11,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import importlib.util  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -25,7 +24,6 @@ BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 
 @pytest.fixture(scope="module")
 def throughput():
-    sys.path.insert(0, str(BENCHMARK.parent))  # as when the script runs: its sibling modules import
     spec = importlib.util.spec_from_file_location("throughput", BENCHMARK)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -42,7 +42,10 @@ class ScoreSums:
         device: torch.device | str | None = None,
     ) -> None:
         self.shapes, self.squared, self.sharded, self.dtype = shapes, squared, sharded, dtype
-        self.devices = {name: torch.device(device) if device is not None else devices[name] for name in shapes}
+        where = None if device is None else torch.device(device)
+        if where is not None and where.type != "cpu" and where.index is None:  # "cuda" -> "cuda:0", as tensors say
+            where = torch.empty(0, device=where).device
+        self.devices = {name: where or devices[name] for name in shapes}
         self.sums: dict[str, torch.Tensor] = {}  # each born from its layer's first gradient, as activations die
         self.weight = 1.0  # 0 for a sharded process's stand-in batch: it steps with the others but adds nothing
 
@@ -51,8 +54,13 @@ class ScoreSums:
 
         A whole float32 sum on the layer's device is the first gradient itself, then takes the others in place
         (`addmm_`: no further dense gradient is formed); squares (`fisher`), reduced-precision or offloaded sums and
-        sharded models form the float32 gradient first.
+        sharded models form the float32 gradient first. Always in float32: a caller's autocast (the backward pass runs
+        under it on a CPU) would otherwise make the products bfloat16.
         """
+        with torch.autocast(x.device.type, enabled=False):
+            self._add(name, x, grad_output)
+
+    def _add(self, name: str, x: torch.Tensor, grad_output: torch.Tensor) -> None:
         total = self.sums.get(name)
         fused = not (self.squared or self.sharded) and self.weight == 1.0 and self.dtype == torch.float32
         if fused and x.device == self.devices[name]:
@@ -93,9 +101,6 @@ class ScoreSums:
         if self.sharded:
             total = gather_shards(total, rows * cols)
         return total.to(device=device, dtype=torch.float32).view(rows, cols)
-
-    def release(self, name: str) -> None:
-        del self.sums[name]
 
 
 class _ScoringLinear(torch.autograd.Function):

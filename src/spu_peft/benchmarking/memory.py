@@ -44,7 +44,7 @@ def release_freed_memory() -> None:
 
 
 def reset_peak_memory(device: torch.device) -> None:
-    """Start a fresh peak: CUDA's allocator counter, or on Linux the process's RSS high-water mark."""
+    """Start a fresh peak: CUDA's allocator counter, or on Linux the process's RSS high-water mark (`VmHWM`)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -58,14 +58,19 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory(device: torch.device, key: str = "VmHWM") -> int:
-    """Peak bytes since the last reset (`key="VmRSS"`: the current bytes)."""
+    """Peak bytes since the last reset (`key="VmRSS"`: the current bytes).
+
+    On Linux, the resident set less its pages of mapped files (`RssFile`: mostly the shared libraries' code), since
+    tensors live in anonymous memory and the file pages depend on the page cache: one LLaMA-shape worker held 121 MiB
+    of them in one environment and 213 MiB in a freshly installed copy of it, with the same anonymous memory.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) if key == "VmHWM" else torch.cuda.memory_allocated(device)
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
+        lines = Path("/proc/self/status").read_text().splitlines()
+        status = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in lines if line.startswith(("Vm", "Rss"))}
+        return status[key] - status.get("RssFile", 0)
+    except (OSError, KeyError, ValueError, IndexError):
         pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if platform.system() == "Darwin" else rss * 1024

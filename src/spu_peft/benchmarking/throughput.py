@@ -199,8 +199,7 @@ def measure_time(workload: Workload, settings: ThroughputSettings, accelerator: 
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         runs = {name: (context, training(model, optimizer)) for name, (context, model, optimizer) in steps.items()}
-        if "spu" in models:  # re-selects the support; nothing after this depends on it
-            scoring = lambda: select(models["spu"], workload, settings, accelerator, max_batches=1)  # noqa: E731
+        if "spu" in models:
             runs["scoring"] = (contextlib.nullcontext, scoring)
         for name, (context, fn) in runs.items():
             with context(), profile(activities=activities) as prof:

@@ -84,7 +84,8 @@ def markdown(model_name: str, results: dict[str, Any]) -> str:
             cells = [fmt(r.get(k), "MiB" if k.endswith("bytes") else "") for k in METRICS]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if selection := results.get("selection"):
-        header = f"score sums | score s ({meta['score_batches']} batches) | select s | peak MiB | cold peak MiB"
+        batches = f"{meta['score_batches']} batch" + ("es" if meta["score_batches"] > 1 else "")
+        header = f"score sums | score s ({batches}) | select s | peak MiB | cold peak MiB"
         lines += ["", f"| {header} | sums MiB | share of fp32's entries |", "|---|---:|---:|---:|---:|---:|---:|"]
         for kind, r in selection.items():
             cells = [fmt(r.get("score_s")), fmt(r.get("select_s")), fmt(r.get("peak_mem_bytes"), "MiB")]
