@@ -272,3 +272,21 @@ def test_score_sums_stay_float32_under_bf16_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         report = select_parameters(model, loader(5, n=3), fraction=1.0)
     assert report.num_batches == 3 and dtypes == [{torch.float32}]
+
+
+def test_scoring_composes_only_deltas_that_are_not_all_zero(monkeypatch):
+    """A fresh adapter's values are all zero: scoring skips adding them to the weight (exact, and two dense
+    compositions per layer cheaper); once they are not, they are part of the scored model."""
+    from spu_peft import scoring
+
+    counts, stock = [], scoring.composed_linear
+    monkeypatch.setattr(scoring, "composed_linear", lambda x, w, b, d, t: counts.append(len(d)) or stock(x, w, b, d, t))
+    model = fresh()
+    select_parameters(model, loader(6, n=1), fraction=1.0)
+    assert counts and set(counts) == {0}
+    with torch.no_grad():
+        for layer in spu_layers(model).values():
+            layer.spu_values["default"].fill_(0.01)
+    counts.clear()
+    select_parameters(model, loader(6, n=1), fraction=1.0)
+    assert counts and set(counts) == {1}

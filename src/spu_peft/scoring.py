@@ -130,8 +130,13 @@ def scoring_linear(
     probe: torch.Tensor,
     record,
 ) -> torch.Tensor:
-    """The SPU layer's output while scoring; `probe` (a leaf that requires grad) puts every target in the graph."""
+    """The SPU layer's output while scoring; `probe` (a leaf that requires grad) puts every target in the graph.
+
+    A delta whose values are all zero (a fresh adapter's, at its first selection) adds nothing to `weight`, so it is
+    not composed: that saves forming `weight + deltas` twice per layer, forward and backward (one check per layer).
+    """
+    deltas = [(idx, val.detach()) for idx, val in deltas if bool(val.detach().any())]
     indices = tuple(idx for idx, _ in deltas)
-    values = tuple(val.detach() for _, val in deltas)
+    values = tuple(val for _, val in deltas)
     bias = None if bias is None else bias.detach()
     return _ScoringLinear.apply(x, weight.detach(), bias, probe, record, compute_dtype(x, weight), indices, *values)
