@@ -62,7 +62,7 @@ def peak_memory(device: torch.device, key: str = "VmHWM") -> int:
 
     On Linux, the resident set less its pages of mapped files (`RssFile`: mostly the shared libraries' code), since
     tensors live in anonymous memory and the file pages depend on the page cache: one LLaMA-shape worker held 118 MiB
-    of them in one environment and 208 MiB in a freshly installed copy of it, with the same anonymous memory.
+    of them in one environment and 208 MiB in a freshly installed copy of it, with about the same anonymous memory.
     """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) if key == "VmHWM" else torch.cuda.memory_allocated(device)
