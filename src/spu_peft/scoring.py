@@ -63,11 +63,8 @@ class ScoreSums:
     def _add(self, name: str, x: torch.Tensor, grad_output: torch.Tensor) -> None:
         total = self.sums.get(name)
         fused = not (self.squared or self.sharded) and self.weight == 1.0 and self.dtype == torch.float32
-        if fused and x.device == self.devices[name]:
-            if total is None:
-                self.sums[name] = torch.mm(grad_output.t().float(), x.float())
-            else:
-                total.addmm_(grad_output.t().float(), x.float())
+        if fused and total is not None and x.device == total.device:
+            total.addmm_(grad_output.t().float(), x.float())
             return
         term = torch.mm(grad_output.t().float(), x.float())
         if self.squared:
@@ -78,7 +75,7 @@ class ScoreSums:
             term = all_reduce_sum(term).view(-1)
             start, stop = shard_range(term.numel())
             term = term[start:stop]
-        if total is None:  # a shard is a view of the whole gradient: copy it, or the whole would stay alive
+        if total is None:  # the first term is the sum (a shard is a view of the whole: copied, or the whole stays)
             self.sums[name] = term.to(device=self.devices[name], dtype=self.dtype, copy=self.sharded)
         else:
             total += term.to(device=total.device, dtype=total.dtype)
@@ -135,7 +132,7 @@ def scoring_linear(
     A delta whose values are all zero (a fresh adapter's, at its first selection) adds nothing to `weight`, so it is
     not composed: that saves forming `weight + deltas` twice per layer, forward and backward (one check per layer).
     """
-    deltas = [(idx, val.detach()) for idx, val in deltas if bool(val.detach().any())]
+    deltas = [(idx, val.detach()) for idx, val in deltas if bool(val.any())]
     indices = tuple(idx for idx, _ in deltas)
     values = tuple(val for _, val in deltas)
     bias = None if bias is None else bias.detach()

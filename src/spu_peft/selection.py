@@ -135,8 +135,8 @@ def select_parameters(
     else:
         seed = config.seed if seed is None else seed
         scores = _LazyScores(layers, lambda name, layer: _random_scores(layer, seed, name))
-    if _device(next(iter(layers.values()))).type == "cuda":  # the time of the work, not of queueing it
-        torch.cuda.synchronize()
+    if (device := _device(next(iter(layers.values())))).type == "cuda":  # the time of the work, not of queueing it
+        torch.cuda.synchronize(device)
     score_seconds = time.perf_counter() - start
 
     supports = _select_and_apply(runner, layers, scores, config, adapter_name, consolidate, engine)
