@@ -14,7 +14,7 @@ from peft import get_peft_model
 from transformers import CLIPModel
 
 from ..config import SPUConfig
-from ..layer import SPULayer
+from ..loading import spu_layers
 from ..selection import select_parameters
 from .evaluation import tokenize_prompts
 
@@ -28,11 +28,7 @@ def supports(
     `score` on all of `batches`, or a random support of the same size (seeded by `seed`) when `batches` is None."""
     model = get_peft_model(base, SPUConfig(seed=seed, density=density))
     select_parameters(model, batches, score=score if batches is not None else "random", fraction=1.0, seed=seed)
-    return {
-        name.split("base_model.model.")[-1]: set(module.spu_indices["default"].tolist())
-        for name, module in model.named_modules()
-        if isinstance(module, SPULayer)
-    }
+    return {name: set(layer.spu_indices["default"].tolist()) for name, layer in spu_layers(model, "default")}
 
 
 def shared(selection: dict[str, set[int]], other: dict[str, set[int]], layers: Iterable[str] | None = None) -> float:
