@@ -18,10 +18,10 @@ from spu_peft.embedded import (  # noqa: E402
     embedded_architecture,
     pretrain_embedded_clip,
     pretraining_recipe,
+    read_pretraining_metrics,  # noqa: E402
     recipe_hash,
     shipped_model_path,
 )
-from spu_peft.embedded.model import read_pretraining_metrics  # noqa: E402
 
 
 def test_width_64_is_the_shipped_recipe_and_other_widths_scale_the_blocks():

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from ..continual.numerics import REPRODUCIBLE_ENV, pin_cpu_numerics
-    from .model import EMBEDDED_FAMILY, pretrain_embedded_clip
+    from .pretraining import EMBEDDED_FAMILY, pretrain_embedded_clip
 
     if args.width not in EMBEDDED_FAMILY:
         parser.error(f"--width must be one of {sorted(EMBEDDED_FAMILY)}, got {args.width}")
