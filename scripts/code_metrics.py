@@ -43,21 +43,21 @@ def layer_of(module: str) -> int:
     raise ValueError(f"module `{module}` is in no layer of LAYERS; add its package or file there")
 
 
-def _imported(node: ast.AST, module: str, is_package: bool) -> list[str]:
-    """The `spu_peft` modules one import statement names (relative imports resolved; `from . import x` is `.x`)."""
+def _imported(node: ast.AST, module: str, is_package: bool, modules: set[str]) -> set[str]:
+    """The `spu_peft` modules one import statement names: a name imported from a package is its submodule when
+    there is one, else the package (relative imports resolved)."""
     if isinstance(node, ast.Import):
-        return [a.name for a in node.names if a.name.split(".")[0] == "spu_peft"]
+        return {a.name for a in node.names if a.name in modules}
     if not isinstance(node, ast.ImportFrom):
-        return []
+        return set()
     if node.level:
         base = module.split(".") if is_package else module.split(".")[:-1]
         base = base[: len(base) - node.level + 1]
         target = ".".join(base + ([node.module] if node.module else []))
     else:
         target = node.module or ""
-    if target.split(".")[0] != "spu_peft":
-        return []
-    return [target] + [f"{target}.{a.name}" for a in node.names]
+    found = {f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target for a in node.names}
+    return found & modules
 
 
 def import_graph(src: Path) -> dict[str, set[str]]:
@@ -66,8 +66,9 @@ def import_graph(src: Path) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for module, path in files.items():
         tree = ast.parse(path.read_text())
-        names = {n for node in ast.walk(tree) for n in _imported(node, module, path.name == "__init__.py")}
-        graph[module] = {n for n in names if n in files and n != module}
+        is_package = path.name == "__init__.py"
+        names = set().union(*(_imported(node, module, is_package, set(files)) for node in ast.walk(tree)))
+        graph[module] = names - {module}
     return graph
 
 
