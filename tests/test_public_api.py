@@ -6,9 +6,9 @@ import pytest
 
 PUBLIC = {
     "spu_peft": [
+        "Linear",
         "MODEL_TAGS",
         "SCORES",
-        "Linear",
         "SPUConfig",
         "SPULayer",
         "SPUModel",
@@ -27,14 +27,14 @@ PUBLIC = {
     ],
     "spu_peft.continual": [
         "CAPTION_TEMPLATE",
-        "DEFAULT_METHODS",
-        "NUMERICS_MODES",
-        "PROTOCOLS",
-        "TARGET_LAYERS",
         "ContinualLearningMetric",
         "ContinualMethod",
+        "DEFAULT_METHODS",
         "FingerprintMismatchError",
+        "NUMERICS_MODES",
+        "PROTOCOLS",
         "SequenceSettings",
+        "TARGET_LAYERS",
         "TaskBalancedReplayBuffer",
         "class_incremental_split",
         "class_text_features",

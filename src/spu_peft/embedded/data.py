@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
+from ..continual.evaluation import CAPTION_TEMPLATE
 from .drawing import IMAGE_SIZE, SHAPE_CLASSES, render_letter, render_shape
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ embedded model starts at chance and every method must rewrite shared features to
 _ANIMAL_RESERVE_SEED = 1_000_003  # fixed, independent of any run's seed
 
 CAPTION_TEMPLATES: list[str] = [
-    "a photo of a {}.",
+    CAPTION_TEMPLATE,
     "a drawing of a {}.",
     "a picture of a {}.",
     "an image of a {}.",
