@@ -30,21 +30,22 @@ from transformers import AutoProcessor, CLIPModel
 
 import spu_peft
 from spu_peft.continual import (
+    CAPTION_TEMPLATE,
+    NUMERICS_MODES,
     PROTOCOLS,
     TARGET_LAYERS,
     FingerprintMismatchError,
-    check_modules_to_save,
     pin_cpu_numerics,
     prepare_sequence_data,
     protocol_settings,
     registered_methods,
     run_sequence,
 )
+from spu_peft.continual.data import check_modules_to_save
 
 logger = get_logger(__name__)
 
 EMBEDDED = "embedded"
-CAPTION_TEMPLATE = "a photo of a {}."
 # `--quick`'s values, used only for the flags the user did not give.
 QUICK = {
     "num_tasks": 2,
@@ -124,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--numerics",
         default="reproducible",
-        choices=("reproducible", "native"),
+        choices=NUMERICS_MODES,
         help="reproducible: pin MKL, ATen and convolutions so every x86-64 CPU gives the same numbers; native: "
         "the libraries' fastest paths for this CPU.",
     )

@@ -44,6 +44,8 @@ import torch  # noqa: E402
 from transformers import CLIPModel  # noqa: E402
 
 from spu_peft.continual import (  # noqa: E402
+    CAPTION_TEMPLATE,
+    NUMERICS_MODES,
     class_incremental_split,
     pin_cpu_numerics,
     prepare_sequence_data,
@@ -51,10 +53,6 @@ from spu_peft.continual import (  # noqa: E402
     run_sequence,
     task_indices,
 )
-from spu_peft.continual.overlap import measure_overlap  # noqa: E402
-from spu_peft.continual.scaling import StudyDesign, analyse, score_methods, study_methods  # noqa: E402
-from spu_peft.continual.scaling_report import markdown, plot  # noqa: E402
-from spu_peft.continual.tradeoff import curves_of  # noqa: E402
 from spu_peft.embedded import (  # noqa: E402
     CAPTION_TEMPLATES,
     EMBEDDED_FAMILY,
@@ -65,21 +63,23 @@ from spu_peft.embedded import (  # noqa: E402
     load_pretraining_data,
     read_pretraining_metrics,
 )
+from spu_peft.studies import (  # noqa: E402
+    StudyDesign,
+    analyse,
+    curves_of,
+    learning_rate_grid,
+    markdown,
+    measure_overlap,
+    plot,
+    score_methods,
+    study_methods,
+)
 
 logger = logging.getLogger("scaling")
 
 # ---- defaults, in one place -----------------------------------------------------------------------------------------
-CAPTION_TEMPLATE = "a photo of a {}."
 SCORES = ("task_loss", "fisher", "magnitude")  # besides the paper's output_norm, at the largest width
 DENSITIES = (0.03, 0.3)  # besides the paper's 0.1, at the largest width
-# Learning-rate grids per width: four rates a factor ~3 apart, from a few points gained to many control points lost,
-# so that both matched-accuracy targets lie inside every curve. Sparse grids serve SPU, random and every score and
-# density variant. Width 256 learns faster: full fine-tuning gains 7 points at 1e-5 there, so its grid starts at 3e-6.
-LR_GRIDS: dict[int, dict[str, tuple[float, ...]]] = {
-    64: {"full": (1e-5, 3e-5, 1e-4, 3e-4), "sparse": (1e-4, 3e-4, 1e-3, 3e-3)},
-    128: {"full": (1e-5, 3e-5, 1e-4, 3e-4), "sparse": (1e-4, 3e-4, 1e-3, 3e-3)},
-    256: {"full": (3e-6, 1e-5, 3e-5, 1e-4), "sparse": (1e-4, 3e-4, 1e-3, 3e-3)},
-}
 SEQUENCE = {  # the main job's sequence, with caps that fit the study in about 2.2 core-hours (README)
     "epochs": 3,
     "max_train_per_task": 384,
@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--models", default=None, help="WIDTH=DIR,...: saved CLIP folders instead of the family.")
     parser.add_argument("--seeds", default=None, help="Sequence seeds: class order, data order, buffer (0,1,2).")
-    parser.add_argument("--full-lrs", default=None, help="Full fine-tuning's rates at every width (default: LR_GRIDS).")
+    parser.add_argument("--full-lrs", default=None, help="Full fine-tuning's rates at every width (LR_GRIDS).")
     parser.add_argument("--sparse-lrs", default=None, help="SPU's and random's rates at every width (LR_GRIDS).")
     parser.add_argument("--scores", default=None, help=f"Other scores at the largest width ({','.join(SCORES)}).")
     parser.add_argument("--densities", default=None, help="Other densities at the largest width (0.03,0.3).")
@@ -134,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--numerics",
         default="native",
-        choices=("reproducible", "native"),
+        choices=NUMERICS_MODES,
         help="native (default, faster: the pins cost 1.7x on the main job) or reproducible (every x86-64 CPU alike).",
     )
     parser.add_argument("--workers", type=int, default=None, help="Forked one-thread processes (default: cores).")
@@ -173,7 +173,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--densities must be in (0, 1] and other than the paper's 0.1, got {args.densities}")
     args.grids = {}
     for width in args.widths:
-        grid = dict(LR_GRIDS.get(width, LR_GRIDS[min(LR_GRIDS, key=lambda w: abs(w - width))]))
+        grid = learning_rate_grid(width)
         if args.full_lrs:
             grid["full"] = _floats(args.full_lrs)
         if args.sparse_lrs:

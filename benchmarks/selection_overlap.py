@@ -9,7 +9,8 @@ also hold, next to what a random support of the same size shares with the contro
     python benchmarks/selection_overlap.py --json results/selection_overlap.json
     python benchmarks/selection_overlap.py --width 256 --density 0.03   # another member of the family, budget
 
-The helpers live in `spu_peft.continual.overlap`; `benchmarks/scaling.py` measures the same overlaps per width and seed.
+The measurement is `spu_peft.studies.overlap.selection_overlaps`; `benchmarks/scaling.py` takes the same one per width
+and seed on the first two tasks of each sequence.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import CLIPModel, CLIPProcessor  # noqa: E402
 
-from spu_peft.continual import tokenize_prompts  # noqa: E402
-from spu_peft.continual.overlap import shared, supports, tower_layers  # noqa: E402
+from spu_peft.continual import CAPTION_TEMPLATE, tokenize_prompts  # noqa: E402
 from spu_peft.embedded import (  # noqa: E402
     ANIMAL_CLASSES,
     EMBEDDED_FAMILY,
@@ -36,8 +36,7 @@ from spu_peft.embedded import (  # noqa: E402
     load_pretraining_data,
     pixel_values_from_images,
 )
-
-CAPTION_TEMPLATE = "a photo of a {}."
+from spu_peft.studies import selection_overlaps  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_model(args: argparse.Namespace) -> tuple[CLIPModel, CLIPProcessor]:
-    """A fresh copy of the model (each selection gets its own adapter) and its processor."""
+    """The model (each selection gets its own copy) and its processor."""
     if args.model is None:
         return load_embedded_clip(seed=args.seed, pretrain_kwargs=EMBEDDED_FAMILY[args.width])
     return CLIPModel.from_pretrained(args.model).eval(), load_embedded_processor(args.model)
@@ -81,25 +80,17 @@ def scoring_batches(dataset, class_names: list[str], label_names: list[str], arg
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    tokenizer = load_model(args)[1].tokenizer
+    model, processor = load_model(args)
     animals = load_animal_shapes(seed=args.seed)["train"]
     control = load_pretraining_data(seed=args.seed)["control"]
-    task_a = scoring_batches(animals, args.task_a.split(","), list(ANIMAL_CLASSES), args, tokenizer)
-    task_b = scoring_batches(animals, args.task_b.split(","), list(ANIMAL_CLASSES), args, tokenizer)
-    on_control = scoring_batches(control, list(PRETRAINING_CLASSES), list(PRETRAINING_CLASSES), args, tokenizer)
-    a, b, c = (
-        supports(load_model(args)[0], batches, args.seed, args.density) for batches in (task_a, task_b, on_control)
+    batches = [
+        scoring_batches(animals, args.task_a.split(","), list(ANIMAL_CLASSES), args, processor.tokenizer),
+        scoring_batches(control, list(PRETRAINING_CLASSES), list(PRETRAINING_CLASSES), args, processor.tokenizer),
+        scoring_batches(animals, args.task_b.split(","), list(ANIMAL_CLASSES), args, processor.tokenizer),
+    ]
+    overlaps = selection_overlaps(
+        model, *batches, seed=args.seed, random_seed=args.seed, density=args.density, per_layer=True
     )
-    random = supports(load_model(args)[0], None, args.seed, args.density)
-    groups = {name: [name] for name in a} | {tower: names for tower, names in tower_layers(a).items() if names}
-    overlaps = {
-        name: {
-            "task_a_and_control": shared(a, c, layers),
-            "task_a_and_task_b": shared(a, b, layers),
-            "random_and_control": shared(random, c, layers),
-        }
-        for name, layers in groups.items()
-    }
     print("| fc1 (or tower) | task A & control | task A & task B | random & control |\n|---|---:|---:|---:|")
     for name, o in overlaps.items():
         print(

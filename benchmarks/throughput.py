@@ -46,7 +46,6 @@ from spu_peft.benchmarking import (  # noqa: E402
     VALUE_GRADS,
     ThroughputSettings,
     Workload,
-    evaluate_targets,
     keep_freed_memory,
     lora_ranks,
     markdown,
@@ -55,6 +54,7 @@ from spu_peft.benchmarking import (  # noqa: E402
     release_freed_memory,
     shira_rank,
     target_shapes,
+    throughput_targets,
 )
 
 logger = get_logger(__name__)
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             figures.update(results[f"select-{kind}"])
             meta["score_batches"] = figures["score_batches"]
         model_results["meta"] = meta
-        model_results["targets"] = evaluate_targets(model_results)
+        model_results["targets"] = throughput_targets(model_results)
         all_results[model_name] = model_results
 
     # 5. report: the markdown tables (printed: they are the result) and the JSON

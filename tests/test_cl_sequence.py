@@ -19,8 +19,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import cl_sequence  # noqa: E402
 
-from spu_peft.continual import DEFAULT_METHODS, evaluate_targets, get_method  # noqa: E402
+from spu_peft.continual import DEFAULT_METHODS, get_method  # noqa: E402
 from spu_peft.continual import sequence as engine  # noqa: E402
+from spu_peft.continual.reporting import evaluate_targets  # noqa: E402
 
 
 def quick_args(model: str, output_dir: Path, *extra: str) -> list[str]:

@@ -11,13 +11,11 @@ import pytest
 from spu_peft.continual import (
     ContinualLearningMetric,
     TaskBalancedReplayBuffer,
-    average_accuracy,
-    average_forgetting,
-    backward_transfer,
     class_incremental_split,
     continual_metrics,
     task_indices,
 )
+from spu_peft.continual.metrics import average_accuracy, average_forgetting, backward_transfer
 
 # acc[t][j]: accuracy on task j after training task t
 ACC = [
@@ -135,7 +133,7 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 numerics")
 def test_numerics_are_pinned_before_the_first_tensor_operation_or_refused():
     pinned = _python(  # after importing everything: importing computes no tensor (that would fix ATen's choice)
-        "import json, torch, datasets, transformers, peft, accelerate, spu_peft, spu_peft.embedded\n"
+        "import json, torch, datasets, transformers, peft, accelerate, spu_peft, spu_peft.embedded, spu_peft.studies\n"
         "from spu_peft.continual import pin_cpu_numerics\n"
         "print(json.dumps(pin_cpu_numerics()))"
     )
@@ -152,7 +150,7 @@ def test_numerics_are_pinned_before_the_first_tensor_operation_or_refused():
 def test_lora_rank_matching_spu_holds_as_many_entries_as_spu_selects():
     from conftest import make_tiny_clip
 
-    from spu_peft.continual import lora_rank_matching_spu, rank_matching_spu
+    from spu_peft.continual.methods import lora_rank_matching_spu, rank_matching_spu
 
     assert rank_matching_spu([(3072, 768)] * 2, 0.1) == 61  # 2 x 235,930 values over 2 x 3,840 per rank
     assert rank_matching_spu([(2816, 1024)], 0.1) == 75

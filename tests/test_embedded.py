@@ -14,21 +14,16 @@ from datasets import ClassLabel, Image
 from PIL import Image as PILImage
 from transformers import AutoProcessor, AutoTokenizer, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
+from spu_peft.continual import class_text_features, tokenize_prompts, zero_shot_accuracy, zero_shot_predictions
 from spu_peft.embedded import (
     ANIMAL_CLASSES,
-    ANIMAL_PRETRAINING_PER_CLASS,
     CAPTION_TEMPLATES,
     PRETRAINING_CLASSES,
-    build_image_processor,
     build_processor,
     build_tokenizer,
-    captions_for,
-    class_text_embeddings,
-    domain_of,
-    embedded_clip_config,
     embedded_clip_path,
     embedded_model_path,
-    english_words,
+    labelled_batches,
     load_animal_shapes,
     load_embedded_clip,
     load_pretraining_data,
@@ -38,13 +33,20 @@ from spu_peft.embedded import (
     read_pretraining_metrics,
     recipe_hash,
     shipped_model_path,
-    zero_shot_accuracy,
-    zero_shot_predictions,
 )
-from spu_peft.embedded import model as embedded_model
+from spu_peft.embedded import cache as embedded_cache
+from spu_peft.embedded.data import ANIMAL_PRETRAINING_PER_CLASS, captions_for, domain_of
+from spu_peft.embedded.images import build_image_processor
+from spu_peft.embedded.pretraining import embedded_clip_config
+from spu_peft.embedded.tokenizer import english_words
 
 SMALL = {"rendered_per_class": 12, "control_per_class": 4}
 TINY_RUN = {"max_steps": 2, "limit": 96, "batch_size": 32}
+
+
+def class_features(model, tokenizer, names, templates):
+    """The engine's class text features of `names` (the zero-shot classifier's rows)."""
+    return class_text_features(model, tokenize_prompts(tokenizer, names, templates), len(names))
 
 
 def tiny_recipe(small_data, seed=0):
@@ -244,7 +246,7 @@ def test_the_default_model_is_shipped_and_loads_without_pretraining(monkeypatch,
     def must_not_train(*args, **kwargs):
         raise AssertionError("the shipped model should have been used")
 
-    monkeypatch.setattr(embedded_model, "pretrain_embedded_clip", must_not_train)
+    monkeypatch.setattr(embedded_cache, "pretrain_embedded_clip", must_not_train)
     monkeypatch.setenv("SPU_PEFT_CACHE", str(tmp_path))
     shipped = shipped_model_path()
     assert embedded_model_path() == shipped
@@ -271,6 +273,10 @@ def test_tiny_pretraining_saves_a_loadable_clip(cached_root, small_data):
     assert 0.0 <= metrics["animal_zero_shot_accuracy"] <= 1.0
     processor = AutoProcessor.from_pretrained(path)
     model = CLIPModel.from_pretrained(path)
+    control = small_data["control"].select(range(TINY_RUN["limit"]))  # what the metrics evaluated
+    features = class_features(model, processor.tokenizer, PRETRAINING_CLASSES, CAPTION_TEMPLATES)
+    percent = zero_shot_accuracy(model, labelled_batches(control), features)  # the engine's, in percent
+    assert metrics["control_accuracy"] == pytest.approx(percent / 100, abs=1e-12)
     batch = small_data["control"][:4]
     captions = captions_for(PRETRAINING_CLASSES[:3], "a {}.")
     inputs = processor(text=captions, images=batch["image"], padding=True, truncation=True, return_tensors="pt")
@@ -283,7 +289,7 @@ def test_load_embedded_clip_reuses_cache(cached_root, small_data, monkeypatch):
     def must_not_train(*args, **kwargs):
         raise AssertionError("the cached model should have been reused")
 
-    monkeypatch.setattr(embedded_model, "pretrain_embedded_clip", must_not_train)
+    monkeypatch.setattr(embedded_cache, "pretrain_embedded_clip", must_not_train)
     weights = embedded_clip_path(cached_root, seed=0, recipe=tiny_recipe(small_data)) / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
     model, processor = load_embedded_clip(
@@ -292,15 +298,16 @@ def test_load_embedded_clip_reuses_cache(cached_root, small_data, monkeypatch):
     assert weights.stat().st_mtime_ns == mtime
     assert not model.training
     control = small_data["control"].select(range(32))
-    acc = zero_shot_accuracy(model, processor, control, PRETRAINING_CLASSES, CAPTION_TEMPLATES[:2])
-    assert acc == zero_shot_accuracy(model, processor.tokenizer, control, PRETRAINING_CLASSES, CAPTION_TEMPLATES[:2])
-    assert 0.0 <= acc <= 1.0
+    features = class_features(model, processor.tokenizer, PRETRAINING_CLASSES, CAPTION_TEMPLATES[:2])
+    acc = zero_shot_accuracy(model, labelled_batches(control, processor), features)
+    assert acc == zero_shot_accuracy(model, labelled_batches(control), features)  # the fast path, same pixels
+    assert 0.0 <= acc <= 100.0
 
 
-def test_class_text_embeddings_truncate_long_class_names(cached_root, small_data):
+def test_class_text_features_truncate_long_class_names(cached_root, small_data):
     model, processor = load_embedded_clip()
     names = ["cat", " ".join(["a very long animal name"] * 20)]
-    text = class_text_embeddings(model, processor, names, CAPTION_TEMPLATES[:2])
+    text = class_features(model, processor.tokenizer, names, CAPTION_TEMPLATES[:2])
     assert text.shape == (2, model.config.projection_dim)
     torch.testing.assert_close(text.norm(dim=-1), torch.ones(2))
 
@@ -313,8 +320,8 @@ def test_zero_shot_uses_a_foreign_image_processor(cached_root, small_data):
     )
     foreign = CLIPProcessor(image_processor=other, tokenizer=processor.tokenizer)
     control = small_data["control"].select(range(16))
-    preds, labels = zero_shot_predictions(model, foreign, control, PRETRAINING_CLASSES, CAPTION_TEMPLATES[:1])
-    text = class_text_embeddings(model, processor, PRETRAINING_CLASSES, CAPTION_TEMPLATES[:1])
+    text = class_features(model, processor.tokenizer, PRETRAINING_CLASSES, CAPTION_TEMPLATES[:1])
+    preds, labels = zero_shot_predictions(model, labelled_batches(control, foreign), text)
     with torch.no_grad():
         pixels = other(images=list(control["image"]), return_tensors="pt")["pixel_values"]
         features = torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
@@ -334,7 +341,7 @@ def test_interrupted_pretraining_leaves_no_cache(tmp_path, monkeypatch):
         (Path(output_dir) / "config.json").write_text("{}")  # half written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(embedded_model, "pretrain_embedded_clip", killed)
+    monkeypatch.setattr(embedded_cache, "pretrain_embedded_clip", killed)
     with pytest.raises(KeyboardInterrupt):
         load_embedded_clip(cache_dir=tmp_path, seed=1)
     assert list(tmp_path.iterdir()) == []

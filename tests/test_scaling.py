@@ -11,17 +11,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import scaling  # noqa: E402
 
-from spu_peft.continual import tradeoff  # noqa: E402
 from spu_peft.embedded import (  # noqa: E402
-    EMBEDDED_CLIP_CONFIG,
     EMBEDDED_FAMILY,
-    embedded_architecture,
     pretrain_embedded_clip,
     pretraining_recipe,
+    read_pretraining_metrics,
     recipe_hash,
     shipped_model_path,
 )
-from spu_peft.embedded.model import read_pretraining_metrics  # noqa: E402
+from spu_peft.embedded.pretraining import EMBEDDED_CLIP_CONFIG, embedded_architecture  # noqa: E402
+from spu_peft.studies import tradeoff  # noqa: E402
 
 
 def test_width_64_is_the_shipped_recipe_and_other_widths_scale_the_blocks():
@@ -93,7 +92,7 @@ def test_quick_study_measures_every_part_and_writes_its_outputs(tiny_model, narr
         for seed in (0, 1):
             cell = study["sequences"][width][seed]
             for tower in ("vision_model", "text_model"):
-                assert 0.0 <= cell["overlap"][tower]["paper_and_control"] <= 1.0
+                assert 0.0 <= cell["overlap"][tower]["task_a_and_control"] <= 1.0
             expected = {"spu_replay", "random_replay", "finetune_replay"}
             if width == 64:  # the variants run at the largest width only
                 expected |= {"spu_task_loss_replay", "spu_replay@0.3", "random_replay@0.3"}

@@ -12,10 +12,8 @@ from spu_peft.continual import (
     ContinualMethod,
     FingerprintMismatchError,
     SequenceSettings,
-    clip_loss,
     prepare_sequence_data,
     protocol_settings,
-    reference_cosine_factor,
     register_method,
     registered_methods,
     run_sequence,
@@ -23,6 +21,7 @@ from spu_peft.continual import (
 from spu_peft.continual import checkpoint as checkpoints
 from spu_peft.continual import methods as registry
 from spu_peft.continual import sequence as engine
+from spu_peft.continual.training import clip_loss, reference_cosine_factor
 from spu_peft.embedded import load_animal_shapes, load_embedded_processor, load_pretraining_data
 
 SETTINGS = SequenceSettings(

@@ -16,7 +16,7 @@ from .peers import (
     train_step,
 )
 from .throughput import METRICS, SCORE_SUMS, VALUE_GRADS, ThroughputSettings, Workload, measure_memory, measure_time
-from .throughput_report import TARGETS, evaluate_targets, markdown
+from .throughput_report import TARGETS, markdown, throughput_targets
 from .timing import timed_rounds
 
 __all__ = [
@@ -29,7 +29,7 @@ __all__ = [
     "ThroughputSettings",
     "Workload",
     "adapter_bytes",
-    "evaluate_targets",
+    "throughput_targets",
     "keep_freed_memory",
     "lora_ranks",
     "make_optimizer",

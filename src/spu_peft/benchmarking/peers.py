@@ -46,7 +46,7 @@ def lora_ranks(shapes: dict[str, tuple[int, int]], density: float) -> dict[str, 
 
 def shira_rank(shapes: dict[str, tuple[int, int]], density: float) -> int:
     """SHiRA takes one r for all layers (r * (m + n) entries each): match SPU's total number of entries."""
-    from ..continual import rank_matching_spu
+    from ..continual.methods import rank_matching_spu
 
     return rank_matching_spu(shapes.values(), density)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..continual.reporting import judged
 from .peers import METHODS
 from .throughput import METRICS
 
-# Each target: (key, statement, threshold); `evaluate_targets` computes the measured ratio.
+# Each target: (key, statement, threshold); `throughput_targets` computes the measured ratio.
 TARGETS = (
     ("spu_step_vs_lora", "SPU step time <= 1.15x LoRA", 1.15),
     ("spu_step_vs_full", "SPU step time <= 0.85x full fine-tuning", 0.85),
@@ -29,7 +30,10 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def evaluate_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def throughput_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each target of `TARGETS`, :func:`spu_peft.continual.reporting.judged` by its margin `threshold - ratio` (the
+    ratio and the margin recorded to 4 decimals)."""
+
     def get(name: str, key: str) -> float | None:
         return (results.get(name) or results.get("selection", {}).get(name) or {}).get(key)
 
@@ -50,12 +54,15 @@ def evaluate_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         # a CPU run keeps score_device="cpu" sums in the memory it measures, as fp32: nothing to compare
         "select_cpu_peak": ratio(get("cpu", "peak_mem_bytes"), peak) if meta["device"] != "cpu" else None,
     }
-    return {
-        key: {"target": text, "threshold": threshold, "ratio": None if value is None else round(value, 4),
-              "margin": None if value is None else round(threshold - value, 4),
-              "pass": None if value is None else bool(value <= threshold)}
-        for (key, text, threshold), value in zip(TARGETS, (measured[key] for key, _, _ in TARGETS))
-    }  # fmt: skip
+    verdicts = {}
+    for key, text, threshold in TARGETS:
+        value = measured[key]
+        if value is None:
+            verdicts[key] = judged(text, None, threshold=threshold, ratio=None)
+            continue
+        verdicts[key] = judged(text, threshold - value, threshold=threshold, ratio=round(value, 4))
+        verdicts[key]["margin"] = round(threshold - value, 4)  # the verdict above read the exact margin
+    return verdicts
 
 
 def fmt(value: float | None, unit: str = "") -> str:

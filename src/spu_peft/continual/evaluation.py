@@ -8,13 +8,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..distributed import unwrap_replicated
 from .tasks import class_lookup
 
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+CAPTION_TEMPLATE = "a photo of a {}."
+"""CLIP's usual prompt: the training caption of the sequence and the scripts' default."""
+DEFAULT_TEMPLATES = (CAPTION_TEMPLATE,)
 
 
 def _pooled(output: Any) -> torch.Tensor:
@@ -33,7 +32,7 @@ def class_text_features(
     model: torch.nn.Module, prompt_inputs: dict[str, torch.Tensor], num_classes: int
 ) -> torch.Tensor:
     """One unit-norm text feature per class: the renormalised mean of its prompts' unit-norm features."""
-    model = _unwrap(model)
+    model = unwrap_replicated(model)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in prompt_inputs.items()}
     features = F.normalize(_pooled(model.get_text_features(**inputs)).float(), dim=-1)  # [T * C, D]
@@ -59,7 +58,7 @@ def zero_shot_predictions(
     """
     was_training = model.training
     model.eval()
-    unwrapped = _unwrap(model)
+    unwrapped = unwrap_replicated(model)
     device = class_features.device
     parameter = next(unwrapped.parameters())
     lookup = None if class_ids is None else class_lookup(class_ids, device)

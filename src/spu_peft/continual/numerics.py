@@ -26,6 +26,7 @@ REPRODUCIBLE_ENV: dict[str, str] = {
     "ATEN_CPU_CAPABILITY": "avx2",
 }
 NUMERICS_MODES = ("reproducible", "native")
+"""The values of `SequenceSettings.numerics` and of every script's `--numerics`: pinned or the libraries' own."""
 
 
 def _is_x86() -> bool:
@@ -36,10 +37,11 @@ def pin_cpu_numerics() -> dict[str, Any]:
     """Pin the math libraries' processor-dependent choices; returns :func:`numerics_report`.
 
     It must act before the first tensor operation of the process: MKL reads ``MKL_CBWR`` at its first call and
-    ATen reads ``ATEN_CPU_CAPABILITY`` at its first dispatch, so a later call cannot take effect (importing torch,
-    transformers, peft or accelerate computes nothing; importing spu_peft computes one small tensor today, so set
-    the two variables of ``REPRODUCIBLE_ENV`` in ``os.environ`` before importing it, as the main job and
-    notebooks/sequence.ipynb do, and call this to check and finish the pinning). Forked processes inherit it.
+    ATen reads ``ATEN_CPU_CAPABILITY`` at its first dispatch, so a later call cannot take effect. Importing torch,
+    transformers, peft, accelerate or any ``spu_peft`` module computes nothing (a test checks it), so calling this
+    first thing after the imports works; setting the two variables of ``REPRODUCIBLE_ENV`` in ``os.environ`` before
+    any import, as the main job and notebooks/sequence.ipynb do, also covers code that computes at import. Forked
+    processes inherit it.
     It also turns off oneDNN and NNPACK, whose convolution blockings depend on the cache sizes, so convolutions
     run ATen's im2col with an MKL GEMM.
 

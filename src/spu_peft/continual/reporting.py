@@ -51,9 +51,16 @@ def markdown_table(methods: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def judged(statement: str, margin: float | None, **details: Any) -> dict[str, Any]:
+    """One target's verdict: its statement, its margin (positive on the target's good side; None when it could not
+    be measured), any `details`, and `pass`. Every target of the project, here and in `spu_peft.benchmarking`'s
+    throughput report, is judged by this one rule."""
+    return {"target": statement, "margin": margin, **details, "pass": None if margin is None else margin >= 0}
+
+
 def evaluate_targets(methods: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The project's targets for `spu_replay` (issue #3), each with its margin in points; targets whose methods did
-    not run are left out. A positive margin is on the target's good side."""
+    """The project's targets for `spu_replay`, each :func:`judged` by its margin in points; targets whose methods did
+    not run are left out."""
     spu = methods.get("spu_replay")
     if spu is None:
         return []
@@ -61,29 +68,24 @@ def evaluate_targets(methods: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
     for peer in ("finetune_replay", "lora_replay"):
         if peer in methods and spu["control_drop"] is not None:
             margin = methods[peer]["control_drop"] - spu["control_drop"] - 5
-            targets.append({"target": f"control drop >= 5 points below {peer}", "margin": margin})
+            targets.append(judged(f"control drop >= 5 points below {peer}", margin))
         if peer in methods:
-            margin = methods[peer]["forgetting"] - spu["forgetting"]
-            targets.append({"target": f"forgetting <= {peer}", "margin": margin})
+            targets.append(judged(f"forgetting <= {peer}", methods[peer]["forgetting"] - spu["forgetting"]))
     peers = {m: methods[m]["avg_acc"] for m in ("lora_replay", "random_replay") if m in methods}
     if peers:
         margin = spu["avg_acc"] - max(peers.values()) + 3
-        targets.append(
-            {"target": "accuracy within 3 points of the best of lora_replay, random_replay", "margin": margin}
-        )
+        targets.append(judged("accuracy within 3 points of the best of lora_replay, random_replay", margin))
     full = methods.get("finetune_replay", {}).get("sweep") or []
     pairs = [(p, q) for p in spu.get("sweep") or [] for q in full if abs(p["avg_acc"] - q["avg_acc"]) <= 2]
     if spu.get("sweep") and full and spu["control_drop"] is not None:
         best = max((q["control_drop"] - p["control_drop"] for p, q in pairs), default=None)
         targets.append(
-            {
-                "target": "sweep: at matched accuracy (within 2 points) control drop >= 8 points below finetune_replay",
-                "margin": None if best is None else best - 8,
-                "matched_pairs": [[p["lr"], q["lr"]] for p, q in pairs],
-            }
+            judged(
+                "sweep: at matched accuracy (within 2 points) control drop >= 8 points below finetune_replay",
+                None if best is None else best - 8,
+                matched_pairs=[[p["lr"], q["lr"]] for p, q in pairs],
+            )
         )
-    for target in targets:
-        target["pass"] = None if target["margin"] is None else target["margin"] >= 0
     return targets
 
 

@@ -4,78 +4,48 @@
 project on digits, rendered letters, rendered shapes and a few animal silhouettes (shipped with the package for
 seed 0; other seeds and recipes are pretrained on first use and cached), and
 ``load_animal_shapes()`` the new domain for the continual-learning benchmark. Everything runs offline.
+
+One module per job: ``data`` (the datasets, class names, caption templates) and ``drawing`` (its rendered letters and
+shapes), ``tokenizer``, ``images`` (the image processor, fast pixels, labelled batches), ``pretraining`` (architecture,
+recipe, training loop) and ``cache`` (the shipped model and the cache of the others).
 """
 
+from .cache import (
+    embedded_clip_path,
+    embedded_model_path,
+    load_embedded_clip,
+    load_embedded_processor,
+    read_pretraining_metrics,
+    shipped_model_path,
+)
 from .data import (
     ANIMAL_CLASSES,
-    ANIMAL_PRETRAINING_PER_CLASS,
     CAPTION_TEMPLATES,
-    DIGIT_CLASSES,
     HELD_OUT_TEMPLATES,
-    LETTER_CLASSES,
     PRETRAINING_CLASSES,
     PRETRAINING_DOMAINS,
-    SHAPE_CLASSES,
-    captions_for,
-    domain_of,
+    class_names_of,
     load_animal_shapes,
     load_pretraining_data,
 )
-from .model import (
-    CACHE_ENV,
-    EMBEDDED_CLIP_CONFIG,
-    EMBEDDED_CLIP_NAME,
-    EMBEDDED_FAMILY,
-    PRETRAINING_DEFAULTS,
-    build_image_processor,
-    build_processor,
-    build_tokenizer,
-    class_names_of,
-    class_text_embeddings,
-    embedded_architecture,
-    embedded_clip_config,
-    embedded_clip_path,
-    embedded_model_path,
-    english_words,
-    load_embedded_clip,
-    load_embedded_processor,
-    pixel_values_from_images,
-    pretrain_embedded_clip,
-    pretraining_recipe,
-    read_pretraining_metrics,
-    recipe_hash,
-    shipped_model_path,
-    zero_shot_accuracy,
-    zero_shot_predictions,
-)
+from .images import build_processor, labelled_batches, pixel_values_from_images
+from .pretraining import EMBEDDED_FAMILY, PRETRAINING_DEFAULTS, pretrain_embedded_clip, pretraining_recipe, recipe_hash
+from .tokenizer import build_tokenizer
 
 __all__ = [
     "ANIMAL_CLASSES",
-    "ANIMAL_PRETRAINING_PER_CLASS",
-    "CACHE_ENV",
     "CAPTION_TEMPLATES",
-    "DIGIT_CLASSES",
-    "EMBEDDED_CLIP_CONFIG",
-    "EMBEDDED_CLIP_NAME",
     "EMBEDDED_FAMILY",
-    "PRETRAINING_DEFAULTS",
     "HELD_OUT_TEMPLATES",
-    "LETTER_CLASSES",
     "PRETRAINING_CLASSES",
+    "PRETRAINING_DEFAULTS",
     "PRETRAINING_DOMAINS",
-    "SHAPE_CLASSES",
-    "build_image_processor",
     "build_processor",
     "build_tokenizer",
-    "captions_for",
     "class_names_of",
-    "class_text_embeddings",
-    "domain_of",
-    "embedded_architecture",
-    "embedded_clip_config",
     "embedded_clip_path",
     "embedded_model_path",
-    "english_words",
+    "labelled_batches",
     "load_animal_shapes",
     "load_embedded_clip",
     "load_embedded_processor",
@@ -86,6 +56,4 @@ __all__ = [
     "read_pretraining_metrics",
     "recipe_hash",
     "shipped_model_path",
-    "zero_shot_accuracy",
-    "zero_shot_predictions",
 ]

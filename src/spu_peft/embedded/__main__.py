@@ -13,20 +13,21 @@ import logging
 import os
 import sys
 
+import torch
+
+from ..continual.numerics import NUMERICS_MODES, REPRODUCIBLE_ENV, pin_cpu_numerics
+from .pretraining import DEFAULT_WIDTH, EMBEDDED_FAMILY, pretrain_embedded_clip
+
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", required=True, help="Folder to write the model to.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the corpus, the initialisation and the order.")
-    parser.add_argument("--width", type=int, default=64, help="Member of the family: 64 (default), 128 or 256.")
-    parser.add_argument("--numerics", choices=("reproducible", "native"), default="reproducible", help="CPU numerics.")
+    parser.add_argument(
+        "--width", type=int, default=DEFAULT_WIDTH, help=f"Member of the family {sorted(EMBEDDED_FAMILY)}."
+    )
+    parser.add_argument("--numerics", choices=NUMERICS_MODES, default="reproducible", help="CPU numerics.")
     args = parser.parse_args(argv)
-
-    import torch
-
-    from ..continual.numerics import REPRODUCIBLE_ENV, pin_cpu_numerics
-    from .model import EMBEDDED_FAMILY, pretrain_embedded_clip
-
     if args.width not in EMBEDDED_FAMILY:
         parser.error(f"--width must be one of {sorted(EMBEDDED_FAMILY)}, got {args.width}")
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
         except RuntimeError:
             if preset:
                 raise
-            # Importing the package computed a tensor before the pins could apply: start again with them set.
+            # Something computed a tensor before the pins could apply (ATen chose): start again with them set.
             command = [sys.executable, "-m", "spu_peft.embedded", *(argv if argv is not None else sys.argv[1:])]
             os.execve(sys.executable, command, {**os.environ, **REPRODUCIBLE_ENV})
     torch.set_num_threads(1)  # tiny matrices: threads only wait on each other, and one thread is reproducible

@@ -10,12 +10,21 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from .methods import get_method
+from ..continual.methods import get_method
 from .tradeoff import advantage, per_doubling, spread
 
 COMPARED = ("spu_replay", "random_replay", "finetune_replay")
 PEERS = ("random_replay", "finetune_replay")  # SPU minus each
 MAIN_VARIANT = "output_norm @ 0.1"  # the paper's score and density: every width and seed
+# Learning-rate grids per width: four rates a factor ~3 apart, from a few points gained to many control points lost,
+# so that both matched-accuracy targets lie inside every curve. Sparse grids serve SPU, random and every score and
+# density variant. Width 256 learns faster: full fine-tuning gains 7 points at 1e-5 there, so its grid starts at 3e-6.
+# (The engine's own grids, `ContinualMethod.sweep_lrs`, serve the main job's `--lr-sweep`; the study replaces them.)
+LR_GRIDS: dict[int, dict[str, tuple[float, ...]]] = {
+    64: {"full": (1e-5, 3e-5, 1e-4, 3e-4), "sparse": (1e-4, 3e-4, 1e-3, 3e-3)},
+    128: {"full": (1e-5, 3e-5, 1e-4, 3e-4), "sparse": (1e-4, 3e-4, 1e-3, 3e-3)},
+    256: {"full": (3e-6, 1e-5, 3e-5, 1e-4), "sparse": (1e-4, 3e-4, 1e-3, 3e-3)},
+}
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,11 @@ class StudyDesign:
 
 def _fixed_score(score: str, settings) -> str:
     return score
+
+
+def learning_rate_grid(width: int) -> dict[str, tuple[float, ...]]:
+    """The `full` and `sparse` grids of `width`, or of the nearest width that has grids."""
+    return dict(LR_GRIDS[min(LR_GRIDS, key=lambda w: abs(w - width))])
 
 
 def study_methods(grid: dict[str, tuple[float, ...]], names: tuple[str, ...] = ("zeroshot", *COMPARED)) -> list:

@@ -2,7 +2,7 @@
 
 A learning-rate sweep gives each method a curve of (final accuracy, control drop) points. Comparing two methods at
 one rate mixes how much they learn with how much they forget; comparing their curves at the same accuracy does not.
-`spu_peft.continual.scaling` analyses the scaling study with them; they take `run_sequence(..., lr_sweep=True)`'s
+`spu_peft.studies.scaling` analyses the scaling study with them; they take `run_sequence(..., lr_sweep=True)`'s
 results.
 """
 

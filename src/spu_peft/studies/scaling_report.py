@@ -56,9 +56,9 @@ def markdown(study: dict[str, Any], analysis: dict[str, Any], design: StudyDesig
 
     for w in sorted(family):
         lines.append(
-            f"| {w} | {ov(w, 'vision_model', 'paper_and_control')} | {ov(w, 'vision_model', 'random_and_control')} | "
-            f"{ov(w, 'text_model', 'paper_and_control')} | {ov(w, 'text_model', 'random_and_control')} | "
-            f"{ov(w, 'vision_model', 'task0_and_task1')} / {ov(w, 'text_model', 'task0_and_task1')} |"
+            f"| {w} | {ov(w, 'vision_model', 'task_a_and_control')} | {ov(w, 'vision_model', 'random_and_control')} | "
+            f"{ov(w, 'text_model', 'task_a_and_control')} | {ov(w, 'text_model', 'random_and_control')} | "
+            f"{ov(w, 'vision_model', 'task_a_and_task_b')} / {ov(w, 'text_model', 'task_a_and_task_b')} |"
         )
     gain = design.target_gain
     lines += [

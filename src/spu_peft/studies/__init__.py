@@ -1,0 +1,30 @@
+"""Studies built on the sequence engine: the scaling study of SPU's selection (which methods and variants it compares,
+the trade-off curves and SPU's advantage at matched accuracy, its tables and plots) and the overlap of supports.
+
+This package imports `spu_peft.continual`, never the reverse. `benchmarks/scaling.py` and
+`benchmarks/selection_overlap.py` are its command lines."""
+
+from .overlap import measure_overlap, selection_overlaps, shared, supports
+from .scaling import LR_GRIDS, StudyDesign, analyse, learning_rate_grid, score_methods, study_methods
+from .scaling_report import markdown, plot
+from .tradeoff import advantage, curves_of, drop_at, per_doubling, spread
+
+__all__ = [
+    "LR_GRIDS",
+    "StudyDesign",
+    "advantage",
+    "analyse",
+    "curves_of",
+    "drop_at",
+    "learning_rate_grid",
+    "markdown",
+    "measure_overlap",
+    "per_doubling",
+    "plot",
+    "score_methods",
+    "selection_overlaps",
+    "shared",
+    "spread",
+    "study_methods",
+    "supports",
+]

@@ -1,0 +1,120 @@
+"""Each package's public names, listed exactly: a name joins or leaves `__all__` by a decision, made here too."""
+
+import importlib
+
+import pytest
+
+PUBLIC = {
+    "spu_peft": [
+        "Linear",
+        "MODEL_TAGS",
+        "SCORES",
+        "SPUConfig",
+        "SPULayer",
+        "SPUModel",
+        "SPUPeftType",
+        "SPUSelectionCallback",
+        "SelectionReport",
+        "__version__",
+        "dense_deltas",
+        "fold_adapters",
+        "model_card_section",
+        "save_adapter",
+        "scalar_parameters",
+        "select_parameters",
+        "subtract_adapter",
+        "update_model_card",
+    ],
+    "spu_peft.continual": [
+        "CAPTION_TEMPLATE",
+        "ContinualLearningMetric",
+        "ContinualMethod",
+        "DEFAULT_METHODS",
+        "FingerprintMismatchError",
+        "NUMERICS_MODES",
+        "PROTOCOLS",
+        "SequenceSettings",
+        "TARGET_LAYERS",
+        "TaskBalancedReplayBuffer",
+        "class_incremental_split",
+        "class_text_features",
+        "continual_metrics",
+        "get_method",
+        "numerics_report",
+        "pin_cpu_numerics",
+        "prepare_sequence_data",
+        "protocol_settings",
+        "register_method",
+        "registered_methods",
+        "run_sequence",
+        "task_indices",
+        "tokenize_prompts",
+        "train_task",
+        "training_step",
+        "write_outputs",
+        "zero_shot_accuracy",
+        "zero_shot_predictions",
+    ],
+    "spu_peft.embedded": [
+        "ANIMAL_CLASSES",
+        "CAPTION_TEMPLATES",
+        "EMBEDDED_FAMILY",
+        "HELD_OUT_TEMPLATES",
+        "PRETRAINING_CLASSES",
+        "PRETRAINING_DEFAULTS",
+        "PRETRAINING_DOMAINS",
+        "build_processor",
+        "build_tokenizer",
+        "class_names_of",
+        "embedded_clip_path",
+        "embedded_model_path",
+        "labelled_batches",
+        "load_animal_shapes",
+        "load_embedded_clip",
+        "load_embedded_processor",
+        "load_pretraining_data",
+        "pixel_values_from_images",
+        "pretrain_embedded_clip",
+        "pretraining_recipe",
+        "read_pretraining_metrics",
+        "recipe_hash",
+        "shipped_model_path",
+    ],
+    "spu_peft.studies": [
+        "LR_GRIDS",
+        "StudyDesign",
+        "advantage",
+        "analyse",
+        "curves_of",
+        "drop_at",
+        "learning_rate_grid",
+        "markdown",
+        "measure_overlap",
+        "per_doubling",
+        "plot",
+        "score_methods",
+        "selection_overlaps",
+        "shared",
+        "spread",
+        "study_methods",
+        "supports",
+    ],
+}
+
+
+@pytest.mark.parametrize("package", sorted(PUBLIC))
+def test_all_lists_exactly_the_public_names(package):
+    module = importlib.import_module(package)
+    assert sorted(module.__all__) == sorted(PUBLIC[package])
+    assert len(set(module.__all__)) == len(module.__all__)
+    missing = [name for name in module.__all__ if not hasattr(module, name)]
+    assert missing == []
+
+
+def test_the_engine_keeps_one_zero_shot_evaluation():
+    """Zero-shot accuracy exists once, in percent, in the engine; the embedded package no longer has its own."""
+    import spu_peft.continual
+    import spu_peft.embedded
+
+    assert not {"zero_shot_accuracy", "zero_shot_predictions", "class_text_embeddings"} & set(dir(spu_peft.embedded))
+    assert spu_peft.continual.zero_shot_accuracy.__module__ == "spu_peft.continual.evaluation"
