@@ -10,6 +10,7 @@ from .evaluation import (
     zero_shot_predictions,
 )
 from .fingerprint import RECIPE_VERSION, FingerprintMismatchError, model_identity, sequence_fingerprint
+from .hooks import MethodHooks, Step, TaskContext
 from .methods import (
     DEFAULT_METHODS,
     ContinualMethod,
@@ -43,8 +44,11 @@ __all__ = [
     "ContinualLearningMetric",
     "ContinualMethod",
     "FingerprintMismatchError",
+    "MethodHooks",
     "SequenceData",
     "SequenceSettings",
+    "Step",
+    "TaskContext",
     "TaskBalancedReplayBuffer",
     "average_accuracy",
     "average_forgetting",
