@@ -256,7 +256,9 @@ def run_method(
             write_checkpoint(run_dir, task, state, model if method.trains else None, hooks.state_dict())
             _reached("checkpointed", run_dir, task)
         accelerator.wait_for_everyone()
-        logger.info(f"{label} task {task}: acc {state['acc_matrix'][-1]} control {state['control_acc'][-1]}")
+        accuracies = " ".join(f"{a:.1f}" for a in state["acc_matrix"][-1])
+        control = state["control_acc"][-1]
+        logger.info(f"{label} task {task}: acc {accuracies}" + ("" if control is None else f" control {control:.1f}"))
 
     weights = run_dir / f"task{settings.num_tasks - 1}" / "weights"
     files = list(weights.glob("*.safetensors")) if weights.exists() else []
