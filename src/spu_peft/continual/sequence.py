@@ -33,6 +33,7 @@ from accelerate.logging import get_logger
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from ..memory import peak_memory, reset_peak_memory
 from .checkpoint import (
     fresh_tmp,
     latest_checkpoint,
@@ -218,6 +219,7 @@ def run_method(
     With `resume`, it continues after the newest checkpoint in `run_dir` (a finished run trains nothing).
     """
     label = method.name if lr is None else f"{method.name} (lr {lr:g})"
+    reset_peak_memory(accelerator.device)
     model = build_model(method, base, settings).to(accelerator.device)
     hooks = make_hooks(method.hooks, settings)
     state: dict[str, Any] = {"acc_matrix": [], "control_acc": [], "losses": [], "buffer": None, "selections": []}
@@ -271,6 +273,7 @@ def run_method(
         "trainable_params": trainable_parameters(model) if method.trains else 0,
         "adapter_bytes": sum(f.stat().st_size for f in files) or None,
         "wall_s": state["wall_s"],
+        "peak_mib": peak_memory(accelerator.device) / 2**20,
     }
 
 
@@ -362,6 +365,8 @@ def run_sequence(
     frozen_control = control_accuracy(model, data, settings, accelerator, processor.tokenizer)
     if frozen_control is not None:
         logger.info(f"frozen model's control accuracy: {frozen_control:.1f}%", main_process_only=True)
+    final_tasks = task_accuracies(model, settings.num_tasks - 1, data, settings, accelerator, processor.tokenizer)
+    frozen_acc = sum(final_tasks) / len(final_tasks)  # the frozen model's Acc, the baseline of every Acc.In
     config = {
         **settings.to_dict(),
         **(extra_config or {}),
@@ -373,13 +378,14 @@ def run_sequence(
         "numerics_report": numerics_report(),
         "fingerprint": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16],
         "frozen_control_acc": frozen_control,
+        "frozen_acc": frozen_acc,
     }
     results: dict[str, dict] = {}
     args = (model, processor.tokenizer, data, settings, accelerator)
     finished = _run_all(runs, args, output_dir, resume, workers)
     bar = tqdm(zip(runs, finished), total=len(runs), desc="runs", disable=not accelerator.is_local_main_process)
     for (method, lr), raw in bar:
-        result = summarise(raw, frozen_control)
+        result = summarise(raw, frozen_control, frozen_acc)
         point = {k: result[k] for k in ("lr", "avg_acc", "forgetting", "control_drop")}
         if method.name in results:
             results[method.name]["sweep"].append(point)
