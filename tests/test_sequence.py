@@ -230,7 +230,7 @@ def test_reference_cosine_warms_up_from_zero_and_decays_over_all_tasks():
 def test_clip_loss_is_the_symmetric_in_batch_loss(tiny_clip, batch):
     captions = {"input_ids": batch["input_ids"][:3], "attention_mask": torch.ones_like(batch["input_ids"][:3])}
     targets = torch.tensor([2, 0, 2, 1])  # two images of class 2: each other's negatives, as in the reference
-    loss = clip_loss(tiny_clip, batch["pixel_values"], targets, captions)
+    loss, _ = clip_loss(tiny_clip, batch["pixel_values"], targets, captions)
     out = tiny_clip(pixel_values=batch["pixel_values"], input_ids=captions["input_ids"][targets],
                     attention_mask=captions["attention_mask"][targets])  # fmt: skip
     labels = torch.arange(4)

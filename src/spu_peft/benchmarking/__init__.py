@@ -2,7 +2,7 @@
 throughput benchmark's measurements and report. `benchmarks/throughput.py` and `benchmarks/sharded_scoring.py` are
 its command lines."""
 
-from .memory import keep_freed_memory, peak_memory, release_freed_memory, reset_peak_memory
+from ..memory import keep_freed_memory, peak_memory, release_freed_memory, reset_peak_memory
 from .peers import (
     ADAPTER_METHODS,
     METHODS,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from .memory import peak_memory, reset_peak_memory
+from ..memory import peak_memory, reset_peak_memory
 from .peers import (
     ADAPTER_METHODS,
     METHODS,

@@ -12,6 +12,7 @@ from .evaluation import (
     zero_shot_predictions,
 )
 from .fingerprint import FingerprintMismatchError
+from .hooks import MethodHooks, Step, TaskContext
 from .methods import DEFAULT_METHODS, ContinualMethod, get_method, register_method, registered_methods
 from .metrics import ContinualLearningMetric, continual_metrics
 from .numerics import NUMERICS_MODES, numerics_report, pin_cpu_numerics
@@ -31,7 +32,10 @@ __all__ = [
     "ContinualLearningMetric",
     "ContinualMethod",
     "FingerprintMismatchError",
+    "MethodHooks",
     "SequenceSettings",
+    "Step",
+    "TaskContext",
     "TaskBalancedReplayBuffer",
     "class_incremental_split",
     "class_text_features",

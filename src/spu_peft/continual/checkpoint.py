@@ -59,18 +59,36 @@ def fresh_tmp(directory: Path) -> Path:
     return tmp
 
 
-def write_checkpoint(run_dir: Path, task: int, state: dict[str, Any], model: torch.nn.Module | None) -> None:
-    """Record the state after `task` (and the model's weights, if given) as `task<task>/`; drop older ones."""
+METHOD_STATE = "method_state.safetensors"
+
+
+def write_checkpoint(
+    run_dir: Path,
+    task: int,
+    state: dict[str, Any],
+    model: torch.nn.Module | None,
+    method_state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Record the state after `task` (and the model's weights and the method's tensors, if given) as `task<task>/`;
+    drop older ones."""
     final = run_dir / f"task{task}"
     tmp = fresh_tmp(final)
     tmp.mkdir(parents=True)
     if model is not None:
         save_weights(model, tmp / "weights")
+    if method_state:
+        save_file({k: v.detach().cpu().contiguous() for k, v in method_state.items()}, tmp / METHOD_STATE)
     (tmp / "state.json").write_text(json.dumps(state))
     replace_directory(tmp, final)
     for older in _task_dirs(run_dir):
         if older < task:
             shutil.rmtree(run_dir / f"task{older}", ignore_errors=True)
+
+
+def load_method_state(folder: Path) -> dict[str, torch.Tensor]:
+    """The method's tensors of a checkpoint folder (none if the method keeps no state)."""
+    path = folder / METHOD_STATE
+    return load_file(path) if path.exists() else {}
 
 
 def _task_dirs(run_dir: Path) -> list[int]:

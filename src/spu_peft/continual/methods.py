@@ -24,6 +24,7 @@ from peft import LoraConfig, get_peft_model
 
 from ..config import SPUConfig
 from ..layer import num_selected
+from .hooks import HooksFactory
 from .settings import SequenceSettings
 
 Builder = Callable[[torch.nn.Module, SequenceSettings], torch.nn.Module]
@@ -46,6 +47,8 @@ class ContinualMethod:
         trains: `False` for methods evaluated as they are (`zeroshot`).
         save_task_adapters: save the adapter after every task (`adapter_task<t>/`, with `save_pretrained`).
         description: one line for tables and `--help`.
+        hooks: `hooks(settings)` makes a run's `MethodHooks` (task hooks, an extra loss term, gradient edits and
+            the state they carry across tasks); `None` trains on the task loss alone.
     """
 
     name: str
@@ -57,6 +60,7 @@ class ContinualMethod:
     trains: bool = True
     save_task_adapters: bool = False
     description: str = ""
+    hooks: HooksFactory | None = None
 
     def __post_init__(self) -> None:
         if self.trains and (self.default_lr is None or self.default_lr <= 0):

@@ -15,6 +15,7 @@ CSV_COLUMNS = (
     "method",
     "lr",
     "avg_acc",
+    "acc_in",
     "forgetting",
     "bwt",
     "final_control_acc",
@@ -22,31 +23,38 @@ CSV_COLUMNS = (
     "trainable_params",
     "adapter_bytes",
     "wall_s",
+    "peak_mib",
 )
 
 
-def summarise(result: dict[str, Any], frozen_control: float | None) -> dict[str, Any]:
-    """A run's raw result plus `avg_acc`, `forgetting`, `bwt`, `final_control_acc` and `control_drop`."""
+def summarise(result: dict[str, Any], frozen_control: float | None, frozen_acc: float | None = None) -> dict[str, Any]:
+    """A run's raw result plus `avg_acc`, `acc_in` (its gain over the frozen model's `frozen_acc`, the paper's
+    Acc.In), `forgetting`, `bwt`, `final_control_acc` and `control_drop`."""
     controls = [c for c in result["control_acc"] if c is not None]
     metrics = continual_metrics(result["acc_matrix"], controls or None, frozen_control)
-    return {**result, **metrics, "control_drop": metrics.get("control_drop")}
+    acc_in = None if frozen_acc is None else metrics["avg_acc"] - frozen_acc
+    return {**result, **metrics, "acc_in": acc_in, "control_drop": metrics.get("control_drop")}
 
 
 def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
 def markdown_table(methods: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| method | lr | Acc | F | BWT | C | C.Drop | trainable | adapter bytes | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | lr | Acc | Acc.In | F | BWT | C | C.Drop | trainable | adapter bytes | wall s | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in methods.items():
         lines.append(
             f"| {name} | {'-' if r['lr'] is None else format(r['lr'], 'g')} | {r['avg_acc']:.1f} | "
-            f"{r['forgetting']:.1f} | {r['bwt']:.1f} | {_cell(r.get('final_control_acc'))} | "
-            f"{_cell(r.get('control_drop'))} | {r['trainable_params']:,} | {r['adapter_bytes'] or '-'} | "
-            f"{r['wall_s']:.0f} |"
+            f"{_cell(r.get('acc_in'))} | {r['forgetting']:.1f} | {r['bwt']:.1f} | "
+            f"{_cell(r.get('final_control_acc'))} | {_cell(r.get('control_drop'))} | {r['trainable_params']:,} | "
+            f"{r['adapter_bytes'] or '-'} | {r['wall_s']:.0f} | {_mib(r.get('peak_mib'))} |"
         )
     return "\n".join(lines)
 

@@ -16,41 +16,45 @@ at any point resumes (`resume=True`) to the numbers of an uninterrupted one, rec
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import ctypes
+import functools
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
-import signal
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..layer import SPULayer
-from ..selection import select_parameters
-from .checkpoint import fresh_tmp, latest_checkpoint, load_weights, replace_directory, save_weights, write_checkpoint
+from ..memory import peak_memory, reset_peak_memory
+from .checkpoint import (
+    fresh_tmp,
+    latest_checkpoint,
+    load_method_state,
+    load_weights,
+    replace_directory,
+    save_weights,
+    write_checkpoint,
+)
 from .data import SequenceData, check_modules_to_save
 from .evaluation import class_text_features, tokenize_prompts, zero_shot_accuracy
 from .fingerprint import check_fingerprint, model_identity, sequence_fingerprint
+from .hooks import MethodHooks, TaskContext, make_hooks
 from .methods import DEFAULT_METHODS, ContinualMethod, get_method
 from .numerics import numerics_report, pin_cpu_numerics
 from .replay import TaskBalancedReplayBuffer
 from .reporting import summarise, write_outputs
 from .settings import SequenceSettings
-from .tasks import class_lookup
-from .training import LOSS_FUNCTIONS, reference_cosine_factor, train_task
+from .task_selection import select_for_task
+from .training import reference_cosine_factor, train_task
+from .workers import run_forked
 
 logger = get_logger(__name__)
 
@@ -63,62 +67,6 @@ SWEEP_FACTORS = (0.1, 1 / 3, 1.0, 3.0, 10.0)
 
 def _reached(point: str, run_dir: Path, task: int) -> None:
     """A named point of a run's progress (a place where a kill is tested); does nothing."""
-
-
-class _WithCaptions:
-    """A dataloader whose batches also carry the caption token ids, as `select_parameters` expects."""
-
-    def __init__(self, loader, captions: dict[str, torch.Tensor]) -> None:
-        self.loader, self.captions = loader, captions
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            yield {"pixel_values": batch["pixel_values"], **self.captions}
-
-
-LOSS_SCORES = ("task_loss", "fisher")
-"""Selection scores that differentiate a loss: the engine scores them with the sequence's training loss."""
-
-
-class _TrainingLoss(torch.nn.Module):
-    """The model as `select_parameters` sees it for `task_loss` and `fisher`: its forward returns the sequence's
-    training loss (`settings.loss`) on a batch of images and their caption rows, so those scores follow what the
-    task trains (a bare `CLIPModel` would need one caption per image and return its in-batch loss)."""
-
-    def __init__(self, model: torch.nn.Module, loss: str, captions: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.model, self.loss, self.captions = model, LOSS_FUNCTIONS[loss], captions
-
-    @property
-    def peft_config(self):
-        return self.model.peft_config
-
-    @property
-    def active_adapters(self):
-        return self.model.active_adapters
-
-    def forward(self, pixel_values: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"loss": self.loss(self.model, pixel_values, targets, self.captions)}
-
-
-class _WithTargets:
-    """A dataloader of images and their caption rows (`targets`, looked up from the labels), for `_TrainingLoss`."""
-
-    def __init__(self, loader, lookup: torch.Tensor) -> None:
-        self.loader, self.lookup = loader, lookup
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            yield {
-                "pixel_values": batch["pixel_values"],
-                "targets": self.lookup[batch["labels"].to(self.lookup.device)],
-            }
 
 
 def _shuffled_loader(dataset, indices, batch_size, seed, accelerator, repeat_to=None):
@@ -158,16 +106,6 @@ def control_accuracy(model, data: SequenceData, settings, accelerator, tokenizer
     return zero_shot_accuracy(model, loader, features, list(range(len(names))), accelerator)
 
 
-def support_digest(model: torch.nn.Module) -> str:
-    """A fingerprint of every SPU layer's selected entries, to check that all processes chose the same ones."""
-    digest = hashlib.sha256()
-    for name, module in sorted(model.named_modules(), key=lambda item: item[0]):
-        if isinstance(module, SPULayer):
-            for indices in module.spu_indices.values():
-                digest.update(name.encode() + indices.cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -178,39 +116,44 @@ def build_model(method: ContinualMethod, base: torch.nn.Module, settings: Sequen
     return method.build(copy.deepcopy(base), settings)
 
 
-def _train_one_task(model, method, lr, task, data, settings, accelerator, tokenizer, buffer, state, progress_bar):
+def _task_context(model, base, lr, task, data, settings, accelerator, tokenizer) -> TaskContext:
     seen = sorted(c for t in data.tasks[: task + 1] for c in t)
     captions = tokenize_prompts(tokenizer, [data.class_names[c] for c in seen], [settings.caption_template])
+    loader = functools.partial(_loader_of, accelerator=accelerator)
     task_seed = settings.seed * 1000 + task
+    return TaskContext(task, model, base, data, settings, accelerator, tokenizer, seen, captions, lr, loader, task_seed)
+
+
+def _loader_of(dataset, indices, batch_size, seed, *, accelerator):
+    return _shuffled_loader(dataset, indices, batch_size, seed, accelerator)
+
+
+def _train_one_task(model, method, lr, task, context, hooks: MethodHooks, buffer, state, progress_bar):
+    data, settings, accelerator = context.data, context.settings, context.accelerator
+    seen, captions, task_seed = context.seen, context.captions, context.seed
     if method.selection_score is not None:
-        score = method.selection_score(settings)
         loader = _shuffled_loader(
             data.train, data.train_indices[task], settings.scoring_batch_size, task_seed, accelerator
         )
-        scored, batches = model, _WithCaptions(loader, captions)
-        if score in LOSS_SCORES:
-            device_captions = {k: v.to(accelerator.device) for k, v in captions.items()}
-            scored = _TrainingLoss(model, settings.loss, device_captions)
-            batches = _WithTargets(loader, class_lookup(seen, accelerator.device))
-        report = select_parameters(
-            scored,
-            batches,
-            score=score,
-            fraction=settings.score_fraction,
+        record = select_for_task(
+            model,
+            method.selection_score(settings),
+            loader,
+            captions,
+            seen,
+            settings,
+            accelerator,
+            task=task,
             seed=task_seed,
             description=f"task {task}: classes {data.task_class_names()[task]}",
         )
-        digests = gather_object([support_digest(model)])
-        state["selections"].append(
-            {
-                "task": task,
-                "score_s": report.score_seconds,
-                "selected": report.total_selected,
-                "ranks_agree": len(set(digests)) == 1,
-            }
-        )
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
+        state["selections"].append(record)
+    hooks.start_task(context)
+    groups = hooks.param_groups(model, lr)
+    for group in groups:
+        group.setdefault("lr", lr)
+        group["base_lr"] = group["lr"]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=settings.weight_decay)
     prepared_model, optimizer = accelerator.prepare(model, optimizer)
     losses = []
     for epoch in range(settings.epochs):
@@ -218,7 +161,8 @@ def _train_one_task(model, method, lr, task, data, settings, accelerator, tokeni
         if settings.lr_schedule == "reference_cosine":
             factor = reference_cosine_factor(epoch, settings.epochs, settings.num_tasks)
         for group in optimizer.param_groups:
-            group["lr"] = lr * factor
+            group["lr"] = group["base_lr"] * factor
+        hooks.start_epoch(context, epoch)
         train_loader = _shuffled_loader(
             data.train, data.train_indices[task], settings.batch_size, task_seed * 100 + epoch, accelerator
         )
@@ -244,9 +188,14 @@ def _train_one_task(model, method, lr, task, data, settings, accelerator, tokeni
             description=f"{method.name} task {task} epoch {epoch}",
             progress_bar=progress_bar,
             loss=settings.loss,
+            hooks=hooks,
+            task=task,
+            first_epoch=epoch,
         )
     model = accelerator.unwrap_model(prepared_model)
     accelerator.free_memory()
+    context.model = model
+    hooks.end_task(context)
     state["losses"].append(losses)
     if method.replay and settings.buffer_size > 0:
         buffer.add_task(task, data.train_indices[task])
@@ -270,7 +219,9 @@ def run_method(
     With `resume`, it continues after the newest checkpoint in `run_dir` (a finished run trains nothing).
     """
     label = method.name if lr is None else f"{method.name} (lr {lr:g})"
+    reset_peak_memory(accelerator.device)
     model = build_model(method, base, settings).to(accelerator.device)
+    hooks = make_hooks(method.hooks, settings)
     state: dict[str, Any] = {"acc_matrix": [], "control_acc": [], "losses": [], "buffer": None, "selections": []}
     state["wall_s"] = 0.0
     checkpoint = latest_checkpoint(run_dir) if resume else None
@@ -278,6 +229,7 @@ def run_method(
         state, folder = checkpoint
         if method.trains:
             load_weights(model, folder / "weights")
+            hooks.load_state_dict(load_method_state(folder))
         logger.info(f"{label}: resuming after task {len(state['acc_matrix'])}", main_process_only=True)
     buffer = TaskBalancedReplayBuffer(settings.buffer_size, seed=settings.seed)
     if state["buffer"]:
@@ -286,9 +238,8 @@ def run_method(
     for task in range(len(state["acc_matrix"]), settings.num_tasks):
         start = time.perf_counter()
         if method.trains:
-            model = _train_one_task(
-                model, method, lr, task, data, settings, accelerator, tokenizer, buffer, state, progress_bar
-            )
+            context = _task_context(model, base, lr, task, data, settings, accelerator, tokenizer)
+            model = _train_one_task(model, method, lr, task, context, hooks, buffer, state, progress_bar)
         _reached("trained", run_dir, task)
         state["acc_matrix"].append(task_accuracies(model, task, data, settings, accelerator, tokenizer))
         if method.trains or not state["control_acc"]:
@@ -304,10 +255,12 @@ def run_method(
                 save_weights(model, tmp)
                 replace_directory(tmp, adapter)
                 _reached("adapter_saved", run_dir, task)
-            write_checkpoint(run_dir, task, state, model if method.trains else None)
+            write_checkpoint(run_dir, task, state, model if method.trains else None, hooks.state_dict())
             _reached("checkpointed", run_dir, task)
         accelerator.wait_for_everyone()
-        logger.info(f"{label} task {task}: acc {state['acc_matrix'][-1]} control {state['control_acc'][-1]}")
+        accuracies = " ".join(f"{a:.1f}" for a in state["acc_matrix"][-1])
+        control = state["control_acc"][-1]
+        logger.info(f"{label} task {task}: acc {accuracies}" + ("" if control is None else f" control {control:.1f}"))
 
     weights = run_dir / f"task{settings.num_tasks - 1}" / "weights"
     files = list(weights.glob("*.safetensors")) if weights.exists() else []
@@ -320,37 +273,15 @@ def run_method(
         "trainable_params": trainable_parameters(model) if method.trains else 0,
         "adapter_bytes": sum(f.stat().st_size for f in files) or None,
         "wall_s": state["wall_s"],
+        "peak_mib": peak_memory(accelerator.device) / 2**20,
     }
 
 
 # ---- every run, in this process or in forked workers --------------------------------------------------------------
 
 
-_FORK_CONTEXT: dict[str, Any] = {}  # what forked workers inherit: model, data and settings, set before they start
-
-
 def run_dir_name(method: str, lr: float | None) -> str:
     return method if lr is None else f"{method}_lr{lr:g}"
-
-
-def _die_with_parent(parent: int) -> None:
-    """Make a forked worker die with the process that started it (Linux `PR_SET_PDEATHSIG`).
-
-    After the main process is killed, an orphaned worker would go on writing its run's checkpoints while a
-    resume redoes the same run in the same folder.
-    """
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: workers end when they next read their queue
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _run_in_worker(index: int) -> dict:
-    torch.set_num_threads(1)
-    c = _FORK_CONTEXT
-    method, lr = c["runs"][index]
-    run_dir = c["output_dir"] / "runs" / run_dir_name(method.name, lr)
-    return run_method(method, lr, *c["args"], run_dir, c["resume"], False)
 
 
 def _run_all(runs, args: tuple, output_dir: Path, resume: bool, workers: int) -> Iterator[dict]:
@@ -359,32 +290,15 @@ def _run_all(runs, args: tuple, output_dir: Path, resume: bool, workers: int) ->
     Runs are independent (each seeds itself and checkpoints into its own folder) and every process computes with
     one thread, so a pool gives the same numbers as one process, about `workers` times sooner on a multi-core CPU.
     """
+    jobs = [
+        functools.partial(
+            run_method, method, lr, *args, output_dir / "runs" / run_dir_name(method.name, lr), resume, workers == 1
+        )
+        for method, lr in runs
+    ]
     if workers == 1:
-        for method, lr in runs:
-            run_dir = output_dir / "runs" / run_dir_name(method.name, lr)
-            yield run_method(method, lr, *args, run_dir, resume, True)
-        return
-    _FORK_CONTEXT.update(runs=runs, args=args, output_dir=output_dir, resume=resume)
-    context = multiprocessing.get_context("fork")
-    pool = ProcessPoolExecutor(
-        min(workers, len(runs)), mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
-    )
-    try:
-        futures = [pool.submit(_run_in_worker, i) for i in range(len(runs))]
-        pending = set(futures)
-        for future in futures:
-            while not future.done():  # a failure anywhere stops everything at once, not when its turn comes
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for finished in done:
-                    if finished.exception() is not None:
-                        raise finished.exception()
-            yield future.result()
-    except BaseException:  # includes the consumer closing this generator early
-        pool.shutdown(wait=False, cancel_futures=True)
-        for child in multiprocessing.active_children():
-            child.terminate()
-        raise
-    pool.shutdown()
+        return (job() for job in jobs)
+    return run_forked(jobs, workers)
 
 
 def sequence_runs(
@@ -451,6 +365,8 @@ def run_sequence(
     frozen_control = control_accuracy(model, data, settings, accelerator, processor.tokenizer)
     if frozen_control is not None:
         logger.info(f"frozen model's control accuracy: {frozen_control:.1f}%", main_process_only=True)
+    final_tasks = task_accuracies(model, settings.num_tasks - 1, data, settings, accelerator, processor.tokenizer)
+    frozen_acc = sum(final_tasks) / len(final_tasks)  # the frozen model's Acc, the baseline of every Acc.In
     config = {
         **settings.to_dict(),
         **(extra_config or {}),
@@ -462,13 +378,14 @@ def run_sequence(
         "numerics_report": numerics_report(),
         "fingerprint": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16],
         "frozen_control_acc": frozen_control,
+        "frozen_acc": frozen_acc,
     }
     results: dict[str, dict] = {}
     args = (model, processor.tokenizer, data, settings, accelerator)
     finished = _run_all(runs, args, output_dir, resume, workers)
     bar = tqdm(zip(runs, finished), total=len(runs), desc="runs", disable=not accelerator.is_local_main_process)
     for (method, lr), raw in bar:
-        result = summarise(raw, frozen_control)
+        result = summarise(raw, frozen_control, frozen_acc)
         point = {k: result[k] for k in ("lr", "avg_acc", "forgetting", "control_drop")}
         if method.name in results:
             results[method.name]["sweep"].append(point)

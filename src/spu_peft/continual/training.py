@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .hooks import MethodHooks, Step
 from .tasks import class_lookup
 
 logger = logging.getLogger(__name__)
@@ -18,30 +19,32 @@ logger = logging.getLogger(__name__)
 
 def caption_loss(
     model: torch.nn.Module, pixel_values: torch.Tensor, targets: torch.Tensor, caption_inputs: dict
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, Any]:
     """CLIP's contrastive loss with one caption per image, over the distinct captions of the seen classes.
 
     Images of the same class share a caption; treating the copies as negatives (plain in-batch CLIP loss) would
     push an image away from its own caption, so each distinct caption appears once and each image's target is its
-    class's caption. `targets` index rows of `caption_inputs`.
+    class's caption. `targets` index rows of `caption_inputs`. Returns the loss and the model's outputs.
     """
     outputs = model(pixel_values=pixel_values, **caption_inputs)
     logits = outputs.logits_per_image  # [B, C], scaled by CLIP's temperature
-    return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets), outputs
 
 
 def clip_loss(
     model: torch.nn.Module, pixel_values: torch.Tensor, targets: torch.Tensor, caption_inputs: dict
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, Any]:
     """The symmetric in-batch CLIP loss (FLYP, the reference implementation): image `i`'s caption is the caption of
     its class (row `targets[i]` of `caption_inputs`), and the target of both directions is `arange(B)`.
 
-    As in the reference, images of the same class in a batch count as each other's negatives.
+    As in the reference, images of the same class in a batch count as each other's negatives. Returns the loss and
+    the model's outputs.
     """
     captions = {k: v[targets] for k, v in caption_inputs.items()}  # one caption per image: [B, L]
     outputs = model(pixel_values=pixel_values, **captions)
     labels = torch.arange(len(targets), device=targets.device)
-    return (F.cross_entropy(outputs.logits_per_image, labels) + F.cross_entropy(outputs.logits_per_text, labels)) / 2
+    loss = (F.cross_entropy(outputs.logits_per_image, labels) + F.cross_entropy(outputs.logits_per_text, labels)) / 2
+    return loss, outputs
 
 
 LOSS_FUNCTIONS = {"caption": caption_loss, "clip": clip_loss}
@@ -56,19 +59,43 @@ def training_step(
     *,
     loss: str = "caption",
     accelerator: Any | None = None,
+    hooks: MethodHooks | None = None,
+    replay: tuple[torch.Tensor, torch.Tensor] | None = None,
+    position: tuple[int, int, int] = (0, 0, 0),
 ) -> float:
     """One optimisation step on a batch; returns its loss. Pretraining and every sequence method use it.
 
-    `targets` index rows of `caption_inputs` (one caption per class); `loss` is `caption` or `clip`.
+    `targets` index rows of `caption_inputs` (one caption per class); `loss` is `caption` or `clip`. `replay` is a
+    replay batch (images, caption rows), joined to the task loss's batch unless `hooks.replay_in_task_loss` is
+    false; `hooks` add their loss term and edit gradients (see `hooks`), at `position` (task, epoch, step).
     """
-    value = LOSS_FUNCTIONS[loss](model, pixel_values, targets, caption_inputs)
+    hooks = hooks or MethodHooks()
+    task_pixels, task_targets = pixel_values, targets
+    if replay is not None and hooks.replay_in_task_loss:
+        task_pixels, task_targets = torch.cat([pixel_values, replay[0]]), torch.cat([targets, replay[1]])
+    value, outputs = LOSS_FUNCTIONS[loss](model, task_pixels, task_targets, caption_inputs)
+    module = accelerator.unwrap_model(model) if accelerator is not None else model
+    step = Step(
+        model,
+        module,
+        pixel_values,
+        targets,
+        *(replay if replay is not None else (None, None)),
+        caption_inputs,
+        outputs,
+        *position,
+    )
+    extra = hooks.extra_loss(step)
+    total = value if extra is None else value + extra
     if accelerator is not None:
-        accelerator.backward(value)
+        accelerator.backward(total)
     else:
-        value.backward()
+        total.backward()
+    hooks.before_optimizer_step(module)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(value.detach())
+    hooks.after_optimizer_step(module, step)
+    return float(total.detach())
 
 
 def reference_cosine_factor(epoch: int, epochs: int, num_tasks: int) -> float:
@@ -101,12 +128,16 @@ def train_task(
     description: str = "train",
     progress_bar: bool = True,
     loss: str = "caption",
+    hooks: MethodHooks | None = None,
+    task: int = 0,
+    first_epoch: int = 0,
 ) -> list[float]:
     """Train for `epochs` over `train_loader`; each step also takes one batch from `replay_loader` if given.
 
     `caption_inputs` are the token ids of one caption per class in `class_ids` (the classes seen so far), and
     batches' `labels` are dataset class ids. Returns the mean loss of each epoch. `progress_bar=False` hides the
-    bar (shown on the local main process otherwise), e.g. in worker processes that share one terminal.
+    bar (shown on the local main process otherwise), e.g. in worker processes that share one terminal. `hooks`
+    are the method's (see `hooks`); `task` and `first_epoch` say where the steps are, for them.
     """
     device = accelerator.device
     lookup = class_lookup(class_ids, device)
@@ -120,17 +151,24 @@ def train_task(
         disable=not (progress_bar and accelerator.is_local_main_process),
         leave=False,
     )
-    for _ in range(epochs):
+    for epoch in range(first_epoch, first_epoch + epochs):
         total, count = 0.0, 0
         for batch in train_loader:
-            pixel_values, labels = batch["pixel_values"], batch["labels"]
+            old = None
             if replay is not None:
-                old = next(replay)
-                pixel_values = torch.cat([pixel_values, old["pixel_values"]])
-                labels = torch.cat([labels, old["labels"]])
-            targets = lookup[labels.to(device)]
+                batch_of_old = next(replay)
+                old = (batch_of_old["pixel_values"].to(device), lookup[batch_of_old["labels"].to(device)])
             total += training_step(
-                model, optimizer, pixel_values.to(device), targets, captions, loss=loss, accelerator=accelerator
+                model,
+                optimizer,
+                batch["pixel_values"].to(device),
+                lookup[batch["labels"].to(device)],
+                captions,
+                loss=loss,
+                accelerator=accelerator,
+                hooks=hooks,
+                replay=old,
+                position=(task, epoch, count),
             )
             count += 1
             progress.update(1)

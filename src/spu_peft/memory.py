@@ -1,4 +1,4 @@
-"""Peak-memory measurement for the benchmarks: CUDA's allocator counters, or a process's RSS on Linux."""
+"""Peak-memory measurement: CUDA's allocator counters, or a process's RSS on Linux (benchmarks and sequence runs)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,169 @@
+"""What a continual-learning method adds to plain training: task hooks, a loss term per step, gradient edits, state.
+
+A :class:`ContinualMethod` names a `hooks` factory; the runner makes one :class:`MethodHooks` per run (per method
+and learning rate) and calls it at fixed points of every task:
+
+    start_task          after the task's selection (if any), before its optimizer is built
+    param_groups        the optimizer's parameter groups (default: every trainable parameter at the run's rate)
+    start_epoch         before each epoch's batches
+    extra_loss          every step, after the task loss's forward: a term added to it (or None)
+    before_optimizer_step / after_optimizer_step
+                        around `optimizer.step()`: gradient edits, running averages
+    end_task            after the last epoch, before evaluation and the checkpoint
+
+Whatever a method must carry from one task to the next (importances, anchors, class statistics) lives in tensors
+that :meth:`MethodHooks.state_dict` returns; the runner writes them into every task checkpoint and restores them with
+:meth:`MethodHooks.load_state_dict` on `--resume`, so a resumed run is exact. Frozen teachers are not state: they
+are rebuilt at `start_task` from what the checkpoint holds (the model, the base model).
+
+A penalty method is a few lines:
+
+    class L2ToStart(MethodHooks):
+        def start_task(self, context):
+            self.anchor = {n: p.detach().clone() for n, p in context.model.named_parameters() if p.requires_grad}
+
+        def extra_loss(self, step):
+            params = dict(step.module.named_parameters())
+            return 0.1 * sum(((params[n] - a) ** 2).sum() for n, a in self.anchor.items())
+
+    register_method(ContinualMethod("l2_replay", full_fine_tuning, replay=True, default_lr=1e-5, hooks=L2ToStart))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+
+@dataclass
+class TaskContext:
+    """What a method's task hooks see of the run.
+
+    Attributes:
+        task: the task's index (0-based).
+        model: the model being trained (unwrapped from accelerate's wrappers).
+        base: the run's base model as given to `run_sequence` (shared by every run: read it, never change it).
+        data: the sequence's `SequenceData` (train/test/control splits, tasks, reference data if any).
+        settings: the run's `SequenceSettings`.
+        accelerator: the run's `Accelerator` (device, processes, `reduce` for statistics over processes).
+        tokenizer: the base model's tokenizer.
+        seen: dataset class ids seen so far, in the order of the rows of `captions`.
+        captions: token ids of the training caption of every seen class (on the device).
+        lr: the run's learning rate.
+        loader: `loader(dataset, indices, batch_size, seed)`, a deterministic shuffled `DataLoader` over `indices`
+            of `dataset`, sharded over processes like the training batches.
+        seed: a seed for this task's random draws (distinct per run seed and task).
+    """
+
+    task: int
+    model: torch.nn.Module
+    base: torch.nn.Module
+    data: Any
+    settings: Any
+    accelerator: Any
+    tokenizer: Any
+    seen: list[int]
+    captions: dict[str, torch.Tensor]
+    lr: float
+    loader: Callable[[Any, list[int], int, int], DataLoader]
+    seed: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+@dataclass
+class Step:
+    """One training step as `extra_loss` sees it. Tensors are on the device.
+
+    Attributes:
+        model: the model as trained (possibly wrapped by accelerate, e.g. DDP): run forwards through it.
+        module: the same model unwrapped: read its parameters here.
+        pixel_values / targets: the current task's batch and each image's caption row (a row of `captions`).
+        replay_pixel_values / replay_targets: the replay batch, or None (no replay, or an empty buffer).
+        captions: token ids of one caption per seen class.
+        outputs: the model's outputs of the task loss's forward (`logits_per_image` etc.).
+        task / epoch / step: where the step is (`step` counts within the epoch, from 0).
+    """
+
+    model: torch.nn.Module
+    module: torch.nn.Module
+    pixel_values: torch.Tensor
+    targets: torch.Tensor
+    replay_pixel_values: torch.Tensor | None
+    replay_targets: torch.Tensor | None
+    captions: dict[str, torch.Tensor]
+    outputs: Any
+    task: int
+    epoch: int
+    step: int
+
+
+class MethodHooks:
+    """A method's behaviour beyond the task loss; the base class adds nothing (plain training).
+
+    Attributes:
+        replay_in_task_loss: whether replay images join the task loss's batch (`False`: the replay batch is only
+            passed to `extra_loss`, as LwF and PRD use it).
+    """
+
+    replay_in_task_loss: bool = True
+
+    def __init__(self, settings: Any = None) -> None:
+        self.settings = settings
+
+    def start_task(self, context: TaskContext) -> None:
+        """Before the task's optimizer exists: build teachers, compute importances on earlier data."""
+
+    def param_groups(self, model: torch.nn.Module, lr: float) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups; each group's `lr` is scaled by the run's schedule."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+
+    def start_epoch(self, context: TaskContext, epoch: int) -> None:
+        """Before each epoch's first batch (e.g. recompute a mask)."""
+
+    def extra_loss(self, step: Step) -> torch.Tensor | None:
+        """A term added to the task loss of this step (a distillation or a penalty), or None."""
+        return None
+
+    def before_optimizer_step(self, module: torch.nn.Module) -> None:
+        """After the backward pass, before the update: edit gradients (masks, soft scaling)."""
+
+    def after_optimizer_step(self, module: torch.nn.Module, step: Step) -> None:
+        """After the update (e.g. a running weight average)."""
+
+    def end_task(self, context: TaskContext) -> None:
+        """After the task's last epoch, before evaluation and the checkpoint (e.g. a second training phase)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors carried from one task to the next; written into every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned (on `--resume`)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint holds {sorted(state)[:5]}")
+
+
+HooksFactory = Callable[[Any], MethodHooks]
+"""`factory(settings)` makes a run's hooks; a `MethodHooks` subclass is such a factory."""
+
+
+def make_hooks(factory: HooksFactory | None, settings: Any) -> MethodHooks:
+    """The hooks of one run: `factory(settings)`, or plain training without a factory."""
+    if factory is None:
+        return MethodHooks(settings)
+    hooks = factory(settings)
+    if not isinstance(hooks, MethodHooks):
+        raise TypeError(f"a method's `hooks` factory must return a MethodHooks, got {type(hooks).__name__}")
+    return hooks
+
+
+def trainable_named_parameters(module: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every parameter that trains."""
+    return ((n, p) for n, p in module.named_parameters() if p.requires_grad)

@@ -1,0 +1,91 @@
+"""Independent runs of a sequence in forked one-thread CPU processes, stopped together when one fails."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import pickle
+import queue
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make a forked worker die with the process that started it (Linux `PR_SET_PDEATHSIG`).
+
+    After the main process is killed, an orphaned worker would go on writing its run's checkpoints while a
+    resume redoes the same run in the same folder.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: workers end when they next read their queue
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _work(index: int, job: Callable[[], Any], results: Any, parent: int) -> None:
+    _die_with_parent(parent)
+    torch.set_num_threads(1)
+    try:
+        results.put((index, None, job()))
+    except BaseException as error:  # report it; the parent decides what stops
+        try:
+            pickle.dumps(error)
+        except Exception:
+            error = RuntimeError(repr(error))
+        results.put((index, error, None))
+
+
+def _next_message(results: Any, running: dict[int, Any]) -> tuple | None:
+    """The next (index, error, result) from a worker, None after a quiet second, or an error for a worker that died
+    without a result (a result still in flight gets a few seconds to arrive)."""
+    try:
+        return results.get(timeout=1.0)
+    except queue.Empty:
+        dead = [(index, p.exitcode) for index, p in running.items() if p.exitcode is not None]
+        if not dead:
+            return None
+    try:
+        return results.get(timeout=5.0)
+    except queue.Empty:
+        raise RuntimeError(f"the worker of run {dead[0][0]} died without a result (exit code {dead[0][1]})") from None
+
+
+def run_forked(jobs: Sequence[Callable[[], Any]], workers: int) -> Iterator[Any]:
+    """Results of `jobs` (argument-less callables), in order, from at most `workers` forked one-thread processes.
+
+    A forked process inherits its job, so jobs may hold models and datasets that could not be pickled (only results
+    travel back). A failure anywhere, a worker that dies without a result, or the consumer closing this generator
+    early stops every worker at once.
+    """
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    running: dict[int, Any] = {}
+    finished: dict[int, Any] = {}
+    started = 0
+    try:
+        for wanted in range(len(jobs)):
+            while wanted not in finished:
+                while started < len(jobs) and len(running) < workers:
+                    process = context.Process(target=_work, args=(started, jobs[started], results, os.getpid()))
+                    process.start()
+                    running[started] = process
+                    started += 1
+                message = _next_message(results, running)
+                if message is None:
+                    continue
+                index, error, result = message
+                running.pop(index).join()
+                if error is not None:
+                    raise error
+                finished[index] = result
+            yield finished.pop(wanted)
+    finally:
+        for process in running.values():
+            process.terminate()
+        for process in running.values():
+            process.join()
