@@ -19,7 +19,7 @@ FILE_LIMIT = 400
 # The layers of the house, lowest first: a module may import its own layer and the ones below, never one above.
 # The process-group helpers of `distributed` serve the adapter's own layer (sharded tensors), so they sit below it.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("kernels", ("config", "encoding", "sparse_linear", "optim_state", "distributed", "scoring")),
+    ("kernels", ("config", "encoding", "sparse_linear", "optim_state", "distributed", "scoring", "memory")),
     ("adapter", ("layer", "loading", "model", "compose", "hub")),
     ("selection", ("selection", "trainer", "__init__")),
     ("continual", ("continual", "embedded")),
