@@ -135,6 +135,7 @@ def test_trace_restores_clean_and_leaves_model_untouched(name):
 def test_without_noise_every_restoration_is_the_clean_run():
     model, batch = _build("vit")
     result = causal_trace(model, [batch], noise=0.0, progress=False)
+    assert "labels" in batch  # the caller's batches are not changed
     assert result.corrupted["vit"] == result.clean
     assert all(p == result.clean for kinds in result.restored["vit"].values() for p in kinds)
 

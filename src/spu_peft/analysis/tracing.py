@@ -13,6 +13,7 @@ classifier's `logits`. Its target is the batch's `labels` when given, else the c
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -161,6 +162,38 @@ def _on(device: torch.device, batch: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _trace_batch(
+    model: nn.Module,
+    batch: dict[str, Any],
+    labels: torch.Tensor | None,
+    plan: Sequence[tuple[TraceTower, list[tuple[int, str]]]],
+    stds: Mapping[str, float],
+    seed: int,
+    sums: dict[tuple, float],
+    bar: tqdm,
+) -> None:
+    """Add one batch's clean, corrupted and restored probabilities of its targets (and its size) to `sums`."""
+    cache: dict[str, torch.Tensor] = {}
+    names = {t.embedding for t, _ in plan} | {t.module(b, k) for t, steps in plan for b, k in steps}
+    with forward_hooks(model, {n: _record(cache, n) for n in names}):
+        probabilities = target_probabilities(model(**batch), batch)
+    target = probabilities.argmax(-1) if labels is None else labels.long().to(probabilities.device)
+    sums["count",] += len(target)
+    sums["clean",] += probabilities.gather(1, target[:, None]).sum().item()
+    for tower, steps in plan:
+        clean = cache[tower.embedding]
+        drawn = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed)) * stds[tower.name]
+        corrupt = {tower.embedding: _add(drawn.to(clean.device, clean.dtype))}
+        sums[tower.name, "corrupted"] += _probability(model, batch, target, corrupt)
+        bar.update()
+        for block, kind in steps:
+            module = tower.module(block, kind)
+            sums[tower.name, block, kind] += _probability(
+                model, batch, target, {**corrupt, module: _replace(cache[module])}
+            )
+            bar.update()
+
+
 def causal_trace(
     model: nn.Module,
     inputs: Iterable[Mapping[str, Any]],
@@ -172,7 +205,7 @@ def causal_trace(
     progress: bool = True,
 ) -> CausalTraceResult:
     """Trace every tower of `model` (found by `find_towers` unless given) on `inputs`, batches of model keyword
-    arguments (with optional `labels`).
+    arguments (with optional `labels`; each batch moves to the model's device when it runs).
 
     Per batch and tower, one clean run records every restorable module; the noise, `noise` times the tower's
     embedding std over all inputs, is drawn from `torch.Generator().manual_seed(seed + batch index)` in the
@@ -183,56 +216,36 @@ def causal_trace(
         raise ValueError(f"noise must be >= 0 (a multiple of the embedding's std), got {noise}")
     towers = list(towers) if towers is not None else find_towers(model)
     kinds = _check_kinds(towers, kinds)
-    device = next(model.parameters()).device
-    batches = [_on(device, b) for b in inputs]
+    batches = [dict(b) for b in inputs]
     if not batches:
         raise ValueError("inputs: no batch given; pass at least one dict of model inputs")
-    targets = [b.pop("labels", None) for b in batches]
-    plan = {t.name: [(b, k) for k in kinds if k in t.kinds for b in range(len(t.blocks))] for t in towers}
+    labels = [b.pop("labels", None) for b in batches]
+    device = next(model.parameters()).device
+    plan = [(t, [(b, k) for k in kinds if k in t.kinds for b in range(len(t.blocks))]) for t in towers]
+    sums: dict[tuple, float] = collections.defaultdict(float)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            stds = {n: s * noise for n, s in _embedding_std(model, batches, towers).items()}
-            clean, count, corrupted = 0.0, 0, dict.fromkeys(plan, 0.0)
-            restored = {n: {(b, k): 0.0 for b, k in steps} for n, steps in plan.items()}
-            bar = tqdm(
-                total=len(batches) * sum(len(s) + 1 for s in plan.values()), disable=not progress, desc="tracing"
-            )
-            for index, (batch, labels) in enumerate(zip(batches, targets, strict=True)):
-                cache: dict[str, torch.Tensor] = {}
-                names = {t.embedding for t in towers} | {t.module(b, k) for t in towers for b, k in plan[t.name]}
-                with forward_hooks(model, {n: _record(cache, n) for n in names}):
-                    probabilities = target_probabilities(model(**batch), batch)
-                target = probabilities.argmax(-1) if labels is None else labels.long()
-                clean += probabilities.gather(1, target[:, None]).sum().item()
-                count += len(target)
-                for tower in towers:
-                    shape = cache[tower.embedding].shape
-                    generator = torch.Generator().manual_seed(seed + index)
-                    drawn = torch.randn(shape, generator=generator) * stds[tower.name]
-                    corrupt = {tower.embedding: _add(drawn.to(device, cache[tower.embedding].dtype))}
-                    corrupted[tower.name] += _probability(model, batch, target, corrupt)
-                    bar.update()
-                    for block, kind in plan[tower.name]:
-                        module = tower.module(block, kind)
-                        hooks = {**corrupt, module: _replace(cache[module])}
-                        restored[tower.name][block, kind] += _probability(model, batch, target, hooks)
-                        bar.update()
-            bar.close()
+            stds = {n: s * noise for n, s in _embedding_std(model, [_on(device, b) for b in batches], towers).items()}
+            steps = len(batches) * sum(len(s) + 1 for _, s in plan)
+            with tqdm(total=steps, disable=not progress, desc="tracing") as bar:
+                for index, (batch, target) in enumerate(zip(batches, labels, strict=True)):
+                    _trace_batch(model, _on(device, batch), target, plan, stds, seed + index, sums, bar)
     finally:
         model.train(was_training)
-    by_kind = {
-        t.name: {k: [restored[t.name][b, k] / count for b in range(len(t.blocks))] for k in kinds if k in t.kinds}
+    count = sums["count",]
+    restored = {
+        t.name: {k: [sums[t.name, b, k] / count for b in range(len(t.blocks))] for k in kinds if k in t.kinds}
         for t in towers
     }
     return CausalTraceResult(
-        clean=clean / count,
-        corrupted={n: v / count for n, v in corrupted.items()},
-        restored=by_kind,
+        clean=sums["clean",] / count,
+        corrupted={t.name: sums[t.name, "corrupted"] / count for t in towers},
+        restored=restored,
         noise_std=stds,
         targets={t.name: {k: t.targets[k] for k in LAYER_KINDS if k in t.targets} for t in towers},
-        num_inputs=count,
+        num_inputs=int(count),
     )
 
 
