@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Where a CLIP model keeps what it knows, and what SPU's selection touches: the paper's Figures 2, 3 and 4.
+r"""Where a CLIP model keeps what it knows, and what SPU's selection touches: the paper's Figures 2, 3 and 4.
 
 1. Causal tracing (`spu_peft.analysis.causal_trace`): noise on the image patches (vision tower) or the caption
    tokens (text tower) of zero-shot classification on `--dataset` (what the model knows: by default the embedded
@@ -17,7 +17,8 @@ Selections come from a sequence run's saved adapters (`--run-dir results/<sequen
 about a minute. The paper's model on a GPU (any image dataset with a ClassLabel column):
 
     python benchmarks/causal_tracing.py --model openai/clip-vit-base-patch16 --dataset <imagenet-style id or folder> \
-        --split validation --task-dataset <cifar100 id or folder> --task-split train --num-tasks 10 --batch-size 64
+        --split validation --num-images 2000 --task-dataset <cifar100 id or folder> --task-split train \
+        --num-tasks 10 --batch-size 64
 
 Results (trace.json, causal_trace.png, neuron_maps.png, repeat_rates.png) land in `--output-dir`.
 """
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         "repeat_rates": {k: v.tolist() for k, v in rates.items()},
         "neurons": {"layer": layer, "task": args.task, "rows": neurons},
         "command": " ".join(sys.argv),
-        "args": {k: v for k, v in vars(args).items()},
+        "args": vars(args),
     }
     (output / "trace.json").write_text(json.dumps(report, indent=2))
     print(f"Results in {output}/ (trace.json, causal_trace.png, neuron_maps.png, repeat_rates.png)")

@@ -86,7 +86,8 @@ def plot_neuron_maps(
         for ax in axes[row]:
             ax.axis("off")
     axes[0, 0].set_title("image", fontsize=8)
-    fig.suptitle(title or "Activation of the most-selected fc1 neurons over the image", fontsize=9)
+    title = title or "Activation of the most-selected fc1 neurons over the image"
+    fig.suptitle(f"{title}\n(each map coloured from its own minimum, blue, to its maximum, red)", fontsize=9)
     return _save(fig, path)
 
 
