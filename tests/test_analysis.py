@@ -1,4 +1,4 @@
-"""spu_peft.analysis: causal tracing on tiny CLIP, ViT, BERT and LLaMA models, the neuron maps, the repeat rates."""
+"""spu_peft.analysis: causal tracing on tiny CLIP, SigLIP, ViT, BERT and LLaMA models, neuron maps, repeat rates."""
 
 import sys
 from pathlib import Path
@@ -12,6 +12,8 @@ from transformers import (
     BertForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
+    SiglipConfig,
+    SiglipModel,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -41,6 +43,12 @@ def _clip():
     return model, batch
 
 
+def _siglip():
+    text = dict(vocab_size=99, max_position_embeddings=16, **SMALL)
+    model = SiglipModel(SiglipConfig(text_config=text, vision_config=dict(image_size=16, patch_size=4, **SMALL)))
+    return model, _clip()[1]
+
+
 def _vit():
     model = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, num_labels=3, **SMALL))
     return model, {"pixel_values": torch.randn(4, 3, 16, 16), "labels": torch.tensor([0, 1, 2, 1])}
@@ -68,6 +76,7 @@ def _llama():
 # architecture -> (builder, towers it has, attention module, first MLP layer)
 ARCHITECTURES = {
     "clip": (_clip, ["text_model", "vision_model"], "self_attn", "mlp.fc1"),
+    "siglip": (_siglip, ["text_model", "vision_model"], "self_attn", "mlp.fc1"),
     "vit": (_vit, ["vit"], "attention", "mlp.fc1"),
     "bert": (_bert, ["bert"], "attention.output.dense", "intermediate.dense"),
     "llama": (_llama, ["model"], "self_attn", "mlp.up_proj"),
