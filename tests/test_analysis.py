@@ -212,6 +212,8 @@ def test_recommended_modules_build_an_spu_adapter():
     names = recommend_target_modules(causal_trace(model, [batch], progress=False))
     adapted = get_peft_model(model, SPUConfig(target_modules=names))
     assert {n.rsplit(".", 1)[-1] for n in model_support(adapted)} == {n.rsplit(".", 1)[-1] for n in names}
+    # An adapted model is traced by the same names: PEFT's wrappers are not layers of their own.
+    assert recommend_target_modules(causal_trace(adapted, [batch], progress=False)) == names
 
 
 def test_selected_neurons_are_the_rows_with_most_entries():

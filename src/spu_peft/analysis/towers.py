@@ -77,11 +77,12 @@ def _stacks(model: nn.Module) -> Iterator[tuple[str, str, nn.ModuleList]]:
 
 
 def _linears(block: nn.Module, prefix: str) -> tuple[str, ...]:
-    """Block-relative names of the `nn.Linear` modules at or under `prefix`."""
-    names = []
+    """Block-relative names of the `nn.Linear` modules at or under `prefix` (a PEFT-wrapped one by its own name)."""
+    names: list[str] = []
     for name, module in block.named_modules():
         inside = not prefix or name == prefix or name.startswith(prefix + ".")
-        if inside and isinstance(module, nn.Linear):
+        name = name.removesuffix(".base_layer")
+        if inside and isinstance(module, nn.Linear) and name not in names:
             names.append(name)
     return tuple(names)
 
