@@ -12,7 +12,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOK = NOTEBOOKS / "quickstart.ipynb"
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "sequence.ipynb"])
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "sequence.ipynb", "analysis.ipynb"])
 def test_committed_notebook_has_no_outputs(name):
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     assert all(
@@ -48,6 +48,20 @@ def test_sequence_notebook_runs(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "sequence-results" / "results.json").read_text())
     assert list(results["methods"]) == ["zeroshot", "finetune_replay", "spu_replay", "vision_replay"]
     assert results["config"]["numerics_report"]["mode"] == "reproducible"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_analysis_notebook_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPU_PEFT_CACHE", str(tmp_path / "cache"))
+    notebook = nbformat.read(NOTEBOOKS / "analysis.ipynb", as_version=4)
+    client = NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    figures = ("causal_trace.png", "repeat_rates.png", "neuron_maps.png")
+    assert all((tmp_path / "analysis" / name).stat().st_size > 0 for name in figures)
+    outputs = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
+    assert "recommended target_modules: [" in outputs and "(4, 4, 28, 28)" in outputs
     assert not (tmp_path / "cache").exists()
 
 
