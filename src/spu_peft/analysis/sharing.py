@@ -1,7 +1,7 @@
 """How much the tasks of a sequence share their selected entries (the paper's Figure 4).
 
 The sequence saves each task's SPU adapter (`runs/<method>_lr<lr>/adapter_task<t>/`); its support is that task's
-selection. The repeat rate of task i in task j, per fc1 and per tower, is `spu_peft.continual.overlap.shared`: the
+selection. The repeat rate of task i in task j, per fc1 and per tower, is `spu_peft.studies.overlap.shared`: the
 share of task i's entries that task j also selected (about the density by chance; the paper reports 30-40%).
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 from peft import PeftModel
 from torch import nn
 
-from ..continual.overlap import shared, tower_layers
+from ..studies.overlap import shared, tower_layers
 from ..loading import spu_layers
 
 ADAPTER_DIR = re.compile(r"adapter_task(\d+)$")
