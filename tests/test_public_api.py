@@ -5,6 +5,28 @@ import importlib
 import pytest
 
 PUBLIC = {
+    "spu_peft.analysis": [
+        "CausalTraceResult",
+        "KIND_MODULES",
+        "LAYER_KINDS",
+        "TraceTower",
+        "adapter_support",
+        "causal_trace",
+        "find_towers",
+        "forward_hooks",
+        "model_support",
+        "neuron_maps",
+        "plot_causal_trace",
+        "plot_neuron_maps",
+        "plot_repeat_rates",
+        "recommend_target_modules",
+        "repeat_rates",
+        "selected_per_row",
+        "target_probabilities",
+        "task_adapter_dirs",
+        "task_supports",
+        "top_selected_neurons",
+    ],
     "spu_peft": [
         "Linear",
         "MODEL_TAGS",
