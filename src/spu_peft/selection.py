@@ -30,7 +30,8 @@ from .distributed import (
     whole_parameters,
 )
 from .layer import SPULayer, num_selected
-from .loading import PEFT_PREFIX, spu_layers
+from .naming import PEFT_PREFIX, spu_layers
+from .optim_state import drop_state
 from .scoring import ScoreSums
 from .sparse_linear import compose_weight
 
@@ -75,6 +76,7 @@ def select_parameters(
     description: str | None = None,
     score_dtype: torch.dtype = torch.float32,
     score_device: torch.device | str | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> SelectionReport:
     """Score every entry of the adapter's target weights on task data and train only the top ones from now on.
 
@@ -100,12 +102,16 @@ def select_parameters(
         score_dtype: dtype of the score sums. `torch.float32` is the paper's score; `torch.bfloat16` halves their
             memory and may change a few entries near the threshold.
         score_device: where the score sums live (default: each layer's device); `"cpu"` keeps them off the GPU.
+        optimizer: an optimizer that already holds the adapter's values (one reused over tasks); its state for them
+            (Adam's moments, which belonged to the old entries) is dropped, as a fresh optimizer would have it.
 
     Returns:
         A [`SelectionReport`]. The adapter's values are zeroed in place (same `Parameter` objects, resized only under
-        a global budget); an optimizer that holds them drops their stale state at its next step.
+        a global budget), so an optimizer that holds them trains the new entries.
     """
     _check_arguments(score, fraction, max_batches, score_dtype)
+    if description is not None and not isinstance(description, str):
+        raise ValueError(f"`description` must be a string (it is saved in adapter_config.json), got {description!r}")
     refuse_deepspeed(model)
     runner = unwrap_replicated(model)
     engine = sharding_engine(runner)
@@ -140,6 +146,7 @@ def select_parameters(
     score_seconds = time.perf_counter() - start
 
     supports = _select_and_apply(runner, layers, scores, config, adapter_name, consolidate, engine)
+    drop_state(optimizer, [layer.spu_values[adapter_name] for layer in layers.values()])
 
     previous = config.selection or {}
     config.selection = {

@@ -14,7 +14,7 @@ from peft import get_peft_model
 from transformers import CLIPModel
 
 from ..config import SPUConfig
-from ..loading import spu_layers
+from ..naming import spu_layers
 from ..selection import select_parameters
 from .evaluation import tokenize_prompts
 
