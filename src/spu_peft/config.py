@@ -187,9 +187,9 @@ class SPUConfig(PeftConfig):
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         try:
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        except json.JSONDecodeError as error:
+        except (ValueError, TypeError) as error:  # json.JSONDecodeError is a ValueError
             raise ValueError(
-                f"{os.path.join(folder, CONFIG_NAME)}: not valid JSON ({error}); the file is damaged. Save the adapter "
+                f"{os.path.join(folder, CONFIG_NAME)}: {error}. The file is damaged or was edited; save the adapter "
                 "again, or restore the file from a copy."
             ) from error
         weights = os.path.join(folder, WEIGHTS_NAME)

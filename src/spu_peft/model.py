@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
@@ -121,7 +122,7 @@ class SPUModel(BaseTuner):
         `modules_to_save` copies and its config, and give every parameter back its `requires_grad`."""
         first, requires_grad = self._pending_loads.pop(adapter_name)
         if first:
-            self._unload_and_optionally_merge(merge=False)
+            _restore_original_modules(self.model)
         else:
             self.delete_adapter(adapter_name)
         self.peft_config.pop(adapter_name, None)
@@ -227,6 +228,26 @@ class SPUModel(BaseTuner):
             del tuner._pending_loads[adapter_name]
             config.weights_file = None
         return remapped
+
+
+def _restore_original_modules(model: nn.Module) -> None:
+    """Put back the very module objects the injection wrapped (SPU layers' base layers, `modules_to_save`
+    originals; PEFT's `unload` would return the trained copies), so the caller's model is as it was."""
+    replaced: list[str] = []
+    for key, module in list(model.named_modules()):
+        if any(key.startswith(prefix + ".") for prefix in replaced):
+            continue
+        if isinstance(module, SPULayer):
+            original = module.get_base_layer()
+        elif isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "original_module"):
+            original = module.original_module
+        else:
+            continue
+        parent, _, name = _get_submodules(model, key)
+        setattr(parent, name, original)
+        replaced.append(key)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
 
 
 def _check_dense_modules_can_combine(peft_config: dict, names: list[str]) -> None:

@@ -2,11 +2,14 @@
 
 A run folder holds `task<t>/` (the state after task `t`: `state.json` and, for methods that train, `weights/`),
 written as `task<t>.tmp/` and renamed into place, so a `task<t>/` that exists is complete. The newest one is the
-run's progress; older ones are removed once a newer one exists.
+run's progress; older ones are removed once a newer one exists. One process at a time writes an output folder:
+`claim_output_dir` takes the OS's advisory lock on `<output_dir>/.lock`, which the OS releases when the process dies.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import re
@@ -20,14 +23,47 @@ from peft.utils import load_peft_weights
 from safetensors.torch import load_file, save_file
 
 _TASK_DIR = re.compile(r"task(\d+)")
+LOCK_FILE = ".lock"
+# output folder -> the open lock file this process holds (a second claim by the same process reuses it)
+_held: dict[Path, int] = {}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `path` through a temporary file and a rename: readers see the old or the new file, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+class OutputDirBusyError(RuntimeError):
+    """Another process is writing the same output folder."""
+
+
+def claim_output_dir(output_dir: str | os.PathLike[str]) -> None:
+    """Lock `output_dir` for this process, or stop at once naming the process that holds it.
+
+    Two runs writing one folder would mix their checkpoints and results; the lock is advisory (`flock`), held
+    until `release_output_dir` or the end of the process, whatever ends it.
+    """
+    folder = Path(output_dir).resolve()
+    if folder in _held:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(handle)
+        if error.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise OutputDirBusyError(
+            f"{folder} is being written by another run (process {holder}); wait for it to finish or stop it, or "
+            "pass another output folder."
+        ) from None
+    os.ftruncate(handle, 0)
+    os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
+    _held[folder] = handle
+
+
+def release_output_dir(output_dir: str | os.PathLike[str]) -> None:
+    """Give up this process's lock on `output_dir` (a no-op if it holds none)."""
+    handle = _held.pop(Path(output_dir).resolve(), None)
+    if handle is not None:
+        os.close(handle)  # closing the last descriptor releases the flock
 
 
 def save_weights(model: torch.nn.Module, directory: Path) -> None:

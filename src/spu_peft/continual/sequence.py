@@ -40,7 +40,16 @@ from tqdm.auto import tqdm
 
 from ..layer import SPULayer
 from ..selection import select_parameters
-from .checkpoint import fresh_tmp, latest_checkpoint, load_weights, replace_directory, save_weights, write_checkpoint
+from .checkpoint import (
+    claim_output_dir,
+    fresh_tmp,
+    latest_checkpoint,
+    load_weights,
+    release_output_dir,
+    replace_directory,
+    save_weights,
+    write_checkpoint,
+)
 from .data import SequenceData, check_modules_to_save
 from .evaluation import class_text_features, tokenize_prompts, zero_shot_accuracy
 from .fingerprint import check_fingerprint, model_identity, sequence_fingerprint
@@ -437,6 +446,8 @@ def run_sequence(
         raise ValueError(f"`workers` > 1 needs a single CPU process, and at least 1; got {workers}")
     check_modules_to_save(model, settings)
     output_dir = Path(output_dir)
+    if accelerator.is_main_process:
+        claim_output_dir(output_dir)  # a second run into this folder stops here, naming this process
     fingerprint = sequence_fingerprint(settings, model_identity(model), data.identity)
     check_fingerprint(output_dir, fingerprint, resume, write=False)
     accelerator.wait_for_everyone()
@@ -482,5 +493,6 @@ def run_sequence(
             result["sweep"].sort(key=lambda p: p["lr"])
     if accelerator.is_main_process:
         write_outputs(output_dir, config, results, plots=plots)
+        release_output_dir(output_dir)
     accelerator.wait_for_everyone()
     return results
