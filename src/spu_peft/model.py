@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import _get_submodules
+from peft.utils import CONFIG_NAME, _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
@@ -103,19 +105,22 @@ class SPUModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """PEFT's injection; for an adapter read from a file (`SPUConfig.from_pretrained`), the whole file is then
         checked against the injected layers, and a refused file leaves the model as it was before the injection."""
-        first = not any(isinstance(module, SPULayer) for module in model.modules())
-        requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
         config = self.peft_config[adapter_name]
         source = getattr(config, "weights_file", None)
         if source is None:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
             return
+        first = not any(isinstance(module, SPULayer) for module in model.modules())
+        requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
         self._pending_loads = {**getattr(self, "_pending_loads", {}), adapter_name: (first, requires_grad)}
         try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
             decode_adapter_state_dict(model, config, adapter_name, verify_file(source))
-        except ValueError:
+        except ValueError as error:
             self.undo_injection(adapter_name)
-            raise
+            if "SPU adapter file" in str(error):
+                raise
+            raise ValueError(f"{os.path.join(os.path.dirname(source), CONFIG_NAME)}: {error}") from error
 
     def undo_injection(self, adapter_name: str) -> None:
         """Remove an adapter whose file was refused: its layers (all of them, if it was the first adapter), its
