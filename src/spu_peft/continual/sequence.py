@@ -43,10 +43,9 @@ from ..selection import select_parameters
 from .checkpoint import (
     claim_output_dir,
     fresh_tmp,
-    latest_checkpoint,
-    load_weights,
     release_output_dir,
     replace_directory,
+    resume_run,
     save_weights,
     write_checkpoint,
 )
@@ -282,11 +281,10 @@ def run_method(
     model = build_model(method, base, settings).to(accelerator.device)
     state: dict[str, Any] = {"acc_matrix": [], "control_acc": [], "losses": [], "buffer": None, "selections": []}
     state["wall_s"] = 0.0
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        state, folder = checkpoint
-        if method.trains:
-            load_weights(model, folder / "weights")
+    trained = model if method.trains else None
+    resumed = resume_run(run_dir, trained, method.save_task_adapters, accelerator.is_main_process) if resume else None
+    if resumed is not None:
+        state = resumed
         logger.info(f"{label}: resuming after task {len(state['acc_matrix'])}", main_process_only=True)
     buffer = TaskBalancedReplayBuffer(settings.buffer_size, seed=settings.seed)
     if state["buffer"]:
