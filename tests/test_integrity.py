@@ -242,3 +242,26 @@ def test_a_second_run_into_one_output_folder_stops_naming_the_running_process(tm
     claim_output_dir(tmp_path)  # the OS released the lock with the process
     claim_output_dir(tmp_path)  # this process may claim again
     release_output_dir(tmp_path)
+
+
+def test_selection_under_no_grad_scores_and_clear_refusals_elsewhere():
+    """Finding 9: under `no_grad()`, `inference_mode()` or inside `disable_adapter()` selection failed with
+    "element 0 of tensors does not require grad"."""
+    model = get_peft_model(make_tiny_clip(), SPUConfig())
+    reference = get_peft_model(make_tiny_clip(), SPUConfig())
+    select_parameters(reference, [make_batch(1)])
+    with torch.no_grad():
+        select_parameters(model, [make_batch(1)])
+    for (name, layer), other in zip(model.named_modules(), reference.modules()):
+        if isinstance(layer, SPULayer):
+            assert torch.equal(layer.spu_indices["default"], other.spu_indices["default"]), name
+    with torch.inference_mode(), pytest.raises(ValueError, match="outside `torch.inference_mode"):
+        select_parameters(model, [make_batch(1)])
+    with model.disable_adapter(), pytest.raises(ValueError, match="disable_adapter"):
+        select_parameters(model, [make_batch(1)])
+
+
+def test_modules_to_save_naming_no_module_is_refused():
+    """Finding 9: `modules_to_save` naming a module that does not exist was accepted (and trained nothing)."""
+    with pytest.raises(ValueError, match="`modules_to_save` names 'visual_projektion'"):
+        get_peft_model(make_tiny_clip(), SPUConfig(modules_to_save=["visual_projektion"]))

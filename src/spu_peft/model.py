@@ -20,7 +20,7 @@ from .encoding import mask_is_smaller, pack_mask
 from .integrity import verify_file
 from .layer import Linear, SPULayer
 from .loading import SPARSE_FIELDS, SPU_FIELDS, apply_changes, check_shapes, decode_adapter_state_dict
-from .naming import PEFT_PREFIX, spu_layers, strip_wrappers
+from .naming import PEFT_PREFIX, relative_name, spu_layers, strip_wrappers
 
 MODEL_TAGS = ["spu", "selective-parameter-update", "continual-learning"]
 
@@ -64,6 +64,13 @@ class SPUModel(BaseTuner):
         if peft_config.modules_to_save is None:
             defaults = TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING.get(model_type)
             peft_config.modules_to_save = list(defaults) if defaults else None
+        names = [relative_name(name) for name, _ in self.model.named_modules()]
+        for wanted in peft_config.modules_to_save or ():
+            if not any(name == wanted or name.endswith("." + wanted) for name in names):
+                raise ValueError(
+                    f"`modules_to_save` names {wanted!r}, which matches no module of the model (PEFT would ignore it "
+                    "and train nothing there); name a module such as the model's projection, or pass []."
+                )
         return peft_config
 
     def _check_new_adapter_config(self, config: SPUConfig) -> None:

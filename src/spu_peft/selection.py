@@ -119,6 +119,10 @@ def select_parameters(
     layers = dict(spu_layers(runner, adapter_name))
     if not layers:
         raise ValueError(f"The model has no SPU layer holding adapter {adapter_name!r}.")
+    if any(layer.disable_adapters for layer in layers.values()):
+        raise ValueError("The adapters are disabled (inside `disable_adapter()`); select outside that block.")
+    if torch.is_inference_mode_enabled():
+        raise ValueError("`select_parameters` needs gradients; call it outside `torch.inference_mode()`.")
     if any(layer.merged for layer in layers.values()):
         raise ValueError("The adapter is merged into the base weights; call `unmerge_adapter()` before selecting.")
     if engine is not None and config.budget == "global":
@@ -132,9 +136,10 @@ def select_parameters(
     if score in GRADIENT_SCORES:
         if dataloader is None:
             raise ValueError(f"score={score!r} needs a `dataloader` of task data; only 'magnitude' and 'random' do not")
-        sums, num_batches = _gradient_score_sums(
-            runner, layers, dataloader, score, fraction, max_batches, engine, score_dtype, score_device
-        )
+        with torch.enable_grad():  # also under a caller's `torch.no_grad()`: scores are gradients
+            sums, num_batches = _gradient_score_sums(
+                runner, layers, dataloader, score, fraction, max_batches, engine, score_dtype, score_device
+            )
         scores = _LazyScores(layers, lambda name, layer: (sums.whole(name, _device(layer)) / num_batches).abs())
     elif score == "magnitude":
         scores = _LazyScores(layers, lambda name, layer: _effective_weight(runner, layer, engine).abs().float())
