@@ -265,3 +265,17 @@ def test_modules_to_save_naming_no_module_is_refused():
     """Finding 9: `modules_to_save` naming a module that does not exist was accepted (and trained nothing)."""
     with pytest.raises(ValueError, match="`modules_to_save` names 'visual_projektion'"):
         get_peft_model(make_tiny_clip(), SPUConfig(modules_to_save=["visual_projektion"]))
+
+
+def test_save_adapter_keeps_the_previous_adapter_when_the_save_fails(tmp_path):
+    """Finding 3: a failing save overwrote `adapter_model.safetensors` and left a 0-byte `adapter_config.json`."""
+    good = trained()
+    spu_peft.save_adapter(good, tmp_path)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    broken = trained(seed=3)
+    broken.peft_config["default"].selection = {"score": float("nan")}
+    with pytest.raises(ValueError, match="`selection`"):
+        spu_peft.save_adapter(broken, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files  # the model card too; no staging left
+    spu_peft.save_adapter(broken := trained(seed=4), tmp_path)
+    assert torch.equal(logits(PeftModel.from_pretrained(make_tiny_clip(), tmp_path)), logits(broken))

@@ -12,9 +12,11 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -102,3 +104,26 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write a text file through a temporary file in the same folder and a rename."""
     with replacing(path) as tmp:
         Path(tmp).write_text(text)
+
+
+def save_pretrained_atomically(model: Any, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+    """`model.save_pretrained` into a staging folder beside `save_directory`, then each file renamed into place.
+
+    Every check and every byte happens in the staging folder, so a failing save leaves the adapter that was in
+    `save_directory` as it was; each file then changes in one rename (weights before their config), so no reader
+    ever sees part of a file.
+    """
+    target = Path(save_directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".saving", dir=target.parent))
+    try:
+        model.save_pretrained(staging, **kwargs)
+        written = sorted(p for p in staging.rglob("*") if p.is_file())
+        for path in sorted(written, key=lambda p: p.name != WEIGHTS_NAME):
+            destination = target / path.relative_to(staging)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(path, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
