@@ -21,17 +21,7 @@ from spu_peft.embedded import load_animal_shapes, load_embedded_processor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import cl_sequence  # noqa: E402
-
-SETTINGS = SequenceSettings(
-    num_tasks=2,
-    epochs=1,
-    batch_size=16,
-    replay_batch_size=16,
-    buffer_size=16,
-    max_train_per_task=32,
-    max_test_per_task=16,
-    numerics="native",
-)
+from test_sequence import SETTINGS  # noqa: E402 (the small sequence every engine test runs)
 
 
 @pytest.fixture(scope="module")
