@@ -279,3 +279,24 @@ def test_save_adapter_keeps_the_previous_adapter_when_the_save_fails(tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files  # the model card too; no staging left
     spu_peft.save_adapter(broken := trained(seed=4), tmp_path)
     assert torch.equal(logits(PeftModel.from_pretrained(make_tiny_clip(), tmp_path)), logits(broken))
+
+
+def test_a_tampered_file_from_the_hub_is_refused_before_injection(tmp_path):
+    """Finding 6, for adapters fetched from the Hub (served here from a folder)."""
+    from unittest import mock
+
+    trained().save_pretrained(tmp_path)
+    rewrite(tmp_path, lambda s: s.update({k: s[k].flip(0).contiguous() for k in s if k.endswith(".spu_bias")}))
+
+    def download(repo_id, filename, subfolder=None, **kwargs):
+        assert repo_id == "user/spu-clip"
+        return str(tmp_path / filename)
+
+    base = make_tiny_clip()
+    with (
+        mock.patch("peft.config.hf_hub_download", download),
+        mock.patch("spu_peft.config.hf_hub_download", download),
+        pytest.raises(ValueError, match="do not match the digest"),
+    ):
+        PeftModel.from_pretrained(base, "user/spu-clip")
+    assert not any(isinstance(m, SPULayer) for m in base.modules())

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from huggingface_hub import hf_hub_download
 from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME
 
@@ -192,11 +193,27 @@ class SPUConfig(PeftConfig):
                 f"{os.path.join(folder, CONFIG_NAME)}: {error}. The file is damaged or was edited; save the adapter "
                 "again, or restore the file from a copy."
             ) from error
-        weights = os.path.join(folder, WEIGHTS_NAME)
-        if os.path.isfile(weights):
+        weights = _weights_file(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
+        if weights is not None:
             verify_file(weights)
             config.weights_file = weights
         return config
+
+
+def _weights_file(name_or_path: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> str | None:
+    """The adapter file beside the config: in the folder, or fetched from the Hub (PEFT fetches it next anyway).
+
+    None when there is none to check here; PEFT's own loading then reports what is missing.
+    """
+    local = os.path.join(name_or_path, subfolder or "", WEIGHTS_NAME)
+    if os.path.isfile(local):
+        return local
+    if os.path.isdir(name_or_path):
+        return None
+    try:
+        return hf_hub_download(name_or_path, WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
+    except Exception:  # noqa: BLE001 (offline, missing, or only a .bin: PEFT's loading raises its own error)
+        return None
 
 
 def _names(name: str, value: Any, allow_regex: bool) -> set[str] | list[str] | str | None:
