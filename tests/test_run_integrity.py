@@ -1,6 +1,6 @@
 """A sequence run's inputs and checkpoints: every problem is refused before any work, naming what to fix.
 
-Each test names the finding it guards; each fails on the code before this change.
+A test that names a finding (of the adversarial campaign on the earlier code) fails on that code.
 """
 
 import io

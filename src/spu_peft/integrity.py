@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -20,7 +21,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +71,24 @@ def verify_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 
 def seal_file(path: str | os.PathLike[str]) -> None:
-    """Record the digest of an adapter file's tensors in its metadata (rewritten through a temporary file)."""
+    """Record the digest of an adapter file's tensors in its metadata (rewritten through a temporary file).
+
+    Only the header changes: the tensor bytes are copied as they are, and the metadata is written in a fixed order
+    (safetensors' own writer orders it at random), so one adapter always gives the same file.
+    """
     tensors, metadata = read_safetensors(path)
     digest = tensor_digest(tensors)
     if metadata.get(DIGEST_KEY) == digest:
         return
+    data = Path(path).read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header.pop("__metadata__", None)
+    metadata = dict(sorted({**metadata, "format": "pt", DIGEST_KEY: digest}.items()))
+    text = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the tensor data starts 8-byte aligned, as safetensors writes it
     with replacing(path) as tmp:
-        save_file(tensors, tmp, metadata={**metadata, "format": "pt", DIGEST_KEY: digest})
+        Path(tmp).write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size :])
 
 
 @contextlib.contextmanager
