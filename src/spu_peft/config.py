@@ -189,6 +189,8 @@ class SPUConfig(PeftConfig):
         try:
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         except (ValueError, TypeError) as error:  # json.JSONDecodeError is a ValueError
+            if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+                raise  # nothing was read: PEFT's own message says what is missing
             raise ValueError(
                 f"{os.path.join(folder, CONFIG_NAME)}: {error}. The file is damaged or was edited; save the adapter "
                 "again, or restore the file from a copy."
