@@ -16,6 +16,7 @@ import PIL.Image
 import torch
 from accelerate import Accelerator
 
+from .fingerprint import RECIPE_VERSION
 from .settings import SequenceSettings
 from .tasks import class_incremental_split, task_indices
 
@@ -134,8 +135,9 @@ def _preprocess(dataset: datasets.Dataset, image_processor: Any, what: str, cont
     features = datasets.Features(
         {"labels": dataset.features["labels"], "pixel_values": datasets.Array3D(shape, "float32")}
     )
-    # the cache of preprocessed pixels is keyed by the images' content and the processor, never by file times
-    key = json.dumps(image_processor.to_dict(), sort_keys=True, default=str) + content
+    # the cache of preprocessed pixels is keyed by the images' content, the processor and the recipe (which fixes
+    # how images are decoded), never by file times
+    key = json.dumps(image_processor.to_dict(), sort_keys=True, default=str) + content + f"recipe {RECIPE_VERSION}"
     dataset = dataset.map(
         transform,
         batched=True,
