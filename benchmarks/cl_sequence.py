@@ -139,6 +139,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     given = {name: getattr(args, name) for name in SETTINGS_FLAGS if getattr(args, name) is not None}
     quick = {k: v for k, v in QUICK.items() if k not in given} if args.quick else {}
+    if args.quick and "replay_from_epoch" not in given:  # a smoke run's few epochs still reach replay
+        epochs = given.get("epochs", QUICK["epochs"])
+        start = PROTOCOLS.get(args.protocol, {}).get("replay_from_epoch", 0)
+        quick["replay_from_epoch"] = max(0, min(start, epochs - 1))
     names = [n.strip() for n in args.modules_to_save.split(",") if n.strip()]
     if not names:
         parser.error("--modules-to-save is empty; use 'default', 'none' or module names")

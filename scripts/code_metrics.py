@@ -19,8 +19,20 @@ FILE_LIMIT = 400
 # The layers of the house, lowest first: a module may import its own layer and the ones below, never one above.
 # The process-group helpers of `distributed` serve the adapter's own layer (sharded tensors), so they sit below it.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("kernels", ("config", "encoding", "sparse_linear", "optim_state", "distributed", "scoring", "memory")),
-    ("adapter", ("layer", "loading", "model", "compose", "hub")),
+    (
+        "kernels",
+        (
+            "config",
+            "encoding",
+            "sparse_linear",
+            "optim_state",
+            "distributed",
+            "scoring",
+            "memory",
+            "integrity",
+        ),
+    ),
+    ("adapter", ("layer", "naming", "loading", "model", "compose", "hub")),
     ("selection", ("selection", "trainer", "__init__")),
     ("continual", ("continual", "embedded")),
     ("studies", ("studies", "benchmarking", "analysis")),

@@ -63,7 +63,7 @@ def wrap(model: torch.nn.Module, engine: str) -> torch.nn.Module:
 
 def supports(model: torch.nn.Module) -> dict[str, list[int]]:
     return {
-        spu_peft.loading.relative_name(n): m.spu_indices["default"].tolist()
+        spu_peft.naming.relative_name(n): m.spu_indices["default"].tolist()
         for n, m in spu_peft.distributed.unwrap_replicated(model).named_modules()
         if isinstance(m, SPULayer)
     }
@@ -153,7 +153,7 @@ def finish(out: Path, rank: int, found: dict, trained: torch.Tensor, base_fc1: d
             if isinstance(m, SPULayer):
                 delta = m.get_delta_weight("default")
                 touched = set(torch.cat([i.long() for i, _ in m.sparse_deltas("default")]).tolist())
-                changed[spu_peft.loading.relative_name(n)] = bool(
+                changed[spu_peft.naming.relative_name(n)] = bool(
                     set(delta.flatten().nonzero().squeeze(1).tolist()) <= touched
                     and torch.equal(m.get_base_layer().weight, base_fc1[n])
                 )

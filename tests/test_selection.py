@@ -168,9 +168,10 @@ def test_a_reused_optimizer_keeps_training_after_a_global_reselection():
         model(**batch).logits_per_image.pow(2).mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-    select_parameters(model, loader(2))
+    moments = {n: optimizer.state[m.spu_values["default"]]["exp_avg"].shape for n, m in spu_layers(model).items()}
+    select_parameters(model, loader(2), optimizer=optimizer)  # SPU drops the state where it changes the entries
     values = {n: m.spu_values["default"] for n, m in spu_layers(model).items()}
-    assert any(optimizer.state[v]["exp_avg"].shape != v.shape for v in values.values())  # the sizes did change
+    assert any(moments[n] != v.shape for n, v in values.items())  # the sizes did change
     before = {n: v.detach().clone() for n, v in values.items()}
     model(**make_batch(5)).logits_per_image.pow(2).mean().backward()
     optimizer.step()

@@ -11,9 +11,7 @@ from .config import SPUConfig, SPUPeftType
 from .distributed import save_adapter, scalar_parameters
 from .hub import model_card_section, update_model_card
 from .layer import Linear, SPULayer
-from .loading import guard_set_peft_model_state_dict
 from .model import MODEL_TAGS, SPUModel
-from .optim_state import install_optimizer_hook
 from .selection import SCORES, SelectionReport, select_parameters
 from .trainer import SPUSelectionCallback
 
@@ -25,8 +23,6 @@ def _register() -> None:
     PEFT_TYPE_TO_CONFIG_MAPPING[SPUPeftType.SPU] = SPUConfig
     PEFT_TYPE_TO_TUNER_MAPPING[SPUPeftType.SPU] = SPUModel
     PEFT_TYPE_TO_PREFIX_MAPPING[SPUPeftType.SPU] = SPUModel.prefix
-    install_optimizer_hook()
-    guard_set_peft_model_state_dict()
 
 
 _register()

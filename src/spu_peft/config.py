@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import json
+import numbers
+import os
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+from huggingface_hub import hf_hub_download
 from peft.config import PeftConfig
+from peft.utils import CONFIG_NAME
+
+from .integrity import WEIGHTS_NAME, atomic_write_text, seal_file, verify_file
 
 
 class SPUPeftType(str, enum.Enum):
@@ -86,6 +93,8 @@ class SPUConfig(PeftConfig):
         selection (`Optional[dict]`):
             Filled in by `select_parameters`: the score, the share of data used and a description of the data, so
             a saved adapter says how its entries were chosen. Leave it `None`.
+
+    `SPUConfig.from_pretrained` also sets `weights_file`, the adapter file it found beside the config (not saved).
     """
 
     target_modules: list[str] | str | None = field(
@@ -115,12 +124,12 @@ class SPUConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = SPUPeftType.SPU
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
+        self.target_modules = _names("target_modules", self.target_modules, allow_regex=True)
+        self.exclude_modules = _names("exclude_modules", self.exclude_modules, allow_regex=True)
+        self.modules_to_save = _names("modules_to_save", self.modules_to_save, allow_regex=False)
+        if isinstance(self.density, bool) or not isinstance(self.density, numbers.Real):
             raise ValueError(f"`density` must be a number in (0, 1], got {self.density!r}")
+        self.density = float(self.density)
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"`density` must be in (0, 1], got {self.density}")
         if self.budget not in BUDGETS:
@@ -129,7 +138,91 @@ class SPUConfig(PeftConfig):
             raise ValueError(f"`bias` must be one of {BIAS_OPTIONS}, got {self.bias!r}")
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"`init_weights` must be True or False, got {self.init_weights!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}")
+        self.seed = int(self.seed)
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"`seed` must be in [0, 2**63), got {self.seed}")
+        if self.selection is not None and not isinstance(self.selection, dict):
+            raise ValueError(f"`selection` must be a dict written by select_parameters or None, got {self.selection!r}")
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The config as `adapter_config.json` holds it; a field JSON cannot hold raises a `ValueError` naming it."""
+        output = self.to_dict()
+        for key, value in output.items():
+            if isinstance(value, set):
+                output[key] = sorted(value)
+        for spec in fields(self):
+            try:
+                json.dumps(output[spec.name], allow_nan=False)
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"SPUConfig `{spec.name}` = {output[spec.name]!r} cannot be written to {CONFIG_NAME} ({error}); "
+                    "use strings, numbers, lists and dicts (e.g. a list instead of a set in a description)."
+                ) from error
+        return output
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write `adapter_config.json` through a temporary file, after checking that JSON can hold every field.
+
+        PEFT writes the weights first and the config last, so this also seals the folder: the digest of the adapter
+        file's tensors goes into its metadata (`spu_peft.integrity`), which loading verifies.
+        """
+        output = self.to_json_dict()
+        if (auto_mapping := kwargs.pop("auto_mapping_dict", None)) is not None:
+            output["auto_mapping"] = auto_mapping
+        if os.path.isfile(save_directory):
+            raise ValueError(f"`save_directory` {save_directory!r} is a file; pass a folder.")
+        weights = os.path.join(save_directory, WEIGHTS_NAME)
+        if os.path.isfile(weights):
+            seal_file(weights)
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(output, indent=2, sort_keys=True))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """PEFT's loader, then the adapter file is read and checked against its digest before any model changes.
+
+        The config remembers the file (`weights_file`), so the tuner can check its tensors against the model right
+        after injecting the layers, and undo the injection if they do not fit.
+        """
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except (ValueError, TypeError) as error:  # json.JSONDecodeError is a ValueError
+            if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+                raise  # nothing was read: PEFT's own message says what is missing
+            raise ValueError(
+                f"{os.path.join(folder, CONFIG_NAME)}: {error}. The file is damaged or was edited; save the adapter "
+                "again, or restore the file from a copy."
+            ) from error
+        weights = _weights_file(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
+        if weights is not None:
+            verify_file(weights)
+            config.weights_file = weights
+        return config
+
+
+def _weights_file(name_or_path: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> str | None:
+    """The adapter file beside the config: in the folder, or fetched from the Hub (PEFT fetches it next anyway).
+
+    None when there is none to check here; PEFT's own loading then reports what is missing.
+    """
+    local = os.path.join(name_or_path, subfolder or "", WEIGHTS_NAME)
+    if os.path.isfile(local):
+        return local
+    if os.path.isdir(name_or_path):
+        return None
+    try:
+        return hf_hub_download(name_or_path, WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
+    except Exception:  # noqa: BLE001 (offline, missing, or only a .bin: PEFT's loading raises its own error)
+        return None
+
+
+def _names(name: str, value: Any, allow_regex: bool) -> set[str] | list[str] | str | None:
+    """Module names as PEFT takes them: None, a list or set of strings, or (where PEFT allows) one regex string."""
+    if value is None or (allow_regex and isinstance(value, str)):
+        return value
+    if isinstance(value, (list, set, tuple)) and all(isinstance(item, str) and item for item in value):
+        return set(value) if allow_regex else list(value)
+    shape = "a list of module names or a regex string" if allow_regex else "a list of module names"
+    raise ValueError(f"`{name}` must be None or {shape}, got {value!r}")

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .integrity import save_pretrained_atomically
+
 FSDP1 = "fsdp1"
 FSDP2 = "fsdp2"
 # True while `save_adapter` saves a state dict it gathered whole, which a model holding FSDP1 shards may then save
@@ -205,7 +207,7 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def save_adapter(model: nn.Module, save_directory: str, **kwargs: Any) -> None:
-    """`save_pretrained` for the model as you hold it: plain, `DataParallel`/DDP, FSDP1 or FSDP2.
+    """`save_pretrained` for the model as you hold it: plain, `DataParallel`/DDP, FSDP1 or FSDP2; atomic.
 
     Sharded parameters are gathered into whole tensors first (FSDP1's full state dict, FSDP2's
     `get_model_state_dict(full_state_dict=True)`, offloaded from an accelerator to the CPU), then the main process
@@ -234,7 +236,7 @@ def save_adapter(model: nn.Module, save_directory: str, **kwargs: Any) -> None:
             kwargs["state_dict"] = state_dict
         token = gathered_state_dict.set(state_dict is not None)
         try:
-            runner.save_pretrained(save_directory, **kwargs)
+            save_pretrained_atomically(runner, save_directory, **kwargs)  # a failed save keeps the old adapter
         finally:
             gathered_state_dict.reset(token)
     if is_distributed():

@@ -57,8 +57,10 @@ def unpack_mask(packed: torch.Tensor, numel: int, where: str) -> torch.Tensor:
 
 def check_indices(indices: torch.Tensor, numel: int, where: str) -> torch.Tensor:
     """Validate stored flat indices and return them as int64; nothing out of range or duplicated gets through."""
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise ValueError(f"{where}: indices must have an integer dtype, got {indices.dtype}; the file is corrupt.")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"{where}: indices must have an integer dtype (int32 or int64), got {indices.dtype}; the file is corrupt."
+        )
     if indices.dim() != 1:
         raise ValueError(f"{where}: indices must be 1-D, got shape {tuple(indices.shape)}.")
     indices = indices.long()

@@ -14,7 +14,6 @@ from torch import nn
 from .config import SPUConfig
 from .distributed import full_tensor, is_sharded_tensor
 from .encoding import index_dtype
-from .optim_state import mark_support_changed
 from .scoring import scoring_linear
 from .sparse_linear import SparseDelta, compose_weight, sparse_delta_linear
 
@@ -147,8 +146,8 @@ class SPULayer(BaseTunerLayer):
 
         With `consolidate`, what the current values learned is first folded into the frozen delta, so it keeps
         acting on the output. The values keep their `Parameter` object, so an optimizer that already holds it (as
-        `Trainer`'s does) trains the new entries; its state for them (Adam's moments, which belonged to the old
-        entries) is dropped at that optimizer's next step (`spu_peft.optim_state`), as a fresh optimizer would have it.
+        `Trainer`'s does) trains the new entries; `select_parameters(..., optimizer=...)` drops that optimizer's state
+        for them (Adam's moments belonged to the old entries; `spu_peft.optim_state`).
         """
         device = self.get_base_layer().weight.device
         values = self.spu_values[adapter_name]
@@ -167,7 +166,6 @@ class SPULayer(BaseTunerLayer):
             else:
                 values.data = torch.zeros(indices.numel(), dtype=values.dtype, device=values.device)
         values.grad = None
-        mark_support_changed(values)
 
     def _fold_into_frozen(self, adapter_name: str) -> None:
         values = full_tensor(self.spu_values[adapter_name].detach())

@@ -1,18 +1,15 @@
-"""Reading an SPU adapter file safely: every tensor is decoded and checked before a single weight is written.
+"""Validating an SPU adapter file against the model it is loaded into, before a single weight is written.
 
 An adapter file holds, per SPU layer, the support of each sparse delta (a packed bit mask or int32 indices), its
 values and the bias delta, plus the dense `modules_to_save` and, with `bias="all"`, the model's biases. Anything
-missing, extra, non-finite, of the wrong length or made for another base raises a `ValueError` that names the
-module and the field. PEFT's `set_peft_model_state_dict` reads `modules_to_save` tensors before any tuner hook runs,
-so `guard_set_peft_model_state_dict` checks those first for SPU adapters (other adapter types pass through).
+missing, extra, of another dtype than its role allows, non-finite, too large for the model's dtype, of the wrong
+length or made for another base raises a `ValueError` that names the module and the field. The changes the file
+implies for the model (new supports, resized placeholders) are returned, to be made only once all of it passed.
 """
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import torch
 from peft.utils.other import AuxiliaryTrainingWrapper
@@ -21,10 +18,7 @@ from torch import nn
 from .config import SPUConfig
 from .encoding import check_indices, check_values, index_dtype, unpack_mask
 from .layer import SPULayer
-
-PEFT_PREFIX = "base_model.model."
-# Names that wrappers (FSDP1, activation checkpointing, torch.compile) insert into module paths but not into keys.
-_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+from .naming import PEFT_PREFIX, auxiliary_wrappers, relative_name, spu_layers
 
 # every per-adapter tensor of an SPU layer, as the model's state dict names it
 SPU_FIELDS = ("spu_indices", "spu_values", "spu_frozen_indices", "spu_frozen_values", "spu_bias")
@@ -33,32 +27,11 @@ SPARSE_FIELDS = (
     ("spu_indices", "spu_mask", "spu_values"),
     ("spu_frozen_indices", "spu_frozen_mask", "spu_frozen_values"),
 )
+# the float dtypes a stored weight may have; anything else is bits of another type read as numbers
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-
-def strip_wrappers(name: str) -> str:
-    """A module path or key without the segments wrappers insert (FSDP1 units, checkpointing, torch.compile)."""
-    for segment in _WRAPPER_SEGMENTS:
-        name = name.replace(segment, "")
-    return name
-
-
-def relative_name(module_name: str) -> str:
-    """A module's path as checkpoint keys spell it, without wrapper segments or PEFT's `base_model.model.`."""
-    return strip_wrappers(module_name).removeprefix(PEFT_PREFIX)
-
-
-def spu_layers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, SPULayer]]:
-    """(relative name, layer) of every SPU layer holding `adapter_name`."""
-    for name, module in model.named_modules():
-        if isinstance(module, SPULayer) and adapter_name in module.spu_indices:
-            yield relative_name(name), module
-
-
-def auxiliary_wrappers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, AuxiliaryTrainingWrapper]]:
-    """(relative name, wrapper) of every `modules_to_save`-style wrapper that holds a copy for `adapter_name`."""
-    for name, module in model.named_modules():
-        if isinstance(module, AuxiliaryTrainingWrapper) and adapter_name in getattr(module, "_adapters", ()):
-            yield relative_name(name), module
+# a change to the model that is made only once the whole file has been validated
+Change = Callable[[], None]
 
 
 def _where(module: str, field: str) -> str:
@@ -68,6 +41,26 @@ def _where(module: str, field: str) -> str:
 def _finite(tensor: torch.Tensor, where: str) -> None:
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
         raise ValueError(f"{where}: contains NaN or infinity; the file is corrupt.")
+
+
+def _check_float(tensor: torch.Tensor, where: str, dtype: torch.dtype) -> None:
+    """A stored weight must have a float dtype, be finite and be small enough for the model's `dtype`.
+
+    A value beyond the square root of the dtype's largest number overflows in its product with an activation of
+    the same size (1.8e19 for float32 and bfloat16, 256 for float16): no trained weight is that large.
+    """
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{where}: stored as {tensor.dtype}, but weights are stored as float16, bfloat16, float32 or float64; the "
+            "file's header was edited or it is corrupt."
+        )
+    _finite(tensor, where)
+    limit = torch.finfo(dtype).max ** 0.5 if dtype.is_floating_point else torch.finfo(torch.float32).max ** 0.5
+    if tensor.numel() and float(tensor.detach().abs().max()) > limit:
+        raise ValueError(
+            f"{where}: holds {float(tensor.detach().abs().max()):.3g}, beyond {limit:.3g}, the largest magnitude the "
+            f"model's {dtype} can multiply without overflow; the file is corrupt."
+        )
 
 
 class _AdapterFile:
@@ -88,17 +81,19 @@ class _AdapterFile:
 
 def decode_adapter_state_dict(
     model: nn.Module, config: SPUConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Validate an SPU adapter file against `model` and return it with supports decoded into index buffers.
+) -> tuple[dict[str, torch.Tensor], list[Change]]:
+    """Validate an SPU adapter file against `model`; return it with supports decoded, and the changes to make.
 
-    Keys come back in the checkpoint spelling (`base_model.model.<module>.<field>`); value placeholders of the
-    layers are resized to the file's counts (a global budget gives layers different counts), so `load_state_dict`
-    can fill them. Raises `ValueError` before anything is written if the file does not fit.
+    Nothing is written: keys come back in the checkpoint spelling (`base_model.model.<module>.<field>`) and the
+    changes (each layer's new support and the values placeholder resized to the file's count, which a global
+    budget makes differ between layers) are returned for the caller to apply once everything else has passed.
+    Raises `ValueError` naming the module and field if the file does not fit.
     """
     file = _AdapterFile(state_dict)
     decoded: dict[str, torch.Tensor] = {}
+    changes: list[Change] = []
     for name, layer in spu_layers(model, adapter_name):
-        decoded.update(_decode_layer(file, name, layer, adapter_name))
+        decoded.update(_decode_layer(file, name, layer, adapter_name, changes))
     for name, wrapper in auxiliary_wrappers(model, adapter_name):
         decoded.update(_take_auxiliary(file, name, wrapper, adapter_name))
     if config.bias == "all":
@@ -109,12 +104,19 @@ def decode_adapter_state_dict(
             f"SPU adapter file: {len(leftover)} tensor(s) this adapter does not have: {shown}. The file was made for "
             "another model or config, or was edited; load it onto the base model and config it was saved from."
         )
-    return decoded
+    return decoded, changes
 
 
-def _decode_layer(file: _AdapterFile, name: str, layer: SPULayer, adapter_name: str) -> dict[str, torch.Tensor]:
+def apply_changes(changes: list[Change]) -> None:
+    for change in changes:
+        change()
+
+
+def _decode_layer(
+    file: _AdapterFile, name: str, layer: SPULayer, adapter_name: str, changes: list[Change]
+) -> dict[str, torch.Tensor]:
     numel = layer.weight_numel
-    device = layer.get_base_layer().weight.device
+    base_dtype = layer.get_base_layer().weight.dtype
     out = {}
     for buffer_name, mask_name, values_name in SPARSE_FIELDS:
         mask = file.take(f"{name}.{mask_name}")
@@ -143,11 +145,12 @@ def _decode_layer(file: _AdapterFile, name: str, layer: SPULayer, adapter_name: 
         else:
             raise ValueError(f"{_where(name, buffer_name)}: the file has values but no support; it is corrupt.")
         check_values(values, support.numel(), _where(name, values_name))
+        placeholder = getattr(layer, values_name)[adapter_name]
+        _check_float(values, _where(name, values_name), _limit_dtype(placeholder.dtype, base_dtype))
         order = support.argsort()
-        support, values = support[order], values[order]
-        support = support.to(device=device, dtype=index_dtype(numel))
-        getattr(layer, buffer_name)[adapter_name] = support  # resizes the placeholder; load_state_dict fills it
-        _resize(layer, values_name, adapter_name, values.shape)
+        support, values = support[order], values[order].to(placeholder.dtype)
+        support = support.to(device=layer.get_base_layer().weight.device, dtype=index_dtype(numel))
+        changes.append(_layout_change(layer, buffer_name, values_name, adapter_name, support, values.shape))
         out[f"{PEFT_PREFIX}{name}.{buffer_name}"] = support
         out[f"{PEFT_PREFIX}{name}.{values_name}"] = values
     bias = file.take(f"{name}.spu_bias")
@@ -162,8 +165,9 @@ def _decode_layer(file: _AdapterFile, name: str, layer: SPULayer, adapter_name: 
                 f"{_where(name, 'spu_bias')}: shape {tuple(bias.shape)} in the file but ({layer.out_features},) in the "
                 "model; the adapter was made for a different base model."
             )
-        _finite(bias, _where(name, "spu_bias"))
-        out[f"{PEFT_PREFIX}{name}.spu_bias"] = bias
+        placeholder = layer.spu_bias[adapter_name]
+        _check_float(bias, _where(name, "spu_bias"), _limit_dtype(placeholder.dtype, base_dtype))
+        out[f"{PEFT_PREFIX}{name}.spu_bias"] = bias.to(placeholder.dtype)
     elif bias is not None:
         raise ValueError(
             f"{_where(name, 'spu_bias')}: the file has a bias delta but this adapter's config trains no bias here "
@@ -172,8 +176,27 @@ def _decode_layer(file: _AdapterFile, name: str, layer: SPULayer, adapter_name: 
     return out
 
 
+def _limit_dtype(stored: torch.dtype, base: torch.dtype) -> torch.dtype:
+    """The narrower of an adapter tensor's dtype and the base weight's: the delta acts in both."""
+    if not base.is_floating_point:
+        return stored
+    return base if torch.finfo(base).max < torch.finfo(stored).max else stored
+
+
 def layer_bias_setting(layer: SPULayer, adapter_name: str) -> str:
     return "spu_only" if adapter_name in layer.spu_bias else "none or all, or the base layer has no bias"
+
+
+def _layout_change(
+    layer: SPULayer, buffer_name: str, values_name: str, adapter_name: str, support: torch.Tensor, shape: torch.Size
+) -> Change:
+    """Install the file's support and give the values placeholder its length (load_state_dict then fills it)."""
+
+    def change() -> None:
+        getattr(layer, buffer_name)[adapter_name] = support
+        _resize(layer, values_name, adapter_name, shape)
+
+    return change
 
 
 def _resize(layer: SPULayer, field: str, adapter_name: str, shape: torch.Size) -> None:
@@ -193,15 +216,21 @@ def _resize(layer: SPULayer, field: str, adapter_name: str, shape: torch.Size) -
 def _take_auxiliary(
     file: _AdapterFile, name: str, wrapper: AuxiliaryTrainingWrapper, adapter_name: str
 ) -> dict[str, torch.Tensor]:
-    """The dense `modules_to_save` tensors, already renamed to the model's keys by PEFT."""
+    """The dense `modules_to_save` tensors (under the model's keys where PEFT renamed them already)."""
     out = {}
+    model_tensors = dict(wrapper.named_parameters()) | dict(wrapper.named_buffers())
     for checkpoint_key, model_key in wrapper.adapter_state_dict_load_map(adapter_name).items():
         tensor = file.take(f"{name}.{model_key}")
         if tensor is None:
             tensor = file.take(f"{name}.{checkpoint_key}")
         if tensor is None:
             raise _missing_auxiliary(name, checkpoint_key)
-        _finite(tensor, _where(name, checkpoint_key))
+        target = model_tensors.get(model_key)
+        if target is not None and target.is_floating_point():
+            _check_float(tensor, _where(name, checkpoint_key), target.dtype)
+            tensor = tensor.to(target.dtype)  # what load_state_dict would do; also when it assigns (meta placeholders)
+        else:
+            _finite(tensor, _where(name, checkpoint_key))
         out[f"{PEFT_PREFIX}{name}.{model_key}"] = tensor
     return out
 
@@ -214,9 +243,9 @@ def _missing_auxiliary(name: str, key: str) -> ValueError:
 
 
 def _take_learnable_biases(file: _AdapterFile, model: nn.Module) -> dict[str, torch.Tensor]:
-    """With `bias="all"`, the model's own biases travel in the file: each must be there and finite."""
+    """With `bias="all"`, the model's own biases travel in the file: each must be there, a float and finite."""
     out = {}
-    for key, _ in model.named_parameters():
+    for key, parameter in model.named_parameters():
         key = relative_name(key)
         if not (key == "bias" or key.endswith(".bias")) or ".modules_to_save." in key or ".original_module." in key:
             continue
@@ -225,62 +254,23 @@ def _take_learnable_biases(file: _AdapterFile, model: nn.Module) -> dict[str, to
             raise ValueError(
                 f"SPU adapter file, `{key}`: the adapter has bias='all' but the file lacks this bias; it is corrupt."
             )
-        _finite(tensor, f"SPU adapter file, `{key}`")
-        out[PEFT_PREFIX + key] = tensor
+        _check_float(tensor, f"SPU adapter file, `{key}`", parameter.dtype)
+        out[PEFT_PREFIX + key] = tensor.to(parameter.dtype)
     return out
 
 
 def check_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Turn shape mismatches (an adapter made for another base) into a clear error before torch raises one."""
+    """Turn shape mismatches (an adapter made for another base) into a clear error before torch raises one.
+
+    SPU's own tensors were checked by the decoder (their placeholders take the file's length), so only the dense
+    tensors (`modules_to_save`, `bias="all"`) are compared here.
+    """
     model_state = {relative_name(k): v for k, v in model.state_dict().items()}
     for key, tensor in state_dict.items():
-        target = model_state.get(relative_name(key))
-        if target is not None and target.shape != tensor.shape:
+        name = relative_name(key)
+        target = model_state.get(name)
+        if target is not None and ".spu_" not in name and target.shape != tensor.shape:
             raise ValueError(
-                f"SPU adapter file, `{relative_name(key)}`: shape {tuple(tensor.shape)} in the file but "
+                f"SPU adapter file, `{name}`: shape {tuple(tensor.shape)} in the file but "
                 f"{tuple(target.shape)} in the model; the adapter was made for a different base model."
             )
-
-
-# ---- PEFT reads `modules_to_save` tensors before any tuner hook: check them first -----------------------------------
-
-
-def check_auxiliary_tensors(model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str) -> None:
-    """Raise a clear `ValueError` for a `modules_to_save` tensor the file lacks (PEFT would raise a bare KeyError)."""
-    for name, module in model.named_modules():
-        if not isinstance(module, AuxiliaryTrainingWrapper):
-            continue
-        lookup = name.removeprefix("_fsdp_wrapped_module.")
-        for key in module.adapter_state_dict_load_map(adapter_name):
-            if f"{lookup}.{key}" not in state_dict:
-                raise _missing_auxiliary(relative_name(lookup), key)
-
-
-def _guarded(original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
-    def set_peft_model_state_dict(model, peft_model_state_dict, adapter_name="default", *args, **kwargs):
-        config = getattr(model, "peft_config", {}).get(adapter_name)
-        if isinstance(config, SPUConfig):
-            check_auxiliary_tensors(model, peft_model_state_dict, adapter_name)
-        return original(model, peft_model_state_dict, adapter_name, *args, **kwargs)
-
-    set_peft_model_state_dict.__wrapped_by_spu__ = True
-    return set_peft_model_state_dict
-
-
-def guard_set_peft_model_state_dict() -> None:
-    """Wrap `peft.set_peft_model_state_dict` wherever PEFT's modules hold it (idempotent).
-
-    Only SPU adapters get the extra check; every other adapter type calls PEFT's function unchanged.
-    """
-    from peft.utils import save_and_load
-
-    original = save_and_load.set_peft_model_state_dict
-    if getattr(original, "__wrapped_by_spu__", False):
-        return
-    guarded = _guarded(original)
-    for module_name, module in list(sys.modules.items()):
-        if (module_name == "peft" or module_name.startswith("peft.")) and (
-            getattr(module, "set_peft_model_state_dict", None) is original
-        ):
-            module.set_peft_model_state_dict = guarded

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import CONFIG_NAME, _get_submodules
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .config import (
@@ -13,16 +17,10 @@ from .config import (
 )
 from .distributed import holds_fsdp1_shards, is_sharded_tensor
 from .encoding import mask_is_smaller, pack_mask
+from .integrity import verify_file
 from .layer import Linear, SPULayer
-from .loading import (
-    PEFT_PREFIX,
-    SPARSE_FIELDS,
-    SPU_FIELDS,
-    check_shapes,
-    decode_adapter_state_dict,
-    spu_layers,
-    strip_wrappers,
-)
+from .loading import SPARSE_FIELDS, SPU_FIELDS, apply_changes, check_shapes, decode_adapter_state_dict
+from .naming import PEFT_PREFIX, relative_name, spu_layers, strip_wrappers
 
 MODEL_TAGS = ["spu", "selective-parameter-update", "continual-learning"]
 
@@ -66,6 +64,13 @@ class SPUModel(BaseTuner):
         if peft_config.modules_to_save is None:
             defaults = TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING.get(model_type)
             peft_config.modules_to_save = list(defaults) if defaults else None
+        names = [relative_name(name) for name, _ in self.model.named_modules()]
+        for wanted in peft_config.modules_to_save or ():
+            if not any(name == wanted or name.endswith("." + wanted) for name in names):
+                raise ValueError(
+                    f"`modules_to_save` names {wanted!r}, which matches no module of the model (PEFT would ignore it "
+                    "and train nothing there); name a module such as the model's projection, or pass []."
+                )
         return peft_config
 
     def _check_new_adapter_config(self, config: SPUConfig) -> None:
@@ -78,17 +83,63 @@ class SPUModel(BaseTuner):
             )
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        """Freeze everything but the adapter tensors. `spu_only` trains `spu_bias`, not PEFT's shared base bias, so
-        it is hidden from PEFT's `*_only` rule; `all` keeps PEFT's meaning (every bias of the model trains)."""
-        saved = {name: config.bias for name, config in self.peft_config.items()}
-        for config in self.peft_config.values():
-            if config.bias == "spu_only":
-                config.bias = "none"
+        """Freeze everything but the adapter tensors and the `modules_to_save` copies (which manage their own).
+
+        `spu_only` trains each adapter's `spu_bias`, so the base biases stay frozen (PEFT's `*_only` rule would make
+        them trainable, shared by all adapters); `all` keeps PEFT's meaning: every bias of the model trains.
+        """
+        kept = {
+            id(parameter)
+            for module in model.modules()
+            if isinstance(module, SPULayer)
+            for field in module.adapter_layer_names
+            for parameter in getattr(module, field).parameters()
+        }
+        kept |= {id(p) for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper) for p in m.parameters()}
+        for parameter in model.parameters():
+            if id(parameter) not in kept:
+                parameter.requires_grad = False
+        if any(self.peft_config[name].bias == "all" for name in self.active_adapters if name in self.peft_config):
+            for name, parameter in model.named_parameters():
+                if name == "bias" or name.endswith(".bias"):
+                    parameter.requires_grad = True
+        for module in model.modules():
+            if isinstance(module, SPULayer):
+                module._freeze_non_trainable_peft_weights()
+
+    # ---- loading from a file: validated against the model before any weight is written, undone when refused -----
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """PEFT's injection; for an adapter read from a file (`SPUConfig.from_pretrained`), the whole file is then
+        checked against the injected layers, and a refused file leaves the model as it was before the injection."""
+        config = self.peft_config[adapter_name]
+        source = getattr(config, "weights_file", None)
+        if source is None:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+            return
+        first = not any(isinstance(module, SPULayer) for module in model.modules())
+        requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
+        self._pending_loads = {**getattr(self, "_pending_loads", {}), adapter_name: (first, requires_grad)}
         try:
-            super()._mark_only_adapters_as_trainable(model)
-        finally:
-            for name, config in self.peft_config.items():
-                config.bias = saved[name]
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+            decode_adapter_state_dict(model, config, adapter_name, verify_file(source))
+        except ValueError as error:
+            self.undo_injection(adapter_name)
+            if "SPU adapter file" in str(error):
+                raise
+            raise ValueError(f"{os.path.join(os.path.dirname(source), CONFIG_NAME)}: {error}") from error
+
+    def undo_injection(self, adapter_name: str) -> None:
+        """Remove an adapter whose file was refused: its layers (all of them, if it was the first adapter), its
+        `modules_to_save` copies and its config, and give every parameter back its `requires_grad`."""
+        first, requires_grad = self._pending_loads.pop(adapter_name)
+        if first:
+            _restore_original_modules(self.model)
+        else:
+            self.delete_adapter(adapter_name)
+        self.peft_config.pop(adapter_name, None)
+        for parameter, flag in requires_grad.items():
+            parameter.requires_grad = flag
 
     def disable_adapter_layers(self) -> None:
         """Disable all adapters. SPU's `spu_only` bias deltas are per adapter, so the output is exactly the base
@@ -143,6 +194,7 @@ class SPUModel(BaseTuner):
         Keys are matched after removing wrapper segments, so a model whose blocks are nested FSDP1 units saves every
         layer (PEFT's own key discovery strips only a leading `_fsdp_wrapped_module.` and would silently drop them).
         """
+        config.to_json_dict()  # refuses a config that JSON cannot hold before PEFT writes a byte
         if holds_fsdp1_shards(model):
             raise _sharded_error("the model is wrapped in FSDP1 (FullyShardedDataParallel)")
         by_name = {strip_wrappers(key): key for key in state_dict}
@@ -171,11 +223,43 @@ class SPUModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Decode and validate the whole file (`spu_peft.loading`) before `load_state_dict` sees any of it."""
-        decoded = decode_adapter_state_dict(model, config, adapter_name, state_dict)
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, decoded)
-        check_shapes(model, remapped)
+        """Decode and validate the whole file (`spu_peft.loading`); only then resize the layers for
+        `load_state_dict`. A refused file leaves the adapter as it was (and undoes a fresh injection)."""
+        tuner = getattr(model, "base_model", model)
+        pending = isinstance(tuner, SPUModel) and adapter_name in getattr(tuner, "_pending_loads", {})
+        try:
+            decoded, changes = decode_adapter_state_dict(model, config, adapter_name, state_dict)
+            remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, decoded)
+            check_shapes(model, remapped)
+        except ValueError:
+            if pending:
+                tuner.undo_injection(adapter_name)
+            raise
+        apply_changes(changes)
+        if pending:
+            del tuner._pending_loads[adapter_name]
+            config.weights_file = None
         return remapped
+
+
+def _restore_original_modules(model: nn.Module) -> None:
+    """Put back the very module objects the injection wrapped (SPU layers' base layers, `modules_to_save`
+    originals; PEFT's `unload` would return the trained copies), so the caller's model is as it was."""
+    replaced: list[str] = []
+    for key, module in list(model.named_modules()):
+        if any(key.startswith(prefix + ".") for prefix in replaced):
+            continue
+        if isinstance(module, SPULayer):
+            original = module.get_base_layer()
+        elif isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "original_module"):
+            original = module.original_module
+        else:
+            continue
+        parent, _, name = _get_submodules(model, key)
+        setattr(parent, name, original)
+        replaced.append(key)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
 
 
 def _check_dense_modules_can_combine(peft_config: dict, names: list[str]) -> None:

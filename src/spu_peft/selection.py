@@ -30,7 +30,8 @@ from .distributed import (
     whole_parameters,
 )
 from .layer import SPULayer, num_selected
-from .loading import PEFT_PREFIX, spu_layers
+from .naming import PEFT_PREFIX, spu_layers
+from .optim_state import drop_state
 from .scoring import ScoreSums
 from .sparse_linear import compose_weight
 
@@ -75,6 +76,7 @@ def select_parameters(
     description: str | None = None,
     score_dtype: torch.dtype = torch.float32,
     score_device: torch.device | str | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> SelectionReport:
     """Score every entry of the adapter's target weights on task data and train only the top ones from now on.
 
@@ -100,12 +102,16 @@ def select_parameters(
         score_dtype: dtype of the score sums. `torch.float32` is the paper's score; `torch.bfloat16` halves their
             memory and may change a few entries near the threshold.
         score_device: where the score sums live (default: each layer's device); `"cpu"` keeps them off the GPU.
+        optimizer: an optimizer that already holds the adapter's values (one reused over tasks); its state for them
+            (Adam's moments, which belonged to the old entries) is dropped, as a fresh optimizer would have it.
 
     Returns:
         A [`SelectionReport`]. The adapter's values are zeroed in place (same `Parameter` objects, resized only under
-        a global budget); an optimizer that holds them drops their stale state at its next step.
+        a global budget), so an optimizer that holds them trains the new entries.
     """
     _check_arguments(score, fraction, max_batches, score_dtype)
+    if description is not None and not isinstance(description, str):
+        raise ValueError(f"`description` must be a string (it is saved in adapter_config.json), got {description!r}")
     refuse_deepspeed(model)
     runner = unwrap_replicated(model)
     engine = sharding_engine(runner)
@@ -113,6 +119,10 @@ def select_parameters(
     layers = dict(spu_layers(runner, adapter_name))
     if not layers:
         raise ValueError(f"The model has no SPU layer holding adapter {adapter_name!r}.")
+    if any(layer.disable_adapters for layer in layers.values()):
+        raise ValueError("The adapters are disabled (inside `disable_adapter()`); select outside that block.")
+    if torch.is_inference_mode_enabled():
+        raise ValueError("`select_parameters` needs gradients; call it outside `torch.inference_mode()`.")
     if any(layer.merged for layer in layers.values()):
         raise ValueError("The adapter is merged into the base weights; call `unmerge_adapter()` before selecting.")
     if engine is not None and config.budget == "global":
@@ -126,9 +136,10 @@ def select_parameters(
     if score in GRADIENT_SCORES:
         if dataloader is None:
             raise ValueError(f"score={score!r} needs a `dataloader` of task data; only 'magnitude' and 'random' do not")
-        sums, num_batches = _gradient_score_sums(
-            runner, layers, dataloader, score, fraction, max_batches, engine, score_dtype, score_device
-        )
+        with torch.enable_grad():  # also under a caller's `torch.no_grad()`: scores are gradients
+            sums, num_batches = _gradient_score_sums(
+                runner, layers, dataloader, score, fraction, max_batches, engine, score_dtype, score_device
+            )
         scores = _LazyScores(layers, lambda name, layer: (sums.whole(name, _device(layer)) / num_batches).abs())
     elif score == "magnitude":
         scores = _LazyScores(layers, lambda name, layer: _effective_weight(runner, layer, engine).abs().float())
@@ -140,6 +151,7 @@ def select_parameters(
     score_seconds = time.perf_counter() - start
 
     supports = _select_and_apply(runner, layers, scores, config, adapter_name, consolidate, engine)
+    drop_state(optimizer, [layer.spu_values[adapter_name] for layer in layers.values()])
 
     previous = config.selection or {}
     config.selection = {

@@ -39,11 +39,11 @@ class SPUSelectionCallback(TrainerCallback):
         )
         self.report: SelectionReport | None = None
 
-    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs: Any):
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, optimizer=None, **kwargs: Any):
         if state.global_step > 0:
             logger.info("Resumed at step %d: keeping the SPU entries from the checkpoint.", state.global_step)
             return control
         if model is None or train_dataloader is None:
             raise ValueError("SPUSelectionCallback needs the Trainer's model and train dataloader.")
-        self.report = select_parameters(model, train_dataloader, **self.kwargs)
+        self.report = select_parameters(model, train_dataloader, optimizer=optimizer, **self.kwargs)
         return control

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..loading import relative_name
+from ..naming import relative_name
 from .tracing import forward_hooks
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from peft import PeftModel
 from torch import nn
 
-from ..loading import spu_layers
+from ..naming import spu_layers
 from ..studies.overlap import shared, tower_layers
 
 ADAPTER_DIR = re.compile(r"adapter_task(\d+)$")

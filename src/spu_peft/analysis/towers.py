@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..loading import relative_name
+from ..naming import relative_name
 
 # Stacks of blocks, as `<tower>.<stack>.<i>`.
 BLOCK_STACKS = ("encoder.layers", "encoder.layer", "layers", "layer")

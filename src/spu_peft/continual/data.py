@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import numpy as np
+import PIL.Image
 import torch
 from accelerate import Accelerator
 
+from .fingerprint import RECIPE_VERSION
 from .settings import SequenceSettings
 from .tasks import class_incremental_split, task_indices
 
@@ -46,28 +50,133 @@ def label_names(dataset: datasets.Dataset, label_column: str, shown_as: str | No
 def _standardise(dataset: datasets.Dataset, image_column: str, label_column: str, what: str) -> datasets.Dataset:
     missing = [c for c in (image_column, label_column) if c not in dataset.column_names]
     if missing:
+        hint = (
+            "; an image folder has a label column only with one sub-folder per class (two or more), each holding "
+            "its images directly"
+            if label_column in missing
+            else ""
+        )
         raise ValueError(
             f"{what} has no column(s) {missing}; its columns are {dataset.column_names} "
-            "(set `image_column` / `label_column`)"
+            f"(set `image_column` / `label_column`){hint}"
         )
     dataset = dataset.select_columns([image_column, label_column])
     if image_column != "image":
         dataset = dataset.rename_column(image_column, "image")
-    return dataset.rename_column(label_column, "labels") if label_column != "labels" else dataset
+    dataset = dataset.rename_column(label_column, "labels") if label_column != "labels" else dataset
+    if isinstance(dataset.features["image"], datasets.Image):  # decoded here, so a bad file is named
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    return dataset
 
 
-def _preprocess(dataset: datasets.Dataset, image_processor: Any) -> datasets.Dataset:
-    def transform(batch):
-        images = [image.convert("RGB") for image in batch["image"]]
+def _open(value: Any, where: str) -> PIL.Image.Image:
+    """A stored image (`datasets.Image` undecoded: bytes or a path), or one already decoded, as a PIL image."""
+    if isinstance(value, PIL.Image.Image):
+        return value
+    where = value.get("path") or where
+    try:
+        image = PIL.Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+        image.load()
+    except Exception as error:  # PIL raises OSError, DecompressionBombError, SyntaxError... all without the path
+        raise ValueError(f"{where}: cannot be read as an image ({error}); replace or remove it") from error
+    return image
+
+
+def _rgb(image: PIL.Image.Image, where: str) -> PIL.Image.Image:
+    """8-bit RGB. 16-bit images are scaled (PIL's `convert` would saturate them); floats have no range to scale."""
+    if image.mode.startswith("I"):
+        array = np.asarray(image).astype(np.int64)
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise ValueError(f"{where}: a 32-bit integer image (values beyond 0..65535); save it with 8 or 16 bits")
+        image = PIL.Image.fromarray(((array + 128) // 257).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        raise ValueError(f"{where}: a floating-point image (mode F) has no standard range; save it with 8 or 16 bits")
+    try:
+        return image.convert("RGB")
+    except ValueError as error:
+        raise ValueError(f"{where}: image mode {image.mode} cannot be converted to RGB ({error})") from error
+
+
+def content_digest(dataset: datasets.Dataset, what: str) -> str:
+    """SHA-256 of every example's encoded image and label, in order: the data's identity follows its content
+    (`datasets` fingerprints a folder by its paths and modification times)."""
+    digest = hashlib.sha256()
+    for start in range(0, len(dataset), 1024):
+        rows = dataset[start : start + 1024]
+        for position, (value, label) in enumerate(zip(rows["image"], rows["labels"]), start):
+            if isinstance(value, dict):
+                data = value.get("bytes") or _read(value.get("path"), f"{what}, image {position}")
+            else:
+                data = _open(value, what).tobytes()
+            digest.update(len(data).to_bytes(8, "little") + data + f"|{label}|".encode())
+    return digest.hexdigest()
+
+
+def _read(path: str | None, where: str) -> bytes:
+    try:
+        with open(path or "", "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        raise ValueError(f"{path or where}: cannot be read ({error}); replace or remove it") from error
+
+
+def _preprocess(dataset: datasets.Dataset, image_processor: Any, what: str, content: str) -> datasets.Dataset:
+    def transform(batch, indices):
+        images = [
+            _rgb(image, where)
+            for value, index in zip(batch["image"], indices)
+            for where in [value.get("path") if isinstance(value, dict) and value.get("path") else f"{what} #{index}"]
+            for image in [_open(value, where)]
+        ]
         return {"pixel_values": image_processor(images=images, return_tensors="np")["pixel_values"]}
 
     # A fixed-shape Array3D feature makes reads one numpy conversion instead of one tensor per pixel.
-    shape = transform(dataset[:1])["pixel_values"].shape[1:]
+    shape = transform(dataset[:1], [0])["pixel_values"].shape[1:]
     features = datasets.Features(
         {"labels": dataset.features["labels"], "pixel_values": datasets.Array3D(shape, "float32")}
     )
-    dataset = dataset.map(transform, batched=True, batch_size=512, remove_columns=["image"], features=features)
+    # the cache of preprocessed pixels is keyed by the images' content, the processor and the recipe (which fixes
+    # how images are decoded), never by file times
+    key = json.dumps(image_processor.to_dict(), sort_keys=True, default=str) + content + f"recipe {RECIPE_VERSION}"
+    dataset = dataset.map(
+        transform,
+        batched=True,
+        batch_size=512,
+        with_indices=True,
+        remove_columns=["image"],
+        features=features,
+        new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
+    )
     return dataset.with_format("torch", columns=["pixel_values", "labels"])
+
+
+def check_class_names(
+    names: Sequence[str], labels: Sequence[int], tokenizer: Any, what: str, every_label: bool = True
+) -> None:
+    """Refuse class names that cannot stand for the labels: a wrong count, empty or repeated names, or names the
+    text tower cannot tell apart (`Cat` and `cat` tokenize identically in CLIP). With `every_label`, each name
+    must have examples (a sampled control set may miss some)."""
+    for position, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"`class_names` of {what}: name {position} is empty ({name!r}); give every class a name")
+    if len(set(names)) != len(names):
+        repeated = sorted({n for n in names if list(names).count(n) > 1})
+        raise ValueError(f"`class_names` of {what} repeat {repeated}; each class needs its own name")
+    present = set(labels)
+    if present - set(range(len(names))) or (every_label and present != set(range(len(names)))):
+        raise ValueError(
+            f"`class_names` of {what}: {len(names)} names for the labels {sorted(present)}; give exactly one name per "
+            "label, in label order"
+        )
+    seen: dict[tuple[int, ...], str] = {}
+    for name in names:
+        ids = tuple(tokenizer(name)["input_ids"])
+        if ids in seen:
+            raise ValueError(
+                f"`class_names` of {what}: {seen[ids]!r} and {name!r} tokenize identically, so the model cannot tell "
+                "them apart; rename one"
+            )
+        seen[ids] = name
 
 
 def _processor_identity(processor: Any) -> str:
@@ -96,12 +205,14 @@ def prepare_sequence_data(
     domain, never trained on) has its image and label columns in `control_columns`. Every problem of the data
     raises `ValueError` here, before any training.
     """
-    fingerprints = {"train": train._fingerprint, "test": test._fingerprint}
-    fingerprints["control"] = None if control is None else control._fingerprint
     train = _standardise(train, image_column, label_column, "the train split")
     test = _standardise(test, image_column, label_column, "the test split")
     class_names = list(class_names) if class_names else label_names(train, "labels", label_column)
-    identity = {**fingerprints, "class_names": class_names, "processor": _processor_identity(processor)}
+    tokenizer = processor.tokenizer
+    check_class_names(class_names, [*train["labels"], *test["labels"]], tokenizer, "the dataset")
+    train_id, test_id = content_digest(train, "the train split"), content_digest(test, "the test split")
+    identity = {"train": train_id, "test": test_id, "control": None}
+    identity.update(class_names=class_names, processor=_processor_identity(processor))
     if settings.num_tasks > len(class_names):
         raise ValueError(f"`num_tasks` {settings.num_tasks} exceeds the {len(class_names)} classes of the dataset")
     tasks = class_incremental_split(len(class_names), settings.num_tasks, seed=settings.seed)
@@ -119,15 +230,17 @@ def prepare_sequence_data(
     names: list[str] = []
     if control is not None:
         control = _standardise(control, *control_columns, "the control set")
-        names = control_class_names or label_names(control, "labels", control_columns[1])
-        names = list(names)
+        names = list(control_class_names or label_names(control, "labels", control_columns[1]))
+        check_class_names(names, list(control["labels"]), tokenizer, "the control set", every_label=False)
         if settings.max_control is not None and settings.max_control < len(control):
             control = control.shuffle(seed=settings.seed).select(range(settings.max_control))
     context = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
     with context:
-        train, test = _preprocess(train, processor.image_processor), _preprocess(test, processor.image_processor)
+        train = _preprocess(train, processor.image_processor, "the train split", train_id)
+        test = _preprocess(test, processor.image_processor, "the test split", test_id)
         if control is not None:
-            control = _preprocess(control, processor.image_processor)
+            identity["control"] = content_digest(control, "the control set")
+            control = _preprocess(control, processor.image_processor, "the control set", identity["control"])
     return SequenceData(train, test, class_names, tasks, train_indices, test_indices, control, names, identity)
 
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text
+from ..integrity import atomic_write_text
 from .metrics import continual_metrics
 
 CSV_COLUMNS = (

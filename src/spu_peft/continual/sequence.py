@@ -35,11 +35,12 @@ from tqdm.auto import tqdm
 
 from ..memory import peak_memory, reset_peak_memory
 from .checkpoint import (
+    claim_output_dir,
     fresh_tmp,
-    latest_checkpoint,
     load_method_state,
-    load_weights,
+    release_output_dir,
     replace_directory,
+    resume_run,
     save_weights,
     write_checkpoint,
 )
@@ -224,11 +225,11 @@ def run_method(
     hooks = make_hooks(method.hooks, settings)
     state: dict[str, Any] = {"acc_matrix": [], "control_acc": [], "losses": [], "buffer": None, "selections": []}
     state["wall_s"] = 0.0
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        state, folder = checkpoint
+    trained = model if method.trains else None
+    resumed = resume_run(run_dir, trained, method.save_task_adapters, accelerator.is_main_process) if resume else None
+    if resumed is not None:
+        state, folder = resumed
         if method.trains:
-            load_weights(model, folder / "weights")
             hooks.load_state_dict(load_method_state(folder))
         logger.info(f"{label}: resuming after task {len(state['acc_matrix'])}", main_process_only=True)
     buffer = TaskBalancedReplayBuffer(settings.buffer_size, seed=settings.seed)
@@ -351,6 +352,8 @@ def run_sequence(
         raise ValueError(f"`workers` > 1 needs a single CPU process, and at least 1; got {workers}")
     check_modules_to_save(model, settings)
     output_dir = Path(output_dir)
+    if accelerator.is_main_process:
+        claim_output_dir(output_dir)  # a second run into this folder stops here, naming this process
     fingerprint = sequence_fingerprint(settings, model_identity(model), data.identity)
     check_fingerprint(output_dir, fingerprint, resume, write=False)
     accelerator.wait_for_everyone()
@@ -399,5 +402,6 @@ def run_sequence(
             result["sweep"].sort(key=lambda p: p["lr"])
     if accelerator.is_main_process:
         write_outputs(output_dir, config, results, plots=plots)
+        release_output_dir(output_dir)
     accelerator.wait_for_everyone()
     return results

@@ -7,8 +7,14 @@ into the run's fingerprint: what a run does with them is fixed by `RECIPE_VERSIO
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..selection import SCORES
+from .evaluation import CAPTION_TEMPLATE
+from .numerics import NUMERICS_MODES
 
 LOSSES = ("caption", "clip")
 LR_SCHEDULES = ("constant", "reference_cosine")
@@ -71,8 +77,8 @@ class SequenceSettings:
     score_fraction: float = 0.25
     score_batch_size: int | None = None
     lora_rank: int | None = None
-    caption_template: str = "a photo of a {}."
-    templates: tuple[str, ...] = field(default=("a photo of a {}.",))
+    caption_template: str = CAPTION_TEMPLATE
+    templates: tuple[str, ...] = field(default=(CAPTION_TEMPLATE,))
     max_train_per_task: int | None = None
     max_test_per_task: int | None = None
     max_control: int | None = None
@@ -80,31 +86,39 @@ class SequenceSettings:
     numerics: str = "reproducible"
 
     def __post_init__(self) -> None:
+        """Refuse, before any work, every value the run could not use as meant, naming the field and the fix."""
         for name in ("num_tasks", "epochs", "batch_size", "replay_batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}")
+            _integer(name, getattr(self, name), minimum=1)
         for name in ("score_batch_size", "lora_rank", "max_train_per_task", "max_test_per_task", "max_control"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be at least 1 (or unset), got {getattr(self, name)}")
-        if self.buffer_size < 0 or self.replay_from_epoch < 0:
-            raise ValueError("`buffer_size` and `replay_from_epoch` must not be negative")
+            if getattr(self, name) is not None:
+                _integer(name, getattr(self, name), minimum=1, unset=" (or unset)")
+        for name in ("buffer_size", "replay_from_epoch"):
+            _integer(name, getattr(self, name), minimum=0)
+        _integer("seed", self.seed, minimum=0, maximum=2**32 - 1)
         for name in ("density", "score_fraction"):
-            if not 0 < getattr(self, name) <= 1:
+            if not 0 < _real(name, getattr(self, name)) <= 1:
                 raise ValueError(f"`{name}` must be in (0, 1], got {getattr(self, name)}")
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"`lr` must be positive, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"`weight_decay` must not be negative, got {self.weight_decay}")
-        choices = {"loss": LOSSES, "lr_schedule": LR_SCHEDULES, "numerics": ("reproducible", "native")}
+        if self.lr is not None and not _real("lr", self.lr) > 0:
+            raise ValueError(f"`lr` must be a positive finite number (or unset), got {self.lr}")
+        if not _real("weight_decay", self.weight_decay) >= 0:
+            raise ValueError(f"`weight_decay` must be a finite number, at least 0, got {self.weight_decay}")
+        choices = {"loss": LOSSES, "lr_schedule": LR_SCHEDULES, "numerics": NUMERICS_MODES, "score": SCORES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("target_modules", "templates", "modules_to_save"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _names(name, getattr(self, name)))
         if not self.target_modules or not self.templates:
             raise ValueError("`target_modules` and `templates` must not be empty")
-        for name in ("target_modules", "templates", "modules_to_save"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, tuple):
-                object.__setattr__(self, name, tuple(value))
+        for template in (self.caption_template, *self.templates):
+            if not isinstance(template, str) or template.count("{}") != 1:
+                raise ValueError(f"a caption template must be a string with one `{{}}` for the class, got {template!r}")
+        if self.buffer_size and self.replay_from_epoch >= self.epochs:
+            raise ValueError(
+                f"`replay_from_epoch` {self.replay_from_epoch} is not below `epochs` {self.epochs}: replay would never "
+                "happen and the replay methods would equal their plain twins; lower it, or set `buffer_size` 0"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (tuples as lists)."""
@@ -133,6 +147,28 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     },
 }
 """Settings each protocol changes from the `SequenceSettings` defaults."""
+
+
+def _integer(name: str, value: Any, minimum: int, maximum: int | None = None, unset: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"`{name}` must be an integer{unset}, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f"at least {minimum}"
+        raise ValueError(f"`{name}` must be {bound}{unset}, got {value}")
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _names(name: str, value: Any) -> tuple[str, ...]:
+    """A tuple of non-empty strings; one string is one name (never a tuple of its characters)."""
+    names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
+    if names is None or not all(isinstance(item, str) and item for item in names):
+        raise ValueError(f"`{name}` must be a tuple of non-empty strings, got {value!r}")
+    return names
 
 
 def protocol_settings(protocol: str = "embedded", **overrides: Any) -> SequenceSettings:

@@ -16,7 +16,7 @@ from transformers import CLIPModel
 
 from ..config import SPUConfig
 from ..continual.evaluation import tokenize_prompts
-from ..loading import spu_layers
+from ..naming import spu_layers
 from ..selection import select_parameters
 
 TOWERS = ("vision_model", "text_model")

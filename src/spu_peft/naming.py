@@ -1,0 +1,45 @@
+"""How SPU finds its layers in a model and names them the way checkpoint keys do.
+
+Module paths carry segments that wrappers insert (FSDP1 units, activation checkpointing, torch.compile) and PEFT's
+`base_model.model.` prefix; checkpoint keys carry neither. Saving, loading, selection and analysis all look layers up
+through these helpers, so they agree on one spelling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+from .layer import SPULayer
+
+PEFT_PREFIX = "base_model.model."
+# Names that wrappers (FSDP1, activation checkpointing, torch.compile) insert into module paths but not into keys.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def strip_wrappers(name: str) -> str:
+    """A module path or key without the segments wrappers insert (FSDP1 units, checkpointing, torch.compile)."""
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def relative_name(module_name: str) -> str:
+    """A module's path as checkpoint keys spell it, without wrapper segments or PEFT's `base_model.model.`."""
+    return strip_wrappers(module_name).removeprefix(PEFT_PREFIX)
+
+
+def spu_layers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, SPULayer]]:
+    """(relative name, layer) of every SPU layer holding `adapter_name`."""
+    for name, module in model.named_modules():
+        if isinstance(module, SPULayer) and adapter_name in module.spu_indices:
+            yield relative_name(name), module
+
+
+def auxiliary_wrappers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, AuxiliaryTrainingWrapper]]:
+    """(relative name, wrapper) of every `modules_to_save`-style wrapper that holds a copy for `adapter_name`."""
+    for name, module in model.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper) and adapter_name in getattr(module, "_adapters", ()):
+            yield relative_name(name), module

@@ -1,0 +1,171 @@
+"""A sequence run's inputs and checkpoints: every problem is refused before any work, naming what to fix.
+
+A test that names a finding (of the adversarial campaign on the earlier code) fails on that code.
+"""
+
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import CLIPModel
+
+from spu_peft.continual import SequenceSettings, prepare_sequence_data, run_sequence
+from spu_peft.continual.data import _open, _rgb, _standardise, check_class_names, content_digest
+from spu_peft.embedded import load_animal_shapes, load_embedded_processor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import cl_sequence  # noqa: E402
+from test_sequence import SETTINGS  # noqa: E402 (the small sequence every engine test runs)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model):
+    model, processor = CLIPModel.from_pretrained(tiny_model).eval(), load_embedded_processor(tiny_model)
+    splits = load_animal_shapes(seed=0)
+    return model, processor, prepare_sequence_data(splits["train"], splits["test"], processor, SETTINGS)
+
+
+def run(setup, output_dir, resume=False):
+    model, processor, data = setup
+    return run_sequence(
+        model, processor, data, SETTINGS, output_dir=output_dir, methods=["spu"], resume=resume, plots=False
+    )
+
+
+def selections(folder: Path) -> int:
+    return json.loads((folder / "adapter_config.json").read_text())["selection"]["num_selections"]
+
+
+def test_resume_restores_the_selection_record_and_the_latest_task_adapter(setup, tmp_path):
+    """Finding 5: resumed runs wrote task adapters saying `num_selections: 1` instead of 2, and a deleted
+    `adapter_task<t>/` was silently not made again."""
+    run(setup, tmp_path)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    expected = (run_dir / "adapter_task1" / "adapter_model.safetensors").read_bytes()
+    assert selections(run_dir / "adapter_task1") == 2
+    for path in (run_dir / "adapter_task1").iterdir():
+        path.unlink()
+    (run_dir / "adapter_task1").rmdir()
+    run(setup, tmp_path, resume=True)
+    assert selections(run_dir / "adapter_task1") == 2
+    assert (run_dir / "adapter_task1" / "adapter_model.safetensors").read_bytes() == expected
+    for path in (run_dir / "adapter_task0").iterdir():
+        path.unlink()
+    with pytest.raises(ValueError, match=r"adapter_task0: missing.*rerun without --resume"):
+        run(setup, tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("damage", ["weights", "state"])
+def test_a_damaged_checkpoint_is_refused_naming_the_file_and_what_to_do(setup, tmp_path, damage):
+    """Findings 1 and 9: a damaged checkpoint ended in a raw `SafetensorError` (no path) or `JSONDecodeError`."""
+    run(setup, tmp_path)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    task = run_dir / "task1"
+    path = task / "weights" / "adapter_model.safetensors" if damage == "weights" else task / "state.json"
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(ValueError, match=rf"{path}.*Delete {run_dir} "):
+        run(setup, tmp_path, resume=True)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"num_tasks": 2.5}, "num_tasks"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"seed": 2**70}, "seed"),
+        ({"density": True}, "density"),
+        ({"score": "bogus"}, "score"),
+        ({"weight_decay": float("nan")}, "weight_decay"),
+        ({"lr": float("inf")}, "lr"),
+        ({"replay_from_epoch": 5, "epochs": 1}, "replay_from_epoch"),
+        ({"templates": ("a photo",)}, "template"),
+        ({"target_modules": ("fc1", "")}, "target_modules"),
+    ],
+)
+def test_settings_are_refused_where_they_are_given(change, field):
+    """Finding 8: these were accepted by the constructor and failed late or never."""
+    with pytest.raises(ValueError, match=field):
+        SequenceSettings(**change)
+
+
+def test_one_string_is_one_name_not_a_tuple_of_characters():
+    """Finding 8: `templates="a photo of a {}."` and `target_modules="fc1"` became tuples of characters."""
+    settings = SequenceSettings(templates="a photo of a {}.", target_modules="fc1")
+    assert settings.templates == ("a photo of a {}.",) and settings.target_modules == ("fc1",)
+
+
+@pytest.mark.parametrize(
+    "flags", [["--lr", "inf"], ["--lr", "nan"], ["--score", "bogus"], ["--replay-from-epoch", "5", "--epochs", "1"]]
+)
+def test_bad_flags_stop_the_parser_before_any_work(flags):
+    """Finding 8: `--score bogus` and `--lr nan` failed after earlier methods had run, with raw tracebacks."""
+    with pytest.raises(SystemExit):
+        cl_sequence.parse_args(flags)
+
+
+def test_a_quick_paper_run_still_replays():
+    settings = cl_sequence.parse_args(["--protocol", "paper", "--quick"]).settings
+    assert settings.replay_from_epoch < settings.epochs
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return load_embedded_processor(tiny_model).tokenizer
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["a", "b"], "2 names for the labels"),
+        (["a", "b", "c", "d", "e", "f"], "6 names for the labels"),
+        (["cat", "dog", "cat", "bird"], "repeat"),
+        (["cat", "", "dog", "bird"], "empty"),
+        (["Cat", "cat", "dog", "bird"], "tokenize identically"),
+    ],
+)
+def test_class_names_are_checked_against_the_labels(tokenizer, names, message):
+    """Finding 8: wrong counts, duplicates, empty names and `Cat`/`cat` were accepted."""
+    with pytest.raises(ValueError, match=message):
+        check_class_names(names, [0, 1, 2, 3, 3], tokenizer, "the dataset")
+
+
+def test_sixteen_bit_images_are_scaled_not_saturated():
+    """Finding 7: `convert("RGB")` saturated `I;16` images (377 of 784 pixels wrong)."""
+    values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG")
+    image = _open({"bytes": buffer.getvalue(), "path": None}, "image 0")
+    assert image.mode.startswith("I")
+    assert np.asarray(_rgb(image, "image 0"))[0, :, 0].tolist() == [0, 1, 128, 255]
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    """Finding 9: a truncated JPEG named no file."""
+    path = tmp_path / "cat.jpg"
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buffer, format="JPEG")
+    path.write_bytes(buffer.getvalue()[:100])
+    with pytest.raises(ValueError, match=f"{path}: cannot be read as an image"):
+        _open({"bytes": None, "path": str(path)}, "image 0")
+
+
+def test_the_data_identity_follows_image_content_not_file_times(tmp_path):
+    """Finding 7: an image replaced with the same modification time kept the dataset's fingerprint."""
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("L", (4, 4), 10 * i).save(paths[-1])
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    dataset = datasets.Dataset.from_dict({"image": [str(p) for p in paths], "label": [0, 1]}, features=features)
+    before = content_digest(_standardise(dataset, "image", "label", "x"), "x")
+    stat = paths[0].stat()
+    Image.new("L", (4, 4), 200).save(paths[0])
+    os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert content_digest(_standardise(dataset, "image", "label", "x"), "x") != before
