@@ -22,6 +22,7 @@ from torch import nn
 from .config import SPUConfig
 from .distributed import (
     all_reduce_sum,
+    fixed_shape_wrapper,
     full_tensor,
     lockstep,
     refuse_deepspeed,
@@ -115,10 +116,12 @@ def select_parameters(
         raise ValueError(f"The model has no SPU layer holding adapter {adapter_name!r}.")
     if any(layer.merged for layer in layers.values()):
         raise ValueError("The adapter is merged into the base weights; call `unmerge_adapter()` before selecting.")
-    if engine is not None and config.budget == "global":
+    if config.budget == "global" and (wrapper := fixed_shape_wrapper(model, engine)):
         raise ValueError(
-            "budget='global' gives each layer a different number of entries, which a model sharded with FSDP cannot "
-            "take after wrapping (its parameters have fixed shapes). Select before wrapping, or use 'per_tensor'."
+            f"budget='global' gives each layer a different number of entries, which {wrapper} cannot take after "
+            "wrapping (it keeps the shapes the parameters had when wrapped). Call `select_parameters` on the unwrapped "
+            "model before wrapping it (scores are still summed over processes) and wrap it anew after each selection, "
+            "or use budget='per_tensor'."
         )
 
     start = time.perf_counter()
