@@ -39,7 +39,7 @@ def test_fraction_and_max_batches_bound_the_batches_used():
     model = fresh()
     assert select_parameters(model, loader(0, n=8), fraction=0.25).num_batches == 2
     assert select_parameters(model, loader(0, n=8), fraction=1.0, max_batches=3).num_batches == 3
-    assert select_parameters(model, iter(loader(0, n=5))).num_batches == 5  # no length: all batches
+    assert select_parameters(model, iter(loader(0, n=5)), fraction=1.0).num_batches == 5  # no length: all batches
 
 
 @pytest.mark.parametrize("score", SCORES)

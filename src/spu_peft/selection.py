@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
+import warnings
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from typing import Any
 
 import torch
@@ -33,6 +32,7 @@ from .distributed import (
 from .layer import SPULayer, num_selected
 from .loading import PEFT_PREFIX, spu_layers
 from .scoring import ScoreSums
+from .selection_data import BatchChecker, objective, scoring_batches, to_device
 from .sparse_linear import compose_weight
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,19 @@ class SelectionReport:
         return {**asdict(self), "total_selected": self.total_selected}
 
 
+def _with_autograd(function):
+    """Selection differentiates the model and stores tensors that training uses later, so it runs with autograd on
+    and outside inference mode, also when called under `torch.no_grad()` or `torch.inference_mode()`."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False), torch.enable_grad():
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+@_with_autograd
 def select_parameters(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, Any]] | None = None,
@@ -116,6 +129,11 @@ def select_parameters(
         raise ValueError(f"The model has no SPU layer holding adapter {adapter_name!r}.")
     if any(layer.merged for layer in layers.values()):
         raise ValueError("The adapter is merged into the base weights; call `unmerge_adapter()` before selecting.")
+    if any(layer.disable_adapters for layer in layers.values()):
+        raise ValueError(
+            "The adapters are disabled (inside `with model.disable_adapter():`), so the SPU layers run as their base "
+            "layers and score nothing; call `select_parameters` outside that block."
+        )
     if config.budget == "global" and (wrapper := fixed_shape_wrapper(model, engine)):
         raise ValueError(
             f"budget='global' gives each layer a different number of entries, which {wrapper} cannot take after "
@@ -133,9 +151,11 @@ def select_parameters(
             runner, layers, dataloader, score, fraction, max_batches, engine, score_dtype, score_device
         )
         scores = _LazyScores(layers, lambda name, layer: (sums.whole(name, _device(layer)) / num_batches).abs())
-    elif score == "magnitude":
+    elif dataloader is not None:
+        warnings.warn(f"score={score!r} is data-free: the dataloader is not used.", UserWarning, stacklevel=3)
+    if score == "magnitude":
         scores = _LazyScores(layers, lambda name, layer: _effective_weight(runner, layer, engine).abs().float())
-    else:
+    elif score == "random":
         seed = config.seed if seed is None else seed
         scores = _LazyScores(layers, lambda name, layer: _random_scores(layer, seed, name))
     if (device := _device(next(iter(layers.values())))).type == "cuda":  # the time of the work, not of queueing it
@@ -265,33 +285,6 @@ def _random_scores(layer: SPULayer, seed: int, name: str) -> torch.Tensor:
     return torch.rand(layer.weight_shape, generator=generator).to(_device(layer))
 
 
-def _objective(outputs: Any, score: str) -> torch.Tensor:
-    if score == "output_norm":
-        for key in ("logits_per_image", "logits", "last_hidden_state"):
-            main = getattr(outputs, key, None) if not isinstance(outputs, Mapping) else outputs.get(key)
-            if main is not None:
-                return main.float().pow(2).sum(-1).mean()
-        raise ValueError(
-            "score='output_norm' needs a model output with `logits_per_image`, `logits` or `last_hidden_state`."
-        )
-    loss = getattr(outputs, "loss", None) if not isinstance(outputs, Mapping) else outputs.get("loss")
-    if loss is None:
-        raise ValueError(
-            f"score={score!r} needs the model to return `loss`; include labels in the batches "
-            "(for `CLIPModel`, `return_loss=True`)."
-        )
-    return loss.float()
-
-
-def _num_batches(dataloader: Iterable, fraction: float, max_batches: int | None) -> int | None:
-    try:
-        total = len(dataloader)  # type: ignore[arg-type]
-    except TypeError:
-        return max_batches
-    n = max(1, math.ceil(fraction * total)) if total else 0
-    return n if max_batches is None else min(n, max_batches)
-
-
 def _gradient_score_sums(
     runner: nn.Module,
     layers: dict[str, SPULayer],
@@ -320,17 +313,12 @@ def _gradient_score_sums(
         runner.eval()
         for name, layer in layers.items():
             layer._scorer = (probe, functools.partial(sums.add, name))
-        batches = islice(dataloader, _num_batches(dataloader, fraction, max_batches))
+        check = BatchChecker(runner, score)
+        batches = scoring_batches(dataloader, fraction, max_batches)
         for batch, real in lockstep(batches, sharded=engine is not None, device=device):
-            if not isinstance(batch, Mapping):
-                raise ValueError(
-                    "select_parameters expects batches that are dicts of the model's keyword arguments "
-                    f"(e.g. a DataLoader over a processor's output), got {type(batch).__name__}."
-                )
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            check(batch)
             sums.weight = 1.0 if real else 0.0
-            objective = _objective(runner(**batch), score)
-            torch.autograd.grad(objective, [probe], allow_unused=True)
+            torch.autograd.grad(objective(runner(**to_device(batch, device)), score), [probe], allow_unused=True)
             num_batches += int(real)
     finally:
         for layer in layers.values():
