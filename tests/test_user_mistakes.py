@@ -83,11 +83,6 @@ def test_labelled_batches_of_a_loss_score_are_not_warned_about():
         select_parameters(fresh(), batches, score="task_loss", fraction=1.0)
 
 
-def test_a_data_free_score_given_a_dataloader_warns_that_it_is_unused():
-    with pytest.warns(UserWarning, match="score='magnitude' is data-free"):
-        select_parameters(fresh(), [make_batch()], score="magnitude")
-
-
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 def test_selection_under_no_grad_or_inference_mode_selects_as_outside_and_training_follows(mode):
     reference, model = fresh(), fresh()

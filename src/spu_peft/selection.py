@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-import warnings
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -151,9 +150,7 @@ def select_parameters(
             runner, layers, dataloader, score, fraction, max_batches, engine, score_dtype, score_device
         )
         scores = _LazyScores(layers, lambda name, layer: (sums.whole(name, _device(layer)) / num_batches).abs())
-    elif dataloader is not None:
-        warnings.warn(f"score={score!r} is data-free: the dataloader is not used.", UserWarning, stacklevel=3)
-    if score == "magnitude":
+    elif score == "magnitude":
         scores = _LazyScores(layers, lambda name, layer: _effective_weight(runner, layer, engine).abs().float())
     elif score == "random":
         seed = config.seed if seed is None else seed
