@@ -11,7 +11,7 @@ shift
 [ -f "src/spu_peft/$module.py" ] || { echo "no module src/spu_peft/$module.py" >&2; exit 2; }
 declare -A TESTS=(
     [compose]="tests/test_compose.py"
-    [encoding]="tests/test_selection_oracles.py tests/test_save_load.py"
+    [encoding]="tests/test_encoding.py tests/test_selection_oracles.py tests/test_save_load.py"
 )
 tests=${*:-${TESTS[$module]:-tests/test_$module.py}}
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -27,7 +27,8 @@ find "$work" -name __pycache__ -prune -exec rm -rf {} +
     echo "[mutmut]"
     echo "source_paths=src"
     echo "only_mutate=src/spu_peft/$module.py"
-    echo "pytest_add_cli_args_test_selection=${tests// /,}"
+    echo "pytest_add_cli_args_test_selection="
+    printf '    %s\n' $tests
     echo "also_copy=tests"
 } >"$work/setup.cfg"
 
