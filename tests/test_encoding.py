@@ -53,23 +53,29 @@ def test_indices_from_zero_to_the_last_entry_are_accepted():
     assert check_indices(torch.tensor([0, 5], dtype=torch.int32), 6, "w").tolist() == [0, 5]
 
 
+def dtype_refusal(dtype: str) -> str:
+    return rf"^w: indices must have an integer dtype( \(int32 or int64\))?, got torch\.{dtype}; the file is corrupt\.$"
+
+
 @pytest.mark.parametrize(
-    ("indices", "message"),
+    ("indices", "pattern"),
     [
-        (torch.tensor([True, False]), "w: indices must have an integer dtype, got torch.bool; the file is corrupt."),
-        (torch.tensor([1.0]), "w: indices must have an integer dtype, got torch.float32; the file is corrupt."),
-        (torch.zeros(2, 2, dtype=torch.int32), "w: indices must be 1-D, got shape (2, 2)."),
+        (torch.tensor([True, False]), dtype_refusal("bool")),
+        (torch.tensor([1.0]), dtype_refusal("float32")),
+        (torch.zeros(2, 2, dtype=torch.int32), re.escape("w: indices must be 1-D, got shape (2, 2).")),
         (
             torch.tensor([-1, 3]),
-            "w: indices range over [-1, 3] but the weight has 6 entries; the adapter was made for a different base "
-            "model or the file is corrupt.",
+            re.escape(
+                "w: indices range over [-1, 3] but the weight has 6 entries; the adapter was made for a different "
+                "base model or the file is corrupt."
+            ),
         ),
-        (torch.tensor([2, 6]), "w: indices range over [2, 6] but the weight has 6 entries;"),
-        (torch.tensor([2, 2]), "w: indices contain duplicates; the file is corrupt."),
+        (torch.tensor([2, 6]), re.escape("w: indices range over [2, 6] but the weight has 6 entries;")),
+        (torch.tensor([2, 2]), re.escape("w: indices contain duplicates; the file is corrupt.")),
     ],
 )
-def test_bad_indices_are_refused_with_the_exact_reason(indices, message):
-    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+def test_bad_indices_are_refused_with_the_exact_reason(indices, pattern):
+    with pytest.raises(ValueError, match=f"^{pattern}"):
         check_indices(indices, 6, "w")
 
 

@@ -83,17 +83,28 @@ def test_labelled_batches_of_a_loss_score_are_not_warned_about():
         select_parameters(fresh(), batches, score="task_loss", fraction=1.0)
 
 
-@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
-def test_selection_under_no_grad_or_inference_mode_selects_as_outside_and_training_follows(mode):
+def test_selection_under_no_grad_selects_as_outside_and_training_follows():
     reference, model = fresh(), fresh()
     select_parameters(reference, [make_batch()])
-    with mode():
-        batches = [make_batch()]  # made in the mode, as a user's evaluation loop would
-        select_parameters(model, batches)
+    with torch.no_grad():
+        select_parameters(model, [make_batch()])
     assert same_supports(supports(model), supports(reference))
-    train_step(model)  # the new supports and values are normal tensors that autograd can use
+    train_step(model)
     moved = [m.spu_values["default"].detach() for m in model.modules() if isinstance(m, SPULayer)]
     assert all(values.any() for values in moved)
+
+
+def test_selection_under_inference_mode_is_refused_but_batches_made_there_are_taken():
+    """Inference mode would make the new supports inference tensors that training cannot use: refused. Batches made
+    under it (an evaluation loop's) are copied into normal tensors, which autograd can save."""
+    model, reference = fresh(), fresh()
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"outside `torch.inference_mode\(\)`"):
+        select_parameters(model, [make_batch()])
+    with torch.inference_mode():
+        batches = [make_batch()]
+    select_parameters(model, batches)
+    select_parameters(reference, [make_batch()])
+    assert same_supports(supports(model), supports(reference))
 
 
 def test_selection_inside_disable_adapter_is_refused_saying_where():
@@ -103,7 +114,9 @@ def test_selection_inside_disable_adapter_is_refused_saying_where():
 
 
 def endless_batches():
+    """Batches without end, as far as selection can tell; past 20 the test fails rather than running for ever."""
     for i in itertools.count():
+        assert i < 20, "selection kept drawing batches from an iterator with no length"
         yield make_batch(i)
 
 

@@ -62,19 +62,6 @@ class SelectionReport:
         return {**asdict(self), "total_selected": self.total_selected}
 
 
-def _with_autograd(function):
-    """Selection differentiates the model and stores tensors that training uses later, so it runs with autograd on
-    and outside inference mode, also when called under `torch.no_grad()` or `torch.inference_mode()`."""
-
-    @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with torch.inference_mode(False), torch.enable_grad():
-            return function(*args, **kwargs)
-
-    return wrapper
-
-
-@_with_autograd
 def select_parameters(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, Any]] | None = None,
@@ -126,13 +113,12 @@ def select_parameters(
     layers = dict(spu_layers(runner, adapter_name))
     if not layers:
         raise ValueError(f"The model has no SPU layer holding adapter {adapter_name!r}.")
+    if any(layer.disable_adapters for layer in layers.values()):
+        raise ValueError("The adapters are disabled (inside `disable_adapter()`); select outside that block.")
+    if torch.is_inference_mode_enabled():
+        raise ValueError("`select_parameters` needs gradients; call it outside `torch.inference_mode()`.")
     if any(layer.merged for layer in layers.values()):
         raise ValueError("The adapter is merged into the base weights; call `unmerge_adapter()` before selecting.")
-    if any(layer.disable_adapters for layer in layers.values()):
-        raise ValueError(
-            "The adapters are disabled (inside `with model.disable_adapter():`), so the SPU layers run as their base "
-            "layers and score nothing; call `select_parameters` outside that block."
-        )
     if config.budget == "global" and (wrapper := fixed_shape_wrapper(model, engine)):
         raise ValueError(
             f"budget='global' gives each layer a different number of entries, which {wrapper} cannot take after "
@@ -146,9 +132,10 @@ def select_parameters(
     if score in GRADIENT_SCORES:
         if dataloader is None:
             raise ValueError(f"score={score!r} needs a `dataloader` of task data; only 'magnitude' and 'random' do not")
-        sums, num_batches = _gradient_score_sums(
-            runner, layers, dataloader, score, fraction, max_batches, engine, score_dtype, score_device
-        )
+        with torch.enable_grad():  # also under a caller's `torch.no_grad()`: scores are gradients
+            sums, num_batches = _gradient_score_sums(
+                runner, layers, dataloader, score, fraction, max_batches, engine, score_dtype, score_device
+            )
         scores = _LazyScores(layers, lambda name, layer: (sums.whole(name, _device(layer)) / num_batches).abs())
     elif score == "magnitude":
         scores = _LazyScores(layers, lambda name, layer: _effective_weight(runner, layer, engine).abs().float())
