@@ -33,7 +33,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     ("adapter", ("layer", "naming", "loading", "model", "compose", "hub")),
-    ("selection", ("selection", "trainer", "__init__")),
+    ("selection", ("selection", "selection_data", "trainer", "__init__")),
     ("continual", ("continual", "embedded")),
     ("studies", ("studies", "benchmarking", "analysis")),
 )

@@ -49,6 +49,21 @@ def make_batch(seed: int = 0, n: int = 4) -> dict[str, torch.Tensor]:
     }
 
 
+NO_CUDA = "no CUDA device: torch.cuda.is_available() is False"
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
+"""Parameters of the tests that run on every device: the CPU always, CUDA where torch sees a GPU (skipped else)."""
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 @pytest.fixture
 def tiny_clip() -> CLIPModel:
     return make_tiny_clip()

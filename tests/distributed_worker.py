@@ -1,10 +1,10 @@
-"""One process of a 2-process run (torchrun, gloo, CPU) of SPU under DDP, FSDP1, FSDP2 and DeepSpeed ZeRO-2 in
-turn; driven by tests/test_distributed.py.
+"""One process of a 2-process run (torchrun, gloo, CPU) of SPU under one engine: DDP, FSDP1, FSDP2 or DeepSpeed
+ZeRO-2; driven by tests/test_distributed.py, one launch per engine.
 
-For each engine, every process builds the same tiny CLIP with an SPU adapter, wraps it, selects on its own batches,
-trains, reselects and saves with `spu_peft.save_adapter`. Process 0 also builds the unsharded reference (selection
-on the union of both processes' batches) and reloads every saved file onto a fresh base. The findings go to
-`<out>/<engine>/rank<r>.json`.
+Every process builds the same tiny CLIP with an SPU adapter, wraps it, selects on its own batches with each gradient
+score, trains, reselects and saves with `spu_peft.save_adapter`. Process 0 also builds the unsharded references
+(selection on the union of both processes' batches) and reloads every saved file onto a fresh base. The findings go
+to `<out>/<engine>/rank<r>.json`.
 """
 
 import argparse
@@ -25,15 +25,21 @@ import spu_peft  # noqa: E402
 from spu_peft import SPUConfig, SPULayer, select_parameters  # noqa: E402
 
 BATCHES = {"uneven": (3, 1), "empty": (2, 0)}  # scoring batches of process 0 and 1 (2 processes)
+LOSS_SCORES = ("fisher", "task_loss")  # scored on batches that ask CLIP for its contrastive loss
 
 
-def rank_batches(scenario: str, rank: int) -> list[dict]:
+def rank_batches(scenario: str, rank: int, loss: bool = False) -> list[dict]:
     count = BATCHES[scenario][rank]
-    return [make_batch(100 * rank + i) for i in range(count)]
+    extra = {"return_loss": True} if loss else {}
+    return [{**make_batch(100 * rank + i), **extra} for i in range(count)]
 
 
-def build() -> torch.nn.Module:
-    return get_peft_model(make_tiny_clip(), SPUConfig())
+def union_batches(scenario: str, loss: bool = False) -> list[dict]:
+    return rank_batches(scenario, 0, loss) + rank_batches(scenario, 1, loss)
+
+
+def build(budget: str = "per_tensor") -> torch.nn.Module:
+    return get_peft_model(make_tiny_clip(), SPUConfig(budget=budget))
 
 
 def wrap(model: torch.nn.Module, engine: str) -> torch.nn.Module:
@@ -74,56 +80,77 @@ def logits(model: torch.nn.Module, seed: int = 7) -> torch.Tensor:
         return model(**make_batch(seed)).logits_per_image
 
 
-ENGINES = ("ddp", "fsdp1", "fsdp1-nested", "fsdp2", "zero2")
+ENGINES = ("ddp", "ddp-global", "fsdp1", "fsdp1-nested", "fsdp2", "zero2")
+
+
+def references(scenario: str, engine: str) -> dict:
+    """Supports an unsharded model selects on the union of both processes' batches (before the process group
+    exists: selection would sum over it), and the base fc1 weights."""
+    found = {}
+    budget = "global" if engine == "ddp-global" else "per_tensor"
+    model = build(budget)
+    for score in LOSS_SCORES if engine != "ddp-global" else ():
+        select_parameters(model, union_batches(scenario, loss=True), score=score, fraction=1.0)
+        found[f"reference_supports_{score}"] = supports(model)
+    select_parameters(model, union_batches(scenario), fraction=1.0)
+    found["reference_supports"] = supports(model)
+    return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {ENGINES}; run in turn")
+    parser.add_argument("--engine", required=True, choices=ENGINES)
     parser.add_argument("--scenario", default="empty", choices=sorted(BATCHES), help="batches of the first selection")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
-    reference: dict = {}
-    base_fc1 = None
-    if rank == 0:  # the unsharded reference, before the process group exists (selection would sum over it)
-        model = build()
-        union = rank_batches(args.scenario, 0) + rank_batches(args.scenario, 1)
-        select_parameters(model, union, fraction=1.0)
-        reference["reference_supports"] = supports(model)
-        base_fc1 = {n: m.get_base_layer().weight.detach().clone() for n, m in model.named_modules() if is_spu(m)}
+    found = {"engine": args.engine, **(references(args.scenario, args.engine) if rank == 0 else {})}
     dist.init_process_group("gloo")
-    for engine in args.engines.split(","):
-        out = Path(args.out) / engine
-        out.mkdir(parents=True, exist_ok=True)
-        found = {"engine": engine, **reference}
-        if engine == "zero2":
-            deepspeed_zero2(args.scenario, out, rank, found, base_fc1)
-        else:
-            sharded_run(engine, args.scenario, out, rank, found, base_fc1)
+    out = Path(args.out) / args.engine
+    out.mkdir(parents=True, exist_ok=True)
+    run = {"zero2": deepspeed_zero2, "ddp-global": ddp_global_run}.get(args.engine, sharded_run)
+    run(args.engine, args.scenario, out, rank, found)
     dist.destroy_process_group()
 
 
-def is_spu(module: torch.nn.Module) -> bool:
-    return isinstance(module, SPULayer)
+def refusal_of_global_budget(model: torch.nn.Module, rank: int) -> str:
+    """What selecting with a global budget on the wrapped model says (the check runs before any collective)."""
+    config = spu_peft.distributed.unwrap_replicated(model).peft_config["default"]
+    budget, config.budget = config.budget, "global"
+    try:
+        select_parameters(model, rank_batches("uneven", rank), fraction=1.0)
+        return "selected"
+    except ValueError as error:
+        return str(error)
+    finally:
+        config.budget = budget
 
 
-def sharded_run(engine: str, scenario: str, out: Path, rank: int, found: dict, base_fc1: dict | None) -> None:
-    """Select on the wrapped model, train, reselect, save with `save_adapter` (and try plain `save_pretrained`)."""
-    model = wrap(build(), engine)
-    report = select_parameters(model, rank_batches(scenario, rank), fraction=1.0)
-    found["num_batches"] = report.num_batches
-    found["supports"] = supports(model)
-
+def train(model: torch.nn.Module, rank: int, steps: int = 3) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     model.train()
-    for step in range(3):
+    for step in range(steps):
         loss = model(**make_batch(50 + 10 * rank + step), return_loss=True).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
+
+
+def sharded_run(engine: str, scenario: str, out: Path, rank: int, found: dict) -> None:
+    """Select on the wrapped model with every gradient score, train, reselect, save with `save_adapter` (and try
+    plain `save_pretrained`). The values are zero until training, so each selection sees the base model."""
+    model = wrap(build(), engine)
+    found["global_budget"] = refusal_of_global_budget(model, rank)
+    for score in LOSS_SCORES:
+        select_parameters(model, rank_batches(scenario, rank, loss=True), score=score, fraction=1.0)
+        found[f"supports_{score}"] = supports(model)
+    report = select_parameters(model, rank_batches(scenario, rank), fraction=1.0)
+    found["num_batches"] = report.num_batches
+    found["supports"] = supports(model)
+
+    train(model, rank)
     before_reselection = logits(model)
     # a second selection, with uneven batches, folds the training into the frozen delta
     select_parameters(model, rank_batches("uneven", rank), fraction=1.0)
@@ -140,35 +167,65 @@ def sharded_run(engine: str, scenario: str, out: Path, rank: int, found: dict, b
     if rank == 0 and found["plain_save"] == "saved":
         plain = PeftModel.from_pretrained(make_tiny_clip(), out / "plain0")
         found["plain_reload_max_diff"] = float((logits(plain) - trained).abs().max())
-    finish(out, rank, found, trained, base_fc1)
+    finish(out, rank, found, trained)
 
 
-def finish(out: Path, rank: int, found: dict, trained: torch.Tensor, base_fc1: dict | None) -> None:
-    """Process 0 reloads the saved adapter onto an unsharded base; every process writes its findings."""
+def ddp_global_run(engine: str, scenario: str, out: Path, rank: int, found: dict) -> None:
+    """A global budget under DDP: refused on the wrapped model; selecting on the unwrapped model and wrapping it
+    anew after each selection trains (the resized values would break the old wrapper's backward)."""
+    model = build("global")
+    found["global_budget"] = refusal_of_global_budget(torch.nn.parallel.DistributedDataParallel(model), rank)
+    report = select_parameters(model, rank_batches(scenario, rank), fraction=1.0)
+    found["num_batches"], found["supports"] = report.num_batches, supports(model)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    train(wrapped, rank)
+    before_reselection = logits(model)
+    del wrapped
+    select_parameters(model, rank_batches("uneven", rank), fraction=1.0)
+    found["reselection_keeps_outputs"] = bool(torch.allclose(logits(model), before_reselection, atol=1e-5))
+    sizes = {name: len(indices) for name, indices in supports(model).items()}
+    found["reselected_sizes_differ"] = sizes != {name: len(indices) for name, indices in found["supports"].items()}
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    train(wrapped, rank, steps=1)
+    found["plain_save"] = "not tried"
+    spu_peft.save_adapter(wrapped, str(out / "adapter"))
+    finish(out, rank, found, logits(model), first_support_only=False)
+
+
+def finish(out: Path, rank: int, found: dict, trained: torch.Tensor, first_support_only: bool = True) -> None:
+    """Process 0 reloads the saved adapter onto an unsharded base and counts, per layer, the weight entries that
+    differ from the base inside and outside the supports the run selected; every process writes its findings."""
     if rank == 0:
+        base = make_tiny_clip()
         loaded = PeftModel.from_pretrained(make_tiny_clip(), out / "adapter")
         found["reload_max_diff"] = float((logits(loaded) - trained).abs().max())
+        loaded.merge_adapter()
+        base_modules = dict(base.named_modules())
         changed = {}
         for n, m in loaded.named_modules():
             if isinstance(m, SPULayer):
-                delta = m.get_delta_weight("default")
-                touched = set(torch.cat([i.long() for i, _ in m.sparse_deltas("default")]).tolist())
-                changed[spu_peft.naming.relative_name(n)] = bool(
-                    set(delta.flatten().nonzero().squeeze(1).tolist()) <= touched
-                    and torch.equal(m.get_base_layer().weight, base_fc1[n])
-                )
-        found["only_selected_entries_changed"] = changed
+                name = spu_peft.naming.relative_name(n)
+                differs = m.get_base_layer().weight != base_modules[name].weight
+                moved = set(differs.flatten().nonzero().squeeze(1).tolist())
+                allowed = set(found["supports"][name])
+                if not first_support_only:  # trained again after the reselection
+                    allowed |= set(m.spu_indices["default"].tolist())
+                changed[name] = {"inside": len(moved & allowed), "outside": len(moved - allowed)}
+        found["changed_entries"] = changed
     (out / f"rank{rank}.json").write_text(json.dumps(found))
     dist.barrier()
 
 
-def deepspeed_zero2(scenario: str, out: Path, rank: int, found: dict, base_fc1: dict | None) -> None:
+def deepspeed_zero2(engine: str, scenario: str, out: Path, rank: int, found: dict) -> None:
     """ZeRO-2: select before `deepspeed.initialize` (scores summed over processes), train, save, reload."""
     import deepspeed
 
     model = build()
     clip = model.base_model.model
     clip.logit_scale = torch.nn.Parameter(clip.logit_scale.detach().view(1), requires_grad=False)  # no 0-d broadcast
+    for score in LOSS_SCORES:
+        select_parameters(model, rank_batches(scenario, rank, loss=True), score=score, fraction=1.0)
+        found[f"supports_{score}"] = supports(model)
     report = select_parameters(model, rank_batches(scenario, rank), fraction=1.0)
     found["num_batches"], found["supports"] = report.num_batches, supports(model)
     config = {
@@ -192,7 +249,7 @@ def deepspeed_zero2(scenario: str, out: Path, rank: int, found: dict, base_fc1: 
     if rank == 0:
         engine.module.save_pretrained(str(out / "adapter"))
     dist.barrier()
-    finish(out, rank, found, trained, base_fc1)
+    finish(out, rank, found, trained)
 
 
 if __name__ == "__main__":

@@ -47,9 +47,16 @@ def test_quick_run_compares_every_method_and_writes_all_outputs(quick_run):
         assert len(method["acc_matrix"]) == 2 and [len(row) for row in method["acc_matrix"]] == [1, 2]
         assert all(0 <= a <= 100 for row in method["acc_matrix"] for a in row)
         assert len(method["control_acc"]) == 2
-        for key in ("avg_acc", "forgetting", "bwt", "control_drop", "trainable_params", "wall_s"):
-            assert key in method, (name, key)
+        (first, _), (first_after, second) = method["acc_matrix"][0] + [None], method["acc_matrix"][1]
+        assert method["avg_acc"] == pytest.approx((first_after + second) / 2), name  # the metrics of two tasks
+        assert method["forgetting"] == pytest.approx(first - first_after), name
+        assert method["bwt"] == pytest.approx(first_after - first), name
+        frozen_control = results["config"]["frozen_control_acc"]
+        assert method["control_drop"] == pytest.approx(frozen_control - method["control_acc"][-1]), name
+        assert method["wall_s"] > 0
     assert results["methods"]["zeroshot"]["trainable_params"] == 0
+    zeroshot = results["methods"]["zeroshot"]["acc_matrix"]
+    assert zeroshot[1][0] == zeroshot[0][0]  # the frozen model answers task 0 alike after either task
     spu = results["methods"]["spu_replay"]
     assert 0 < spu["trainable_params"] < results["methods"]["finetune_replay"]["trainable_params"]
     assert spu["adapter_bytes"] < results["methods"]["finetune_replay"]["adapter_bytes"]

@@ -1,5 +1,7 @@
 """Folding and subtracting SPU adapters, exporting dense deltas."""
 
+import re
+
 import pytest
 import torch
 from conftest import make_tiny_clip
@@ -51,4 +53,52 @@ def test_combining_refuses_unknown_or_existing_names(model):
     with pytest.raises(ValueError, match="exists already"):
         fold_adapters(model, ["default"], "b")
     with pytest.raises(ValueError, match="empty"):
+        fold_adapters(model, [], "x")
+
+
+def test_dense_deltas_are_each_layers_sparse_entries_written_into_zeros(model):
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SPULayer)}
+    deltas = dense_deltas(model, "b")
+    assert deltas.keys() == layers.keys() and len(deltas) == 4
+    for name, layer in layers.items():
+        expected = torch.zeros(layer.out_features * layer.in_features)
+        expected[layer.spu_indices["b"].long()] = layer.spu_values["b"].detach()
+        assert torch.equal(deltas[name], expected.view(layer.out_features, layer.in_features)), name
+
+
+def test_subtract_records_the_signs_and_takes_the_first_adapters_dense_modules(model):
+    wrapper = model.base_model.model.visual_projection
+    torch.nn.init.normal_(wrapper.modules_to_save["default"].weight)
+    subtract_adapter(model, "default", "b", "diff")
+    assert model.peft_config["diff"].selection == {"combined_from": ["+default", "-b"]}
+    assert torch.equal(wrapper.modules_to_save["diff"].weight, wrapper.modules_to_save["default"].weight)
+
+
+def test_the_combined_adapter_is_a_frozen_identity_initialised_copy_of_the_last_config(model):
+    """Its config is the last adapter's (a copy: changing it leaves the source alone), with `init_weights=True`
+    so that rebuilding it from its config starts from the identity; like any added adapter it is frozen until set,
+    and its indices keep the compact int32 of the sources."""
+    model.add_adapter("c", SPUConfig(init_weights=False, seed=3, density=0.2))
+    fold_adapters(model, ["b", "c", "default"], "sum")
+    config, last = model.peft_config["sum"], model.peft_config["default"]
+    assert config.seed == last.seed == 1 and config.density == last.density == 0.1
+    assert config.init_weights is True and last.init_weights is False
+    config.target_modules.add("fc2")
+    assert "fc2" not in last.target_modules
+    for layer in (m for m in model.modules() if isinstance(m, SPULayer)):
+        assert not layer.spu_values["sum"].requires_grad
+        assert layer.spu_indices["sum"].dtype == layer.spu_indices["default"].dtype == torch.int32
+
+
+def test_adapters_with_different_targets_are_refused_naming_them():
+    model = get_peft_model(make_tiny_clip(), SPUConfig(target_modules=".*fc1|fc2"))
+    model.add_adapter("b", SPUConfig(target_modules="fc2|.*fc1"))  # the same characters, another pattern
+    model.add_adapter("c", SPUConfig(target_modules=["fc1"]))
+    for names in (["default", "b"], ["default", "c"]):
+        with pytest.raises(ValueError, match=re.escape(f"Adapters {names} target different modules")):
+            fold_adapters(model, names, "sum")
+
+
+def test_an_empty_fold_says_what_to_pass(model):
+    with pytest.raises(ValueError, match="^`adapter_names` is empty; name the SPU adapters to fold.$"):
         fold_adapters(model, [], "x")

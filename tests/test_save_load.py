@@ -6,7 +6,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import make_batch, make_tiny_clip
+from conftest import make_batch, make_tiny_clip, to_device
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -25,14 +25,16 @@ def spu_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, SPULayer)}
 
 
-def test_round_trip_reproduces_outputs_under_another_seed(tmp_path):
-    model = trained_model()
-    batch = make_batch()
+def test_round_trip_reproduces_outputs_under_another_seed(tmp_path, device):
+    model = trained_model().to(device)
+    batch = to_device(make_batch(), device)
     expected = model(**batch).logits_per_image
     model.save_pretrained(tmp_path)
     torch.manual_seed(1234)
-    loaded = PeftModel.from_pretrained(make_tiny_clip(), tmp_path)
+    loaded = PeftModel.from_pretrained(make_tiny_clip().to(device), tmp_path)
     assert torch.equal(loaded(**batch).logits_per_image, expected)
+    on_cpu = PeftModel.from_pretrained(make_tiny_clip(), tmp_path)  # saved on the device, loaded on the CPU
+    torch.testing.assert_close(on_cpu(**make_batch()).logits_per_image, expected.cpu(), rtol=1e-5, atol=1e-5)
     for name, layer in spu_layers(loaded).items():
         original = spu_layers(model)[name]
         assert torch.equal(layer.spu_indices["default"], original.spu_indices["default"])

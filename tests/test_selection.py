@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_batch, make_tiny_clip
+from conftest import make_batch, make_tiny_clip, to_device
 from peft import get_peft_model
 
 from spu_peft import SCORES, SPUConfig, SPULayer, select_parameters
@@ -39,7 +39,7 @@ def test_fraction_and_max_batches_bound_the_batches_used():
     model = fresh()
     assert select_parameters(model, loader(0, n=8), fraction=0.25).num_batches == 2
     assert select_parameters(model, loader(0, n=8), fraction=1.0, max_batches=3).num_batches == 3
-    assert select_parameters(model, iter(loader(0, n=5))).num_batches == 5  # no length: all batches
+    assert select_parameters(model, iter(loader(0, n=5)), fraction=1.0).num_batches == 5  # no length: all batches
 
 
 @pytest.mark.parametrize("score", SCORES)
@@ -124,11 +124,11 @@ def test_a_data_parallel_model_is_selected_through_its_module():
 
 
 @pytest.mark.parametrize("score", ["output_norm", "task_loss", "fisher"])
-def test_every_layer_selects_what_dense_autograd_selects(score):
+def test_every_layer_selects_what_dense_autograd_selects(score, device):
     """Scores accumulated layer by layer during backward pick the entries of the formula on whole dense gradients
     (`torch.autograd.grad` of the objective with respect to every target weight at once, as before)."""
-    model = fresh()
-    batches = [{**batch, "return_loss": True} for batch in loader(3, n=3)]
+    model = fresh().to(device)
+    batches = [to_device({**batch, "return_loss": True}, device) for batch in loader(3, n=3)]
     weights = {n: m.get_base_layer().weight for n, m in spu_layers(model).items()}
     totals = {n: torch.zeros_like(w) for n, w in weights.items()}
     model.eval()
@@ -148,15 +148,23 @@ def test_every_layer_selects_what_dense_autograd_selects(score):
         assert torch.equal(layer.spu_indices["default"].long(), expected.sort().values), n
 
 
-def test_reduced_precision_and_offloaded_score_sums_select_nearly_or_exactly_the_same():
-    reference, half, offloaded = fresh(), fresh(), fresh()
+def test_reduced_precision_and_offloaded_score_sums_select_nearly_or_exactly_the_same(device):
+    """On the CPU the offloaded sums are the sums; from CUDA they add each batch's product on the CPU (another
+    rounding order than the device's fused `addmm_`), so near-threshold entries may swap."""
+    reference, half, offloaded = fresh().to(device), fresh().to(device), fresh().to(device)
     select_parameters(reference, loader(4))
     select_parameters(half, loader(4), score_dtype=torch.bfloat16)
     select_parameters(offloaded, loader(4), score_device="cpu")
     a, b, c = supports(reference), supports(half), supports(offloaded)
-    assert all(torch.equal(a[n], c[n]) for n in a)
-    shared = [len(set(a[n].tolist()) & set(b[n].tolist())) / a[n].numel() for n in a]
-    assert all(b[n].numel() == a[n].numel() for n in a) and min(shared) > 0.95
+
+    def shared(x, y):
+        return min(len(set(x[n].tolist()) & set(y[n].tolist())) / x[n].numel() for n in x)
+
+    if device.type == "cpu":
+        assert all(torch.equal(a[n], c[n]) for n in a)
+    else:
+        assert shared(a, c) > 0.99
+    assert all(b[n].numel() == a[n].numel() for n in a) and shared(a, b) > 0.95
 
 
 def test_a_reused_optimizer_keeps_training_after_a_global_reselection():

@@ -44,6 +44,21 @@ def unwrap_replicated(model: nn.Module) -> nn.Module:
     return model
 
 
+def fixed_shape_wrapper(model: nn.Module, engine: str | None) -> str | None:
+    """The name of the wrapper around `model` that fixes its parameters' shapes when it wraps them, or None.
+
+    FSDP flattens and shards them; DDP sizes its gradient buckets and keeps each parameter's gradient accumulator, so
+    a parameter resized afterwards fails in the next backward pass.
+    """
+    if engine is not None:
+        return "a model sharded with FSDP"
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return "DistributedDataParallel"
+        model = model.module
+    return None
+
+
 def refuse_deepspeed(model: nn.Module) -> None:
     """DeepSpeed keeps its own float32 copies of the trainable parameters (ZeRO-1/2) or partitions them (ZeRO-3),
     so a support chosen after `deepspeed.initialize` would be undone at its next step: refuse, saying what works."""

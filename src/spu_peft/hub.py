@@ -69,6 +69,9 @@ def update_model_card(model, save_directory: str | os.PathLike, adapter_name: st
         text = text[: text.index(SECTION_HEADING)].rstrip() + "\n"
     base_model = card.data.get("base_model") or config.base_model_name_or_path
     card.text = text.rstrip() + "\n\n" + model_card_section(config, base_model)
-    card.data["tags"] = sorted(set(card.data.get("tags") or []) | set(MODEL_TAGS))
+    if not card.data.get("base_model"):  # PEFT writes '' (and an empty base_model tag) for a base without a name
+        card.data.base_model = None
+    tags = {tag for tag in card.data.get("tags") or [] if tag != "base_model:adapter:"}
+    card.data["tags"] = sorted(tags | set(MODEL_TAGS))
     card.save(path)
     return card

@@ -97,6 +97,13 @@ class SPULayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: SPUConfig, key: str = "") -> None:
         """Create the adapter's tensors with a data-free support; `select_parameters` replaces it later."""
         device = self.get_base_layer().weight.device
+        if config.density * self.weight_numel < 0.5:
+            warnings.warn(
+                f"density={config.density} buys less than one of the {self.weight_numel} entries of `{key}`; it "
+                "trains 1 entry (the minimum). Raise `density` (0.1 trains 10% of each target).",
+                UserWarning,
+                stacklevel=2,
+            )
         indices = random_support(self.weight_shape, config, key, device, adapter_name)
         self.spu_indices[adapter_name] = indices
         values = _initial_values(indices.numel(), config, adapter_seed(config, "values", adapter_name, key), device)

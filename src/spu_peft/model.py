@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -187,6 +188,13 @@ class SPUModel(BaseTuner):
             return super()._get_learnable_bias_state_dict(model, state_dict, config)
         return {}
 
+    def add_weighted_adapter(self, *args, **kwargs) -> None:
+        """LoRA's weighted combination; SPU's deltas combine exactly with `fold_adapters` / `subtract_adapter`."""
+        raise ValueError(
+            "SPU adapters have no `add_weighted_adapter`: `spu_peft.fold_adapters(model, adapter_names, "
+            "new_adapter_name)` adds their sparse deltas exactly, and `spu_peft.subtract_adapter` removes one."
+        )
+
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         """Pick the adapter's tensors by walking the SPU layers, and store supports as bit masks where smaller.
@@ -195,6 +203,21 @@ class SPUModel(BaseTuner):
         layer (PEFT's own key discovery strips only a leading `_fsdp_wrapped_module.` and would silently drop them).
         """
         config.to_json_dict()  # refuses a config that JSON cannot hold before PEFT writes a byte
+        if (
+            config.selection is None
+            and config.init_weights  # the values started at zero: nonzero ones were trained
+            and any(  # local tensors only: save_adapter saves on the first process alone (no collectives here)
+                not is_sharded_tensor(values) and values.detach().any()
+                for values in (layer.spu_values[adapter_name] for _, layer in spu_layers(model, adapter_name))
+            )
+        ):
+            warnings.warn(
+                f"Adapter {adapter_name!r} trained its data-free random support: `spu_peft.select_parameters` was "
+                "never called (adapter_config.json will say 'selection': null). Select before training, or call "
+                "select_parameters(model, score='random') to train a random support on purpose.",
+                UserWarning,
+                stacklevel=2,
+            )
         if holds_fsdp1_shards(model):
             raise _sharded_error("the model is wrapped in FSDP1 (FullyShardedDataParallel)")
         by_name = {strip_wrappers(key): key for key in state_dict}

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from typing import Any
 
 import torch
@@ -22,6 +20,7 @@ from torch import nn
 from .config import SPUConfig
 from .distributed import (
     all_reduce_sum,
+    fixed_shape_wrapper,
     full_tensor,
     lockstep,
     refuse_deepspeed,
@@ -33,6 +32,7 @@ from .layer import SPULayer, num_selected
 from .naming import PEFT_PREFIX, spu_layers
 from .optim_state import drop_state
 from .scoring import ScoreSums
+from .selection_data import BatchChecker, objective, scoring_batches, to_device
 from .sparse_linear import compose_weight
 
 logger = logging.getLogger(__name__)
@@ -125,10 +125,12 @@ def select_parameters(
         raise ValueError("`select_parameters` needs gradients; call it outside `torch.inference_mode()`.")
     if any(layer.merged for layer in layers.values()):
         raise ValueError("The adapter is merged into the base weights; call `unmerge_adapter()` before selecting.")
-    if engine is not None and config.budget == "global":
+    if config.budget == "global" and (wrapper := fixed_shape_wrapper(model, engine)):
         raise ValueError(
-            "budget='global' gives each layer a different number of entries, which a model sharded with FSDP cannot "
-            "take after wrapping (its parameters have fixed shapes). Select before wrapping, or use 'per_tensor'."
+            f"budget='global' gives each layer a different number of entries, which {wrapper} cannot take after "
+            "wrapping (it keeps the shapes the parameters had when wrapped). Call `select_parameters` on the unwrapped "
+            "model before wrapping it (scores are still summed over processes) and wrap it anew after each selection, "
+            "or use budget='per_tensor'."
         )
 
     start = time.perf_counter()
@@ -143,7 +145,7 @@ def select_parameters(
         scores = _LazyScores(layers, lambda name, layer: (sums.whole(name, _device(layer)) / num_batches).abs())
     elif score == "magnitude":
         scores = _LazyScores(layers, lambda name, layer: _effective_weight(runner, layer, engine).abs().float())
-    else:
+    elif score == "random":
         seed = config.seed if seed is None else seed
         scores = _LazyScores(layers, lambda name, layer: _random_scores(layer, seed, name))
     if (device := _device(next(iter(layers.values())))).type == "cuda":  # the time of the work, not of queueing it
@@ -274,33 +276,6 @@ def _random_scores(layer: SPULayer, seed: int, name: str) -> torch.Tensor:
     return torch.rand(layer.weight_shape, generator=generator).to(_device(layer))
 
 
-def _objective(outputs: Any, score: str) -> torch.Tensor:
-    if score == "output_norm":
-        for key in ("logits_per_image", "logits", "last_hidden_state"):
-            main = getattr(outputs, key, None) if not isinstance(outputs, Mapping) else outputs.get(key)
-            if main is not None:
-                return main.float().pow(2).sum(-1).mean()
-        raise ValueError(
-            "score='output_norm' needs a model output with `logits_per_image`, `logits` or `last_hidden_state`."
-        )
-    loss = getattr(outputs, "loss", None) if not isinstance(outputs, Mapping) else outputs.get("loss")
-    if loss is None:
-        raise ValueError(
-            f"score={score!r} needs the model to return `loss`; include labels in the batches "
-            "(for `CLIPModel`, `return_loss=True`)."
-        )
-    return loss.float()
-
-
-def _num_batches(dataloader: Iterable, fraction: float, max_batches: int | None) -> int | None:
-    try:
-        total = len(dataloader)  # type: ignore[arg-type]
-    except TypeError:
-        return max_batches
-    n = max(1, math.ceil(fraction * total)) if total else 0
-    return n if max_batches is None else min(n, max_batches)
-
-
 def _gradient_score_sums(
     runner: nn.Module,
     layers: dict[str, SPULayer],
@@ -329,17 +304,12 @@ def _gradient_score_sums(
         runner.eval()
         for name, layer in layers.items():
             layer._scorer = (probe, functools.partial(sums.add, name))
-        batches = islice(dataloader, _num_batches(dataloader, fraction, max_batches))
+        check = BatchChecker(runner, score)
+        batches = scoring_batches(dataloader, fraction, max_batches)
         for batch, real in lockstep(batches, sharded=engine is not None, device=device):
-            if not isinstance(batch, Mapping):
-                raise ValueError(
-                    "select_parameters expects batches that are dicts of the model's keyword arguments "
-                    f"(e.g. a DataLoader over a processor's output), got {type(batch).__name__}."
-                )
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            check(batch)
             sums.weight = 1.0 if real else 0.0
-            objective = _objective(runner(**batch), score)
-            torch.autograd.grad(objective, [probe], allow_unused=True)
+            torch.autograd.grad(objective(runner(**to_device(batch, device)), score), [probe], allow_unused=True)
             num_batches += int(real)
     finally:
         for layer in layers.values():

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Mutation testing of one library module with mutmut, in a scratch copy of src/ and tests/ (the tree is not touched).
+# Usage: scripts/mutation.sh MODULE [TEST_FILE...]
+#   MODULE: a file of src/spu_peft without .py (compose, encoding, ...); TEST_FILEs default to the module's own tests.
+#   PYTHON=... picks the interpreter (default .venv's); MUTATION_DIR=... keeps the scratch copy there.
+# Prints the killed share and every surviving mutant as a diff. One test process at a time, under `nice`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+module=${1:?usage: scripts/mutation.sh MODULE [TEST_FILE...]}
+shift
+[ -f "src/spu_peft/$module.py" ] || { echo "no module src/spu_peft/$module.py" >&2; exit 2; }
+declare -A TESTS=(
+    [compose]="tests/test_compose.py"
+    [encoding]="tests/test_encoding.py tests/test_selection_oracles.py tests/test_save_load.py"
+)
+tests=${*:-${TESTS[$module]:-tests/test_$module.py}}
+PYTHON=${PYTHON:-.venv/bin/python}
+[ -x "$PYTHON" ] || PYTHON=python3
+mutmut="$(dirname "$PYTHON")/mutmut"
+[ -x "$mutmut" ] || { echo "mutmut is not installed beside $PYTHON (pip install -e '.[test]')" >&2; exit 2; }
+
+work=${MUTATION_DIR:-$(mktemp -d)}
+mkdir -p "$work" && rm -rf "$work/src" "$work/tests" "$work/mutants"
+cp -r src tests pyproject.toml "$work/"
+find "$work" -name __pycache__ -prune -exec rm -rf {} +
+{
+    echo "[mutmut]"
+    echo "source_paths=src"
+    echo "only_mutate=src/spu_peft/$module.py"
+    echo "pytest_add_cli_args_test_selection="
+    printf '    %s\n' $tests
+    echo "also_copy=tests"
+} >"$work/setup.cfg"
+
+cd "$work"
+unset PYTHONPATH  # mutmut puts its mutated copy of src/ first
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
+nice "$mutmut" run --max-children 1 >run.log 2>&1 || { tail -c 2000 run.log; exit 1; }
+"$mutmut" results --all true >results.txt 2>&1
+killed=$(grep -c ": killed$" results.txt || true)
+survived=$(grep ": survived$" results.txt | sed 's/^ *//; s/: survived$//' || true)
+total=$(grep -cE ": (killed|survived|timeout|suspicious|no tests|segfault)" results.txt || true)
+echo "mutation score of spu_peft/$module.py against $tests: $killed of $total mutants killed" \
+    "($(awk -v k="$killed" -v t="$total" 'BEGIN { printf "%.1f", t ? 100 * k / t : 0 }')%)"
+grep -vE ": (killed|survived)$" results.txt | grep ": " || true
+for name in $survived; do
+    echo "--- survived: $name"
+    "$mutmut" show "$name" 2>&1 | grep -E "^[-+][^-+]" || true
+done
+echo "(scratch copy: $work)"

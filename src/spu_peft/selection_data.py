@@ -1,0 +1,115 @@
+"""The task data `select_parameters` scores on: which batches it takes, and the objective it differentiates.
+
+Mistakes in the data are caught here, before the first forward pass: keys the model's forward does not take, labels
+a data-free or output-norm score would silently ignore, and an iterator with no length whose `fraction` cannot be
+applied (an endless one would run for ever).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import typing
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import nn
+
+# Keys of labelled batches that a forward may leave in its `**kwargs` unused (Trainer keeps them for every model)
+LABEL_KEYS = frozenset({"labels", "label", "label_ids", "return_loss"})
+
+
+class BatchChecker:
+    """Checks each batch's keys against the forward's before it runs; warns once about ignored labels.
+
+    A `PeftModel` passes the batch on to its base model, so that model's forward is read. Its named arguments are
+    taken, and a `**kwargs` annotated with a `TypedDict` (transformers' `Unpack[TransformersKwargs]`) takes that
+    dict's keys; a plain `**kwargs` takes anything, and then keys are not checked.
+    """
+
+    def __init__(self, model: nn.Module, score: str) -> None:
+        while callable(getattr(model, "get_base_model", None)) and model.get_base_model() is not model:
+            model = model.get_base_model()
+        self.name, self.score, self.warned = type(model).__name__, score, False
+        self.named: set[str] = set()
+        self.options: set[str] | None = set()  # None: any key
+        self.options_name = ""
+        for parameter in inspect.signature(model.forward).parameters.values():
+            if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
+                self.named.add(parameter.name)
+            elif parameter.kind == parameter.VAR_KEYWORD:
+                args = typing.get_args(parameter.annotation) if typing.get_origin(parameter.annotation) else ()
+                typed = args[0] if len(args) == 1 and hasattr(args[0], "__optional_keys__") else None
+                self.options = None if typed is None else set(typed.__optional_keys__ | typed.__required_keys__)
+                self.options_name = getattr(typed, "__name__", "")
+
+    def __call__(self, batch: Any) -> None:
+        if not isinstance(batch, Mapping):
+            raise ValueError(
+                "select_parameters expects batches that are dicts of the model's keyword arguments "
+                f"(e.g. a DataLoader over a processor's output), got {type(batch).__name__}."
+            )
+        if self.options is not None and (unknown := set(batch) - LABEL_KEYS - self.named - self.options):
+            raise ValueError(
+                f"The batches have keys {sorted(unknown)} that {self.name}'s forward does not take; it takes "
+                f"{sorted(self.named)}{f' and the options of {self.options_name}' if self.options else ''}. Rename or "
+                "drop them (a processor's output has the right names)."
+            )
+        labels = sorted(LABEL_KEYS & set(batch))
+        if labels and self.score == "output_norm" and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"The batches carry {labels}, which score='output_norm' ignores (it differentiates the norm of the "
+                "model's output); use score='task_loss' or 'fisher' to score the loss of labelled batches.",
+                UserWarning,
+                stacklevel=5,
+            )
+
+
+def scoring_batches(dataloader: Iterable, fraction: float, max_batches: int | None) -> Iterator[Any]:
+    """The first `fraction` of the dataloader's batches (at least one), at most `max_batches`."""
+    try:
+        total = len(dataloader)  # type: ignore[arg-type]
+    except TypeError:
+        if max_batches is None and fraction < 1.0:
+            raise ValueError(
+                f"The dataloader has no length, so fraction={fraction} of it cannot be taken (and an endless "
+                "iterator would never stop): pass `max_batches`, or fraction=1.0 to score every batch it yields."
+            ) from None
+        return islice(dataloader, max_batches)
+    n = max(1, math.ceil(fraction * total)) if total else 0
+    return islice(dataloader, n if max_batches is None else min(n, max_batches))
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on `device`; tensors made under `torch.inference_mode()` are copied into normal ones,
+    which autograd can save for the backward pass."""
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.clone() if value.is_inference() else value
+            value = value.to(device)
+        moved[key] = value
+    return moved
+
+
+def objective(outputs: Any, score: str) -> torch.Tensor:
+    """The scalar a gradient score differentiates: the output's mean squared row norm, or the model's loss."""
+    if score == "output_norm":
+        for key in ("logits_per_image", "logits", "last_hidden_state"):
+            main = getattr(outputs, key, None) if not isinstance(outputs, Mapping) else outputs.get(key)
+            if main is not None:
+                return main.float().pow(2).sum(-1).mean()
+        raise ValueError(
+            "score='output_norm' needs a model output with `logits_per_image`, `logits` or `last_hidden_state`."
+        )
+    loss = getattr(outputs, "loss", None) if not isinstance(outputs, Mapping) else outputs.get("loss")
+    if loss is None:
+        raise ValueError(
+            f"score={score!r} needs the model to return `loss`; include labels in the batches "
+            "(for `CLIPModel`, `return_loss=True`)."
+        )
+    return loss.float()

@@ -1,0 +1,96 @@
+"""The on-disk encoding of supports: which encoding is smaller, index dtypes, and what the checks refuse, against
+the definitions (bytes of each encoding, the int32 range) and the exact messages a user reads."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from spu_peft.encoding import check_indices, check_values, index_dtype, mask_is_smaller, pack_mask, unpack_mask
+
+
+def test_the_mask_is_chosen_exactly_when_its_bytes_are_no_more_than_int32_indices():
+    for numel in range(1, 200):
+        for k in range(1, 12):
+            assert mask_is_smaller(k, numel) == (math.ceil(numel / 8) <= 4 * k), (k, numel)
+
+
+def test_indices_are_int32_below_two_to_the_31_entries_and_int64_from_there():
+    assert index_dtype(1) == index_dtype(2**31 - 1) == torch.int32
+    assert index_dtype(2**31) == index_dtype(2**32) == torch.int64
+
+
+@pytest.mark.parametrize("numel", [1, 13, 64, 100])
+def test_masks_round_trip_on_every_device(numel, device):
+    generator = torch.Generator().manual_seed(numel)
+    indices = torch.randperm(numel, generator=generator)[: max(1, numel // 4)].sort().values.to(device)
+    bits = np.zeros(numel, dtype=np.uint8)
+    bits[indices.cpu().numpy()] = 1
+    packed = pack_mask(indices, numel)
+    assert packed.device == indices.device and packed.dtype == torch.uint8
+    assert packed.cpu().tolist() == np.packbits(bits, bitorder="little").tolist()
+    assert torch.equal(unpack_mask(packed, numel, "w"), indices)
+
+
+@pytest.mark.parametrize(
+    ("packed", "message"),
+    [
+        (
+            torch.zeros(1, 2, dtype=torch.uint8),
+            "w: the bit mask must be a 1-D uint8 tensor, got torch.uint8 of shape (1, 2).",
+        ),
+        (torch.zeros(2, dtype=torch.int8), "w: the bit mask must be a 1-D uint8 tensor, got torch.int8 of shape (2,)."),
+    ],
+)
+def test_masks_of_another_dtype_or_shape_are_refused_saying_what_they_are(packed, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        unpack_mask(packed, 16, "w")
+
+
+def test_indices_from_zero_to_the_last_entry_are_accepted():
+    assert check_indices(torch.tensor([0, 5], dtype=torch.int32), 6, "w").tolist() == [0, 5]
+
+
+def dtype_refusal(dtype: str) -> str:
+    return rf"^w: indices must have an integer dtype( \(int32 or int64\))?, got torch\.{dtype}; the file is corrupt\.$"
+
+
+@pytest.mark.parametrize(
+    ("indices", "pattern"),
+    [
+        (torch.tensor([True, False]), dtype_refusal("bool")),
+        (torch.tensor([1.0]), dtype_refusal("float32")),
+        (torch.zeros(2, 2, dtype=torch.int32), re.escape("w: indices must be 1-D, got shape (2, 2).")),
+        (
+            torch.tensor([-1, 3]),
+            re.escape(
+                "w: indices range over [-1, 3] but the weight has 6 entries; the adapter was made for a different "
+                "base model or the file is corrupt."
+            ),
+        ),
+        (torch.tensor([2, 6]), re.escape("w: indices range over [2, 6] but the weight has 6 entries;")),
+        (torch.tensor([2, 2]), re.escape("w: indices contain duplicates; the file is corrupt.")),
+    ],
+)
+def test_bad_indices_are_refused_with_the_exact_reason(indices, pattern):
+    with pytest.raises(ValueError, match=f"^{pattern}"):
+        check_indices(indices, 6, "w")
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (torch.zeros(1, 3), "w: values must be a 1-D float tensor, got torch.float32 of shape (1, 3)."),
+        (torch.zeros(3, dtype=torch.int32), "w: values must be a 1-D float tensor, got torch.int32 of shape (3,)."),
+        (
+            torch.zeros(2),
+            "w: 2 values for 3 selected entries; the file is corrupt or was made for a different base model.",
+        ),
+        (torch.tensor([0.0, float("nan"), 1.0]), "w: values contain NaN or infinity."),
+    ],
+)
+def test_bad_values_are_refused_with_the_exact_reason(values, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        check_values(values, 3, "w")
