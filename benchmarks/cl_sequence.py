@@ -16,19 +16,24 @@ a markdown table in the paper's Acc / F / C form, PNG plots) land in `--output-d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
 import sys
 from pathlib import Path
 
-import datasets
 import torch
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from transformers import AutoProcessor, CLIPModel
 
-import spu_peft
+if not torch.cuda.is_available():  # DeepSpeed (if installed) would warn that it falls back to the CPU in every run
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import datasets  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from transformers import AutoProcessor, CLIPModel  # noqa: E402
+
+import spu_peft  # noqa: E402
 from spu_peft.continual import (
     CAPTION_TEMPLATE,
     NUMERICS_MODES,
@@ -41,7 +46,9 @@ from spu_peft.continual import (
     registered_methods,
     run_sequence,
 )
+from spu_peft.continual.checkpoint import OutputDirBusyError
 from spu_peft.continual.data import check_modules_to_save
+from spu_peft.continual.methods import METHOD_GROUPS, expand_methods, method_plan
 
 logger = get_logger(__name__)
 
@@ -77,6 +84,7 @@ SETTINGS_FLAGS = {
     "max_test_per_task": (int, "Cap on test images per task."),
     "max_control": (int, "Cap on control-set images (a seeded sample)."),
     "seed": (int, "Seed of class order, data order, buffer, supports; picks the embedded model (0)."),
+    "max_reference": (int, "Cap on reference images for zscl and lora_ewc (1024)."),
 }
 
 
@@ -112,7 +120,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--control-split", default="control", help="Split of --control-dataset to use.")
     parser.add_argument("--control-image-column", default="image", help="Image column of --control-dataset.")
     parser.add_argument("--control-label-column", default="label", help="Label column of --control-dataset.")
-    parser.add_argument("--methods", default=None, help="Comma-separated registered methods (default: all seven).")
+    parser.add_argument(
+        "--methods",
+        default="default",
+        help="Comma-separated registered methods or groups: 'default' (SPU and the dense, LoRA and random baselines: "
+        "seven), 'paper' (those and the eight peers: fifteen).",
+    )
+    parser.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="METHOD.OPTION=VALUE",
+        help="Change a method's coefficient, e.g. lwf.strength=0.1 (repeatable; see docs/peers.md).",
+    )
+    parser.add_argument(
+        "--reference-dataset",
+        default=None,
+        help="Reference image-caption data for zscl and lora_ewc: 'embedded' (default with the embedded model: "
+        "pretraining images, none of the control set), a hub id or folder with class labels; 'none' to skip.",
+    )
+    parser.add_argument("--reference-split", default="train", help="Split of --reference-dataset to use.")
+    parser.add_argument("--reference-image-column", default="image", help="Image column of --reference-dataset.")
+    parser.add_argument("--reference-label-column", default="label", help="Label column of --reference-dataset.")
     parser.add_argument("--target-layers", default="fc1", choices=sorted(TARGET_LAYERS), help="Layers adapted.")
     parser.add_argument(
         "--modules-to-save",
@@ -162,21 +191,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     except ValueError as error:
         parser.error(_flagged(str(error)))
-    args.methods = [m.strip() for m in (args.methods or ",".join(registered_methods())).split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in registered_methods()]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    known = (*METHOD_GROUPS, *registered_methods())
+    unknown = [m for m in args.methods if m not in known]
     if unknown or not args.methods:
-        parser.error(f"unknown method(s) {unknown} in --methods; choose from {', '.join(registered_methods())}")
-    if repeated := sorted({m for m in args.methods if args.methods.count(m) > 1}):
+        parser.error(f"unknown method(s) {unknown} in --methods; choose from {', '.join(known)}")
+    expanded = [m.name for m in expand_methods(args.methods)]
+    if repeated := sorted({m for m in expanded if expanded.count(m) > 1}):
         parser.error(f"--methods lists {repeated} more than once; each method runs once per learning rate")
+    try:
+        args.settings = dataclasses.replace(args.settings, method_options=_method_options(args.method_option))
+        for method in expand_methods(args.methods):
+            method_plan(method, args.settings)
+    except ValueError as error:
+        parser.error(f"--method-option: {error}")
+    if stray := sorted(set(args.settings.method_options) - set(expanded)):
+        parser.error(f"--method-option sets options of {stray}, which --methods does not run")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     if args.control_dataset is None:
         args.control_dataset = EMBEDDED if args.model == EMBEDDED else "none"
+    if args.reference_dataset is None:
+        args.reference_dataset = EMBEDDED if args.model == EMBEDDED else "none"
+    args.needs_reference = any(m.needs_reference for m in expand_methods(args.methods))
     if args.output_dir is None:
         name = "animal-shapes" if args.dataset == EMBEDDED else Path(args.dataset.rstrip("/")).name
         suffix = ("-paper" if args.protocol == "paper" else "") + ("-quick" if args.quick else "")
         args.output_dir = os.path.join("results", f"{name}-{args.settings.num_tasks}tasks{suffix}")
     return args
+
+
+def _method_options(items: list[str]) -> dict[str, dict[str, float]]:
+    """`--method-option lwf.strength=0.1` flags as `{"lwf": {"strength": 0.1}}`."""
+    options: dict[str, dict[str, float]] = {}
+    for item in items:
+        match = re.fullmatch(r"(\w+)\.(\w+)=(.+)", item.strip())
+        if not match:
+            raise ValueError(f"{item!r} is not METHOD.OPTION=VALUE (e.g. lwf.strength=0.1)")
+        method, option, value = match.groups()
+        try:
+            options.setdefault(method, {})[option] = float(value)
+        except ValueError:
+            raise ValueError(f"{item!r}: the value {value!r} is not a number") from None
+    return options
 
 
 def _embedded():
@@ -224,6 +281,13 @@ def load_sequence_data(args: argparse.Namespace, processor, accelerator: Acceler
     elif args.control_dataset != "none":
         loaded = _load_any(args.control_dataset)
         control = loaded[args.control_split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    reference, reference_columns = None, (args.reference_image_column, args.reference_label_column)
+    if args.needs_reference and args.reference_dataset == EMBEDDED:
+        reference = _embedded().load_reference_data(seed=args.settings.seed)
+        reference_columns = ("image", "label")
+    elif args.needs_reference and args.reference_dataset != "none":
+        loaded = _load_any(args.reference_dataset)
+        reference = loaded[args.reference_split] if isinstance(loaded, datasets.DatasetDict) else loaded
     class_names = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
     try:
         return prepare_sequence_data(
@@ -236,6 +300,8 @@ def load_sequence_data(args: argparse.Namespace, processor, accelerator: Acceler
             image_column=columns[0],
             label_column=columns[1],
             control_columns=control_columns,
+            reference=reference,
+            reference_columns=reference_columns,
             accelerator=accelerator,
         )
     except ValueError as error:
@@ -319,6 +385,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
     except FingerprintMismatchError as error:
         raise SystemExit(_refusal(error)) from None
+    except OutputDirBusyError as error:
+        raise SystemExit(f"error: --output-dir: {error}") from None
 
     # 5. report
     if accelerator.is_main_process:

@@ -3,6 +3,7 @@
 
 The names below are the ones a user needs; the rest (losses, fingerprints, report helpers) stay in their modules."""
 
+from . import peers  # noqa: F401 (importing it registers the eight peers)
 from .data import prepare_sequence_data
 from .evaluation import (
     CAPTION_TEMPLATE,
@@ -13,7 +14,14 @@ from .evaluation import (
 )
 from .fingerprint import FingerprintMismatchError
 from .hooks import MethodHooks, Step, TaskContext
-from .methods import DEFAULT_METHODS, ContinualMethod, get_method, register_method, registered_methods
+from .methods import (
+    DEFAULT_METHODS,
+    METHOD_GROUPS,
+    ContinualMethod,
+    get_method,
+    register_method,
+    registered_methods,
+)
 from .metrics import ContinualLearningMetric, continual_metrics
 from .numerics import NUMERICS_MODES, numerics_report, pin_cpu_numerics
 from .replay import TaskBalancedReplayBuffer
@@ -26,6 +34,7 @@ from .training import train_task, training_step
 __all__ = [
     "CAPTION_TEMPLATE",
     "DEFAULT_METHODS",
+    "METHOD_GROUPS",
     "NUMERICS_MODES",
     "PROTOCOLS",
     "TARGET_LAYERS",

@@ -34,6 +34,8 @@ class SequenceData:
     control: datasets.Dataset | None
     control_class_names: list[str]
     identity: dict[str, Any]  # what the fingerprint records of the data
+    reference: datasets.Dataset | None = None  # image-caption data for distillation and importances (torch format)
+    reference_class_names: list[str] | None = None  # each reference image's caption is its class's
 
     def task_class_names(self) -> list[list[str]]:
         return [[self.class_names[c] for c in task] for task in self.tasks]
@@ -197,13 +199,20 @@ def prepare_sequence_data(
     image_column: str = "image",
     label_column: str = "label",
     control_columns: tuple[str, str] = ("image", "label"),
+    reference: datasets.Dataset | None = None,
+    reference_class_names: Sequence[str] | None = None,
+    reference_columns: tuple[str, str] = ("image", "label"),
     accelerator: Accelerator | None = None,
 ) -> SequenceData:
-    """Split `train`/`test` into the settings' tasks and preprocess them (and the control set) with `processor`.
+    """Split `train`/`test` into the settings' tasks and preprocess them (and the control and reference sets) with
+    `processor`.
 
     Class names come from the splits' `ClassLabel` feature unless given; the control set (from the pretraining
-    domain, never trained on) has its image and label columns in `control_columns`. Every problem of the data
-    raises `ValueError` here, before any training.
+    domain, never trained on) has its image and label columns in `control_columns`. `reference` is image-caption
+    data for the methods that distil from the original model or weigh it (`zscl`, `lora_ewc`): labelled images
+    whose caption is their class's, columns `reference_columns`, at most `settings.max_reference` (a seeded
+    sample); it must not share images with the control set. Every problem of the data raises `ValueError` here,
+    before any training.
     """
     train = _standardise(train, image_column, label_column, "the train split")
     test = _standardise(test, image_column, label_column, "the test split")
@@ -234,6 +243,15 @@ def prepare_sequence_data(
         check_class_names(names, list(control["labels"]), tokenizer, "the control set", every_label=False)
         if settings.max_control is not None and settings.max_control < len(control):
             control = control.shuffle(seed=settings.seed).select(range(settings.max_control))
+    reference_names = None
+    if reference is not None:
+        reference = _standardise(reference, *reference_columns, "the reference data")
+        reference_names = list(reference_class_names or label_names(reference, "labels", reference_columns[1]))
+        check_class_names(
+            reference_names, list(reference["labels"]), tokenizer, "the reference data", every_label=False
+        )
+        if settings.max_reference < len(reference):
+            reference = reference.shuffle(seed=settings.seed).select(range(settings.max_reference))
     context = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
     with context:
         train = _preprocess(train, processor.image_processor, "the train split", train_id)
@@ -241,7 +259,38 @@ def prepare_sequence_data(
         if control is not None:
             identity["control"] = content_digest(control, "the control set")
             control = _preprocess(control, processor.image_processor, "the control set", identity["control"])
-    return SequenceData(train, test, class_names, tasks, train_indices, test_indices, control, names, identity)
+        if reference is not None:
+            identity.update(reference=content_digest(reference, "the reference data"), reference_names=reference_names)
+            reference = _preprocess(reference, processor.image_processor, "the reference data", identity["reference"])
+    if reference is not None and control is not None:
+        _check_disjoint(reference, control)
+    return SequenceData(
+        train,
+        test,
+        class_names,
+        tasks,
+        train_indices,
+        test_indices,
+        control,
+        names,
+        identity,
+        reference,
+        reference_names,
+    )
+
+
+def _check_disjoint(reference: datasets.Dataset, control: datasets.Dataset) -> None:
+    """Refuse reference data that holds control images: distilling on them would leak the control set."""
+
+    def digests(dataset: datasets.Dataset) -> set[str]:
+        return {hashlib.sha256(p.numpy().tobytes()).hexdigest() for p in dataset.with_format("torch")["pixel_values"]}
+
+    shared = digests(reference) & digests(control)
+    if shared:
+        raise ValueError(
+            f"the reference data shares {len(shared)} image(s) with the control set; methods that distil on it would "
+            "be tuned on the control set. Use reference data from another split of the pretraining domain"
+        )
 
 
 def check_modules_to_save(model: torch.nn.Module, settings: SequenceSettings) -> None:

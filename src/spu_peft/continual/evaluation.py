@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import unwrap_replicated
+from .loaders import eval_loader
 from .tasks import class_lookup
 
 CAPTION_TEMPLATE = "a photo of a {}."
@@ -91,3 +92,41 @@ def zero_shot_accuracy(
     if len(true) == 0:
         raise ValueError("The evaluation dataloader yielded no examples.")
     return 100.0 * int((predicted == true).sum()) / len(true)
+
+
+def task_accuracies(model, task: int, data: Any, settings: Any, accelerator: Any, tokenizer: Any) -> list[float]:
+    """Accuracy on every task of `data` (a `SequenceData`) seen so far, each predicted among all seen classes
+    (class-incremental)."""
+    seen = sorted(c for t in data.tasks[: task + 1] for c in t)
+    names = [data.class_names[c] for c in seen]
+    features = class_text_features(model, tokenize_prompts(tokenizer, names, settings.templates), len(names))
+    return [
+        zero_shot_accuracy(
+            model,
+            eval_loader(data.test, data.test_indices[j], settings.eval_batch_size, accelerator),
+            features,
+            seen,
+            accelerator,
+        )
+        for j in range(task + 1)
+    ]
+
+
+def control_accuracy(model, data: Any, settings: Any, accelerator: Any, tokenizer: Any) -> float | None:
+    """Zero-shot accuracy on the control set (the pretraining domain), or None without one."""
+    if data.control is None:
+        return None
+    names = data.control_class_names
+    features = class_text_features(model, tokenize_prompts(tokenizer, names, settings.templates), len(names))
+    loader = eval_loader(data.control, list(range(len(data.control))), settings.eval_batch_size, accelerator)
+    return zero_shot_accuracy(model, loader, features, list(range(len(names))), accelerator)
+
+
+def image_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Unit-norm projected image features (with gradients, unlike the evaluation functions above)."""
+    return F.normalize(_pooled(model.get_image_features(pixel_values=pixel_values)).float(), dim=-1)
+
+
+def text_features(model: torch.nn.Module, text_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Unit-norm projected text features (with gradients)."""
+    return F.normalize(_pooled(model.get_text_features(**text_inputs)).float(), dim=-1)

@@ -24,14 +24,17 @@ A penalty method is a few lines:
 
         def extra_loss(self, step):
             params = dict(step.module.named_parameters())
-            return 0.1 * sum(((params[n] - a) ** 2).sum() for n, a in self.anchor.items())
+            return self.options["strength"] * sum(((params[n] - a) ** 2).sum() for n, a in self.anchor.items())
 
-    register_method(ContinualMethod("l2_replay", full_fine_tuning, replay=True, default_lr=1e-5, hooks=L2ToStart))
+    register_method(
+        ContinualMethod("l2_replay", full_fine_tuning, replay=True, default_lr=1e-5, hooks=L2ToStart,
+                        options={"strength": 0.1})
+    )
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +110,9 @@ class Step:
 class MethodHooks:
     """A method's behaviour beyond the task loss; the base class adds nothing (plain training).
 
+    `settings` are the run's `SequenceSettings`, `options` the method's coefficients (its `ContinualMethod.options`
+    with the protocol's and the user's values applied).
+
     Attributes:
         replay_in_task_loss: whether replay images join the task loss's batch (`False`: the replay batch is only
             passed to `extra_loss`, as LwF and PRD use it).
@@ -114,8 +120,9 @@ class MethodHooks:
 
     replay_in_task_loss: bool = True
 
-    def __init__(self, settings: Any = None) -> None:
+    def __init__(self, settings: Any = None, options: Mapping[str, float] | None = None) -> None:
         self.settings = settings
+        self.options = dict(options or {})
 
     def start_task(self, context: TaskContext) -> None:
         """Before the task's optimizer exists: build teachers, compute importances on earlier data."""
@@ -150,15 +157,15 @@ class MethodHooks:
             raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint holds {sorted(state)[:5]}")
 
 
-HooksFactory = Callable[[Any], MethodHooks]
-"""`factory(settings)` makes a run's hooks; a `MethodHooks` subclass is such a factory."""
+HooksFactory = Callable[[Any, Mapping[str, float]], MethodHooks]
+"""`factory(settings, options)` makes a run's hooks; a `MethodHooks` subclass is such a factory."""
 
 
-def make_hooks(factory: HooksFactory | None, settings: Any) -> MethodHooks:
-    """The hooks of one run: `factory(settings)`, or plain training without a factory."""
+def make_hooks(factory: HooksFactory | None, settings: Any, options: Mapping[str, float] | None = None) -> MethodHooks:
+    """The hooks of one run: `factory(settings, options)`, or plain training without a factory."""
     if factory is None:
-        return MethodHooks(settings)
-    hooks = factory(settings)
+        return MethodHooks(settings, options)
+    hooks = factory(settings, dict(options or {}))
     if not isinstance(hooks, MethodHooks):
         raise TypeError(f"a method's `hooks` factory must return a MethodHooks, got {type(hooks).__name__}")
     return hooks

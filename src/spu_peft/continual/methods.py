@@ -16,8 +16,11 @@ built-ins are registered below exactly as a user registers their own:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -47,8 +50,14 @@ class ContinualMethod:
         trains: `False` for methods evaluated as they are (`zeroshot`).
         save_task_adapters: save the adapter after every task (`adapter_task<t>/`, with `save_pretrained`).
         description: one line for tables and `--help`.
-        hooks: `hooks(settings)` makes a run's `MethodHooks` (task hooks, an extra loss term, gradient edits and
-            the state they carry across tasks); `None` trains on the task loss alone.
+        hooks: `hooks(settings, options)` makes a run's `MethodHooks` (task hooks, an extra loss term, gradient
+            edits and the state they carry across tasks); `None` trains on the task loss alone.
+        options: the method's coefficients and their defaults (e.g. `{"strength": 0.1}`), passed to `hooks`; a user
+            changes them with `SequenceSettings.method_options` (`--method-option name.key=value`).
+        protocols: per protocol (`"paper"`, `"embedded"`), values that replace the defaults for this method: option
+            names, and `SequenceSettings` fields (`lr`, `epochs`, `batch_size`, ...) that the user did not fix.
+        needs_reference: whether the method needs reference data (`SequenceData.reference`), e.g. for distillation
+            from the original model.
     """
 
     name: str
@@ -61,10 +70,21 @@ class ContinualMethod:
     save_task_adapters: bool = False
     description: str = ""
     hooks: HooksFactory | None = None
+    options: Mapping[str, float] = field(default_factory=dict)
+    protocols: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    needs_reference: bool = False
 
     def __post_init__(self) -> None:
         if self.trains and (self.default_lr is None or self.default_lr <= 0):
             raise ValueError(f"method {self.name!r} trains, so `default_lr` must be positive, got {self.default_lr}")
+        fields = {f.name for f in dataclasses.fields(SequenceSettings)}
+        for protocol, values in self.protocols.items():
+            unknown = sorted(set(values) - fields - set(self.options))
+            if unknown:
+                raise ValueError(
+                    f"method {self.name!r}: protocol {protocol!r} sets {unknown}, which are neither options "
+                    f"({sorted(self.options)}) nor SequenceSettings fields"
+                )
 
     def __repr__(self) -> str:
         return f"ContinualMethod(name={self.name!r}, ...)"
@@ -93,6 +113,23 @@ def registered_methods() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+def method_plan(method: ContinualMethod, settings: SequenceSettings) -> tuple[SequenceSettings, dict[str, float]]:
+    """The settings and options one method trains with.
+
+    The method's values for `settings.protocol` replace the defaults, except the settings the user fixed
+    (`settings.fixed`); then `settings.method_options[method.name]` replaces options. Unknown option names raise.
+    """
+    values = method.protocols.get(settings.protocol, {})
+    options = {**method.options, **{k: v for k, v in values.items() if k in method.options}}
+    given = settings.method_options.get(method.name, {})
+    if unknown := sorted(set(given) - set(method.options)):
+        known = ", ".join(sorted(method.options)) or "none"
+        raise ValueError(f"method {method.name!r} has no option(s) {unknown}; its options: {known}")
+    options.update(given)
+    changes = {k: v for k, v in values.items() if k not in method.options and k not in settings.fixed}
+    return (dataclasses.replace(settings, **changes) if changes else settings), options
+
+
 # ---- the built-in methods ------------------------------------------------------------------------------------------
 
 
@@ -114,21 +151,29 @@ def lora_rank_matching_spu(model: torch.nn.Module, targets: tuple[str, ...], den
     return rank_matching_spu(shapes, density)
 
 
-def _frozen(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
+def peft_model(model: torch.nn.Module, config: Any) -> torch.nn.Module:
+    """`get_peft_model`, without the FutureWarning transformers raises when PEFT asks whether gradient
+    checkpointing is on (`is_gradient_checkpointing`): a notice for PEFT's authors, not for our users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def frozen(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
     return model.requires_grad_(False)
 
 
-def _full(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
+def full_fine_tuning(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
     model.requires_grad_(True)
     if hasattr(model, "logit_scale"):
         model.logit_scale.requires_grad_(False)  # the temperature stays frozen for every method
     return model
 
 
-def _lora(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
+def lora(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
     targets = list(settings.target_modules)
     rank = settings.lora_rank or lora_rank_matching_spu(model, settings.target_modules, settings.density)
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
+    return peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
 
 
 def _spu(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
@@ -139,7 +184,7 @@ def _spu(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
         seed=settings.seed,
         modules_to_save=modules_to_save,
     )
-    return get_peft_model(model, config)
+    return peft_model(model, config)
 
 
 def _settings_score(settings: SequenceSettings) -> str:
@@ -173,13 +218,18 @@ def _sparse(name: str, score: Callable[[SequenceSettings], str], replay: bool, d
 
 
 BUILTIN_METHODS = (
-    ContinualMethod("zeroshot", _frozen, trains=False, description="the frozen model"),
-    ContinualMethod("finetune", _full, default_lr=1e-5, sweep_lrs=FULL_GRID, description="full fine-tuning"),
+    ContinualMethod("zeroshot", frozen, trains=False, description="the frozen model"),
+    ContinualMethod("finetune", full_fine_tuning, default_lr=1e-5, sweep_lrs=FULL_GRID, description="full fine-tuning"),
     ContinualMethod(
-        "finetune_replay", _full, replay=True, default_lr=1e-5, sweep_lrs=FULL_GRID, description="full + replay"
+        "finetune_replay",
+        full_fine_tuning,
+        replay=True,
+        default_lr=1e-5,
+        sweep_lrs=FULL_GRID,
+        description="full + replay",
     ),
     ContinualMethod(
-        "lora_replay", _lora, replay=True, default_lr=3.3e-4, sweep_lrs=LORA_GRID, description="LoRA + replay"
+        "lora_replay", lora, replay=True, default_lr=3.3e-4, sweep_lrs=LORA_GRID, description="LoRA + replay"
     ),
     _sparse("random_replay", _random_score, True, "SPU's adapter on a random support + replay"),
     _sparse("spu_replay", _settings_score, True, "SPU + replay"),
@@ -188,3 +238,20 @@ BUILTIN_METHODS = (
 for _method in BUILTIN_METHODS:
     register_method(_method)
 DEFAULT_METHODS: tuple[str, ...] = tuple(m.name for m in BUILTIN_METHODS)
+"""The main job's methods: the frozen model, SPU and the dense, LoRA and random baselines."""
+
+PEER_METHODS: tuple[str, ...] = ("lwf", "prd", "mas", "lora_ewc", "zscl", "sparsecl", "spg", "slca")
+"""The eight peers of the paper's reference code (registered by `spu_peft.continual.peers`)."""
+METHOD_GROUPS: dict[str, tuple[str, ...]] = {"default": DEFAULT_METHODS, "paper": DEFAULT_METHODS + PEER_METHODS}
+"""Names `--methods` (and `run_sequence(methods=...)`) expands: `paper` is the paper's whole comparison."""
+
+
+def expand_methods(names: Iterable[str | ContinualMethod]) -> list[ContinualMethod]:
+    """The methods that `names` (method names, group names of `METHOD_GROUPS`, or methods) stand for, in order."""
+    methods: list[ContinualMethod] = []
+    for name in names:
+        if isinstance(name, ContinualMethod):
+            methods.append(name)
+        else:
+            methods += [get_method(n) for n in METHOD_GROUPS.get(name, (name,))]
+    return methods

@@ -30,7 +30,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..memory import peak_memory, reset_peak_memory
@@ -45,10 +44,11 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .data import SequenceData, check_modules_to_save
-from .evaluation import class_text_features, tokenize_prompts, zero_shot_accuracy
+from .evaluation import control_accuracy, task_accuracies, tokenize_prompts
 from .fingerprint import check_fingerprint, model_identity, sequence_fingerprint
 from .hooks import MethodHooks, TaskContext, make_hooks
-from .methods import DEFAULT_METHODS, ContinualMethod, get_method
+from .loaders import shuffled_loader
+from .methods import DEFAULT_METHODS, ContinualMethod, expand_methods, method_plan
 from .numerics import numerics_report, pin_cpu_numerics
 from .replay import TaskBalancedReplayBuffer
 from .reporting import summarise, write_outputs
@@ -70,43 +70,6 @@ def _reached(point: str, run_dir: Path, task: int) -> None:
     """A named point of a run's progress (a place where a kill is tested); does nothing."""
 
 
-def _shuffled_loader(dataset, indices, batch_size, seed, accelerator, repeat_to=None):
-    """A deterministic shuffled DataLoader over `indices`, sharded over processes by accelerate."""
-    generator = torch.Generator().manual_seed(seed)
-    order = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
-    while repeat_to is not None and len(order) < repeat_to:
-        order += [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
-    loader = DataLoader(Subset(dataset, order[:repeat_to] if repeat_to else order), batch_size=batch_size)
-    return accelerator.prepare_data_loader(loader)
-
-
-def _eval_loader(dataset, indices, settings: SequenceSettings, accelerator):
-    return accelerator.prepare_data_loader(DataLoader(Subset(dataset, indices), batch_size=settings.eval_batch_size))
-
-
-def task_accuracies(model, task: int, data: SequenceData, settings, accelerator, tokenizer) -> list[float]:
-    """Accuracy on every task seen so far, each predicted among all seen classes (class-incremental)."""
-    seen = sorted(c for t in data.tasks[: task + 1] for c in t)
-    names = [data.class_names[c] for c in seen]
-    features = class_text_features(model, tokenize_prompts(tokenizer, names, settings.templates), len(names))
-    return [
-        zero_shot_accuracy(
-            model, _eval_loader(data.test, data.test_indices[j], settings, accelerator), features, seen, accelerator
-        )
-        for j in range(task + 1)
-    ]
-
-
-def control_accuracy(model, data: SequenceData, settings, accelerator, tokenizer) -> float | None:
-    """Zero-shot accuracy on the control set (the pretraining domain), or None without one."""
-    if data.control is None:
-        return None
-    names = data.control_class_names
-    features = class_text_features(model, tokenize_prompts(tokenizer, names, settings.templates), len(names))
-    loader = _eval_loader(data.control, list(range(len(data.control))), settings, accelerator)
-    return zero_shot_accuracy(model, loader, features, list(range(len(names))), accelerator)
-
-
 def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -120,20 +83,16 @@ def build_model(method: ContinualMethod, base: torch.nn.Module, settings: Sequen
 def _task_context(model, base, lr, task, data, settings, accelerator, tokenizer) -> TaskContext:
     seen = sorted(c for t in data.tasks[: task + 1] for c in t)
     captions = tokenize_prompts(tokenizer, [data.class_names[c] for c in seen], [settings.caption_template])
-    loader = functools.partial(_loader_of, accelerator=accelerator)
+    loader = functools.partial(shuffled_loader, accelerator=accelerator)
     task_seed = settings.seed * 1000 + task
     return TaskContext(task, model, base, data, settings, accelerator, tokenizer, seen, captions, lr, loader, task_seed)
-
-
-def _loader_of(dataset, indices, batch_size, seed, *, accelerator):
-    return _shuffled_loader(dataset, indices, batch_size, seed, accelerator)
 
 
 def _train_one_task(model, method, lr, task, context, hooks: MethodHooks, buffer, state, progress_bar):
     data, settings, accelerator = context.data, context.settings, context.accelerator
     seen, captions, task_seed = context.seen, context.captions, context.seed
     if method.selection_score is not None:
-        loader = _shuffled_loader(
+        loader = shuffled_loader(
             data.train, data.train_indices[task], settings.scoring_batch_size, task_seed, accelerator
         )
         record = select_for_task(
@@ -164,12 +123,12 @@ def _train_one_task(model, method, lr, task, context, hooks: MethodHooks, buffer
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         hooks.start_epoch(context, epoch)
-        train_loader = _shuffled_loader(
+        train_loader = shuffled_loader(
             data.train, data.train_indices[task], settings.batch_size, task_seed * 100 + epoch, accelerator
         )
         replay_loader = None
         if method.replay and len(buffer) and epoch >= settings.replay_from_epoch:
-            replay_loader = _shuffled_loader(
+            replay_loader = shuffled_loader(
                 data.train,
                 buffer.indices,
                 settings.replay_batch_size,
@@ -214,15 +173,17 @@ def run_method(
     run_dir: Path,
     resume: bool = False,
     progress_bar: bool = True,
+    options: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Train `method` at `lr` over the whole sequence, checkpointing after every task; returns its raw results.
 
-    With `resume`, it continues after the newest checkpoint in `run_dir` (a finished run trains nothing).
+    `settings` and `options` are the method's (see `method_plan`). With `resume`, it continues after the newest
+    checkpoint in `run_dir` (a finished run trains nothing).
     """
     label = method.name if lr is None else f"{method.name} (lr {lr:g})"
     reset_peak_memory(accelerator.device)
     model = build_model(method, base, settings).to(accelerator.device)
-    hooks = make_hooks(method.hooks, settings)
+    hooks = make_hooks(method.hooks, settings, options)
     state: dict[str, Any] = {"acc_matrix": [], "control_acc": [], "losses": [], "buffer": None, "selections": []}
     state["wall_s"] = 0.0
     trained = model if method.trains else None
@@ -230,7 +191,7 @@ def run_method(
     if resumed is not None:
         state, folder = resumed
         if method.trains:
-            hooks.load_state_dict(load_method_state(folder))
+            hooks.load_state_dict({k: v.to(accelerator.device) for k, v in load_method_state(folder).items()})
         logger.info(f"{label}: resuming after task {len(state['acc_matrix'])}", main_process_only=True)
     buffer = TaskBalancedReplayBuffer(settings.buffer_size, seed=settings.seed)
     if state["buffer"]:
@@ -291,12 +252,27 @@ def _run_all(runs, args: tuple, output_dir: Path, resume: bool, workers: int) ->
     Runs are independent (each seeds itself and checkpoints into its own folder) and every process computes with
     one thread, so a pool gives the same numbers as one process, about `workers` times sooner on a multi-core CPU.
     """
-    jobs = [
-        functools.partial(
-            run_method, method, lr, *args, output_dir / "runs" / run_dir_name(method.name, lr), resume, workers == 1
+    base, tokenizer, data, settings, accelerator = args
+    jobs = []
+    for method, lr in runs:
+        method_settings, options = method_plan(method, settings)
+        run_dir = output_dir / "runs" / run_dir_name(method.name, lr)
+        jobs.append(
+            functools.partial(
+                run_method,
+                method,
+                lr,
+                base,
+                tokenizer,
+                data,
+                method_settings,
+                accelerator,
+                run_dir,
+                resume,
+                workers == 1,
+                options,
+            )
         )
-        for method, lr in runs
-    ]
     if workers == 1:
         return (job() for job in jobs)
     return run_forked(jobs, workers)
@@ -305,8 +281,9 @@ def _run_all(runs, args: tuple, output_dir: Path, resume: bool, workers: int) ->
 def sequence_runs(
     methods: Sequence[ContinualMethod], settings: SequenceSettings, lr_sweep: bool = False
 ) -> list[tuple[ContinualMethod, float | None]]:
-    """The (method, learning rate) runs: each method at `settings.lr` or its default, then the sweep's others."""
-    chosen = {m.name: (settings.lr or m.default_lr) if m.trains else None for m in methods}
+    """The (method, learning rate) runs: each method at its rate (the settings', its protocol's or its default),
+    then the sweep's others."""
+    chosen = {m.name: (method_plan(m, settings)[0].lr or m.default_lr) if m.trains else None for m in methods}
     runs = [(m, chosen[m.name]) for m in methods]
     if lr_sweep:
         for m in methods:
@@ -314,6 +291,12 @@ def sequence_runs(
                 grid = [settings.lr * f for f in SWEEP_FACTORS] if settings.lr else m.sweep_lrs
                 runs += [(m, lr) for lr in grid if lr != chosen[m.name]]
     return runs
+
+
+def _plan_record(settings: SequenceSettings, method_settings: SequenceSettings, options: dict) -> dict[str, Any]:
+    """What a method's plan changes from the run's settings, and its options (for results.json)."""
+    run, own = settings.to_dict(), method_settings.to_dict()
+    return {"settings": {k: v for k, v in own.items() if run[k] != v}, "options": options}
 
 
 def run_sequence(
@@ -344,10 +327,18 @@ def run_sequence(
     if settings.numerics == "reproducible":
         pin_cpu_numerics()
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    resolved = [get_method(m) if isinstance(m, str) else m for m in methods]
+    resolved = expand_methods(methods)
     names = [m.name for m in resolved]
     if not resolved or len(set(names)) < len(names):
         raise ValueError(f"`methods` must name each method once, got {names}")
+    if stray := sorted(set(settings.method_options) - set(names)):
+        raise ValueError(f"`method_options` set options of {stray}, which are not among the methods run {names}")
+    plans = {m.name: method_plan(m, settings) for m in resolved}  # unknown options raise here, before any work
+    if data.reference is None and (needing := [m.name for m in resolved if m.needs_reference]):
+        raise ValueError(
+            f"{needing} need reference data (image-caption pairs from the pretraining domain): pass `reference` to "
+            "prepare_sequence_data (the script's --reference-dataset), or leave these methods out"
+        )
     if workers < 1 or (workers > 1 and (accelerator.device.type != "cpu" or accelerator.num_processes > 1)):
         raise ValueError(f"`workers` > 1 needs a single CPU process, and at least 1; got {workers}")
     check_modules_to_save(model, settings)
@@ -375,6 +366,7 @@ def run_sequence(
         **(extra_config or {}),
         "methods": names,
         "lrs": {m.name: lr for m, lr in runs[: len(resolved)] if lr is not None},
+        "method_plans": {name: _plan_record(settings, *plan) for name, plan in plans.items()},
         "tasks": data.task_class_names(),
         "processes": accelerator.num_processes,
         "workers": workers,

@@ -57,6 +57,14 @@ class SequenceSettings:
         seed (`int`, defaults to 0): class order, data order, buffer, supports, initialisations.
         numerics (`str`, defaults to `"reproducible"`): `reproducible` (pinned CPU math libraries, see
             `pin_cpu_numerics`) or `native`.
+        max_reference (`int`, defaults to 1024): cap on reference images (a seeded sample), for the methods that
+            need reference data.
+        method_options (`dict[str, dict[str, float]]`, defaults to `{}`): per method, option values replacing its
+            defaults, e.g. `{"lwf": {"strength": 1.0}}`.
+        protocol (`str`, defaults to `"embedded"`): the protocol whose per-method values apply (see
+            `ContinualMethod.protocols`); set by :func:`protocol_settings`.
+        fixed (`tuple[str]`, defaults to `()`): fields the user set, which no method's protocol values replace; set
+            by :func:`protocol_settings`.
     """
 
     num_tasks: int = 5
@@ -84,10 +92,14 @@ class SequenceSettings:
     max_control: int | None = None
     seed: int = 0
     numerics: str = "reproducible"
+    max_reference: int = 1024
+    method_options: dict[str, dict[str, float]] = field(default_factory=dict)
+    protocol: str = "embedded"
+    fixed: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Refuse, before any work, every value the run could not use as meant, naming the field and the fix."""
-        for name in ("num_tasks", "epochs", "batch_size", "replay_batch_size", "eval_batch_size"):
+        for name in ("num_tasks", "epochs", "batch_size", "replay_batch_size", "eval_batch_size", "max_reference"):
             _integer(name, getattr(self, name), minimum=1)
         for name in ("score_batch_size", "lora_rank", "max_train_per_task", "max_test_per_task", "max_control"):
             if getattr(self, name) is not None:
@@ -102,10 +114,21 @@ class SequenceSettings:
             raise ValueError(f"`lr` must be a positive finite number (or unset), got {self.lr}")
         if not _real("weight_decay", self.weight_decay) >= 0:
             raise ValueError(f"`weight_decay` must be a finite number, at least 0, got {self.weight_decay}")
-        choices = {"loss": LOSSES, "lr_schedule": LR_SCHEDULES, "numerics": NUMERICS_MODES, "score": SCORES}
+        choices = {
+            "loss": LOSSES,
+            "lr_schedule": LR_SCHEDULES,
+            "numerics": NUMERICS_MODES,
+            "score": SCORES,
+            "protocol": tuple(PROTOCOLS),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
+        object.__setattr__(self, "method_options", _method_options(self.method_options))
+        fields = {f.name for f in dataclasses.fields(self)}
+        if unknown := sorted(set(_names("fixed", self.fixed) if self.fixed else ()) - fields):
+            raise ValueError(f"`fixed` names {unknown}, which are not SequenceSettings fields")
+        object.__setattr__(self, "fixed", tuple(sorted(self.fixed)))
         for name in ("target_modules", "templates", "modules_to_save"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, _names(name, getattr(self, name)))
@@ -171,8 +194,24 @@ def _names(name: str, value: Any) -> tuple[str, ...]:
     return names
 
 
+def _method_options(value: Any) -> dict[str, dict[str, float]]:
+    """`{method: {option: number}}`, checked (the method and option names are checked against the methods run)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"`method_options` must be a dict of {{method: {{option: value}}}}, got {value!r}")
+    checked = {}
+    for method, options in value.items():
+        if not isinstance(method, str) or not isinstance(options, dict):
+            raise ValueError(f"`method_options` must map method names to dicts of options, got {method!r}: {options!r}")
+        checked[method] = {str(k): _real(f"method_options[{method!r}][{k!r}]", v) for k, v in options.items()}
+    return checked
+
+
 def protocol_settings(protocol: str = "embedded", **overrides: Any) -> SequenceSettings:
-    """`SequenceSettings` of a protocol, with `overrides` (e.g. `epochs=1`) applied on top."""
+    """`SequenceSettings` of a protocol, with `overrides` (e.g. `epochs=1`) applied on top.
+
+    The overrides are recorded as `fixed`: no method's own values for the protocol replace them (a `paper` run with
+    `lr=1e-5` trains every method at 1e-5)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"`protocol` must be one of {tuple(PROTOCOLS)}, got {protocol!r}")
-    return SequenceSettings(**{**PROTOCOLS[protocol], **overrides})
+    fixed = tuple(k for k in overrides if k not in ("protocol", "fixed"))
+    return SequenceSettings(**{**PROTOCOLS[protocol], **overrides, "protocol": protocol, "fixed": fixed})

@@ -27,6 +27,7 @@ from .data import (
     class_names_of,
     load_animal_shapes,
     load_pretraining_data,
+    load_reference_data,
 )
 from .images import build_processor, labelled_batches, pixel_values_from_images
 from .pretraining import EMBEDDED_FAMILY, PRETRAINING_DEFAULTS, pretrain_embedded_clip, pretraining_recipe, recipe_hash
@@ -50,6 +51,7 @@ __all__ = [
     "load_embedded_clip",
     "load_embedded_processor",
     "load_pretraining_data",
+    "load_reference_data",
     "pixel_values_from_images",
     "pretrain_embedded_clip",
     "pretraining_recipe",

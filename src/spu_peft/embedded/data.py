@@ -207,6 +207,15 @@ def load_pretraining_data(
     )
 
 
+def load_reference_data(seed: int = 0) -> Dataset:
+    """Reference image-caption data for the methods that distil from the original model (`zscl`, `lora_ewc`): the
+    pretraining corpus's training images of its 48 classes, each captioned by its class. No control image is
+    among them (the control split is held out of ``train``), nor any animal (the domain learned continually)."""
+    train = load_pretraining_data(seed)["train"]
+    pretraining = len(PRETRAINING_CLASSES)
+    return train.filter(lambda labels: [label < pretraining for label in labels], batched=True, input_columns="label")
+
+
 def _animal_shape_dir() -> Path:
     spec = importlib.util.find_spec("animal_shape_mnist")
     if spec is None or not spec.submodule_search_locations:

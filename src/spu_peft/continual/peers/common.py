@@ -1,0 +1,69 @@
+"""What several peers share: frozen copies, in-batch logits, reference batches and gradient passes."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+
+import torch
+
+from ..evaluation import tokenize_prompts
+from ..hooks import TaskContext
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` in eval mode with no trainable parameter (a teacher)."""
+    teacher = copy.deepcopy(model).eval()
+    return teacher.requires_grad_(False)
+
+
+def in_batch_logits(
+    model: torch.nn.Module, pixel_values: torch.Tensor, targets: torch.Tensor, captions: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """CLIP's in-batch logit matrix S [B, B]: image i against the caption of image j's class (row `targets[j]` of
+    `captions`), scaled by the model's temperature, as the reference's distillation and importance terms use it."""
+    rows = {k: v[targets] for k, v in captions.items()}
+    return model(pixel_values=pixel_values, **rows).logits_per_image
+
+
+def reference_batches(context: TaskContext, batch_size: int) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Endless (pixel_values, caption token ids) batches of the reference data, one caption per image (its class's),
+    in a seeded order that a resumed task repeats."""
+    data = context.data
+    names = data.reference_class_names
+    captions = tokenize_prompts(context.tokenizer, names, [context.settings.caption_template])
+    captions = {k: v.to(context.device) for k, v in captions.items()}
+    indices = list(range(len(data.reference)))
+    epoch = 0
+    while True:
+        for batch in context.loader(data.reference, indices, batch_size, context.seed * 7 + epoch):
+            labels = batch["labels"].to(context.device)
+            yield batch["pixel_values"].to(context.device), {k: v[labels] for k, v in captions.items()}
+        epoch += 1
+
+
+def summed_gradients(
+    parameters: dict[str, torch.nn.Parameter],
+    batches: Iterator,
+    objective: Callable[..., torch.Tensor],
+    *,
+    absolute: bool,
+    accelerator=None,
+) -> dict[str, torch.Tensor]:
+    """(1/N) sum over batches of |B_b| * grad (or |grad| per batch with `absolute`) of `objective(batch)`, the
+    per-example average gradient the reference's importance passes compute. `objective` returns a batch-mean.
+    With an `accelerator` of several processes, the sums cover every process's batches (so all agree)."""
+    totals = {n: torch.zeros_like(p) for n, p in parameters.items()}
+    count = 0
+    names = list(parameters)
+    for batch in batches:
+        size = len(batch[0])
+        grads = torch.autograd.grad(objective(*batch), [parameters[n] for n in names], allow_unused=True)
+        for name, grad in zip(names, grads):
+            if grad is not None:
+                totals[name] += size * (grad.abs() if absolute else grad)
+        count += size
+    if accelerator is not None and accelerator.num_processes > 1:
+        totals = {n: accelerator.reduce(t, "sum") for n, t in totals.items()}
+        count = int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum"))
+    return {n: t / max(count, 1) for n, t in totals.items()}

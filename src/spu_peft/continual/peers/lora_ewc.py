@@ -1,0 +1,98 @@
+"""LoRA-EWC (EWC, Kirkpatrick et al. 2017, on LoRA as in Xiang et al. 2023): LoRA on the attention's query and
+value projections, with replay, and a penalty that keeps the LoRA update small where the original model's weights
+matter.
+
+Before the first task, one pass of the original model over reference data (image-caption pairs of the
+pretraining domain) with CLIP's loss gives each query/value weight matrix W its importance F_W, the per-example
+average of |grad W| (the reference's choice: absolute, not squared, gradients). F stays fixed for every task; the
+loss adds `strength * sum_W sum F_W * (scale * B A)^2`, the anchor being the original weights (the update is B A).
+One adapter accumulates over all tasks and is never merged. The reference's normalisation of F by its row
+maxima never runs (its name lists do not match), so F is used raw here too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+
+from ..hooks import MethodHooks, Step, TaskContext
+from ..methods import LORA_GRID, ContinualMethod, peft_model, register_method
+from ..settings import SequenceSettings
+from ..training import clip_loss
+from .common import frozen_copy, reference_batches, summed_gradients
+
+LORA_TARGETS = ("q_proj", "v_proj")
+LORA_RANK, LORA_ALPHA, LORA_DROPOUT = 8, 32, 0.1  # the reference's adapter
+
+
+def lora_on_attention(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
+    """PEFT LoRA (rank 8, alpha 32, dropout 0.1) on every query and value projection of both towers."""
+    config = LoraConfig(
+        r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(LORA_TARGETS)
+    )
+    return peft_model(model, config)
+
+
+def _short(name: str) -> str:
+    """A layer's name in the base model (PEFT's wrappers stripped)."""
+    return name.removeprefix("base_model.model.")
+
+
+class LoRAEWC(MethodHooks):
+    """An EWC penalty, with importances from the original model on reference data, on LoRA's update."""
+
+    def __init__(self, settings=None, options=None) -> None:
+        super().__init__(settings, options)
+        self.importance: dict[str, torch.Tensor] = {}
+
+    def start_task(self, context: TaskContext) -> None:
+        if self.importance:
+            return
+        original = frozen_copy(context.base).to(context.device)
+        parameters = {}
+        for name, module in original.named_modules():
+            if name.rsplit(".", 1)[-1] in LORA_TARGETS:
+                module.weight.requires_grad_(True)
+                parameters[name] = module.weight
+        reference = reference_batches(context, context.settings.scoring_batch_size)
+        batches = math.ceil(len(context.data.reference) / context.settings.scoring_batch_size)
+
+        def loss(pixels: torch.Tensor, captions: dict[str, torch.Tensor]) -> torch.Tensor:
+            targets = torch.arange(len(pixels), device=pixels.device)
+            return clip_loss(original, pixels, targets, captions)[0]
+
+        passes = (next(reference) for _ in range(batches))
+        self.importance = summed_gradients(parameters, passes, loss, absolute=True, accelerator=context.accelerator)
+
+    def extra_loss(self, step: Step) -> torch.Tensor | None:
+        penalty = 0.0
+        for name, module in step.module.named_modules():
+            if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                delta = module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
+                penalty = penalty + (self.importance[_short(name)] * delta.pow(2)).sum()
+        return self.options["strength"] * penalty
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"importance.{n}": t for n, t in self.importance.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.importance = {k.removeprefix("importance."): v for k, v in state.items()}
+
+
+register_method(
+    ContinualMethod(
+        "lora_ewc",
+        lora_on_attention,
+        replay=True,
+        default_lr=1e-2,
+        sweep_lrs=LORA_GRID,
+        description="LoRA on q/v projections + replay, EWC penalty from reference data",
+        hooks=LoRAEWC,
+        options={"strength": 10.0},
+        protocols={"embedded": {"strength": 1e4}},
+        needs_reference=True,
+    )
+)

@@ -1,0 +1,82 @@
+"""MAS (Aljundi et al., 2018): a quadratic penalty that anchors each weight in proportion to its importance.
+
+At the start of task t >= 1 the anchor is the model task t-1 left, and one pass over task t-1's training data
+measures each weight's importance: the per-example average of |grad mean_i ||S_i||^2|, with S_i image i's row of
+the in-batch logits (the sensitivity of the output, not of the loss). Importances accumulate as a running average,
+0.5 * old + 0.5 * new. The loss adds `strength * sum importance * (weight - anchor)^2`.
+
+The reference's penalty is always zero (its list of penalised parameters is never filled), so its MAS is plain
+fine-tuning without replay; this one applies the penalty, as the paper does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..hooks import MethodHooks, Step, TaskContext, trainable_named_parameters
+from ..methods import FULL_GRID, ContinualMethod, full_fine_tuning, register_method
+from ..tasks import class_lookup
+from .common import in_batch_logits, summed_gradients
+
+
+def previous_task_batches(context: TaskContext, batch_size: int):
+    """(pixel_values, caption rows) batches of task `context.task - 1`'s training data, in a seeded order."""
+    data, device = context.data, context.device
+    lookup = class_lookup(context.seen, device)
+    indices = data.train_indices[context.task - 1]
+    for batch in context.loader(data.train, indices, batch_size, context.seed * 7 + 3):
+        yield batch["pixel_values"].to(device), lookup[batch["labels"].to(device)]
+
+
+class MAS(MethodHooks):
+    """Memory-aware synapses: output-sensitivity importances and a quadratic pull towards the previous weights."""
+
+    def __init__(self, settings=None, options=None) -> None:
+        super().__init__(settings, options)
+        self.importance: dict[str, torch.Tensor] = {}
+        self.anchor: dict[str, torch.Tensor] = {}
+
+    def start_task(self, context: TaskContext) -> None:
+        if context.task == 0:
+            return
+        model = context.model
+        parameters = dict(trainable_named_parameters(model))
+        captions = {k: v.to(context.device) for k, v in context.captions.items()}
+
+        def output_norm(pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return in_batch_logits(model, pixels, targets, captions).pow(2).sum(-1).mean()
+
+        batches = previous_task_batches(context, context.settings.scoring_batch_size)
+        new = summed_gradients(parameters, batches, output_norm, absolute=True, accelerator=context.accelerator)
+        model.zero_grad(set_to_none=True)
+        self.importance = {
+            n: new[n] if n not in self.importance else 0.5 * self.importance[n] + 0.5 * new[n] for n in parameters
+        }
+        self.anchor = {n: p.detach().clone() for n, p in parameters.items()}
+
+    def extra_loss(self, step: Step) -> torch.Tensor | None:
+        if not self.importance:
+            return None
+        parameters = dict(step.module.named_parameters())
+        penalty = sum((self.importance[n] * (parameters[n] - a).pow(2)).sum() for n, a in self.anchor.items())
+        return self.options["strength"] * penalty
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"importance.{n}": t for n, t in self.importance.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.importance = {k.removeprefix("importance."): v for k, v in state.items()}
+
+
+register_method(
+    ContinualMethod(
+        "mas",
+        full_fine_tuning,
+        default_lr=9e-5,
+        sweep_lrs=FULL_GRID,
+        description="full fine-tuning with MAS importance penalty",
+        hooks=MAS,
+        options={"strength": 0.1},
+        protocols={"embedded": {"strength": 100.0}, "paper": {"lr": 2.5e-6}},
+    )
+)

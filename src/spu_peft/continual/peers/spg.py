@@ -1,0 +1,116 @@
+"""SPG (Konishi et al., ICML 2023): soft gradient masks from the importance each weight had for earlier tasks.
+
+SPG trains SPU's localisation densely: the weights and biases of every `fc1` and the visual projection (the
+temperature stays frozen). At the start of task t >= 1, two passes over task t-1's training data with the model
+task t-1 left measure importances: one of the task loss (captions of the classes seen up to t-1), one of the sum of
+the logits that loss uses. Each pass gives g, the per-example average signed gradient, and I = |tanh(standardise(g))|
+with g standardised over each tensor (mean 0, std 1). Importances accumulate as the elementwise max over passes and
+tasks; every update multiplies the gradients by 1 - I (at task 0, by 1).
+
+The reference measures importances on task t's test split; the paper (and this module) uses task t-1's training
+data. The reference's second objective sums its in-batch logit matrix; here it sums the task loss's logits, which are
+that matrix under `loss="clip"` (the paper protocol) and each image against the seen classes' captions otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from ..hooks import MethodHooks, TaskContext, trainable_named_parameters
+from ..methods import FULL_GRID, ContinualMethod, register_method
+from ..settings import SequenceSettings
+from ..tasks import class_lookup
+from ..training import LOSS_FUNCTIONS
+from .common import summed_gradients
+
+
+def spu_localisation(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
+    """Freeze everything but every `fc1` (weight and bias) and the visual projection, densely."""
+    model.requires_grad_(False)
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "fc1" or name == "visual_projection":
+            module.requires_grad_(True)
+    return model
+
+
+def standardised(tensor: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std over the whole tensor (a constant tensor gives zeros)."""
+    return (tensor - tensor.mean()) / tensor.std().clamp_min(torch.finfo(tensor.dtype).tiny)
+
+
+def previous_task_batches(context: TaskContext, classes: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(pixel_values, caption rows among `classes`) batches of task `context.task - 1`'s training data."""
+    data, device = context.data, context.device
+    lookup = class_lookup(classes, device)
+    indices = data.train_indices[context.task - 1]
+    for batch in context.loader(data.train, indices, context.settings.scoring_batch_size, context.seed):
+        yield batch["pixel_values"].to(device), lookup[batch["labels"].to(device)]
+
+
+def importance_objectives(context: TaskContext, captions: dict[str, torch.Tensor]) -> list[Callable[..., torch.Tensor]]:
+    """SPG's two objectives, each a batch mean: the task loss, and the per-image sum of that loss's logits."""
+    compute_loss = LOSS_FUNCTIONS[context.settings.loss]
+
+    def task_loss(pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return compute_loss(context.model, pixels, targets, captions)[0]
+
+    def logit_sum(pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return compute_loss(context.model, pixels, targets, captions)[1].logits_per_image.sum(-1).mean()
+
+    return [task_loss, logit_sum]
+
+
+class SPG(MethodHooks):
+    """Soft-masking of parameter-level gradients: updates shrink where earlier tasks' importance is high."""
+
+    def __init__(self, settings: Any = None, options: Mapping[str, float] | None = None) -> None:
+        super().__init__(settings, options)
+        self.importance: dict[str, torch.Tensor] = {}
+
+    def start_task(self, context: TaskContext) -> None:
+        self.importance = {n: i.to(context.device) for n, i in self.importance.items()}
+        if context.task == 0:
+            return
+        model, accelerator = context.model, context.accelerator
+        parameters = dict(trainable_named_parameters(model))
+        classes = sorted(c for task in context.data.tasks[: context.task] for c in task)
+        rows = [context.seen.index(c) for c in classes]
+        captions = {k: v[rows].to(context.device) for k, v in context.captions.items()}
+        training = model.training
+        model.eval()
+        for objective in importance_objectives(context, captions):
+            batches = previous_task_batches(context, classes)
+            gradients = summed_gradients(parameters, batches, objective, absolute=False, accelerator=accelerator)
+            for name, gradient in gradients.items():
+                importance = standardised(gradient).tanh().abs()
+                old = self.importance.get(name)
+                self.importance[name] = importance if old is None else torch.maximum(old, importance)
+        model.train(training)
+
+    @torch.no_grad()
+    def before_optimizer_step(self, module: torch.nn.Module) -> None:
+        for name, parameter in module.named_parameters():
+            if parameter.grad is not None and name in self.importance:
+                parameter.grad.mul_(1 - self.importance[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"importance.{n}": i for n, i in self.importance.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.importance = {k.removeprefix("importance."): v for k, v in state.items()}
+
+
+register_method(
+    ContinualMethod(
+        "spg",
+        spu_localisation,
+        default_lr=3e-5,
+        sweep_lrs=FULL_GRID,
+        description="SPG: dense fc1 + visual projection, gradients scaled by 1 - earlier importance",
+        hooks=SPG,
+        protocols={"paper": {"lr": 7.5e-6}},
+    )
+)

@@ -1,0 +1,85 @@
+"""ZSCL (Zheng et al., 2023): distillation from the original model on reference data, and weight averaging.
+
+Every step also takes a batch of reference image-caption pairs (the pretraining domain). With f the normalised
+image features and g the original model's normalised caption features, Z_s = e^s f_student g^T and
+Z_t = e^s f_original g^T; the loss adds `strength * (KD(Z_t, Z_s) + KD(Z_t^T, Z_s^T))`, where
+KD(t, s) = T^2 * mean over rows of the cross-entropy of softmax(s / T) against softmax(t / T). Only the image
+tower is distilled (the captions' features are the original's), as in the paper. Every `average_every` steps of
+an epoch, a running average W of the weights takes the current ones in (W <- (n W + theta) / (n + 1)); at the
+end of the task the model takes W's values. The reference computes W but never uses it; the paper evaluates and
+carries W, as here. The temperature (logit scale) stays frozen, as in the paper (the reference trains it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..evaluation import image_features, text_features
+from ..hooks import MethodHooks, Step, TaskContext, trainable_named_parameters
+from ..methods import FULL_GRID, ContinualMethod, full_fine_tuning, register_method
+from .common import frozen_copy, reference_batches
+
+
+def soft_cross_entropy(target_logits: torch.Tensor, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * mean over rows of CE(softmax(target / T), log_softmax(logits / T)): knowledge distillation."""
+    target = F.softmax(target_logits / temperature, dim=-1)
+    return -(target * F.log_softmax(logits / temperature, dim=-1)).sum(-1).mean() * temperature**2
+
+
+class ZSCL(MethodHooks):
+    """Zero-shot continual learning: keep the original model's image-text relations on reference data."""
+
+    def __init__(self, settings=None, options=None) -> None:
+        super().__init__(settings, options)
+        self.original: torch.nn.Module | None = None
+
+    def start_task(self, context: TaskContext) -> None:
+        if self.original is None:
+            self.original = frozen_copy(context.base).to(context.device)
+        self.reference = reference_batches(context, context.settings.batch_size)
+        self.average = {n: p.detach().clone() for n, p in trainable_named_parameters(context.model)}
+        self.averaged = 0
+
+    def extra_loss(self, step: Step) -> torch.Tensor | None:
+        pixels, captions = next(self.reference)
+        with torch.no_grad():
+            text = text_features(self.original, captions)
+            teacher = image_features(self.original, pixels)
+        student = image_features(step.module, pixels)
+        scale = step.module.logit_scale.exp()
+        z_student, z_teacher = scale * student @ text.t(), scale * teacher @ text.t()
+        temperature = self.options["temperature"]
+        distill = soft_cross_entropy(z_teacher, z_student, temperature)
+        distill = distill + soft_cross_entropy(z_teacher.t(), z_student.t(), temperature)
+        return self.options["strength"] * distill
+
+    @torch.no_grad()
+    def after_optimizer_step(self, module: torch.nn.Module, step: Step) -> None:
+        if step.step % int(self.options["average_every"]):
+            return
+        self.averaged += 1
+        parameters = dict(module.named_parameters())
+        for name, average in self.average.items():
+            average.mul_(self.averaged).add_(parameters[name]).div_(self.averaged + 1)
+
+    @torch.no_grad()
+    def end_task(self, context: TaskContext) -> None:
+        parameters = dict(context.model.named_parameters())
+        for name, average in self.average.items():
+            parameters[name].copy_(average)
+
+
+register_method(
+    ContinualMethod(
+        "zscl",
+        full_fine_tuning,
+        default_lr=3e-4,
+        sweep_lrs=FULL_GRID,
+        description="full fine-tuning, distilled from the original model on reference data, weight-averaged (ZSCL)",
+        hooks=ZSCL,
+        options={"strength": 1.0, "temperature": 2.0, "average_every": 10},
+        protocols={"paper": {"lr": 1e-6, "batch_size": 64}},
+        needs_reference=True,
+    )
+)
