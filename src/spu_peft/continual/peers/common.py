@@ -9,6 +9,7 @@ import torch
 
 from ..evaluation import tokenize_prompts
 from ..hooks import TaskContext
+from ..tasks import class_lookup
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -40,6 +41,16 @@ def reference_batches(context: TaskContext, batch_size: int) -> Iterator[tuple[t
             labels = batch["labels"].to(context.device)
             yield batch["pixel_values"].to(context.device), {k: v[labels] for k, v in captions.items()}
         epoch += 1
+
+
+def task_batches(
+    context: TaskContext, task: int, classes: list[int], batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(pixel_values, each label's position in `classes`) batches of `task`'s training data, in a seeded order."""
+    data, device = context.data, context.device
+    lookup = class_lookup(classes, device)
+    for batch in context.loader(data.train, data.train_indices[task], batch_size, context.seed):
+        yield batch["pixel_values"].to(device), lookup[batch["labels"].to(device)]
 
 
 def summed_gradients(

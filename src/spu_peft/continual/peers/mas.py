@@ -15,17 +15,7 @@ import torch
 
 from ..hooks import MethodHooks, Step, TaskContext, trainable_named_parameters
 from ..methods import FULL_GRID, ContinualMethod, full_fine_tuning, register_method
-from ..tasks import class_lookup
-from .common import in_batch_logits, summed_gradients
-
-
-def previous_task_batches(context: TaskContext, batch_size: int):
-    """(pixel_values, caption rows) batches of task `context.task - 1`'s training data, in a seeded order."""
-    data, device = context.data, context.device
-    lookup = class_lookup(context.seen, device)
-    indices = data.train_indices[context.task - 1]
-    for batch in context.loader(data.train, indices, batch_size, context.seed * 7 + 3):
-        yield batch["pixel_values"].to(device), lookup[batch["labels"].to(device)]
+from .common import in_batch_logits, summed_gradients, task_batches
 
 
 class MAS(MethodHooks):
@@ -46,7 +36,7 @@ class MAS(MethodHooks):
         def output_norm(pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             return in_batch_logits(model, pixels, targets, captions).pow(2).sum(-1).mean()
 
-        batches = previous_task_batches(context, context.settings.scoring_batch_size)
+        batches = task_batches(context, context.task - 1, context.seen, context.settings.scoring_batch_size)
         new = summed_gradients(parameters, batches, output_norm, absolute=True, accelerator=context.accelerator)
         model.zero_grad(set_to_none=True)
         self.importance = {

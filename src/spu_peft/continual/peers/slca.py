@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..hooks import MethodHooks, TaskContext, trainable_named_parameters
 from ..methods import FULL_GRID, ContinualMethod, full_fine_tuning, register_method
 from ..tasks import class_lookup
+from .common import task_batches
 
 PROJECTIONS = ("visual_projection", "text_projection")
 COVARIANCE_RIDGE = 1e-4
@@ -37,15 +38,6 @@ COVARIANCE_RIDGE = 1e-4
 
 def is_projection(name: str) -> bool:
     return name.split(".", 1)[0] in PROJECTIONS
-
-
-def task_batches(context: TaskContext, classes: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(pixel_values, position of the label in `classes`) batches of the current task's training data."""
-    data, device = context.data, context.device
-    lookup = class_lookup(classes, device)
-    indices = data.train_indices[context.task]
-    for batch in context.loader(data.train, indices, context.settings.batch_size, context.seed):
-        yield batch["pixel_values"].to(device), lookup[batch["labels"].to(device)]
 
 
 @torch.no_grad()
@@ -141,7 +133,7 @@ class SLCA(MethodHooks):
     def add_class_statistics(self, context: TaskContext) -> None:
         """Gaussians of the current task's classes (older classes keep theirs)."""
         classes = context.data.tasks[context.task]
-        batches = task_batches(context, classes)
+        batches = task_batches(context, context.task, classes, context.settings.batch_size)
         means, covariances = class_statistics(context.model, batches, classes, context.accelerator)
         self.class_ids = torch.cat([self.class_ids, torch.tensor(classes, dtype=torch.long)])
         self.class_tasks = torch.cat([self.class_tasks, torch.full((len(classes),), context.task)])

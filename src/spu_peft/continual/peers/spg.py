@@ -14,7 +14,7 @@ that matrix under `loss="clip"` (the paper protocol) and each image against the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -22,9 +22,8 @@ import torch
 from ..hooks import MethodHooks, TaskContext, trainable_named_parameters
 from ..methods import FULL_GRID, ContinualMethod, register_method
 from ..settings import SequenceSettings
-from ..tasks import class_lookup
 from ..training import LOSS_FUNCTIONS
-from .common import summed_gradients
+from .common import summed_gradients, task_batches
 
 
 def spu_localisation(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
@@ -39,15 +38,6 @@ def spu_localisation(model: torch.nn.Module, settings: SequenceSettings) -> torc
 def standardised(tensor: torch.Tensor) -> torch.Tensor:
     """(x - mean) / std over the whole tensor (a constant tensor gives zeros)."""
     return (tensor - tensor.mean()) / tensor.std().clamp_min(torch.finfo(tensor.dtype).tiny)
-
-
-def previous_task_batches(context: TaskContext, classes: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(pixel_values, caption rows among `classes`) batches of task `context.task - 1`'s training data."""
-    data, device = context.data, context.device
-    lookup = class_lookup(classes, device)
-    indices = data.train_indices[context.task - 1]
-    for batch in context.loader(data.train, indices, context.settings.scoring_batch_size, context.seed):
-        yield batch["pixel_values"].to(device), lookup[batch["labels"].to(device)]
 
 
 def importance_objectives(context: TaskContext, captions: dict[str, torch.Tensor]) -> list[Callable[..., torch.Tensor]]:
@@ -82,7 +72,7 @@ class SPG(MethodHooks):
         training = model.training
         model.eval()
         for objective in importance_objectives(context, captions):
-            batches = previous_task_batches(context, classes)
+            batches = task_batches(context, context.task - 1, classes, context.settings.scoring_batch_size)
             gradients = summed_gradients(parameters, batches, objective, absolute=False, accelerator=accelerator)
             for name, gradient in gradients.items():
                 importance = standardised(gradient).tanh().abs()
