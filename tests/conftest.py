@@ -82,3 +82,39 @@ def tiny_model(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("model")
     pretrain_embedded_clip(path, max_steps=1, limit=64)
     return str(path)
+
+
+# ---- kills of a sequence run ---------------------------------------------------------------------------------------
+
+
+class Crash(BaseException):
+    """What a kill looks like to the code under test: nothing after it runs (not an Exception, so nothing
+    catches it)."""
+
+
+KILL_POINTS = {
+    "trained": ("task_accuracies", "before"),  # a task trained, not yet evaluated
+    "adapter_saved": ("replace_directory", "after"),  # a task adapter in place, no checkpoint yet
+    "checkpointed": ("write_checkpoint", "after"),
+    "outputs_written": ("write_outputs", "after"),  # results written after a run, more runs to come
+}
+"""Where a run's progress is tested for kills: the engine step (a name in `spu_peft.continual.sequence`) a kill comes
+before or after."""
+
+
+def stop_at(monkeypatch, on_point) -> None:
+    """Call `on_point(point, args)` at every kill point of the engine (it may raise `Crash` to kill the run)."""
+    from spu_peft.continual import sequence as sequence_engine
+
+    for point, (name, when) in KILL_POINTS.items():
+        real = getattr(sequence_engine, name)
+
+        def wrapped(*args, _real=real, _point=point, _when=when, **kwargs):
+            if _when == "before":
+                on_point(_point, args)
+            result = _real(*args, **kwargs)
+            if _when == "after":
+                on_point(_point, args)
+            return result
+
+        monkeypatch.setattr(sequence_engine, name, wrapped)

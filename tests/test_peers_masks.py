@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from conftest import make_batch, make_tiny_clip
+from conftest import Crash, make_batch, make_tiny_clip, stop_at
 from safetensors.torch import load_file, save_file
 from transformers import CLIPModel
 
@@ -242,10 +242,6 @@ SEQUENCE = SequenceSettings(
 METHODS = ["sparsecl", "spg", "slca"]
 
 
-class Crash(BaseException):
-    """A kill: nothing after it runs."""
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_model):
     model, processor = CLIPModel.from_pretrained(tiny_model).eval(), load_embedded_processor(tiny_model)
@@ -280,11 +276,11 @@ def test_the_three_peers_run_a_sequence_and_slca_resumes_exactly(setup, tmp_path
     importance = final_tensors(tmp_path / "whole", "spg")  # measured at task 1's start
     assert {k for k in importance if k.startswith("importance.")} == {f"importance.{n}" for n in spg_trained}
 
-    def crash(point, run_dir, task):
-        if run_dir.name.startswith("slca") and (point, task) == ("checkpointed", 0):
+    def crash(point, args):
+        if point == "checkpointed":  # write_checkpoint(run_dir, task, ...): the first is slca's task 0
             raise Crash
 
-    monkeypatch.setattr(engine, "_reached", crash)
+    stop_at(monkeypatch, crash)
     with pytest.raises(Crash):
         run(setup, tmp_path / "killed", methods=["slca"])
     monkeypatch.undo()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import KILL_POINTS, Crash, stop_at
 from transformers import CLIPModel
 
 from spu_peft.continual import (
@@ -62,14 +63,9 @@ def uninterrupted(setup, tmp_path_factory):
     return numbers(run(setup, tmp_path_factory.mktemp("whole")))
 
 
-class Crash(BaseException):
-    """What a kill looks like to the code under test: nothing after it runs (not an Exception, so nothing
-    catches it)."""
-
-
-def _points(setup, tmp_path, monkeypatch) -> list[tuple[str, int]]:
+def _points(setup, tmp_path, monkeypatch) -> list[str]:
     seen = []
-    monkeypatch.setattr(engine, "_reached", lambda point, run_dir, task: seen.append((run_dir.name, point, task)))
+    stop_at(monkeypatch, lambda point, args: seen.append(point))
     run(setup, tmp_path / "count")
     monkeypatch.undo()
     return seen
@@ -114,7 +110,7 @@ def _crashed_run(setup, output_dir, kind, k, monkeypatch) -> None:
             raise Crash
 
     if kind == "point":
-        monkeypatch.setattr(engine, "_reached", crash)
+        stop_at(monkeypatch, lambda point, args: crash())
     elif kind == "training":
         real_train = engine.train_task
 
@@ -138,7 +134,7 @@ def test_a_run_killed_at_any_point_resumes_to_the_same_numbers_recomputing_nothi
     """Regression: resuming after `zeroshot` finished raised FileNotFoundError (no weights); a kill between the
     weights and the progress file resumed from a mismatched pair."""
     points = _points(setup, tmp_path, monkeypatch)
-    assert {p for _, p, _ in points} == {"trained", "adapter_saved", "checkpointed", "outputs_written"}
+    assert set(points) == set(KILL_POINTS)
     crashes = [("point", i) for i in range(len(points))] + [("training", 0), ("replacing", 2)]
     for kind, k in crashes:
         output_dir = tmp_path / f"{kind}{k}"

@@ -66,10 +66,6 @@ SWEEP_FACTORS = (0.1, 1 / 3, 1.0, 3.0, 10.0)
 # ---- one method over the whole sequence --------------------------------------------------------------------------
 
 
-def _reached(point: str, run_dir: Path, task: int) -> None:
-    """A named point of a run's progress (a place where a kill is tested); does nothing."""
-
-
 def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -202,7 +198,6 @@ def run_method(
         if method.trains:
             context = _task_context(model, base, lr, task, data, settings, accelerator, tokenizer)
             model = _train_one_task(model, method, lr, task, context, hooks, buffer, state, progress_bar)
-        _reached("trained", run_dir, task)
         state["acc_matrix"].append(task_accuracies(model, task, data, settings, accelerator, tokenizer))
         if method.trains or not state["control_acc"]:
             state["control_acc"].append(control_accuracy(model, data, settings, accelerator, tokenizer))
@@ -216,9 +211,7 @@ def run_method(
                 tmp = fresh_tmp(adapter)
                 save_weights(model, tmp)
                 replace_directory(tmp, adapter)
-                _reached("adapter_saved", run_dir, task)
             write_checkpoint(run_dir, task, state, model if method.trains else None, hooks.state_dict())
-            _reached("checkpointed", run_dir, task)
         accelerator.wait_for_everyone()
         accuracies = " ".join(f"{a:.1f}" for a in state["acc_matrix"][-1])
         control = state["control_acc"][-1]
@@ -388,7 +381,6 @@ def run_sequence(
             results[method.name] = {**result, "sweep": [point] if lr_sweep and lr is not None else None}
         if accelerator.is_main_process:
             write_outputs(output_dir, config, results, plots=False)
-            _reached("outputs_written", output_dir, -1)
     for result in results.values():
         if result.get("sweep"):
             result["sweep"].sort(key=lambda p: p["lr"])
