@@ -118,3 +118,45 @@ def stop_at(monkeypatch, on_point) -> None:
             return result
 
         monkeypatch.setattr(sequence_engine, name, wrapped)
+
+
+# ---- a short sequence on a barely pretrained embedded model --------------------------------------------------------
+
+SMALL_SEQUENCE = dict(
+    num_tasks=2,
+    epochs=1,
+    batch_size=16,
+    replay_batch_size=16,
+    buffer_size=16,
+    max_train_per_task=32,
+    max_test_per_task=16,
+    max_reference=32,
+    numerics="native",  # the pins are tested in test_continual and the sequence notebook
+)
+"""`SequenceSettings` fields of the tests' short sequences: 2 tasks, 1 epoch, 32 images per task."""
+
+
+@pytest.fixture(scope="session")
+def small_sequence(tiny_model):
+    """(model, processor, data) of the short sequence: Animal-Shape tasks, a small control set, reference data."""
+    from spu_peft.continual import SequenceSettings, prepare_sequence_data
+    from spu_peft.embedded import load_animal_shapes, load_embedded_processor, load_pretraining_data
+
+    model, processor = CLIPModel.from_pretrained(tiny_model).eval(), load_embedded_processor(tiny_model)
+    splits = load_animal_shapes(seed=0)
+    pretraining = load_pretraining_data(seed=0, rendered_per_class=12, control_per_class=2, animals_per_class=0)
+    settings = SequenceSettings(**SMALL_SEQUENCE)
+    data = prepare_sequence_data(
+        splits["train"],
+        splits["test"],
+        processor,
+        settings,
+        control=pretraining["control"],
+        reference=pretraining["train"],
+    )
+    return model, processor, data
+
+
+def sequence_numbers(results: dict) -> dict:
+    """Per method: its accuracy matrix, control accuracies and trainable parameter count (what resumes must keep)."""
+    return {name: (r["acc_matrix"], r["control_acc"], r["trainable_params"]) for name, r in results.items()}

@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_clip
-from transformers import CLIPModel
+from conftest import SMALL_SEQUENCE, make_tiny_clip
 
 from spu_peft.continual import (
     SequenceSettings,
@@ -22,36 +21,15 @@ from spu_peft.continual.peers.common import summed_gradients
 from spu_peft.continual.peers.lora_ewc import lora_on_attention
 from spu_peft.continual.peers.zscl import soft_cross_entropy
 from spu_peft.continual.sequence import run_dir_name
-from spu_peft.embedded import load_animal_shapes, load_embedded_processor, load_pretraining_data
+from spu_peft.embedded import load_animal_shapes, load_pretraining_data
 
-SETTINGS = SequenceSettings(
-    num_tasks=2,
-    epochs=1,
-    batch_size=16,
-    replay_batch_size=16,
-    buffer_size=16,
-    max_train_per_task=32,
-    max_test_per_task=16,
-    max_reference=32,
-    numerics="native",
-)
+SETTINGS = SequenceSettings(**SMALL_SEQUENCE)
 PEERS = ["lwf", "prd", "mas", "lora_ewc", "zscl"]
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model):
-    model, processor = CLIPModel.from_pretrained(tiny_model).eval(), load_embedded_processor(tiny_model)
-    splits = load_animal_shapes(seed=0)
-    pretraining = load_pretraining_data(seed=0, rendered_per_class=12, control_per_class=2, animals_per_class=0)
-    data = prepare_sequence_data(
-        splits["train"],
-        splits["test"],
-        processor,
-        SETTINGS,
-        control=pretraining["control"],
-        reference=pretraining["train"],
-    )
-    return model, processor, data
+def setup(small_sequence):
+    return small_sequence
 
 
 def captions_and_step(model, n=4, classes=3, seed=0, replay=True):

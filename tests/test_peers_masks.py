@@ -7,18 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from conftest import Crash, make_batch, make_tiny_clip, stop_at
+from conftest import SMALL_SEQUENCE, Crash, make_batch, make_tiny_clip, sequence_numbers, stop_at
 from safetensors.torch import load_file, save_file
-from transformers import CLIPModel
 
-from spu_peft.continual import SequenceSettings, prepare_sequence_data, run_sequence
+from spu_peft.continual import SequenceSettings, run_sequence
 from spu_peft.continual import sequence as engine
 from spu_peft.continual.hooks import TaskContext
 from spu_peft.continual.loaders import shuffled_loader
 from spu_peft.continual.methods import full_fine_tuning, get_method
 from spu_peft.continual.peers import slca, sparsecl, spg
 from spu_peft.continual.training import training_step
-from spu_peft.embedded import load_animal_shapes, load_embedded_processor, load_pretraining_data
 
 SETTINGS = SequenceSettings(batch_size=4, numerics="native")
 TASKS = [[1, 3], [0, 2]]
@@ -228,27 +226,13 @@ def test_slca_normalises_each_tasks_block_of_logits():
 
 # ---- a short sequence and a resume ---------------------------------------------------------------------------------
 
-SEQUENCE = SequenceSettings(
-    num_tasks=2,
-    epochs=1,
-    batch_size=16,
-    replay_batch_size=16,
-    buffer_size=16,
-    max_train_per_task=32,
-    max_test_per_task=16,
-    numerics="native",
-    method_options={"slca": {"ca_epochs": 1, "samples_per_class": 32}},
-)
+SEQUENCE = SequenceSettings(**SMALL_SEQUENCE, method_options={"slca": {"ca_epochs": 1, "samples_per_class": 32}})
 METHODS = ["sparsecl", "spg", "slca"]
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model):
-    model, processor = CLIPModel.from_pretrained(tiny_model).eval(), load_embedded_processor(tiny_model)
-    splits = load_animal_shapes(seed=0)
-    control = load_pretraining_data(seed=0, rendered_per_class=12, control_per_class=2)["control"]
-    data = prepare_sequence_data(splits["train"], splits["test"], processor, SEQUENCE, control=control)
-    return model, processor, data
+def setup(small_sequence):
+    return small_sequence
 
 
 def run(setup, output_dir, methods=METHODS, resume=False):
@@ -258,10 +242,6 @@ def run(setup, output_dir, methods=METHODS, resume=False):
     )
 
 
-def numbers(results):
-    return {name: (r["acc_matrix"], r["control_acc"], r["trainable_params"]) for name, r in results.items()}
-
-
 def final_tensors(output_dir, method):
     """The weights and method state the last task's checkpoint holds."""
     folder = output_dir / "runs" / engine.run_dir_name(method, get_method(method).default_lr) / "task1"
@@ -269,7 +249,7 @@ def final_tensors(output_dir, method):
 
 
 def test_the_three_peers_run_a_sequence_and_slca_resumes_exactly(setup, tmp_path, monkeypatch):
-    whole = numbers(run(setup, tmp_path / "whole"))
+    whole = sequence_numbers(run(setup, tmp_path / "whole"))
     assert all(len(whole[m][0]) == 2 and len(whole[m][0][1]) == 2 for m in METHODS)
     assert whole["spg"][2] < whole["sparsecl"][2] < whole["slca"][2]
     spg_trained = [n for n, _ in setup[0].named_parameters() if ".fc1." in n or n.startswith("visual_projection")]
@@ -284,7 +264,7 @@ def test_the_three_peers_run_a_sequence_and_slca_resumes_exactly(setup, tmp_path
     with pytest.raises(Crash):
         run(setup, tmp_path / "killed", methods=["slca"])
     monkeypatch.undo()
-    assert numbers(run(setup, tmp_path / "killed", methods=["slca"], resume=True)) == {"slca": whole["slca"]}
+    assert sequence_numbers(run(setup, tmp_path / "killed", methods=["slca"], resume=True)) == {"slca": whole["slca"]}
     resumed, uninterrupted = final_tensors(tmp_path / "killed", "slca"), final_tensors(tmp_path / "whole", "slca")
     assert resumed.keys() == uninterrupted.keys() and "covariances" in resumed
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)

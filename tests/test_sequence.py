@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import KILL_POINTS, Crash, stop_at
+from conftest import KILL_POINTS, SMALL_SEQUENCE, Crash, sequence_numbers, stop_at
 from transformers import CLIPModel
 
 from spu_peft.continual import (
     ContinualMethod,
     FingerprintMismatchError,
     SequenceSettings,
-    prepare_sequence_data,
     protocol_settings,
     register_method,
     registered_methods,
@@ -23,28 +22,14 @@ from spu_peft.continual import checkpoint as checkpoints
 from spu_peft.continual import methods as registry
 from spu_peft.continual import sequence as engine
 from spu_peft.continual.training import clip_loss, reference_cosine_factor
-from spu_peft.embedded import load_animal_shapes, load_embedded_processor, load_pretraining_data
 
-SETTINGS = SequenceSettings(
-    num_tasks=2,
-    epochs=1,
-    batch_size=16,
-    replay_batch_size=16,
-    buffer_size=16,
-    max_train_per_task=32,
-    max_test_per_task=16,
-    numerics="native",  # the pins are tested in test_continual and the sequence notebook
-)
+SETTINGS = SequenceSettings(**SMALL_SEQUENCE)
 METHODS = ["zeroshot", "spu_replay"]
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model):
-    model, processor = CLIPModel.from_pretrained(tiny_model).eval(), load_embedded_processor(tiny_model)
-    splits = load_animal_shapes(seed=0)
-    control = load_pretraining_data(seed=0, rendered_per_class=12, control_per_class=2)["control"]
-    data = prepare_sequence_data(splits["train"], splits["test"], processor, SETTINGS, control=control)
-    return model, processor, data
+def setup(small_sequence):
+    return small_sequence
 
 
 def run(setup, output_dir, resume=False, methods=METHODS, settings=SETTINGS, **kwargs):
@@ -54,13 +39,9 @@ def run(setup, output_dir, resume=False, methods=METHODS, settings=SETTINGS, **k
     )
 
 
-def numbers(results):
-    return {name: (r["acc_matrix"], r["control_acc"], r["trainable_params"]) for name, r in results.items()}
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(setup, tmp_path_factory):
-    return numbers(run(setup, tmp_path_factory.mktemp("whole")))
+    return sequence_numbers(run(setup, tmp_path_factory.mktemp("whole")))
 
 
 def _points(setup, tmp_path, monkeypatch) -> list[str]:
@@ -82,7 +63,7 @@ def _trained_after_resume(setup, output_dir, monkeypatch) -> tuple[dict, list]:
     monkeypatch.setattr(engine, "_train_one_task", counting)
     results = run(setup, output_dir, resume=True)
     monkeypatch.undo()
-    return numbers(results), trained
+    return sequence_numbers(results), trained
 
 
 def _unfinished(output_dir: Path) -> list[tuple[str, int]]:
@@ -163,7 +144,7 @@ def test_resume_with_other_settings_is_refused_naming_them(setup, tmp_path):
 
 
 def test_per_method_numbers_do_not_depend_on_workers(setup, uninterrupted, tmp_path):
-    assert numbers(run(setup, tmp_path, workers=2)) == uninterrupted
+    assert sequence_numbers(run(setup, tmp_path, workers=2)) == uninterrupted
 
 
 # ---- the method registry ---------------------------------------------------------------------------------------------
@@ -186,7 +167,7 @@ def test_a_registered_method_runs_beside_the_built_ins(setup, uninterrupted, tmp
         registry._REGISTRY.pop("vision_replay")
     vision = sum(p.numel() for p in setup[0].vision_model.parameters())
     assert results["vision_replay"]["trainable_params"] == vision
-    assert numbers(results)["zeroshot"] == uninterrupted["zeroshot"]
+    assert sequence_numbers(results)["zeroshot"] == uninterrupted["zeroshot"]
     with pytest.raises(ValueError, match="unknown method 'vision_replay'"):
         run(setup, tmp_path, methods=["vision_replay"])
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from ..evaluation import tokenize_prompts
-from ..hooks import TaskContext
+from ..hooks import MethodHooks, TaskContext
 from ..tasks import class_lookup
 
 
@@ -78,3 +78,18 @@ def summed_gradients(
         totals = {n: accelerator.reduce(t, "sum") for n, t in totals.items()}
         count = int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum"))
     return {n: t / max(count, 1) for n, t in totals.items()}
+
+
+class ImportanceHooks(MethodHooks):
+    """Hooks that carry one importance tensor per trained parameter across tasks (MAS, LoRA-EWC, SPG); they are the
+    method's checkpointed state, as `importance.<parameter name>`."""
+
+    def __init__(self, settings=None, options=None) -> None:
+        super().__init__(settings, options)
+        self.importance: dict[str, torch.Tensor] = {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"importance.{name}": tensor for name, tensor in self.importance.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.importance = {key.removeprefix("importance."): tensor for key, tensor in state.items()}

@@ -18,11 +18,11 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
-from ..hooks import MethodHooks, Step, TaskContext
+from ..hooks import Step, TaskContext
 from ..methods import LORA_GRID, ContinualMethod, peft_model, register_method
 from ..settings import SequenceSettings
 from ..training import clip_loss
-from .common import frozen_copy, reference_batches, summed_gradients
+from .common import ImportanceHooks, frozen_copy, reference_batches, summed_gradients
 
 LORA_TARGETS = ("q_proj", "v_proj")
 LORA_RANK, LORA_ALPHA, LORA_DROPOUT = 8, 32, 0.1  # the reference's adapter
@@ -41,12 +41,8 @@ def _short(name: str) -> str:
     return name.removeprefix("base_model.model.")
 
 
-class LoRAEWC(MethodHooks):
+class LoRAEWC(ImportanceHooks):
     """An EWC penalty, with importances from the original model on reference data, on LoRA's update."""
-
-    def __init__(self, settings=None, options=None) -> None:
-        super().__init__(settings, options)
-        self.importance: dict[str, torch.Tensor] = {}
 
     def start_task(self, context: TaskContext) -> None:
         if self.importance:
@@ -74,12 +70,6 @@ class LoRAEWC(MethodHooks):
                 delta = module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
                 penalty = penalty + (self.importance[_short(name)] * delta.pow(2)).sum()
         return self.options["strength"] * penalty
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"importance.{n}": t for n, t in self.importance.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.importance = {k.removeprefix("importance."): v for k, v in state.items()}
 
 
 register_method(

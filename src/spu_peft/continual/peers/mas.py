@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import torch
 
-from ..hooks import MethodHooks, Step, TaskContext, trainable_named_parameters
+from ..hooks import Step, TaskContext, trainable_named_parameters
 from ..methods import FULL_GRID, ContinualMethod, full_fine_tuning, register_method
-from .common import in_batch_logits, summed_gradients, task_batches
+from .common import ImportanceHooks, in_batch_logits, summed_gradients, task_batches
 
 
-class MAS(MethodHooks):
+class MAS(ImportanceHooks):
     """Memory-aware synapses: output-sensitivity importances and a quadratic pull towards the previous weights."""
 
     def __init__(self, settings=None, options=None) -> None:
         super().__init__(settings, options)
-        self.importance: dict[str, torch.Tensor] = {}
-        self.anchor: dict[str, torch.Tensor] = {}
+        self.anchor: dict[str, torch.Tensor] = {}  # the weights each task starts from (from task 1 on)
 
     def start_task(self, context: TaskContext) -> None:
         if context.task == 0:
@@ -50,12 +49,6 @@ class MAS(MethodHooks):
         parameters = dict(step.module.named_parameters())
         penalty = sum((self.importance[n] * (parameters[n] - a).pow(2)).sum() for n, a in self.anchor.items())
         return self.options["strength"] * penalty
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"importance.{n}": t for n, t in self.importance.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.importance = {k.removeprefix("importance."): v for k, v in state.items()}
 
 
 register_method(

@@ -14,16 +14,15 @@ that matrix under `loss="clip"` (the paper protocol) and each image against the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import torch
 
-from ..hooks import MethodHooks, TaskContext, trainable_named_parameters
+from ..hooks import TaskContext, trainable_named_parameters
 from ..methods import FULL_GRID, ContinualMethod, register_method
 from ..settings import SequenceSettings
 from ..training import LOSS_FUNCTIONS
-from .common import summed_gradients, task_batches
+from .common import ImportanceHooks, summed_gradients, task_batches
 
 
 def spu_localisation(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
@@ -53,12 +52,8 @@ def importance_objectives(context: TaskContext, captions: dict[str, torch.Tensor
     return [task_loss, logit_sum]
 
 
-class SPG(MethodHooks):
+class SPG(ImportanceHooks):
     """Soft-masking of parameter-level gradients: updates shrink where earlier tasks' importance is high."""
-
-    def __init__(self, settings: Any = None, options: Mapping[str, float] | None = None) -> None:
-        super().__init__(settings, options)
-        self.importance: dict[str, torch.Tensor] = {}
 
     def start_task(self, context: TaskContext) -> None:
         self.importance = {n: i.to(context.device) for n, i in self.importance.items()}
@@ -85,12 +80,6 @@ class SPG(MethodHooks):
         for name, parameter in module.named_parameters():
             if parameter.grad is not None and name in self.importance:
                 parameter.grad.mul_(1 - self.importance[name])
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"importance.{n}": i for n, i in self.importance.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.importance = {k.removeprefix("importance."): v for k, v in state.items()}
 
 
 register_method(
