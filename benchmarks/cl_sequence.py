@@ -213,7 +213,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.control_dataset = EMBEDDED if args.model == EMBEDDED else "none"
     if args.reference_dataset is None:
         args.reference_dataset = EMBEDDED if args.model == EMBEDDED else "none"
-    args.needs_reference = any(m.needs_reference for m in expand_methods(args.methods))
+    needing = [m.name for m in expand_methods(args.methods) if m.needs_reference]
+    if needing and args.reference_dataset == "none":
+        parser.error(
+            f"{needing} need reference data (image-caption pairs of the pretraining domain): pass "
+            "--reference-dataset (a hub id, a folder, or 'embedded'), or leave them out of --methods"
+        )
+    args.needs_reference = bool(needing)
     if args.output_dir is None:
         name = "animal-shapes" if args.dataset == EMBEDDED else Path(args.dataset.rstrip("/")).name
         suffix = ("-paper" if args.protocol == "paper" else "") + ("-quick" if args.quick else "")

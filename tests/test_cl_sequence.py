@@ -21,6 +21,7 @@ import cl_sequence  # noqa: E402
 
 from spu_peft.continual import DEFAULT_METHODS, get_method  # noqa: E402
 from spu_peft.continual import sequence as engine  # noqa: E402
+from spu_peft.continual.methods import PEER_METHODS  # noqa: E402
 from spu_peft.continual.reporting import evaluate_targets  # noqa: E402
 
 
@@ -117,6 +118,12 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_numbers(tiny_model, quick
         (["--workers", "0"], "--workers"),
         (["--methods", "spu,lora_replay,spu"], "more than once"),
         (["--modules-to-save", " , "], "--modules-to-save is empty"),
+        (["--methods", "default,spu"], "more than once"),
+        (["--methods", "zscl", "--reference-dataset", "none"], "['zscl'] need reference data"),
+        (["--method-option", "lwf.strength=1"], "--method-option sets options of ['lwf'], which --methods does not"),
+        (["--methods", "lwf", "--method-option", "lwf.strenght=1"], "no option(s) ['strenght']; its options: strength"),
+        (["--methods", "lwf", "--method-option", "lwf.strength=big"], "'big' is not a number"),
+        (["--methods", "lwf", "--method-option", "strength=1"], "is not METHOD.OPTION=VALUE"),
     ],
 )
 def test_bad_flags_stop_before_any_work(flags, message, capsys):
@@ -225,19 +232,26 @@ def test_missing_dataset_folder_is_reported(tiny_model, tmp_path):
         cl_sequence.load_sequence_data(args, AutoProcessor.from_pretrained(tiny_model), Accelerator(cpu=True))
 
 
-def test_two_processes_select_identical_entries(tiny_model, tmp_path):
+def test_two_processes_select_identical_entries_and_keep_identical_weights(tiny_model, tmp_path):
+    """Every method with its own loss terms, gradient edits or statistics (the peers) keeps the two processes'
+    weights equal after every task, as SPU keeps their selections equal."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    methods = ["spu_replay", *PEER_METHODS]
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         str(ROOT / "benchmarks" / "cl_sequence.py"),
-        *quick_args(tiny_model, tmp_path, "--methods", "spu_replay"),
+        *quick_args(tiny_model, tmp_path, "--methods", ",".join(methods), "--reference-dataset", "embedded",
+                    "--max-reference", "32", "--method-option", "slca.samples_per_class=16",
+                    "--method-option", "slca.ca_epochs=1"),
     ]  # fmt: skip
-    subprocess.run(command, check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
+    finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert finished.returncode == 0, finished.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["config"]["processes"] == 2
     selections = results["methods"]["spu_replay"]["selections"]
     assert len(selections) == 2 and all(s["ranks_agree"] for s in selections)
+    assert {m: results["methods"][m]["weights_agree"] for m in methods} == {m: [True, True] for m in methods}
 
 
 def test_targets_are_margins_against_the_named_peers():

@@ -53,7 +53,7 @@ from .numerics import numerics_report, pin_cpu_numerics
 from .replay import TaskBalancedReplayBuffer
 from .reporting import summarise, write_outputs
 from .settings import SequenceSettings
-from .task_selection import select_for_task
+from .task_selection import ranks_agree_on_weights, select_for_task
 from .training import reference_cosine_factor, train_task
 from .workers import run_forked
 
@@ -153,6 +153,8 @@ def _train_one_task(model, method, lr, task, context, hooks: MethodHooks, buffer
     context.model = model
     hooks.end_task(context)
     state["losses"].append(losses)
+    if accelerator.num_processes > 1:
+        state.setdefault("weights_agree", []).append(ranks_agree_on_weights(model))
     if method.replay and settings.buffer_size > 0:
         buffer.add_task(task, data.train_indices[task])
     return model
@@ -225,6 +227,7 @@ def run_method(
         "control_acc": state["control_acc"],
         "losses": state["losses"],
         "selections": state["selections"],
+        "weights_agree": state.get("weights_agree"),
         "trainable_params": trainable_parameters(model) if method.trains else 0,
         "adapter_bytes": sum(f.stat().st_size for f in files) or None,
         "wall_s": state["wall_s"],

@@ -79,6 +79,17 @@ def support_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def ranks_agree_on_weights(model: torch.nn.Module) -> bool:
+    """Whether every process holds the same weights (a method's gradient edits or statistics that differed between
+    processes would let them drift apart where DDP alone keeps them equal)."""
+    digest = hashlib.sha256()
+    for name, parameter in model.state_dict().items():
+        digest.update(
+            name.encode() + parameter.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        )
+    return len(set(gather_object([digest.hexdigest()]))) == 1
+
+
 def select_for_task(
     model: torch.nn.Module,
     score: str,
