@@ -1,12 +1,14 @@
 """The peers that distil or penalise (lwf, prd, mas, lora_ewc, zscl): each term against an independent computation,
-what trains, the reference data, and their runs through the sequence engine (with resume)."""
+what trains, the reference data; and every peer through the sequence engine, killed and resumed exactly."""
 
 import json
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMALL_SEQUENCE, make_tiny_clip
+from conftest import SMALL_SEQUENCE, make_tiny_clip, sequence_numbers
+from safetensors.torch import load_file
 
 from spu_peft.continual import (
     SequenceSettings,
@@ -16,7 +18,7 @@ from spu_peft.continual import (
     run_sequence,
 )
 from spu_peft.continual.hooks import Step, make_hooks
-from spu_peft.continual.methods import expand_methods, method_plan
+from spu_peft.continual.methods import PEER_METHODS, expand_methods, method_plan
 from spu_peft.continual.peers.common import summed_gradients
 from spu_peft.continual.peers.lora_ewc import lora_on_attention
 from spu_peft.continual.peers.zscl import soft_cross_entropy
@@ -24,7 +26,7 @@ from spu_peft.continual.sequence import run_dir_name
 from spu_peft.embedded import load_animal_shapes, load_pretraining_data
 
 SETTINGS = SequenceSettings(**SMALL_SEQUENCE)
-PEERS = ["lwf", "prd", "mas", "lora_ewc", "zscl"]
+EVERY_PEER = SequenceSettings(**SMALL_SEQUENCE, method_options={"slca": {"ca_epochs": 1, "samples_per_class": 32}})
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +93,7 @@ def test_distillation_starts_at_the_second_task_with_a_frozen_copy():
     with torch.no_grad():
         model.visual_projection.weight.add_(1.0)
     assert not torch.equal(hooks.teacher.visual_projection.weight, model.visual_projection.weight)
-    assert not any(p.requires_grad for p in hooks.teacher.parameters())
+    assert not any(p.requires_grad for p in hooks.teacher.parameters()) and not hooks.teacher.training
 
 
 def test_mas_penalty_is_importance_weighted_squared_distance_to_the_anchor():
@@ -103,6 +105,26 @@ def test_mas_penalty_is_importance_weighted_squared_distance_to_the_anchor():
     hooks.anchor = {n: params[n].detach() + 0.25 for n in names}
     expected = 2.0 * sum((hooks.importance[n] * 0.0625).sum() for n in names)
     assert hooks.extra_loss(captions_and_step(model)).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_penalties_are_zero_at_the_anchor_and_pull_towards_it():
+    model = make_tiny_clip()
+    mas = make_hooks(get_method("mas").hooks, SETTINGS, {"strength": 2.0})
+    weight = model.visual_projection.weight
+    mas.importance = {"visual_projection.weight": torch.rand_like(weight) + 0.1}
+    mas.anchor = {"visual_projection.weight": weight.detach().clone()}
+    assert mas.extra_loss(captions_and_step(model)).item() == 0.0
+    with torch.no_grad():
+        weight.add_(torch.randn_like(weight))
+    mas.extra_loss(captions_and_step(model)).backward()
+    step = -weight.grad  # a gradient step moves every entry towards its anchor
+    assert torch.all(step * (mas.anchor["visual_projection.weight"] - weight.detach()) > 0)
+
+    lora = lora_on_attention(make_tiny_clip(), SETTINGS)  # PEFT starts B at zero: no update, no penalty
+    ewc = make_hooks(get_method("lora_ewc").hooks, SETTINGS, {"strength": 3.0})
+    layers = {n.removeprefix("base_model.model."): m for n, m in lora.named_modules() if hasattr(m, "lora_A")}
+    ewc.importance = {n: torch.rand_like(m.base_layer.weight) for n, m in layers.items()}
+    assert ewc.extra_loss(captions_and_step(lora)).item() == 0.0
 
 
 def test_summed_gradients_weigh_batches_by_size_and_take_absolute_values_per_batch():
@@ -204,18 +226,10 @@ def test_methods_needing_reference_data_are_refused_without_it(setup, tmp_path):
         run_sequence(model, processor, bare, SETTINGS, output_dir=tmp_path, methods=["zscl"], plots=False)
 
 
-@pytest.fixture(scope="module")
-def peers_run(setup, tmp_path_factory):
-    model, processor, data = setup
-    out = tmp_path_factory.mktemp("peers")
-    results = run_sequence(model, processor, data, SETTINGS, output_dir=out, methods=PEERS, plots=False)
-    return out, results
-
-
-def test_every_peer_runs_the_sequence_and_changes_what_it_trains(peers_run, setup):
-    out, results = peers_run
-    assert list(results) == PEERS
-    for name in PEERS:
+def test_every_peer_runs_the_sequence_and_changes_what_it_trains(every_peer, setup):
+    out, results = every_peer
+    assert list(results) == list(PEER_METHODS)
+    for name in PEER_METHODS:
         assert len(results[name]["acc_matrix"]) == 2 and results[name]["trainable_params"] > 0
     base = setup[0]
     shapes = [m.weight.shape for n, m in base.named_modules() if n.endswith(("q_proj", "v_proj"))]
@@ -224,19 +238,37 @@ def test_every_peer_runs_the_sequence_and_changes_what_it_trains(peers_run, setu
     assert config["method_plans"]["mas"]["options"] == {"strength": 100.0}
 
 
-def test_a_peer_killed_after_its_first_task_resumes_to_the_same_numbers(peers_run, setup, tmp_path):
-    import shutil
+def _last_checkpoint(output_dir, name, lr) -> dict[str, torch.Tensor]:
+    folder = output_dir / "runs" / run_dir_name(name, lr) / "task1"
+    state = folder / "method_state.safetensors"
+    weights = {k: v for f in sorted((folder / "weights").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert weights, folder
+    return {**weights, **(load_file(state) if state.exists() else {})}
 
-    out, results = peers_run
+
+@pytest.fixture(scope="module")
+def every_peer(setup, tmp_path_factory):
+    """All eight peers over the sequence (SLCA's alignment shortened): the uninterrupted numbers."""
     model, processor, data = setup
-    for name in ("mas", "lora_ewc"):
-        folder = run_dir_name(name, results[name]["lr"])
-        shutil.copytree(out / "runs" / folder, tmp_path / "runs" / folder)
-        shutil.rmtree(tmp_path / "runs" / folder / "task1")
+    out = tmp_path_factory.mktemp("every-peer")
+    results = run_sequence(model, processor, data, EVERY_PEER, output_dir=out, methods=list(PEER_METHODS), plots=False)
+    return out, results
+
+
+@pytest.mark.parametrize("name", PEER_METHODS)
+def test_a_peer_killed_after_its_first_task_resumes_to_the_same_weights_and_state(every_peer, setup, name, tmp_path):
+    """A kill between tasks (the last checkpoint is task 0's) resumes to the uninterrupted run's numbers, weights and
+    method state, bit for bit: the state (importances, class statistics) and the teachers are restored or rebuilt."""
+    out, results = every_peer
+    model, processor, data = setup
+    lr = results[name]["lr"]
+    folder = run_dir_name(name, lr)
+    shutil.copytree(out / "runs" / folder, tmp_path / "runs" / folder)
+    shutil.rmtree(tmp_path / "runs" / folder / "task1")
     shutil.copy(out / "fingerprint.json", tmp_path / "fingerprint.json")
     resumed = run_sequence(
-        model, processor, data, SETTINGS, output_dir=tmp_path, methods=["mas", "lora_ewc"], resume=True, plots=False
+        model, processor, data, EVERY_PEER, output_dir=tmp_path, methods=[name], resume=True, plots=False
     )
-    for name in ("mas", "lora_ewc"):
-        assert resumed[name]["acc_matrix"] == results[name]["acc_matrix"]
-        assert resumed[name]["control_acc"] == results[name]["control_acc"]
+    assert sequence_numbers(resumed) == sequence_numbers({name: results[name]})
+    after, before = _last_checkpoint(tmp_path, name, lr), _last_checkpoint(out, name, lr)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)

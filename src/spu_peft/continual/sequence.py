@@ -327,8 +327,6 @@ def run_sequence(
     names = [m.name for m in resolved]
     if not resolved or len(set(names)) < len(names):
         raise ValueError(f"`methods` must name each method once, got {names}")
-    if stray := sorted(set(settings.method_options) - set(names)):
-        raise ValueError(f"`method_options` set options of {stray}, which are not among the methods run {names}")
     plans = {m.name: method_plan(m, settings) for m in resolved}  # unknown options raise here, before any work
     if data.reference is None and (needing := [m.name for m in resolved if m.needs_reference]):
         raise ValueError(
