@@ -40,6 +40,7 @@ from spu_peft.continual import (
     PROTOCOLS,
     TARGET_LAYERS,
     FingerprintMismatchError,
+    get_method,
     pin_cpu_numerics,
     prepare_sequence_data,
     protocol_settings,
@@ -98,7 +99,14 @@ def _flagged(message: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    listed = dict.fromkeys([*METHOD_GROUPS["paper"], *registered_methods()])  # the paper's order, then users' own
+    methods = "\n".join(f"  {name:<16}{get_method(name).description}" for name in listed)
+    groups = "\n".join(f"  {name:<16}{', '.join(members)}" for name, members in METHOD_GROUPS.items())
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        epilog=f"methods (--methods):\n{methods}\n\ngroups:\n{groups}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--protocol", default="embedded", choices=sorted(PROTOCOLS), help="Settings to start from.")
     parser.add_argument("--model", default=EMBEDDED, help="'embedded' (default), a hub id or a local CLIPModel folder.")
     parser.add_argument(

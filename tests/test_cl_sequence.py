@@ -21,7 +21,7 @@ import cl_sequence  # noqa: E402
 
 from spu_peft.continual import DEFAULT_METHODS, get_method  # noqa: E402
 from spu_peft.continual import sequence as engine  # noqa: E402
-from spu_peft.continual.methods import PEER_METHODS  # noqa: E402
+from spu_peft.continual.methods import METHOD_GROUPS, PEER_METHODS  # noqa: E402
 from spu_peft.continual.reporting import evaluate_targets  # noqa: E402
 
 
@@ -352,3 +352,12 @@ def test_forked_workers_die_with_a_killed_main_process(tiny_model, tmp_path):
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in workers)
+
+
+def test_help_lists_every_method_with_its_line_and_the_groups(capsys):
+    with pytest.raises(SystemExit):
+        cl_sequence.parse_args(["--help"])
+    shown = capsys.readouterr().out
+    for name in METHOD_GROUPS["paper"]:
+        assert f"  {name:<16}{get_method(name).description}" in shown
+    assert "  paper           " + ", ".join(METHOD_GROUPS["paper"]) in shown

@@ -79,7 +79,7 @@ register_method(
         replay=True,
         default_lr=1e-2,
         sweep_lrs=LORA_GRID,
-        description="LoRA on q/v projections + replay, EWC penalty from reference data",
+        description="LoRA-EWC: LoRA on q/v projections + replay, EWC penalty from reference data",
         hooks=LoRAEWC,
         options={"strength": 10.0},
         protocols={"embedded": {"strength": 1e4}},

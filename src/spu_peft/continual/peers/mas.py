@@ -57,7 +57,7 @@ register_method(
         full_fine_tuning,
         default_lr=9e-5,
         sweep_lrs=FULL_GRID,
-        description="full fine-tuning with MAS importance penalty",
+        description="MAS: full, importance-weighted pull towards the previous weights",
         hooks=MAS,
         options={"strength": 0.1},
         protocols={"embedded": {"strength": 100.0}, "paper": {"lr": 2.5e-6}},

@@ -76,7 +76,7 @@ register_method(
         full_fine_tuning,
         default_lr=3e-4,
         sweep_lrs=FULL_GRID,
-        description="full fine-tuning, distilled from the original model on reference data, weight-averaged (ZSCL)",
+        description="ZSCL: full, distilled from the original model on reference data, weight-averaged",
         hooks=ZSCL,
         options={"strength": 1.0, "temperature": 2.0, "average_every": 10},
         protocols={"paper": {"lr": 1e-6, "batch_size": 64}},
