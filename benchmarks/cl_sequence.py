@@ -98,7 +98,8 @@ def _flagged(message: str) -> str:
     return re.sub(r"`(\w+)`", lambda m: _flag(m.group(1)), message)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's flags."""
     listed = dict.fromkeys([*METHOD_GROUPS["paper"], *registered_methods()])  # the paper's order, then users' own
     methods = "\n".join(f"  {name:<16}{get_method(name).description}" for name in listed)
     groups = "\n".join(f"  {name:<16}{', '.join(members)}" for name, members in METHOD_GROUPS.items())
@@ -172,6 +173,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=None, help="Cache of pretrained embedded models (other seeds).")
     parser.add_argument("--resume", action="store_true", help="Continue a killed run (with the same flags).")
     parser.add_argument("--quick", action="store_true", help="A smoke run: 2 tasks, 1 epoch, 64 images per task.")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked: every bad value stops here, before any work."""
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     given = {name: getattr(args, name) for name in SETTINGS_FLAGS if getattr(args, name) is not None}
@@ -199,6 +206,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     except ValueError as error:
         parser.error(_flagged(str(error)))
+    _check_methods(args, parser)
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    if args.control_dataset is None:
+        args.control_dataset = EMBEDDED if args.model == EMBEDDED else "none"
+    if args.output_dir is None:
+        name = "animal-shapes" if args.dataset == EMBEDDED else Path(args.dataset.rstrip("/")).name
+        suffix = ("-paper" if args.protocol == "paper" else "") + ("-quick" if args.quick else "")
+        args.output_dir = os.path.join("results", f"{name}-{args.settings.num_tasks}tasks{suffix}")
+    return args
+
+
+def _check_methods(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """`--methods`, `--method-option` and the reference data the methods need."""
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     known = (*METHOD_GROUPS, *registered_methods())
     unknown = [m for m in args.methods if m not in known]
@@ -215,10 +236,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--method-option: {error}")
     if stray := sorted(set(args.settings.method_options) - set(expanded)):
         parser.error(f"--method-option sets options of {stray}, which --methods does not run")
-    if args.workers is not None and args.workers < 1:
-        parser.error(f"--workers must be at least 1, got {args.workers}")
-    if args.control_dataset is None:
-        args.control_dataset = EMBEDDED if args.model == EMBEDDED else "none"
     if args.reference_dataset is None:
         args.reference_dataset = EMBEDDED if args.model == EMBEDDED else "none"
     needing = [m.name for m in expand_methods(args.methods) if m.needs_reference]
@@ -228,11 +245,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--reference-dataset (a hub id, a folder, or 'embedded'), or leave them out of --methods"
         )
     args.needs_reference = bool(needing)
-    if args.output_dir is None:
-        name = "animal-shapes" if args.dataset == EMBEDDED else Path(args.dataset.rstrip("/")).name
-        suffix = ("-paper" if args.protocol == "paper" else "") + ("-quick" if args.quick else "")
-        args.output_dir = os.path.join("results", f"{name}-{args.settings.num_tasks}tasks{suffix}")
-    return args
 
 
 def _method_options(items: list[str]) -> dict[str, dict[str, float]]:
