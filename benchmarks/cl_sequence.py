@@ -120,15 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--class-names", default=None, help="Comma-separated class names, if the labels have none.")
     parser.add_argument("--train-split", default="train", help="Training split of --dataset.")
     parser.add_argument("--test-split", default="test", help="Test split; split off the training data if absent.")
-    parser.add_argument(
-        "--control-dataset",
-        default=None,
-        help="Control set from the pretraining domain: 'embedded' (default with the embedded model), a hub id or "
-        "folder; 'none' to skip.",
+    _add_side_dataset_flags(
+        parser,
+        "control",
+        "control",
+        "Control set from the pretraining domain: 'embedded' (default with the embedded model), a hub id or folder; "
+        "'none' to skip.",
     )
-    parser.add_argument("--control-split", default="control", help="Split of --control-dataset to use.")
-    parser.add_argument("--control-image-column", default="image", help="Image column of --control-dataset.")
-    parser.add_argument("--control-label-column", default="label", help="Label column of --control-dataset.")
     parser.add_argument(
         "--methods",
         default="default",
@@ -142,15 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="METHOD.OPTION=VALUE",
         help="Change a method's coefficient, e.g. lwf.strength=0.1 (repeatable; see docs/peers.md).",
     )
-    parser.add_argument(
-        "--reference-dataset",
-        default=None,
-        help="Reference image-caption data for zscl and lora_ewc: 'embedded' (default with the embedded model: "
+    _add_side_dataset_flags(
+        parser,
+        "reference",
+        "train",
+        "Reference image-caption data for zscl and lora_ewc: 'embedded' (default with the embedded model: "
         "pretraining images, none of the control set), a hub id or folder with class labels; 'none' to skip.",
     )
-    parser.add_argument("--reference-split", default="train", help="Split of --reference-dataset to use.")
-    parser.add_argument("--reference-image-column", default="image", help="Image column of --reference-dataset.")
-    parser.add_argument("--reference-label-column", default="label", help="Label column of --reference-dataset.")
     parser.add_argument("--target-layers", default="fc1", choices=sorted(TARGET_LAYERS), help="Layers adapted.")
     parser.add_argument(
         "--modules-to-save",
@@ -174,6 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="Continue a killed run (with the same flags).")
     parser.add_argument("--quick", action="store_true", help="A smoke run: 2 tasks, 1 epoch, 64 images per task.")
     return parser
+
+
+def _add_side_dataset_flags(parser: argparse.ArgumentParser, kind: str, split: str, text: str) -> None:
+    """`--<kind>-dataset`, `-split`, `-image-column` and `-label-column` of a dataset beside the sequence's."""
+    parser.add_argument(f"--{kind}-dataset", default=None, help=text)
+    parser.add_argument(f"--{kind}-split", default=split, help=f"Split of --{kind}-dataset to use.")
+    for column in ("image", "label"):
+        flag = f"--{kind}-{column}-column"
+        parser.add_argument(flag, default=column, help=f"{column.title()} column of --{kind}-dataset.")
+
+
+def _side_dataset(args: argparse.Namespace, kind: str) -> tuple[datasets.Dataset, tuple[str, str]]:
+    """The split and columns that `--<kind>-dataset` (a hub id or a folder) names."""
+    loaded = _load_any(getattr(args, f"{kind}_dataset"))
+    split = loaded[getattr(args, f"{kind}_split")] if isinstance(loaded, datasets.DatasetDict) else loaded
+    return split, (getattr(args, f"{kind}_image_column"), getattr(args, f"{kind}_label_column"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -285,7 +297,6 @@ def _load_any(name: str) -> datasets.Dataset | datasets.DatasetDict:
 
 def load_sequence_data(args: argparse.Namespace, processor, accelerator: Accelerator):
     """The flags' splits, split into tasks and preprocessed; every bad flag fails here, before training."""
-    control = None
     if args.dataset == EMBEDDED:
         splits = _embedded().load_animal_shapes(seed=args.settings.seed)
         train, test, columns = splits["train"], splits["test"], ("image", "label")
@@ -300,20 +311,16 @@ def load_sequence_data(args: argparse.Namespace, processor, accelerator: Acceler
             parts = train.train_test_split(test_size=0.2, seed=args.settings.seed)
             train, test = parts["train"], parts["test"]
         columns = (args.image_column, args.label_column)
-    control_columns = (args.control_image_column, args.control_label_column)
+    control, control_columns = None, ("image", "label")
     if args.control_dataset == EMBEDDED:
         control = _embedded().load_pretraining_data(seed=args.settings.seed)["control"]
-        control_columns = ("image", "label")
     elif args.control_dataset != "none":
-        loaded = _load_any(args.control_dataset)
-        control = loaded[args.control_split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    reference, reference_columns = None, (args.reference_image_column, args.reference_label_column)
+        control, control_columns = _side_dataset(args, "control")
+    reference, reference_columns = None, ("image", "label")
     if args.needs_reference and args.reference_dataset == EMBEDDED:
         reference = _embedded().load_reference_data(seed=args.settings.seed)
-        reference_columns = ("image", "label")
     elif args.needs_reference and args.reference_dataset != "none":
-        loaded = _load_any(args.reference_dataset)
-        reference = loaded[args.reference_split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        reference, reference_columns = _side_dataset(args, "reference")
     class_names = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
     try:
         return prepare_sequence_data(

@@ -140,6 +140,21 @@ def _image_folder_dataset(path: Path, columns=("image", "label")) -> str:
     return str(path)
 
 
+def test_reference_data_comes_from_a_folder_with_its_own_split_and_columns(tiny_model, tmp_path):
+    from accelerate import Accelerator
+    from transformers import AutoProcessor
+
+    dataset = _image_folder_dataset(tmp_path / "data")
+    reference = _image_folder_dataset(tmp_path / "reference", columns=("img", "kind"))
+    flags = ["--model", tiny_model, "--dataset", dataset, "--control-dataset", "none", "--num-tasks", "2"]
+    flags += ["--buffer-size", "2", "--methods", "zscl", "--reference-dataset", reference, "--reference-split", "test"]
+    flags += ["--reference-image-column", "img", "--reference-label-column", "kind", "--max-reference", "4"]
+    args = cl_sequence.parse_args(flags)
+    data = cl_sequence.load_sequence_data(args, AutoProcessor.from_pretrained(tiny_model), Accelerator(cpu=True))
+    assert len(data.reference) == 4 and data.reference_class_names == ["a", "b", "c"]
+    assert data.identity["reference"] and data.control is None
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
