@@ -317,7 +317,7 @@ def test_lr_sweep_writes_sorted_points_and_the_tradeoff_plot(tiny_model, tmp_pat
 
 
 def test_default_rates_come_from_the_sweep_grids():
-    for name in DEFAULT_METHODS:
+    for name in METHOD_GROUPS["paper"]:
         method = get_method(name)
         assert method.default_lr in method.sweep_lrs or not method.trains, name
 

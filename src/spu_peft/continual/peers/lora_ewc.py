@@ -77,12 +77,11 @@ register_method(
         "lora_ewc",
         lora_on_attention,
         replay=True,
-        default_lr=1e-2,
+        default_lr=1e-4,
         sweep_lrs=LORA_GRID,
         description="LoRA-EWC: LoRA on q/v projections + replay, EWC penalty from reference data",
         hooks=LoRAEWC,
         options={"strength": 10.0},
-        protocols={"embedded": {"strength": 1e4}},
         needs_reference=True,
     )
 )

@@ -55,7 +55,7 @@ register_method(
     ContinualMethod(
         "mas",
         full_fine_tuning,
-        default_lr=9e-5,
+        default_lr=3e-5,
         sweep_lrs=FULL_GRID,
         description="MAS: full, importance-weighted pull towards the previous weights",
         hooks=MAS,
