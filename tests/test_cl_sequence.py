@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -19,7 +18,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import cl_sequence  # noqa: E402
 
-from spu_peft.continual import DEFAULT_METHODS, get_method  # noqa: E402
+from spu_peft.continual import DEFAULT_METHODS, ContinualMethod, SequenceSettings, get_method  # noqa: E402
 from spu_peft.continual import sequence as engine  # noqa: E402
 from spu_peft.continual.methods import METHOD_GROUPS, PEER_METHODS  # noqa: E402
 from spu_peft.continual.reporting import evaluate_targets  # noqa: E402
@@ -226,11 +225,11 @@ def test_a_failing_worker_stops_the_others_at_once(monkeypatch, tmp_path):
         return {}
 
     monkeypatch.setattr(engine, "run_method", fake_run)
-    slow, fail = get_method("spu"), SimpleNamespace(name="fail")
+    slow, fail = get_method("spu"), ContinualMethod("fail", lambda model, settings: model, default_lr=1.0)
     runs = [(slow, 1.0), (fail, 1.0), (slow, 2.0)]  # the failure is not first in line
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="boom"):
-        list(engine._run_all(runs, (), tmp_path, False, 2))
+        list(engine._run_all(runs, (None, None, None, SequenceSettings(), None), tmp_path, False, 2))
     assert time.monotonic() - start < 20
     deadline = time.monotonic() + 10
     while multiprocessing.active_children() and time.monotonic() < deadline:
