@@ -16,7 +16,7 @@ declare -A TESTS=(
 tests=${*:-${TESTS[$module]:-tests/test_$module.py}}
 PYTHON=${PYTHON:-.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python3
-mutmut="$(dirname "$PYTHON")/mutmut"
+mutmut="$(cd "$(dirname "$PYTHON")" && pwd)/mutmut"  # absolute: the run happens in the scratch copy
 [ -x "$mutmut" ] || { echo "mutmut is not installed beside $PYTHON (pip install -e '.[test]')" >&2; exit 2; }
 
 work=${MUTATION_DIR:-$(mktemp -d)}

@@ -128,6 +128,11 @@ def test_every_layer_selects_what_dense_autograd_selects(score, device):
     """Scores accumulated layer by layer during backward pick the entries of the formula on whole dense gradients
     (`torch.autograd.grad` of the objective with respect to every target weight at once, as before)."""
     model = fresh().to(device)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # CLIP starts its biases at zero: give them values, so a score that drops them differs
+        for layer in spu_layers(model).values():
+            bias = layer.get_base_layer().bias
+            bias.copy_(torch.randn(bias.shape, generator=generator).to(device))
     batches = [to_device({**batch, "return_loss": True}, device) for batch in loader(3, n=3)]
     weights = {n: m.get_base_layer().weight for n, m in spu_layers(model).items()}
     totals = {n: torch.zeros_like(w) for n, w in weights.items()}
