@@ -179,6 +179,7 @@ class SLCA(MethodHooks):
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = {key: tensor.cpu() for key, tensor in state.items()}  # the statistics live on the CPU (see above)
         self.class_ids, self.class_tasks = state["class_ids"], state["class_tasks"]
         self.means, self.covariances = state["means"], state["covariances"]
 
