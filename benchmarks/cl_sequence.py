@@ -237,12 +237,13 @@ def _check_methods(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     unknown = [m for m in args.methods if m not in known]
     if unknown or not args.methods:
         parser.error(f"unknown method(s) {unknown} in --methods; choose from {', '.join(known)}")
-    expanded = [m.name for m in expand_methods(args.methods)]
+    methods = expand_methods(args.methods)
+    expanded = [m.name for m in methods]
     if repeated := sorted({m for m in expanded if expanded.count(m) > 1}):
         parser.error(f"--methods lists {repeated} more than once; each method runs once per learning rate")
     try:
         args.settings = dataclasses.replace(args.settings, method_options=_method_options(args.method_option))
-        for method in expand_methods(args.methods):
+        for method in methods:
             method_plan(method, args.settings)
     except ValueError as error:
         parser.error(f"--method-option: {error}")
@@ -250,7 +251,7 @@ def _check_methods(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         parser.error(f"--method-option sets options of {stray}, which --methods does not run")
     if args.reference_dataset is None:
         args.reference_dataset = EMBEDDED if args.model == EMBEDDED else "none"
-    needing = [m.name for m in expand_methods(args.methods) if m.needs_reference]
+    needing = [m.name for m in methods if m.needs_reference]
     if needing and args.reference_dataset == "none":
         parser.error(
             f"{needing} need reference data (image-caption pairs of the pretraining domain): pass "

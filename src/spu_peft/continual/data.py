@@ -238,20 +238,16 @@ def prepare_sequence_data(
         raise ValueError("a task has no training or test images; check the label column and the class names")
     names: list[str] = []
     if control is not None:
-        control = _standardise(control, *control_columns, "the control set")
-        names = list(control_class_names or label_names(control, "labels", control_columns[1]))
-        check_class_names(names, list(control["labels"]), tokenizer, "the control set", every_label=False)
-        if settings.max_control is not None and settings.max_control < len(control):
-            control = control.shuffle(seed=settings.seed).select(range(settings.max_control))
+        control, names = _labelled_set(
+            control, control_class_names, control_columns, settings.max_control, settings.seed, tokenizer,
+            "the control set",
+        )  # fmt: skip
     reference_names = None
     if reference is not None:
-        reference = _standardise(reference, *reference_columns, "the reference data")
-        reference_names = list(reference_class_names or label_names(reference, "labels", reference_columns[1]))
-        check_class_names(
-            reference_names, list(reference["labels"]), tokenizer, "the reference data", every_label=False
-        )
-        if settings.max_reference < len(reference):
-            reference = reference.shuffle(seed=settings.seed).select(range(settings.max_reference))
+        reference, reference_names = _labelled_set(
+            reference, reference_class_names, reference_columns, settings.max_reference, settings.seed, tokenizer,
+            "the reference data",
+        )  # fmt: skip
     context = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
     with context:
         train = _preprocess(train, processor.image_processor, "the train split", train_id)
@@ -277,6 +273,25 @@ def prepare_sequence_data(
         reference,
         reference_names,
     )
+
+
+def _labelled_set(
+    dataset: datasets.Dataset,
+    class_names: Sequence[str] | None,
+    columns: tuple[str, str],
+    cap: int | None,
+    seed: int,
+    tokenizer: Any,
+    what: str,
+) -> tuple[datasets.Dataset, list[str]]:
+    """A set beside the tasks' (control, reference): standardised, its class names checked (not every class needs
+    examples), and at most `cap` examples (a seeded sample)."""
+    dataset = _standardise(dataset, *columns, what)
+    names = list(class_names or label_names(dataset, "labels", columns[1]))
+    check_class_names(names, list(dataset["labels"]), tokenizer, what, every_label=False)
+    if cap is not None and cap < len(dataset):
+        dataset = dataset.shuffle(seed=seed).select(range(cap))
+    return dataset, names
 
 
 def _check_disjoint(reference: datasets.Dataset, control: datasets.Dataset) -> None:

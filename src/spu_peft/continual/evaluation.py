@@ -28,6 +28,16 @@ def tokenize_prompts(tokenizer: Any, class_names: Sequence[str], templates: Sequ
     return dict(tokenizer(prompts, padding=True, truncation=True, return_tensors="pt"))
 
 
+def image_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Unit-norm projected image features (with gradients where the caller has them on)."""
+    return F.normalize(_pooled(model.get_image_features(pixel_values=pixel_values)).float(), dim=-1)
+
+
+def text_features(model: torch.nn.Module, text_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Unit-norm projected text features (with gradients where the caller has them on)."""
+    return F.normalize(_pooled(model.get_text_features(**text_inputs)).float(), dim=-1)
+
+
 @torch.no_grad()
 def class_text_features(
     model: torch.nn.Module, prompt_inputs: dict[str, torch.Tensor], num_classes: int
@@ -36,7 +46,7 @@ def class_text_features(
     model = unwrap_replicated(model)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in prompt_inputs.items()}
-    features = F.normalize(_pooled(model.get_text_features(**inputs)).float(), dim=-1)  # [T * C, D]
+    features = text_features(model, inputs)  # [T * C, D]
     features = features.view(-1, num_classes, features.shape[-1]).mean(0)  # [C, D]
     return F.normalize(features, dim=-1)
 
@@ -67,7 +77,7 @@ def zero_shot_predictions(
     for batch in dataloader:
         pixel_values = batch["pixel_values"].to(device=device, dtype=parameter.dtype)
         labels = batch["labels"].to(device)
-        image = F.normalize(_pooled(unwrapped.get_image_features(pixel_values=pixel_values)).float(), dim=-1)
+        image = image_features(unwrapped, pixel_values)
         predictions = (image @ class_features.t()).argmax(-1)
         targets = labels if lookup is None else lookup[labels]
         if accelerator is not None:
@@ -120,13 +130,3 @@ def control_accuracy(model, data: Any, settings: Any, accelerator: Any, tokenize
     features = class_text_features(model, tokenize_prompts(tokenizer, names, settings.templates), len(names))
     loader = eval_loader(data.control, list(range(len(data.control))), settings.eval_batch_size, accelerator)
     return zero_shot_accuracy(model, loader, features, list(range(len(names))), accelerator)
-
-
-def image_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Unit-norm projected image features (with gradients, unlike the evaluation functions above)."""
-    return F.normalize(_pooled(model.get_image_features(pixel_values=pixel_values)).float(), dim=-1)
-
-
-def text_features(model: torch.nn.Module, text_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Unit-norm projected text features (with gradients)."""
-    return F.normalize(_pooled(model.get_text_features(**text_inputs)).float(), dim=-1)

@@ -195,7 +195,7 @@ def _names(name: str, value: Any) -> tuple[str, ...]:
 
 
 def _method_options(value: Any) -> dict[str, dict[str, float]]:
-    """`{method: {option: number}}`, checked (the method and option names are checked against the methods run)."""
+    """`{method: {option: number}}` with every value a finite number (`method_plan` checks the option names)."""
     if not isinstance(value, dict):
         raise ValueError(f"`method_options` must be a dict of {{method: {{option: value}}}}, got {value!r}")
     checked = {}

@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
+from ...naming import relative_name
 from ..hooks import Step, TaskContext
 from ..methods import LORA_GRID, ContinualMethod, peft_model, register_method
 from ..settings import SequenceSettings
@@ -34,11 +35,6 @@ def lora_on_attention(model: torch.nn.Module, settings: SequenceSettings) -> tor
         r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(LORA_TARGETS)
     )
     return peft_model(model, config)
-
-
-def _short(name: str) -> str:
-    """A layer's name in the base model (PEFT's wrappers stripped)."""
-    return name.removeprefix("base_model.model.")
 
 
 class LoRAEWC(ImportanceHooks):
@@ -68,7 +64,7 @@ class LoRAEWC(ImportanceHooks):
         for name, module in step.module.named_modules():
             if isinstance(module, LoraLayer) and "default" in module.lora_A:
                 delta = module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
-                penalty = penalty + (self.importance[_short(name)] * delta.pow(2)).sum()
+                penalty = penalty + (self.importance[relative_name(name)] * delta.pow(2)).sum()
         return self.options["strength"] * penalty
 
 

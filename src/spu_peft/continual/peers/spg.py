@@ -56,7 +56,6 @@ class SPG(ImportanceHooks):
     """Soft-masking of parameter-level gradients: updates shrink where earlier tasks' importance is high."""
 
     def start_task(self, context: TaskContext) -> None:
-        self.importance = {n: i.to(context.device) for n, i in self.importance.items()}
         if context.task == 0:
             return
         model, accelerator = context.model, context.accelerator
