@@ -1,0 +1,286 @@
+"""What `select_parameters` promises besides the choice itself: refusals that name the problem and the fix, the report,
+the record in the adapter config, the log line, the `random` score's seeding and tie-breaking, each checked against
+values written here from the definitions."""
+
+import logging
+import re
+import time
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import make_batch, make_tiny_clip
+from peft import get_peft_model
+from torch import nn
+
+from spu_peft import SPUConfig, SPULayer, select_parameters
+from spu_peft.scoring import scoring_linear
+from spu_peft.selection import _top_k
+from spu_peft.sparse_linear import sparse_delta_linear
+
+
+def fresh(**kwargs):
+    return get_peft_model(make_tiny_clip(), SPUConfig(**kwargs))
+
+
+def layers_of(model) -> dict[str, SPULayer]:
+    """SPU layers by their name inside the base model (the name in the adapter file, after `base_model.model.`)."""
+    return {name.removeprefix("base_model.model."): m for name, m in model.named_modules() if isinstance(m, SPULayer)}
+
+
+def loader(n: int = 2) -> list[dict[str, torch.Tensor]]:
+    return [make_batch(i) for i in range(n)]
+
+
+def message(*phrases: str) -> str:
+    """A regex for a whole message: it starts with the first phrase, ends with the last, and has the others in order."""
+    return "^" + ".*".join(re.escape(p) for p in phrases) + "$"
+
+
+class AdapterHolder(nn.Module):
+    """A module that looks like a PEFT model to adapter resolution but holds no SPU layer."""
+
+    def __init__(self, peft_config: dict, **active) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.peft_config = peft_config
+        for key, value in active.items():
+            setattr(self, key, value)
+
+
+def merged_model():
+    model = fresh(init_weights=False)
+    model.merge_adapter()
+    return model
+
+
+REFUSALS = {
+    "description not a string": (
+        fresh,
+        {"description": 3},
+        message("`description` must be a string (it is saved in adapter_config.json), got 3"),
+    ),
+    "no PEFT adapter": (
+        lambda: nn.Linear(2, 2),
+        {},
+        message("`model` holds no PEFT adapter; wrap it first with `get_peft_model(model, SPUConfig())`."),
+    ),
+    "several active adapters": (
+        lambda: AdapterHolder({"a": SPUConfig(), "b": SPUConfig()}, active_adapters=["a", "b"]),
+        {},
+        message("Several adapters are active (['a', 'b']); pass `adapter_name` to say which to select for."),
+    ),
+    "active adapter given as a string": (
+        lambda: AdapterHolder({"spu": SPUConfig()}, active_adapter="spu"),
+        {},
+        message("The model has no SPU layer holding adapter 'spu'."),
+    ),
+    "adapter of another method": (
+        lambda: AdapterHolder({"one": SPUConfig(), "two": SPUConfig(), "lora": object()}, active_adapters=["lora"]),
+        {},
+        message("`adapter_name` 'lora' is not an SPU adapter of this model; SPU adapters: ['one', 'two']"),
+    ),
+    "merged adapter": (
+        merged_model,
+        {},
+        message("The adapter is merged into the base weights; call `unmerge_adapter()` before selecting."),
+    ),
+    "gradient score without data": (
+        fresh,
+        {"dataloader": None},
+        message("score='output_norm' needs a `dataloader` of task data; only 'magnitude' and 'random' do not"),
+    ),
+    "fraction above one": (fresh, {"fraction": 1.5}, message("`fraction` must be a number in (0, 1], got 1.5")),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_each_refusal_names_the_problem_and_the_fix(case):
+    build, kwargs, expected = REFUSALS[case]
+    kwargs = {"dataloader": loader(1), **kwargs}
+    with pytest.raises(ValueError, match=expected):
+        select_parameters(build(), kwargs.pop("dataloader"), **kwargs)
+
+
+def test_disabled_adapters_and_inference_mode_are_refused_with_the_whole_message():
+    model = fresh()
+    with model.disable_adapter(), pytest.raises(ValueError) as disabled:
+        select_parameters(model, loader(1))
+    assert str(disabled.value) == ("The adapters are disabled (inside `disable_adapter()`); select outside that block.")
+    with torch.inference_mode(), pytest.raises(ValueError) as inference:
+        select_parameters(model, loader(1))
+    assert re.fullmatch(
+        message("`select_parameters` needs gradients; call it outside `torch.inference_mode()`."), str(inference.value)
+    )
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of one process, so that a model can be wrapped in DistributedDataParallel here."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_global_budget_is_refused_on_a_ddp_model_and_a_per_tensor_one_is_not(one_process_group):
+    wrapped = nn.parallel.DistributedDataParallel(fresh(budget="global"))
+    expected = message(
+        "budget='global' gives each layer a different number of entries, which DistributedDataParallel",
+        "cannot take after wrapping (it keeps",
+        "Call `select_parameters` on the unwrapped model before wrapping it",
+        "after each selection, or use budget='per_tensor'.",
+    )
+    with pytest.raises(ValueError, match=expected):
+        select_parameters(wrapped, loader(1))
+    assert select_parameters(nn.parallel.DistributedDataParallel(fresh()), loader(1)).num_batches == 1
+
+
+def test_report_record_and_log_of_a_gradient_then_a_data_free_selection(caplog):
+    model = fresh(density=0.25)
+    numel = {name: layer.weight_numel for name, layer in layers_of(model).items()}
+    expected_counts = {name: round(0.25 * n) for name, n in numel.items()}
+    caplog.set_level(logging.INFO, logger="spu_peft.selection")
+
+    before = time.perf_counter()
+    report = select_parameters(model, loader(3), fraction=1.0, max_batches=1, description="three pets")
+    wall = time.perf_counter() - before
+    assert (report.adapter_name, report.score, report.budget, report.density) == (
+        "default",
+        "output_norm",
+        "per_tensor",
+        0.25,
+    )
+    assert report.num_batches == 1
+    assert report.num_selected == expected_counts and report.numel == numel
+    assert report.total_selected == sum(expected_counts.values())
+    assert 0.0 <= report.score_seconds <= report.total_seconds <= wall
+    assert model.peft_config["default"].selection == {
+        "score": "output_norm",
+        "fraction": 1.0,
+        "num_batches": 1,
+        "description": "three pets",
+        "num_selections": 1,
+    }
+
+    report = select_parameters(model, score="magnitude")
+    assert report.num_batches == 0 and report.score == "magnitude"
+    assert model.peft_config["default"].selection == {
+        "score": "magnitude",
+        "fraction": None,
+        "num_batches": 0,
+        "description": None,
+        "num_selections": 2,
+    }
+    lines = [r.getMessage() for r in caplog.records if r.name == "spu_peft.selection"]
+    total, whole = sum(expected_counts.values()), sum(numel.values())
+    head = f"SPU selection (output_norm, per_tensor): {total} of {whole} entries in 4 layers from 1 batches"
+    assert re.fullmatch(re.escape(head) + r", scored in \d+\.\d\ds", lines[0])
+    assert lines[1].startswith(
+        f"SPU selection (magnitude, per_tensor): {total} of {whole} entries in 4 layers from 0 batches"
+    )
+
+
+def random_support(name: str, shape: tuple[int, int], seed: int, k: int) -> set[int]:
+    """The `random` score's documented draw: uniform scores seeded by `seed * 1_000_003 + crc32(checkpoint name)`."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"base_model.model.{name}".encode()))
+    scores = torch.rand(shape, generator=generator).flatten()
+    return set(torch.topk(scores, k).indices.tolist())
+
+
+@pytest.mark.parametrize(("config_seed", "seed", "drawn_with"), [(3, None, 3), (3, 11, 11)])
+def test_random_scores_are_drawn_with_the_given_seed_or_the_configs(config_seed, seed, drawn_with):
+    model = fresh(seed=config_seed, density=0.25)
+    select_parameters(model, score="random", seed=seed)
+    for name, layer in layers_of(model).items():
+        k = round(0.25 * layer.weight_numel)
+        assert set(layer.spu_indices["default"].tolist()) == random_support(name, layer.weight_shape, drawn_with, k)
+
+
+def set_base_weights(model, value_of) -> None:
+    with torch.no_grad():
+        for layer in layers_of(model).values():
+            weight = layer.get_base_layer().weight
+            weight.copy_(value_of(weight))
+
+
+def test_a_global_budget_can_choose_the_first_entry_of_every_layer():
+    model = fresh(budget="global", density=0.1)
+
+    def largest_first(weight):
+        changed = weight.clone()
+        changed[0, 0] = 100.0
+        return changed
+
+    set_base_weights(model, largest_first)
+    select_parameters(model, score="magnitude")
+    assert all(0 in layer.spu_indices["default"].tolist() for layer in layers_of(model).values())
+
+
+def test_ties_go_to_the_lowest_columns_of_each_row_under_a_per_row_budget():
+    """Equal magnitudes everywhere: each row keeps its first k columns, as a stable descending sort orders them."""
+    model = get_peft_model(make_tiny_clip(hidden=32, intermediate=48), SPUConfig(budget="per_row", density=0.25))
+    set_base_weights(model, lambda weight: torch.ones_like(weight))
+    select_parameters(model, score="magnitude")
+    for layer in layers_of(model).values():
+        rows, cols = layer.weight_shape
+        k = round(0.25 * cols)
+        assert layer.spu_indices["default"].tolist() == [r * cols + c for r in range(rows) for c in range(k)]
+
+
+def test_top_k_of_nothing_is_an_empty_index_tensor():
+    assert _top_k(torch.rand(5), 0).dtype == torch.long and _top_k(torch.rand(5), 0).numel() == 0
+    assert _top_k(torch.rand(5), 5).tolist() == [0, 1, 2, 3, 4]
+
+
+class BiasFree(nn.Module):
+    """Two bias-free projections (as LLaMA's), returning `logits`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.up, self.down = nn.Linear(6, 8, bias=False), nn.Linear(8, 3, bias=False)
+        with torch.no_grad():
+            self.up.weight.copy_(torch.randn(8, 6, generator=generator))
+            self.down.weight.copy_(torch.randn(3, 8, generator=generator))
+
+    def forward(self, x):
+        return {"logits": self.down(torch.tanh(self.up(x)))}
+
+
+def test_a_bias_free_target_layer_is_scored_by_its_weight_gradient():
+    base = BiasFree()
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    up = base.up.weight.detach().clone().requires_grad_(True)
+    logits = torch.tanh(x @ up.t()) @ base.down.weight.detach().t()
+    logits.square().sum(-1).mean().backward()
+    model = get_peft_model(base, SPUConfig(target_modules=["up"], density=0.25))
+    select_parameters(model, [{"x": x}], score="output_norm")
+    assert set(layers_of(model)["up"].spu_indices["default"].tolist()) == top_flat(up.grad.abs(), 12)
+
+
+def top_flat(scores: torch.Tensor, k: int) -> set[int]:
+    return set(torch.topk(scores.flatten(), k).indices.tolist())
+
+
+def test_scoring_forward_and_input_gradient_match_the_training_forward_under_autocast():
+    """Same dtype choice as the layer's own forward: bfloat16 under CPU autocast, the input's dtype for its gradient."""
+    generator = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(5, 4, generator=generator), torch.randn(5, generator=generator)
+    deltas = [(torch.tensor([0, 7, 19]), torch.randn(3, generator=generator))]
+    x = torch.randn(3, 4, generator=generator)
+    outputs, grads = [], []
+    for forward in (
+        lambda x: scoring_linear(x, weight, bias, deltas, torch.zeros((), requires_grad=True), lambda *a: None),
+        lambda x: sparse_delta_linear(x, weight, bias, deltas),
+    ):
+        leaf = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = forward(leaf)
+        out.float().square().sum().backward()
+        outputs.append(out)
+        grads.append(leaf.grad)
+    assert outputs[0].dtype == outputs[1].dtype == torch.bfloat16
+    assert torch.equal(outputs[0], outputs[1])
+    assert grads[0].dtype == grads[1].dtype == torch.float32
+    assert torch.equal(grads[0], grads[1])
