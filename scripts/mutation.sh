@@ -9,9 +9,16 @@ cd "$(dirname "$0")/.."
 module=${1:?usage: scripts/mutation.sh MODULE [TEST_FILE...]}
 shift
 [ -f "src/spu_peft/$module.py" ] || { echo "no module src/spu_peft/$module.py" >&2; exit 2; }
+selection_tests="tests/test_selection.py tests/test_selection_oracles.py tests/test_selection_contract.py"
 declare -A TESTS=(
     [compose]="tests/test_compose.py"
     [encoding]="tests/test_encoding.py tests/test_selection_oracles.py tests/test_save_load.py"
+    [scoring]="$selection_tests tests/test_collectives.py"
+    [selection]="$selection_tests tests/test_user_mistakes.py tests/test_collectives.py"
+    [layer]="tests/test_layer.py tests/test_compose.py tests/test_save_load.py tests/test_peft_contract.py tests/test_bf16.py"
+    [sparse_linear]="tests/test_layer.py tests/test_bf16.py $selection_tests"
+    [distributed]="tests/test_collectives.py $selection_tests tests/test_save_load.py tests/test_user_mistakes.py"
+    [loading]="tests/test_save_load.py tests/test_integrity.py tests/test_peft_contract.py"
 )
 tests=${*:-${TESTS[$module]:-tests/test_$module.py}}
 PYTHON=${PYTHON:-.venv/bin/python}

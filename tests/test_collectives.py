@@ -142,6 +142,22 @@ def test_sums_are_kept_on_the_score_device_in_the_score_dtype(monkeypatch):
     assert half.sums["a"].dtype == torch.bfloat16 and torch.equal(half.sums["a"].float(), torch.full((2, 3), 8.0))
 
 
+def test_sums_live_on_the_score_device_not_the_layers(monkeypatch):
+    """Sums kept off the layers' device (as `score_device="cpu"` keeps them off a GPU), shown with the meta device,
+    which every machine has: the first sum, the later ones, a layer no batch reached, and the whole matrix."""
+    meta = torch.device("meta")
+    sums = ScoreSums({"a": (2, 3), "b": (1, 2)}, {"a": CPU, "b": CPU}, squared=False, sharded=False, device="meta")
+    assert sums.devices == {"a": meta, "b": meta}
+    sums.add("a", torch.ones(1, 3), torch.ones(1, 2))
+    sums.add("a", torch.ones(1, 3), torch.ones(1, 2))
+    sums.finish()
+    assert {sums.sums["a"].device, sums.sums["b"].device} == {meta}
+    assert sums.sums["a"].shape == (2, 3) and sums.sums["b"].shape == (1, 2)
+    on_cpu = ScoreSums({"a": (2, 3)}, {"a": CPU}, squared=False, sharded=False)
+    on_cpu.add("a", torch.ones(1, 3), torch.ones(1, 2))
+    assert on_cpu.whole("a", meta).device == meta and on_cpu.whole("a", CPU).device == CPU
+
+
 @pytest.mark.parametrize(("numel", "size"), [(35, 2), (35, 3), (6, 3), (2, 3), (0, 2)])
 def test_shard_ranges_are_equal_contiguous_shares_that_cover_every_entry(monkeypatch, numel, size):
     ranges = threaded_world(monkeypatch, size).run(lambda r: (rank(), world_size(), shard_range(numel)))

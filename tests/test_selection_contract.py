@@ -15,7 +15,7 @@ from peft import get_peft_model
 from torch import nn
 
 from spu_peft import SPUConfig, SPULayer, select_parameters
-from spu_peft.scoring import scoring_linear
+from spu_peft.scoring import ScoreSums, scoring_linear
 from spu_peft.selection import _top_k
 from spu_peft.sparse_linear import sparse_delta_linear
 
@@ -75,6 +75,16 @@ REFUSALS = {
         lambda: AdapterHolder({"spu": SPUConfig()}, active_adapter="spu"),
         {},
         message("The model has no SPU layer holding adapter 'spu'."),
+    ),
+    "active adapters given as a string": (
+        lambda: AdapterHolder({"spu": SPUConfig()}, active_adapters="spu"),
+        {},
+        message("The model has no SPU layer holding adapter 'spu'."),
+    ),
+    "no batches": (
+        fresh,
+        {"dataloader": []},
+        message("The dataloader yielded no batches; selection needs at least one batch of task data."),
     ),
     "adapter of another method": (
         lambda: AdapterHolder({"one": SPUConfig(), "two": SPUConfig(), "lora": object()}, active_adapters=["lora"]),
@@ -226,6 +236,31 @@ def test_ties_go_to_the_lowest_columns_of_each_row_under_a_per_row_budget():
         rows, cols = layer.weight_shape
         k = round(0.25 * cols)
         assert layer.spu_indices["default"].tolist() == [r * cols + c for r in range(rows) for c in range(k)]
+
+
+def test_top_k_refuses_nan_scores_with_the_whole_message():
+    with pytest.raises(
+        ValueError, match=message("Selection scores contain NaN; check the model's weights and the data.")
+    ):
+        _top_k(torch.tensor([float("nan"), 1.0]), 1)
+
+
+class Recorded(Exception):
+    """Raised by a patched `ScoreSums.finish`, once it has recorded where the sums lived."""
+
+
+def test_score_dtype_and_score_device_are_the_sums_dtype_and_device(monkeypatch):
+    """Read where scoring left the sums (the meta device stands for another device than the layers')."""
+    found = {}
+
+    def record(self):
+        found.update(dtypes={t.dtype for t in self.sums.values()}, devices={t.device for t in self.sums.values()})
+        raise Recorded
+
+    monkeypatch.setattr(ScoreSums, "finish", record)
+    with pytest.raises(Recorded):
+        select_parameters(fresh(), loader(1), score_dtype=torch.bfloat16, score_device="meta")
+    assert found == {"dtypes": {torch.bfloat16}, "devices": {torch.device("meta")}}
 
 
 def test_top_k_of_nothing_is_an_empty_index_tensor():
