@@ -1,0 +1,119 @@
+"""`spu_peft.sparse_linear`'s paths against dense autograd: which path a call takes, the sampled value gradients
+(taken on no device by default, so forced here), float64 and bfloat16-autocast arithmetic."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import spu_peft.sparse_linear as sparse_linear
+from spu_peft.sparse_linear import (
+    _sampled_applies,
+    compose_weight,
+    sampled_weight_gradient,
+    sparse_delta_linear,
+    value_grad_path,
+)
+
+SHAPE = torch.Size((6, 5))
+
+
+def tensors(seed: int = 0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(SHAPE, generator=generator, dtype=torch.float64).to(dtype)
+    bias = torch.randn(SHAPE[0], generator=generator, dtype=torch.float64).to(dtype)
+    x = torch.randn(4, 3, SHAPE[1], generator=generator, dtype=torch.float64).to(dtype)
+    indices = torch.tensor([1, 7, 8, 22, 29], dtype=torch.int32)
+    values = torch.randn(5, generator=generator, dtype=torch.float64).to(dtype)
+    return weight, bias, x, indices, values
+
+
+def dense_reference(weight, bias, x, indices, values):
+    """`F.linear(x, W + scatter(values), b)` by plain autograd: the output and the gradients of x, b and the values."""
+    x, bias, values = (t.detach().clone().requires_grad_(True) for t in (x, bias, values))
+    dense = torch.zeros(SHAPE.numel(), dtype=values.dtype).index_add(0, indices.long(), values).view(SHAPE)
+    out = F.linear(x, weight + dense.to(weight.dtype), bias)
+    out.float().sin().sum().backward()
+    return out, x.grad, bias.grad, values.grad
+
+
+def spu_run(weight, bias, x, indices, values):
+    x, bias, values = (t.detach().clone().requires_grad_(True) for t in (x, bias, values))
+    out = sparse_delta_linear(x, weight, bias, [(indices, values)])
+    out.float().sin().sum().backward()
+    return out, x.grad, bias.grad, values.grad
+
+
+@pytest.mark.parametrize("path", ["dense", "sampled"])
+def test_float64_layer_matches_dense_autograd_on_either_value_gradient_path(monkeypatch, path):
+    monkeypatch.setattr(sparse_linear, "SAMPLED_VALUE_GRAD_DEVICES", ("cpu",) if path == "sampled" else ())
+    found, expected = spu_run(*tensors(dtype=torch.float64)), dense_reference(*tensors(dtype=torch.float64))
+    for got, want in zip(found, expected):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_bfloat16_autocast_layer_matches_dense_autograd():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        found, expected = spu_run(*tensors()), dense_reference(*tensors())
+    assert found[0].dtype == torch.bfloat16 and torch.equal(found[0], expected[0])
+    for got, want in zip(found[1:], expected[1:]):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_the_memory_lean_function_runs_exactly_when_a_gradient_is_needed_and_the_weight_needs_none():
+    weight, bias, x, indices, values = tensors()
+
+    def backward_of(x=x, bias=bias, values=values, weight=weight):
+        out = sparse_delta_linear(x, weight, bias, [(indices, values)])
+        return None if out.grad_fn is None else type(out.grad_fn).__name__
+
+    lean = "SparseDeltaLinearBackward"
+    assert backward_of() is None
+    assert backward_of(x=x.clone().requires_grad_(True)) == lean
+    assert backward_of(bias=bias.clone().requires_grad_(True)) == lean
+    assert backward_of(values=values.clone().requires_grad_(True)) == lean
+    assert backward_of(bias=None, values=values.clone().requires_grad_(True)) == lean
+    assert backward_of(weight=weight.clone().requires_grad_(True)) not in (None, lean)
+    with torch.no_grad():
+        assert backward_of(values=values.clone().requires_grad_(True)) is None
+
+
+def test_the_plain_path_computes_in_autocasts_dtype():
+    weight, bias, x, indices, values = tensors()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sparse_delta_linear(x, weight, bias, [(indices, values)])
+        expected = F.linear(x, compose_weight(weight, [(indices, values)]), bias)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+
+
+def test_sampled_weight_gradient_is_the_product_at_the_selected_entries():
+    generator = torch.Generator().manual_seed(3)
+    grad_output, x = torch.randn(7, 6, generator=generator), torch.randn(7, 5, generator=generator)
+    indices = torch.tensor([0, 4, 5, 13, 29])
+    expected = (grad_output.t() @ x).flatten()[indices]
+    torch.testing.assert_close(sampled_weight_gradient(grad_output, x, indices, SHAPE), expected)
+    assert sampled_weight_gradient(grad_output, x, indices[:0], SHAPE).shape == (0,)
+    assert torch.equal(sampled_weight_gradient(grad_output[:0], x[:0], indices, SHAPE), torch.zeros(5))
+    one_token = sampled_weight_gradient(grad_output[:1], x[:1], indices, SHAPE)
+    torch.testing.assert_close(one_token, (grad_output[:1].t() @ x[:1]).flatten()[indices])
+
+
+def test_the_sampled_product_applies_only_on_listed_devices_to_sorted_sparse_float_supports(monkeypatch):
+    sorted_sparse = torch.tensor([1, 4, 9])
+    assert value_grad_path("cpu") == "dense" and not _sampled_applies(sorted_sparse, SHAPE, torch.float32)
+    monkeypatch.setattr(sparse_linear, "SAMPLED_VALUE_GRAD_DEVICES", ("cpu",))
+    assert value_grad_path("cpu") == "sampled" and value_grad_path("meta") == "dense"
+    assert _sampled_applies(sorted_sparse, SHAPE, torch.float32)
+    assert _sampled_applies(sorted_sparse, SHAPE, torch.float64)
+    assert not _sampled_applies(sorted_sparse, SHAPE, torch.bfloat16)
+    assert _sampled_applies(torch.arange(7), torch.Size((4, 7)), torch.float32)  # 7 of 28: exactly the 25% cap
+    assert not _sampled_applies(torch.arange(8), torch.Size((4, 7)), torch.float32)
+    assert not _sampled_applies(torch.tensor([4, 1]), SHAPE, torch.float32)  # unsorted
+    assert not _sampled_applies(torch.tensor([1, 4, 4]), SHAPE, torch.float32)  # a repeat
+    assert not _sampled_applies(torch.tensor([1, 4, 3]), SHAPE, torch.float32)  # unsorted only at the end
+    assert _sampled_applies(torch.tensor([3]), SHAPE, torch.float32) and _sampled_applies(
+        torch.tensor([3, 2])[:1], SHAPE, torch.float32
+    )
+    assert _sampled_applies(torch.tensor([2, 3]), SHAPE, torch.float32)
+    assert not _sampled_applies(torch.tensor([3, 2]), SHAPE, torch.float32)
