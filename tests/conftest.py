@@ -160,3 +160,11 @@ def small_sequence(tiny_model):
 def sequence_numbers(results: dict) -> dict:
     """Per method: its accuracy matrix, control accuracies and trainable parameter count (what resumes must keep)."""
     return {name: (r["acc_matrix"], r["control_acc"], r["trainable_params"]) for name, r in results.items()}
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of this one process: DDP and FSDP can wrap a model here, in pytest's own process."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()

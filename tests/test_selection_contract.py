@@ -9,7 +9,6 @@ import zlib
 
 import pytest
 import torch
-import torch.distributed as dist
 from conftest import make_batch, make_tiny_clip
 from peft import get_peft_model
 from torch import nn
@@ -123,14 +122,6 @@ def test_disabled_adapters_and_inference_mode_are_refused_with_the_whole_message
     assert re.fullmatch(
         message("`select_parameters` needs gradients; call it outside `torch.inference_mode()`."), str(inference.value)
     )
-
-
-@pytest.fixture
-def one_process_group(tmp_path):
-    """A gloo process group of one process, so that a model can be wrapped in DistributedDataParallel here."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_a_global_budget_is_refused_on_a_ddp_model_and_a_per_tensor_one_is_not(one_process_group):
