@@ -99,7 +99,9 @@ def decode_adapter_state_dict(
     if config.bias == "all":
         decoded.update(_take_learnable_biases(file, model))
     if leftover := file.leftover():
-        shown = ", ".join(f"`{k}`" for k in leftover[:5]) + (" ..." if len(leftover) > 5 else "")
+        shown = ", ".join(f"`{k}`" for k in leftover[:5]) + (
+            f" and {len(leftover) - 5} more" if len(leftover) > 5 else ""
+        )
         raise ValueError(
             f"SPU adapter file: {len(leftover)} tensor(s) this adapter does not have: {shown}. The file was made for "
             "another model or config, or was edited; load it onto the base model and config it was saved from."
