@@ -157,3 +157,18 @@ def test_lockstep_sends_batches_with_entries_that_are_not_tensors(monkeypatch):
         and found[1][0][0]["note"] == "first"
         and torch.equal(found[1][0][0]["x"], torch.tensor([1]))
     )
+
+
+def test_a_sharded_layer_refuses_a_support_of_another_size(one_process_group):
+    """FSDP2 keeps each parameter's shape: a support that would resize the values is refused, naming what works."""
+    wrapped = wrap(build(), "fsdp2")
+    layer = next(m for m in wrapped.modules() if isinstance(m, SPULayer))
+    held = layer.spu_values["default"].shape[0]
+    with pytest.raises(ValueError) as error:
+        layer.set_support("default", torch.arange(held + 3))
+    assert str(error.value) == (
+        f"The new support has {held + 3} entries where the sharded values hold {held}; a model sharded with FSDP keeps "
+        "its parameter shapes. Select with a per-tensor or per-row budget."
+    )
+    layer.set_support("default", torch.arange(held))  # the same size is taken
+    assert layer.spu_indices["default"].tolist() == list(range(held))

@@ -125,6 +125,14 @@ def test_safe_merge_refuses_a_non_finite_weight_or_bias_and_a_plain_merge_does_n
     assert layer.merged and torch.isnan(merged).any()
 
 
+def test_safe_merge_of_a_finite_weight_and_bias_delta_merges():
+    model = get_peft_model(make_tiny_clip(), SPUConfig(bias="spu_only", init_weights=False))
+    layer = next(iter(layers_of(model).values()))
+    expected_bias = layer.get_base_layer().bias.detach() + layer.spu_bias["default"].detach()
+    layer.merge(safe_merge=True)
+    assert layer.merged and torch.equal(layer.get_base_layer().bias.detach(), expected_bias)
+
+
 def test_merge_skips_adapters_the_layer_does_not_hold():
     layer = nan_layer("weight")
     layer.merge(adapter_names=["elsewhere", "default"])
