@@ -27,18 +27,25 @@ def tensors(seed: int = 0, dtype=torch.float32):
     return weight, bias, x, indices, values
 
 
-def dense_reference(weight, bias, x, indices, values):
-    """`F.linear(x, W + scatter(values), b)` by plain autograd: the output and the gradients of x, b and the values."""
+def autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def dense_reference(weight, bias, x, indices, values, bf16=False):
+    """`F.linear(x, W + scatter(values), b)` by plain autograd: the output and the gradients of x, b and the values
+    (the forward under bf16 autocast if asked, the backward outside it, as a training loop runs them)."""
     x, bias, values = (t.detach().clone().requires_grad_(True) for t in (x, bias, values))
     dense = torch.zeros(SHAPE.numel(), dtype=values.dtype).index_add(0, indices.long(), values).view(SHAPE)
-    out = F.linear(x, weight + dense.to(weight.dtype), bias)
+    with autocast(bf16):
+        out = F.linear(x, weight + dense.to(weight.dtype), bias)
     out.float().sin().sum().backward()
     return out, x.grad, bias.grad, values.grad
 
 
-def spu_run(weight, bias, x, indices, values):
+def spu_run(weight, bias, x, indices, values, bf16=False):
     x, bias, values = (t.detach().clone().requires_grad_(True) for t in (x, bias, values))
-    out = sparse_delta_linear(x, weight, bias, [(indices, values)])
+    with autocast(bf16):
+        out = sparse_delta_linear(x, weight, bias, [(indices, values)])
     out.float().sin().sum().backward()
     return out, x.grad, bias.grad, values.grad
 
@@ -52,9 +59,17 @@ def test_float64_layer_matches_dense_autograd_on_either_value_gradient_path(monk
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_float32_values_on_a_float64_weight_match_dense_autograd():
+    weight, bias, x, indices, values = tensors(dtype=torch.float64)
+    found = spu_run(weight, bias, x, indices, values.float())
+    expected = dense_reference(weight, bias, x, indices, values.float())
+    assert found[0].dtype == torch.float64 and found[3].dtype == torch.float32
+    for got, want in zip(found, expected):
+        torch.testing.assert_close(got, want)
+
+
 def test_bfloat16_autocast_layer_matches_dense_autograd():
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        found, expected = spu_run(*tensors()), dense_reference(*tensors())
+    found, expected = spu_run(*tensors(), bf16=True), dense_reference(*tensors(), bf16=True)
     assert found[0].dtype == torch.bfloat16 and torch.equal(found[0], expected[0])
     for got, want in zip(found[1:], expected[1:]):
         assert got.dtype == torch.float32
@@ -97,6 +112,10 @@ def test_sampled_weight_gradient_is_the_product_at_the_selected_entries():
     assert torch.equal(sampled_weight_gradient(grad_output[:0], x[:0], indices, SHAPE), torch.zeros(5))
     one_token = sampled_weight_gradient(grad_output[:1], x[:1], indices, SHAPE)
     torch.testing.assert_close(one_token, (grad_output[:1].t() @ x[:1]).flatten()[indices])
+    early_columns = torch.tensor([0, 6, 12])  # columns 0, 1, 2 of 5: the pattern must keep the weight's width
+    torch.testing.assert_close(
+        sampled_weight_gradient(grad_output, x, early_columns, SHAPE), (grad_output.t() @ x).flatten()[early_columns]
+    )
 
 
 def test_the_sampled_product_applies_only_on_listed_devices_to_sorted_sparse_float_supports(monkeypatch):
