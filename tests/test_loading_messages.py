@@ -48,7 +48,7 @@ def test_a_tensor_stored_with_and_without_the_prefix_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     ("extra", "listed"),
-    [(5, "`x.0`, `x.1`, `x.2`, `x.3`, `x.4`."), (7, "`x.0`, `x.1`, `x.2`, `x.3`, `x.4` and 2 more.")],
+    [(5, "`x.0`, `x.1`, `x.2`, `x.3`, `x.4`."), (6, "`x.0`, `x.1`, `x.2`, `x.3`, `x.4` and 1 more.")],
 )
 def test_tensors_the_adapter_does_not_have_are_listed_up_to_five(tmp_path, extra, listed):
     model, config, state = saved(tmp_path)
@@ -85,6 +85,14 @@ def test_empty_frozen_values_need_no_support_and_others_do(tmp_path):
     refused(model, config, state, f"{WHERE} (spu_frozen_indices): the file has values but no support; it is corrupt.")
 
 
+def test_a_bias_delta_stored_in_another_float_dtype_decodes_to_the_placeholders(tmp_path):
+    model, config, state = saved(tmp_path, bias="spu_only")
+    key = f"{PREFIX}{LAYER}.spu_bias"
+    state[key] = state[key].double()
+    decoded, _ = decode(model, config, state)
+    assert decoded[key].dtype == torch.float32 and torch.equal(decoded[key], state[key].float())
+
+
 @pytest.mark.parametrize("shape", [(47,), (1, 48)])
 def test_a_bias_delta_of_another_shape_is_refused(tmp_path, shape):
     model, config, state = saved(tmp_path, bias="spu_only")
@@ -107,7 +115,7 @@ def test_a_bias_delta_for_a_config_without_one_is_refused(tmp_path):
         state,
         "SPU adapter file, module `text_model.encoder.layers.0.mlp.fc1` (spu_bias): the file has a bias delta but "
         "this adapter's config trains no bias here "
-        "(bias='none or all, or the base layer has no bias'); load it with the config it was saved with.",
+        "(its bias is 'none' or 'all', or the base layer has no bias); load it with the config it was saved with.",
     )
 
 
@@ -117,7 +125,8 @@ def limit(dtype: torch.dtype) -> float:
 
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_values_up_to_the_narrower_dtypes_limit_load_and_larger_ones_are_refused(tmp_path, base_dtype):
-    """float32 and bfloat16 bases: sqrt(3.4e38) = 1.8e19; a float16 base: sqrt(65504) = 256 (its own, narrower)."""
+    """The values are float32: a float32 base gives sqrt(3.4e38) = 1.8e19, a bfloat16 base its own (slightly
+    smaller) 1.8e19, a float16 base sqrt(65504) = 256."""
     model, config, state = saved(tmp_path, dtype=base_dtype)
     narrower = torch.float16 if base_dtype == torch.float16 else torch.float32
     if base_dtype == torch.bfloat16:
@@ -162,8 +171,10 @@ def test_dense_modules_to_save_tensors_are_checked_and_cast(tmp_path):
 
 
 def test_bias_all_needs_every_bias_of_the_model_as_a_float(tmp_path):
-    model, config, state = saved(tmp_path, bias="all")
+    """Biases inside `modules_to_save` travel as that module's tensors, not twice."""
+    model, config, state = saved(tmp_path, bias="all", modules_to_save=["text_model.final_layer_norm"])
     key = "vision_model.post_layernorm.bias"
+    state[PREFIX + key] = state[PREFIX + key].double()
     decoded, _ = decode(model, config, dict(state))
     assert decoded[PREFIX + key].dtype == torch.float32
     state[PREFIX + key] = state[PREFIX + key].to(torch.int32)
@@ -224,3 +235,41 @@ def test_a_global_budgets_lengths_resize_the_placeholders_keeping_their_kind(tmp
         assert layer.spu_indices["default"].dtype == torch.int32
         lengths.add(values.numel())
     assert len(lengths) > 1
+
+
+class Normalised(nn.Module):
+    """A model whose `modules_to_save` holds an integer buffer (BatchNorm's `num_batches_tracked`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.norm = nn.Linear(4, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return {"logits": self.norm(self.proj(x))}
+
+
+def test_a_non_float_dense_tensor_is_still_checked_for_nan(tmp_path):
+    config = SPUConfig(target_modules=["proj"], modules_to_save=["norm"])
+    get_peft_model(Normalised(), config).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    model = get_peft_model(Normalised(), SPUConfig(target_modules=["proj"], modules_to_save=["norm"]))
+    decode(model, model.peft_config["default"], dict(state))
+    state[f"{PREFIX}norm.num_batches_tracked"] = torch.tensor(float("nan"))
+    refused(
+        model,
+        model.peft_config["default"],
+        state,
+        "SPU adapter file, module `norm` (num_batches_tracked): contains NaN or infinity; the file is corrupt.",
+    )
+
+
+def test_resized_values_of_an_inference_adapter_stay_frozen(tmp_path):
+    trained = get_peft_model(make_tiny_clip(), SPUConfig(budget="global", density=0.2))
+    select_parameters(trained, score="magnitude")
+    trained.save_pretrained(tmp_path)
+    model = get_peft_model(make_tiny_clip(), SPUConfig(budget="global", density=0.2, inference_mode=True))
+    _, changes = decode(model, model.peft_config["default"], load_file(tmp_path / "adapter_model.safetensors"))
+    apply_changes(changes)
+    values = [m.spu_values["default"] for m in model.modules() if isinstance(m, SPULayer)]
+    assert len({v.numel() for v in values}) > 1
+    assert all(isinstance(v, nn.Parameter) and not v.requires_grad for v in values)

@@ -338,3 +338,20 @@ def test_model_card_states_how_the_adapter_was_made_and_loaded(tmp_path):
         assert f"- {tag}" in card
     with pytest.raises(ValueError, match="save_pretrained"):
         spu_peft.update_model_card(model, tmp_path / "elsewhere")
+
+
+def test_bias_all_with_a_biased_module_to_save_round_trips(tmp_path):
+    """The wrapper's own bias copies stay out of the file (its module's tensors carry the trained bias), so the file
+    loads and gives the trained outputs."""
+    model = get_peft_model(make_tiny_clip(), SPUConfig(bias="all", modules_to_save=["text_model.final_layer_norm"]))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.01)
+    model.eval()
+    expected = model(**make_batch(0)).logits_per_image
+    model.save_pretrained(tmp_path)
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert not [k for k in keys if ".modules_to_save." in k or ".original_module." in k]
+    loaded = PeftModel.from_pretrained(make_tiny_clip(), tmp_path).eval()
+    assert torch.equal(loaded(**make_batch(0)).logits_per_image, expected)

@@ -55,7 +55,7 @@ def _check_float(tensor: torch.Tensor, where: str, dtype: torch.dtype) -> None:
             "file's header was edited or it is corrupt."
         )
     _finite(tensor, where)
-    limit = torch.finfo(dtype).max ** 0.5 if dtype.is_floating_point else torch.finfo(torch.float32).max ** 0.5
+    limit = torch.finfo(dtype).max ** 0.5
     if tensor.numel() and float(tensor.detach().abs().max()) > limit:
         raise ValueError(
             f"{where}: holds {float(tensor.detach().abs().max()):.3g}, beyond {limit:.3g}, the largest magnitude the "
@@ -173,7 +173,7 @@ def _decode_layer(
     elif bias is not None:
         raise ValueError(
             f"{_where(name, 'spu_bias')}: the file has a bias delta but this adapter's config trains no bias here "
-            f"(bias={layer_bias_setting(layer, adapter_name)!r}); load it with the config it was saved with."
+            "(its bias is 'none' or 'all', or the base layer has no bias); load it with the config it was saved with."
         )
     return out
 
@@ -183,10 +183,6 @@ def _limit_dtype(stored: torch.dtype, base: torch.dtype) -> torch.dtype:
     if not base.is_floating_point:
         return stored
     return base if torch.finfo(base).max < torch.finfo(stored).max else stored
-
-
-def layer_bias_setting(layer: SPULayer, adapter_name: str) -> str:
-    return "spu_only" if adapter_name in layer.spu_bias else "none or all, or the base layer has no bias"
 
 
 def _layout_change(

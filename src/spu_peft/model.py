@@ -183,10 +183,12 @@ class SPUModel(BaseTuner):
     @classmethod
     def _get_learnable_bias_state_dict(cls, model, state_dict, config) -> dict[str, torch.Tensor]:
         """With `bias="spu_only"` the trainable bias lives in `spu_bias` and the frozen base biases are never saved;
-        `bias="all"` saves the model's biases as PEFT does."""
-        if config.bias == "all":
-            return super()._get_learnable_bias_state_dict(model, state_dict, config)
-        return {}
+        `bias="all"` saves the model's biases as PEFT does, except those inside `modules_to_save` wrappers: the copy's
+        bias travels with that module's tensors, and the original module's is not used."""
+        if config.bias != "all":
+            return {}
+        biases = super()._get_learnable_bias_state_dict(model, state_dict, config)
+        return {k: v for k, v in biases.items() if ".modules_to_save." not in k and ".original_module." not in k}
 
     def add_weighted_adapter(self, *args, **kwargs) -> None:
         """LoRA's weighted combination; SPU's deltas combine exactly with `fold_adapters` / `subtract_adapter`."""
