@@ -102,8 +102,16 @@ def test_a_density_that_buys_less_than_half_an_entry_warns_and_trains_one(densit
 
 
 def test_unmerge_without_a_merge_warns():
-    with pytest.warns(UserWarning, match=re.escape("Already unmerged. Nothing to do.")):
+    with pytest.warns(UserWarning, match="^" + re.escape("Already unmerged. Nothing to do.") + "$"):
         layers_of(small_model(0.5))["proj"].unmerge()
+
+
+def test_the_layers_repr_names_the_method_as_peft_layers_do():
+    """`lora.Linear(...)` for LoRA; `spu.Linear(...)` here, followed by the wrapped layer."""
+    assert re.match(
+        r"^spu\.Linear\(\n  \(base_layer\): Linear\(in_features=4, out_features=5",
+        repr(layers_of(small_model(0.5))["proj"]),
+    )
 
 
 def nan_layer(where: str) -> SPULayer:

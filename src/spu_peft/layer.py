@@ -42,7 +42,7 @@ def adapter_seed(config: SPUConfig, purpose: str, adapter_name: str, key: str) -
 
 
 def random_support(
-    shape: tuple[int, int], config: SPUConfig, key: str, device: torch.device, adapter_name: str = "default"
+    shape: tuple[int, int], config: SPUConfig, key: str, device: torch.device, adapter_name: str
 ) -> torch.Tensor:
     """A seeded random support, the data-free stand-in used until `select_parameters` runs."""
     out_features, in_features = shape
@@ -94,7 +94,7 @@ class SPULayer(BaseTunerLayer):
     def weight_numel(self) -> int:
         return self.out_features * self.in_features
 
-    def update_layer(self, adapter_name: str, config: SPUConfig, key: str = "") -> None:
+    def update_layer(self, adapter_name: str, config: SPUConfig, key: str) -> None:
         """Create the adapter's tensors with a data-free support; `select_parameters` replaces it later."""
         device = self.get_base_layer().weight.device
         if config.density * self.weight_numel < 0.5:
@@ -246,7 +246,7 @@ def union_sum(deltas: list[SparseDelta]) -> SparseDelta:
 class Linear(nn.Module, SPULayer):
     """SPU on a `torch.nn.Linear`: `y = x (W + sum of sparse deltas)^T + (b + bias deltas)`."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SPUConfig, key: str = "") -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SPUConfig, key: str) -> None:
         super().__init__()
         SPULayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
