@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_batch, make_tiny_clip
 from distributed_worker import wrap
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from threaded_world import threaded_world
 from torch import nn
@@ -172,3 +172,19 @@ def test_a_sharded_layer_refuses_a_support_of_another_size(one_process_group):
     )
     layer.set_support("default", torch.arange(held))  # the same size is taken
     assert layer.spu_indices["default"].tolist() == list(range(held))
+
+
+def test_a_model_with_fsdp1_blocks_but_no_root_unit_saves_its_adapter(one_process_group, tmp_path):
+    """FSDP1 units around the vision blocks only: the model itself is no FSDP instance, and the file still reloads
+    to the same outputs on an unsharded base."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = get_peft_model(make_tiny_clip(), SPUConfig(init_weights=False))
+    blocks = model.base_model.model.vision_model.encoder.layers
+    for i, block in enumerate(blocks):
+        blocks[i] = FSDP(block, use_orig_params=True, device_id=torch.device("cpu"))
+    assert distributed.sharding_engine(model) == "fsdp1"
+    expected = model.eval()(**make_batch(0)).logits_per_image
+    save_adapter(model, str(tmp_path))
+    loaded = PeftModel.from_pretrained(make_tiny_clip(), tmp_path).eval()
+    torch.testing.assert_close(loaded(**make_batch(0)).logits_per_image, expected, rtol=0, atol=1e-6)
