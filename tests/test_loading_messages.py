@@ -273,3 +273,27 @@ def test_resized_values_of_an_inference_adapter_stay_frozen(tmp_path):
     values = [m.spu_values["default"] for m in model.modules() if isinstance(m, SPULayer)]
     assert len({v.numel() for v in values}) > 1
     assert all(isinstance(v, nn.Parameter) and not v.requires_grad for v in values)
+
+
+def test_a_delta_stored_both_as_a_mask_and_as_indices_is_refused(tmp_path):
+    model, config, state = saved(tmp_path)
+    state[f"{PREFIX}{LAYER}.spu_indices"] = torch.arange(154, dtype=torch.int32)
+    refused(
+        model,
+        config,
+        state,
+        f"{WHERE} (spu_mask): the file stores both a bit mask and `spu_indices` for one delta; it was edited or is "
+        "corrupt.",
+    )
+
+
+def test_a_missing_bias_delta_is_refused(tmp_path):
+    model, config, state = saved(tmp_path, bias="spu_only")
+    del state[f"{PREFIX}{LAYER}.spu_bias"]
+    refused(
+        model,
+        config,
+        state,
+        f"{WHERE} (spu_bias): the adapter trains this layer's bias but the file has no bias delta; it is corrupt or "
+        "was saved with another `bias` setting.",
+    )
