@@ -297,3 +297,35 @@ def test_a_missing_bias_delta_is_refused(tmp_path):
         f"{WHERE} (spu_bias): the adapter trains this layer's bias but the file has no bias delta; it is corrupt or "
         "was saved with another `bias` setting.",
     )
+
+
+def test_a_float64_global_adapter_keeps_float64_placeholders(tmp_path):
+    trained = get_peft_model(make_tiny_clip().double(), SPUConfig(budget="global", density=0.2, init_weights=False))
+    select_parameters(trained, score="magnitude")
+    trained.save_pretrained(tmp_path)
+    model = get_peft_model(make_tiny_clip().double(), SPUConfig(budget="global", density=0.2))
+    _, changes = decode(model, model.peft_config["default"], load_file(tmp_path / "adapter_model.safetensors"))
+    apply_changes(changes)
+    values = [m.spu_values["default"] for m in model.modules() if isinstance(m, SPULayer)]
+    assert len({v.numel() for v in values}) > 1 and {v.dtype for v in values} == {torch.float64}
+
+
+class RootBias(nn.Module):
+    """A model with a parameter named `bias` at its root, beside the targeted projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 6)
+        self.bias = nn.Parameter(torch.zeros(6))
+
+    def forward(self, x):
+        return {"logits": self.proj(x) + self.bias}
+
+
+def test_bias_all_carries_a_bias_at_the_models_root(tmp_path):
+    config = SPUConfig(target_modules=["proj"], bias="all")
+    get_peft_model(RootBias(), config).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    model = get_peft_model(RootBias(), SPUConfig(target_modules=["proj"], bias="all"))
+    decoded, _ = decode(model, model.peft_config["default"], state)
+    assert f"{PREFIX}bias" in decoded
