@@ -188,3 +188,14 @@ def test_a_model_with_fsdp1_blocks_but_no_root_unit_saves_its_adapter(one_proces
     save_adapter(model, str(tmp_path))
     loaded = PeftModel.from_pretrained(make_tiny_clip(), tmp_path).eval()
     torch.testing.assert_close(loaded(**make_batch(0)).logits_per_image, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["fsdp1", "fsdp2"])
+def test_a_global_budget_is_refused_on_a_sharded_model_before_any_work(one_process_group, engine):
+    wrapped = wrap(get_peft_model(make_tiny_clip(), SPUConfig(budget="global")), engine)
+    with pytest.raises(
+        ValueError,
+        match="^budget='global' gives each layer a different number of entries, which a "
+        "model sharded with FSDP cannot take after wrapping",
+    ):
+        select_parameters(wrapped, [make_batch(0)])
