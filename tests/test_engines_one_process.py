@@ -1,6 +1,7 @@
 """The engine-facing helpers of `spu_peft.distributed`, run in pytest's own process on a gloo group of one process:
-DDP, FSDP1 (root only and per block) and FSDP2 wrap a tiny CLIP as tests/distributed_worker.py wraps it, and selection,
-training and `save_adapter` must give what the unwrapped model gives. Two real processes: tests/test_distributed.py.
+DDP, FSDP1 (root only and per block) and FSDP2 wrap a tiny CLIP as tests/distributed_worker.py wraps it. FSDP2's
+selection, training and `save_adapter` must give what the unwrapped model gives; FSDP1, which does not shard on one
+process, is refused for selection and still saves. Two real processes: tests/test_distributed.py.
 """
 
 import re
@@ -36,20 +37,24 @@ def train_step(model: nn.Module, batch: dict) -> None:
     optimizer.step()
 
 
-ONE_PROCESS_FSDP1 = pytest.mark.xfail(
-    strict=True,
-    reason="FSDP1 on a single process falls back to NO_SHARD, and there the adapter's parameters leave "
-    "`parameters()` after gradient scoring (or the nested units fail FSDP's root check): a known limit, "
-    "docs/distributed.md",
-)
-CASES = [
-    ("fsdp2", "output_norm"),
-    ("fsdp2", "magnitude"),
-    ("fsdp1", "magnitude"),
-    pytest.param("fsdp1", "output_norm", marks=ONE_PROCESS_FSDP1),
-    pytest.param("fsdp1-nested", "output_norm", marks=ONE_PROCESS_FSDP1),
-    pytest.param("fsdp1-nested", "magnitude", marks=ONE_PROCESS_FSDP1),
-]
+CASES = [("fsdp2", "output_norm"), ("fsdp2", "magnitude")]
+
+
+@pytest.mark.parametrize("engine", ["fsdp1", "fsdp1-nested"])
+@pytest.mark.parametrize("score", ["output_norm", "magnitude"])
+def test_fsdp1_without_sharding_is_refused_before_it_damages_the_model(one_process_group, engine, score):
+    """On one process FSDP1 falls back to NO_SHARD; a scoring pass there used to leave the adapter's values out of
+    `parameters()` (an optimizer built next got none). Refused, naming what works; the model keeps its parameters."""
+    wrapped = wrap(build(), engine)
+    trainable = sum(p.requires_grad for p in wrapped.parameters())
+    with pytest.raises(ValueError) as error:
+        select_parameters(wrapped, [make_batch(0)], score=score)
+    assert str(error.value) == (
+        "SPU cannot select on a model FSDP1 wraps without sharding (ShardingStrategy.NO_SHARD, which FSDP1 also uses "
+        "on a single process): the selection would leave the adapter's values out of `model.parameters()`. Select on "
+        "the unwrapped model and wrap it afterwards, or use DistributedDataParallel or FSDP2 (`fully_shard`)."
+    )
+    assert trainable > 0 and sum(p.requires_grad for p in wrapped.parameters()) == trainable
 
 
 @pytest.mark.parametrize(("engine", "score"), CASES)
@@ -190,9 +195,8 @@ def test_a_model_with_fsdp1_blocks_but_no_root_unit_saves_its_adapter(one_proces
     torch.testing.assert_close(loaded(**make_batch(0)).logits_per_image, expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("engine", ["fsdp1", "fsdp2"])
-def test_a_global_budget_is_refused_on_a_sharded_model_before_any_work(one_process_group, engine):
-    wrapped = wrap(get_peft_model(make_tiny_clip(), SPUConfig(budget="global")), engine)
+def test_a_global_budget_is_refused_on_a_sharded_model_before_any_work(one_process_group):
+    wrapped = wrap(get_peft_model(make_tiny_clip(), SPUConfig(budget="global")), "fsdp2")
     with pytest.raises(
         ValueError,
         match="^budget='global' gives each layer a different number of entries, which a "

@@ -84,6 +84,22 @@ def sharding_engine(model: nn.Module) -> str | None:
     return None
 
 
+def refuse_unsharded_fsdp1(model: nn.Module) -> None:
+    """FSDP1 that does not shard (`NO_SHARD`, which it also falls back to on a single process) keeps its original
+    parameters as views that only its own backward pass turns back into parameters; a scoring pass, whose gradient
+    does not reach them, leaves them out of `model.parameters()` for good. Refuse, saying what works."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+
+    if any(isinstance(m, FSDP) and m.sharding_strategy == ShardingStrategy.NO_SHARD for m in model.modules()):
+        raise ValueError(
+            "SPU cannot select on a model FSDP1 wraps without sharding (ShardingStrategy.NO_SHARD, which FSDP1 also "
+            "uses on a single process): the selection would leave the adapter's values out of `model.parameters()`. "
+            "Select on the unwrapped model and wrap it afterwards, or use DistributedDataParallel or FSDP2 "
+            "(`fully_shard`)."
+        )
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor: a DTensor (FSDP2) is gathered (a collective), anything else is returned as it is."""
     from torch.distributed.tensor import DTensor

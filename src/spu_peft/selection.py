@@ -19,11 +19,13 @@ from torch import nn
 
 from .config import SPUConfig
 from .distributed import (
+    FSDP1,
     all_reduce_sum,
     fixed_shape_wrapper,
     full_tensor,
     lockstep,
     refuse_deepspeed,
+    refuse_unsharded_fsdp1,
     sharding_engine,
     unwrap_replicated,
     whole_parameters,
@@ -115,6 +117,8 @@ def select_parameters(
     refuse_deepspeed(model)
     runner = unwrap_replicated(model)
     engine = sharding_engine(runner)
+    if engine == FSDP1:
+        refuse_unsharded_fsdp1(runner)
     adapter_name, config = _resolve_adapter(runner, adapter_name)
     layers = dict(spu_layers(runner, adapter_name))
     if not layers:
