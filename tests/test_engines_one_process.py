@@ -82,6 +82,36 @@ def test_a_sharded_model_selects_trains_and_saves_what_the_unwrapped_model_does(
     assert moved > 0  # training moved values, so a save that lost them would show
 
 
+def blocks_only_fsdp1(model: nn.Module) -> nn.Module:
+    """FSDP1 units around the vision blocks only: the model itself is no FSDP instance."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    blocks = model.base_model.model.vision_model.encoder.layers
+    for i, block in enumerate(blocks):
+        blocks[i] = FSDP(block, use_orig_params=True, device_id=torch.device("cpu"))
+    return model
+
+
+def test_fsdp1_units_around_blocks_only_are_refused_too(one_process_group):
+    with pytest.raises(ValueError, match=r"^SPU cannot select on a model FSDP1 wraps without sharding"):
+        select_parameters(blocks_only_fsdp1(build()), [make_batch(0)])
+
+
+def test_fsdp1_owners_are_the_nearest_units_holding_the_modules_parameters_outermost_first(one_process_group):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    nested = wrap(build(), "fsdp1-nested")
+    units = [m for m in nested.modules() if isinstance(m, FSDP)]
+    vision_blocks = nested.module.base_model.model.vision_model.encoder.layers
+    fc1 = vision_blocks[1].mlp.fc1
+    assert distributed._fsdp1_owners(nested, fc1) == [vision_blocks[1]]
+    assert distributed._fsdp1_owners(nested, nested.module.base_model.model.visual_projection) == [nested]
+    assert distributed._fsdp1_owners(nested, nested) == units  # every unit holds parameters; the root comes first
+    base = fc1.get_base_layer().weight.detach().clone()
+    with distributed.whole_parameters(nested, fc1, "fsdp1", writeback=False):
+        assert torch.equal(fc1.get_base_layer().weight.detach(), base)
+
+
 def test_holds_fsdp1_shards_is_true_inside_fsdp1_only(one_process_group):
     plain = build()
     wrapped = wrap(build(), "fsdp1")
@@ -182,12 +212,7 @@ def test_a_sharded_layer_refuses_a_support_of_another_size(one_process_group):
 def test_a_model_with_fsdp1_blocks_but_no_root_unit_saves_its_adapter(one_process_group, tmp_path):
     """FSDP1 units around the vision blocks only: the model itself is no FSDP instance, and the file still reloads
     to the same outputs on an unsharded base."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    model = get_peft_model(make_tiny_clip(), SPUConfig(init_weights=False))
-    blocks = model.base_model.model.vision_model.encoder.layers
-    for i, block in enumerate(blocks):
-        blocks[i] = FSDP(block, use_orig_params=True, device_id=torch.device("cpu"))
+    model = blocks_only_fsdp1(get_peft_model(make_tiny_clip(), SPUConfig(init_weights=False)))
     assert distributed.sharding_engine(model) == "fsdp1"
     expected = model.eval()(**make_batch(0)).logits_per_image
     save_adapter(model, str(tmp_path))
