@@ -18,7 +18,7 @@ from torch import nn
 from .config import SPUConfig
 from .encoding import check_indices, check_values, index_dtype, unpack_mask
 from .layer import SPULayer
-from .naming import PEFT_PREFIX, auxiliary_wrappers, relative_name, spu_layers
+from .naming import PEFT_PREFIX, auxiliary_wrappers, is_stored_bias, relative_name, spu_layers
 
 # every per-adapter tensor of an SPU layer, as the model's state dict names it
 SPU_FIELDS = ("spu_indices", "spu_values", "spu_frozen_indices", "spu_frozen_values", "spu_bias")
@@ -245,7 +245,7 @@ def _take_learnable_biases(file: _AdapterFile, model: nn.Module) -> dict[str, to
     out = {}
     for key, parameter in model.named_parameters():
         key = relative_name(key)
-        if not (key == "bias" or key.endswith(".bias")) or ".modules_to_save." in key or ".original_module." in key:
+        if not is_stored_bias(key):
             continue
         tensor = file.take(key)
         if tensor is None:

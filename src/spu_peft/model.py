@@ -21,7 +21,7 @@ from .encoding import mask_is_smaller, pack_mask
 from .integrity import verify_file
 from .layer import Linear, SPULayer
 from .loading import SPARSE_FIELDS, SPU_FIELDS, apply_changes, check_shapes, decode_adapter_state_dict
-from .naming import PEFT_PREFIX, relative_name, spu_layers, strip_wrappers
+from .naming import PEFT_PREFIX, is_bias, is_stored_bias, relative_name, spu_layers, strip_wrappers
 
 MODEL_TAGS = ["spu", "selective-parameter-update", "continual-learning"]
 
@@ -102,7 +102,7 @@ class SPUModel(BaseTuner):
                 parameter.requires_grad = False
         if any(self.peft_config[name].bias == "all" for name in self.active_adapters if name in self.peft_config):
             for name, parameter in model.named_parameters():
-                if name == "bias" or name.endswith(".bias"):
+                if is_bias(name):
                     parameter.requires_grad = True
         for module in model.modules():
             if isinstance(module, SPULayer):
@@ -183,12 +183,11 @@ class SPUModel(BaseTuner):
     @classmethod
     def _get_learnable_bias_state_dict(cls, model, state_dict, config) -> dict[str, torch.Tensor]:
         """With `bias="spu_only"` the trainable bias lives in `spu_bias` and the frozen base biases are never saved;
-        `bias="all"` saves the model's biases as PEFT does, except those inside `modules_to_save` wrappers: the copy's
-        bias travels with that module's tensors, and the original module's is not used."""
+        `bias="all"` saves the model's biases as PEFT does, except those inside `modules_to_save` wrappers
+        (`naming.is_stored_bias`, the rule loading checks the file against)."""
         if config.bias != "all":
             return {}
-        biases = super()._get_learnable_bias_state_dict(model, state_dict, config)
-        return {k: v for k, v in biases.items() if ".modules_to_save." not in k and ".original_module." not in k}
+        return {k: v for k, v in state_dict.items() if is_stored_bias(k)}
 
     def add_weighted_adapter(self, *args, **kwargs) -> None:
         """LoRA's weighted combination; SPU's deltas combine exactly with `fold_adapters` / `subtract_adapter`."""

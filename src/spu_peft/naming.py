@@ -31,6 +31,17 @@ def relative_name(module_name: str) -> str:
     return strip_wrappers(module_name).removeprefix(PEFT_PREFIX)
 
 
+def is_bias(name: str) -> bool:
+    """Whether the parameter `name` is a bias: what `bias="all"` trains."""
+    return name == "bias" or name.endswith(".bias")
+
+
+def is_stored_bias(name: str) -> bool:
+    """Whether `bias="all"` stores the parameter `name` in the adapter file: a bias outside `modules_to_save`
+    wrappers, since a wrapper's trained copy travels with that module's own tensors and its original is not used."""
+    return is_bias(name) and ".modules_to_save." not in name and ".original_module." not in name
+
+
 def spu_layers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, SPULayer]]:
     """(relative name, layer) of every SPU layer holding `adapter_name`."""
     for name, module in model.named_modules():
