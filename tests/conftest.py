@@ -60,6 +60,13 @@ def device(request) -> torch.device:
     return torch.device(request.param)
 
 
+def layers_of(model, adapter_name: str = "default") -> dict:
+    """The model's SPU layers holding `adapter_name`, by their name in the adapter file (`naming.spu_layers`)."""
+    from spu_peft.naming import spu_layers
+
+    return dict(spu_layers(model, adapter_name))
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 

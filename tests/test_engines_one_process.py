@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from conftest import make_batch, make_tiny_clip
-from distributed_worker import wrap
+from distributed_worker import supports, wrap
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from threaded_world import threaded_world
@@ -17,17 +17,10 @@ from torch import nn
 
 import spu_peft.distributed as distributed
 from spu_peft import SPUConfig, SPULayer, save_adapter, select_parameters
-from spu_peft.naming import relative_name
 
 
 def build() -> nn.Module:
     return get_peft_model(make_tiny_clip(), SPUConfig(bias="spu_only"))
-
-
-def supports(model: nn.Module) -> dict[str, list[int]]:
-    return {
-        relative_name(n): m.spu_indices["default"].tolist() for n, m in model.named_modules() if isinstance(m, SPULayer)
-    }
 
 
 def train_step(model: nn.Module, batch: dict) -> None:

@@ -8,16 +8,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_tiny_clip
+from conftest import layers_of, make_tiny_clip
 from peft import get_peft_model
 from torch import nn
 
 from spu_peft import SPUConfig, SPULayer
 from spu_peft.layer import num_selected, union_sum
-
-
-def layers_of(model) -> dict[str, SPULayer]:
-    return {name.removeprefix("base_model.model."): m for name, m in model.named_modules() if isinstance(m, SPULayer)}
 
 
 def seed_of(purpose: str, seed: int, adapter: str, key: str) -> int:
@@ -34,7 +30,7 @@ def generator(seed: int) -> torch.Generator:
 def test_the_data_free_start_is_the_documented_seeded_draw(budget):
     config = SPUConfig(init_weights=False, seed=5, density=0.25, budget=budget, bias="spu_only")
     model = get_peft_model(make_tiny_clip(), config, adapter_name="task")
-    for key, layer in layers_of(model).items():
+    for key, layer in layers_of(model, "task").items():
         rows, cols = layer.weight_shape
         draw = generator(seed_of("support", 5, "task", key))
         if budget == "per_row":

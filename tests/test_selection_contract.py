@@ -9,11 +9,11 @@ import zlib
 
 import pytest
 import torch
-from conftest import make_batch, make_tiny_clip
+from conftest import layers_of, make_batch, make_tiny_clip
 from peft import get_peft_model
 from torch import nn
 
-from spu_peft import SPUConfig, SPULayer, select_parameters
+from spu_peft import SPUConfig, select_parameters
 from spu_peft.scoring import ScoreSums, scoring_linear
 from spu_peft.selection import _top_k
 from spu_peft.sparse_linear import sparse_delta_linear
@@ -21,11 +21,6 @@ from spu_peft.sparse_linear import sparse_delta_linear
 
 def fresh(**kwargs):
     return get_peft_model(make_tiny_clip(), SPUConfig(**kwargs))
-
-
-def layers_of(model) -> dict[str, SPULayer]:
-    """SPU layers by their name inside the base model (the name in the adapter file, after `base_model.model.`)."""
-    return {name.removeprefix("base_model.model."): m for name, m in model.named_modules() if isinstance(m, SPULayer)}
 
 
 def loader(n: int = 2) -> list[dict[str, torch.Tensor]]:
