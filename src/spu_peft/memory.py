@@ -1,4 +1,4 @@
-"""Peak-memory measurement: CUDA's allocator counters, or a process's RSS on Linux (benchmarks and sequence runs)."""
+"""Peak-memory measurement: CUDA's allocator counters, or a process's RSS on Linux (sequence runs and benchmarks)."""
 
 from __future__ import annotations
 
@@ -12,35 +12,6 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
-
-
-def keep_freed_memory() -> None:
-    """Make glibc reuse freed activation memory rather than hand it back and page-fault it in again.
-
-    By default glibc unmaps large freed blocks and trims the heap, so every forward re-faults several hundred MiB
-    (measured: 80k-220k page faults per ViT-B/16 forward, varying with each process's allocation history).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap (this also fixes it)
-    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: do not give the heap's top back on every free
-
-
-def release_freed_memory() -> None:
-    """Make glibc hand every freed block of 1 MiB or more back to the system at once, so that RSS follows the live
-    tensors: for measuring memory, not time (every such allocation then page-faults afresh).
-
-    With glibc's default (or `keep_freed_memory`) large blocks also come from the heap, whose fragmentation depends on
-    the order of allocations: the peak RSS of one LoRA step on ViT-B/16 measured 2,302, 2,789 and 2,586 MiB in three
-    processes.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed at 1 MiB (setting it also stops glibc from raising it)
 
 
 def reset_peak_memory(device: torch.device) -> None:

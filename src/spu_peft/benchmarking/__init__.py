@@ -2,7 +2,8 @@
 throughput benchmark's measurements and report. `benchmarks/throughput.py` and `benchmarks/sharded_scoring.py` are
 its command lines."""
 
-from ..memory import keep_freed_memory, peak_memory, release_freed_memory, reset_peak_memory
+from ..memory import peak_memory, reset_peak_memory
+from .allocator import keep_freed_memory, release_freed_memory
 from .peers import (
     ADAPTER_METHODS,
     METHODS,
@@ -16,7 +17,7 @@ from .peers import (
     train_step,
 )
 from .throughput import METRICS, SCORE_SUMS, VALUE_GRADS, ThroughputSettings, Workload, measure_memory, measure_time
-from .throughput_report import TARGETS, markdown, throughput_targets
+from .throughput_report import markdown
 from .timing import timed_rounds
 
 __all__ = [
@@ -24,12 +25,10 @@ __all__ = [
     "METHODS",
     "METRICS",
     "SCORE_SUMS",
-    "TARGETS",
     "VALUE_GRADS",
     "ThroughputSettings",
     "Workload",
     "adapter_bytes",
-    "throughput_targets",
     "keep_freed_memory",
     "lora_ranks",
     "make_optimizer",
