@@ -17,6 +17,7 @@ Usage:
     python benchmarks/throughput.py --models llama --methods spu --value-grad auto,sampled  # both gradient paths
     python benchmarks/throughput.py --device cuda --bf16              # on a GPU
     python benchmarks/throughput.py --models vit-b-16 --methods spu --profile  # torch.profiler tables
+    python benchmarks/throughput.py --goals                           # and the project's goals for SPU, checked
 """
 
 from __future__ import annotations
@@ -54,13 +55,30 @@ from spu_peft.benchmarking import (  # noqa: E402
     release_freed_memory,
     shira_rank,
     target_shapes,
-    throughput_targets,
 )
+from spu_peft.benchmarking.throughput_report import fmt  # noqa: E402
 
 logger = get_logger(__name__)
 
 # ---- defaults, in one place ------------------------------------------------------------------------------------------
 QUICK = dict(steps=1)  # --quick: the values of the flags not given
+
+# The project's goals for SPU (`--goals`): (key, statement, threshold), each met when the ratio of two measured figures
+# (`goal_ratios`) is at or below its threshold.
+GOALS = (
+    ("spu_step_vs_lora", "SPU step time <= 1.15x LoRA", 1.15),
+    ("spu_step_vs_full", "SPU step time <= 0.85x full fine-tuning", 0.85),
+    ("spu_step_vs_dense_mask", "SPU step time <= 0.9x dense_mask", 0.90),
+    ("spu_mem_vs_dense_mask", "SPU peak memory clearly below dense_mask (<= 0.9x)", 0.90),
+    ("spu_mem_vs_lora", "SPU peak memory <= 1.10x LoRA", 1.10),
+    ("spu_infer_vs_base", "unmerged SPU inference <= 1.10x base", 1.10),
+    ("spu_merged_infer_vs_base", "merged SPU inference = base (<= 1.05x, timing noise)", 1.05),
+    ("score_batch_vs_step", "scoring one batch costs <= one SPU training step", 1.00),
+    ("adapter_vs_values", "SPU adapter file <= 1.35x its fp32 values + dense modules", 1.35),
+    ("select_fp32_peak", "selection peak (fp32 sums) <= SPU training peak + the fp32 sums", 1.00),
+    ("select_bf16_peak", "selection peak (bf16 sums) <= SPU training peak", 1.00),
+    ("select_cpu_peak", "selection peak (sums on the CPU) <= SPU training peak, in accelerator memory", 1.00),
+)
 
 
 def clip(vocab, text, text_layers, text_heads, positions, image, patch, vision, vision_layers, vision_heads, proj):
@@ -96,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seq-len", type=int, default=None, help="Tokens per sequence; default: the model's (CLIP 16, llama 128).")
     add("--steps", type=int, default=5, help="Timed training steps and inference forwards; medians are reported.")
     add("--score-batches", type=int, default=1, help="Batches `select_parameters` scores, as 25%% of a task 4x as "
-        "long; 1, as issue #12 measures selection.")  # fmt: skip
+        "long; default 1: the selection goals are stated for one batch.")  # fmt: skip
     add("--score-sums", default=",".join(SCORE_SUMS), help=f"Comma-separated score sums, of {tuple(SCORE_SUMS)}: "
         "fp32 (the paper's), bf16 (`score_dtype=torch.bfloat16`), cpu (`score_device='cpu'`).")  # fmt: skip
     add("--value-grad", default="auto", help=f"Comma-separated value-gradient paths of SPU, of {VALUE_GRADS}: the "
@@ -109,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--bf16", action="store_true", help="bf16 autocast for training, selection and inference.")
     add("--quick", action="store_true", help=f"Smoke run: {QUICK}.")
     add("--json", type=Path, default=None, help="Write the results as JSON to this path.")
+    add("--goals", action="store_true", help="Also check the project's goals for SPU against the figures (ratios and "
+        "thresholds; JSON key `goals`).")  # fmt: skip
     add("--in-process", action="store_true", help="Measure everything in this process (fast start, for tests); "
         "memory peaks then carry over.")  # fmt: skip
     add("--profile", action="store_true", help="Log torch.profiler tables of a step per method and of scoring.")
@@ -213,6 +233,65 @@ def run_worker(args: argparse.Namespace, model_name: str, worker: str, accelerat
         return json.loads(out.read_text())
 
 
+# ---- the project's goals (--goals) ---------------------------------------------------------------------------------
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def goal_ratios(results: dict[str, Any]) -> dict[str, float | None]:
+    """The measured ratio of each goal of `GOALS` on one model's results (None where a figure is missing)."""
+
+    def get(name: str, key: str) -> float | None:
+        return (results.get(name) or results.get("selection", {}).get(name) or {}).get(key)
+
+    meta = results["meta"]
+    peak, trainable = get("spu", "peak_mem_bytes"), get("spu", "trainable_params")
+    return {
+        "spu_step_vs_lora": ratio(get("spu", "step_s"), get("lora", "step_s")),
+        "spu_step_vs_full": ratio(get("spu", "step_s"), get("full", "step_s")),
+        "spu_step_vs_dense_mask": ratio(get("spu", "step_s"), get("dense_mask", "step_s")),
+        "spu_mem_vs_dense_mask": ratio(peak, get("dense_mask", "peak_mem_bytes")),
+        "spu_mem_vs_lora": ratio(peak, get("lora", "peak_mem_bytes")),
+        "spu_infer_vs_base": ratio(get("spu", "infer_s"), get("base", "infer_s")),
+        "spu_merged_infer_vs_base": ratio(get("spu", "infer_merged_s"), get("base", "infer_s")),
+        "score_batch_vs_step": ratio(get("spu", "score_s"), get("spu", "step_s")),  # timed in the same rounds
+        "adapter_vs_values": ratio(get("spu", "adapter_bytes"), trainable and 4 * trainable),
+        "select_fp32_peak": ratio(get("fp32", "peak_mem_bytes"), peak and peak + meta["score_sums_bytes"]["fp32"]),
+        "select_bf16_peak": ratio(get("bf16", "peak_mem_bytes"), peak),
+        # a CPU run keeps score_device="cpu" sums in the memory it measures, as fp32: nothing to compare
+        "select_cpu_peak": ratio(get("cpu", "peak_mem_bytes"), peak) if meta["device"] != "cpu" else None,
+    }
+
+
+def check_goals(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each goal with its ratio, threshold, margin (threshold - ratio) and whether it is met (None where the ratio
+    could not be measured); ratio and margin rounded to 4 decimals after the verdict."""
+    ratios, checked = goal_ratios(results), {}
+    for key, statement, threshold in GOALS:
+        value = ratios[key]
+        margin = None if value is None else threshold - value
+        checked[key] = {
+            "goal": statement,
+            "threshold": threshold,
+            "ratio": None if value is None else round(value, 4),
+            "margin": None if margin is None else round(margin, 4),
+            "met": None if margin is None else margin >= 0,
+        }
+    return checked
+
+
+def goals_markdown(model_name: str, goals: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{model_name}: the project's goals", "", "| goal | ratio | threshold | margin | met |"]
+    lines.append("|---|---:|---:|---:|:---:|")
+    for g in goals.values():
+        met = "-" if g["met"] is None else ("yes" if g["met"] else "**no**")
+        cells = [fmt(g["ratio"], ".2f"), fmt(g["threshold"], ".2f"), fmt(g["margin"], "+.2f"), met]
+        lines.append(f"| {g['goal']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -267,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         timing = run_worker(args, model_name, "timing", accelerator)
         meta["load_avg_after"] = round(os.getloadavg()[0], 2)
 
-        # 4. assemble: the methods' figures in a fixed key order, SPU variants, base, selections, targets
+        # 4. assemble: the methods' figures in a fixed key order, SPU variants, base, selections (and the goals)
         model_results: dict[str, Any] = {}
         for name, figures in timing.items():
             figures.update(results.get(name, {}))
@@ -276,12 +355,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             figures.update(results[f"select-{kind}"])
             meta["score_batches"] = figures["score_batches"]
         model_results["meta"] = meta
-        model_results["targets"] = throughput_targets(model_results)
+        if args.goals:
+            model_results["goals"] = check_goals(model_results)
         all_results[model_name] = model_results
 
     # 5. report: the markdown tables (printed: they are the result) and the JSON
     if accelerator.is_main_process:
         print("\n\n".join(markdown(name, r) for name, r in all_results.items()))
+        if args.goals:
+            print("\n\n" + "\n\n".join(goals_markdown(name, r["goals"]) for name, r in all_results.items()))
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(all_results, indent=2))
