@@ -269,6 +269,19 @@ def test_task_supports_read_the_saved_adapters(tmp_path):
         task_supports(make_tiny_clip(), tmp_path / "task1")
 
 
+@pytest.mark.parametrize("missing", ["runs/spu_replay_lr0.0003", "adapter_task0/adapter_model.safetensors"])
+def test_a_run_dir_that_is_no_folder_is_refused_naming_the_run_to_make_first(tmp_path, missing):
+    model = get_peft_model(make_tiny_clip(), SPUConfig(density=0.25))
+    model.save_pretrained(tmp_path / "adapter_task0")
+    with pytest.raises(FileNotFoundError) as refused:
+        task_supports(make_tiny_clip(), tmp_path / missing)
+    assert str(refused.value) == (
+        f"run_dir: {str(tmp_path / missing)!r} is not a folder; make the sequence run first (`run_sequence` or "
+        "benchmarks/cl_sequence.py with --output-dir results/<sequence>), then pass its run of an SPU method, "
+        "e.g. results/<sequence>/runs/spu_replay_lr0.0003"
+    )
+
+
 def test_benchmark_writes_the_three_figures(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import causal_tracing

@@ -35,6 +35,12 @@ def adapter_support(base: nn.Module, adapter_dir: str | os.PathLike[str]) -> dic
 
 def task_adapter_dirs(run_dir: str | os.PathLike[str]) -> list[Path]:
     """The `adapter_task<t>` folders of one method's run folder, in task order."""
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(
+            f"run_dir: {str(run_dir)!r} is not a folder; make the sequence run first (`run_sequence` or "
+            "benchmarks/cl_sequence.py with --output-dir results/<sequence>), then pass its run of an SPU method, "
+            "e.g. results/<sequence>/runs/spu_replay_lr0.0003"
+        )
     found = [(int(m.group(1)), p) for p in Path(run_dir).iterdir() if (m := ADAPTER_DIR.match(p.name)) and p.is_dir()]
     if not found:
         raise ValueError(
