@@ -38,6 +38,7 @@ def quick_run(tiny_model, tmp_path_factory):
     return output_dir, json.loads((output_dir / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_quick_run_compares_every_method_and_writes_all_outputs(quick_run):
     output_dir, results = quick_run
     assert list(results["methods"]) == list(DEFAULT_METHODS)
@@ -68,6 +69,7 @@ def test_quick_run_compares_every_method_and_writes_all_outputs(quick_run):
         ).exists()
 
 
+@pytest.mark.slow
 def test_forked_workers_reach_the_same_numbers(tiny_model, quick_run, tmp_path):
     _, in_process = quick_run
     methods = ["zeroshot", "lora_replay", "spu_replay"]
@@ -79,6 +81,7 @@ def test_forked_workers_reach_the_same_numbers(tiny_model, quick_run, tmp_path):
     assert (tmp_path / "runs" / "spu_replay_lr0.0003" / "adapter_task1" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_zero_shot_rows_are_the_frozen_model(quick_run):
     _, results = quick_run
     zeroshot = results["methods"]["zeroshot"]
@@ -86,6 +89,7 @@ def test_zero_shot_rows_are_the_frozen_model(quick_run):
     assert all(c == results["config"]["frozen_control_acc"] for c in zeroshot["control_acc"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL")
 def test_sigkill_then_resume_reaches_the_uninterrupted_numbers(tiny_model, quick_run, tmp_path):
     """A real kill (-9) of the script while it trains, with `zeroshot` finished before, then `--resume`."""
@@ -197,6 +201,7 @@ def test_quick_fills_only_the_flags_not_given():
     assert (paper.lr, paper.weight_decay, paper.epochs, paper.loss) == (7.5e-6, 0.1, 1, "clip")
 
 
+@pytest.mark.slow
 def test_resume_with_other_flags_stops_naming_them(tiny_model, quick_run, monkeypatch, capsys):
     """Regression: resuming a finished density-0.1 run with --density 0.02 wrote 0.02 over the 0.1 run's numbers."""
     output_dir, results = quick_run
@@ -246,6 +251,7 @@ def test_missing_dataset_folder_is_reported(tiny_model, tmp_path):
         cl_sequence.load_sequence_data(args, AutoProcessor.from_pretrained(tiny_model), Accelerator(cpu=True))
 
 
+@pytest.mark.slow
 def test_two_processes_select_identical_entries_and_keep_identical_weights(tiny_model, tmp_path):
     """Every method with its own loss terms, gradient edits or statistics (the peers) keeps the two processes'
     weights equal after every task, as SPU keeps their selections equal."""
@@ -304,6 +310,7 @@ def test_targets_are_margins_against_the_named_peers():
     assert evaluate_targets({"lora_replay": methods["lora_replay"]}) == []
 
 
+@pytest.mark.slow
 def test_lr_sweep_writes_sorted_points_and_the_tradeoff_plot(tiny_model, tmp_path):
     methods = cl_sequence.main(
         quick_args(tiny_model, tmp_path, "--methods", "spu_replay", "--lr", "1e-3", "--lr-sweep")
@@ -342,6 +349,7 @@ def _alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(), reason="Linux /proc")
 def test_forked_workers_die_with_a_killed_main_process(tiny_model, tmp_path):
     long_run = ["--epochs", "500", "--num-tasks", "2", "--max-train-per-task", "64", "--max-test-per-task", "32"]

@@ -130,6 +130,7 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 numerics")
 def test_numerics_are_pinned_before_the_first_tensor_operation_or_refused():
     pinned = _python(  # after importing everything: importing computes no tensor (that would fix ATen's choice)

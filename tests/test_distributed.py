@@ -4,6 +4,7 @@
 One torchrun launch per engine: an engine that fails (or hangs) fails only its own tests.
 """
 
+import importlib.util
 import json
 import os
 import socket
@@ -14,8 +15,12 @@ from pathlib import Path
 import pytest
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-ENGINES = ["ddp", "ddp-global", "fsdp1", "fsdp1-nested", "fsdp2", "zero2"]
+NO_DEEPSPEED = "deepspeed is not installed (it is in the dev extra: pip install -e '.[dev]')"
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+ZERO2 = pytest.param("zero2", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason=NO_DEEPSPEED))
+ENGINES = ["ddp", "ddp-global", "fsdp1", "fsdp1-nested", "fsdp2", ZERO2]
 WRAPPED = ["ddp", "fsdp1", "fsdp1-nested", "fsdp2"]  # select on the wrapped model
+pytestmark = pytest.mark.slow  # a torchrun launch of 2 processes per engine
 
 
 def free_port() -> int:

@@ -220,6 +220,7 @@ def test_numpy_densities_are_taken(density):
     assert SPUConfig(density=density).density == 0.25
 
 
+@pytest.mark.slow
 def test_a_second_run_into_one_output_folder_stops_naming_the_running_process(tmp_path):
     """Finding 1: two runs into one folder both exited 0 with their results mixed."""
     holder = textwrap.dedent(

@@ -226,6 +226,7 @@ def test_methods_needing_reference_data_are_refused_without_it(setup, tmp_path):
         run_sequence(model, processor, bare, SETTINGS, output_dir=tmp_path, methods=["zscl"], plots=False)
 
 
+@pytest.mark.slow
 def test_every_peer_runs_the_sequence_and_changes_what_it_trains(every_peer, setup):
     out, results = every_peer
     assert list(results) == list(PEER_METHODS)
@@ -255,6 +256,7 @@ def every_peer(setup, tmp_path_factory):
     return out, results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PEER_METHODS)
 def test_a_peer_killed_after_its_first_task_resumes_to_the_same_weights_and_state(every_peer, setup, name, tmp_path):
     """A kill between tasks (the last checkpoint is task 0's) resumes to the uninterrupted run's numbers, weights and

@@ -248,6 +248,7 @@ def final_tensors(output_dir, method):
     return {**load_file(folder / "weights" / "model.safetensors"), **load_file(folder / "method_state.safetensors")}
 
 
+@pytest.mark.slow
 def test_the_three_peers_run_a_sequence_and_slca_resumes_exactly(setup, tmp_path, monkeypatch):
     whole = sequence_numbers(run(setup, tmp_path / "whole"))
     assert all(len(whole[m][0]) == 2 and len(whole[m][0][1]) == 2 for m in METHODS)

@@ -76,6 +76,7 @@ def narrow_model(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_quick_study_measures_every_part_and_writes_its_outputs(tiny_model, narrow_model, tmp_path):
     argv = ["--quick", "--models", f"32={narrow_model},64={tiny_model}", "--output-dir", str(tmp_path)]
     argv += ["--scores", "task_loss", "--workers", "1"]

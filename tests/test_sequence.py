@@ -109,6 +109,7 @@ def _crashed_run(setup, output_dir, kind, k, monkeypatch) -> None:
     monkeypatch.undo()
 
 
+@pytest.mark.slow
 def test_a_run_killed_at_any_point_resumes_to_the_same_numbers_recomputing_nothing(
     setup, uninterrupted, tmp_path, monkeypatch
 ):
@@ -143,6 +144,7 @@ def test_resume_with_other_settings_is_refused_naming_them(setup, tmp_path):
     assert (tmp_path / "results.json").read_text() == before  # nothing was touched
 
 
+@pytest.mark.slow
 def test_per_method_numbers_do_not_depend_on_workers(setup, uninterrupted, tmp_path):
     assert sequence_numbers(run(setup, tmp_path, workers=2)) == uninterrupted
 
@@ -216,6 +218,7 @@ def test_clip_loss_is_the_symmetric_in_batch_loss(tiny_clip, batch):
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.slow
 def test_paper_protocol_runs_offline_with_replay_from_the_second_epoch(setup, tmp_path, monkeypatch):
     steps = []
     real = engine.train_task

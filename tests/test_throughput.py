@@ -30,6 +30,7 @@ def throughput():
     return module
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_model_method_and_key(throughput, tmp_path, device):
     path = tmp_path / "throughput.json"
     threads = torch.get_num_threads()
@@ -179,7 +180,7 @@ def test_value_grad_flag_forces_the_path_and_both_give_the_same_gradients(throug
 def test_the_report_holds_figures_only_and_goals_are_checked_on_request(throughput, capsys, tmp_path):
     """Without `--goals` neither the printed report nor the JSON judges anything; with it, each goal is met exactly
     when its ratio is at or below its threshold."""
-    argv = ["--quick", "--models", "tiny", "--methods", "spu,lora", "--score-sums", "fp32", "--in-process"]
+    argv = ["--quick", "--models", "tiny", "--methods", "spu", "--score-sums", "fp32", "--in-process"]
     threads = torch.get_num_threads()
     try:
         plain = throughput.main([*argv, "--threads", "1", "--device", "cpu"])
@@ -187,7 +188,7 @@ def test_the_report_holds_figures_only_and_goals_are_checked_on_request(throughp
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     assert "goal" not in printed and "threshold" not in printed and "| met |" not in printed
-    assert set(plain["tiny"]) == {"spu", "lora", "base", "selection", "meta"}
+    assert set(plain["tiny"]) == {"spu", "base", "selection", "meta"}
     meta = plain["tiny"]["meta"]
     figures = {
         "spu": {"step_s": 2.0, "peak_mem_bytes": 100, "trainable_params": 10, "adapter_bytes": 54},
