@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of one library module with mutmut, in a scratch copy of src/ and tests/ (the tree is not touched).
-# Usage: scripts/mutation.sh MODULE [TEST_FILE...]
+# Usage: scripts/mutation.sh MODULE [TEST_FILE...]   (installs the dev extra, which holds mutmut, where it is missing)
 #   MODULE: a file of src/spu_peft without .py (compose, encoding, ...); TEST_FILEs default to the module's own tests.
 #   PYTHON=... picks the interpreter (default .venv's); MUTATION_DIR=... keeps the scratch copy there.
 # Prints the killed share and every surviving mutant as a diff. One test process at a time, under `nice`.
@@ -24,7 +24,11 @@ tests=${*:-${TESTS[$module]:-tests/test_$module.py}}
 PYTHON=${PYTHON:-.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python3
 mutmut="$(cd "$(dirname "$PYTHON")" && pwd)/mutmut"  # absolute: the run happens in the scratch copy
-[ -x "$mutmut" ] || { echo "mutmut is not installed beside $PYTHON (pip install -e '.[test]')" >&2; exit 2; }
+if [ ! -x "$mutmut" ]; then  # mutmut is a maintainers' tool: the dev extra, not the test extra
+    echo "mutmut is not installed beside $PYTHON: installing the dev extra (pip install -e '.[dev]')" >&2
+    "$PYTHON" -m pip install -q -e ".[dev]"
+fi
+[ -x "$mutmut" ] || { echo "mutmut is still not beside $PYTHON after installing the dev extra" >&2; exit 2; }
 
 work=${MUTATION_DIR:-$(mktemp -d)}
 mkdir -p "$work" && rm -rf "$work/src" "$work/tests" "$work/mutants"

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Create .venv (once) with a CPU build of torch, then install spu-peft with its test and embedded-data extras.
+# Create .venv (once) with torch pinned, then install spu-peft with its test extra (which includes the embedded data).
+# The maintainers' tools (ruff, mutmut, DeepSpeed) are the dev extra: .venv/bin/python -m pip install -e ".[dev]".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-# torch first and pinned: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
+# torch first and pinned, so that no dependency pulls another build. PyPI's Linux torch is the multi-GB CUDA build;
+# for the CPU one run with PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu (torch==2.13.0 then takes +cpu).
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
 # Register the venv kernel so the notebook test finds "python3" on a fresh machine.
