@@ -11,6 +11,7 @@ from peft.utils import CONFIG_NAME, _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from .bnb import bnb_layer_class
 from .config import (
     TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING,
     TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING,
@@ -155,12 +156,8 @@ class SPUModel(BaseTuner):
             target.update_layer(adapter_name, spu_config, key=current_key)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, nn.Linear):
-            raise ValueError(
-                f"`target_modules` matched {current_key!r}, a {type(base).__name__}; SPU adapts `torch.nn.Linear` "
-                "layers only. Narrow `target_modules` to linear layers (e.g. ['fc1'])."
-            )
-        new_module = Linear(target, adapter_name, spu_config, key=current_key)
+        layer_class = _spu_layer_class(base, current_key)
+        new_module = layer_class(target, adapter_name, spu_config, key=current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -264,6 +261,28 @@ class SPUModel(BaseTuner):
             del tuner._pending_loads[adapter_name]
             config.weights_file = None
         return remapped
+
+
+def _spu_layer_class(base: nn.Module, key: str) -> type[Linear]:
+    """The SPU layer for a target: bitsandbytes' quantized layers get theirs; a plain linear layer (`torch.nn.Linear`
+    or a subclass that keeps its `forward`, which SPU replaces by `F.linear` on the composed weight) with a
+    floating-point weight gets `Linear`. Anything else is refused, by its type, before it could run wrongly."""
+    quantized = bnb_layer_class(base)
+    if quantized is not None:
+        return quantized
+    weight = getattr(base, "weight", None)
+    if (
+        isinstance(base, nn.Linear)
+        and type(base).forward is nn.Linear.forward
+        and isinstance(weight, torch.Tensor)
+        and weight.is_floating_point()
+    ):
+        return Linear
+    raise ValueError(
+        f"`target_modules` matched {key!r}, a {type(base).__module__}.{type(base).__qualname__}; SPU adapts "
+        "`torch.nn.Linear` layers with floating-point weights and bitsandbytes' `Linear8bitLt` / `Linear4bit`. Narrow "
+        "`target_modules` to such layers (e.g. ['fc1'])."
+    )
 
 
 def _restore_original_modules(model: nn.Module) -> None:
