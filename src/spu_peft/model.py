@@ -26,6 +26,15 @@ from .naming import PEFT_PREFIX, is_bias, is_stored_bias, relative_name, spu_lay
 
 MODEL_TAGS = ["spu", "selective-parameter-update", "continual-learning"]
 
+# The heads PEFT's task models put into `modules_to_save` themselves (`PeftModelForSequenceClassification` and its
+# kin), whichever of them the model has: so a classifier named `score` (LLaMA) or `classifier` (BERT) trains densely.
+# Only the names a user gave must match a module.
+PEFT_TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
 
 class SPUModel(BaseTuner):
     """Selective Parameter Update (Zhang et al., CVPR 2024) as a PEFT tuner.
@@ -67,7 +76,11 @@ class SPUModel(BaseTuner):
             defaults = TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING.get(model_type)
             peft_config.modules_to_save = list(defaults) if defaults else None
         names = [relative_name(name) for name, _ in self.model.named_modules()]
+        task_type = getattr(peft_config.task_type, "value", peft_config.task_type)
+        added_by_peft = PEFT_TASK_MODULES_TO_SAVE.get(task_type, ())
         for wanted in peft_config.modules_to_save or ():
+            if wanted in added_by_peft:
+                continue
             if not any(name == wanted or name.endswith("." + wanted) for name in names):
                 raise ValueError(
                     f"`modules_to_save` names {wanted!r}, which matches no module of the model (PEFT would ignore it "
@@ -309,7 +322,8 @@ def _check_dense_modules_can_combine(peft_config: dict, names: list[str]) -> Non
     holders: dict[str, list[str]] = {}
     for name in names:
         config = peft_config.get(name)
-        for module in (getattr(config, "modules_to_save", None) or []) if isinstance(config, SPUConfig) else []:
+        modules = (getattr(config, "modules_to_save", None) or []) if isinstance(config, SPUConfig) else []
+        for module in dict.fromkeys(modules):  # once each: PEFT's task models add their heads again on every load
             holders.setdefault(module, []).append(name)
     clashes = {module: who for module, who in holders.items() if len(who) > 1}
     if clashes:
