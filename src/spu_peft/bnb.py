@@ -92,23 +92,15 @@ class Linear4bit(QuantizedLinear):
         bnb = _bnb()
         base = self.get_base_layer()
         old = base.weight
-        codes, new_state = bnb.functional.quantize_4bit(
-            weight.to(_original_dtype(old)),
-            blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics,
-            quant_type=old.quant_type,
-            quant_storage=old.quant_storage,
-        )
+        settings = {
+            "blocksize": old.blocksize,
+            "compress_statistics": old.compress_statistics,
+            "quant_type": old.quant_type,
+            "quant_storage": old.quant_storage,
+        }
+        codes, new_state = bnb.functional.quantize_4bit(weight.to(_original_dtype(old)), **settings)
         base.weight = bnb.nn.Params4bit(
-            codes,
-            requires_grad=False,
-            quant_state=new_state,
-            blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics,
-            quant_type=old.quant_type,
-            quant_storage=old.quant_storage,
-            module=base,
-            bnb_quantized=True,
+            codes, requires_grad=False, quant_state=new_state, module=base, bnb_quantized=True, **settings
         )
         base.quant_state = new_state
         return (old,)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -341,8 +342,14 @@ class QuantizedLinear(Linear):
         )
         return backup
 
-    def _requantize(self, weight: torch.Tensor) -> Any:
-        raise NotImplementedError
-
+    @abstractmethod
     def dense_base_weight(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The dequantized base weight (float32)."""
+
+    @abstractmethod
+    def _requantize(self, weight: torch.Tensor) -> Any:
+        """Make the float `weight`, quantized, the base weight; return the replaced quantized weight."""
+
+    @abstractmethod
+    def _restore_weight(self, backup: Any) -> None:
+        """Put back the quantized weight `_requantize` returned."""
