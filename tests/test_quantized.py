@@ -283,12 +283,19 @@ class ScaledLinear(nn.Linear):
         return 2 * super().forward(x)
 
 
+def int_weight_linear() -> nn.Linear:
+    layer = nn.Linear(IN, OUT)
+    layer.weight = nn.Parameter(torch.zeros(OUT, IN, dtype=torch.int8), requires_grad=False)
+    return layer
+
+
 @pytest.mark.parametrize(
     ("target", "module", "named"),
     [
         ("emb", nn.Embedding(10, IN), "torch.nn.modules.sparse.Embedding"),
         ("conv", nn.Conv1d(IN, OUT, 1), "torch.nn.modules.conv.Conv1d"),
-        ("own", ScaledLinear(IN, OUT), "ScaledLinear"),
+        ("own", ScaledLinear(IN, OUT), "ScaledLinear \\(a linear layer with its own `forward`"),
+        ("int", int_weight_linear(), "torch.nn.modules.linear.Linear with a torch.int8 weight"),
         ("fp16", bnb.nn.Linear8bitLt(IN, OUT, has_fp16_weights=True), "has_fp16_weights=True"),
     ],
 )

@@ -284,17 +284,17 @@ def _spu_layer_class(base: nn.Module, key: str) -> type[Linear]:
     if quantized is not None:
         return quantized
     weight = getattr(base, "weight", None)
-    if (
-        isinstance(base, nn.Linear)
-        and type(base).forward is nn.Linear.forward
-        and isinstance(weight, torch.Tensor)
-        and weight.is_floating_point()
-    ):
-        return Linear
+    what = f"a {type(base).__module__}.{type(base).__qualname__}"
+    if isinstance(base, nn.Linear):
+        if type(base).forward is not nn.Linear.forward:
+            what += " (a linear layer with its own `forward`, which SPU would bypass)"
+        elif not (isinstance(weight, torch.Tensor) and weight.is_floating_point()):
+            what += f" with a {getattr(weight, 'dtype', type(weight).__name__)} weight"
+        else:
+            return Linear
     raise ValueError(
-        f"`target_modules` matched {key!r}, a {type(base).__module__}.{type(base).__qualname__}; SPU adapts "
-        "`torch.nn.Linear` layers with floating-point weights and bitsandbytes' `Linear8bitLt` / `Linear4bit`. Narrow "
-        "`target_modules` to such layers (e.g. ['fc1'])."
+        f"`target_modules` matched {key!r}, {what}; SPU adapts `torch.nn.Linear` layers with floating-point weights "
+        "and bitsandbytes' `Linear8bitLt` / `Linear4bit`. Narrow `target_modules` to such layers (e.g. ['fc1'])."
     )
 
 
