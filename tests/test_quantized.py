@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import layers_of
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
@@ -228,6 +228,26 @@ def test_llama_selects_trains_saves_and_reloads(llama_dir, kind, device, tmp_pat
     reloaded.train()  # the same mode as the model that made `logits` (see the module docstring)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=batches[0]["input_ids"]).logits, logits)
+
+
+def test_the_readme_qlora_recipe_selects_and_trains(llama_dir):
+    """README's recipe: a 4-bit base with bfloat16 compute, `prepare_model_for_kbit_training` (float32 norms,
+    gradient checkpointing), SPU's default LLaMA targets, selection and a training step."""
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    base = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=quantization)
+    model = get_peft_model(prepare_model_for_kbit_training(no_cpu_repacking(base)), SPUConfig(density=0.01))
+    batches = llama_batches(torch.device("cpu"))
+    select_parameters(model, batches, score="task_loss", fraction=1.0)
+    assert model.peft_config["default"].selection["score"] == "task_loss"
+    values = {name: layer.spu_values["default"] for name, layer in layers_of(model).items()}
+    assert all(v.dtype == torch.float32 and not v.any() for v in values.values())  # PEFT keeps adapters in float32
+    optimizer = torch.optim.Adam(values.values(), lr=1e-2)
+    model.train()
+    model(**batches[0]).loss.backward()
+    optimizer.step()
+    assert all(v.detach().count_nonzero() == v.numel() for v in values.values())
 
 
 def _rounding_bound(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
