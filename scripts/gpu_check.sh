@@ -19,6 +19,7 @@ out=$(mktemp -d)
 "$PYTHON" -m pytest -q -k cuda -p no:cacheprovider --junitxml "$out/tests.xml" "$@" \
     tests/test_layer.py tests/test_selection.py tests/test_bf16.py tests/test_save_load.py tests/test_encoding.py \
     tests/test_throughput.py \
+    tests/test_quantized.py \
     >"$out/tests.log" 2>&1
 tests_rc=$?
 "$PYTHON" benchmarks/throughput.py --device cuda --bf16 --quick --json "$out/throughput.json" >"$out/bench.log" 2>&1

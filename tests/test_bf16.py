@@ -138,7 +138,7 @@ def test_autocast_training_moves_only_the_selected_entries(trained):
 
 def base_entries(layer: SPULayer) -> torch.Tensor:
     """The base weight as it was before the merge (from the merge's backup of the entries it touched)."""
-    touched, original, _ = layer._merge_backups["default"]
+    (touched, original), _ = layer._merge_backups["default"]  # (weight backup, bias backup)
     flat = layer.get_base_layer().weight.detach().reshape(-1).clone()
     flat[touched] = original
     return flat

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -81,7 +82,7 @@ class SPULayer(BaseTunerLayer):
         self.spu_frozen_values = BufferDict(persistent=True)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self._merge_backups: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self._merge_backups: dict[str, tuple[Any, torch.Tensor | None]] = {}  # (weight backup, bias backup)
         self._scorer = None  # set by `select_parameters` while it scores (see `spu_peft.scoring`)
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
@@ -135,9 +136,11 @@ class SPULayer(BaseTunerLayer):
         return deltas
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The adapter's dense weight delta, for inspection and merging (the base weight's shape and dtype)."""
+        """The adapter's dense weight delta, for inspection (the base weight's shape; its dtype, float32 for a
+        quantized weight)."""
         weight = self.get_base_layer().weight
-        zeros = torch.zeros(self.weight_shape, dtype=weight.dtype, device=weight.device)
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        zeros = torch.zeros(self.weight_shape, dtype=dtype, device=weight.device)
         return compose_weight(zeros, self.sparse_deltas(adapter_name))
 
     def get_delta_bias(self, adapter_name: str) -> torch.Tensor | None:
@@ -190,17 +193,14 @@ class SPULayer(BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the active adapters' deltas to the base weight and bias in place.
 
-        The original entries are kept so that `unmerge` restores the base weight bit for bit.
+        What the merge overwrote is kept, so that `unmerge` restores the base weight bit for bit.
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base_layer = self.get_base_layer()
         for name in adapter_names:
             if name not in self.spu_values:
                 continue
-            weight = base_layer.weight
-            touched = torch.cat([idx.long() for idx, _ in self.sparse_deltas(name)]).unique()
-            flat = weight.data.reshape(-1)
-            merged_weight = compose_weight(weight.data, self.sparse_deltas(name))
+            merged_weight = compose_weight(self.dense_base_weight(), self.sparse_deltas(name)).detach()
             delta_bias = self.get_delta_bias(name)
             merged_bias = None
             if delta_bias is not None:
@@ -209,12 +209,8 @@ class SPULayer(BaseTunerLayer):
                 torch.isfinite(merged_weight).all() and (merged_bias is None or torch.isfinite(merged_bias).all())
             ):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            self._merge_backups[name] = (
-                touched,
-                flat[touched].clone(),
-                None if merged_bias is None else base_layer.bias.data.clone(),
-            )
-            weight.data.copy_(merged_weight)
+            bias_backup = None if merged_bias is None else base_layer.bias.data.clone()
+            self._merge_backups[name] = (self._write_merged_weight(name, merged_weight), bias_backup)
             if merged_bias is not None:
                 base_layer.bias.data.copy_(merged_bias)
             self.merged_adapters.append(name)
@@ -227,10 +223,27 @@ class SPULayer(BaseTunerLayer):
         base_layer = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            touched, original, bias = self._merge_backups.pop(name)
-            base_layer.weight.data.reshape(-1)[touched] = original
+            weight_backup, bias = self._merge_backups.pop(name)
+            self._restore_weight(weight_backup)
             if bias is not None:
                 base_layer.bias.data.copy_(bias)
+
+    def dense_base_weight(self) -> torch.Tensor:
+        """The base weight as a dense floating-point matrix (detached): what magnitude scores and merges read."""
+        return self.get_base_layer().weight.detach()
+
+    def _write_merged_weight(self, adapter_name: str, merged_weight: torch.Tensor) -> Any:
+        """Make `merged_weight` the base weight; return what `_restore_weight` needs to undo it: the entries the
+        adapter touches (a sparse delta changes only those)."""
+        weight = self.get_base_layer().weight
+        touched = torch.cat([idx.long() for idx, _ in self.sparse_deltas(adapter_name)]).unique()
+        backup = (touched, weight.data.reshape(-1)[touched].clone())
+        weight.data.copy_(merged_weight)
+        return backup
+
+    def _restore_weight(self, backup: Any) -> None:
+        touched, original = backup
+        self.get_base_layer().weight.data.reshape(-1)[touched] = original
 
 
 def union_sum(deltas: list[SparseDelta]) -> SparseDelta:
@@ -263,16 +276,26 @@ class Linear(nn.Module, SPULayer):
         active = self._active_spu_adapters()
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
+        deltas = [delta for name in active for delta in self.sparse_deltas(name)]
+        delta_biases = [bias for name in active if (bias := self.get_delta_bias(name)) is not None]
+        return self._adapted_forward(x, deltas, delta_biases, *args, **kwargs)
+
+    def _adapted_forward(
+        self, x: torch.Tensor, deltas: list[SparseDelta], delta_biases: list[torch.Tensor], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """`x (W + deltas)^T + b + bias deltas` as one product with the composed weight."""
         base_layer = self.get_base_layer()
         weight = base_layer.weight
         bias = base_layer.bias
-        for name in active:
-            delta_bias = self.get_delta_bias(name)
-            if delta_bias is not None:
-                bias = bias + delta_bias.to(bias.dtype)
-        deltas = [delta for name in active for delta in self.sparse_deltas(name)]
+        for delta_bias in delta_biases:
+            bias = bias + delta_bias.to(bias.dtype)
         if not torch.is_autocast_enabled(x.device.type):
             x = self._cast_input_dtype(x, weight.dtype)
+        return self._linear(x, weight, bias, deltas)
+
+    def _linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, deltas: list[SparseDelta]
+    ) -> torch.Tensor:
         if self._scorer is not None:  # select_parameters is scoring: record this layer's weight gradient
             probe, record = self._scorer
             return scoring_linear(x, weight, bias, deltas, probe, record)
@@ -280,3 +303,53 @@ class Linear(nn.Module, SPULayer):
 
     def __repr__(self) -> str:
         return "spu." + super().__repr__()
+
+
+class QuantizedLinear(Linear):
+    """SPU on a quantized linear layer: `y = base_layer(x) + x (sum of sparse deltas)^T + bias deltas`.
+
+    The quantized layer runs its own kernel; the deltas' product is computed in the adapter values' dtype (autocast's
+    when on) and added in the base output's dtype, as PEFT's LoRA does on quantized bases. Subclasses say how to read
+    the weight as floats (`dense_base_weight`, for magnitude scores and merges) and how to requantize a merged weight
+    (`_requantize`, which returns the replaced quantized weight so `_restore_weight` can put it back exactly).
+    A merge dequantizes, adds the deltas and requantizes, so the merged weight is rounded to the quantization grid (a
+    warning gives the largest rounding error); `unmerge` puts the original quantized weight back, bit for bit.
+    """
+
+    quantization = "quantized"  # how the warnings name the format
+
+    def _adapted_forward(
+        self, x: torch.Tensor, deltas: list[SparseDelta], delta_biases: list[torch.Tensor], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        dtype = deltas[-1][1].dtype  # the trained values' (frozen deltas are float32 whatever the adapter's dtype)
+        bias = None
+        for delta_bias in delta_biases:
+            bias = delta_bias.to(dtype) if bias is None else bias + delta_bias.to(dtype)
+        # an all-zero "weight" that costs no memory: the product is the deltas' alone, with their gradients
+        zero = torch.zeros((), dtype=dtype, device=x.device).expand(self.weight_shape)
+        return result + self._linear(x, zero, bias, deltas).to(result.dtype)
+
+    def _write_merged_weight(self, adapter_name: str, merged_weight: torch.Tensor) -> Any:
+        backup = self._requantize(merged_weight)
+        error = (self.dense_base_weight() - merged_weight.float()).abs().max().item()
+        warnings.warn(
+            f"Merging SPU adapter {adapter_name!r} into a {self.quantization} weight rounds `W + delta` to the "
+            f"quantization grid: the merged weight differs from it by up to {error:.3g} per entry, so outputs may "
+            "differ slightly from the unmerged model's. `unmerge` restores the original quantized weight exactly.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return backup
+
+    @abstractmethod
+    def dense_base_weight(self) -> torch.Tensor:
+        """The dequantized base weight (float32)."""
+
+    @abstractmethod
+    def _requantize(self, weight: torch.Tensor) -> Any:
+        """Make the float `weight`, quantized, the base weight; return the replaced quantized weight."""
+
+    @abstractmethod
+    def _restore_weight(self, backup: Any) -> None:
+        """Put back the quantized weight `_requantize` returned."""

@@ -11,6 +11,7 @@ from peft.utils import CONFIG_NAME, _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from .bnb import bnb_layer_class
 from .config import (
     TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING,
     TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING,
@@ -24,6 +25,15 @@ from .loading import SPARSE_FIELDS, SPU_FIELDS, apply_changes, check_shapes, dec
 from .naming import PEFT_PREFIX, is_bias, is_stored_bias, relative_name, spu_layers, strip_wrappers
 
 MODEL_TAGS = ["spu", "selective-parameter-update", "continual-learning"]
+
+# The heads PEFT's task models put into `modules_to_save` themselves (`PeftModelForSequenceClassification` and its
+# kin), whichever of them the model has: so a classifier named `score` (LLaMA) or `classifier` (BERT) trains densely.
+# Only the names a user gave must match a module.
+PEFT_TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 
 class SPUModel(BaseTuner):
@@ -66,7 +76,11 @@ class SPUModel(BaseTuner):
             defaults = TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING.get(model_type)
             peft_config.modules_to_save = list(defaults) if defaults else None
         names = [relative_name(name) for name, _ in self.model.named_modules()]
+        task_type = getattr(peft_config.task_type, "value", peft_config.task_type)
+        added_by_peft = PEFT_TASK_MODULES_TO_SAVE.get(task_type, ())
         for wanted in peft_config.modules_to_save or ():
+            if wanted in added_by_peft:
+                continue
             if not any(name == wanted or name.endswith("." + wanted) for name in names):
                 raise ValueError(
                     f"`modules_to_save` names {wanted!r}, which matches no module of the model (PEFT would ignore it "
@@ -155,12 +169,8 @@ class SPUModel(BaseTuner):
             target.update_layer(adapter_name, spu_config, key=current_key)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, nn.Linear):
-            raise ValueError(
-                f"`target_modules` matched {current_key!r}, a {type(base).__name__}; SPU adapts `torch.nn.Linear` "
-                "layers only. Narrow `target_modules` to linear layers (e.g. ['fc1'])."
-            )
-        new_module = Linear(target, adapter_name, spu_config, key=current_key)
+        layer_class = _spu_layer_class(base, current_key)
+        new_module = layer_class(target, adapter_name, spu_config, key=current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -266,6 +276,28 @@ class SPUModel(BaseTuner):
         return remapped
 
 
+def _spu_layer_class(base: nn.Module, key: str) -> type[Linear]:
+    """The SPU layer for a target: bitsandbytes' quantized layers get theirs; a plain linear layer (`torch.nn.Linear`
+    or a subclass that keeps its `forward`, which SPU replaces by `F.linear` on the composed weight) with a
+    floating-point weight gets `Linear`. Anything else is refused, by its type, before it could run wrongly."""
+    quantized = bnb_layer_class(base)
+    if quantized is not None:
+        return quantized
+    weight = getattr(base, "weight", None)
+    what = f"a {type(base).__module__}.{type(base).__qualname__}"
+    if isinstance(base, nn.Linear):
+        if type(base).forward is not nn.Linear.forward:
+            what += " (a linear layer with its own `forward`, which SPU would bypass)"
+        elif not (isinstance(weight, torch.Tensor) and weight.is_floating_point()):
+            what += f" with a {getattr(weight, 'dtype', type(weight).__name__)} weight"
+        else:
+            return Linear
+    raise ValueError(
+        f"`target_modules` matched {key!r}, {what}; SPU adapts `torch.nn.Linear` layers with floating-point weights "
+        "and bitsandbytes' `Linear8bitLt` / `Linear4bit`. Narrow `target_modules` to such layers (e.g. ['fc1'])."
+    )
+
+
 def _restore_original_modules(model: nn.Module) -> None:
     """Put back the very module objects the injection wrapped (SPU layers' base layers, `modules_to_save`
     originals; PEFT's `unload` would return the trained copies), so the caller's model is as it was."""
@@ -290,7 +322,8 @@ def _check_dense_modules_can_combine(peft_config: dict, names: list[str]) -> Non
     holders: dict[str, list[str]] = {}
     for name in names:
         config = peft_config.get(name)
-        for module in (getattr(config, "modules_to_save", None) or []) if isinstance(config, SPUConfig) else []:
+        modules = (getattr(config, "modules_to_save", None) or []) if isinstance(config, SPUConfig) else []
+        for module in dict.fromkeys(modules):  # once each: PEFT's task models add their heads again on every load
             holders.setdefault(module, []).append(name)
     clashes = {module: who for module, who in holders.items() if len(who) > 1}
     if clashes:

@@ -266,7 +266,7 @@ def _resolve_adapter(model: nn.Module, adapter_name: str | None) -> tuple[str, S
 def _effective_weight(runner: nn.Module, layer: SPULayer, engine: str | None) -> torch.Tensor:
     """The layer's weight as the model currently uses it (base plus active adapters' deltas), whole."""
     with whole_parameters(runner, layer, engine, writeback=False):
-        weight = full_tensor(layer.get_base_layer().weight.detach())
+        weight = full_tensor(layer.dense_base_weight())
         if layer.merged:
             return weight.clone()
         active = [name for name in layer.active_adapters if name in layer.spu_indices]

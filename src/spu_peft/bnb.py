@@ -1,0 +1,121 @@
+"""SPU on bitsandbytes-quantized linear layers (`Linear8bitLt`, `Linear4bit`): QLoRA-style training of sparse deltas.
+
+The quantized base layer computes its own output; the sparse deltas' product is added in the adapter's float dtype
+(`QuantizedLinear`). Magnitude scores and merges read the dequantized weight; a merge requantizes `W + delta` and
+keeps the original quantized weight, so `unmerge` restores it exactly.
+
+bitsandbytes is imported only by a model that holds its layers, so `spu_peft` itself never imports it.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+from torch import nn
+
+from .layer import QuantizedLinear
+
+
+def _bnb():
+    """The bitsandbytes module if it has been imported (a model holding its layers did), else None."""
+    return sys.modules.get("bitsandbytes")
+
+
+def bnb_layer_class(base: nn.Module) -> type[QuantizedLinear] | None:
+    """The SPU layer for a bitsandbytes linear layer, None for any other module.
+
+    Raises:
+        ValueError: an 8-bit layer that keeps float16 master weights (`has_fp16_weights=True`), which SPU does not
+            support.
+    """
+    bnb = _bnb()
+    if bnb is None:
+        return None
+    if isinstance(base, bnb.nn.Linear4bit):
+        return Linear4bit
+    if isinstance(base, bnb.nn.Linear8bitLt):
+        if base.state.has_fp16_weights:
+            raise ValueError(
+                "SPU supports bitsandbytes `Linear8bitLt` layers with int8 weights only, not `has_fp16_weights=True` "
+                "(float16 master weights); load the model with BitsAndBytesConfig(load_in_8bit=True) and its default "
+                "`llm_int8_has_fp16_weight=False`."
+            )
+        return Linear8bitLt
+    return None
+
+
+class Linear8bitLt(QuantizedLinear):
+    """SPU on a bitsandbytes `Linear8bitLt` (LLM.int8(): int8 codes with one float scale per output row)."""
+
+    quantization = "8-bit"
+
+    def dense_base_weight(self) -> torch.Tensor:
+        base = self.get_base_layer()
+        weight = base.weight
+        if weight.dtype != torch.int8:  # not quantized yet (quantization happens on the first move to a device)
+            return weight.detach().float()
+        scales = base.state.SCB if base.state.SCB is not None else weight.SCB  # the first forward moves them
+        return _bnb().functional.int8_vectorwise_dequant(weight.data, scales.to(weight.device))
+
+    def _requantize(self, weight: torch.Tensor) -> tuple:
+        bnb = _bnb()
+        base = self.get_base_layer()
+        backup = (base.weight, base.state.CB, base.state.SCB)
+        codes, scales, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16))  # as `Int8Params` does
+        base.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales)
+        base.state.CB = base.state.SCB = None  # the next forward takes the new codes and scales from the weight
+        return backup
+
+    def _restore_weight(self, backup: tuple) -> None:
+        base = self.get_base_layer()
+        base.weight, base.state.CB, base.state.SCB = backup
+
+
+class Linear4bit(QuantizedLinear):
+    """SPU on a bitsandbytes `Linear4bit` (QLoRA's NF4 or FP4 codes with one scale per block of entries)."""
+
+    quantization = "4-bit"
+
+    def dense_base_weight(self) -> torch.Tensor:
+        weight = self.get_base_layer().weight
+        if not weight.bnb_quantized:  # not quantized yet (quantization happens on the first move to a device)
+            return weight.detach().float()
+        codes, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks the weight in place for its CPU inference kernel; unpack a copy of it
+            codes, state = _bnb().functional._convert_weight_packed_for_cpu_inverse(codes, copy.deepcopy(state))
+        return _bnb().functional.dequantize_4bit(codes, state).float()
+
+    def _requantize(self, weight: torch.Tensor) -> tuple:
+        bnb = _bnb()
+        base = self.get_base_layer()
+        old = base.weight
+        settings = {
+            "blocksize": old.blocksize,
+            "compress_statistics": old.compress_statistics,
+            "quant_type": old.quant_type,
+            "quant_storage": old.quant_storage,
+        }
+        codes, new_state = bnb.functional.quantize_4bit(weight.to(_original_dtype(old)), **settings)
+        base.weight = bnb.nn.Params4bit(
+            codes, requires_grad=False, quant_state=new_state, module=base, bnb_quantized=True, **settings
+        )
+        base.quant_state = new_state
+        return (old,)
+
+    def _restore_weight(self, backup: tuple) -> None:
+        base = self.get_base_layer()
+        (base.weight,) = backup
+        base.quant_state = base.weight.quant_state
+
+
+def _original_dtype(weight: nn.Parameter) -> torch.dtype:
+    """The dtype a 4-bit weight was quantized from (bitsandbytes dequantizes to it)."""
+    state = weight.quant_state
+    if not weight.bnb_quantized or state is None:
+        return weight.dtype
+    if getattr(state, "packing_format_for_cpu", False):  # the CPU repacking records the dtype it replaced
+        return state.original_dtype
+    return state.dtype

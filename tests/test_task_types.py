@@ -1,0 +1,144 @@
+"""Every `peft.TaskType` works with SPU as with LoRA: the same task model class, the same densely trained head (PEFT
+adds `classifier`/`score` or `qa_outputs` to `modules_to_save` itself), training, and a save/reload round trip."""
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from spu_peft import SPUConfig
+
+BERT = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+LLAMA = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=48, pad_token_id=0)  # fmt: skip
+T5 = dict(vocab_size=50, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0)
+BART = dict(vocab_size=50, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=32)  # fmt: skip
+IDS = torch.randint(1, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+
+# name: (task type, model builder, target modules (None: SPU's default for the model type), a labelled batch)
+CASES = {
+    "seq_cls_bert": (
+        TaskType.SEQ_CLS,
+        lambda: BertForSequenceClassification(BertConfig(**BERT, num_labels=3)),
+        None,
+        {"input_ids": IDS, "labels": torch.tensor([0, 2])},
+    ),
+    "seq_cls_llama": (
+        TaskType.SEQ_CLS,
+        lambda: LlamaForSequenceClassification(LlamaConfig(**LLAMA, num_labels=3)),
+        None,
+        {"input_ids": IDS, "labels": torch.tensor([0, 2])},
+    ),
+    "token_cls_bert": (
+        TaskType.TOKEN_CLS,
+        lambda: BertForTokenClassification(BertConfig(**BERT, num_labels=3)),
+        None,
+        {"input_ids": IDS, "labels": IDS % 3},
+    ),
+    "causal_lm_llama": (
+        TaskType.CAUSAL_LM,
+        lambda: LlamaForCausalLM(LlamaConfig(**LLAMA)),
+        None,
+        {"input_ids": IDS, "labels": IDS},
+    ),
+    "seq_2_seq_lm_t5": (
+        TaskType.SEQ_2_SEQ_LM,
+        lambda: T5ForConditionalGeneration(T5Config(**T5)),
+        ["wi"],
+        {"input_ids": IDS, "labels": IDS},
+    ),
+    "seq_2_seq_lm_bart": (
+        TaskType.SEQ_2_SEQ_LM,
+        lambda: BartForConditionalGeneration(BartConfig(**BART)),
+        ["fc1"],
+        {"input_ids": IDS, "labels": IDS},
+    ),
+    "question_ans_bert": (
+        TaskType.QUESTION_ANS,
+        lambda: BertForQuestionAnswering(BertConfig(**BERT)),
+        None,
+        {"input_ids": IDS, "start_positions": torch.tensor([1, 2]), "end_positions": torch.tensor([3, 4])},
+    ),
+    "feature_extraction_bert": (
+        TaskType.FEATURE_EXTRACTION,
+        lambda: BertModel(BertConfig(**BERT)),
+        None,
+        {"input_ids": IDS},
+    ),
+}
+
+
+def test_every_task_type_peft_knows_is_covered():
+    assert {task for task, *_ in CASES.values()} == set(TaskType)
+
+
+def build(name: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return CASES[name][1]().eval()  # eval: no dropout, so outputs compare exactly
+
+
+def main_output(outputs) -> torch.Tensor:
+    for key in ("logits", "start_logits", "last_hidden_state"):
+        if getattr(outputs, key, None) is not None:
+            return getattr(outputs, key)
+    raise AssertionError(f"no main output in {type(outputs).__name__}")
+
+
+def dense_trainable(model: torch.nn.Module) -> set[str]:
+    """Trainable parameters outside the adapter layers: the `modules_to_save` copies."""
+    return {
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad and not any(part.startswith(("spu_", "lora_")) for part in name.split("."))
+    }
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_task_type_trains_its_head_like_lora_and_round_trips(name, tmp_path):
+    task_type, _, targets, batch = CASES[name]
+    model = get_peft_model(build(name, 0), SPUConfig(task_type=task_type, target_modules=targets, init_weights=False))
+    lora = get_peft_model(build(name, 0), LoraConfig(task_type=task_type, target_modules=targets))
+    assert type(model) is type(lora)
+    heads = dense_trainable(model)
+    assert heads == dense_trainable(lora)  # the classifier / score / qa_outputs head trains densely, as with LoRA
+    assert bool(heads) == (task_type in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS, TaskType.QUESTION_ANS))
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    outputs = model(**batch)
+    loss = outputs.loss if outputs.get("loss") is not None else main_output(outputs).square().mean()
+    loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    # (a QA head's biases get no gradient: the softmax over positions ignores a shift common to all of them)
+    assert {n for n in heads if n.endswith(".weight")} <= changed and any(".spu_values." in n for n in changed)
+
+    with torch.no_grad():
+        expected = main_output(model(**batch))
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(build(name, 0), tmp_path)  # the same base, another PeftModel
+    assert type(reloaded) is type(model)
+    with torch.no_grad():
+        assert torch.equal(main_output(reloaded(**batch)), expected)
+
+
+def test_only_names_the_user_gave_must_match_a_module():
+    """PEFT adds `classifier` and `score` for SEQ_CLS whichever the model has; a name the user gave is checked."""
+    model = get_peft_model(build("seq_cls_bert", 0), SPUConfig(task_type="SEQ_CLS", modules_to_save=["pooler"]))
+    assert {n.split(".")[2] for n in dense_trainable(model)} == {"classifier", "bert"}  # bert.pooler's copy
+    with pytest.raises(ValueError, match="`modules_to_save` names 'poolr', which matches no module"):
+        get_peft_model(build("seq_cls_bert", 0), SPUConfig(task_type="SEQ_CLS", modules_to_save=["poolr"]))
