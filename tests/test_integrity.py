@@ -4,7 +4,6 @@ A test that names a finding (of the adversarial campaign on the earlier code) fa
 """
 
 import json
-import logging
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import spu_peft
 from spu_peft import SPUConfig, SPULayer, select_parameters
 from spu_peft.continual.checkpoint import OutputDirBusyError, claim_output_dir, release_output_dir
-from spu_peft.integrity import DIGEST_KEY, tensor_digest
+from spu_peft.integrity import DIGEST_KEY, SPUAdapterFileError, seal_file, tensor_digest
 
 ADAPTER_FILE = "adapter_model.safetensors"
 FC1 = "text_model.encoder.layers.0.mlp.fc1"
@@ -41,13 +40,16 @@ def logits(model):
 
 
 def rewrite(folder, edit, keep_metadata=True):
-    """Edit the tensors of a saved adapter, keeping its metadata (a tampered file) or dropping it (another tool)."""
+    """Edit the tensors of a saved adapter, keeping its metadata (a tampered file: the old digest) or not (another
+    tool that records a fresh digest, so the field checks, not the digest, must catch the edit)."""
     path = folder / ADAPTER_FILE
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     state = load_file(path)
     edit(state)
     save_file(state, path, metadata=metadata if keep_metadata else {"format": "pt"})
+    if not keep_metadata:
+        seal_file(path)
 
 
 def snapshot(model):
@@ -116,14 +118,27 @@ def test_tensors_changed_after_saving_are_refused_naming_the_file(tmp_path, edit
     assert str(tmp_path / ADAPTER_FILE) in str(error.value)
 
 
-def test_a_file_without_digest_loads_with_a_note(tmp_path, caplog):
-    model = trained()
-    model.save_pretrained(tmp_path)
-    rewrite(tmp_path, lambda state: None, keep_metadata=False)
-    with caplog.at_level(logging.INFO, logger="spu_peft.integrity"):
-        loaded = PeftModel.from_pretrained(make_tiny_clip(), tmp_path)
-    assert "carries no SPU digest" in caplog.text
-    assert torch.equal(logits(loaded), logits(model))
+@pytest.mark.parametrize("digest_key", [None, "spu_sha257"], ids=["no-metadata", "renamed-key"])
+def test_a_file_without_digest_is_refused_saying_how_to_save_it_again(tmp_path, digest_key):
+    """Hardening 3: with the digest's key renamed in the header and a value bit flipped, the file loaded silently
+    with other outputs (a file without a digest was only logged)."""
+    trained().save_pretrained(tmp_path)
+    path = tmp_path / ADAPTER_FILE
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    state = load_file(path)
+    key = next(k for k in state if k.endswith(".spu_values"))
+    state[key].view(torch.int32)[0] ^= 1 << 20
+    metadata = {"format": "pt"} | ({digest_key: metadata[DIGEST_KEY]} if digest_key else {})
+    save_file(state, path, metadata=metadata)
+    base = make_tiny_clip()
+    expected = logits(base)
+    with pytest.raises(SPUAdapterFileError, match="carries no SPU digest.*Save the adapter again") as error:
+        PeftModel.from_pretrained(base, tmp_path)
+    assert str(path) in str(error.value)
+    assert not any(isinstance(m, SPULayer) for m in base.modules()) and torch.equal(logits(base), expected)
+    seal_file(path)  # the way the message gives for a file one trusts
+    PeftModel.from_pretrained(make_tiny_clip(), tmp_path)
 
 
 def test_a_damaged_header_is_refused_naming_the_file(tmp_path):
