@@ -169,7 +169,12 @@ def staging_folder(target: str | os.PathLike[str]) -> Path:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=_STAGING, dir=target.parent))
+    return _sibling(target, _STAGING)
+
+
+def _sibling(target: Path, suffix: str) -> Path:
+    """A new empty folder `.<target>.<pid>.<random><suffix>` beside `target`."""
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=suffix, dir=target.parent))
 
 
 def replace_folder(staging: Path, target: str | os.PathLike[str], keep: Iterable[str] = ()) -> None:
@@ -186,7 +191,8 @@ def replace_folder(staging: Path, target: str | os.PathLike[str], keep: Iterable
             _link_tree(source, staging / name)
     for file in (p for p in staging.rglob("*") if p.is_file() and not p.is_symlink()):
         _fsync(file)
-    old = staging.with_name(staging.name.removesuffix(_STAGING) + _OLD)
+    ours = staging.name.startswith(f".{target.name}.{os.getpid()}.") and staging.name.endswith(_STAGING)
+    old = staging.with_name(staging.name.removesuffix(_STAGING) + _OLD) if ours else _sibling(target, _OLD)
     had_target = target.exists() or target.is_symlink()
     if had_target:
         os.replace(target, old)

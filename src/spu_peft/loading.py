@@ -357,8 +357,8 @@ def load_adapter(model: nn.Module, model_id: str | os.PathLike[str], adapter_nam
     refusal is an `SPUAdapterFileError` naming the file, and leaves the model as it was. `kwargs` go to PEFT.
     """
     folder = os.path.join(os.fspath(model_id), kwargs.get("subfolder") or "")
+    recover_folder(model_id)  # a no-op for a Hub name or a folder without leftovers
     if os.path.isdir(os.fspath(model_id)):
-        recover_folder(folder)
         check_config_file(os.path.join(folder, CONFIG_NAME))
         if isinstance(model, PeftModel) and adapter_name in model.peft_config:
             read_adapter_file(os.path.join(folder, WEIGHTS_NAME))
