@@ -57,9 +57,12 @@ def test_combining_refuses_unknown_or_existing_names(model):
 
 
 def test_dense_deltas_are_each_layers_sparse_entries_written_into_zeros(model):
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, SPULayer)}
+    """Keyed like adapter files and every other SPU API: relative to the base model (they carried PEFT's
+    `base_model.model.` prefix)."""
+    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, SPULayer)}
     deltas = dense_deltas(model, "b")
     assert deltas.keys() == layers.keys() and len(deltas) == 4
+    assert "text_model.encoder.layers.0.mlp.fc1" in deltas
     for name, layer in layers.items():
         expected = torch.zeros(layer.out_features * layer.in_features)
         expected[layer.spu_indices["b"].long()] = layer.spu_values["b"].detach()

@@ -1,5 +1,7 @@
 """SPUConfig defaults and the errors for impossible values."""
 
+import json
+
 import pytest
 import torch
 from conftest import make_tiny_clip
@@ -84,3 +86,17 @@ def test_initial_selection_is_reproducible_and_sized_by_density():
         assert torch.equal(indices, again[name])
         assert torch.equal(indices, indices.sort().values)
         assert not torch.equal(indices, other[name])
+
+
+def test_the_adapter_file_a_config_was_read_with_is_never_saved_compared_or_shown(tmp_path):
+    """`adapter_file` is runtime state of a load (declared, as PEFT declares `LoraConfig.runtime_config`)."""
+    get_peft_model(make_tiny_clip(), SPUConfig()).save_pretrained(tmp_path)
+    config = SPUConfig.from_pretrained(tmp_path)
+    assert config.adapter_file == str(tmp_path / "adapter_model.safetensors")
+    assert "adapter_file" not in json.loads((tmp_path / "adapter_config.json").read_text())
+    assert "adapter_file" not in config.to_dict() and "adapter_file" not in repr(config)
+    other = SPUConfig.from_pretrained(tmp_path)
+    other.adapter_file = "elsewhere"
+    assert config == other and SPUConfig().adapter_file is None
+    with pytest.raises(TypeError):
+        SPUConfig(adapter_file="elsewhere")  # not a setting

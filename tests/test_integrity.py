@@ -4,10 +4,12 @@ A test that names a finding (of the adversarial campaign on the earlier code) fa
 """
 
 import json
-import logging
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import spu_peft
 from spu_peft import SPUConfig, SPULayer, select_parameters
 from spu_peft.continual.checkpoint import OutputDirBusyError, claim_output_dir, release_output_dir
-from spu_peft.integrity import DIGEST_KEY, tensor_digest
+from spu_peft.integrity import DIGEST_KEY, SPUAdapterFileError, seal_file, tensor_digest
 
 ADAPTER_FILE = "adapter_model.safetensors"
 FC1 = "text_model.encoder.layers.0.mlp.fc1"
@@ -41,13 +43,16 @@ def logits(model):
 
 
 def rewrite(folder, edit, keep_metadata=True):
-    """Edit the tensors of a saved adapter, keeping its metadata (a tampered file) or dropping it (another tool)."""
+    """Edit the tensors of a saved adapter, keeping its metadata (a tampered file: the old digest) or not (another
+    tool that records a fresh digest, so the field checks, not the digest, must catch the edit)."""
     path = folder / ADAPTER_FILE
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     state = load_file(path)
     edit(state)
     save_file(state, path, metadata=metadata if keep_metadata else {"format": "pt"})
+    if not keep_metadata:
+        seal_file(path)
 
 
 def snapshot(model):
@@ -116,14 +121,27 @@ def test_tensors_changed_after_saving_are_refused_naming_the_file(tmp_path, edit
     assert str(tmp_path / ADAPTER_FILE) in str(error.value)
 
 
-def test_a_file_without_digest_loads_with_a_note(tmp_path, caplog):
-    model = trained()
-    model.save_pretrained(tmp_path)
-    rewrite(tmp_path, lambda state: None, keep_metadata=False)
-    with caplog.at_level(logging.INFO, logger="spu_peft.integrity"):
-        loaded = PeftModel.from_pretrained(make_tiny_clip(), tmp_path)
-    assert "carries no SPU digest" in caplog.text
-    assert torch.equal(logits(loaded), logits(model))
+@pytest.mark.parametrize("digest_key", [None, "spu_sha257"], ids=["no-metadata", "renamed-key"])
+def test_a_file_without_digest_is_refused_saying_how_to_save_it_again(tmp_path, digest_key):
+    """Hardening 3: with the digest's key renamed in the header and a value bit flipped, the file loaded silently
+    with other outputs (a file without a digest was only logged)."""
+    trained().save_pretrained(tmp_path)
+    path = tmp_path / ADAPTER_FILE
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    state = load_file(path)
+    key = next(k for k in state if k.endswith(".spu_values"))
+    state[key].view(torch.int32)[0] ^= 1 << 20
+    metadata = {"format": "pt"} | ({digest_key: metadata[DIGEST_KEY]} if digest_key else {})
+    save_file(state, path, metadata=metadata)
+    base = make_tiny_clip()
+    expected = logits(base)
+    with pytest.raises(SPUAdapterFileError, match="carries no SPU digest.*Save the adapter again") as error:
+        PeftModel.from_pretrained(base, tmp_path)
+    assert str(path) in str(error.value)
+    assert not any(isinstance(m, SPULayer) for m in base.modules()) and torch.equal(logits(base), expected)
+    seal_file(path)  # the way the message gives for a file one trusts
+    PeftModel.from_pretrained(make_tiny_clip(), tmp_path)
 
 
 def test_a_damaged_header_is_refused_naming_the_file(tmp_path):
@@ -310,3 +328,303 @@ def test_one_adapter_always_gives_the_same_file(tmp_path):
         model.save_pretrained(tmp_path / folder)
     files = {(tmp_path / f / ADAPTER_FILE).read_bytes() for f in ("a", "b", "c")}
     assert len(files) == 1
+
+
+# ---- hardening: files that are not what they should be, saves that are interrupted ------------------------------
+
+
+def model_state(model):
+    """Everything a refused load must leave as it was: module tree, values, `requires_grad` flags, adapters."""
+    return (
+        [(name, type(module).__name__) for name, module in model.named_modules()],
+        snapshot(model),
+        {name: p.requires_grad for name, p in model.named_parameters()},
+        sorted(getattr(model, "peft_config", {})),
+    )
+
+
+def same_state(a, b):
+    return (
+        a[0] == b[0]
+        and a[2] == b[2]
+        and a[3] == b[3]
+        and a[1].keys() == b[1].keys()
+        and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+    )
+
+
+def _replace_weights(folder, kind):
+    """The adapter file replaced by something that is not one (each a finding of the hardening review)."""
+    path = folder / ADAPTER_FILE
+    if kind == "deleted":
+        path.unlink()
+    elif kind == "dangling-symlink":
+        path.unlink()
+        path.symlink_to(folder / "nowhere.safetensors")
+    elif kind == "symlink-loop":
+        path.unlink()
+        path.symlink_to(path)
+    elif kind == "folder":
+        path.unlink()
+        path.mkdir()
+    elif kind == "dev-null":
+        path.unlink()
+        path.symlink_to("/dev/null")
+    elif kind == "fifo":
+        path.unlink()
+        os.mkfifo(path)
+    elif kind == "unprefixed-keys":
+        rewrite(
+            folder, lambda s: [s.__setitem__(k.removeprefix("base_model.model."), s.pop(k)) for k in list(s)], False
+        )
+    elif kind == "bin-with-nan":
+        state = load_file(path)
+        key = next(k for k in state if k.endswith(".spu_values"))
+        state[key][0] = float("nan")
+        torch.save(state, folder / "adapter_model.bin")
+        path.unlink()
+
+
+def _in_thread(call, seconds=20):
+    """Run `call`, returning its exception; fail instead of hanging (a FIFO blocks its reader forever)."""
+    outcome = []
+
+    def target():
+        try:
+            call()
+            outcome.append(None)
+        except Exception as error:  # noqa: BLE001 (returned to the test)
+            outcome.append(error)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the load hangs (still running after {seconds} s)"
+    return outcome[0]
+
+
+BROKEN_FILES = [
+    "deleted",
+    "dangling-symlink",
+    "symlink-loop",
+    "folder",
+    "dev-null",
+    "fifo",
+    "unprefixed-keys",
+    "bin-with-nan",
+]
+
+
+@pytest.mark.parametrize("kind", BROKEN_FILES)
+def test_a_file_that_is_not_an_adapter_file_is_refused_naming_it_and_changes_no_model(tmp_path, kind):
+    """Hardening 2 and 7: these left the base with SPU layers and every flag False, or the second adapter's name
+    (HFValidationError, IsADirectoryError, KeyError, a NaN from a .bin); a FIFO hung the load."""
+    saved = trained(seed=2)
+    saved.save_pretrained(tmp_path / "adapter")
+    folder = tmp_path / "adapter"
+    _replace_weights(folder, kind)
+    base = make_tiny_clip()
+    base.text_projection.weight.requires_grad_(False)  # flags other than all-True must come back too
+    holder = trained(seed=1)
+    before_base, before_holder = model_state(base), model_state(holder)
+    loads = [
+        lambda: PeftModel.from_pretrained(base, folder),
+        lambda: holder.load_adapter(folder, adapter_name="other"),
+        lambda: spu_peft.load_adapter(holder, folder, adapter_name="default"),
+    ]
+    for load in loads:
+        error = _in_thread(load)
+        assert isinstance(error, SPUAdapterFileError), repr(error)
+        assert str(folder) in str(error)
+        assert same_state(model_state(base), before_base) and same_state(model_state(holder), before_holder)
+
+
+def test_a_config_targeting_other_modules_leaves_no_wrappers_behind(tmp_path):
+    """Hardening 2: `load_adapter` of a refused file whose config targets other modules left their SPU wrappers."""
+    other = get_peft_model(make_tiny_clip(), SPUConfig(target_modules=["fc2"], modules_to_save=["text_projection"]))
+    other.save_pretrained(tmp_path)
+    rewrite(tmp_path, lambda s: s.pop(next(k for k in s if k.endswith("layers.1.mlp.fc2.spu_bias"))), False)
+    holder = trained(seed=1)
+    before = model_state(holder)
+    with pytest.raises(SPUAdapterFileError, match="no bias delta"):
+        holder.load_adapter(tmp_path, adapter_name="fc2")
+    assert same_state(model_state(holder), before)
+    assert holder.active_adapters == ["default"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (json.dumps(["peft_type", "SPU"]).encode(), "holds a JSON list"),
+        ('{"peft_type": "SPU"}'.encode("utf-16"), "not UTF-8 JSON"),
+        (b"", "not UTF-8 JSON"),
+    ],
+    ids=["json-list", "utf-16", "empty"],
+)
+def test_a_config_peft_cannot_read_is_refused_by_load_adapter_naming_it(tmp_path, content, message):
+    """Hardening 8: a config that is a JSON list or UTF-16 failed inside PEFT (TypeError, UnicodeDecodeError)
+    without the file's name."""
+    trained().save_pretrained(tmp_path)
+    (tmp_path / "adapter_config.json").write_bytes(content)
+    base = make_tiny_clip()
+    before = model_state(base)
+    with pytest.raises(SPUAdapterFileError, match=message) as error:
+        spu_peft.load_adapter(base, tmp_path)
+    assert str(tmp_path / "adapter_config.json") in str(error.value)
+    assert same_state(model_state(base), before)
+
+
+def test_a_damaged_file_loaded_into_an_existing_adapter_is_refused_naming_it(tmp_path):
+    """Hardening 8: loading into an existing name read the file in PEFT: `SafetensorError: Error while deserializing
+    header` without the file's name."""
+    trained().save_pretrained(tmp_path)
+    data = (tmp_path / ADAPTER_FILE).read_bytes()
+    (tmp_path / ADAPTER_FILE).write_bytes(data[:100])
+    holder = trained(seed=1)
+    before = model_state(holder)
+    with pytest.raises(SPUAdapterFileError, match="not a readable safetensors file") as error:
+        spu_peft.load_adapter(holder, tmp_path, adapter_name="default")
+    assert str(tmp_path / ADAPTER_FILE) in str(error.value)
+    assert same_state(model_state(holder), before)
+
+
+def test_a_regex_that_does_not_compile_is_refused_naming_the_field():
+    """Hardening 8: "unterminated character set at position 0" from deep inside PEFT's matching."""
+    for field in ("target_modules", "exclude_modules"):
+        with pytest.raises(ValueError, match=rf"`{field}` = '\[fc1' is read as a regular expression.*re.escape"):
+            SPUConfig(**{field: "[fc1"})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "dtype"),
+    [("spu_values", float("nan"), torch.float32), ("spu_bias", 1e20, torch.float32), ("spu_values", 300.0, None)],
+    ids=["nan", "beyond-float32", "beyond-float16-base"],
+)
+def test_a_save_refuses_what_a_load_would_refuse(tmp_path, field, value, dtype):
+    """Hardening 4: NaN or a value beyond the dtype's limit was saved, and the file then refused on load."""
+    model = trained()
+    if dtype is None:
+        model = get_peft_model(make_tiny_clip().half(), SPUConfig(init_weights=False))
+    spu_peft.save_adapter(model, tmp_path / "adapter")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()}
+    layer = next(m for m in model.modules() if isinstance(m, SPULayer))
+    with torch.no_grad():
+        getattr(layer, field)["default"].view(-1)[0] = value
+    with pytest.raises(
+        ValueError, match=rf"cannot save adapter 'default': module `.*fc1` \({field}\) (contains|holds)"
+    ):
+        spu_peft.save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="loading would refuse the file"):
+        model.save_pretrained(tmp_path / "plain")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()} == files
+    assert not (tmp_path / "plain" / ADAPTER_FILE).exists()
+
+
+@pytest.mark.parametrize("path", ["", "a-file"])
+def test_save_adapter_refuses_an_empty_path_or_a_file(tmp_path, monkeypatch, path):
+    """Hardening 8: `save_adapter(model, "")` wrote into the current folder; a file gave FileExistsError."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("keep")
+    with pytest.raises(ValueError, match="empty; pass the folder" if not path else "'a-file' is a file; pass a folder"):
+        spu_peft.save_adapter(trained(), path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    assert (tmp_path / "a-file").read_text() == "keep"
+
+
+def folder_files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}."))
+
+
+def test_save_adapter_leaves_the_old_or_the_new_adapter_whichever_rename_fails(tmp_path, monkeypatch):
+    """Hardening 1: an I/O error at the 4th or 5th rename left new weights beside the old config and card."""
+    target = tmp_path / "adapter"
+    spu_peft.save_adapter(trained(seed=0), target)
+    old = folder_files(target)
+    new_model = trained(seed=3)
+    spu_peft.save_adapter(new_model, tmp_path / "reference")
+    new = folder_files(tmp_path / "reference")
+    real = os.replace
+    calls = []
+    monkeypatch.setattr(os, "replace", lambda *a: calls.append(a) or real(*a))
+    spu_peft.save_adapter(new_model, tmp_path / "counted")
+    renames = len(calls)
+    assert renames >= 2
+    for failing in range(renames):
+        shutil.rmtree(target)
+        spu_peft.save_adapter(trained(seed=0), target)
+        calls.clear()
+
+        def replace(*args, failing=failing):
+            calls.append(args)
+            if len(calls) == failing + 1:
+                raise OSError(28, "No space left on device")
+            return real(*args)
+
+        monkeypatch.setattr(os, "replace", replace)
+        with pytest.raises(OSError, match="No space left"):
+            spu_peft.save_adapter(new_model, target)
+        monkeypatch.setattr(os, "replace", real)
+        assert folder_files(target) in (old, new), failing
+        assert leftovers(target) == [], failing
+    spu_peft.save_adapter(new_model, target)
+    assert folder_files(target) == new
+
+
+def test_save_adapter_replaces_a_model_card_that_is_a_folder_whole(tmp_path):
+    """Hardening 1: a `README.md` that is a folder stopped the save after the weights were renamed into place."""
+    spu_peft.save_adapter(trained(seed=0), tmp_path / "adapter")
+    shutil.rmtree(tmp_path / "adapter")
+    (tmp_path / "adapter" / "README.md").mkdir(parents=True)
+    (tmp_path / "adapter" / "notes.txt").write_text("the user's own file")
+    model = trained(seed=3)
+    spu_peft.save_adapter(model, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "README.md").is_file()
+    assert (tmp_path / "adapter" / "notes.txt").read_text() == "the user's own file"  # files of the user's stay
+    assert torch.equal(logits(PeftModel.from_pretrained(make_tiny_clip(), tmp_path / "adapter")), logits(model))
+    assert leftovers(tmp_path / "adapter") == []
+
+
+def save_in_a_child_killed_at_rename(model, target, kill_at):
+    """Fork a child that saves `model` to `target` and dies (`os._exit`: no cleanup runs, as under SIGKILL) at its
+    `kill_at`-th rename; returns its exit code (9: killed, 0: the save had fewer renames and finished)."""
+    pid = os.fork()
+    if pid == 0:
+        calls, real = [], os.replace
+
+        def replace(*args):
+            calls.append(args)
+            if len(calls) == kill_at + 1:
+                os._exit(9)
+            return real(*args)
+
+        os.replace = replace
+        try:
+            spu_peft.save_adapter(model, target)
+        finally:
+            os._exit(0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_a_killed_save_leaves_the_old_or_the_new_adapter_and_no_staging_copy(tmp_path):
+    """Hardening 1: every killed save left a `.<name>.*.saving` staging copy behind, for good. A child process
+    saving is killed (`os._exit`, no cleanup runs) at each rename; the next load or save finds one adapter."""
+    target = tmp_path / "adapter"
+    spu_peft.save_adapter(trained(seed=0), target)
+    old = folder_files(target)
+    new_model = trained(seed=3)
+    spu_peft.save_adapter(new_model, tmp_path / "reference")
+    new = folder_files(tmp_path / "reference")
+    seen = set()
+    for kill_at in range(5):
+        shutil.rmtree(target)
+        spu_peft.save_adapter(trained(seed=0), target)
+        seen.add(save_in_a_child_killed_at_rename(new_model, target, kill_at))
+        loaded = spu_peft.load_adapter(make_tiny_clip(), target)  # completes or undoes the interrupted swap
+        assert folder_files(target) in (old, new), kill_at
+        assert leftovers(target) == [], kill_at
+        assert torch.equal(logits(loaded), logits(new_model if folder_files(target) == new else trained(seed=0)))
+    assert seen == {9, 0}  # killed at each rename, then a save with fewer renames finished

@@ -31,6 +31,7 @@ PUBLIC = {
         "Linear",
         "MODEL_TAGS",
         "SCORES",
+        "SPUAdapterFileError",
         "SPUConfig",
         "SPULayer",
         "SPUModel",
@@ -40,6 +41,7 @@ PUBLIC = {
         "__version__",
         "dense_deltas",
         "fold_adapters",
+        "load_adapter",
         "model_card_section",
         "save_adapter",
         "scalar_parameters",
@@ -145,3 +147,18 @@ def test_the_engine_keeps_one_zero_shot_evaluation():
 
     assert not {"zero_shot_accuracy", "zero_shot_predictions", "class_text_embeddings"} & set(dir(spu_peft.embedded))
     assert spu_peft.continual.zero_shot_accuracy.__module__ == "spu_peft.continual.evaluation"
+
+
+def test_spu_registers_by_hand_because_peft_refuses_outside_names():
+    """PEFT's public `register_peft_method` accepts only names of its closed `PeftType` enum, so `import spu_peft`
+    writes SPU into PEFT's three mapping tables itself. If this fails, PEFT opened registration: use it instead."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import register_peft_method
+
+    import spu_peft
+
+    with pytest.raises(ValueError, match="Unknown PEFT type SPU"):
+        register_peft_method(name="spu", config_cls=spu_peft.SPUConfig, model_cls=spu_peft.SPUModel, prefix="spu_")
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[spu_peft.SPUPeftType.SPU] is spu_peft.SPUConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[spu_peft.SPUPeftType.SPU] is spu_peft.SPUModel
+    assert PEFT_TYPE_TO_PREFIX_MAPPING[spu_peft.SPUPeftType.SPU] == "spu_"

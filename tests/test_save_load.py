@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import spu_peft
 from spu_peft import SPUConfig, SPULayer, select_parameters
+from spu_peft.integrity import seal_file
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -98,9 +99,12 @@ def test_named_adapter_goes_to_a_subfolder_and_loads_under_its_name(tmp_path):
 
 
 def _tamper(path, edit):
+    """Edit a saved file's tensors and record a fresh digest (as a tool that seals what it writes would), so the
+    field checks, not the digest, must catch the edit."""
     state = load_file(path / ADAPTER_FILE)
     edit(state)
     save_file(state, path / ADAPTER_FILE)
+    seal_file(path / ADAPTER_FILE)
 
 
 FC1 = "text_model.encoder.layers.0.mlp.fc1"

@@ -10,7 +10,9 @@ from .compose import dense_deltas, fold_adapters, subtract_adapter
 from .config import SPUConfig, SPUPeftType
 from .distributed import save_adapter, scalar_parameters
 from .hub import model_card_section, update_model_card
+from .integrity import SPUAdapterFileError
 from .layer import Linear, SPULayer
+from .loading import load_adapter
 from .model import MODEL_TAGS, SPUModel
 from .selection import SCORES, SelectionReport, select_parameters
 from .trainer import SPUSelectionCallback
@@ -19,7 +21,8 @@ __version__ = "0.1.0"
 
 
 def _register() -> None:
-    """Put SPU into PEFT's registries (PEFT's `register_peft_method` accepts only its own `PeftType` names)."""
+    """Put SPU into PEFT's registries by hand: PEFT's public `peft.utils.register_peft_method` refuses every name
+    outside its closed `PeftType` enum ("Unknown PEFT type SPU", checked by tests/test_public_api.py)."""
     PEFT_TYPE_TO_CONFIG_MAPPING[SPUPeftType.SPU] = SPUConfig
     PEFT_TYPE_TO_TUNER_MAPPING[SPUPeftType.SPU] = SPUModel
     PEFT_TYPE_TO_PREFIX_MAPPING[SPUPeftType.SPU] = SPUModel.prefix
@@ -31,6 +34,7 @@ __all__ = [
     "MODEL_TAGS",
     "SCORES",
     "Linear",
+    "SPUAdapterFileError",
     "SPUConfig",
     "SPULayer",
     "SPUModel",
@@ -40,6 +44,7 @@ __all__ = [
     "__version__",
     "dense_deltas",
     "fold_adapters",
+    "load_adapter",
     "model_card_section",
     "save_adapter",
     "scalar_parameters",

@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import SPUConfig
 from .layer import SPULayer, union_sum
+from .naming import auxiliary_wrappers, spu_layers
 
 
 def _spu_configs(model: nn.Module, adapter_names: Sequence[str]) -> list[SPUConfig]:
@@ -37,11 +38,11 @@ def _combine(model: nn.Module, terms: Sequence[tuple[str, float]], new_adapter_n
     config.selection = {"combined_from": [f"{'+' if sign > 0 else '-'}{name}" for name, sign in terms]}
     config.init_weights = True
     model.add_adapter(new_adapter_name, config)
-    for module in model.modules():
-        if isinstance(module, SPULayer) and new_adapter_name in module.spu_indices:
-            _combine_layer(module, terms, new_adapter_name)
-        elif isinstance(module, ModulesToSaveWrapper) and source in module.modules_to_save:
-            module.modules_to_save[new_adapter_name].load_state_dict(module.modules_to_save[source].state_dict())
+    for _, layer in spu_layers(model, new_adapter_name):
+        _combine_layer(layer, terms, new_adapter_name)
+    for _, wrapper in auxiliary_wrappers(model, new_adapter_name):
+        if isinstance(wrapper, ModulesToSaveWrapper) and source in wrapper.modules_to_save:
+            wrapper.modules_to_save[new_adapter_name].load_state_dict(wrapper.modules_to_save[source].state_dict())
 
 
 def _combine_layer(layer: SPULayer, terms: Sequence[tuple[str, float]], new: str) -> None:
@@ -77,9 +78,6 @@ def subtract_adapter(model: nn.Module, adapter_name: str, remove: str, new_adapt
 
 
 def dense_deltas(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The dense weight delta of every SPU layer of an adapter, keyed by module name (for inspection)."""
-    return {
-        name: module.get_delta_weight(adapter_name)
-        for name, module in model.named_modules()
-        if isinstance(module, SPULayer) and adapter_name in module.spu_indices
-    }
+    """The dense weight delta of every SPU layer of an adapter, keyed by module name as adapter files and every other
+    SPU API spell it (`naming.relative_name`: no `base_model.model.`, no wrapper segments), for inspection."""
+    return {name: layer.get_delta_weight(adapter_name) for name, layer in spu_layers(model, adapter_name)}

@@ -6,6 +6,7 @@ import enum
 import json
 import numbers
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -13,7 +14,7 @@ from huggingface_hub import hf_hub_download
 from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME
 
-from .integrity import WEIGHTS_NAME, atomic_write_text, seal_file, verify_file
+from .integrity import WEIGHTS_NAME, SPUAdapterFileError, atomic_write_text, check_regular_file, seal_file
 
 
 class SPUPeftType(str, enum.Enum):
@@ -94,7 +95,9 @@ class SPUConfig(PeftConfig):
             Filled in by `select_parameters`: the score, the share of data used and a description of the data, so
             a saved adapter says how its entries were chosen. Leave it `None`.
 
-    `SPUConfig.from_pretrained` also sets `weights_file`, the adapter file it found beside the config (not saved).
+    `adapter_file` is not a setting: `from_pretrained` records there the adapter file beside the config, which the
+    tuner checks against the model as soon as it has injected the layers (and undoes the injection if it does not
+    fit). It is never saved, compared or shown, as PEFT does with `LoraConfig.runtime_config`.
     """
 
     target_modules: list[str] | str | None = field(
@@ -119,6 +122,13 @@ class SPUConfig(PeftConfig):
     seed: int = field(default=0, metadata={"help": "Seed of the initial selection and of the random score."})
     selection: dict[str, Any] | None = field(
         default=None, metadata={"help": "How the entries were selected; written by select_parameters."}
+    )
+    adapter_file: str | None = field(
+        default=None,
+        init=False,
+        repr=False,
+        compare=False,
+        metadata={"help": "Runtime only, never saved: the adapter file from_pretrained found beside this config."},
     )
 
     def __post_init__(self) -> None:
@@ -146,6 +156,12 @@ class SPUConfig(PeftConfig):
         if self.selection is not None and not isinstance(self.selection, dict):
             raise ValueError(f"`selection` must be a dict written by select_parameters or None, got {self.selection!r}")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The settings, without the runtime `adapter_file`."""
+        output = super().to_dict()
+        output.pop("adapter_file", None)
+        return output
+
     def to_json_dict(self) -> dict[str, Any]:
         """The config as `adapter_config.json` holds it; a field JSON cannot hold raises a `ValueError` naming it."""
         output = self.to_dict()
@@ -153,6 +169,8 @@ class SPUConfig(PeftConfig):
             if isinstance(value, set):
                 output[key] = sorted(value)
         for spec in fields(self):
+            if spec.name not in output:
+                continue
             try:
                 json.dumps(output[spec.name], allow_nan=False)
             except (TypeError, ValueError) as error:
@@ -165,8 +183,9 @@ class SPUConfig(PeftConfig):
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write `adapter_config.json` through a temporary file, after checking that JSON can hold every field.
 
-        PEFT writes the weights first and the config last, so this also seals the folder: the digest of the adapter
-        file's tensors goes into its metadata (`spu_peft.integrity`), which loading verifies.
+        PEFT writes the weights first and the config last, and writes the weights with fixed metadata; this, the only
+        SPU code PEFT runs after the weights are on disk, records their digest in the file's metadata
+        (`integrity.seal_file`: the header rewritten through a temporary file and a rename), which loading requires.
         """
         output = self.to_json_dict()
         if (auto_mapping := kwargs.pop("auto_mapping_dict", None)) is not None:
@@ -180,46 +199,64 @@ class SPUConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
-        """PEFT's loader, then the adapter file is read and checked against its digest before any model changes.
+        """PEFT's loader, with errors naming the file; then the adapter file beside the config is located (fetched
+        from the Hub where the config came from there) and recorded in `adapter_file`.
 
-        The config remembers the file (`weights_file`), so the tuner can check its tensors against the model right
-        after injecting the layers, and undo the injection if they do not fit.
+        This runs before PEFT changes the model, so a missing weights file, one that is not a regular file (a
+        folder, a FIFO that would block the reader, a dangling symlink) or a pickle `adapter_model.bin` without a
+        digest is refused here; the file's contents are checked by the tuner (`SPUModel.inject_adapter`).
         """
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         try:
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        except (ValueError, TypeError) as error:  # json.JSONDecodeError is a ValueError
+        except (ValueError, TypeError) as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
             if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
                 raise  # nothing was read: PEFT's own message says what is missing
-            raise ValueError(
+            raise SPUAdapterFileError(
                 f"{os.path.join(folder, CONFIG_NAME)}: {error}. The file is damaged or was edited; save the adapter "
                 "again, or restore the file from a copy."
             ) from error
-        weights = _weights_file(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
-        if weights is not None:
-            verify_file(weights)
-            config.weights_file = weights
+        config.adapter_file = _weights_file(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
         return config
 
 
-def _weights_file(name_or_path: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> str | None:
-    """The adapter file beside the config: in the folder, or fetched from the Hub (PEFT fetches it next anyway).
-
-    None when there is none to check here; PEFT's own loading then reports what is missing.
-    """
-    local = os.path.join(name_or_path, subfolder or "", WEIGHTS_NAME)
-    if os.path.isfile(local):
-        return local
+def _weights_file(name_or_path: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> str:
+    """The adapter file beside the config: in the folder, or fetched from the Hub (PEFT fetches it next anyway)."""
+    folder = os.path.join(name_or_path, subfolder or "")
     if os.path.isdir(name_or_path):
-        return None
+        local = os.path.join(folder, WEIGHTS_NAME)
+        if not os.path.lexists(local) and os.path.lexists(os.path.join(folder, "adapter_model.bin")):
+            raise SPUAdapterFileError(
+                f"{os.path.join(folder, 'adapter_model.bin')}: SPU adapters load from {WEIGHTS_NAME}, whose digest "
+                "shows they are intact; a pickled .bin carries none. Load it with the code that saved it and save "
+                "it again with `save_pretrained` (safe_serialization=True, the default)."
+            )
+        if not os.path.lexists(local):
+            raise SPUAdapterFileError(
+                f"{local}: missing beside {CONFIG_NAME}; the adapter folder is incomplete. Save the adapter again, or "
+                "restore the file from a copy."
+            )
+        check_regular_file(local, "adapter file")
+        return local
     try:
         return hf_hub_download(name_or_path, WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
-    except Exception:  # noqa: BLE001 (offline, missing, or only a .bin: PEFT's loading raises its own error)
-        return None
+    except Exception as error:  # noqa: BLE001 (offline, missing, or only a .bin: each is a refusal here)
+        raise SPUAdapterFileError(
+            f"{name_or_path}: could not fetch {WEIGHTS_NAME} ({error}); SPU adapters are loaded from that file. "
+            "Check the repository name and your connection, or load from a local folder."
+        ) from error
 
 
 def _names(name: str, value: Any, allow_regex: bool) -> set[str] | list[str] | str | None:
     """Module names as PEFT takes them: None, a list or set of strings, or (where PEFT allows) one regex string."""
+    if allow_regex and isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(
+                f"`{name}` = {value!r} is read as a regular expression, and it is not one ({error}). Escape special "
+                "characters (`re.escape`), or pass a list of module names, e.g. ['fc1']."
+            ) from error
     if value is None or (allow_regex and isinstance(value, str)):
         return value
     if isinstance(value, (list, set, tuple)) and all(isinstance(item, str) and item for item in value):

@@ -1,21 +1,30 @@
-"""Adapter files that say whether they are intact, and writes that never leave half a file under a real name.
+"""Files that say whether they are intact, and writes that readers see whole or not at all.
 
-safetensors files carry a string-to-string metadata header that every reader (PEFT's loaders included) passes over,
-so SPU records there a SHA-256 digest of the tensors (names, dtypes, shapes and bytes). A byte flipped in the data, two
-tensors swapped or a dtype rewritten in the header change the digest; loading compares it before any weight is
-written. Files written without one (earlier versions, other tools) still load, after a note in the log.
+The one place in spu-peft that hashes tensors and replaces files or folders:
+
+- `tensor_digest` / `hash_tensors`: SHA-256 over tensors' names, dtypes, shapes and bytes. safetensors files carry a
+  string-to-string metadata header that every reader (PEFT's loaders included) passes over, so SPU records the digest
+  of an adapter file's tensors there; a flipped byte, two swapped tensors or a rewritten dtype change it.
+- `verify_file`: the tensors of an adapter file, refused with an `SPUAdapterFileError` naming the file unless it is a
+  regular file, readable safetensors, and carries a digest its tensors match.
+- `replacing` / `atomic_write_text`: a file written beside its target and renamed over it.
+- `staging_folder` / `replace_folder` / `recover_folder`: a whole folder written beside its target and swapped in with
+  renames; whatever stops a swap (an error, a kill), the next `recover_folder` leaves the old folder or the new one,
+  and no staging copy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,26 +35,58 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 DIGEST_KEY = "spu_sha256"
+# suffixes of the folders a swap leaves beside its target while it runs
+_STAGING, _OLD = ".saving", ".old"
 
 
-def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
-    digest = hashlib.sha256()
+class SPUAdapterFileError(ValueError):
+    """An SPU adapter file or folder that cannot be loaded as it is: damaged, edited, incomplete, or made for another
+    model or config. The message names the file (or the module and field) and says what to do."""
+
+
+def hash_tensors(digest: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Feed every tensor's name, dtype, shape and bytes, in name order, into the hashlib object `digest`."""
     for key in sorted(tensors):
         tensor = tensors[key].detach().cpu().contiguous()
         digest.update(f"{key}\0{str(tensor.dtype)}\0{tuple(tensor.shape)}\0".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return digest
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) over every tensor's name, dtype, shape and bytes, in name order."""
+    return hash_tensors(hashlib.sha256(), tensors).hexdigest()
+
+
+def check_regular_file(path: str | os.PathLike[str], what: str = "file") -> None:
+    """Refuse, before anything opens it, a path that is not a regular file: missing, a dangling or looping symlink,
+    a folder, a FIFO (whose reader would wait forever) or a device."""
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        link = " (a symlink whose target is missing or loops)" if os.path.islink(path) else ""
+        raise SPUAdapterFileError(
+            f"{path}: the {what} cannot be read{link}: {error.strerror}. Save the adapter again, or restore the file "
+            "from a copy."
+        ) from error
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise SPUAdapterFileError(
+            f"{path}: the {what} is {kind}; SPU reads adapters only from regular files. Put the file there that "
+            "`save_pretrained` wrote, or save the adapter again."
+        )
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file; a truncated or damaged file raises a `ValueError` naming it."""
+    """(tensors, metadata) of a safetensors file; anything else raises an `SPUAdapterFileError` naming it."""
+    check_regular_file(path, "safetensors file")
     try:
         with safe_open(os.fspath(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
     except Exception as error:  # safetensors raises its own error type, without the path, for every kind of damage
-        raise ValueError(
+        raise SPUAdapterFileError(
             f"{os.fspath(path)}: not a readable safetensors file ({error}); it is truncated or damaged. Save the "
             "adapter again, or restore the file from a copy."
         ) from error
@@ -53,17 +94,21 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
 
 
 def verify_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter file, after checking them against the digest recorded when it was saved."""
+    """The tensors of an adapter file, after checking them against the digest recorded when it was saved.
+
+    A file without a digest is refused too: with the digest's key renamed, any edit would pass unnoticed.
+    """
     tensors, metadata = read_safetensors(path)
     recorded = metadata.get(DIGEST_KEY)
     if recorded is None:
-        logger.info(
-            "%s carries no SPU digest (saved by an earlier version or another tool): its tensors are checked field "
-            "by field only.",
-            os.fspath(path),
+        raise SPUAdapterFileError(
+            f"{os.fspath(path)}: carries no SPU digest (`{DIGEST_KEY}` in its safetensors metadata), so SPU cannot "
+            "tell whether it was altered. It was edited, written by another tool or by spu-peft before 0.1. Save "
+            "the adapter again with `save_pretrained` or `spu_peft.save_adapter`; for a file you trust, "
+            "`spu_peft.integrity.seal_file(path)` records its digest."
         )
-    elif recorded != tensor_digest(tensors):
-        raise ValueError(
+    if recorded != tensor_digest(tensors):
+        raise SPUAdapterFileError(
             f"{os.fspath(path)}: the tensors do not match the digest recorded when the adapter was saved; the file "
             "was altered or damaged after saving. Save the adapter again, or restore the file from a copy."
         )
@@ -93,19 +138,19 @@ def seal_file(path: str | os.PathLike[str]) -> None:
 
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike[str]) -> Iterator[str]:
-    """`with replacing(path) as tmp:` write `tmp` (same folder); on success it becomes `path` in one rename.
+    """`with replacing(path) as tmp:` write `tmp` (same folder, same suffix); on success it becomes `path` in one
+    rename.
 
     Readers see the old file or the new one, never a part; on an error the temporary file is removed and `path`
     stays as it was.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent)
     os.close(handle)
     try:
         yield tmp
-        with open(tmp, "rb+") as written:
-            os.fsync(written.fileno())
+        _fsync(Path(tmp))
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -117,24 +162,143 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         Path(tmp).write_text(text)
 
 
-def save_pretrained_atomically(model: Any, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
-    """`model.save_pretrained` into a staging folder beside `save_directory`, then each file renamed into place.
+def staging_folder(target: str | os.PathLike[str]) -> Path:
+    """A new, empty folder beside `target` to write its next version into, for `replace_folder`.
 
-    Every check and every byte happens in the staging folder, so a failing save leaves the adapter that was in
-    `save_directory` as it was; each file then changes in one rename (weights before their config), so no reader
-    ever sees part of a file.
+    Its name (`.<target>.<pid>.<random>.saving`) tells `recover_folder` which process made it.
     """
-    target = Path(save_directory)
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".saving", dir=target.parent))
+    return _sibling(target, _STAGING)
+
+
+def _sibling(target: Path, suffix: str) -> Path:
+    """A new empty folder `.<target>.<pid>.<random><suffix>` beside `target`."""
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=suffix, dir=target.parent))
+
+
+def replace_folder(staging: Path, target: str | os.PathLike[str], keep: Iterable[str] = ()) -> None:
+    """Swap the finished `staging` folder in as `target`, and delete the old one.
+
+    The entries of the old `target` named in `keep` and absent from `staging` are carried over (hard links, else
+    copies). Two renames: `target` to `.<target>.<token>.old`, then `staging` to `target`. An error between them puts
+    the old folder back; a kill between them leaves both beside an absent `target`, which `recover_folder` completes.
+    """
+    target = Path(target)
+    for name in keep:
+        source = target / name
+        if (source.exists() or source.is_symlink()) and not (staging / name).exists():
+            _link_tree(source, staging / name)
+    for file in (p for p in staging.rglob("*") if p.is_file() and not p.is_symlink()):
+        _fsync(file)
+    ours = staging.name.startswith(f".{target.name}.{os.getpid()}.") and staging.name.endswith(_STAGING)
+    old = staging.with_name(staging.name.removesuffix(_STAGING) + _OLD) if ours else _sibling(target, _OLD)
+    had_target = target.exists() or target.is_symlink()
+    if had_target:
+        os.replace(target, old)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if had_target:
+            os.replace(old, target)
+        raise
+    _fsync_folder(target.parent)
+    if had_target:
+        _remove(old)
+
+
+def recover_folder(target: str | os.PathLike[str]) -> None:
+    """Finish or undo what a killed `replace_folder` left beside `target`: put the new folder in place if the kill
+    came between its two renames, and delete every staging copy and old folder that no living process is writing."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    leftovers = sorted(
+        p for p in target.parent.glob(f".{glob.escape(target.name)}.*") if p.name.endswith((_STAGING, _OLD))
+    )
+    for path in leftovers:
+        if _writer_alive(path, target):
+            continue
+        if path.name.endswith(_OLD) and not (target.exists() or target.is_symlink()):
+            staged = path.with_name(path.name.removesuffix(_OLD) + _STAGING)
+            os.replace(staged if staged.is_dir() else path, target)  # the new folder was complete: it was staged
+            logger.info("completed the interrupted save of %s", target)
+    for path in leftovers:
+        if (path.exists() or path.is_symlink()) and not _writer_alive(path, target):
+            _remove(path)
+
+
+def _writer_alive(path: Path, target: Path) -> bool:
+    """Whether the process that made this staging copy or old folder still runs (and may still be swapping)."""
+    token = path.name[len(target.name) + 2 :].split(".", 1)[0]
+    if not token.isdigit():
+        return False
+    pid = int(token)
+    if pid == os.getpid():
+        return False  # this process is not inside a swap while it recovers
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _link_tree(source: Path, destination: Path) -> None:
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, destination, symlinks=True, copy_function=_link_or_copy)
+    elif source.is_symlink():
+        os.symlink(os.readlink(source), destination)
+    else:
+        _link_or_copy(source, destination)
+
+
+def _link_or_copy(source: str | Path, destination: str | Path) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_folder(path: Path) -> None:
+    with contextlib.suppress(OSError):  # some file systems cannot sync a folder; the renames stand regardless
+        handle = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+
+
+def save_pretrained_atomically(model: Any, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+    """`model.save_pretrained` into a staging folder beside `save_directory`, then the folders swapped.
+
+    Every check and every byte happens in the staging folder, so a failed or killed save leaves the adapter that was
+    in `save_directory` (weights, config and model card together) or the new one, never a mix. Entries of the old
+    folder that the save does not write (other adapters' subfolders, files of the user's) are carried over.
+    """
+    if not os.fspath(save_directory):
+        raise ValueError("`save_directory` is empty; pass the folder to save the adapter in, e.g. 'my_adapter'.")
+    target = Path(os.fspath(save_directory))
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"`save_directory` {os.fspath(target)!r} is a file; pass a folder (it is created if needed).")
+    recover_folder(target)
+    staging = staging_folder(target)
     try:
         model.save_pretrained(staging, **kwargs)
-        written = sorted(p for p in staging.rglob("*") if p.is_file())
-        for path in sorted(written, key=lambda p: p.name != WEIGHTS_NAME):
-            destination = target / path.relative_to(staging)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(path, destination)
+        keep = [p.name for p in target.iterdir()] if target.is_dir() else []
+        replace_folder(staging, target, keep=keep)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove(staging)

@@ -1,22 +1,30 @@
-"""Validating an SPU adapter file against the model it is loaded into, before a single weight is written.
+"""Loading SPU adapters: the one validator of an adapter's tensors against a model, and `load_adapter`.
 
 An adapter file holds, per SPU layer, the support of each sparse delta (a packed bit mask or int32 indices), its
 values and the bias delta, plus the dense `modules_to_save` and, with `bias="all"`, the model's biases. Anything
 missing, extra, of another dtype than its role allows, non-finite, too large for the model's dtype, of the wrong
-length or made for another base raises a `ValueError` that names the module and the field. The changes the file
-implies for the model (new supports, resized placeholders) are returned, to be made only once all of it passed.
+length or made for another base raises an `SPUAdapterFileError` that names the module and the field. The changes the
+file implies for the model (new supports, resized placeholders) are returned, to be made only once all of it passed.
+Saving applies the same rule to what it writes (`check_savable`), so a save never writes what a load refuses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 import torch
+from peft import PeftModel
+from peft.utils import CONFIG_NAME
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .config import SPUConfig
+from .config import SPUConfig, SPUPeftType
 from .encoding import check_indices, check_values, index_dtype, unpack_mask
+from .integrity import WEIGHTS_NAME, SPUAdapterFileError, check_regular_file, recover_folder, verify_file
 from .layer import SPULayer
 from .naming import PEFT_PREFIX, auxiliary_wrappers, is_stored_bias, relative_name, spu_layers
 
@@ -40,27 +48,36 @@ def _where(module: str, field: str) -> str:
 
 def _finite(tensor: torch.Tensor, where: str) -> None:
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise ValueError(f"{where}: contains NaN or infinity; the file is corrupt.")
+        raise SPUAdapterFileError(f"{where}: contains NaN or infinity; the file is corrupt.")
+
+
+def weight_problem(tensor: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """What keeps `tensor` from being a stored weight acting in `dtype`, or None: it must be finite and no larger
+    than the square root of the dtype's largest number, which overflows in its product with an activation of the same
+    size (1.8e19 for float32 and bfloat16, 256 for float16): no trained weight is that large."""
+    if not tensor.is_floating_point() or not tensor.numel() or tensor.device.type == "meta":
+        return None
+    tensor = tensor.detach()
+    if not torch.isfinite(tensor).all():
+        return "contains NaN or infinity"
+    limit = torch.finfo(dtype).max ** 0.5
+    if float(tensor.abs().max()) > limit:
+        return (
+            f"holds {float(tensor.abs().max()):.3g}, beyond {limit:.3g}, the largest magnitude the model's {dtype} "
+            "can multiply without overflow"
+        )
+    return None
 
 
 def _check_float(tensor: torch.Tensor, where: str, dtype: torch.dtype) -> None:
-    """A stored weight must have a float dtype, be finite and be small enough for the model's `dtype`.
-
-    A value beyond the square root of the dtype's largest number overflows in its product with an activation of
-    the same size (1.8e19 for float32 and bfloat16, 256 for float16): no trained weight is that large.
-    """
+    """A stored weight must have a float dtype and pass `weight_problem` for the model's `dtype`."""
     if tensor.dtype not in FLOAT_DTYPES:
-        raise ValueError(
+        raise SPUAdapterFileError(
             f"{where}: stored as {tensor.dtype}, but weights are stored as float16, bfloat16, float32 or float64; the "
             "file's header was edited or it is corrupt."
         )
-    _finite(tensor, where)
-    limit = torch.finfo(dtype).max ** 0.5
-    if tensor.numel() and float(tensor.detach().abs().max()) > limit:
-        raise ValueError(
-            f"{where}: holds {float(tensor.detach().abs().max()):.3g}, beyond {limit:.3g}, the largest magnitude the "
-            f"model's {dtype} can multiply without overflow; the file is corrupt."
-        )
+    if problem := weight_problem(tensor, dtype):
+        raise SPUAdapterFileError(f"{where}: {problem}; the file is corrupt.")
 
 
 class _AdapterFile:
@@ -72,7 +89,7 @@ class _AdapterFile:
     def take(self, key: str) -> torch.Tensor | None:
         found = [k for k in (PEFT_PREFIX + key, key) if k in self.tensors]
         if len(found) > 1:
-            raise ValueError(f"SPU adapter file: `{key}` is stored twice (with and without `{PEFT_PREFIX}`).")
+            raise SPUAdapterFileError(f"SPU adapter file: `{key}` is stored twice (with and without `{PEFT_PREFIX}`).")
         return self.tensors.pop(found[0]) if found else None
 
     def leftover(self) -> list[str]:
@@ -87,13 +104,18 @@ def decode_adapter_state_dict(
     Nothing is written: keys come back in the checkpoint spelling (`base_model.model.<module>.<field>`) and the
     changes (each layer's new support and the values placeholder resized to the file's count, which a global
     budget makes differ between layers) are returned for the caller to apply once everything else has passed.
-    Raises `ValueError` naming the module and field if the file does not fit.
+    Raises `SPUAdapterFileError` naming the module and field if the file does not fit.
     """
     file = _AdapterFile(state_dict)
     decoded: dict[str, torch.Tensor] = {}
     changes: list[Change] = []
     for name, layer in spu_layers(model, adapter_name):
-        decoded.update(_decode_layer(file, name, layer, adapter_name, changes))
+        try:
+            decoded.update(_decode_layer(file, name, layer, adapter_name, changes))
+        except SPUAdapterFileError:
+            raise
+        except ValueError as error:  # the support and values checks of `encoding` name module and field already
+            raise SPUAdapterFileError(str(error)) from error
     for name, wrapper in auxiliary_wrappers(model, adapter_name):
         decoded.update(_take_auxiliary(file, name, wrapper, adapter_name))
     if config.bias == "all":
@@ -102,7 +124,7 @@ def decode_adapter_state_dict(
         shown = ", ".join(f"`{k}`" for k in leftover[:5]) + (
             f" and {len(leftover) - 5} more" if len(leftover) > 5 else ""
         )
-        raise ValueError(
+        raise SPUAdapterFileError(
             f"SPU adapter file: {len(leftover)} tensor(s) this adapter does not have: {shown}. The file was made for "
             "another model or config, or was edited; load it onto the base model and config it was saved from."
         )
@@ -125,15 +147,17 @@ def _decode_layer(
         indices = file.take(f"{name}.{buffer_name}")
         values = file.take(f"{name}.{values_name}")
         if mask is not None and indices is not None:
-            raise ValueError(
+            raise SPUAdapterFileError(
                 f"{_where(name, mask_name)}: the file stores both a bit mask and `{buffer_name}` for one delta; "
                 "it was edited or is corrupt."
             )
         if values is None:
             if mask is not None or indices is not None:
-                raise ValueError(f"{_where(name, values_name)}: the file has a support but no values; it is corrupt.")
+                raise SPUAdapterFileError(
+                    f"{_where(name, values_name)}: the file has a support but no values; it is corrupt."
+                )
             if buffer_name == "spu_indices":
-                raise ValueError(
+                raise SPUAdapterFileError(
                     f"{_where(name, buffer_name)}: the file holds nothing for this layer; it was saved from a model "
                     "with different target modules. Load it onto the base model and config it was trained with."
                 )
@@ -145,10 +169,12 @@ def _decode_layer(
         elif values.numel() == 0:
             support = torch.zeros(0, dtype=torch.long)
         else:
-            raise ValueError(f"{_where(name, buffer_name)}: the file has values but no support; it is corrupt.")
+            raise SPUAdapterFileError(
+                f"{_where(name, buffer_name)}: the file has values but no support; it is corrupt."
+            )
         check_values(values, support.numel(), _where(name, values_name))
         placeholder = getattr(layer, values_name)[adapter_name]
-        _check_float(values, _where(name, values_name), _limit_dtype(placeholder.dtype, base_dtype))
+        _check_float(values, _where(name, values_name), limit_dtype(placeholder.dtype, base_dtype))
         order = support.argsort()
         support, values = support[order], values[order].to(placeholder.dtype)
         support = support.to(device=layer.get_base_layer().weight.device, dtype=index_dtype(numel))
@@ -158,27 +184,27 @@ def _decode_layer(
     bias = file.take(f"{name}.spu_bias")
     if adapter_name in layer.spu_bias:
         if bias is None:
-            raise ValueError(
+            raise SPUAdapterFileError(
                 f"{_where(name, 'spu_bias')}: the adapter trains this layer's bias but the file has no bias delta; "
                 "it is corrupt or was saved with another `bias` setting."
             )
         if bias.dim() != 1 or bias.numel() != layer.out_features:
-            raise ValueError(
+            raise SPUAdapterFileError(
                 f"{_where(name, 'spu_bias')}: shape {tuple(bias.shape)} in the file but ({layer.out_features},) in the "
                 "model; the adapter was made for a different base model."
             )
         placeholder = layer.spu_bias[adapter_name]
-        _check_float(bias, _where(name, "spu_bias"), _limit_dtype(placeholder.dtype, base_dtype))
+        _check_float(bias, _where(name, "spu_bias"), limit_dtype(placeholder.dtype, base_dtype))
         out[f"{PEFT_PREFIX}{name}.spu_bias"] = bias.to(placeholder.dtype)
     elif bias is not None:
-        raise ValueError(
+        raise SPUAdapterFileError(
             f"{_where(name, 'spu_bias')}: the file has a bias delta but this adapter's config trains no bias here "
             "(its bias is 'none' or 'all', or the base layer has no bias); load it with the config it was saved with."
         )
     return out
 
 
-def _limit_dtype(stored: torch.dtype, base: torch.dtype) -> torch.dtype:
+def limit_dtype(stored: torch.dtype, base: torch.dtype) -> torch.dtype:
     """The narrower of an adapter tensor's dtype and the base weight's: the delta acts in both."""
     if not base.is_floating_point:
         return stored
@@ -233,8 +259,8 @@ def _take_auxiliary(
     return out
 
 
-def _missing_auxiliary(name: str, key: str) -> ValueError:
-    return ValueError(
+def _missing_auxiliary(name: str, key: str) -> SPUAdapterFileError:
+    return SPUAdapterFileError(
         f"{_where(name, key)}: the adapter trains `{name}` densely (modules_to_save) but the file has no `{key}`; it "
         "is corrupt or was saved with other `modules_to_save`."
     )
@@ -249,7 +275,7 @@ def _take_learnable_biases(file: _AdapterFile, model: nn.Module) -> dict[str, to
             continue
         tensor = file.take(key)
         if tensor is None:
-            raise ValueError(
+            raise SPUAdapterFileError(
                 f"SPU adapter file, `{key}`: the adapter has bias='all' but the file lacks this bias; it is corrupt."
             )
         _check_float(tensor, f"SPU adapter file, `{key}`", parameter.dtype)
@@ -268,7 +294,75 @@ def check_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
         name = relative_name(key)
         target = model_state.get(name)
         if target is not None and ".spu_" not in name and target.shape != tensor.shape:
-            raise ValueError(
+            raise SPUAdapterFileError(
                 f"SPU adapter file, `{name}`: shape {tuple(tensor.shape)} in the file but "
                 f"{tuple(target.shape)} in the model; the adapter was made for a different base model."
             )
+
+
+def check_savable(adapter_name: str, weights: Iterable[tuple[str, torch.Tensor, torch.dtype]]) -> None:
+    """Refuse to save what loading would refuse: given (where, tensor, dtype it acts in) of every float tensor a
+    save writes, one that is not finite or too large for its dtype (`weight_problem`, the rule loading applies)."""
+    for where, tensor, dtype in weights:
+        if problem := weight_problem(tensor, dtype):
+            raise ValueError(
+                f"SPU cannot save adapter {adapter_name!r}: {where} {problem}, and loading would refuse the file. "
+                "Training diverged: lower the learning rate or clip gradients, and save from a finite checkpoint."
+            )
+
+
+def read_adapter_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter file as PEFT saved it: a regular file, intact by its digest, every key under
+    `base_model.model.` (PEFT looks up the dense modules' tensors under that prefix and fails on others)."""
+    tensors = verify_file(path)
+    if stray := sorted(key for key in tensors if not key.startswith(PEFT_PREFIX)):
+        raise SPUAdapterFileError(
+            f"{os.fspath(path)}: {len(stray)} tensor(s) not under `{PEFT_PREFIX}` (e.g. `{stray[0]}`), where PEFT "
+            "saves an adapter's tensors; the file was written by another tool. Save the adapter again with "
+            "`save_pretrained`."
+        )
+    return tensors
+
+
+def check_config_file(path: str | os.PathLike[str]) -> None:
+    """Refuse an `adapter_config.json` that PEFT itself would read with an unclear error: not a regular file, not
+    UTF-8 JSON, not a JSON object, or not an SPU config."""
+    check_regular_file(path, CONFIG_NAME)
+    try:
+        loaded = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise SPUAdapterFileError(
+            f"{os.fspath(path)}: not UTF-8 JSON ({error}); the file is damaged or was re-encoded. Save the adapter "
+            "again, or restore the file from a copy."
+        ) from error
+    if not isinstance(loaded, dict):
+        raise SPUAdapterFileError(
+            f"{os.fspath(path)}: holds a JSON {type(loaded).__name__}, not the object of settings `save_pretrained` "
+            "writes; the file was edited. Save the adapter again, or restore the file from a copy."
+        )
+    if loaded.get("peft_type") != SPUPeftType.SPU.value:
+        raise SPUAdapterFileError(
+            f"{os.fspath(path)}: `peft_type` is {loaded.get('peft_type')!r}, not 'SPU'; this is not an SPU adapter. "
+            "Load it with the PEFT method that saved it."
+        )
+
+
+def load_adapter(model: nn.Module, model_id: str | os.PathLike[str], adapter_name: str = "default", **kwargs: Any):
+    """Load an SPU adapter onto a base model (`PeftModel.from_pretrained`) or into a `PeftModel` (`load_adapter`),
+    with the checks PEFT's own code would make unclearly or not at all; returns the `PeftModel`.
+
+    Before PEFT runs, a local folder's interrupted save (`spu_peft.save_adapter`) is completed or cleaned, and the
+    config is checked (a regular file of UTF-8 JSON holding an SPU config); loading into an adapter name that exists
+    already also checks the weights file (PEFT reads no config there, so SPU's config hook does not run). Every
+    refusal is an `SPUAdapterFileError` naming the file, and leaves the model as it was. `kwargs` go to PEFT.
+    """
+    folder = os.path.join(os.fspath(model_id), kwargs.get("subfolder") or "")
+    recover_folder(model_id)  # a no-op for a Hub name or a folder without leftovers
+    if os.path.isdir(os.fspath(model_id)):
+        check_config_file(os.path.join(folder, CONFIG_NAME))
+        if isinstance(model, PeftModel) and adapter_name in model.peft_config:
+            read_adapter_file(os.path.join(folder, WEIGHTS_NAME))
+    if isinstance(model, PeftModel):
+        model.load_adapter(os.fspath(model_id), adapter_name=adapter_name, **kwargs)
+        return model
+    return PeftModel.from_pretrained(model, os.fspath(model_id), adapter_name=adapter_name, **kwargs)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import CONFIG_NAME, _get_submodules
+from peft.utils import CONFIG_NAME
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
@@ -19,9 +20,18 @@ from .config import (
 )
 from .distributed import holds_fsdp1_shards, is_sharded_tensor
 from .encoding import mask_is_smaller, pack_mask
-from .integrity import verify_file
+from .integrity import SPUAdapterFileError
 from .layer import Linear, SPULayer
-from .loading import SPARSE_FIELDS, SPU_FIELDS, apply_changes, check_shapes, decode_adapter_state_dict
+from .loading import (
+    SPARSE_FIELDS,
+    SPU_FIELDS,
+    apply_changes,
+    check_savable,
+    check_shapes,
+    decode_adapter_state_dict,
+    limit_dtype,
+    read_adapter_file,
+)
 from .naming import PEFT_PREFIX, is_bias, is_stored_bias, relative_name, spu_layers, strip_wrappers
 
 MODEL_TAGS = ["spu", "selective-parameter-update", "continual-learning"]
@@ -122,39 +132,31 @@ class SPUModel(BaseTuner):
             if isinstance(module, SPULayer):
                 module._freeze_non_trainable_peft_weights()
 
-    # ---- loading from a file: validated against the model before any weight is written, undone when refused -----
+    # ---- loading from a file: checked as soon as the layers exist, undone when refused ---------------------------
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        """PEFT's injection; for an adapter read from a file (`SPUConfig.from_pretrained`), the whole file is then
-        checked against the injected layers, and a refused file leaves the model as it was before the injection."""
+        """PEFT's injection. For an adapter read from a file (`SPUConfig.from_pretrained` recorded the file in the
+        config's `adapter_file`), the file is read and verified first, then checked against the injected layers by
+        the validator every load goes through (`loading.decode_adapter_state_dict`); whatever fails, the model is
+        put back as it was (modules, `requires_grad` flags, adapters), before PEFT would go on with a file that
+        cannot fit."""
         config = self.peft_config[adapter_name]
-        source = getattr(config, "weights_file", None)
+        source = getattr(config, "adapter_file", None)
         if source is None:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
             return
-        first = not any(isinstance(module, SPULayer) for module in model.modules())
-        requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
-        self._pending_loads = {**getattr(self, "_pending_loads", {}), adapter_name: (first, requires_grad)}
+        config.adapter_file = None  # read once: a later injection of this config is no load
+        before = _ModelState(self, model, adapter_name)
         try:
+            tensors = read_adapter_file(source)
             super().inject_adapter(model, adapter_name, *args, **kwargs)
-            decode_adapter_state_dict(model, config, adapter_name, verify_file(source))
-        except ValueError as error:
-            self.undo_injection(adapter_name)
-            if "SPU adapter file" in str(error):
-                raise
-            raise ValueError(f"{os.path.join(os.path.dirname(source), CONFIG_NAME)}: {error}") from error
-
-    def undo_injection(self, adapter_name: str) -> None:
-        """Remove an adapter whose file was refused: its layers (all of them, if it was the first adapter), its
-        `modules_to_save` copies and its config, and give every parameter back its `requires_grad`."""
-        first, requires_grad = self._pending_loads.pop(adapter_name)
-        if first:
-            _restore_original_modules(self.model)
-        else:
-            self.delete_adapter(adapter_name)
-        self.peft_config.pop(adapter_name, None)
-        for parameter, flag in requires_grad.items():
-            parameter.requires_grad = flag
+            decode_adapter_state_dict(model, config, adapter_name, tensors)
+        except BaseException as error:
+            before.restore()
+            if isinstance(error, ValueError) and not isinstance(error, SPUAdapterFileError):
+                config_file = os.path.join(os.path.dirname(source), CONFIG_NAME)
+                raise SPUAdapterFileError(f"{config_file}: {error}") from error
+            raise
 
     def disable_adapter_layers(self) -> None:
         """Disable all adapters. SPU's `spu_only` bias deltas are per adapter, so the output is exactly the base
@@ -233,6 +235,7 @@ class SPUModel(BaseTuner):
             raise _sharded_error("the model is wrapped in FSDP1 (FullyShardedDataParallel)")
         by_name = {strip_wrappers(key): key for key in state_dict}
         to_return = {}
+        savable = []  # (where, tensor, dtype it acts in): what loading would check, checked before PEFT writes
         for name, layer in spu_layers(model, adapter_name):
             prefix = PEFT_PREFIX + name if PEFT_PREFIX + name + ".spu_indices." + adapter_name in by_name else name
             fields = {}
@@ -241,6 +244,12 @@ class SPUModel(BaseTuner):
                 if key is not None:
                     fields[field] = state_dict[key]
             _refuse_sharded_tensors(name, fields)
+            base_dtype = layer.get_base_layer().weight.dtype
+            savable += [
+                (f"module `{name}` ({f})", t, limit_dtype(t.dtype, base_dtype))
+                for f, t in fields.items()
+                if t.is_floating_point()
+            ]
             for buffer_name, mask_name, values_name in SPARSE_FIELDS:
                 indices, values = fields.get(buffer_name), fields.get(values_name)
                 if indices is None or values is None:
@@ -250,29 +259,27 @@ class SPUModel(BaseTuner):
                 if indices.numel() and mask_is_smaller(indices.numel(), layer.weight_numel):
                     fields[mask_name] = pack_mask(fields.pop(buffer_name), layer.weight_numel)
             to_return.update({f"{prefix}.{field}.{adapter_name}": tensor for field, tensor in fields.items()})
-        to_return.update(cls._get_learnable_bias_state_dict(model, state_dict, config))
+        biases = cls._get_learnable_bias_state_dict(model, state_dict, config)
+        dense = f".modules_to_save.{adapter_name}."
+        savable += [(f"`{relative_name(k)}`", t, t.dtype) for k, t in biases.items()]
+        savable += [
+            (f"`{relative_name(k).replace(dense, '.')}`", t, t.dtype) for k, t in state_dict.items() if dense in k
+        ]
+        check_savable(adapter_name, savable)
+        to_return.update(biases)
         return to_return
 
     # ---- loading -------------------------------------------------------------------------------------------------
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Decode and validate the whole file (`spu_peft.loading`); only then resize the layers for
-        `load_state_dict`. A refused file leaves the adapter as it was (and undoes a fresh injection)."""
-        tuner = getattr(model, "base_model", model)
-        pending = isinstance(tuner, SPUModel) and adapter_name in getattr(tuner, "_pending_loads", {})
-        try:
-            decoded, changes = decode_adapter_state_dict(model, config, adapter_name, state_dict)
-            remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, decoded)
-            check_shapes(model, remapped)
-        except ValueError:
-            if pending:
-                tuner.undo_injection(adapter_name)
-            raise
+        """Decode and validate the whole state dict (`loading.decode_adapter_state_dict`, which raises an
+        `SPUAdapterFileError`); only then install its supports and resize the placeholders for `load_state_dict`.
+        A refused state dict changes nothing."""
+        decoded, changes = decode_adapter_state_dict(model, config, adapter_name, state_dict)
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, decoded)
+        check_shapes(model, remapped)
         apply_changes(changes)
-        if pending:
-            del tuner._pending_loads[adapter_name]
-            config.weights_file = None
         return remapped
 
 
@@ -316,6 +323,40 @@ def _restore_original_modules(model: nn.Module) -> None:
         replaced.append(key)
     if hasattr(model, "peft_config"):
         del model.peft_config
+
+
+class _ModelState:
+    """What injecting `adapter_name` may change in a model, to put back when its file is refused: the module tree
+    (SPU layers and `modules_to_save` wrappers replace modules), `requires_grad` flags, adapters and active adapter."""
+
+    def __init__(self, tuner: SPUModel, model: nn.Module, adapter_name: str) -> None:
+        self.tuner, self.model, self.adapter_name = tuner, model, adapter_name
+        self.modules = list(model.named_modules(remove_duplicate=False))
+        self.requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
+        self.active_adapter = copy.copy(tuner.active_adapter)
+        self.targeted = list(tuner.targeted_module_names)
+        self.had_peft_config = "peft_config" in vars(model)
+
+    def restore(self) -> None:
+        for path, module in self.modules:  # parents come before their children
+            if path:
+                parent_path, _, name = path.rpartition(".")
+                parent = self.model.get_submodule(parent_path)
+                if getattr(parent, name, None) is not module:
+                    setattr(parent, name, module)
+        for module in self.model.modules():  # layers and wrappers that were there before hold the adapter too
+            if isinstance(module, SPULayer) and self.adapter_name in module.spu_indices:
+                module.delete_adapter(self.adapter_name)
+            elif isinstance(module, AuxiliaryTrainingWrapper) and self.adapter_name in module._adapters:
+                others = [name for name in module.active_adapters if name != self.adapter_name]
+                module.delete_adapter(self.adapter_name, new_active_adapters=others)
+        self.tuner.peft_config.pop(self.adapter_name, None)
+        self.tuner.active_adapter = self.active_adapter
+        self.tuner.targeted_module_names[:] = self.targeted
+        for parameter, flag in self.requires_grad.items():
+            parameter.requires_grad = flag
+        if not self.had_peft_config and "peft_config" in vars(self.model):
+            del self.model.peft_config
 
 
 def _check_dense_modules_can_combine(peft_config: dict, names: list[str]) -> None:

@@ -24,7 +24,7 @@ from peft.utils import CONFIG_NAME
 from safetensors.torch import save_file
 
 from ..config import SPUConfig
-from ..integrity import WEIGHTS_NAME, read_safetensors, verify_file
+from ..integrity import WEIGHTS_NAME, read_safetensors, replace_folder, verify_file
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +143,7 @@ def resume_run(
 
 def replace_directory(tmp: Path, directory: Path) -> None:
     """Move a finished `tmp` folder to `directory`, replacing an older copy."""
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    replace_folder(tmp, directory)
 
 
 def fresh_tmp(directory: Path) -> Path:

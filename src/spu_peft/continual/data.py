@@ -16,6 +16,7 @@ import PIL.Image
 import torch
 from accelerate import Accelerator
 
+from ..integrity import tensor_digest
 from .fingerprint import RECIPE_VERSION
 from .settings import SequenceSettings
 from .tasks import class_incremental_split, task_indices
@@ -298,7 +299,7 @@ def _check_disjoint(reference: datasets.Dataset, control: datasets.Dataset) -> N
     """Refuse reference data that holds control images: distilling on them would leak the control set."""
 
     def digests(dataset: datasets.Dataset) -> set[str]:
-        return {hashlib.sha256(p.numpy().tobytes()).hexdigest() for p in dataset.with_format("torch")["pixel_values"]}
+        return {tensor_digest({"pixel_values": p}) for p in dataset.with_format("torch")["pixel_values"]}
 
     shared = digests(reference) & digests(control)
     if shared:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..integrity import atomic_write_text, hash_tensors
 from .settings import SequenceSettings
 
 RECIPE_VERSION = 2
@@ -47,11 +48,7 @@ def model_identity(model: torch.nn.Module) -> str:
     if config is not None:
         described = {k: v for k, v in config.to_dict().items() if k not in UNIDENTIFYING_CONFIG_KEYS}
         digest.update(json.dumps(described, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        data = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return hash_tensors(digest, model.state_dict()).hexdigest()
 
 
 def sequence_fingerprint(settings: SequenceSettings, model_id: str, data_id: dict[str, Any]) -> dict[str, Any]:
@@ -85,7 +82,4 @@ def check_fingerprint(
         raise FingerprintMismatchError([("fingerprint", None, "missing: made by an older version; rerun afresh")])
     if not write:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(fingerprint, indent=2, sort_keys=True))

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..integrity import atomic_write_text
+from ..integrity import atomic_write_text, replacing
 from .metrics import continual_metrics
 
 CSV_COLUMNS = (
@@ -125,10 +125,9 @@ def write_outputs(output_dir: Path, config: dict[str, Any], methods: dict[str, d
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def plot_results(output_dir: Path, methods: dict[str, dict]) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object
 
+from ..integrity import tensor_digest
 from ..layer import SPULayer
 from ..selection import select_parameters
 from .tasks import class_lookup
@@ -71,23 +71,14 @@ class _WithTargets:
 
 def support_digest(model: torch.nn.Module) -> str:
     """A fingerprint of every SPU layer's selected entries, to check that all processes chose the same ones."""
-    digest = hashlib.sha256()
-    for name, module in sorted(model.named_modules(), key=lambda item: item[0]):
-        if isinstance(module, SPULayer):
-            for indices in module.spu_indices.values():
-                digest.update(name.encode() + indices.cpu().numpy().tobytes())
-    return digest.hexdigest()
+    layers = (item for item in model.named_modules() if isinstance(item[1], SPULayer))
+    return tensor_digest({f"{name}.{a}": i for name, module in layers for a, i in module.spu_indices.items()})
 
 
 def ranks_agree_on_weights(model: torch.nn.Module) -> bool:
     """Whether every process holds the same weights (a method's gradient edits or statistics that differed between
     processes would let them drift apart where DDP alone keeps them equal)."""
-    digest = hashlib.sha256()
-    for name, parameter in model.state_dict().items():
-        digest.update(
-            name.encode() + parameter.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        )
-    return len(set(gather_object([digest.hexdigest()]))) == 1
+    return len(set(gather_object([tensor_digest(model.state_dict())]))) == 1
 
 
 def select_for_task(
