@@ -1,9 +1,10 @@
 """A tiny LLaMA, a character tokenizer and two synthetic corpora: PEFT's MetaMathQA protocol at smoke scale, offline.
 
-- `arithmetic`: "Question: 07+23 Answer:" -> " 30", the task (MetaMathQA's role); every example has the same length,
-  so batches need no padding and greedy answers can be generated for a whole batch at once.
-- `general_text`: template sentences with numbers, the text the base is pretrained on and on which forgetting is
-  measured (the role of PEFT's small Wikipedia sample).
+- `general_text`: template sentences, half of them sums told in prose ("07 and 05 make 12."): the text the base is
+  pretrained on and on which forgetting is measured (the role of PEFT's small Wikipedia sample).
+- `arithmetic`: "Question: 07+05 Answer:" -> " 12", the task (MetaMathQA's role): the base knows the sums from its
+  prose but has never seen the question format, as an LLM knows some arithmetic before MetaMathQA teaches it to
+  answer. Every example has the same length, so batches need no padding and answers are generated a batch at once.
 """
 
 from __future__ import annotations
@@ -51,13 +52,18 @@ def arithmetic(seed: int = 0, test_size: int = 80, top: int = 20) -> tuple[list[
     return pairs[test_size:], pairs[:test_size]
 
 
-def general_text(n: int, seed: int) -> list[str]:
-    """`n` template sentences about things and numbers."""
+def general_text(n: int, seed: int, top: int = 20) -> list[str]:
+    """`n` sentences: things and numbers, or a sum of two numbers below `top` in words."""
     rng = random.Random(seed)
-    return [
-        f"the {rng.choice(NOUNS)} {rng.choice(VERBS)} {rng.randint(2, 99)} {rng.choice(NOUNS)}s {rng.choice(PLACES)}."
-        for _ in range(n)
-    ]
+    sentences = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            a, b = rng.randrange(top), rng.randrange(top)
+            sentences.append(f"{a:02d} and {b:02d} make {a + b:02d}.")
+        else:
+            thing, count, things = rng.choice(NOUNS), rng.randint(2, 99), rng.choice(NOUNS)
+            sentences.append(f"the {thing} {rng.choice(VERBS)} {count} {things}s {rng.choice(PLACES)}.")
+    return sentences
 
 
 def lm_batches(texts: list[str], tokenizer, batch_size: int, length: int, seed: int):
