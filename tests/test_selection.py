@@ -1,5 +1,9 @@
 """select_parameters: scores, budgets, determinism, hygiene, accumulation over tasks."""
 
+import itertools
+import logging
+import warnings
+
 import pytest
 import torch
 from conftest import make_batch, make_tiny_clip, to_device
@@ -304,3 +308,82 @@ def test_scoring_composes_only_deltas_that_are_not_all_zero(monkeypatch):
     counts.clear()
     select_parameters(model, loader(6, n=1), fraction=1.0)
     assert counts and set(counts) == {1}
+
+
+# ---- defaults for labelled data, bounded scoring, optimizers that outlive a selection ------------------------------
+
+
+def test_the_default_score_is_the_loss_of_labelled_batches_and_the_output_norm_otherwise(caplog):
+    """A language model's batches carry `labels`: by default they are scored by that loss, said once in a log line."""
+    caplog.set_level(logging.INFO, logger="spu_peft.selection")
+    labelled = [dict(b, return_loss=True) for b in loader(0)]
+    model, explicit = fresh(), fresh()
+    report = select_parameters(model, labelled)
+    select_parameters(explicit, labelled, score="task_loss")
+    assert report.score == "task_loss" and model.peft_config["default"].selection["score"] == "task_loss"
+    assert all(torch.equal(a, b) for a, b in zip(supports(model).values(), supports(explicit).values()))
+    said = [r.getMessage() for r in caplog.records if "because" in r.getMessage()]
+    assert said == [
+        "SPU selection: score='task_loss' because the batches carry labels; pass `score=` to choose another."
+    ]
+
+    plain, paper = fresh(), fresh()
+    assert select_parameters(plain, loader(0)).score == "output_norm"
+    select_parameters(paper, loader(0), score="output_norm")
+    assert all(torch.equal(a, b) for a, b in zip(supports(plain).values(), supports(paper).values()))
+
+
+def test_a_generator_is_scored_up_to_max_batches_and_the_count_is_logged(caplog):
+    """README's example passes a generator: it has no length, so `max_batches` bounds it (an endless one too)."""
+    caplog.set_level(logging.INFO, logger="spu_peft.selection")
+
+    def endless():
+        for i in itertools.count():
+            assert i < 10, "selection drew past max_batches"
+            yield make_batch(i)
+
+    assert select_parameters(fresh(), endless(), max_batches=3).num_batches == 3
+    assert select_parameters(fresh(), loader(0, n=40), max_batches=4).num_batches == 4  # 25% would be 10
+    assert select_parameters(fresh(), loader(0, n=40), max_batches=32).num_batches == 10
+    planned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SPU selection: scoring")]
+    assert planned == [
+        "SPU selection: scoring up to 3 batches (the data has no length) with score='output_norm'.",
+        "SPU selection: scoring 4 of 40 batches (max_batches=4) with score='output_norm'.",
+        "SPU selection: scoring 10 of 40 batches (fraction=0.25) with score='output_norm'.",
+    ]
+
+
+def train_steps(model, optimizer, seeds):
+    for seed in seeds:
+        model(**make_batch(seed)).logits_per_image.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_an_optimizer_reused_across_selections_without_being_passed_warns_at_its_next_step():
+    """Its Adam moments belong to the old entries: the step that would use them warns; passing it drops them."""
+    model = fresh(modules_to_save=[])
+    select_parameters(model, loader(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train_steps(model, optimizer, [1])
+    select_parameters(model, loader(1))
+    with pytest.warns(UserWarning, match=r"AdamW is stepping 4 SPU values tensors with state .* optimizer=optimizer"):
+        train_steps(model, optimizer, [2])
+    with warnings.catch_warnings():  # warned once; the next selection passes the optimizer, a new one is built after
+        warnings.simplefilter("error")
+        train_steps(model, optimizer, [3])
+        select_parameters(model, loader(2), optimizer=optimizer)
+        train_steps(model, optimizer, [4, 5])
+        select_parameters(model, loader(3))
+        fresh_optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        train_steps(model, fresh_optimizer, [6, 7])
+
+
+def test_stale_state_of_another_length_is_refused_before_torch_sees_it():
+    model = fresh(budget="global", modules_to_save=[])
+    select_parameters(model, loader(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train_steps(model, optimizer, [1])
+    select_parameters(model, loader(2))  # the counts per layer change
+    with pytest.raises(ValueError, match=r"AdamW holds state of shape .* optimizer=optimizer"):
+        train_steps(model, optimizer, [2])

@@ -93,7 +93,7 @@ REFUSALS = {
     "gradient score without data": (
         fresh,
         {"dataloader": None},
-        message("score='output_norm' needs a `dataloader` of task data; only 'magnitude' and 'random' do not"),
+        message("`select_parameters` needs a `dataloader` of task data; only score='magnitude' and 'random' do not"),
     ),
     "fraction above one": (fresh, {"fraction": 1.5}, message("`fraction` must be a number in (0, 1], got 1.5")),
 }
@@ -154,6 +154,7 @@ def test_report_record_and_log_of_a_gradient_then_a_data_free_selection(caplog):
     assert model.peft_config["default"].selection == {
         "score": "output_norm",
         "fraction": 1.0,
+        "max_batches": 1,
         "num_batches": 1,
         "description": "three pets",
         "num_selections": 1,
@@ -164,15 +165,20 @@ def test_report_record_and_log_of_a_gradient_then_a_data_free_selection(caplog):
     assert model.peft_config["default"].selection == {
         "score": "magnitude",
         "fraction": None,
+        "max_batches": None,
         "num_batches": 0,
         "description": None,
         "num_selections": 2,
     }
     lines = [r.getMessage() for r in caplog.records if r.name == "spu_peft.selection"]
     total, whole = sum(expected_counts.values()), sum(numel.values())
+    assert lines[:2] == [
+        "SPU selection: score='output_norm' because the batches carry no labels; pass `score=` to choose another.",
+        "SPU selection: scoring 1 of 3 batches (max_batches=1) with score='output_norm'.",
+    ]
     head = f"SPU selection (output_norm, per_tensor): {total} of {whole} entries in 4 layers from 1 batches"
-    assert re.fullmatch(re.escape(head) + r", scored in \d+\.\d\ds", lines[0])
-    assert lines[1].startswith(
+    assert re.fullmatch(re.escape(head) + r", scored in \d+\.\d\ds", lines[2])
+    assert lines[3].startswith(
         f"SPU selection (magnitude, per_tensor): {total} of {whole} entries in 4 layers from 0 batches"
     )
 

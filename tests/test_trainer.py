@@ -1,9 +1,14 @@
 """SPUSelectionCallback inside transformers.Trainer."""
 
+import json
+import logging
+import warnings
+
+import pytest
 import torch
 from datasets import Dataset
 from peft import get_peft_model
-from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
 
 from spu_peft import SPUConfig, SPULayer, SPUSelectionCallback
 
@@ -25,7 +30,8 @@ def train(model, callback, tmp_path, max_steps, resume=None, **kwargs):
         output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2,
         report_to=[], use_cpu=True, logging_strategy="no", **kwargs,
     )  # fmt: skip
-    Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train(resume_from_checkpoint=resume)
+    callbacks = [callback] if callback is not None else []
+    Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks).train(resume_from_checkpoint=resume)
 
 
 def test_trainer_selects_then_trains_only_the_selected_entries(tmp_path):
@@ -37,7 +43,7 @@ def test_trainer_selects_then_trains_only_the_selected_entries(tmp_path):
     train(model, callback, tmp_path, 3, weight_decay=0.1, save_strategy="no")
 
     assert callback.report is not None and callback.report.num_batches == 2
-    assert model.peft_config["default"].selection["score"] == "output_norm"
+    assert model.peft_config["default"].selection["score"] == "task_loss"  # the batches carry labels
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SPULayer)}
     assert any(not torch.equal(initial[n], m.spu_indices["default"]) for n, m in layers.items())
     for layer in layers.values():
@@ -69,3 +75,60 @@ def test_a_resumed_run_keeps_the_checkpoints_entries_and_selects_nothing(tmp_pat
     assert layers.keys() == supports.keys()
     for name, layer in layers.items():
         assert torch.equal(layer.spu_indices["default"], supports[name]), name
+
+
+def test_a_resumed_run_restores_the_selection_record_exactly_and_does_not_warn(tmp_path):
+    """The checkpoint's adapter says how its entries were chosen; a resumed run used to save 'selection': null (with
+    a warning that select_parameters was never called)."""
+    first = get_peft_model(tiny_vit(), SPUConfig(modules_to_save=["classifier"]))
+    train(first, SPUSelectionCallback(fraction=0.5), tmp_path, 2, save_strategy="steps", save_steps=2)
+    record = json.loads((tmp_path / "checkpoint-2" / "adapter_config.json").read_text())["selection"]
+    assert record["score"] == "task_loss" and record["num_batches"] == 2
+
+    resumed = get_peft_model(tiny_vit(), SPUConfig(modules_to_save=["classifier"]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*select_parameters", category=UserWarning)
+        train(resumed, SPUSelectionCallback(fraction=0.5), tmp_path, 4, str(tmp_path / "checkpoint-2"),
+              save_strategy="steps", save_steps=2)  # fmt: skip
+        resumed.save_pretrained(tmp_path / "final")
+    assert resumed.peft_config["default"].selection == record
+    assert json.loads((tmp_path / "checkpoint-4" / "adapter_config.json").read_text())["selection"] == record
+    assert json.loads((tmp_path / "final" / "adapter_config.json").read_text())["selection"] == record
+
+
+def test_training_that_starts_without_a_selection_warns_at_the_first_step(tmp_path):
+    """Not only when saving (which a run without checkpoints never reaches), and once."""
+    model = get_peft_model(tiny_vit(), SPUConfig(modules_to_save=["classifier"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, callback=None, tmp_path=tmp_path, max_steps=3, save_strategy="no")
+    said = [str(w.message) for w in caught if "select_parameters` was never called" in str(w.message)]
+    assert len(said) == 1 and "is training its data-free random support" in said[0]
+
+
+def tiny_causal_lm():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def test_on_a_causal_lm_the_callback_scores_the_loss_of_at_most_32_batches_and_says_so(tmp_path, caplog):
+    """A quarter of an SFT epoch is thousands of batches; the default bounds it, and the log says what is scored."""
+    caplog.set_level(logging.INFO, logger="spu_peft")
+    ids = torch.randint(0, 50, (400, 8), generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")
+    model = get_peft_model(tiny_causal_lm(), SPUConfig(task_type="CAUSAL_LM"))
+    callback = SPUSelectionCallback()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, logging_strategy="no", save_strategy="no")  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
+    assert callback.report.score == "task_loss" and callback.report.num_batches == 32  # 25% of 200 would be 50
+    said = [r.getMessage() for r in caplog.records]
+    assert "SPU selection: score='task_loss' because the batches carry labels; pass `score=` to choose another." in said
+    assert "SPU selection: scoring 32 of 200 batches (max_batches=32) with score='task_loss'." in said
+
+
+def test_the_callback_refuses_to_run_without_the_trainers_model():
+    with pytest.raises(ValueError, match="needs the Trainer's model"):
+        SPUSelectionCallback().on_train_begin(None, None, None)

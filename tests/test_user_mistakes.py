@@ -69,7 +69,7 @@ def test_labels_the_output_norm_score_ignores_are_warned_about_once(key):
     batches = [dict(make_batch(i), **{key: True if key == "return_loss" else torch.arange(4)}) for i in range(3)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        select_parameters(fresh(), batches, fraction=1.0)
+        select_parameters(fresh(), batches, score="output_norm", fraction=1.0)
     messages = [str(w.message) for w in caught if "score='output_norm' ignores" in str(w.message)]
     assert len(messages) == 1 and key in messages[0] and "task_loss" in messages[0]
 

@@ -46,6 +46,15 @@ PEFT_TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
 }
 
 
+def _unselected(adapter_name: str, doing: str) -> str:
+    return (
+        f"Adapter {adapter_name!r} {doing} its data-free random support: `spu_peft.select_parameters` was never "
+        "called (adapter_config.json will say 'selection': null). Select before training (in a Trainer: "
+        "callbacks=[spu_peft.SPUSelectionCallback()]), or call select_parameters(model, score='random') to train a "
+        "random support on purpose."
+    )
+
+
 class SPUModel(BaseTuner):
     """Selective Parameter Update (Zhang et al., CVPR 2024) as a PEFT tuner.
 
@@ -67,9 +76,26 @@ class SPUModel(BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING
 
     def __init__(self, model, config, adapter_name="default", low_cpu_mem_usage: bool = False, **kwargs) -> None:
+        self._warned_unselected: set[str] = set()
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
+        self.model.register_forward_pre_hook(self._warn_if_unselected)  # a bound method: deepcopy rebinds it
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(MODEL_TAGS)
+
+    def forward(self, *args, **kwargs):
+        self._warn_if_unselected()  # a task model (`PeftModelForCausalLM`) calls this forward, not the base's hooks
+        return super().forward(*args, **kwargs)
+
+    def _warn_if_unselected(self, *hook_args) -> None:
+        """The first training forward of an adapter whose entries were never selected warns (once), at step one
+        rather than at save time; a forward pre-hook of the base model, which a plain `PeftModel` calls."""
+        if not (self.model.training and torch.is_grad_enabled()):
+            return
+        for name in self.active_adapters:
+            config = self.peft_config.get(name)
+            if isinstance(config, SPUConfig) and config.selection is None and name not in self._warned_unselected:
+                self._warned_unselected.add(name)
+                warnings.warn(_unselected(name, "is training"), UserWarning, stacklevel=3)
 
     def _prepare_adapter_config(self, peft_config: SPUConfig, model_config: dict) -> SPUConfig:
         model_type = model_config.get("model_type")
@@ -224,13 +250,7 @@ class SPUModel(BaseTuner):
                 for values in (layer.spu_values[adapter_name] for _, layer in spu_layers(model, adapter_name))
             )
         ):
-            warnings.warn(
-                f"Adapter {adapter_name!r} trained its data-free random support: `spu_peft.select_parameters` was "
-                "never called (adapter_config.json will say 'selection': null). Select before training, or call "
-                "select_parameters(model, score='random') to train a random support on purpose.",
-                UserWarning,
-                stacklevel=2,
-            )
+            warnings.warn(_unselected(adapter_name, "trained"), UserWarning, stacklevel=2)
         if holds_fsdp1_shards(model):
             raise _sharded_error("the model is wrapped in FSDP1 (FullyShardedDataParallel)")
         by_name = {strip_wrappers(key): key for key in state_dict}
@@ -303,26 +323,6 @@ def _spu_layer_class(base: nn.Module, key: str) -> type[Linear]:
         f"`target_modules` matched {key!r}, {what}; SPU adapts `torch.nn.Linear` layers with floating-point weights "
         "and bitsandbytes' `Linear8bitLt` / `Linear4bit`. Narrow `target_modules` to such layers (e.g. ['fc1'])."
     )
-
-
-def _restore_original_modules(model: nn.Module) -> None:
-    """Put back the very module objects the injection wrapped (SPU layers' base layers, `modules_to_save`
-    originals; PEFT's `unload` would return the trained copies), so the caller's model is as it was."""
-    replaced: list[str] = []
-    for key, module in list(model.named_modules()):
-        if any(key.startswith(prefix + ".") for prefix in replaced):
-            continue
-        if isinstance(module, SPULayer):
-            original = module.get_base_layer()
-        elif isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "original_module"):
-            original = module.original_module
-        else:
-            continue
-        parent, _, name = _get_submodules(model, key)
-        setattr(parent, name, original)
-        replaced.append(key)
-    if hasattr(model, "peft_config"):
-        del model.peft_config
 
 
 class _ModelState:

@@ -10,7 +10,7 @@ import functools
 import logging
 import time
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,9 +32,9 @@ from .distributed import (
 )
 from .layer import SPULayer, num_selected
 from .naming import PEFT_PREFIX, spu_layers
-from .optim_state import drop_state
+from .optim_state import drop_state, watch_stale_state
 from .scoring import ScoreSums
-from .selection_data import BatchChecker, objective, scoring_batches, to_device
+from .selection_data import BatchChecker, asks_for_loss, objective, peek, scoring_batches, to_device
 from .sparse_linear import compose_weight
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def select_parameters(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, Any]] | None = None,
     *,
-    score: str = "output_norm",
+    score: str | None = None,
     fraction: float = 0.25,
     max_batches: int | None = None,
     adapter_name: str | None = None,
@@ -93,9 +93,12 @@ def select_parameters(
             output). Not needed for the data-free scores `magnitude` and `random`.
         score: `output_norm` (the paper: |mean gradient of the squared L2 norm of each row of the model's main
             output|, `logits_per_image` for CLIP), `task_loss` (|mean gradient of the model's `loss`|), `fisher`
-            (mean squared gradient of `loss`), `magnitude` (|weight|) or `random`.
+            (mean squared gradient of `loss`), `magnitude` (|weight|) or `random`. `None` (the default) reads the
+            first batch: `task_loss` when it carries `labels` (or CLIP's `return_loss=True`), so a language model's
+            batches are scored by the loss they come with, else `output_norm`; a log line says which.
         fraction: share of the dataloader's batches to use (the paper: 25%), when it has a length.
-        max_batches: upper bound on the number of batches (per process).
+        max_batches: upper bound on the number of batches (per process); an iterable without a length (a generator)
+            needs it unless `fraction=1.0`. A log line says how many batches will be scored.
         adapter_name: the SPU adapter to re-select; defaults to the active one.
         consolidate: fold what the adapter learned so far into its frozen delta before replacing its support, so
             a task sequence keeps earlier updates. `False` discards them.
@@ -105,7 +108,8 @@ def select_parameters(
             memory and may change a few entries near the threshold.
         score_device: where the score sums live (default: each layer's device); `"cpu"` keeps them off the GPU.
         optimizer: an optimizer that already holds the adapter's values (one reused over tasks); its state for them
-            (Adam's moments, which belonged to the old entries) is dropped, as a fresh optimizer would have it.
+            (Adam's moments, which belonged to the old entries) is dropped, as a fresh optimizer would have it. An
+            optimizer that holds such state and is not passed here warns at its next step.
 
     Returns:
         A [`SelectionReport`]. The adapter's values are zeroed in place (same `Parameter` objects, resized only under
@@ -139,13 +143,16 @@ def select_parameters(
 
     start = time.perf_counter()
     num_batches = 0
-    if score in GRADIENT_SCORES:
+    if score is None or score in GRADIENT_SCORES:
         if dataloader is None:
-            raise ValueError(f"score={score!r} needs a `dataloader` of task data; only 'magnitude' and 'random' do not")
+            needs = "`select_parameters`" if score is None else f"score={score!r}"
+            raise ValueError(f"{needs} needs a `dataloader` of task data; only score='magnitude' and 'random' do not")
+        batches, planned = scoring_batches(dataloader, fraction, max_batches)
+        if score is None:
+            score, batches = _default_score(batches)
+        logger.info("SPU selection: scoring %s with score=%r.", planned, score)
         with torch.enable_grad():  # also under a caller's `torch.no_grad()`: scores are gradients
-            sums, num_batches = _gradient_score_sums(
-                runner, layers, dataloader, score, fraction, max_batches, engine, score_dtype, score_device
-            )
+            sums, num_batches = _gradient_score_sums(runner, layers, batches, score, engine, score_dtype, score_device)
         scores = _LazyScores(layers, lambda name, layer: (sums.whole(name, _device(layer)) / num_batches).abs())
     elif score == "magnitude":
         scores = _LazyScores(layers, lambda name, layer: _effective_weight(runner, layer, engine).abs().float())
@@ -157,12 +164,15 @@ def select_parameters(
     score_seconds = time.perf_counter() - start
 
     supports = _select_and_apply(runner, layers, scores, config, adapter_name, consolidate, engine)
-    drop_state(optimizer, [layer.spu_values[adapter_name] for layer in layers.values()])
+    values = [layer.spu_values[adapter_name] for layer in layers.values()]
+    drop_state(optimizer, values)
+    watch_stale_state(values)
 
     previous = config.selection or {}
     config.selection = {
         "score": score,
         "fraction": fraction if score in GRADIENT_SCORES else None,
+        "max_batches": max_batches if score in GRADIENT_SCORES else None,
         "num_batches": num_batches,
         "description": description,
         "num_selections": previous.get("num_selections", 0) + 1,
@@ -192,14 +202,28 @@ def select_parameters(
 
 
 def _check_arguments(score: Any, fraction: Any, max_batches: Any, score_dtype: Any) -> None:
-    if score not in SCORES:
-        raise ValueError(f"`score` must be one of {SCORES}, got {score!r}")
+    if score is not None and score not in SCORES:
+        raise ValueError(f"`score` must be one of {SCORES} or None (chosen from the data), got {score!r}")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
         raise ValueError(f"`fraction` must be a number in (0, 1], got {fraction!r}")
     if max_batches is not None and (type(max_batches) is not int or max_batches < 1):
         raise ValueError(f"`max_batches` must be a positive integer or None, got {max_batches!r}")
     if score_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         raise ValueError(f"`score_dtype` must be a floating-point torch dtype, got {score_dtype!r}")
+
+
+def _default_score(batches: Iterator[Mapping[str, Any]]) -> tuple[str, Iterator[Mapping[str, Any]]]:
+    """`score=None`: the loss when the batches ask for it (`task_loss`), else the paper's `output_norm`.
+
+    Decided on the first batch, and over all processes (one that has no batch follows the others), so every process
+    differentiates the same objective.
+    """
+    first, batches = peek(batches)
+    labelled = all_reduce_sum(torch.tensor([float(asks_for_loss(first))], dtype=torch.float64)).item() > 0
+    score = "task_loss" if labelled else "output_norm"
+    reason = "the batches carry labels" if labelled else "the batches carry no labels"
+    logger.info("SPU selection: score=%r because %s; pass `score=` to choose another.", score, reason)
+    return score, batches
 
 
 def _device(layer: SPULayer) -> torch.device:
@@ -283,10 +307,8 @@ def _random_scores(layer: SPULayer, seed: int, name: str) -> torch.Tensor:
 def _gradient_score_sums(
     runner: nn.Module,
     layers: dict[str, SPULayer],
-    dataloader: Iterable[Mapping[str, Any]],
+    batches: Iterator[Mapping[str, Any]],
     score: str,
-    fraction: float,
-    max_batches: int | None,
     engine: str | None,
     score_dtype: torch.dtype,
     score_device: torch.device | str | None,
@@ -309,7 +331,6 @@ def _gradient_score_sums(
         for name, layer in layers.items():
             layer._scorer = (probe, functools.partial(sums.add, name))
         check = BatchChecker(runner, score)
-        batches = scoring_batches(dataloader, fraction, max_batches)
         for batch, real in lockstep(batches, sharded=engine is not None, device=device):
             check(batch)
             sums.weight = 1.0 if real else 0.0

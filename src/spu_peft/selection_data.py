@@ -12,7 +12,7 @@ import math
 import typing
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from itertools import islice
+from itertools import chain, islice
 from typing import Any
 
 import torch
@@ -69,8 +69,13 @@ class BatchChecker:
             )
 
 
-def scoring_batches(dataloader: Iterable, fraction: float, max_batches: int | None) -> Iterator[Any]:
-    """The first `fraction` of the dataloader's batches (at least one), at most `max_batches`."""
+def scoring_batches(dataloader: Iterable, fraction: float, max_batches: int | None) -> tuple[Iterator[Any], str]:
+    """The first `fraction` of the dataloader's batches (at least one), at most `max_batches`; and a description of
+    how many that is, for the log line that announces the scoring.
+
+    An iterable without a length (a generator) has no fraction to take: it gives `max_batches` batches, or all of
+    them with `fraction=1.0`.
+    """
     try:
         total = len(dataloader)  # type: ignore[arg-type]
     except TypeError:
@@ -79,9 +84,23 @@ def scoring_batches(dataloader: Iterable, fraction: float, max_batches: int | No
                 f"The dataloader has no length, so fraction={fraction} of it cannot be taken (and an endless "
                 "iterator would never stop): pass `max_batches`, or fraction=1.0 to score every batch it yields."
             ) from None
-        return islice(dataloader, max_batches)
+        planned = "every batch" if max_batches is None else f"up to {max_batches} batches (the data has no length)"
+        return islice(dataloader, max_batches), planned
     n = max(1, math.ceil(fraction * total)) if total else 0
-    return islice(dataloader, n if max_batches is None else min(n, max_batches))
+    if max_batches is not None and max_batches < n:
+        return islice(dataloader, max_batches), f"{max_batches} of {total} batches (max_batches={max_batches})"
+    return islice(dataloader, n), f"{n} of {total} batches (fraction={fraction})"
+
+
+def asks_for_loss(batch: Any) -> bool:
+    """Whether a batch makes the model return its loss: it carries `labels`, or CLIP's `return_loss=True`."""
+    return isinstance(batch, Mapping) and (batch.get("labels") is not None or batch.get("return_loss") is True)
+
+
+def peek(batches: Iterator[Any]) -> tuple[Any, Iterator[Any]]:
+    """The first batch (None when there is none) and an iterator that still yields it."""
+    first = next(batches, None)
+    return first, (iter(()) if first is None else chain([first], batches))
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
-from .selection import SelectionReport, select_parameters
+from .distributed import unwrap_replicated
+from .selection import SelectionReport, _resolve_adapter, select_parameters
 
 logger = logging.getLogger(__name__)
 
+# Batches scored before step 1 unless told otherwise: enough for stable top-10% supports on the models measured
+# (docs/llm.md), and a bounded cost where a quarter of an SFT epoch would be thousands of batches.
+DEFAULT_MAX_BATCHES = 32
 
-class SPUSelectionCallback(TrainerCallback):
+
+class SPUSelectionCallback(TrainerCallback, ExportableState):
     """Runs [`select_parameters`] on the Trainer's train dataloader before the first step.
 
-    `Trainer` creates its optimizer before callbacks run; selection keeps the value `Parameter` objects, so that
-    optimizer trains the newly selected entries. A run resumed from a checkpoint (global step > 0) keeps the
-    entries stored in the checkpoint. The report of the selection is kept in `self.report`.
+    Defaults suit a language model's SFT: the score is chosen from the batches (`task_loss` when they carry `labels`,
+    as a causal LM's do), and at most `max_batches=32` batches (at most `fraction` of an epoch) are scored; log lines
+    say which score and how many batches. `Trainer` creates its optimizer before callbacks run; selection keeps the
+    value `Parameter` objects and drops that optimizer's state for them, so it trains the newly selected entries.
+
+    The selection record (`adapter_config.json`'s `selection`) is saved in each checkpoint's `trainer_state.json`; a
+    run resumed from a checkpoint (global step > 0) keeps the entries stored there and restores that record.
 
     Example:
 
@@ -28,9 +39,9 @@ class SPUSelectionCallback(TrainerCallback):
 
     def __init__(
         self,
-        score: str = "output_norm",
+        score: str | None = None,
         fraction: float = 0.25,
-        max_batches: int | None = None,
+        max_batches: int | None = DEFAULT_MAX_BATCHES,
         adapter_name: str | None = None,
         description: str | None = None,
     ) -> None:
@@ -38,12 +49,38 @@ class SPUSelectionCallback(TrainerCallback):
             score=score, fraction=fraction, max_batches=max_batches, adapter_name=adapter_name, description=description
         )
         self.report: SelectionReport | None = None
+        self.selection: dict[str, Any] | None = None  # the adapter's selection record, saved with checkpoints
+
+    def state(self) -> dict[str, Any]:
+        """What `trainer_state.json` keeps of this callback: its arguments and the selection record."""
+        return {"args": dict(self.kwargs), "attributes": {"selection": copy.deepcopy(self.selection)}}
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, optimizer=None, **kwargs: Any):
+        if model is None:
+            raise ValueError("SPUSelectionCallback needs the Trainer's model.")
         if state.global_step > 0:
-            logger.info("Resumed at step %d: keeping the SPU entries from the checkpoint.", state.global_step)
+            self._restore(model, state)
             return control
-        if model is None or train_dataloader is None:
-            raise ValueError("SPUSelectionCallback needs the Trainer's model and train dataloader.")
+        if train_dataloader is None:
+            raise ValueError("SPUSelectionCallback needs the Trainer's train dataloader.")
         self.report = select_parameters(model, train_dataloader, optimizer=optimizer, **self.kwargs)
+        self.selection = copy.deepcopy(self._config(model).selection)
         return control
+
+    def _config(self, model):
+        return _resolve_adapter(unwrap_replicated(model), self.kwargs["adapter_name"])[1]
+
+    def _restore(self, model, state) -> None:
+        """A resumed run: the checkpoint's entries are loaded; put back the record of how they were chosen."""
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        saved = saved[-1] if isinstance(saved, list) else saved
+        self.selection = (saved or {}).get("attributes", {}).get("selection")
+        if self.selection is None:
+            logger.warning(
+                "Resumed at step %d from a checkpoint that holds no SPU selection record (saved without "
+                "SPUSelectionCallback?): keeping its entries; the saved adapter will say 'selection': null.",
+                state.global_step,
+            )
+            return
+        self._config(model).selection = copy.deepcopy(self.selection)
+        logger.info("Resumed at step %d: keeping the checkpoint's SPU entries and selection record.", state.global_step)
