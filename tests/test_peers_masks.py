@@ -141,14 +141,16 @@ def test_spg_importance_gradient_scaling_and_state(tmp_path):
     for name, importance in expected.items():
         torch.testing.assert_close(hooks.importance[name], importance, atol=1e-5, rtol=1e-4)
 
-    grads = {}
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            parameter.grad = grads[name] = torch.randn_like(parameter)
-    scaled = {n: g * (1 - hooks.importance[n]) for n, g in grads.items()}
+    before = snapshot(model)
+    updates = {n: torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}
     hooks.before_optimizer_step(model)
-    for name, gradient in scaled.items():
-        assert torch.equal(model.get_parameter(name).grad, gradient)
+    with torch.no_grad():  # an optimizer step
+        for name, update in updates.items():
+            model.get_parameter(name).add_(update)
+    hooks.after_optimizer_step(model, None)
+    for name, update in updates.items():
+        expected = before[name] + (1 - hooks.importance[name]) * update
+        torch.testing.assert_close(model.get_parameter(name), expected, atol=1e-6, rtol=1e-5)
 
     restored = spg.SPG(SETTINGS, {})
     save_file(hooks.state_dict(), tmp_path / "state.safetensors")  # as a checkpoint holds it

@@ -5,7 +5,14 @@ temperature stays frozen). At the start of task t >= 1, two passes over task t-1
 task t-1 left measure importances: one of the task loss (captions of the classes seen up to t-1), one of the sum of
 the logits that loss uses. Each pass gives g, the per-example average signed gradient, and I = |tanh(standardise(g))|
 with g standardised over each tensor (mean 0, std 1). Importances accumulate as the elementwise max over passes and
-tasks; every update multiplies the gradients by 1 - I (at task 0, by 1).
+tasks; every update of the optimizer is scaled by 1 - I (at task 0, by 1): the parameters are saved before
+`optimizer.step()` and set to old + (1 - I) * (new - old) after it, so an entry of importance 1 never moves and one
+of importance 0 moves as plain fine-tuning moves it.
+
+SPG's paper scales the gradients and steps SGD, for which scaling the gradient and scaling the update are the same.
+The reference code scales the gradients and steps AdamW, which divides each coordinate by its running gradient size:
+a fixed factor per coordinate cancels there (up to epsilon and weight decay), so its mask does almost nothing. The
+update is scaled here, which is what the paper's masked SGD step does, under any optimizer.
 
 The reference measures importances on task t's test split; the paper (and this module) uses task t-1's training
 data. The reference's second objective sums its in-batch logit matrix; here it sums the task loss's logits, which are
@@ -18,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..hooks import TaskContext, trainable_named_parameters
+from ..hooks import Step, TaskContext, trainable_named_parameters
 from ..methods import FULL_GRID, ContinualMethod, register_method
 from ..settings import SequenceSettings
 from ..training import LOSS_FUNCTIONS
@@ -74,11 +81,21 @@ class SPG(ImportanceHooks):
                 self.importance[name] = importance if old is None else torch.maximum(old, importance)
         model.train(training)
 
+    def __init__(self, settings=None, options=None) -> None:
+        super().__init__(settings, options)
+        self._before: dict[str, torch.Tensor] = {}
+
     @torch.no_grad()
     def before_optimizer_step(self, module: torch.nn.Module) -> None:
+        self._before = {n: p.detach().clone() for n, p in module.named_parameters() if n in self.importance}
+
+    @torch.no_grad()
+    def after_optimizer_step(self, module: torch.nn.Module, step: Step) -> None:
         for name, parameter in module.named_parameters():
-            if parameter.grad is not None and name in self.importance:
-                parameter.grad.mul_(1 - self.importance[name])
+            if name in self._before:
+                # old + (1 - I)(new - old), as new -> old by I: lerp is exact at I = 0 and I = 1
+                parameter.lerp_(self._before[name], self.importance[name])
+        self._before = {}
 
 
 register_method(
@@ -87,7 +104,7 @@ register_method(
         spu_localisation,
         default_lr=3e-5,
         sweep_lrs=FULL_GRID,
-        description="SPG: dense fc1 + visual projection, gradients scaled by 1 - earlier importance",
+        description="SPG: dense fc1 + visual projection, updates scaled by 1 - earlier importance",
         hooks=SPG,
         protocols={"paper": {"lr": 7.5e-6}},
     )
