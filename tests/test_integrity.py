@@ -538,14 +538,18 @@ def leftovers(folder):
     return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}."))
 
 
-def test_save_adapter_leaves_the_old_or_the_new_adapter_whichever_rename_fails(tmp_path, monkeypatch):
-    """Hardening 1: an I/O error at the 4th or 5th rename left new weights beside the old config and card."""
+def old_and_new_adapters(tmp_path):
+    """(target holding the old adapter, its files, the new adapter's files, the new model)."""
     target = tmp_path / "adapter"
     spu_peft.save_adapter(trained(seed=0), target)
-    old = folder_files(target)
     new_model = trained(seed=3)
     spu_peft.save_adapter(new_model, tmp_path / "reference")
-    new = folder_files(tmp_path / "reference")
+    return target, folder_files(target), folder_files(tmp_path / "reference"), new_model
+
+
+def test_save_adapter_leaves_the_old_or_the_new_adapter_whichever_rename_fails(tmp_path, monkeypatch):
+    """Hardening 1: an I/O error at the 4th or 5th rename left new weights beside the old config and card."""
+    target, old, new, new_model = old_and_new_adapters(tmp_path)
     real = os.replace
     calls = []
     monkeypatch.setattr(os, "replace", lambda *a: calls.append(a) or real(*a))
@@ -611,12 +615,7 @@ def save_in_a_child_killed_at_rename(model, target, kill_at):
 def test_a_killed_save_leaves_the_old_or_the_new_adapter_and_no_staging_copy(tmp_path):
     """Hardening 1: every killed save left a `.<name>.*.saving` staging copy behind, for good. A child process
     saving is killed (`os._exit`, no cleanup runs) at each rename; the next load or save finds one adapter."""
-    target = tmp_path / "adapter"
-    spu_peft.save_adapter(trained(seed=0), target)
-    old = folder_files(target)
-    new_model = trained(seed=3)
-    spu_peft.save_adapter(new_model, tmp_path / "reference")
-    new = folder_files(tmp_path / "reference")
+    target, old, new, new_model = old_and_new_adapters(tmp_path)
     seen = set()
     for kill_at in range(5):
         shutil.rmtree(target)
