@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import spu_peft
 from spu_peft import SPUConfig, SPULayer, select_parameters
 from spu_peft.continual.checkpoint import OutputDirBusyError, claim_output_dir, release_output_dir
-from spu_peft.integrity import DIGEST_KEY, SPUAdapterFileError, seal_file, tensor_digest
+from spu_peft.integrity import DIGEST_KEY, SPUAdapterFileError, recover_folder, seal_file, tensor_digest
 
 ADAPTER_FILE = "adapter_model.safetensors"
 FC1 = "text_model.encoder.layers.0.mlp.fc1"
@@ -626,3 +626,17 @@ def test_a_killed_save_leaves_the_old_or_the_new_adapter_and_no_staging_copy(tmp
         assert leftovers(target) == [], kill_at
         assert torch.equal(logits(loaded), logits(new_model if folder_files(target) == new else trained(seed=0)))
     assert seen == {9, 0}  # killed at each rename, then a save with fewer renames finished
+
+
+def test_recovery_leaves_the_staging_copy_of_a_save_still_running_and_removes_dead_ones(tmp_path):
+    """A staging copy or old folder is deleted only when the process named in it no longer runs."""
+    target = tmp_path / "adapter"
+    target.mkdir()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(finished.stdout), os.getppid()
+    for pid in (dead, alive):
+        (tmp_path / f".adapter.{pid}.abc.saving").mkdir()
+        (tmp_path / f".adapter.{pid}.abc.old").mkdir()
+    recover_folder(target)
+    assert leftovers(target) == [f".adapter.{alive}.abc.old", f".adapter.{alive}.abc.saving"]
+    assert target.is_dir()
