@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import spu_peft
 from spu_peft import SPUConfig, SPULayer, select_parameters
 from spu_peft.continual.checkpoint import OutputDirBusyError, claim_output_dir, release_output_dir
-from spu_peft.integrity import DIGEST_KEY, SPUAdapterFileError, seal_file, tensor_digest
+from spu_peft.integrity import DIGEST_KEY, SPUAdapterFileError, recover_folder, seal_file, tensor_digest
 
 ADAPTER_FILE = "adapter_model.safetensors"
 FC1 = "text_model.encoder.layers.0.mlp.fc1"
@@ -539,14 +539,18 @@ def leftovers(folder):
     return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}."))
 
 
-def test_save_adapter_leaves_the_old_or_the_new_adapter_whichever_rename_fails(tmp_path, monkeypatch):
-    """Hardening 1: an I/O error at the 4th or 5th rename left new weights beside the old config and card."""
+def old_and_new_adapters(tmp_path):
+    """(target holding the old adapter, its files, the new adapter's files, the new model)."""
     target = tmp_path / "adapter"
     spu_peft.save_adapter(trained(seed=0), target)
-    old = folder_files(target)
     new_model = trained(seed=3)
     spu_peft.save_adapter(new_model, tmp_path / "reference")
-    new = folder_files(tmp_path / "reference")
+    return target, folder_files(target), folder_files(tmp_path / "reference"), new_model
+
+
+def test_save_adapter_leaves_the_old_or_the_new_adapter_whichever_rename_fails(tmp_path, monkeypatch):
+    """Hardening 1: an I/O error at the 4th or 5th rename left new weights beside the old config and card."""
+    target, old, new, new_model = old_and_new_adapters(tmp_path)
     real = os.replace
     calls = []
     monkeypatch.setattr(os, "replace", lambda *a: calls.append(a) or real(*a))
@@ -612,12 +616,7 @@ def save_in_a_child_killed_at_rename(model, target, kill_at):
 def test_a_killed_save_leaves_the_old_or_the_new_adapter_and_no_staging_copy(tmp_path):
     """Hardening 1: every killed save left a `.<name>.*.saving` staging copy behind, for good. A child process
     saving is killed (`os._exit`, no cleanup runs) at each rename; the next load or save finds one adapter."""
-    target = tmp_path / "adapter"
-    spu_peft.save_adapter(trained(seed=0), target)
-    old = folder_files(target)
-    new_model = trained(seed=3)
-    spu_peft.save_adapter(new_model, tmp_path / "reference")
-    new = folder_files(tmp_path / "reference")
+    target, old, new, new_model = old_and_new_adapters(tmp_path)
     seen = set()
     for kill_at in range(5):
         shutil.rmtree(target)
@@ -628,3 +627,17 @@ def test_a_killed_save_leaves_the_old_or_the_new_adapter_and_no_staging_copy(tmp
         assert leftovers(target) == [], kill_at
         assert torch.equal(logits(loaded), logits(new_model if folder_files(target) == new else trained(seed=0)))
     assert seen == {9, 0}  # killed at each rename, then a save with fewer renames finished
+
+
+def test_recovery_leaves_the_staging_copy_of_a_save_still_running_and_removes_dead_ones(tmp_path):
+    """A staging copy or old folder is deleted only when the process named in it no longer runs."""
+    target = tmp_path / "adapter"
+    target.mkdir()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(finished.stdout), os.getppid()
+    for pid in (dead, alive):
+        (tmp_path / f".adapter.{pid}.abc.saving").mkdir()
+        (tmp_path / f".adapter.{pid}.abc.old").mkdir()
+    recover_folder(target)
+    assert leftovers(target) == [f".adapter.{alive}.abc.old", f".adapter.{alive}.abc.saving"]
+    assert target.is_dir()

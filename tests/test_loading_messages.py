@@ -11,7 +11,7 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
-from spu_peft import SPUConfig, SPULayer, select_parameters
+from spu_peft import SPUAdapterFileError, SPUConfig, SPULayer, select_parameters
 from spu_peft.loading import apply_changes, check_shapes, decode_adapter_state_dict
 
 PREFIX = "base_model.model."
@@ -32,8 +32,9 @@ def decode(model, config, state):
 
 
 def refused(model, config, state, *phrases: str) -> None:
-    """The decoder refuses `state` with a message that starts with the first phrase and ends with the last."""
-    with pytest.raises(ValueError) as error:
+    """The decoder refuses `state` with the one documented error type, and a message that starts with the first
+    phrase and ends with the last."""
+    with pytest.raises(SPUAdapterFileError) as error:
         decode(model, config, state)
     assert re.fullmatch(".*".join(re.escape(p) for p in phrases), str(error.value), re.DOTALL), str(error.value)
 
@@ -198,7 +199,7 @@ def test_check_shapes_names_a_dense_tensor_of_another_base(tmp_path):
     model, _, _ = saved(tmp_path, modules_to_save=["visual_projection"])
     key = "visual_projection.modules_to_save.default.weight"
     check_shapes(model, {PREFIX + key: torch.zeros(16, 32)})
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(SPUAdapterFileError) as error:
         check_shapes(model, {PREFIX + key: torch.zeros(16, 31)})
     assert str(error.value) == (
         f"SPU adapter file, `{key}`: shape (16, 31) in the file but (16, 32) in the model; the adapter was made for a "

@@ -359,3 +359,20 @@ def test_bias_all_with_a_biased_module_to_save_round_trips(tmp_path):
     assert not [k for k in keys if ".modules_to_save." in k or ".original_module." in k]
     loaded = PeftModel.from_pretrained(make_tiny_clip(), tmp_path).eval()
     assert torch.equal(loaded(**make_batch(0)).logits_per_image, expected)
+
+
+def test_the_packages_load_adapter_loads_onto_a_base_under_a_new_name_and_into_an_existing_one(tmp_path):
+    """`spu_peft.load_adapter` is PEFT's two loaders with SPU's checks around them: same results."""
+    model = get_peft_model(make_tiny_clip(), SPUConfig(init_weights=False))
+    model.save_pretrained(tmp_path)
+    batch = make_batch()
+    expected = model(**batch).logits_per_image
+    loaded = spu_peft.load_adapter(make_tiny_clip(), tmp_path)
+    assert isinstance(loaded, PeftModel) and torch.equal(loaded(**batch).logits_per_image, expected)
+    holder = get_peft_model(make_tiny_clip(), SPUConfig(init_weights=False, seed=5))
+    assert spu_peft.load_adapter(holder, tmp_path, adapter_name="other") is holder
+    holder.set_adapter("other")
+    assert torch.equal(holder(**batch).logits_per_image, expected)
+    spu_peft.load_adapter(holder, tmp_path, adapter_name="default")  # an existing name: PEFT reads no config
+    holder.set_adapter("default")
+    assert torch.equal(holder(**batch).logits_per_image, expected)

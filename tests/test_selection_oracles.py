@@ -12,6 +12,7 @@ from torch import nn
 
 from spu_peft import SPUConfig, SPULayer, select_parameters
 from spu_peft.encoding import pack_mask, unpack_mask
+from spu_peft.integrity import seal_file
 
 
 def spu_layers(model):
@@ -133,5 +134,6 @@ def test_a_saved_mask_with_a_padding_bit_set_is_refused_on_load(tmp_path):
     assert state[key].numel() == 2
     state[key][-1] |= 1 << 7  # entry 15 of a 15-entry weight
     save_file(state, path)
+    seal_file(path)  # a fresh digest: the field check, not the digest, must refuse it
     with pytest.raises(ValueError, match=r"spu_mask\): the bit mask marks entries beyond the weight's 15 entries"):
         PeftModel.from_pretrained(Odd(), tmp_path)

@@ -103,9 +103,9 @@ def verify_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if recorded is None:
         raise SPUAdapterFileError(
             f"{os.fspath(path)}: carries no SPU digest (`{DIGEST_KEY}` in its safetensors metadata), so SPU cannot "
-            "tell whether it was altered. It was edited, written by another tool or by spu-peft before 0.1. Save "
-            "the adapter again with `save_pretrained` or `spu_peft.save_adapter`; for a file you trust, "
-            "`spu_peft.integrity.seal_file(path)` records its digest."
+            "tell whether it was altered. It was edited, written by another tool, or saved by a spu-peft from "
+            "before digests. Save the adapter again with `save_pretrained` or `spu_peft.save_adapter`; for a file "
+            "you trust, `spu_peft.integrity.seal_file(path)` records its digest."
         )
     if recorded != tensor_digest(tensors):
         raise SPUAdapterFileError(
