@@ -23,6 +23,7 @@ def test_committed_notebook_has_no_outputs(name):
     )
 
 
+@pytest.mark.slow
 def test_quickstart_runs(tmp_path, monkeypatch):
     cache = tmp_path / "cache"  # stays empty: the default model is shipped with the package
     monkeypatch.setenv("SPU_PEFT_CACHE", str(cache))
@@ -32,14 +33,15 @@ def test_quickstart_runs(tmp_path, monkeypatch):
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
     client.execute()
-    assert (tmp_path / "spu-quickstart-adapter" / "adapter_model.safetensors").exists()
-    assert (tmp_path / "spu_selection.png").stat().st_size > 0
+    assert (tmp_path / "results" / "quickstart" / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "results" / "quickstart" / "spu_selection.png").stat().st_size > 0
     outputs = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
     assert "reloaded output identical: True" in outputs
     assert embedded_clip_path().parent == cache  # the kernel's loader would cache there: nothing was cached
-    assert not cache.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]  # no cache, every output under results/
 
 
+@pytest.mark.slow
 def test_sequence_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("SPU_PEFT_CACHE", str(tmp_path / "cache"))
     notebook = nbformat.read(NOTEBOOKS / "sequence.ipynb", as_version=4)
@@ -47,12 +49,13 @@ def test_sequence_notebook_runs(tmp_path, monkeypatch):
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
     client.execute()
-    results = json.loads((tmp_path / "sequence-results" / "results.json").read_text())
+    results = json.loads((tmp_path / "results" / "sequence" / "results.json").read_text())
     assert list(results["methods"]) == ["zeroshot", "finetune_replay", "spu_replay", "vision_replay"]
     assert results["config"]["numerics_report"]["mode"] == "reproducible"
-    assert not (tmp_path / "cache").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]  # no cache, every output under results/
 
 
+@pytest.mark.slow
 def test_analysis_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("SPU_PEFT_CACHE", str(tmp_path / "cache"))
     notebook = nbformat.read(NOTEBOOKS / "analysis.ipynb", as_version=4)
@@ -61,10 +64,10 @@ def test_analysis_notebook_runs(tmp_path, monkeypatch):
     )
     client.execute()
     figures = ("causal_trace.png", "repeat_rates.png", "neuron_maps.png")
-    assert all((tmp_path / "analysis" / name).stat().st_size > 0 for name in figures)
+    assert all((tmp_path / "results" / "analysis" / name).stat().st_size > 0 for name in figures)
     outputs = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
     assert "recommended target_modules: [" in outputs and "(4, 4, 28, 28)" in outputs
-    assert not (tmp_path / "cache").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]  # no cache, every output under results/
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
