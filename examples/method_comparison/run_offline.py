@@ -2,7 +2,7 @@
 
 Same metrics, same definitions as PEFT's `method_comparison/MetaMathQA/run.py`:
 
-- test accuracy: share of held-out questions whose greedy answer is right (here: sums of two numbers below 20);
+- test accuracy: share of held-out questions whose greedy answer is right (here: sums of two numbers below 12);
 - forgetting: mean per-token loss on general text after training minus the base model's, the base being the same
   model under `disable_adapter()`.
 
@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--spu-lr", type=float, default=1e-3, help="SPU's rate when no --lr-grid is given")
     parser.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA's rate when no --lr-grid is given")
     parser.add_argument("--lora-rank", type=int, default=8, help="LoRA's r on q_proj and v_proj (PEFT's default)")
-    parser.add_argument("--steps", type=int, default=200, help="training steps on the task")
+    parser.add_argument("--steps", type=int, default=300, help="training steps on the task")
     parser.add_argument("--batch-size", type=int, default=16, help="task batch size")
     parser.add_argument("--score-batches", type=int, default=16, help="batches SPU's selection scores")
     parser.add_argument("--pretrain-steps", type=int, default=1000, help="steps of the base's pretraining")
@@ -79,6 +79,18 @@ def pretrain(tokenizer, texts: list[str], steps: int, seed: int) -> LlamaForCaus
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step(), schedule.step(), optimizer.zero_grad()
     return model
+
+
+def load_base(out: Path, tokenizer, steps: int, seed: int) -> LlamaForCausalLM:
+    """The pretrained base, cached in `out` under its seed and number of steps."""
+    base_dir = out / f"base_seed{seed}_steps{steps}"
+    if (base_dir / "config.json").exists():
+        return LlamaForCausalLM.from_pretrained(base_dir)
+    start = time.perf_counter()
+    base = pretrain(tokenizer, tiny_llm.general_text(20_000, seed=seed), steps, seed)
+    base.save_pretrained(base_dir)
+    logging.info("pretrained the base in %.0f s", time.perf_counter() - start)
+    return base
 
 
 def adapter_config(method: str, base, lora_rank: int):
@@ -147,14 +159,7 @@ def main(argv=None) -> None:
     }
 
     # 2. the base, pretrained once and cached
-    base_dir = out / f"base_seed{args.seed}_steps{args.pretrain_steps}"
-    if (base_dir / "config.json").exists():
-        base = LlamaForCausalLM.from_pretrained(base_dir)
-    else:
-        start = time.perf_counter()
-        base = pretrain(tokenizer, tiny_llm.general_text(20_000, seed=args.seed), args.pretrain_steps, args.seed)
-        base.save_pretrained(base_dir)
-        logging.info("pretrained the base in %.0f s", time.perf_counter() - start)
+    base = load_base(out, tokenizer, args.pretrain_steps, args.seed)
     base_accuracy = tiny_llm.accuracy(base, tokenizer, test)
 
     # 3. every method at every rate
