@@ -26,10 +26,11 @@ import time
 from itertools import islice
 from pathlib import Path
 
+import loop
 import tiny_llm
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
+from transformers import LlamaForCausalLM
 
 from spu_peft import SPUConfig, select_parameters
 
@@ -71,13 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def pretrain(tokenizer, texts: list[str], steps: int, seed: int) -> LlamaForCausalLM:
     """The base: a random-init tiny LLaMA trained on general text only (sums in prose, never a question)."""
     model = tiny_llm.tiny_llama(tokenizer, seed=seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
-    schedule = get_cosine_schedule_with_warmup(optimizer, steps // 10, steps)
-    model.train()
-    for batch in islice(tiny_llm.lm_batches(texts, tokenizer, 16, 64, seed), steps):
-        model(**batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step(), schedule.step(), optimizer.zero_grad()
+    loop.train(model, tiny_llm.lm_batches(texts, tokenizer, 16, 64, seed), steps, lr=3e-3)
     return model
 
 
@@ -113,17 +108,7 @@ def run(method: str, lr: float, base, tokenizer, data: dict, args) -> dict:
     batches = tiny_llm.task_batches(data["train"], tokenizer, args.batch_size, args.seed)
     if method.startswith("spu"):  # the step PEFT's benchmark lacks: choose the entries before building the optimizer
         select_parameters(model, batches, max_batches=args.score_batches)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.1)
-    schedule = get_cosine_schedule_with_warmup(optimizer, args.steps // 10, args.steps)
-    losses = []
-    model.train()
-    for batch in islice(batches, args.steps):
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step(), schedule.step(), optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = loop.train(model, batches, args.steps, lr)
     general = data["general"]
     with model.disable_adapter():
         base_loss = tiny_llm.mean_token_loss(model, general)
@@ -131,7 +116,7 @@ def run(method: str, lr: float, base, tokenizer, data: dict, args) -> dict:
     return {
         "method": method,
         "lr": lr,
-        "trainable": sum(p.numel() for p in trainable),
+        "trainable": model.get_nb_trainable_parameters()[0],
         "test_accuracy": tiny_llm.accuracy(model, tokenizer, data["test"]),
         "forgetting": tiny_llm.mean_token_loss(model, general) - base_loss,
         "first_loss": losses[0],
