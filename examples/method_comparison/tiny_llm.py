@@ -35,7 +35,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden: int = 64, layers: int = 2):
-    """A random-init LLaMA (2 blocks of width 64 by default: about 0.1M parameters)."""
+    """A random-init LLaMA (2 blocks of width 64 by default: 126,336 parameters)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
