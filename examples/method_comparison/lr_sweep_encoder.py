@@ -18,9 +18,9 @@ import json
 import math
 import random
 import zipfile
-from itertools import islice
 from pathlib import Path
 
+import loop
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, BertForSequenceClassification, get_linear_schedule_with_warmup
@@ -88,17 +88,7 @@ def run(method: str, lr: float, base, tokenizer, train, test, args) -> dict:
     batches = [encode(rng.sample(train, args.batch_size), tokenizer) for _ in range(args.steps)]
     if method == "spu":
         select_parameters(model, batches, max_batches=16)  # labels: scored by task_loss
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
-    schedule = get_linear_schedule_with_warmup(optimizer, args.steps // 10, args.steps)
-    model.train()
-    losses = []
-    for batch in islice(batches, args.steps):
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step(), schedule.step(), optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = loop.train(model, batches, args.steps, lr, weight_decay=0.01, schedule=get_linear_schedule_with_warmup)
     model.eval()
     with torch.no_grad():
         batch = encode(test, tokenizer)

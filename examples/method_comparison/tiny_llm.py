@@ -35,7 +35,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden: int = 64, layers: int = 2):
-    """A random-init LLaMA (2 blocks of width 64 by default: about 0.1M parameters)."""
+    """A random-init LLaMA (2 blocks of width 64 by default: 126,336 parameters)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
@@ -45,14 +45,14 @@ def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden: int = 
     return LlamaForCausalLM(config)
 
 
-def arithmetic(seed: int = 0, test_size: int = 80, top: int = 20) -> tuple[list[tuple[str, str]], ...]:
+def arithmetic(seed: int = 0, test_size: int = 40, top: int = 12) -> tuple[list[tuple[str, str]], ...]:
     """All sums a+b with a, b < `top` as (query, response) pairs, shuffled and split into train and test."""
     pairs = [(TEMPLATE.format(a=a, b=b), f" {a + b:02d}") for a in range(top) for b in range(top)]
     random.Random(seed).shuffle(pairs)
     return pairs[test_size:], pairs[:test_size]
 
 
-def general_text(n: int, seed: int, top: int = 20) -> list[str]:
+def general_text(n: int, seed: int, top: int = 12) -> list[str]:
     """`n` sentences: things and numbers, or a sum of two numbers below `top` in words."""
     rng = random.Random(seed)
     sentences = []

@@ -14,8 +14,8 @@ from .selection import SelectionReport, _resolve_adapter, select_parameters
 
 logger = logging.getLogger(__name__)
 
-# Batches scored before step 1 unless told otherwise: enough for stable top-10% supports on the models measured
-# (docs/llm.md), and a bounded cost where a quarter of an SFT epoch would be thousands of batches.
+# Batches scored before step 1 unless told otherwise: a bounded cost where a quarter of an SFT epoch would be
+# thousands of batches; 32 keep most of a 128-batch support (docs/llm.md measures how much).
 DEFAULT_MAX_BATCHES = 32
 
 
