@@ -61,13 +61,20 @@ def snapshot(model):
 
 def test_importing_spu_patches_nothing_in_peft_or_torch():
     """Issue 17: `import spu_peft` replaced `set_peft_model_state_dict` in peft's modules and registered a global
-    optimizer pre-hook."""
-    import peft
-    from torch.optim import optimizer
-
-    assert not hasattr(save_and_load.set_peft_model_state_dict, "__wrapped_by_spu__")
-    assert peft.set_peft_model_state_dict is save_and_load.set_peft_model_state_dict
-    assert not optimizer._global_optimizer_pre_hooks
+    optimizer pre-hook. Checked in a fresh process: a selection earlier in this one may hold the stale-state hooks
+    (`optim_state.watch_stale_state`), which only `select_parameters` registers."""
+    code = (
+        "import peft, spu_peft\n"
+        "from peft.utils import save_and_load\n"
+        "from torch.optim import optimizer\n"
+        "assert not hasattr(save_and_load.set_peft_model_state_dict, '__wrapped_by_spu__')\n"
+        "assert peft.set_peft_model_state_dict is save_and_load.set_peft_model_state_dict\n"
+        "assert not optimizer._global_optimizer_pre_hooks and not optimizer._global_optimizer_post_hooks\n"
+        "print('clean')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "clean"
     assert spu_peft.SPUConfig is SPUConfig
 
 
