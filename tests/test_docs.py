@@ -90,7 +90,10 @@ def test_every_flag_readme_names_for_a_script_exists():
 # `push_to_hub` records its call instead of uploading, a block that traces `batches` gets a list of them, and of a
 # block not run only the imports run (later blocks use them). Methods the blocks register are unregistered after.
 HUB_MODEL = "openai/clip-vit-base-patch16"
-NOT_RUN = {"run_sequence(": "a whole continual sequence; tests/test_notebook.py runs it on the embedded model"}
+NOT_RUN = {
+    "run_sequence(": "a whole continual sequence; tests/test_notebook.py runs it on the embedded model",
+    "BitsAndBytesConfig(": "a Hub causal LM in 4 bits; tests/test_quantized.py runs the same recipe on a tiny LLaMA",
+}
 
 
 def python_blocks(text: str) -> list[str]:
