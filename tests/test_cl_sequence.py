@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import cl_sequence  # noqa: E402
+from sequence_goals import goals_table, sequence_goals  # noqa: E402
 
 from spu_peft.continual import DEFAULT_METHODS, ContinualMethod, SequenceSettings, get_method  # noqa: E402
 from spu_peft.continual import sequence as engine  # noqa: E402
 from spu_peft.continual.methods import METHOD_GROUPS, PEER_METHODS  # noqa: E402
-from spu_peft.continual.reporting import evaluate_targets  # noqa: E402
 
 
 def quick_args(model: str, output_dir: Path, *extra: str) -> list[str]:
@@ -110,7 +110,9 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_numbers(tiny_model, quick
     ("flags", "message"),
     [
         (["--methods", "spu_replay,adapterfusion"], "unknown method"),
-        (["--density", "0"], "--density"),
+        (["--method-option", "spu_replay.density=0"], "`density` must be in (0, 1]"),
+        (["--method-option", "spu.score=bogus"], "the selection `score` must be one of"),
+        (["--method-option", "lora_replay.rank=1.5"], "lora_replay.rank must be a whole number"),
         (["--epochs", "0"], "--epochs"),
         (["--quick", "--epochs", "0"], "--epochs"),
         (["--batch-size", "0", "--protocol", "paper"], "--batch-size"),
@@ -120,8 +122,9 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_numbers(tiny_model, quick
         (["--methods", "default,spu"], "more than once"),
         (["--methods", "zscl", "--reference-dataset", "none"], "['zscl'] need reference data"),
         (["--method-option", "lwf.strength=1"], "--method-option sets options of ['lwf'], which --methods does not"),
+        (["--methods", "zscl,zscl"], "--methods lists ['zscl'] more than once"),
         (["--methods", "lwf", "--method-option", "lwf.strenght=1"], "no option(s) ['strenght']; its options: strength"),
-        (["--methods", "lwf", "--method-option", "lwf.strength=big"], "'big' is not a number"),
+        (["--methods", "lwf", "--method-option", "lwf.strength=big"], "lwf.strength must be a number"),
         (["--methods", "lwf", "--method-option", "strength=1"], "is not METHOD.OPTION=VALUE"),
     ],
 )
@@ -149,7 +152,7 @@ def test_reference_data_comes_from_a_folder_with_its_own_split_and_columns(tiny_
     flags += ["--buffer-size", "2", "--methods", "zscl", "--reference-dataset", reference, "--reference-split", "test"]
     flags += ["--reference-image-column", "img", "--reference-label-column", "kind", "--max-reference", "4"]
     args = cl_sequence.parse_args(flags)
-    data = cl_sequence.load_sequence_data(args, AutoProcessor.from_pretrained(tiny_model), Accelerator(cpu=True))
+    data = cl_sequence.load_data(args, AutoProcessor.from_pretrained(tiny_model), Accelerator(cpu=True))
     assert len(data.reference) == 4 and data.reference_class_names == ["a", "b", "c"]
     assert data.identity["reference"] and data.control is None
 
@@ -169,7 +172,7 @@ def test_data_problems_stop_before_training(tiny_model, tmp_path, flags, message
     from transformers import AutoProcessor
 
     with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
-        cl_sequence.load_sequence_data(args, AutoProcessor.from_pretrained(tiny_model), Accelerator(cpu=True))
+        cl_sequence.load_data(args, AutoProcessor.from_pretrained(tiny_model), Accelerator(cpu=True))
 
 
 @pytest.mark.parametrize(
@@ -198,12 +201,14 @@ def test_quick_fills_only_the_flags_not_given():
 
 
 def test_resume_with_other_flags_stops_naming_them(tiny_model, quick_run, monkeypatch, capsys):
-    """Regression: resuming a finished density-0.1 run with --density 0.02 wrote 0.02 over the 0.1 run's numbers."""
+    """Regression: resuming a finished density-0.1 run with density 0.02 wrote 0.02 over the 0.1 run's numbers."""
     output_dir, results = quick_run
     before = (output_dir / "results.json").read_text()
     with pytest.raises(SystemExit) as stop:
-        cl_sequence.main(quick_args(tiny_model, output_dir, "--resume", "--density", "0.02", "--epochs", "2"))
-    assert "--density: recorded 0.1, now 0.02" in str(stop.value) and "--epochs: recorded 1, now 2" in str(stop.value)
+        flags = ["--resume", "--method-option", "spu.density=0.02", "--epochs", "2"]
+        cl_sequence.main(quick_args(tiny_model, output_dir, *flags))
+    assert "--method-option: recorded {}, now {'spu': {'density': 0.02}}" in str(stop.value)
+    assert "--epochs: recorded 1, now 2" in str(stop.value)
     assert (output_dir / "results.json").read_text() == before
 
     def must_not_train(*args, **kwargs):
@@ -243,7 +248,7 @@ def test_missing_dataset_folder_is_reported(tiny_model, tmp_path):
     from transformers import AutoProcessor
 
     with pytest.raises(SystemExit, match="does not exist"):
-        cl_sequence.load_sequence_data(args, AutoProcessor.from_pretrained(tiny_model), Accelerator(cpu=True))
+        cl_sequence.load_data(args, AutoProcessor.from_pretrained(tiny_model), Accelerator(cpu=True))
 
 
 def test_two_processes_select_identical_entries_and_keep_identical_weights(tiny_model, tmp_path):
@@ -268,7 +273,7 @@ def test_two_processes_select_identical_entries_and_keep_identical_weights(tiny_
     assert {m: results["methods"][m]["weights_agree"] for m in methods} == {m: [True, True] for m in methods}
 
 
-def test_targets_are_margins_against_the_named_peers():
+def test_goals_are_margins_against_the_named_peers():
     def method(acc, forgetting, drop, sweep=None):
         return {"avg_acc": acc, "forgetting": forgetting, "control_drop": drop, "sweep": sweep}
 
@@ -286,7 +291,7 @@ def test_targets_are_margins_against_the_named_peers():
         "random_replay": method(65.0, 24.0, 16.0),
         "spu_replay": method(66.0, 22.0, 15.0, spu_sweep),
     }
-    targets = {t["target"]: t for t in evaluate_targets(methods)}
+    targets = {t["target"]: t for t in sequence_goals(methods)}
     margins = {name: t["margin"] for name, t in targets.items()}
     assert margins == {
         "control drop >= 5 points below finetune_replay": 10.0,
@@ -301,7 +306,8 @@ def test_targets_are_margins_against_the_named_peers():
         "sweep: at matched accuracy (within 2 points) control drop >= 8 points below finetune_replay"
     ]
     assert sweep_target["matched_pairs"] == [[1e-4, 1e-5]]
-    assert evaluate_targets({"lora_replay": methods["lora_replay"]}) == []
+    assert sequence_goals({"lora_replay": methods["lora_replay"]}) == []
+    assert "| forgetting <= lora_replay | +3.0 | yes |" in goals_table(list(targets.values()))
 
 
 def test_lr_sweep_writes_sorted_points_and_the_tradeoff_plot(tiny_model, tmp_path):

@@ -80,8 +80,8 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_what_to_do(setup, t
         ({"seed": -1}, "seed"),
         ({"seed": 1.5}, "seed"),
         ({"seed": 2**70}, "seed"),
-        ({"density": True}, "density"),
-        ({"score": "bogus"}, "score"),
+        ({"method_options": {"spu": {"density": [0.1]}}}, "method_options"),
+        ({"loss": "bogus"}, "loss"),
         ({"weight_decay": float("nan")}, "weight_decay"),
         ({"lr": float("inf")}, "lr"),
         ({"replay_from_epoch": 5, "epochs": 1}, "replay_from_epoch"),
@@ -102,10 +102,16 @@ def test_one_string_is_one_name_not_a_tuple_of_characters():
 
 
 @pytest.mark.parametrize(
-    "flags", [["--lr", "inf"], ["--lr", "nan"], ["--score", "bogus"], ["--replay-from-epoch", "5", "--epochs", "1"]]
+    "flags",
+    [
+        ["--lr", "inf"],
+        ["--lr", "nan"],
+        ["--method-option", "spu_replay.score=bogus"],
+        ["--replay-from-epoch", "5", "--epochs", "1"],
+    ],
 )
 def test_bad_flags_stop_the_parser_before_any_work(flags):
-    """Finding 8: `--score bogus` and `--lr nan` failed after earlier methods had run, with raw tracebacks."""
+    """Finding 8: a bogus score and `--lr nan` failed after earlier methods had run, with raw tracebacks."""
     with pytest.raises(SystemExit):
         cl_sequence.parse_args(flags)
 

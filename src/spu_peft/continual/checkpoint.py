@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
-import logging
 import os
 import re
 import shutil
@@ -20,16 +19,13 @@ from typing import Any
 
 import torch
 from peft import set_peft_model_state_dict
-from peft.utils import CONFIG_NAME
 from safetensors.torch import save_file
 
-from ..config import SPUConfig
 from ..integrity import WEIGHTS_NAME, read_safetensors, verify_file
-
-logger = logging.getLogger(__name__)
 
 _TASK_DIR = re.compile(r"task(\d+)")
 LOCK_FILE = ".lock"
+FULL_WEIGHTS_NAME = "model.safetensors"  # `save_weights` of a model that is not a PEFT model
 # output folder -> the open lock file this process holds (a second claim by the same process reuses it)
 _held: dict[Path, int] = {}
 
@@ -78,25 +74,27 @@ def save_weights(model: torch.nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
     else:
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / FULL_WEIGHTS_NAME)
+
+
+def saved_weights_exist(directory: Path) -> bool:
+    """Whether `directory` holds what `save_weights` writes (an adapter's or a whole model's weights)."""
+    return (directory / WEIGHTS_NAME).exists() or (directory / FULL_WEIGHTS_NAME).exists()
 
 
 def load_weights(model: torch.nn.Module, directory: Path) -> None:
-    """Load what `save_weights` wrote: every adapter with its selection record (so a resumed run keeps counting
-    selections), after checking each file's digest; a checkpoint that cannot be read raises naming the file."""
+    """Load what `save_weights` wrote, after checking each file's digest; a checkpoint that cannot be read raises
+    naming the file. (What a method records beside the weights, such as how an adapter was selected, its hooks
+    restore: see `MethodHooks.set_extra_state`.)"""
     path = directory
     try:
         if not hasattr(model, "peft_config"):
-            path = directory / "model.safetensors"
+            path = directory / FULL_WEIGHTS_NAME
             model.load_state_dict(read_safetensors(path)[0])
             return
-        for name, config in model.peft_config.items():
-            folder = directory if name == "default" else directory / name
-            path = folder / WEIGHTS_NAME
+        for name in model.peft_config:
+            path = (directory if name == "default" else directory / name) / WEIGHTS_NAME
             set_peft_model_state_dict(model, verify_file(path), adapter_name=name)
-            path = folder / CONFIG_NAME
-            if isinstance(config, SPUConfig):
-                config.selection = json.loads(path.read_text()).get("selection")
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise _unreadable(path, error) from error
 
@@ -109,35 +107,15 @@ def _unreadable(path: Path, error: Exception) -> ValueError:
     )
 
 
-def resume_run(
-    run_dir: Path, model: torch.nn.Module | None, save_task_adapters: bool, main_process: bool
-) -> tuple[dict[str, Any], Path] | None:
-    """(state, folder) of the newest checkpoint of `run_dir` (None if it has none), its weights loaded into `model`.
-
-    Task adapters (`adapter_task<t>/`) the finished tasks wrote must all be there: the latest one is made again
-    from the checkpoint if it is missing (on the main process); an earlier one cannot be, and is refused.
-    """
+def resume_run(run_dir: Path, model: torch.nn.Module | None) -> tuple[dict[str, Any], Path] | None:
+    """(state, folder) of the newest checkpoint of `run_dir` (None if it has none), its weights loaded into
+    `model`."""
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         return None
     state, folder = checkpoint
     if model is not None:
         load_weights(model, folder / "weights")
-    done = len(state["acc_matrix"])
-    for task in range(done) if save_task_adapters else ():
-        adapter = run_dir / f"adapter_task{task}"
-        if (adapter / WEIGHTS_NAME).exists() or (adapter / "model.safetensors").exists():
-            continue
-        if task < done - 1 or model is None:
-            raise ValueError(
-                f"{adapter}: missing, and only the latest task's adapter can be made again from the checkpoint. "
-                f"Delete {run_dir} to run that method again from its first task, or rerun without --resume."
-            )
-        if main_process:
-            logger.info("%s was missing: written again from the checkpoint after task %d", adapter, task)
-            tmp = fresh_tmp(adapter)
-            save_weights(model, tmp)
-            replace_directory(tmp, adapter)
     return state, folder
 
 
