@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -44,7 +45,13 @@ def claim_output_dir(output_dir: str | os.PathLike[str]) -> None:
     if folder in _held:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    handle = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        handle = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:  # e.g. a folder of that name
+        raise ValueError(
+            f"{folder / LOCK_FILE}: the output folder's lock file cannot be opened ({error.strerror}); remove it, or "
+            "pass another output folder"
+        ) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -75,11 +82,6 @@ def save_weights(model: torch.nn.Module, directory: Path) -> None:
     else:
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / FULL_WEIGHTS_NAME)
-
-
-def saved_weights_exist(directory: Path) -> bool:
-    """Whether `directory` holds what `save_weights` writes (an adapter's or a whole model's weights)."""
-    return (directory / WEIGHTS_NAME).exists() or (directory / FULL_WEIGHTS_NAME).exists()
 
 
 def load_weights(model: torch.nn.Module, directory: Path) -> None:
@@ -133,6 +135,37 @@ def fresh_tmp(directory: Path) -> Path:
 
 
 METHOD_STATE = "method_state.safetensors"
+STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+"""A checkpoint's list of its files and their SHA-256, written last: `--resume` refuses a checkpoint whose files
+were changed, removed or added since, naming the file."""
+STATE_KEYS = ("acc_matrix", "control_acc", "losses", "buffer", "method", "wall_s")
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_digests(folder: Path) -> dict[str, str]:
+    """{path relative to `folder`: SHA-256} of every file under `folder` but a manifest."""
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE)
+    return {str(p.relative_to(folder)): file_digest(p) for p in files}
+
+
+def check_digests(folder: Path, recorded: dict[str, str]) -> None:
+    """Refuse `folder` if its files differ from `recorded` (`folder_digests` when it was written), naming the file."""
+    found = folder_digests(folder) if folder.is_dir() else {}
+    for name in sorted(set(recorded) | set(found)):
+        if name not in found:
+            raise _unreadable(folder / name, ValueError("missing"))
+        if name not in recorded:
+            raise _unreadable(folder / name, ValueError("a file the run did not write"))
+        if found[name] != recorded[name]:
+            raise _unreadable(folder / name, ValueError("changed since the run wrote it"))
 
 
 def write_checkpoint(
@@ -151,7 +184,8 @@ def write_checkpoint(
         save_weights(model, tmp / "weights")
     if method_state:
         save_file({k: v.detach().cpu().contiguous() for k, v in method_state.items()}, tmp / METHOD_STATE)
-    (tmp / "state.json").write_text(json.dumps(state))
+    (tmp / STATE_FILE).write_text(json.dumps(state))
+    (tmp / MANIFEST_FILE).write_text(json.dumps(folder_digests(tmp), indent=1, sort_keys=True))
     replace_directory(tmp, final)
     for older in _task_dirs(run_dir):
         if older < task:
@@ -186,9 +220,18 @@ def latest_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
         return None
     folder = run_dir / f"task{tasks[-1]}"
     try:
-        state = json.loads((folder / "state.json").read_text())
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
     except (OSError, ValueError) as error:
-        raise _unreadable(folder / "state.json", error) from error
-    if not isinstance(state, dict) or not isinstance(state.get("acc_matrix"), list):
-        raise _unreadable(folder / "state.json", ValueError("not a checkpoint state"))
+        raise _unreadable(folder / MANIFEST_FILE, error) from error
+    if not isinstance(manifest, dict):
+        raise _unreadable(folder / MANIFEST_FILE, ValueError("not a manifest"))
+    check_digests(folder, manifest)
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise _unreadable(folder / STATE_FILE, error) from error
+    if not isinstance(state, dict) or (missing := [k for k in STATE_KEYS if k not in state]):
+        raise _unreadable(folder / STATE_FILE, ValueError(f"not a checkpoint state: no {missing or 'dict'}"))
+    if not isinstance(state["acc_matrix"], list) or len(state["acc_matrix"]) != tasks[-1] + 1:
+        raise _unreadable(folder / STATE_FILE, ValueError(f"it does not hold the {tasks[-1] + 1} tasks of {folder}"))
     return state, folder

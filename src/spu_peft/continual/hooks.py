@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpoint import fresh_tmp, replace_directory, save_weights, saved_weights_exist
+from .checkpoint import check_digests, folder_digests, fresh_tmp, replace_directory, save_weights
 
 logger = logging.getLogger(__name__)
 
@@ -212,32 +212,48 @@ def task_adapter_dir(run_dir: Path, task: int) -> Path:
 class TaskAdapterHooks(MethodHooks):
     """Hooks that save the trained model after every task as `<run_dir>/adapter_task<t>/` (`save_pretrained` for a
     PEFT model: the task's adapter), for analyses of what each task changed. Subclass it, or name it as a method's
-    `hooks`, to keep a method's task adapters; call `super()` where a subclass overrides `end_task` or `on_resume`.
+    `hooks`, to keep a method's task adapters; call `super()` where a subclass overrides `end_task`, `on_resume` or
+    the extra state.
 
-    On `--resume`, every finished task's adapter must be there: the latest one is saved again from the checkpoint if
-    it is missing; an earlier one cannot be, and is refused.
+    The SHA-256 of every saved file is part of the run's checkpoints. On `--resume`, every finished task's adapter
+    must be there as saved: the latest one is saved again from the checkpoint if it is missing or damaged; an
+    earlier one cannot be, and is refused naming the file.
     """
+
+    def __init__(self, settings: Any = None, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(settings, options)
+        self.adapter_digests: dict[str, dict[str, str]] = {}
 
     def end_task(self, context: TaskContext) -> None:
         if context.run_dir is not None and context.accelerator.is_main_process:
-            self._save(context.model, task_adapter_dir(context.run_dir, context.task))
+            self._save(context.model, context.run_dir, context.task)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"adapter_digests": self.adapter_digests}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        digests = state.get("adapter_digests")
+        if not isinstance(digests, dict):
+            raise ValueError("the checkpoint's state.json has no record of the task adapters (`adapter_digests`)")
+        self.adapter_digests = digests
 
     def on_resume(self, model: torch.nn.Module, run_dir: Path, tasks_done: int, accelerator: Any) -> None:
         for task in range(tasks_done):
             adapter = task_adapter_dir(run_dir, task)
-            if saved_weights_exist(adapter):
-                continue
-            if task < tasks_done - 1:
-                raise ValueError(
-                    f"{adapter}: missing, and only the latest task's adapter can be made again from the checkpoint. "
-                    f"Delete {run_dir} to run that method again from its first task, or rerun without --resume."
-                )
-            if accelerator.is_main_process:
-                logger.info("%s was missing: written again from the checkpoint after task %d", adapter, task)
-                self._save(model, adapter)
+            try:
+                check_digests(adapter, self.adapter_digests.get(str(task), {}))
+            except ValueError as error:
+                if task < tasks_done - 1 or str(task) not in self.adapter_digests:
+                    raise ValueError(
+                        f"{error}\nOnly the latest task's adapter can be made again from the checkpoint."
+                    ) from None
+                if accelerator.is_main_process:
+                    logger.info("%s was missing or damaged: written again from the checkpoint", adapter)
+                    self._save(model, run_dir, task)
 
-    @staticmethod
-    def _save(model: torch.nn.Module, adapter: Path) -> None:
+    def _save(self, model: torch.nn.Module, run_dir: Path, task: int) -> None:
+        adapter = task_adapter_dir(run_dir, task)
         tmp = fresh_tmp(adapter)
         save_weights(model, tmp)
         replace_directory(tmp, adapter)
+        self.adapter_digests[str(task)] = folder_digests(adapter)

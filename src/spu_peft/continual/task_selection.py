@@ -181,13 +181,18 @@ class SelectionHooks(TaskAdapterHooks):
         self.adapter_selections = {name: config.selection for name, config in _spu_configs(context.model)}
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"selections": self.selections, "adapter_selections": self.adapter_selections}
+        return {
+            **super().get_extra_state(),
+            "selections": self.selections,
+            "adapter_selections": self.adapter_selections,
+        }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        try:
-            self.selections, self.adapter_selections = list(state["selections"]), dict(state["adapter_selections"])
-        except (KeyError, TypeError) as error:
-            raise ValueError(f"the checkpoint's selection record is missing or damaged ({error!r})") from None
+        super().set_extra_state(state)
+        selections, adapters = state.get("selections"), state.get("adapter_selections")
+        if not isinstance(selections, list) or not isinstance(adapters, dict):
+            raise ValueError("the checkpoint's state.json has no record of the selections (`selections`)")
+        self.selections, self.adapter_selections = selections, adapters
 
     def on_resume(self, model: torch.nn.Module, run_dir: Path, tasks_done: int, accelerator: Any) -> None:
         if len(self.selections) != tasks_done:
