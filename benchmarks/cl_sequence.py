@@ -8,7 +8,7 @@ classes, with held-out pretraining images as the control set. The paper's settin
     accelerate launch benchmarks/cl_sequence.py --protocol paper --model openai/clip-vit-base-patch16 \
         --dataset <hub id | image folder | save_to_disk folder> --control-dataset <...> --num-tasks 10
 
-The engine is `spu_peft.continual.run_sequence`; this script is its flags and data loading. Results (JSON, CSV,
+The engine is `spu_peft.continual` (`load_sequence_data`, `run_sequence`); this script is their flags. Results (JSON, CSV,
 a markdown table in the paper's Acc / F / C form, PNG plots) land in `--output-dir` (default
 `results/<sequence>/`); `--resume` continues a killed run and refuses one made with other flags.
 """
@@ -51,20 +51,14 @@ from spu_peft.continual import (  # noqa: E402
 )
 from spu_peft.continual.checkpoint import OutputDirBusyError, claim_output_dir  # noqa: E402
 from spu_peft.continual.data import check_modules_to_save  # noqa: E402
+from spu_peft.continual.fingerprint import check_fingerprint  # noqa: E402
 from spu_peft.continual.methods import METHOD_GROUPS, parse_method_options, resolve_methods  # noqa: E402
 from spu_peft.continual.sources import EMBEDDED  # noqa: E402
 
 logger = get_logger(__name__)
 
 # `--quick`'s values, used only for the flags the user did not give.
-QUICK = {
-    "num_tasks": 2,
-    "epochs": 1,
-    "max_train_per_task": 64,
-    "max_test_per_task": 32,
-    "max_control": 192,
-    "buffer_size": 32,
-}
+QUICK = dict(num_tasks=2, epochs=1, max_train_per_task=64, max_test_per_task=32, max_control=192, buffer_size=32)
 # Flags that fill `SequenceSettings` fields of the same name (default None: the protocol's value).
 SETTINGS_FLAGS = {
     "num_tasks": (int, "Number of class-incremental tasks (embedded: 5)."),
@@ -205,7 +199,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--modules-to-save is empty; use 'default', 'none' or module names")
     keyword = names[0].lower() if len(names) == 1 else None
     modules_to_save = None if keyword == "default" else () if keyword == "none" else tuple(names)
-    templates = tuple(_embedded().CAPTION_TEMPLATES) if args.model == EMBEDDED else (CAPTION_TEMPLATE,)
+    templates = (CAPTION_TEMPLATE,)
+    if args.model == EMBEDDED:
+        from spu_peft.embedded import CAPTION_TEMPLATES  # the embedded data build on first use: imported when asked
+
+        templates = tuple(CAPTION_TEMPLATES)
     try:
         args.settings = protocol_settings(
             args.protocol,
@@ -248,30 +246,6 @@ def _check_methods(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     args.needs_reference = any(m.needs_reference for m in methods)
 
 
-def _embedded():
-    from spu_peft import embedded
-
-    return embedded
-
-
-def load_data(args: argparse.Namespace, processor, accelerator: Accelerator):
-    """The flags' splits, split into tasks and preprocessed; every bad flag fails here, before training."""
-    class_names = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
-    try:
-        return load_sequence_data(
-            processor,
-            args.settings,
-            DataSource(args.dataset, args.train_split, args.image_column, args.label_column),
-            test_split=args.test_split,
-            class_names=class_names,
-            control=_side_source(args, "control"),
-            reference=_side_source(args, "reference") if args.needs_reference else None,
-            accelerator=accelerator,
-        )
-    except ValueError as error:
-        raise SystemExit(f"error: {_flagged(str(error))}") from None
-
-
 # ---- main ---------------------------------------------------------------------------------------------------------
 
 # What a fingerprint difference means in flags (settings fields are their flags, see SETTINGS_FLAGS).
@@ -284,6 +258,7 @@ _DIFFERENCE_FLAGS = {
     "recipe_version": "(the code's recipe version)",
     "fingerprint": "(no fingerprint)",
     "method_options": "--method-option",
+    "fixed": "(the flags given, protocol values aside)",
 }
 
 
@@ -295,7 +270,16 @@ def _refusal(error: FingerprintMismatchError) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    # 1. numerics and processes
+    try:
+        return _run(args)
+    except FingerprintMismatchError as error:
+        raise SystemExit(_refusal(error)) from None
+    except (OutputDirBusyError, ValueError) as error:  # the library's refusals, each naming what to fix
+        raise SystemExit(f"error: {_flagged(str(error))}") from None
+
+
+def _run(args: argparse.Namespace) -> dict:
+    # 1. numerics, processes, and the output folder (claimed and checked before any model or data is loaded)
     if args.settings.numerics == "reproducible":
         pin_cpu_numerics()
     if args.num_threads or args.model == EMBEDDED:
@@ -310,25 +294,29 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("error: --workers > 1 runs on the CPU of a single process; drop it or --num_processes")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     datasets.disable_progress_bars()
-    if accelerator.is_main_process:  # before any data or model: a second run into a busy folder stops at once
-        try:
-            claim_output_dir(args.output_dir)
-        except OutputDirBusyError as error:
-            raise SystemExit(f"error: --output-dir: {error}") from None
+    if accelerator.is_main_process:  # a second run into a busy folder stops here, within seconds
+        claim_output_dir(args.output_dir)
+    check_fingerprint(args.output_dir, {"settings": args.settings.to_dict()}, args.resume, write=False)
 
-    # 2. the foundation model
+    # 2. the foundation model and the data
     if args.model == EMBEDDED:
+        from spu_peft.embedded import load_embedded_clip
+
         with accelerator.main_process_first():
-            base, processor = _embedded().load_embedded_clip(cache_dir=args.cache_dir, seed=args.settings.seed)
+            base, processor = load_embedded_clip(cache_dir=args.cache_dir, seed=args.settings.seed)
     else:
         base, processor = CLIPModel.from_pretrained(args.model), AutoProcessor.from_pretrained(args.model)
-    try:
-        check_modules_to_save(base, args.settings)
-    except ValueError as error:
-        raise SystemExit(f"error: {_flagged(str(error))}") from None
-
-    # 3. data
-    data = load_data(args, processor, accelerator)
+    check_modules_to_save(base, args.settings)
+    data = load_sequence_data(  # every problem of the data raises here, before training
+        processor,
+        args.settings,
+        DataSource(args.dataset, args.train_split, args.image_column, args.label_column),
+        test_split=args.test_split,
+        class_names=[c.strip() for c in args.class_names.split(",")] if args.class_names else None,
+        control=_side_source(args, "control"),
+        reference=_side_source(args, "reference") if args.needs_reference else None,
+        accelerator=accelerator,
+    )
     logger.info(
         f"{len(data.class_names)} classes in {len(data.tasks)} tasks {data.task_class_names()}; "
         f"{sum(map(len, data.train_indices))} training images; control set: "
@@ -336,29 +324,22 @@ def main(argv: list[str] | None = None) -> dict:
         main_process_only=True,
     )
 
-    # 4. every method (and learning rate) over the sequence
+    # 3. every method (and learning rate) over the sequence
     extra = {"protocol": args.protocol, "model": args.model, "dataset": args.dataset, "quick": args.quick}
     extra.update(control_dataset=args.control_dataset, command=" ".join(sys.argv))
-    try:
-        methods = run_sequence(
-            base,
-            processor,
-            data,
-            args.settings,
-            output_dir=args.output_dir,
-            methods=args.methods,
-            lr_sweep=args.lr_sweep,
-            resume=args.resume,
-            workers=args.workers,
-            accelerator=accelerator,
-            extra_config=extra,
-        )
-    except FingerprintMismatchError as error:
-        raise SystemExit(_refusal(error)) from None
-    except OutputDirBusyError as error:
-        raise SystemExit(f"error: --output-dir: {error}") from None
-
-    # 5. report
+    methods = run_sequence(
+        base,
+        processor,
+        data,
+        args.settings,
+        output_dir=args.output_dir,
+        methods=args.methods,
+        lr_sweep=args.lr_sweep,
+        resume=args.resume,
+        workers=args.workers,
+        accelerator=accelerator,
+        extra_config=extra,
+    )
     if accelerator.is_main_process:
         print((Path(args.output_dir) / "results.md").read_text())
         print(f"Results in {args.output_dir}/ (results.json, results.csv, results.md, accuracy.png, acc_matrix.png)")

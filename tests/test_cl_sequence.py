@@ -68,6 +68,7 @@ def test_quick_run_compares_every_method_and_writes_all_outputs(quick_run):
         ).exists()
 
 
+@pytest.mark.slow
 def test_forked_workers_reach_the_same_numbers(tiny_model, quick_run, tmp_path):
     _, in_process = quick_run
     methods = ["zeroshot", "lora_replay", "spu_replay"]
@@ -86,6 +87,7 @@ def test_zero_shot_rows_are_the_frozen_model(quick_run):
     assert all(c == results["config"]["frozen_control_acc"] for c in zeroshot["control_acc"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL")
 def test_sigkill_then_resume_reaches_the_uninterrupted_numbers(tiny_model, quick_run, tmp_path):
     """A real kill (-9) of the script while it trains, with `zeroshot` finished before, then `--resume`."""
@@ -143,18 +145,22 @@ def _image_folder_dataset(path: Path, columns=("image", "label")) -> str:
 
 
 def test_reference_data_comes_from_a_folder_with_its_own_split_and_columns(tiny_model, tmp_path):
-    from accelerate import Accelerator
+    """The library call behind the script's data flags (`load_sequence_data`), as a notebook makes it."""
     from transformers import AutoProcessor
 
+    from spu_peft.continual import DataSource, load_sequence_data
+
     dataset = _image_folder_dataset(tmp_path / "data")
-    reference = _image_folder_dataset(tmp_path / "reference", columns=("img", "kind"))
-    flags = ["--model", tiny_model, "--dataset", dataset, "--control-dataset", "none", "--num-tasks", "2"]
-    flags += ["--buffer-size", "2", "--methods", "zscl", "--reference-dataset", reference, "--reference-split", "test"]
-    flags += ["--reference-image-column", "img", "--reference-label-column", "kind", "--max-reference", "4"]
-    args = cl_sequence.parse_args(flags)
-    data = cl_sequence.load_data(args, AutoProcessor.from_pretrained(tiny_model), Accelerator(cpu=True))
+    folder = _image_folder_dataset(tmp_path / "reference", columns=("img", "kind"))
+    reference = DataSource(folder, split="test", image_column="img", label_column="kind")
+    settings = SequenceSettings(num_tasks=2, buffer_size=2, max_reference=4)
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    data = load_sequence_data(processor, settings, dataset, control=None, reference=reference)
     assert len(data.reference) == 4 and data.reference_class_names == ["a", "b", "c"]
     assert data.identity["reference"] and data.control is None
+    assert data.class_names == ["a", "b", "c"] and sorted(c for task in data.tasks for c in task) == [0, 1, 2]
+    with pytest.raises(ValueError, match="has no split 'validation'"):
+        load_sequence_data(processor, settings, DataSource(dataset, split="validation"), control=None)
 
 
 @pytest.mark.parametrize(
@@ -167,12 +173,10 @@ def test_reference_data_comes_from_a_folder_with_its_own_split_and_columns(tiny_
 )
 def test_data_problems_stop_before_training(tiny_model, tmp_path, flags, message):
     dataset = _image_folder_dataset(tmp_path / "data")
-    args = cl_sequence.parse_args(["--model", tiny_model, "--dataset", dataset, "--control-dataset", "none", *flags])
-    from accelerate import Accelerator
-    from transformers import AutoProcessor
-
+    flags = ["--model", tiny_model, "--dataset", dataset, "--control-dataset", "none", "--numerics", "native", *flags]
     with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
-        cl_sequence.load_data(args, AutoProcessor.from_pretrained(tiny_model), Accelerator(cpu=True))
+        cl_sequence.main([*flags, "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "runs").exists()
 
 
 @pytest.mark.parametrize(
@@ -221,6 +225,18 @@ def test_resume_with_other_flags_stops_naming_them(tiny_model, quick_run, monkey
     }
 
 
+def test_resume_with_another_seed_stops_before_loading_or_pretraining_a_model(tiny_model, quick_run, monkeypatch):
+    """Regression: `--resume --seed 1` pretrained (or loaded) seed 1's model before the fingerprint refused it."""
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the recorded run was compared")
+
+    monkeypatch.setattr(cl_sequence.CLIPModel, "from_pretrained", must_not_load)
+    with pytest.raises(SystemExit, match=r"--seed: recorded 0, now 1"):
+        cl_sequence.main(quick_args(tiny_model, quick_run[0], "--resume", "--seed", "1"))
+
+
+@pytest.mark.slow
 def test_a_failing_worker_stops_the_others_at_once(monkeypatch, tmp_path):
     def fake_run(method, lr, *rest):
         if method.name == "fail":
@@ -243,14 +259,44 @@ def test_a_failing_worker_stops_the_others_at_once(monkeypatch, tmp_path):
 
 
 def test_missing_dataset_folder_is_reported(tiny_model, tmp_path):
-    args = cl_sequence.parse_args(["--model", tiny_model, "--dataset", str(tmp_path / "nope")])
-    from accelerate import Accelerator
-    from transformers import AutoProcessor
-
+    flags = ["--model", tiny_model, "--dataset", str(tmp_path / "nope"), "--numerics", "native"]
     with pytest.raises(SystemExit, match="does not exist"):
-        cl_sequence.load_data(args, AutoProcessor.from_pretrained(tiny_model), Accelerator(cpu=True))
+        cl_sequence.main([*flags, "--output-dir", str(tmp_path / "out")])
 
 
+@pytest.mark.slow
+def test_a_busy_output_folder_stops_the_run_before_any_model_or_data(tiny_model, tmp_path, monkeypatch):
+    """The lock is taken first: a second run into a folder another process writes stops at once, loading nothing."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+
+        def must_not_load(*args, **kwargs):
+            raise AssertionError("a model or data was loaded into a busy folder")
+
+        monkeypatch.setattr(cl_sequence, "load_sequence_data", must_not_load)
+        monkeypatch.setattr(cl_sequence.CLIPModel, "from_pretrained", must_not_load)
+        start = time.monotonic()
+        with pytest.raises(SystemExit, match=rf"{tmp_path}.* is being written by another run \(process {holder.pid}\)"):
+            cl_sequence.main(quick_args(tiny_model, tmp_path))
+        assert time.monotonic() - start < 10
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+HOLD_LOCK = """
+import sys, time
+from spu_peft.continual.checkpoint import claim_output_dir
+claim_output_dir(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.slow
 def test_two_processes_select_identical_entries_and_keep_identical_weights(tiny_model, tmp_path):
     """Every method with its own loss terms, gradient edits or statistics (the peers) keeps the two processes'
     weights equal after every task, as SPU keeps their selections equal."""
@@ -348,6 +394,7 @@ def _alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(), reason="Linux /proc")
 def test_forked_workers_die_with_a_killed_main_process(tiny_model, tmp_path):
     long_run = ["--epochs", "500", "--num-tasks", "2", "--max-train-per-task", "64", "--max-test-per-task", "32"]

@@ -150,6 +150,7 @@ def test_resume_with_other_settings_is_refused_naming_them(setup, tmp_path):
     assert (tmp_path / "results.json").read_text() == before  # nothing was touched
 
 
+@pytest.mark.slow
 def test_per_method_numbers_do_not_depend_on_workers(setup, uninterrupted, tmp_path):
     assert sequence_numbers(run(setup, tmp_path, workers=2)) == uninterrupted
 

@@ -13,6 +13,7 @@ The benchmark script (`benchmarks/cl_sequence.py`) is this function's flags.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from accelerate import Accelerator
 
 from .data import SequenceData, prepare_sequence_data
 from .settings import SequenceSettings
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
 """The name of the data shipped with spu_peft (`spu_peft.embedded`): Animal-Shape for the sequence, held-out
@@ -55,6 +58,9 @@ def load_any(name: str) -> datasets.Dataset | datasets.DatasetDict:
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
             return datasets.load_from_disk(str(path))
+        folders = (p for p in path.rglob("*") if p.is_dir())
+        if empty := sorted(str(p.relative_to(path)) for p in folders if not any(q.is_file() for q in p.rglob("*"))):
+            logger.warning("%s: empty folder(s) %s hold no image, so their classes are left out", name, empty)
         return datasets.load_dataset("imagefolder", data_dir=str(path))
     if name.startswith((".", "/")) or os.sep in name and not path.exists():
         raise ValueError(f"dataset folder {name!r} does not exist")
