@@ -8,8 +8,8 @@ classes, with held-out pretraining images as the control set. The paper's settin
     accelerate launch benchmarks/cl_sequence.py --protocol paper --model openai/clip-vit-base-patch16 \
         --dataset <hub id | image folder | save_to_disk folder> --control-dataset <...> --num-tasks 10
 
-The engine is `spu_peft.continual` (`load_sequence_data`, `run_sequence`); this script is their flags. Results (JSON, CSV,
-a markdown table in the paper's Acc / F / C form, PNG plots) land in `--output-dir` (default
+The engine is `spu_peft.continual` (`load_sequence_data`, `run_sequence`); this script is their flags. Results
+(JSON, CSV, a markdown table in the paper's Acc / F / C form, PNG plots) land in `--output-dir` (default
 `results/<sequence>/`); `--resume` continues a killed run and refuses one made with other flags.
 """
 

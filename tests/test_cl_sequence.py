@@ -112,8 +112,8 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_numbers(tiny_model, quick
     ("flags", "message"),
     [
         (["--methods", "spu_replay,adapterfusion"], "unknown method"),
-        (["--method-option", "spu_replay.density=0"], "`density` must be in (0, 1]"),
-        (["--method-option", "spu.score=bogus"], "the selection `score` must be one of"),
+        (["--method-option", "spu_replay.density=0"], "method 'spu_replay': density must be in (0, 1], got 0.0"),
+        (["--method-option", "spu.score=bogus"], "method 'spu': score must be one of"),
         (["--method-option", "lora_replay.rank=1.5"], "lora_replay.rank must be a whole number"),
         (["--epochs", "0"], "--epochs"),
         (["--quick", "--epochs", "0"], "--epochs"),

@@ -150,7 +150,10 @@ def method_plan(method: ContinualMethod, settings: SequenceSettings) -> tuple[Se
     options.update({k: _of_kind(method.name, k, v, method.options[k]) for k, v in given.items()})
     changes = {k: v for k, v in values.items() if k not in method.options and k not in settings.fixed}
     planned = dataclasses.replace(settings, **changes) if changes else settings
-    make_hooks(method.hooks, planned, options)  # the hooks' constructor checks the values
+    try:
+        make_hooks(method.hooks, planned, options)  # the hooks' constructor checks the values
+    except ValueError as error:
+        raise ValueError(f"method {method.name!r}: {error}") from None
     return planned, options
 
 
@@ -206,7 +209,7 @@ class LoRAOptions(MethodHooks):
         super().__init__(settings, options)
         if self.options["rank"] < 0 or not 0 < self.options["density"] <= 1:
             raise ValueError(
-                f"LoRA needs `rank` >= 0 (0: matched to `density`) and `density` in (0, 1], got {self.options}"
+                f"LoRA needs rank >= 0 (0: matched to SPU at density) and density in (0, 1], got {self.options}"
             )
 
 

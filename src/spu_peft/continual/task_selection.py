@@ -153,11 +153,11 @@ class SelectionHooks(TaskAdapterHooks):
         super().__init__(settings, options)
         score, fraction = self.options.get("score"), self.options.get("score_fraction")
         if score not in SCORES:
-            raise ValueError(f"the selection `score` must be one of {SCORES}, got {score!r}")
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         if isinstance(fraction, str) or fraction is None or not 0 < fraction <= 1:
-            raise ValueError(f"the selection's `score_fraction` must be in (0, 1], got {fraction!r}")
+            raise ValueError(f"score_fraction must be in (0, 1], got {fraction!r}")
         if "density" in self.options and not 0 < self.options["density"] <= 1:
-            raise ValueError(f"`density` must be in (0, 1], got {self.options['density']!r}")
+            raise ValueError(f"density must be in (0, 1], got {self.options['density']!r}")
         self.selections: list[dict[str, Any]] = []
         self.adapter_selections: dict[str, Any] = {}
 
