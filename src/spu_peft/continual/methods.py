@@ -340,8 +340,9 @@ def parse_method_options(items: Iterable[str]) -> dict[str, dict[str, Option]]:
         if not match:
             raise ValueError(f"{item!r} is not METHOD.OPTION=VALUE (e.g. lwf.strength=0.1)")
         method, option, value = match.groups()
+        given = options.setdefault(method, {})
         try:
-            options.setdefault(method, {})[option] = float(value)
+            given[option] = float(value)
         except ValueError:
-            options[method][option] = value
+            given[option] = value
     return options

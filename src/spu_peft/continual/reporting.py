@@ -51,7 +51,7 @@ BWT: backward transfer, the mean over earlier tasks of (accuracy after the last 
 learning that task); negative when learning later tasks lowered earlier ones.
 C: control-set accuracy (%) after the last task. C.Drop: the frozen model's C minus C.
 trainable: parameters that train; adapter bytes: the saved weights after the last task; wall s: seconds of
-training and evaluation; peak MiB: peak accelerator memory."""
+training and evaluation; peak MiB: the run's peak memory (on a GPU its allocations, on a CPU its process's)."""
 
 
 def markdown_table(methods: dict[str, dict[str, Any]]) -> str:

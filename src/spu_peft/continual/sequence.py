@@ -62,9 +62,11 @@ def trainable_parameters(model: torch.nn.Module) -> int:
 
 
 def build_model(
-    method: ContinualMethod, base: torch.nn.Module, settings: SequenceSettings, options: dict[str, Option]
+    method: ContinualMethod, base: torch.nn.Module, settings: SequenceSettings, options: dict[str, Option] | None = None
 ) -> torch.nn.Module:
-    """A fresh copy of the base model prepared for `method` (seeded, so a resumed run rebuilds it identically)."""
+    """A fresh copy of the base model prepared for `method` with `options` (default: its plan's; seeded, so a resumed
+    run rebuilds it identically)."""
+    options = method_plan(method, settings)[1] if options is None else options
     torch.manual_seed(settings.seed)
     return method.build_model(copy.deepcopy(base), settings, options)
 
