@@ -170,8 +170,7 @@ def _add_side_dataset_flags(parser: argparse.ArgumentParser, kind: str, split: s
     parser.add_argument(f"--{kind}-dataset", default=None, help=text)
     parser.add_argument(f"--{kind}-split", default=split, help=f"Split of --{kind}-dataset to use.")
     for column in ("image", "label"):
-        flag = f"--{kind}-{column}-column"
-        parser.add_argument(flag, default=column, help=f"{column.title()} column of --{kind}-dataset.")
+        parser.add_argument(f"--{kind}-{column}-column", default=column, help=f"{column.title()} column of it.")
 
 
 def _side_source(args: argparse.Namespace, kind: str) -> DataSource | None:
@@ -240,7 +239,8 @@ def _check_methods(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         args.reference_dataset = EMBEDDED if args.model == EMBEDDED else "none"
     try:
         args.settings = dataclasses.replace(args.settings, method_options=parse_method_options(args.method_option))
-        methods = resolve_methods(args.methods, args.settings, has_reference=args.reference_dataset != "none")
+        has_reference = args.reference_dataset != "none"
+        methods = resolve_methods(args.methods, args.settings, has_reference=has_reference, only_options_of_these=True)
     except ValueError as error:
         parser.error(_flagged(str(error)).replace("--method-options", "--method-option"))
     args.needs_reference = any(m.needs_reference for m in methods)
@@ -258,7 +258,7 @@ _DIFFERENCE_FLAGS = {
     "recipe_version": "(the code's recipe version)",
     "fingerprint": "(no fingerprint)",
     "method_options": "--method-option",
-    "fixed": "(the flags given, protocol values aside)",
+    "fixed": "(the flags given)",
 }
 
 

@@ -244,11 +244,11 @@ def test_method_options_are_checked_before_any_work(setup, tmp_path):
         ({"spu_replay": {"score": 1.0}}, "must be a name"),
         ({"lora_replay": {"rank": 2.5}}, "whole number"),
         ({"lora_replay": {"rank": -1}}, "rank"),
-        ({"lwf": {"strength": 1.0}}, "which `methods` does not run"),
+        ({"lwf": {"strength": "strong"}}, "lwf.strength must be a number"),
     ]:
         settings = SequenceSettings(**{**SMALL_SEQUENCE, "method_options": options})
         with pytest.raises(ValueError, match=message):
-            run(setup, tmp_path, methods=["spu_replay", "lora_replay"], settings=settings)
+            run(setup, tmp_path, methods=["spu_replay", "lora_replay", "lwf"], settings=settings)
         assert not (tmp_path / "runs").exists()
 
 

@@ -307,11 +307,16 @@ def expand_methods(names: Iterable[str | ContinualMethod]) -> list[ContinualMeth
 
 
 def resolve_methods(
-    names: Iterable[str | ContinualMethod], settings: SequenceSettings, *, has_reference: bool = True
+    names: Iterable[str | ContinualMethod],
+    settings: SequenceSettings,
+    *,
+    has_reference: bool = True,
+    only_options_of_these: bool = False,
 ) -> list[ContinualMethod]:
-    """The methods `names` stand for (see `expand_methods`), checked before any work: each named once, every option
-    of `settings.method_options` known to a method that runs and of a value its method takes, and reference data
-    given (`has_reference`) where a method needs it. Raises `ValueError` naming the problem."""
+    """The methods `names` stand for (see `expand_methods`), checked before any work: each named once, their options
+    in `settings.method_options` known and of values they take, and reference data given (`has_reference`) where a
+    method needs it; with `only_options_of_these`, options of other methods are refused too (a command line's
+    typo). Raises `ValueError` naming the problem."""
     methods = expand_methods(names)
     expanded = [m.name for m in methods]
     if not methods:
@@ -320,12 +325,13 @@ def resolve_methods(
         raise ValueError(f"`methods` lists {repeated} more than once; each method runs once per learning rate")
     for method in methods:
         method_plan(method, settings)
-    if stray := sorted(set(settings.method_options) - set(expanded)):
+    if only_options_of_these and (stray := sorted(set(settings.method_options) - set(expanded))):
         raise ValueError(f"`method_options` sets options of {stray}, which `methods` does not run")
     if not has_reference and (needing := [m.name for m in methods if m.needs_reference]):
         raise ValueError(
-            f"{needing} need reference data (image-caption pairs of the pretraining domain): pass `reference` "
-            "(reference data of the pretraining domain), or leave them out of `methods`"
+            f"{needing} need reference data (image-caption pairs of the pretraining domain): pass it to "
+            "load_sequence_data or prepare_sequence_data as their reference (the script's --reference-dataset), or "
+            "leave them out of `methods`"
         )
     return methods
 
