@@ -8,8 +8,8 @@ classes, with held-out pretraining images as the control set. The paper's settin
     accelerate launch benchmarks/cl_sequence.py --protocol paper --model openai/clip-vit-base-patch16 \
         --dataset <hub id | image folder | save_to_disk folder> --control-dataset <...> --num-tasks 10
 
-The engine is `spu_peft.continual.run_sequence`; this script is its flags and data loading. Results (JSON, CSV,
-a markdown table in the paper's Acc / F / C form, PNG plots) land in `--output-dir` (default
+The engine is `spu_peft.continual` (`load_sequence_data`, `run_sequence`); this script is their flags. Results
+(JSON, CSV, a markdown table in the paper's Acc / F / C form, PNG plots) land in `--output-dir` (default
 `results/<sequence>/`); `--resume` continues a killed run and refuses one made with other flags.
 """
 
@@ -27,42 +27,38 @@ import torch
 
 if not torch.cuda.is_available():  # DeepSpeed (if installed) would warn that it falls back to the CPU in every run
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if __name__ == "__main__" and not {"native", "--numerics=native"} & set(sys.argv):  # before imports that compute
+    os.environ.update(MKL_CBWR="COMPATIBLE", ATEN_CPU_CAPABILITY="avx2")
 
 import datasets  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
 from transformers import AutoProcessor, CLIPModel  # noqa: E402
 
-import spu_peft  # noqa: E402
-from spu_peft.continual import (
+from spu_peft.continual import (  # noqa: E402
     CAPTION_TEMPLATE,
     NUMERICS_MODES,
     PROTOCOLS,
     TARGET_LAYERS,
+    DataSource,
     FingerprintMismatchError,
     get_method,
+    load_sequence_data,
     pin_cpu_numerics,
-    prepare_sequence_data,
     protocol_settings,
     registered_methods,
     run_sequence,
 )
-from spu_peft.continual.checkpoint import OutputDirBusyError
-from spu_peft.continual.data import check_modules_to_save
-from spu_peft.continual.methods import METHOD_GROUPS, expand_methods, method_plan
+from spu_peft.continual.checkpoint import OutputDirBusyError, claim_output_dir  # noqa: E402
+from spu_peft.continual.data import check_modules_to_save  # noqa: E402
+from spu_peft.continual.fingerprint import check_fingerprint  # noqa: E402
+from spu_peft.continual.methods import METHOD_GROUPS, parse_method_options, resolve_methods  # noqa: E402
+from spu_peft.continual.sources import EMBEDDED  # noqa: E402
 
 logger = get_logger(__name__)
 
-EMBEDDED = "embedded"
 # `--quick`'s values, used only for the flags the user did not give.
-QUICK = {
-    "num_tasks": 2,
-    "epochs": 1,
-    "max_train_per_task": 64,
-    "max_test_per_task": 32,
-    "max_control": 192,
-    "buffer_size": 32,
-}
+QUICK = dict(num_tasks=2, epochs=1, max_train_per_task=64, max_test_per_task=32, max_control=192, buffer_size=32)
 # Flags that fill `SequenceSettings` fields of the same name (default None: the protocol's value).
 SETTINGS_FLAGS = {
     "num_tasks": (int, "Number of class-incremental tasks (embedded: 5)."),
@@ -76,11 +72,7 @@ SETTINGS_FLAGS = {
     "weight_decay": (float, "AdamW weight decay (embedded: 0.01, paper: 0.2)."),
     "lr_schedule": (str, "constant (embedded) or reference_cosine (paper)."),
     "loss": (str, "caption (embedded: each image against one caption per seen class) or clip (paper: in-batch)."),
-    "density": (float, "Share of each target matrix SPU trains (0.1)."),
-    "score": (str, f"SPU's selection score, one of {spu_peft.SCORES} (output_norm)."),
-    "score_fraction": (float, "Share of a task's batches scored (0.25)."),
-    "score_batch_size": (int, "Scoring batch size (embedded: --batch-size, paper: 128)."),
-    "lora_rank": (int, "LoRA rank (default: as many parameters as SPU's values)."),
+    "score_batch_size": (int, "Batch size of selections and importances (embedded: --batch-size, paper: 128)."),
     "max_train_per_task": (int, "Cap on training images per task."),
     "max_test_per_task": (int, "Cap on test images per task."),
     "max_control": (int, "Cap on control-set images (a seeded sample)."),
@@ -138,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="METHOD.OPTION=VALUE",
-        help="Change a method's coefficient, e.g. lwf.strength=0.1 (repeatable; see docs/peers.md).",
+        help="Change a method's option, e.g. spu_replay.density=0.05, spu.score=fisher, lora_replay.rank=8, "
+        "lwf.strength=0.1 (repeatable; each method's options: docs/peers.md).",
     )
     _add_side_dataset_flags(
         parser,
@@ -177,15 +170,16 @@ def _add_side_dataset_flags(parser: argparse.ArgumentParser, kind: str, split: s
     parser.add_argument(f"--{kind}-dataset", default=None, help=text)
     parser.add_argument(f"--{kind}-split", default=split, help=f"Split of --{kind}-dataset to use.")
     for column in ("image", "label"):
-        flag = f"--{kind}-{column}-column"
-        parser.add_argument(flag, default=column, help=f"{column.title()} column of --{kind}-dataset.")
+        parser.add_argument(f"--{kind}-{column}-column", default=column, help=f"{column.title()} column of it.")
 
 
-def _side_dataset(args: argparse.Namespace, kind: str) -> tuple[datasets.Dataset, tuple[str, str]]:
-    """The split and columns that `--<kind>-dataset` (a hub id or a folder) names."""
-    loaded = _load_any(getattr(args, f"{kind}_dataset"))
-    split = loaded[getattr(args, f"{kind}_split")] if isinstance(loaded, datasets.DatasetDict) else loaded
-    return split, (getattr(args, f"{kind}_image_column"), getattr(args, f"{kind}_label_column"))
+def _side_source(args: argparse.Namespace, kind: str) -> DataSource | None:
+    """The dataset `--<kind>-dataset` and its split and column flags name (None for 'none')."""
+    name = getattr(args, f"{kind}_dataset")
+    if name == "none":
+        return None
+    split, image, label = (getattr(args, f"{kind}_{flag}") for flag in ("split", "image_column", "label_column"))
+    return DataSource(name, split, image, label)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -204,7 +198,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--modules-to-save is empty; use 'default', 'none' or module names")
     keyword = names[0].lower() if len(names) == 1 else None
     modules_to_save = None if keyword == "default" else () if keyword == "none" else tuple(names)
-    templates = tuple(_embedded().CAPTION_TEMPLATES) if args.model == EMBEDDED else (CAPTION_TEMPLATE,)
+    templates = (CAPTION_TEMPLATE,)
+    if args.model == EMBEDDED:
+        from spu_peft.embedded import CAPTION_TEMPLATES  # the embedded data build on first use: imported when asked
+
+        templates = tuple(CAPTION_TEMPLATES)
     try:
         args.settings = protocol_settings(
             args.protocol,
@@ -237,109 +235,15 @@ def _check_methods(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     unknown = [m for m in args.methods if m not in known]
     if unknown or not args.methods:
         parser.error(f"unknown method(s) {unknown} in --methods; choose from {', '.join(known)}")
-    methods = expand_methods(args.methods)
-    expanded = [m.name for m in methods]
-    if repeated := sorted({m for m in expanded if expanded.count(m) > 1}):
-        parser.error(f"--methods lists {repeated} more than once; each method runs once per learning rate")
-    try:
-        args.settings = dataclasses.replace(args.settings, method_options=_method_options(args.method_option))
-        for method in methods:
-            method_plan(method, args.settings)
-    except ValueError as error:
-        parser.error(f"--method-option: {error}")
-    if stray := sorted(set(args.settings.method_options) - set(expanded)):
-        parser.error(f"--method-option sets options of {stray}, which --methods does not run")
     if args.reference_dataset is None:
         args.reference_dataset = EMBEDDED if args.model == EMBEDDED else "none"
-    needing = [m.name for m in methods if m.needs_reference]
-    if needing and args.reference_dataset == "none":
-        parser.error(
-            f"{needing} need reference data (image-caption pairs of the pretraining domain): pass "
-            "--reference-dataset (a hub id, a folder, or 'embedded'), or leave them out of --methods"
-        )
-    args.needs_reference = bool(needing)
-
-
-def _method_options(items: list[str]) -> dict[str, dict[str, float]]:
-    """`--method-option lwf.strength=0.1` flags as `{"lwf": {"strength": 0.1}}`."""
-    options: dict[str, dict[str, float]] = {}
-    for item in items:
-        match = re.fullmatch(r"(\w+)\.(\w+)=(.+)", item.strip())
-        if not match:
-            raise ValueError(f"{item!r} is not METHOD.OPTION=VALUE (e.g. lwf.strength=0.1)")
-        method, option, value = match.groups()
-        try:
-            options.setdefault(method, {})[option] = float(value)
-        except ValueError:
-            raise ValueError(f"{item!r}: the value {value!r} is not a number") from None
-    return options
-
-
-def _embedded():
-    from spu_peft import embedded
-
-    return embedded
-
-
-# ---- data ---------------------------------------------------------------------------------------------------------
-
-
-def _load_any(name: str) -> datasets.Dataset | datasets.DatasetDict:
-    """A hub id, an image folder or a `save_to_disk` folder, as `datasets` loads each."""
-    path = Path(name)
-    if path.is_dir():
-        if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
-            return datasets.load_from_disk(str(path))
-        return datasets.load_dataset("imagefolder", data_dir=str(path))
-    if name.startswith((".", "/")) or os.sep in name and not path.exists():
-        raise SystemExit(f"error: dataset folder {name!r} does not exist")
-    return datasets.load_dataset(name)
-
-
-def load_sequence_data(args: argparse.Namespace, processor, accelerator: Accelerator):
-    """The flags' splits, split into tasks and preprocessed; every bad flag fails here, before training."""
-    if args.dataset == EMBEDDED:
-        splits = _embedded().load_animal_shapes(seed=args.settings.seed)
-        train, test, columns = splits["train"], splits["test"], ("image", "label")
-    else:
-        loaded = _load_any(args.dataset)
-        if not isinstance(loaded, datasets.DatasetDict) or args.train_split not in loaded:
-            raise SystemExit(f"error: --dataset {args.dataset!r} has no split {args.train_split!r}")
-        train = loaded[args.train_split]
-        if args.test_split in loaded:
-            test = loaded[args.test_split]
-        else:
-            parts = train.train_test_split(test_size=0.2, seed=args.settings.seed)
-            train, test = parts["train"], parts["test"]
-        columns = (args.image_column, args.label_column)
-    control, control_columns = None, ("image", "label")
-    if args.control_dataset == EMBEDDED:
-        control = _embedded().load_pretraining_data(seed=args.settings.seed)["control"]
-    elif args.control_dataset != "none":
-        control, control_columns = _side_dataset(args, "control")
-    reference, reference_columns = None, ("image", "label")
-    if args.needs_reference and args.reference_dataset == EMBEDDED:
-        reference = _embedded().load_reference_data(seed=args.settings.seed)
-    elif args.needs_reference and args.reference_dataset != "none":
-        reference, reference_columns = _side_dataset(args, "reference")
-    class_names = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
     try:
-        return prepare_sequence_data(
-            train,
-            test,
-            processor,
-            args.settings,
-            control=control,
-            class_names=class_names,
-            image_column=columns[0],
-            label_column=columns[1],
-            control_columns=control_columns,
-            reference=reference,
-            reference_columns=reference_columns,
-            accelerator=accelerator,
-        )
+        args.settings = dataclasses.replace(args.settings, method_options=parse_method_options(args.method_option))
+        has_reference = args.reference_dataset != "none"
+        methods = resolve_methods(args.methods, args.settings, has_reference=has_reference, only_options_of_these=True)
     except ValueError as error:
-        raise SystemExit(f"error: {_flagged(str(error))}") from None
+        parser.error(_flagged(str(error)).replace("--method-options", "--method-option"))
+    args.needs_reference = any(m.needs_reference for m in methods)
 
 
 # ---- main ---------------------------------------------------------------------------------------------------------
@@ -353,6 +257,8 @@ _DIFFERENCE_FLAGS = {
     "data": "--dataset / --control-dataset / --seed (the data)",
     "recipe_version": "(the code's recipe version)",
     "fingerprint": "(no fingerprint)",
+    "method_options": "--method-option",
+    "fixed": "(the flags given)",
 }
 
 
@@ -364,7 +270,16 @@ def _refusal(error: FingerprintMismatchError) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    # 1. numerics and processes
+    try:
+        return _run(args)
+    except FingerprintMismatchError as error:
+        raise SystemExit(_refusal(error)) from None
+    except (OutputDirBusyError, ValueError) as error:  # the library's refusals, each naming what to fix
+        raise SystemExit(f"error: {_flagged(str(error))}") from None
+
+
+def _run(args: argparse.Namespace) -> dict:
+    # 1. numerics, processes, and the output folder (claimed and checked before any model or data is loaded)
     if args.settings.numerics == "reproducible":
         pin_cpu_numerics()
     if args.num_threads or args.model == EMBEDDED:
@@ -379,20 +294,29 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("error: --workers > 1 runs on the CPU of a single process; drop it or --num_processes")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     datasets.disable_progress_bars()
+    if accelerator.is_main_process:  # a second run into a busy folder stops here, within seconds
+        claim_output_dir(args.output_dir)
+    check_fingerprint(args.output_dir, {"settings": args.settings.to_dict()}, args.resume, write=False)
 
-    # 2. the foundation model
+    # 2. the foundation model and the data
     if args.model == EMBEDDED:
+        from spu_peft.embedded import load_embedded_clip
+
         with accelerator.main_process_first():
-            base, processor = _embedded().load_embedded_clip(cache_dir=args.cache_dir, seed=args.settings.seed)
+            base, processor = load_embedded_clip(cache_dir=args.cache_dir, seed=args.settings.seed)
     else:
         base, processor = CLIPModel.from_pretrained(args.model), AutoProcessor.from_pretrained(args.model)
-    try:
-        check_modules_to_save(base, args.settings)
-    except ValueError as error:
-        raise SystemExit(f"error: {_flagged(str(error))}") from None
-
-    # 3. data
-    data = load_sequence_data(args, processor, accelerator)
+    check_modules_to_save(base, args.settings)
+    data = load_sequence_data(  # every problem of the data raises here, before training
+        processor,
+        args.settings,
+        DataSource(args.dataset, args.train_split, args.image_column, args.label_column),
+        test_split=args.test_split,
+        class_names=[c.strip() for c in args.class_names.split(",")] if args.class_names else None,
+        control=_side_source(args, "control"),
+        reference=_side_source(args, "reference") if args.needs_reference else None,
+        accelerator=accelerator,
+    )
     logger.info(
         f"{len(data.class_names)} classes in {len(data.tasks)} tasks {data.task_class_names()}; "
         f"{sum(map(len, data.train_indices))} training images; control set: "
@@ -400,29 +324,22 @@ def main(argv: list[str] | None = None) -> dict:
         main_process_only=True,
     )
 
-    # 4. every method (and learning rate) over the sequence
+    # 3. every method (and learning rate) over the sequence
     extra = {"protocol": args.protocol, "model": args.model, "dataset": args.dataset, "quick": args.quick}
     extra.update(control_dataset=args.control_dataset, command=" ".join(sys.argv))
-    try:
-        methods = run_sequence(
-            base,
-            processor,
-            data,
-            args.settings,
-            output_dir=args.output_dir,
-            methods=args.methods,
-            lr_sweep=args.lr_sweep,
-            resume=args.resume,
-            workers=args.workers,
-            accelerator=accelerator,
-            extra_config=extra,
-        )
-    except FingerprintMismatchError as error:
-        raise SystemExit(_refusal(error)) from None
-    except OutputDirBusyError as error:
-        raise SystemExit(f"error: --output-dir: {error}") from None
-
-    # 5. report
+    methods = run_sequence(
+        base,
+        processor,
+        data,
+        args.settings,
+        output_dir=args.output_dir,
+        methods=args.methods,
+        lr_sweep=args.lr_sweep,
+        resume=args.resume,
+        workers=args.workers,
+        accelerator=accelerator,
+        extra_config=extra,
+    )
     if accelerator.is_main_process:
         print((Path(args.output_dir) / "results.md").read_text())
         print(f"Results in {args.output_dir}/ (results.json, results.csv, results.md, accuracy.png, acc_matrix.png)")

@@ -85,8 +85,8 @@ SEQUENCE = {  # the main job's sequence, with caps that fit the study in about 2
     "max_train_per_task": 384,
     "max_test_per_task": 200,
     "max_control": 960,
-    "score_fraction": 1.0,  # the 384 images of a task: as many as the main job's 25% of 1,568
 }
+SCORE_FRACTION = 1.0  # SPU's: the 384 images of a task, as many as the main job's 25% of 1,568
 QUICK = {  # --quick: the values of the flags not given
     "seeds": "0,1",
     "num_tasks": 2,
@@ -238,11 +238,10 @@ def capped(split: datasets.Dataset, settings, cap: int | None) -> datasets.Datas
     return split.select(sorted(i for task in tasks for i in task_indices(labels, task)[:cap]))
 
 
-def sequence_settings(args: argparse.Namespace, seed: int, density: float = 0.1):
+def sequence_settings(args: argparse.Namespace, seed: int):
     return protocol_settings(
         "embedded",
         **args.sequence,
-        density=density,
         seed=seed,
         numerics=args.numerics,
         caption_template=CAPTION_TEMPLATE,
@@ -318,15 +317,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cell["overlap"] = measure_overlap(base, processor.tokenizer, data, settings)
                 cell["cost"]["overlap"] = {"wall_s": time.perf_counter() - t0, "load": [l0, os.getloadavg()[0]]}
             # 3. the compared methods over their grids; 4. at the largest width, other scores and densities
-            parts = [("main", folder, settings, study_methods(grid), "")] if "main" in args.parts else []
+            fraction = {"score_fraction": SCORE_FRACTION}
+            parts = [("main", folder, settings, study_methods(grid, **fraction), "")] if "main" in args.parts else []
             if width == args.variant_width and seed in args.variant_seeds:
                 if "scores" in args.parts and args.scores:
-                    parts.append(("scores", folder / "scores", settings, score_methods(grid, args.scores), ""))
+                    scored = score_methods(grid, args.scores, **fraction)
+                    parts.append(("scores", folder / "scores", settings, scored, ""))
                 for density in args.densities if "densities" in args.parts else ():
-                    settings_d = sequence_settings(args, seed, density)
-                    methods = study_methods(grid, ("spu_replay", "random_replay"))
+                    methods = study_methods(grid, ("spu_replay", "random_replay"), **fraction, density=density)
                     parts.append(
-                        (f"density{density:g}", folder / f"density{density:g}", settings_d, methods, f"@{density:g}")
+                        (f"density{density:g}", folder / f"density{density:g}", settings, methods, f"@{density:g}")
                     )
             for name, out, part_settings, methods, suffix in parts:
                 part = run_part(base, processor, data, part_settings, methods, out, args)

@@ -100,21 +100,22 @@ class Crash(BaseException):
 
 
 KILL_POINTS = {
-    "trained": ("task_accuracies", "before"),  # a task trained, not yet evaluated
-    "adapter_saved": ("replace_directory", "after"),  # a task adapter in place, no checkpoint yet
-    "checkpointed": ("write_checkpoint", "after"),
-    "outputs_written": ("write_outputs", "after"),  # results written after a run, more runs to come
+    "adapter_saved": ("hooks", "replace_directory", "after"),  # a task adapter in place (end_task), not evaluated
+    "trained": ("sequence", "task_accuracies", "before"),  # a task trained, not yet evaluated
+    "checkpointed": ("sequence", "write_checkpoint", "after"),
+    "outputs_written": ("sequence", "write_outputs", "after"),  # results written after a run, more runs to come
 }
-"""Where a run's progress is tested for kills: the engine step (a name in `spu_peft.continual.sequence`) a kill comes
+"""Where a run's progress is tested for kills: the step (a name in a module of `spu_peft.continual`) a kill comes
 before or after."""
 
 
 def stop_at(monkeypatch, on_point) -> None:
     """Call `on_point(point, args)` at every kill point of the engine (it may raise `Crash` to kill the run)."""
-    from spu_peft.continual import sequence as sequence_engine
+    import importlib
 
-    for point, (name, when) in KILL_POINTS.items():
-        real = getattr(sequence_engine, name)
+    for point, (module_name, name, when) in KILL_POINTS.items():
+        module = importlib.import_module(f"spu_peft.continual.{module_name}")
+        real = getattr(module, name)
 
         def wrapped(*args, _real=real, _point=point, _when=when, **kwargs):
             if _when == "before":
@@ -124,7 +125,7 @@ def stop_at(monkeypatch, on_point) -> None:
                 on_point(_point, args)
             return result
 
-        monkeypatch.setattr(sequence_engine, name, wrapped)
+        monkeypatch.setattr(module, name, wrapped)
 
 
 # ---- a short sequence on a barely pretrained embedded model --------------------------------------------------------

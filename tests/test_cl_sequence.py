@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import cl_sequence  # noqa: E402
+from sequence_goals import goals_table, sequence_goals  # noqa: E402
 
 from spu_peft.continual import DEFAULT_METHODS, ContinualMethod, SequenceSettings, get_method  # noqa: E402
 from spu_peft.continual import sequence as engine  # noqa: E402
 from spu_peft.continual.methods import METHOD_GROUPS, PEER_METHODS  # noqa: E402
-from spu_peft.continual.reporting import evaluate_targets  # noqa: E402
 
 
 def quick_args(model: str, output_dir: Path, *extra: str) -> list[str]:
@@ -114,7 +114,9 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_numbers(tiny_model, quick
     ("flags", "message"),
     [
         (["--methods", "spu_replay,adapterfusion"], "unknown method"),
-        (["--density", "0"], "--density"),
+        (["--method-option", "spu_replay.density=0"], "method 'spu_replay': density must be in (0, 1], got 0.0"),
+        (["--method-option", "spu.score=bogus"], "method 'spu': score must be one of"),
+        (["--method-option", "lora_replay.rank=1.5"], "lora_replay.rank must be a whole number"),
         (["--epochs", "0"], "--epochs"),
         (["--quick", "--epochs", "0"], "--epochs"),
         (["--batch-size", "0", "--protocol", "paper"], "--batch-size"),
@@ -124,8 +126,9 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_numbers(tiny_model, quick
         (["--methods", "default,spu"], "more than once"),
         (["--methods", "zscl", "--reference-dataset", "none"], "['zscl'] need reference data"),
         (["--method-option", "lwf.strength=1"], "--method-option sets options of ['lwf'], which --methods does not"),
+        (["--methods", "zscl,zscl"], "--methods lists ['zscl'] more than once"),
         (["--methods", "lwf", "--method-option", "lwf.strenght=1"], "no option(s) ['strenght']; its options: strength"),
-        (["--methods", "lwf", "--method-option", "lwf.strength=big"], "'big' is not a number"),
+        (["--methods", "lwf", "--method-option", "lwf.strength=big"], "lwf.strength must be a number"),
         (["--methods", "lwf", "--method-option", "strength=1"], "is not METHOD.OPTION=VALUE"),
     ],
 )
@@ -144,18 +147,22 @@ def _image_folder_dataset(path: Path, columns=("image", "label")) -> str:
 
 
 def test_reference_data_comes_from_a_folder_with_its_own_split_and_columns(tiny_model, tmp_path):
-    from accelerate import Accelerator
+    """The library call behind the script's data flags (`load_sequence_data`), as a notebook makes it."""
     from transformers import AutoProcessor
 
+    from spu_peft.continual import DataSource, load_sequence_data
+
     dataset = _image_folder_dataset(tmp_path / "data")
-    reference = _image_folder_dataset(tmp_path / "reference", columns=("img", "kind"))
-    flags = ["--model", tiny_model, "--dataset", dataset, "--control-dataset", "none", "--num-tasks", "2"]
-    flags += ["--buffer-size", "2", "--methods", "zscl", "--reference-dataset", reference, "--reference-split", "test"]
-    flags += ["--reference-image-column", "img", "--reference-label-column", "kind", "--max-reference", "4"]
-    args = cl_sequence.parse_args(flags)
-    data = cl_sequence.load_sequence_data(args, AutoProcessor.from_pretrained(tiny_model), Accelerator(cpu=True))
+    folder = _image_folder_dataset(tmp_path / "reference", columns=("img", "kind"))
+    reference = DataSource(folder, split="test", image_column="img", label_column="kind")
+    settings = SequenceSettings(num_tasks=2, buffer_size=2, max_reference=4)
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    data = load_sequence_data(processor, settings, dataset, control=None, reference=reference)
     assert len(data.reference) == 4 and data.reference_class_names == ["a", "b", "c"]
     assert data.identity["reference"] and data.control is None
+    assert data.class_names == ["a", "b", "c"] and sorted(c for task in data.tasks for c in task) == [0, 1, 2]
+    with pytest.raises(ValueError, match="has no split 'validation'"):
+        load_sequence_data(processor, settings, DataSource(dataset, split="validation"), control=None)
 
 
 @pytest.mark.parametrize(
@@ -168,12 +175,10 @@ def test_reference_data_comes_from_a_folder_with_its_own_split_and_columns(tiny_
 )
 def test_data_problems_stop_before_training(tiny_model, tmp_path, flags, message):
     dataset = _image_folder_dataset(tmp_path / "data")
-    args = cl_sequence.parse_args(["--model", tiny_model, "--dataset", dataset, "--control-dataset", "none", *flags])
-    from accelerate import Accelerator
-    from transformers import AutoProcessor
-
+    flags = ["--model", tiny_model, "--dataset", dataset, "--control-dataset", "none", "--numerics", "native", *flags]
     with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
-        cl_sequence.load_sequence_data(args, AutoProcessor.from_pretrained(tiny_model), Accelerator(cpu=True))
+        cl_sequence.main([*flags, "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "runs").exists()
 
 
 @pytest.mark.parametrize(
@@ -203,12 +208,14 @@ def test_quick_fills_only_the_flags_not_given():
 
 @pytest.mark.slow
 def test_resume_with_other_flags_stops_naming_them(tiny_model, quick_run, monkeypatch, capsys):
-    """Regression: resuming a finished density-0.1 run with --density 0.02 wrote 0.02 over the 0.1 run's numbers."""
+    """Regression: resuming a finished density-0.1 run with density 0.02 wrote 0.02 over the 0.1 run's numbers."""
     output_dir, results = quick_run
     before = (output_dir / "results.json").read_text()
     with pytest.raises(SystemExit) as stop:
-        cl_sequence.main(quick_args(tiny_model, output_dir, "--resume", "--density", "0.02", "--epochs", "2"))
-    assert "--density: recorded 0.1, now 0.02" in str(stop.value) and "--epochs: recorded 1, now 2" in str(stop.value)
+        flags = ["--resume", "--method-option", "spu.density=0.02", "--epochs", "2"]
+        cl_sequence.main(quick_args(tiny_model, output_dir, *flags))
+    assert "--method-option: recorded {}, now {'spu': {'density': 0.02}}" in str(stop.value)
+    assert "--epochs: recorded 1, now 2" in str(stop.value)
     assert (output_dir / "results.json").read_text() == before
 
     def must_not_train(*args, **kwargs):
@@ -221,6 +228,18 @@ def test_resume_with_other_flags_stops_naming_them(tiny_model, quick_run, monkey
     }
 
 
+def test_resume_with_another_seed_stops_before_loading_or_pretraining_a_model(tiny_model, quick_run, monkeypatch):
+    """Regression: `--resume --seed 1` pretrained (or loaded) seed 1's model before the fingerprint refused it."""
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the recorded run was compared")
+
+    monkeypatch.setattr(cl_sequence.CLIPModel, "from_pretrained", must_not_load)
+    with pytest.raises(SystemExit, match=r"--seed: recorded 0, now 1"):
+        cl_sequence.main(quick_args(tiny_model, quick_run[0], "--resume", "--seed", "1"))
+
+
+@pytest.mark.slow
 def test_a_failing_worker_stops_the_others_at_once(monkeypatch, tmp_path):
     def fake_run(method, lr, *rest):
         if method.name == "fail":
@@ -243,12 +262,41 @@ def test_a_failing_worker_stops_the_others_at_once(monkeypatch, tmp_path):
 
 
 def test_missing_dataset_folder_is_reported(tiny_model, tmp_path):
-    args = cl_sequence.parse_args(["--model", tiny_model, "--dataset", str(tmp_path / "nope")])
-    from accelerate import Accelerator
-    from transformers import AutoProcessor
-
+    flags = ["--model", tiny_model, "--dataset", str(tmp_path / "nope"), "--numerics", "native"]
     with pytest.raises(SystemExit, match="does not exist"):
-        cl_sequence.load_sequence_data(args, AutoProcessor.from_pretrained(tiny_model), Accelerator(cpu=True))
+        cl_sequence.main([*flags, "--output-dir", str(tmp_path / "out")])
+
+
+@pytest.mark.slow
+def test_a_busy_output_folder_stops_the_run_before_any_model_or_data(tiny_model, tmp_path, monkeypatch):
+    """The lock is taken first: a second run into a folder another process writes stops at once, loading nothing."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+
+        def must_not_load(*args, **kwargs):
+            raise AssertionError("a model or data was loaded into a busy folder")
+
+        monkeypatch.setattr(cl_sequence, "load_sequence_data", must_not_load)
+        monkeypatch.setattr(cl_sequence.CLIPModel, "from_pretrained", must_not_load)
+        start = time.monotonic()
+        with pytest.raises(SystemExit, match=rf"{tmp_path}.* is being written by another run \(process {holder.pid}\)"):
+            cl_sequence.main(quick_args(tiny_model, tmp_path))
+        assert time.monotonic() - start < 10
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+HOLD_LOCK = """
+import sys, time
+from spu_peft.continual.checkpoint import claim_output_dir
+claim_output_dir(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
 
 
 @pytest.mark.slow
@@ -274,7 +322,7 @@ def test_two_processes_select_identical_entries_and_keep_identical_weights(tiny_
     assert {m: results["methods"][m]["weights_agree"] for m in methods} == {m: [True, True] for m in methods}
 
 
-def test_targets_are_margins_against_the_named_peers():
+def test_goals_are_margins_against_the_named_peers():
     def method(acc, forgetting, drop, sweep=None):
         return {"avg_acc": acc, "forgetting": forgetting, "control_drop": drop, "sweep": sweep}
 
@@ -292,7 +340,7 @@ def test_targets_are_margins_against_the_named_peers():
         "random_replay": method(65.0, 24.0, 16.0),
         "spu_replay": method(66.0, 22.0, 15.0, spu_sweep),
     }
-    targets = {t["target"]: t for t in evaluate_targets(methods)}
+    targets = {t["target"]: t for t in sequence_goals(methods)}
     margins = {name: t["margin"] for name, t in targets.items()}
     assert margins == {
         "control drop >= 5 points below finetune_replay": 10.0,
@@ -307,7 +355,8 @@ def test_targets_are_margins_against_the_named_peers():
         "sweep: at matched accuracy (within 2 points) control drop >= 8 points below finetune_replay"
     ]
     assert sweep_target["matched_pairs"] == [[1e-4, 1e-5]]
-    assert evaluate_targets({"lora_replay": methods["lora_replay"]}) == []
+    assert sequence_goals({"lora_replay": methods["lora_replay"]}) == []
+    assert "| forgetting <= lora_replay | +3.0 | yes |" in goals_table(list(targets.values()))
 
 
 @pytest.mark.slow

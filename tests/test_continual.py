@@ -148,14 +148,36 @@ def test_numerics_are_pinned_before_the_first_tensor_operation_or_refused():
     assert late.returncode == 0 or "call pin_cpu_numerics() before any tensor operation" in late.stderr
 
 
-def test_lora_rank_matching_spu_holds_as_many_entries_as_spu_selects():
+def test_lora_rank_matching_holds_as_many_entries_as_spu_selects():
     from conftest import make_tiny_clip
 
-    from spu_peft.continual.methods import lora_rank_matching_spu, rank_matching_spu
+    from spu_peft.budgets import matched_rank
+    from spu_peft.continual.methods import lora_rank_matching
 
-    assert rank_matching_spu([(3072, 768)] * 2, 0.1) == 61  # 2 x 235,930 values over 2 x 3,840 per rank
-    assert rank_matching_spu([(2816, 1024)], 0.1) == 75
+    assert matched_rank([(3072, 768)] * 2, 0.1) == 61  # 2 x 235,930 values over 2 x 3,840 per rank
+    assert matched_rank([(2816, 1024)], 0.1) == 75
+    assert matched_rank([(2, 2)], 0.01) == 1  # at least rank 1
+    with pytest.raises(ValueError, match="at least one layer"):
+        matched_rank([], 0.1)
     model = make_tiny_clip()
     shapes = [tuple(m.weight.shape) for n, m in model.named_modules() if n.endswith("fc1")]
-    assert len(shapes) > 0
-    assert lora_rank_matching_spu(model, ("fc1",), 0.1) == rank_matching_spu(shapes, 0.1)
+    assert len(shapes) > 1  # one rank for all the targeted layers
+    assert lora_rank_matching(model, ("fc1",), 0.1) == matched_rank(shapes, 0.1)
+
+
+def test_the_sequence_and_the_throughput_benchmark_size_lora_with_one_rule():
+    from conftest import make_tiny_clip
+
+    from spu_peft.benchmarking import lora_ranks, shira_rank
+    from spu_peft.budgets import matched_rank
+    from spu_peft.continual import SequenceSettings, get_method
+
+    shapes = {"vision": (3072, 768), "text": (2048, 512)}
+    assert lora_ranks(shapes, 0.1) == {
+        "vision": matched_rank([(3072, 768)], 0.1),
+        "text": matched_rank([(2048, 512)], 0.1),
+    }
+    assert shira_rank(shapes, 0.1) == matched_rank(shapes.values(), 0.1)
+    model = get_method("lora_replay").build_model(make_tiny_clip(), SequenceSettings(), {"rank": 0, "density": 0.1})
+    shapes = [tuple(m.weight.shape) for n, m in make_tiny_clip().named_modules() if n.endswith("fc1")]
+    assert model.peft_config["default"].r == matched_rank(shapes, 0.1)

@@ -6,6 +6,8 @@ A test that names a finding (of the adversarial campaign on the earlier code) fa
 import io
 import json
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,9 +15,10 @@ import datasets
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from transformers import CLIPModel
 
-from spu_peft.continual import SequenceSettings, prepare_sequence_data, run_sequence
+from spu_peft.continual import SequenceSettings, load_sequence_data, prepare_sequence_data, run_sequence
 from spu_peft.continual.data import _open, _rgb, _standardise, check_class_names, content_digest
 from spu_peft.embedded import load_animal_shapes, load_embedded_processor
 
@@ -31,11 +34,14 @@ def setup(tiny_model):
     return model, processor, prepare_sequence_data(splits["train"], splits["test"], processor, SETTINGS)
 
 
-def run(setup, output_dir, resume=False):
+def run(setup, output_dir, resume=False, methods=("spu",)):
     model, processor, data = setup
     return run_sequence(
-        model, processor, data, SETTINGS, output_dir=output_dir, methods=["spu"], resume=resume, plots=False
+        model, processor, data, SETTINGS, output_dir=output_dir, methods=methods, resume=resume, plots=False
     )
+
+
+EDITED_METHODS = ("finetune", "mas", "spu")  # a full-model checkpoint, a method's tensors, SPU's records and adapters
 
 
 def selections(folder: Path) -> int:
@@ -57,7 +63,7 @@ def test_resume_restores_the_selection_record_and_the_latest_task_adapter(setup,
     assert (run_dir / "adapter_task1" / "adapter_model.safetensors").read_bytes() == expected
     for path in (run_dir / "adapter_task0").iterdir():
         path.unlink()
-    with pytest.raises(ValueError, match=r"adapter_task0: missing.*rerun without --resume"):
+    with pytest.raises(ValueError, match=r"adapter_task0/\S+: .*\(missing\).*rerun without --resume"):
         run(setup, tmp_path, resume=True)
 
 
@@ -73,6 +79,103 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_what_to_do(setup, t
         run(setup, tmp_path, resume=True)
 
 
+@pytest.fixture(scope="module")
+def finished(setup, tmp_path_factory):
+    """A finished run of a full-model method, a method with state (importances) and SPU (task adapters)."""
+    output_dir = tmp_path_factory.mktemp("finished")
+    run(setup, output_dir, methods=EDITED_METHODS)
+    return output_dir
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _edit_state(path: Path, edit) -> None:
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+
+
+def _swap(first: Path, second: Path) -> None:
+    first.rename(first.with_name("swapping"))
+    second.rename(first)
+    first.with_name("swapping").rename(second)
+
+
+EDITS = {  # what was done to a finished run's folder -> (the file the refusal names, the reason)
+    "bit flip in a full-model checkpoint": (
+        lambda d: _flip_a_byte(d / "runs/finetune_lr1e-05/task1/weights/model.safetensors"),
+        ("finetune_lr1e-05/task1/weights/model.safetensors", "changed since the run wrote it"),
+    ),
+    "method state deleted": (
+        lambda d: (d / "runs/mas_lr3e-05/task1/method_state.safetensors").unlink(),
+        ("mas_lr3e-05/task1/method_state.safetensors", "missing"),
+    ),
+    "importance scaled": (
+        lambda d: save_file(
+            {k: 2 * v for k, v in load_file(d / "runs/mas_lr3e-05/task1/method_state.safetensors").items()},
+            d / "runs/mas_lr3e-05/task1/method_state.safetensors",
+        ),
+        ("mas_lr3e-05/task1/method_state.safetensors", "changed since the run wrote it"),
+    ),
+    "selection record removed": (
+        lambda d: _edit_state(d / "runs/spu_lr0.0003/task1/state.json", lambda s: s["method"].pop("selections")),
+        ("spu_lr0.0003/task1/state.json", "changed since the run wrote it"),
+    ),
+    "an accuracy edited": (
+        lambda d: _edit_state(d / "runs/spu_lr0.0003/task1/state.json", lambda s: s["acc_matrix"][1].pop()),
+        ("spu_lr0.0003/task1/state.json", "changed since the run wrote it"),
+    ),
+    "task weights swapped between runs": (
+        lambda d: _swap(d / "runs/finetune_lr1e-05/task1/weights", d / "runs/mas_lr3e-05/task1/weights"),
+        ("finetune_lr1e-05/task1/weights/model.safetensors", "changed since the run wrote it"),
+    ),
+    "a file slipped into a checkpoint": (
+        lambda d: (d / "runs/spu_lr0.0003/task1/weights/notes.txt").write_text("mine"),
+        ("spu_lr0.0003/task1/weights/notes.txt", "a file the run did not write"),
+    ),
+    "an earlier task adapter damaged": (
+        lambda d: _flip_a_byte(d / "runs/spu_lr0.0003/adapter_task0/adapter_model.safetensors"),
+        ("spu_lr0.0003/adapter_task0/adapter_model.safetensors", "changed since the run wrote it"),
+    ),
+    "the manifest deleted": (
+        lambda d: (d / "runs/spu_lr0.0003/task1/manifest.json").unlink(),
+        ("spu_lr0.0003/task1/manifest.json", "No such file"),
+    ),
+    "the fingerprint damaged": (
+        lambda d: (d / "fingerprint.json").write_text('{"settings": '),
+        ("fingerprint.json", "cannot be read"),
+    ),
+    "a folder where the lock file goes": (
+        lambda d: ((d / ".lock").unlink(), (d / ".lock").mkdir()),
+        (".lock", "lock file cannot be opened"),
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_resume_refuses_an_edited_run_naming_the_file(setup, finished, tmp_path, edit):
+    """Hardening: these edits resumed silently, or stopped with `KeyError: 'selections'`, a bare `JSONDecodeError` or
+    `IsADirectoryError`."""
+    shutil.copytree(finished, tmp_path / "run")
+    damage, (name, reason) = EDITS[edit]
+    damage(tmp_path / "run")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'run'}/\S*{re.escape(name)}\S*: .*{reason}"):
+        run(setup, tmp_path / "run", resume=True, methods=EDITED_METHODS)
+
+
+def test_a_damaged_latest_task_adapter_is_made_again(setup, finished, tmp_path):
+    shutil.copytree(finished, tmp_path / "run")
+    adapter = tmp_path / "run/runs/spu_lr0.0003/adapter_task1/adapter_model.safetensors"
+    saved = adapter.read_bytes()
+    _flip_a_byte(adapter)
+    run(setup, tmp_path / "run", resume=True)
+    assert adapter.read_bytes() == saved
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [
@@ -80,8 +183,8 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_what_to_do(setup, t
         ({"seed": -1}, "seed"),
         ({"seed": 1.5}, "seed"),
         ({"seed": 2**70}, "seed"),
-        ({"density": True}, "density"),
-        ({"score": "bogus"}, "score"),
+        ({"method_options": {"spu": {"density": [0.1]}}}, "method_options"),
+        ({"loss": "bogus"}, "loss"),
         ({"weight_decay": float("nan")}, "weight_decay"),
         ({"lr": float("inf")}, "lr"),
         ({"replay_from_epoch": 5, "epochs": 1}, "replay_from_epoch"),
@@ -102,10 +205,16 @@ def test_one_string_is_one_name_not_a_tuple_of_characters():
 
 
 @pytest.mark.parametrize(
-    "flags", [["--lr", "inf"], ["--lr", "nan"], ["--score", "bogus"], ["--replay-from-epoch", "5", "--epochs", "1"]]
+    "flags",
+    [
+        ["--lr", "inf"],
+        ["--lr", "nan"],
+        ["--method-option", "spu_replay.score=bogus"],
+        ["--replay-from-epoch", "5", "--epochs", "1"],
+    ],
 )
 def test_bad_flags_stop_the_parser_before_any_work(flags):
-    """Finding 8: `--score bogus` and `--lr nan` failed after earlier methods had run, with raw tracebacks."""
+    """Finding 8: a bogus score and `--lr nan` failed after earlier methods had run, with raw tracebacks."""
     with pytest.raises(SystemExit):
         cl_sequence.parse_args(flags)
 
@@ -169,3 +278,53 @@ def test_the_data_identity_follows_image_content_not_file_times(tmp_path):
     Image.new("L", (4, 4), 200).save(paths[0])
     os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert content_digest(_standardise(dataset, "image", "label", "x"), "x") != before
+
+
+def _image_folder(root: Path, splits: dict[str, list[str]]) -> str:
+    """`root/<split>/<class>/<i>.png`, 3 images per class; a class named '-x' is an empty folder."""
+    for split, classes in splits.items():
+        for position, name in enumerate(classes):
+            folder = root / split / name.lstrip("-")
+            folder.mkdir(parents=True)
+            for i in range(0 if name.startswith("-") else 3):
+                Image.new("L", (8, 8), 30 * position + i).save(folder / f"{i}.png")
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    ("splits", "message"),
+    [
+        ({"train": ["a", "b", "c"], "test": ["a", "b", "c", "d"]}, r"classes \['d'\] have no training images"),
+        ({"train": ["a", "b", "c", "d"], "test": ["a", "b", "c"]}, r"classes \['d'\] have no test images"),
+        ({"train": ["a", "b", "cat"], "test": ["a", "b", "kitty"]}, r"classes \['kitty'\] have no training images"),
+    ],
+)
+def test_splits_with_other_classes_are_refused_naming_them(setup, tmp_path, splits, message):
+    """Hardening: these reached the misleading "`buffer_size` 32 exceeds the training data" or trained on."""
+    settings = SequenceSettings(num_tasks=2, buffer_size=1)
+    with pytest.raises(ValueError, match=message):
+        load_sequence_data(setup[1], settings, _image_folder(tmp_path, splits), control=None)
+
+
+def test_splits_whose_labels_name_other_classes_are_refused(setup, tmp_path):
+    images = [Image.new("L", (8, 8), 10 * i) for i in range(6)]
+    split = {
+        names: datasets.Dataset.from_dict(
+            {"image": images, "label": [0, 1, 2] * 2},
+            features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)}),
+        )
+        for names in (("a", "b", "cat"), ("a", "b", "kitty"))
+    }
+    datasets.DatasetDict({"train": split[("a", "b", "cat")], "test": split[("a", "b", "kitty")]}).save_to_disk(
+        str(tmp_path / "data")
+    )
+    with pytest.raises(ValueError, match=r"only in train \['cat'\], only in test \['kitty'\]"):
+        load_sequence_data(setup[1], SequenceSettings(num_tasks=2, buffer_size=1), str(tmp_path / "data"), control=None)
+
+
+def test_an_empty_class_folder_is_named_in_a_warning(setup, tmp_path, caplog):
+    folder = _image_folder(tmp_path, {"train": ["a", "b", "c", "-d"], "test": ["a", "b", "c", "-d"]})
+    with caplog.at_level("WARNING", logger="spu_peft.continual.sources"):
+        data = load_sequence_data(setup[1], SequenceSettings(num_tasks=2, buffer_size=1), folder, control=None)
+    assert data.class_names == ["a", "b", "c"]
+    assert "empty folder(s) ['test/d', 'train/d'] hold no image" in caplog.text

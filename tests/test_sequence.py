@@ -2,6 +2,7 @@
 the paper's protocol, from Python on a barely pretrained embedded model."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -9,19 +10,24 @@ import torch
 from conftest import KILL_POINTS, SMALL_SEQUENCE, Crash, sequence_numbers, stop_at
 from transformers import CLIPModel
 
+from spu_peft import SPUConfig
 from spu_peft.continual import (
     ContinualMethod,
     FingerprintMismatchError,
+    SelectionHooks,
     SequenceSettings,
     protocol_settings,
     register_method,
     registered_methods,
     run_sequence,
+    task_selection,
 )
 from spu_peft.continual import checkpoint as checkpoints
 from spu_peft.continual import methods as registry
 from spu_peft.continual import sequence as engine
+from spu_peft.continual.methods import peft_model
 from spu_peft.continual.training import clip_loss, reference_cosine_factor
+from spu_peft.layer import num_selected
 
 SETTINGS = SequenceSettings(**SMALL_SEQUENCE)
 METHODS = ["zeroshot", "spu_replay"]
@@ -136,11 +142,12 @@ def test_a_finished_run_resumes_without_training(setup, uninterrupted, tmp_path,
 def test_resume_with_other_settings_is_refused_naming_them(setup, tmp_path):
     run(setup, tmp_path)
     before = (tmp_path / "results.json").read_text()
-    other = SequenceSettings(**{**SETTINGS.to_dict(), "density": 0.02, "epochs": 2})
+    options = {"spu_replay": {"density": 0.02}}
+    other = SequenceSettings(**{**SETTINGS.to_dict(), "method_options": options, "epochs": 2})
     with pytest.raises(FingerprintMismatchError) as caught:
         run(setup, tmp_path, resume=True, settings=other)
-    assert [(k, a, b) for k, a, b in caught.value.differences] == [("density", 0.1, 0.02), ("epochs", 1, 2)]
-    assert "`density`: recorded 0.1, now 0.02" in str(caught.value)
+    assert [(k, a, b) for k, a, b in caught.value.differences] == [("epochs", 1, 2), ("method_options", {}, options)]
+    assert "`epochs`: recorded 1, now 2" in str(caught.value)
     assert (tmp_path / "results.json").read_text() == before  # nothing was touched
 
 
@@ -172,6 +179,78 @@ def test_a_registered_method_runs_beside_the_built_ins(setup, uninterrupted, tmp
     assert sequence_numbers(results)["zeroshot"] == uninterrupted["zeroshot"]
     with pytest.raises(ValueError, match="unknown method 'vision_replay'"):
         run(setup, tmp_path, methods=["vision_replay"])
+
+
+def _spu_on_fc2(model, settings, options):
+    config = SPUConfig(target_modules=["fc2"], density=options["density"], seed=settings.seed, modules_to_save=[])
+    return peft_model(model, config)
+
+
+def test_a_users_sparse_method_selects_before_each_task_and_saves_its_adapters(setup, tmp_path, monkeypatch):
+    """A user's method reusing SPU's hooks, with its adapter on another layer and another score, gets what SPU gets:
+    a selection before each task's training, an adapter saved after it, and an exact resume."""
+    events = []
+    real_select, real_train = task_selection.select_parameters, engine.train_task
+
+    def select(model, *args, **kwargs):
+        events.append(("select", kwargs["description"].split(":")[0], kwargs["score"], kwargs["fraction"]))
+        return real_select(model, *args, **kwargs)
+
+    def train(*args, task, **kwargs):
+        events.append(("train", f"task {task}"))
+        return real_train(*args, task=task, **kwargs)
+
+    monkeypatch.setattr(task_selection, "select_parameters", select)
+    monkeypatch.setattr(engine, "train_task", train)
+    options = {"density": 0.2, "score": "magnitude", "score_fraction": 1.0}
+    method = ContinualMethod(
+        "spu_fc2", _spu_on_fc2, replay=True, default_lr=3e-4, hooks=SelectionHooks, options=options
+    )
+    settings = SequenceSettings(**{**SMALL_SEQUENCE, "method_options": {"spu_fc2": {"score": "task_loss"}}})
+    results = run(setup, tmp_path, methods=[method], settings=settings)
+    assert events == [
+        ("select", "task 0", "task_loss", 1.0),
+        ("train", "task 0"),
+        ("select", "task 1", "task_loss", 1.0),
+        ("train", "task 1"),
+    ]
+    assert [s["task"] for s in results["spu_fc2"]["selections"]] == [0, 1]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("results.json", "results.csv", "results.md"):  # written atomically, yet not private (0600)
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    report = (tmp_path / "results.md").read_text()
+    assert "BWT: backward transfer" in report and "target" not in report and "pass" not in report
+    assert "targets" not in json.loads((tmp_path / "results.json").read_text())
+    run_dir = tmp_path / "runs" / "spu_fc2_lr0.0003"
+    for task in (0, 1):
+        config = json.loads((run_dir / f"adapter_task{task}" / "adapter_config.json").read_text())
+        assert config["target_modules"] == ["fc2"] and config["density"] == 0.2
+        assert config["selection"]["num_selections"] == task + 1 and config["selection"]["score"] == "task_loss"
+    fc2 = [m.weight for n, m in setup[0].named_modules() if n.endswith("fc2")]
+    assert results["spu_fc2"]["trainable_params"] == sum(num_selected(w.numel(), 0.2) + len(w) for w in fc2)  # + bias
+    saved = (run_dir / "adapter_task1" / "adapter_model.safetensors").read_bytes()
+    for path in (run_dir / "adapter_task1").iterdir():
+        path.unlink()
+    resumed = run(setup, tmp_path, methods=[method], settings=settings, resume=True)
+    assert resumed["spu_fc2"]["selections"] == results["spu_fc2"]["selections"]
+    assert (run_dir / "adapter_task1" / "adapter_model.safetensors").read_bytes() == saved
+
+
+def test_method_options_are_checked_before_any_work(setup, tmp_path):
+    for options, message in [
+        ({"spu_replay": {"score": "bogus"}}, "score"),
+        ({"spu_replay": {"density": 0.0}}, "density"),
+        ({"spu_replay": {"density": "high"}}, "must be a number"),
+        ({"spu_replay": {"score": 1.0}}, "must be a name"),
+        ({"lora_replay": {"rank": 2.5}}, "whole number"),
+        ({"lora_replay": {"rank": -1}}, "rank"),
+        ({"lwf": {"strength": "strong"}}, "lwf.strength must be a number"),
+    ]:
+        settings = SequenceSettings(**{**SMALL_SEQUENCE, "method_options": options})
+        with pytest.raises(ValueError, match=message):
+            run(setup, tmp_path, methods=["spu_replay", "lora_replay", "lwf"], settings=settings)
+        assert not (tmp_path / "runs").exists()
 
 
 def test_a_method_that_trains_needs_a_learning_rate():

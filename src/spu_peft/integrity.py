@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import stat
 import tempfile
@@ -146,8 +147,9 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[str]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent)
-    os.close(handle)
+    tmp = str(target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp")
+    # Created as open() creates files (0666 less the umask), not mkstemp's private 0600: `path` keeps that mode.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
         _fsync(Path(tmp))

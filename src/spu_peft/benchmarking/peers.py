@@ -7,8 +7,10 @@ batch:
 - `dense_mask`: the reference implementation's approach: dense target weights (and biases, and SPU's dense modules)
   trainable, each weight gradient multiplied by a fixed 0/1 mask of `density` of its entries (AdamW's weight decay
   still reaches the whole dense tensor, as in the reference);
-- `lora`: PEFT LoRA on the targets, rank r per layer such that r * (m + n) ~ density * m * n;
+- `lora`: PEFT LoRA on the targets, each layer at the rank r whose r * (m + n) entries match SPU's on it;
 - `shira`: PEFT SHiRA on the targets, one r for all, so that the total number of entries matches SPU's;
+
+Both ranks come from `spu_peft.budgets.matched_rank`, the rule the sequence benchmark's `lora_replay` sizes with.
 - `full`: full fine-tuning.
 """
 
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from ..budgets import matched_rank
 from ..config import (
     TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING,
     TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING,
@@ -40,15 +43,13 @@ def target_shapes(model: torch.nn.Module) -> tuple[dict[str, tuple[int, int]], l
 
 
 def lora_ranks(shapes: dict[str, tuple[int, int]], density: float) -> dict[str, int]:
-    """Rank per layer such that r * (m + n) ~ density * m * n: LoRA trains as many entries as SPU's values."""
-    return {name: max(1, round(density * m * n / (m + n))) for name, (m, n) in shapes.items()}
+    """Each layer's `matched_rank`: LoRA trains as many entries as SPU's values, layer by layer."""
+    return {name: matched_rank([shape], density) for name, shape in shapes.items()}
 
 
 def shira_rank(shapes: dict[str, tuple[int, int]], density: float) -> int:
-    """SHiRA takes one r for all layers (r * (m + n) entries each): match SPU's total number of entries."""
-    from ..continual.methods import rank_matching_spu
-
-    return rank_matching_spu(shapes.values(), density)
+    """SHiRA takes one r for all layers (r * (m + n) entries each): the `matched_rank` of all of them."""
+    return matched_rank(shapes.values(), density)
 
 
 def prepare_method(model: torch.nn.Module, method: str, density: float, seed: int) -> tuple[torch.nn.Module, list]:

@@ -13,7 +13,7 @@ from .evaluation import (
     zero_shot_predictions,
 )
 from .fingerprint import FingerprintMismatchError
-from .hooks import MethodHooks, Step, TaskContext
+from .hooks import MethodHooks, Step, TaskAdapterHooks, TaskContext
 from .methods import (
     DEFAULT_METHODS,
     METHOD_GROUPS,
@@ -28,6 +28,8 @@ from .replay import TaskBalancedReplayBuffer
 from .reporting import write_outputs
 from .sequence import run_sequence
 from .settings import PROTOCOLS, TARGET_LAYERS, SequenceSettings, protocol_settings
+from .sources import DataSource, load_sequence_data
+from .task_selection import SelectionHooks
 from .tasks import class_incremental_split, task_indices
 from .training import train_task, training_step
 
@@ -40,16 +42,20 @@ __all__ = [
     "TARGET_LAYERS",
     "ContinualLearningMetric",
     "ContinualMethod",
+    "DataSource",
     "FingerprintMismatchError",
     "MethodHooks",
+    "SelectionHooks",
     "SequenceSettings",
     "Step",
+    "TaskAdapterHooks",
     "TaskContext",
     "TaskBalancedReplayBuffer",
     "class_incremental_split",
     "class_text_features",
     "continual_metrics",
     "get_method",
+    "load_sequence_data",
     "numerics_report",
     "pin_cpu_numerics",
     "prepare_sequence_data",

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -20,16 +20,13 @@ from typing import Any
 
 import torch
 from peft import set_peft_model_state_dict
-from peft.utils import CONFIG_NAME
 from safetensors.torch import save_file
 
-from ..config import SPUConfig
 from ..integrity import WEIGHTS_NAME, read_safetensors, replace_folder, verify_file
-
-logger = logging.getLogger(__name__)
 
 _TASK_DIR = re.compile(r"task(\d+)")
 LOCK_FILE = ".lock"
+FULL_WEIGHTS_NAME = "model.safetensors"  # `save_weights` of a model that is not a PEFT model
 # output folder -> the open lock file this process holds (a second claim by the same process reuses it)
 _held: dict[Path, int] = {}
 
@@ -48,7 +45,13 @@ def claim_output_dir(output_dir: str | os.PathLike[str]) -> None:
     if folder in _held:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    handle = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        handle = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:  # e.g. a folder of that name
+        raise ValueError(
+            f"{folder / LOCK_FILE}: the output folder's lock file cannot be opened ({error.strerror}); remove it, or "
+            "pass another output folder"
+        ) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -78,25 +81,22 @@ def save_weights(model: torch.nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
     else:
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / FULL_WEIGHTS_NAME)
 
 
 def load_weights(model: torch.nn.Module, directory: Path) -> None:
-    """Load what `save_weights` wrote: every adapter with its selection record (so a resumed run keeps counting
-    selections), after checking each file's digest; a checkpoint that cannot be read raises naming the file."""
+    """Load what `save_weights` wrote, after checking each file's digest; a checkpoint that cannot be read raises
+    naming the file. (What a method records beside the weights, such as how an adapter was selected, its hooks
+    restore: see `MethodHooks.set_extra_state`.)"""
     path = directory
     try:
         if not hasattr(model, "peft_config"):
-            path = directory / "model.safetensors"
+            path = directory / FULL_WEIGHTS_NAME
             model.load_state_dict(read_safetensors(path)[0])
             return
-        for name, config in model.peft_config.items():
-            folder = directory if name == "default" else directory / name
-            path = folder / WEIGHTS_NAME
+        for name in model.peft_config:
+            path = (directory if name == "default" else directory / name) / WEIGHTS_NAME
             set_peft_model_state_dict(model, verify_file(path), adapter_name=name)
-            path = folder / CONFIG_NAME
-            if isinstance(config, SPUConfig):
-                config.selection = json.loads(path.read_text()).get("selection")
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise _unreadable(path, error) from error
 
@@ -109,35 +109,15 @@ def _unreadable(path: Path, error: Exception) -> ValueError:
     )
 
 
-def resume_run(
-    run_dir: Path, model: torch.nn.Module | None, save_task_adapters: bool, main_process: bool
-) -> tuple[dict[str, Any], Path] | None:
-    """(state, folder) of the newest checkpoint of `run_dir` (None if it has none), its weights loaded into `model`.
-
-    Task adapters (`adapter_task<t>/`) the finished tasks wrote must all be there: the latest one is made again
-    from the checkpoint if it is missing (on the main process); an earlier one cannot be, and is refused.
-    """
+def resume_run(run_dir: Path, model: torch.nn.Module | None) -> tuple[dict[str, Any], Path] | None:
+    """(state, folder) of the newest checkpoint of `run_dir` (None if it has none), its weights loaded into
+    `model`."""
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         return None
     state, folder = checkpoint
     if model is not None:
         load_weights(model, folder / "weights")
-    done = len(state["acc_matrix"])
-    for task in range(done) if save_task_adapters else ():
-        adapter = run_dir / f"adapter_task{task}"
-        if (adapter / WEIGHTS_NAME).exists() or (adapter / "model.safetensors").exists():
-            continue
-        if task < done - 1 or model is None:
-            raise ValueError(
-                f"{adapter}: missing, and only the latest task's adapter can be made again from the checkpoint. "
-                f"Delete {run_dir} to run that method again from its first task, or rerun without --resume."
-            )
-        if main_process:
-            logger.info("%s was missing: written again from the checkpoint after task %d", adapter, task)
-            tmp = fresh_tmp(adapter)
-            save_weights(model, tmp)
-            replace_directory(tmp, adapter)
     return state, folder
 
 
@@ -153,6 +133,37 @@ def fresh_tmp(directory: Path) -> Path:
 
 
 METHOD_STATE = "method_state.safetensors"
+STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+"""A checkpoint's list of its files and their SHA-256, written last: `--resume` refuses a checkpoint whose files
+were changed, removed or added since, naming the file."""
+STATE_KEYS = ("acc_matrix", "control_acc", "losses", "buffer", "method", "wall_s")
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_digests(folder: Path) -> dict[str, str]:
+    """{path relative to `folder`: SHA-256} of every file under `folder` but a manifest."""
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE)
+    return {str(p.relative_to(folder)): file_digest(p) for p in files}
+
+
+def check_digests(folder: Path, recorded: dict[str, str]) -> None:
+    """Refuse `folder` if its files differ from `recorded` (`folder_digests` when it was written), naming the file."""
+    found = folder_digests(folder) if folder.is_dir() else {}
+    for name in sorted(set(recorded) | set(found)):
+        if name not in found:
+            raise _unreadable(folder / name, ValueError("missing"))
+        if name not in recorded:
+            raise _unreadable(folder / name, ValueError("a file the run did not write"))
+        if found[name] != recorded[name]:
+            raise _unreadable(folder / name, ValueError("changed since the run wrote it"))
 
 
 def write_checkpoint(
@@ -171,7 +182,8 @@ def write_checkpoint(
         save_weights(model, tmp / "weights")
     if method_state:
         save_file({k: v.detach().cpu().contiguous() for k, v in method_state.items()}, tmp / METHOD_STATE)
-    (tmp / "state.json").write_text(json.dumps(state))
+    (tmp / STATE_FILE).write_text(json.dumps(state))
+    (tmp / MANIFEST_FILE).write_text(json.dumps(folder_digests(tmp), indent=1, sort_keys=True))
     replace_directory(tmp, final)
     for older in _task_dirs(run_dir):
         if older < task:
@@ -206,9 +218,18 @@ def latest_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
         return None
     folder = run_dir / f"task{tasks[-1]}"
     try:
-        state = json.loads((folder / "state.json").read_text())
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
     except (OSError, ValueError) as error:
-        raise _unreadable(folder / "state.json", error) from error
-    if not isinstance(state, dict) or not isinstance(state.get("acc_matrix"), list):
-        raise _unreadable(folder / "state.json", ValueError("not a checkpoint state"))
+        raise _unreadable(folder / MANIFEST_FILE, error) from error
+    if not isinstance(manifest, dict):
+        raise _unreadable(folder / MANIFEST_FILE, ValueError("not a manifest"))
+    check_digests(folder, manifest)
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise _unreadable(folder / STATE_FILE, error) from error
+    if not isinstance(state, dict) or (missing := [k for k in STATE_KEYS if k not in state]):
+        raise _unreadable(folder / STATE_FILE, ValueError(f"not a checkpoint state: no {missing or 'dict'}"))
+    if not isinstance(state["acc_matrix"], list) or len(state["acc_matrix"]) != tasks[-1] + 1:
+        raise _unreadable(folder / STATE_FILE, ValueError(f"it does not hold the {tasks[-1] + 1} tasks of {folder}"))
     return state, folder

@@ -182,6 +182,29 @@ def check_class_names(
         seen[ids] = name
 
 
+def check_splits_match(train: datasets.Dataset, test: datasets.Dataset, class_names: Sequence[str]) -> None:
+    """Refuse splits that do not hold the same classes: test labels named otherwise than the training labels (a class
+    renamed, added or dropped between the splits), or a class with no training or no test image (which would leave
+    a task unlearnable or unmeasured). Each message names the classes."""
+    if all(isinstance(split.features.get("labels"), datasets.ClassLabel) for split in (train, test)):
+        train_names, test_names = label_names(train, "labels"), label_names(test, "labels")
+        if train_names != test_names:
+            only_train = [n for n in train_names if n not in test_names]
+            only_test = [n for n in test_names if n not in train_names]
+            raise ValueError(
+                f"the train and test splits name their classes differently: only in train {only_train}, only in test "
+                f"{only_test}{'' if only_train or only_test else ' (the same names in another order)'}; give both "
+                "splits the same classes"
+            )
+    for split, what in ((train, "training"), (test, "test")):
+        present = set(split["labels"])
+        if missing := [name for label, name in enumerate(class_names) if label not in present]:
+            raise ValueError(
+                f"classes {missing} have no {what} images; every class needs training and test images (check the "
+                "splits, or leave those classes out)"
+            )
+
+
 def _processor_identity(processor: Any) -> str:
     digest = hashlib.sha256(json.dumps(processor.image_processor.to_dict(), sort_keys=True, default=str).encode())
     digest.update(json.dumps(sorted(processor.tokenizer.get_vocab().items())).encode())
@@ -220,6 +243,7 @@ def prepare_sequence_data(
     class_names = list(class_names) if class_names else label_names(train, "labels", label_column)
     tokenizer = processor.tokenizer
     check_class_names(class_names, [*train["labels"], *test["labels"]], tokenizer, "the dataset")
+    check_splits_match(train, test, class_names)
     train_id, test_id = content_digest(train, "the train split"), content_digest(test, "the test split")
     identity = {"train": train_id, "test": test_id, "control": None}
     identity.update(class_names=class_names, processor=_processor_identity(processor))

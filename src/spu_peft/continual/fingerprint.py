@@ -57,13 +57,15 @@ def sequence_fingerprint(settings: SequenceSettings, model_id: str, data_id: dic
 
 
 def fingerprint_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, recorded, current) for each setting and identity that differs."""
+    """(key, recorded, current) for each setting and identity (those `current` holds) that differs."""
     differences = []
     old, new = recorded.get("settings", {}), current["settings"]
+    if not isinstance(old, dict):
+        old = {}
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             differences.append((key, old.get(key), new.get(key)))
-    for key in ("model", "data", "recipe_version"):
+    for key in [k for k in ("model", "data", "recipe_version") if k in current]:
         if recorded.get(key) != current[key]:
             differences.append((key, recorded.get(key), current[key]))
     return differences
@@ -72,14 +74,35 @@ def fingerprint_differences(recorded: dict[str, Any], current: dict[str, Any]) -
 def check_fingerprint(
     output_dir: str | os.PathLike[str], fingerprint: dict[str, Any], resume: bool, write: bool = True
 ) -> None:
-    """On resume, refuse a folder made with another fingerprint (or none); then (`write`) record this one."""
+    """On resume, refuse a folder made with another fingerprint (or none); then (`write`) record this one.
+
+    `fingerprint` may hold only the settings (`{"settings": ...}`, with `write=False`): a check before the model and
+    the data exist, so a resume with other settings stops before anything is loaded or pretrained."""
     path = Path(output_dir) / FINGERPRINT_FILE
     if resume and path.exists():
-        differences = fingerprint_differences(json.loads(path.read_text()), fingerprint)
+        differences = fingerprint_differences(recorded_fingerprint(path), fingerprint)
         if differences:
             raise FingerprintMismatchError(differences)
     elif resume and (Path(output_dir) / "runs").exists():
         raise FingerprintMismatchError([("fingerprint", None, "missing: made by an older version; rerun afresh")])
     if not write:
         return
+    if set(fingerprint) != {"recipe_version", "settings", "model", "data"}:
+        raise ValueError(f"only a whole fingerprint is recorded, got the keys {sorted(fingerprint)}")
     atomic_write_text(path, json.dumps(fingerprint, indent=2, sort_keys=True))
+
+
+def recorded_fingerprint(path: Path) -> dict[str, Any]:
+    """The fingerprint recorded at `path`; one that cannot be read raises naming the file and what to do."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        recorded, reason = None, str(error)
+    else:
+        reason = "not a fingerprint"
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("settings"), dict):
+        raise ValueError(
+            f"{path}: the run's fingerprint cannot be read ({reason}); rerun without --resume (`resume=False`) to "
+            "start afresh, or pass another output folder"
+        )
+    return recorded

@@ -3,18 +3,20 @@
 A :class:`ContinualMethod` names a `hooks` factory; the runner makes one :class:`MethodHooks` per run (per method
 and learning rate) and calls it at fixed points of every task:
 
-    start_task          after the task's selection (if any), before its optimizer is built
+    start_task          before the task's optimizer is built (SPU selects its support here)
     param_groups        the optimizer's parameter groups (default: every trainable parameter at the run's rate)
     start_epoch         before each epoch's batches
     extra_loss          every step, after the task loss's forward: a term added to it (or None)
     before_optimizer_step / after_optimizer_step
                         around `optimizer.step()`: gradient edits, running averages
-    end_task            after the last epoch, before evaluation and the checkpoint
+    end_task            after the last epoch, before evaluation and the checkpoint (saves SPU's task adapter)
 
 Whatever a method must carry from one task to the next (importances, anchors, class statistics) lives in tensors
-that :meth:`MethodHooks.state_dict` returns; the runner writes them into every task checkpoint and restores them with
-:meth:`MethodHooks.load_state_dict` on `--resume`, so a resumed run is exact. Frozen teachers are not state: they
-are rebuilt at `start_task` from what the checkpoint holds (the model, the base model).
+that :meth:`MethodHooks.state_dict` returns, and records in what :meth:`MethodHooks.get_extra_state` returns (JSON);
+the runner writes both into every task checkpoint and restores them with :meth:`MethodHooks.load_state_dict` and
+:meth:`MethodHooks.set_extra_state` on `--resume`, then calls :meth:`MethodHooks.on_resume` with the restored model,
+so a resumed run is exact. Frozen teachers are not state: they are rebuilt at `start_task` from what the checkpoint
+holds (the model, the base model). :meth:`MethodHooks.report` adds the method's own records to its results.
 
 A penalty method is a few lines:
 
@@ -34,12 +36,18 @@ A penalty method is a few lines:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+
+from .checkpoint import check_digests, folder_digests, fresh_tmp, replace_directory, save_weights
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +68,7 @@ class TaskContext:
         loader: `loader(dataset, indices, batch_size, seed)`, a deterministic shuffled `DataLoader` over `indices`
             of `dataset`, sharded over processes like the training batches.
         seed: a seed for this task's random draws (distinct per run seed and task).
+        run_dir: the run's folder (`runs/<method>[_lr<lr>]/`), where a method may keep files of its own.
     """
 
     task: int
@@ -74,6 +83,7 @@ class TaskContext:
     lr: float
     loader: Callable[[Any, list[int], int, int], DataLoader]
     seed: int
+    run_dir: Path | None = None
 
     @property
     def device(self) -> torch.device:
@@ -156,6 +166,24 @@ class MethodHooks:
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint holds {sorted(state)[:5]}")
 
+    def get_extra_state(self) -> dict[str, Any]:
+        """Records carried from one task to the next that are not tensors (JSON-able); written into every
+        checkpoint's state.json."""
+        return {}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`get_extra_state` returned (on `--resume`)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no records, but the checkpoint holds {sorted(state)[:5]}")
+
+    def on_resume(self, model: torch.nn.Module, run_dir: Path, tasks_done: int, accelerator: Any) -> None:
+        """On `--resume`, after the checkpoint of the last of `tasks_done` tasks is loaded into `model` and into
+        these hooks: check (or make again) files the method keeps in `run_dir`."""
+
+    def report(self) -> dict[str, Any]:
+        """JSON-able records added to the method's results (e.g. SPU's selections); keys must not be the runner's."""
+        return {}
+
 
 HooksFactory = Callable[[Any, Mapping[str, float]], MethodHooks]
 """`factory(settings, options)` makes a run's hooks; a `MethodHooks` subclass is such a factory."""
@@ -174,3 +202,58 @@ def make_hooks(factory: HooksFactory | None, settings: Any, options: Mapping[str
 def trainable_named_parameters(module: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Parameter]]:
     """(name, parameter) of every parameter that trains."""
     return ((n, p) for n, p in module.named_parameters() if p.requires_grad)
+
+
+def task_adapter_dir(run_dir: Path, task: int) -> Path:
+    """Where :class:`TaskAdapterHooks` saves the model after `task`."""
+    return run_dir / f"adapter_task{task}"
+
+
+class TaskAdapterHooks(MethodHooks):
+    """Hooks that save the trained model after every task as `<run_dir>/adapter_task<t>/` (`save_pretrained` for a
+    PEFT model: the task's adapter), for analyses of what each task changed. Subclass it, or name it as a method's
+    `hooks`, to keep a method's task adapters; call `super()` where a subclass overrides `end_task`, `on_resume` or
+    the extra state.
+
+    The SHA-256 of every saved file is part of the run's checkpoints. On `--resume`, every finished task's adapter
+    must be there as saved: the latest one is saved again from the checkpoint if it is missing or damaged; an
+    earlier one cannot be, and is refused naming the file.
+    """
+
+    def __init__(self, settings: Any = None, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(settings, options)
+        self.adapter_digests: dict[str, dict[str, str]] = {}
+
+    def end_task(self, context: TaskContext) -> None:
+        if context.run_dir is not None and context.accelerator.is_main_process:
+            self._save(context.model, context.run_dir, context.task)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"adapter_digests": self.adapter_digests}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        digests = state.get("adapter_digests")
+        if not isinstance(digests, dict):
+            raise ValueError("the checkpoint's state.json has no record of the task adapters (`adapter_digests`)")
+        self.adapter_digests = digests
+
+    def on_resume(self, model: torch.nn.Module, run_dir: Path, tasks_done: int, accelerator: Any) -> None:
+        for task in range(tasks_done):
+            adapter = task_adapter_dir(run_dir, task)
+            try:
+                check_digests(adapter, self.adapter_digests.get(str(task), {}))
+            except ValueError as error:
+                if task < tasks_done - 1 or str(task) not in self.adapter_digests:
+                    raise ValueError(
+                        f"{error}\nOnly the latest task's adapter can be made again from the checkpoint."
+                    ) from None
+                if accelerator.is_main_process:
+                    logger.info("%s was missing or damaged: written again from the checkpoint", adapter)
+                    self._save(model, run_dir, task)
+
+    def _save(self, model: torch.nn.Module, run_dir: Path, task: int) -> None:
+        adapter = task_adapter_dir(run_dir, task)
+        tmp = fresh_tmp(adapter)
+        save_weights(model, tmp)
+        replace_directory(tmp, adapter)
+        self.adapter_digests[str(task)] = folder_digests(adapter)

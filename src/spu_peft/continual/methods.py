@@ -1,8 +1,8 @@
 """The continual-learning methods a sequence compares, as a registry users can extend.
 
 A method says how to turn a copy of the base model into the model it trains, whether its steps replay earlier
-tasks, which selection score (if any) picks its support before each task, and its learning rates. The seven
-built-ins are registered below exactly as a user registers their own:
+tasks, what its hooks do around each task (SPU's select its support and save the task's adapter), its options and
+its learning rates. The seven built-ins are registered below exactly as a user registers their own:
 
     from spu_peft.continual import ContinualMethod, register_method
 
@@ -17,6 +17,8 @@ built-ins are registered below exactly as a user registers their own:
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,12 +27,15 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model
 
+from ..budgets import matched_rank
 from ..config import SPUConfig
-from ..layer import num_selected
-from .hooks import HooksFactory
+from .hooks import HooksFactory, MethodHooks, make_hooks
 from .settings import SequenceSettings
+from .task_selection import SelectionHooks
 
-Builder = Callable[[torch.nn.Module, SequenceSettings], torch.nn.Module]
+Option = float | str
+"""An option's value: a number, or a name (e.g. a selection score)."""
+Builder = Callable[[torch.nn.Module, SequenceSettings, Mapping[str, Option]], torch.nn.Module]
 
 
 @dataclass(frozen=True)
@@ -39,21 +44,22 @@ class ContinualMethod:
 
     Args:
         name: its name in `--methods`, result tables and run folders.
-        build: `build(model, settings)` returns the model to train from `model`, a private copy of the base
-            model (the runner seeds torch with `settings.seed` first, so a resumed run rebuilds it identically).
-            Parameters with `requires_grad` are trained.
+        build: `build(model, settings, options)` (or `build(model, settings)`, for a method without options that
+            shape the model) returns the model to train from `model`, a private copy of the base model (the runner
+            seeds torch with `settings.seed` first, so a resumed run rebuilds it identically). Parameters with
+            `requires_grad` are trained.
         replay: whether each step joins a batch from the task-balanced replay buffer.
-        selection_score: `selection_score(settings)` names the `select_parameters` score run before each task (the
-            model must hold an SPU adapter); `None` selects nothing.
         default_lr: the learning rate when the settings give none (`None` for methods that do not train).
         sweep_lrs: the grid of `lr_sweep` runs.
         trains: `False` for methods evaluated as they are (`zeroshot`).
-        save_task_adapters: save the adapter after every task (`adapter_task<t>/`, with `save_pretrained`).
         description: one line for tables and `--help`.
-        hooks: `hooks(settings, options)` makes a run's `MethodHooks` (task hooks, an extra loss term, gradient
-            edits and the state they carry across tasks); `None` trains on the task loss alone.
-        options: the method's coefficients and their defaults (e.g. `{"strength": 0.1}`), passed to `hooks`; a user
-            changes them with `SequenceSettings.method_options` (`--method-option name.key=value`).
+        hooks: `hooks(settings, options)` makes a run's `MethodHooks` (task hooks such as SPU's selection before
+            each task and the saved task adapters, an extra loss term, gradient edits and the state they carry
+            across tasks); `None` trains on the task loss alone. Its constructor refuses options it cannot use.
+        options: the method's knobs and their defaults (e.g. `{"strength": 0.1}`, `{"density": 0.1, "score":
+            "output_norm"}`), passed to `build` and `hooks`; a user changes them with
+            `SequenceSettings.method_options` (`--method-option name.key=value`). A value is of its default's kind:
+            a name (`str`), an integer or a number.
         protocols: per protocol (`"paper"`, `"embedded"`), values that replace the defaults for this method: option
             names, and `SequenceSettings` fields (`lr`, `epochs`, `batch_size`, ...) that the user did not fix.
         needs_reference: whether the method needs reference data (`SequenceData.reference`), e.g. for distillation
@@ -63,18 +69,18 @@ class ContinualMethod:
     name: str
     build: Builder
     replay: bool = False
-    selection_score: Callable[[SequenceSettings], str] | None = None
     default_lr: float | None = None
     sweep_lrs: tuple[float, ...] = ()
     trains: bool = True
-    save_task_adapters: bool = False
     description: str = ""
     hooks: HooksFactory | None = None
-    options: Mapping[str, float] = field(default_factory=dict)
+    options: Mapping[str, Option] = field(default_factory=dict)
     protocols: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     needs_reference: bool = False
 
     def __post_init__(self) -> None:
+        if not (_takes(self.build, 3) or _takes(self.build, 2)):
+            raise TypeError(f"method {self.name!r}: `build` must take (model, settings[, options]), got {self.build!r}")
         if self.trains and (self.default_lr is None or self.default_lr <= 0):
             raise ValueError(f"method {self.name!r} trains, so `default_lr` must be positive, got {self.default_lr}")
         fields = {f.name for f in dataclasses.fields(SequenceSettings)}
@@ -88,6 +94,21 @@ class ContinualMethod:
 
     def __repr__(self) -> str:
         return f"ContinualMethod(name={self.name!r}, ...)"
+
+    def build_model(
+        self, model: torch.nn.Module, settings: SequenceSettings, options: Mapping[str, Option]
+    ) -> torch.nn.Module:
+        """`build(model, settings, options)`, or `build(model, settings)` for a builder without options."""
+        return self.build(model, settings, options) if _takes(self.build, 3) else self.build(model, settings)
+
+
+def _takes(function: Callable, count: int) -> bool:
+    """Whether `function` can be called with `count` positional arguments."""
+    try:
+        inspect.signature(function).bind(*[None] * count)
+    except TypeError:
+        return False
+    return True
 
 
 _REGISTRY: dict[str, ContinualMethod] = {}
@@ -113,11 +134,12 @@ def registered_methods() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def method_plan(method: ContinualMethod, settings: SequenceSettings) -> tuple[SequenceSettings, dict[str, float]]:
+def method_plan(method: ContinualMethod, settings: SequenceSettings) -> tuple[SequenceSettings, dict[str, Option]]:
     """The settings and options one method trains with.
 
     The method's values for `settings.protocol` replace the defaults, except the settings the user fixed
-    (`settings.fixed`); then `settings.method_options[method.name]` replaces options. Unknown option names raise.
+    (`settings.fixed`); then `settings.method_options[method.name]` replaces options. Unknown option names, values
+    of another kind than the default's, and values the method's hooks refuse raise here, before any work.
     """
     values = method.protocols.get(settings.protocol, {})
     options = {**method.options, **{k: v for k, v in values.items() if k in method.options}}
@@ -125,30 +147,40 @@ def method_plan(method: ContinualMethod, settings: SequenceSettings) -> tuple[Se
     if unknown := sorted(set(given) - set(method.options)):
         known = ", ".join(sorted(method.options)) or "none"
         raise ValueError(f"method {method.name!r} has no option(s) {unknown}; its options: {known}")
-    options.update(given)
+    options.update({k: _of_kind(method.name, k, v, method.options[k]) for k, v in given.items()})
     changes = {k: v for k, v in values.items() if k not in method.options and k not in settings.fixed}
-    return (dataclasses.replace(settings, **changes) if changes else settings), options
+    planned = dataclasses.replace(settings, **changes) if changes else settings
+    try:
+        make_hooks(method.hooks, planned, options)  # the hooks' constructor checks the values
+    except ValueError as error:
+        raise ValueError(f"method {method.name!r}: {error}") from None
+    return planned, options
+
+
+def _of_kind(method: str, name: str, value: Option, default: Option) -> Option:
+    """`value` as its default's kind: a name stays a name; an integer option takes a whole number."""
+    if isinstance(default, str) != isinstance(value, str):
+        kind = "a name" if isinstance(default, str) else "a number"
+        raise ValueError(f"{method}.{name} must be {kind} (default {default!r}), got {value!r}")
+    if isinstance(default, int) and not isinstance(default, bool):
+        if value != int(value):
+            raise ValueError(f"{method}.{name} must be a whole number (default {default}), got {value!r}")
+        return int(value)
+    return value
 
 
 # ---- the built-in methods ------------------------------------------------------------------------------------------
 
 
-def rank_matching_spu(shapes: Iterable[tuple[int, int]], density: float) -> int:
-    """One rank r whose r * (m + n) entries per (m, n) layer add up to as many as SPU selects on those layers
-    (LoRA's A and B at one rank; SHiRA's sparse entries)."""
-    shapes = list(shapes)
-    values = sum(num_selected(m * n, density) for m, n in shapes)
-    return max(1, round(values / sum(m + n for m, n in shapes)))
-
-
-def lora_rank_matching_spu(model: torch.nn.Module, targets: tuple[str, ...], density: float) -> int:
-    """The LoRA rank whose A and B hold about as many parameters as SPU's sparse values on the same layers."""
+def lora_rank_matching(model: torch.nn.Module, targets: tuple[str, ...], density: float) -> int:
+    """The LoRA rank whose A and B hold about as many parameters as SPU's sparse values at `density` on the same
+    layers (:func:`spu_peft.budgets.matched_rank` over every targeted linear layer)."""
     shapes = [
         tuple(module.weight.shape)
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
     ]
-    return rank_matching_spu(shapes, density)
+    return matched_rank(shapes, density)
 
 
 def peft_model(model: torch.nn.Module, config: Any) -> torch.nn.Module:
@@ -170,29 +202,34 @@ def full_fine_tuning(model: torch.nn.Module, settings: SequenceSettings) -> torc
     return model
 
 
-def lora(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
+class LoRAOptions(MethodHooks):
+    """LoRA's options, checked: `rank` (0: the rank whose parameters match SPU's values at `density`)."""
+
+    def __init__(self, settings: Any = None, options: Mapping[str, Option] | None = None) -> None:
+        super().__init__(settings, options)
+        if self.options["rank"] < 0 or not 0 < self.options["density"] <= 1:
+            raise ValueError(
+                f"LoRA needs rank >= 0 (0: matched to SPU at density) and density in (0, 1], got {self.options}"
+            )
+
+
+def lora(model: torch.nn.Module, settings: SequenceSettings, options: Mapping[str, Option]) -> torch.nn.Module:
+    """PEFT LoRA on `settings.target_modules`, at `options["rank"]` (0: matched to SPU's values at `density`)."""
     targets = list(settings.target_modules)
-    rank = settings.lora_rank or lora_rank_matching_spu(model, settings.target_modules, settings.density)
+    rank = int(options["rank"]) or lora_rank_matching(model, settings.target_modules, options["density"])
     return peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
 
 
-def _spu(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
+def spu_adapter(model: torch.nn.Module, settings: SequenceSettings, options: Mapping[str, Option]) -> torch.nn.Module:
+    """An SPU adapter of `options["density"]` on `settings.target_modules` (and its `modules_to_save`)."""
     modules_to_save = None if settings.modules_to_save is None else list(settings.modules_to_save)
     config = SPUConfig(
         target_modules=list(settings.target_modules),
-        density=settings.density,
+        density=options["density"],
         seed=settings.seed,
         modules_to_save=modules_to_save,
     )
     return peft_model(model, config)
-
-
-def _settings_score(settings: SequenceSettings) -> str:
-    return settings.score
-
-
-def _random_score(settings: SequenceSettings) -> str:
-    return "random"
 
 
 # Learning-rate grids of `lr_sweep`. On the embedded default the sweep gave README's trade-off curves; each
@@ -203,17 +240,22 @@ SPARSE_GRID = (3e-5, 1e-4, 3e-4, 9e-4, 3e-3)
 LORA_GRID = (1e-4, 3.3e-4, 1e-3, 3e-3, 1e-2)
 
 
-def _sparse(name: str, score: Callable[[SequenceSettings], str], replay: bool, description: str) -> ContinualMethod:
-    """An SPU-adapter method: SPU's support (or a random one of the same size) selected before every task."""
+SPU_OPTIONS = {"density": 0.1, "score": "output_norm", "score_fraction": 0.25}
+"""SPU's options: the share of each target matrix trained, the selection score and the share of a task's batches
+it scores."""
+
+
+def _sparse(name: str, score: str, replay: bool, description: str) -> ContinualMethod:
+    """An SPU-adapter method: its support selected by `score` before every task, its adapter saved after it."""
     return ContinualMethod(
         name,
-        _spu,
+        spu_adapter,
         replay=replay,
-        selection_score=score,
         default_lr=3e-4,
         sweep_lrs=SPARSE_GRID,
-        save_task_adapters=True,
         description=description,
+        hooks=SelectionHooks,
+        options={**SPU_OPTIONS, "score": score},
     )
 
 
@@ -229,11 +271,18 @@ BUILTIN_METHODS = (
         description="full + replay",
     ),
     ContinualMethod(
-        "lora_replay", lora, replay=True, default_lr=3.3e-4, sweep_lrs=LORA_GRID, description="LoRA + replay"
+        "lora_replay",
+        lora,
+        replay=True,
+        default_lr=3.3e-4,
+        sweep_lrs=LORA_GRID,
+        description="LoRA + replay",
+        hooks=LoRAOptions,
+        options={"rank": 0, "density": SPU_OPTIONS["density"]},
     ),
-    _sparse("random_replay", _random_score, True, "SPU's adapter on a random support + replay"),
-    _sparse("spu_replay", _settings_score, True, "SPU + replay"),
-    _sparse("spu", _settings_score, False, "SPU without replay"),
+    _sparse("random_replay", "random", True, "SPU's adapter on a random support + replay"),
+    _sparse("spu_replay", SPU_OPTIONS["score"], True, "SPU + replay"),
+    _sparse("spu", SPU_OPTIONS["score"], False, "SPU without replay"),
 )
 for _method in BUILTIN_METHODS:
     register_method(_method)
@@ -255,3 +304,51 @@ def expand_methods(names: Iterable[str | ContinualMethod]) -> list[ContinualMeth
         else:
             methods += [get_method(n) for n in METHOD_GROUPS.get(name, (name,))]
     return methods
+
+
+def resolve_methods(
+    names: Iterable[str | ContinualMethod],
+    settings: SequenceSettings,
+    *,
+    has_reference: bool = True,
+    only_options_of_these: bool = False,
+) -> list[ContinualMethod]:
+    """The methods `names` stand for (see `expand_methods`), checked before any work: each named once, their options
+    in `settings.method_options` known and of values they take, and reference data given (`has_reference`) where a
+    method needs it; with `only_options_of_these`, options of other methods are refused too (a command line's
+    typo). Raises `ValueError` naming the problem."""
+    methods = expand_methods(names)
+    expanded = [m.name for m in methods]
+    if not methods:
+        raise ValueError("`methods` names no method")
+    if repeated := sorted({m for m in expanded if expanded.count(m) > 1}):
+        raise ValueError(f"`methods` lists {repeated} more than once; each method runs once per learning rate")
+    for method in methods:
+        method_plan(method, settings)
+    if only_options_of_these and (stray := sorted(set(settings.method_options) - set(expanded))):
+        raise ValueError(f"`method_options` sets options of {stray}, which `methods` does not run")
+    if not has_reference and (needing := [m.name for m in methods if m.needs_reference]):
+        raise ValueError(
+            f"{needing} need reference data (image-caption pairs of the pretraining domain): pass it to "
+            "load_sequence_data or prepare_sequence_data as their reference (the script's --reference-dataset), or "
+            "leave them out of `methods`"
+        )
+    return methods
+
+
+def parse_method_options(items: Iterable[str]) -> dict[str, dict[str, Option]]:
+    """`["lwf.strength=0.1", "spu.score=fisher"]` as `{"lwf": {"strength": 0.1}, "spu": {"score": "fisher"}}`, the
+    form of `SequenceSettings.method_options` (a value that is not a number is a name; `method_plan` checks each
+    against its option's kind)."""
+    options: dict[str, dict[str, Option]] = {}
+    for item in items:
+        match = re.fullmatch(r"(\w+)\.(\w+)=(.+)", item.strip())
+        if not match:
+            raise ValueError(f"{item!r} is not METHOD.OPTION=VALUE (e.g. lwf.strength=0.1)")
+        method, option, value = match.groups()
+        given = options.setdefault(method, {})
+        try:
+            given[option] = float(value)
+        except ValueError:
+            given[option] = value
+    return options

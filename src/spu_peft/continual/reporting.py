@@ -1,4 +1,4 @@
-"""Outputs of a sequence run: summary metrics, the project's targets, JSON, CSV, markdown and plots."""
+"""Outputs of a sequence run: summary metrics, JSON, CSV, markdown and plots."""
 
 from __future__ import annotations
 
@@ -44,6 +44,16 @@ def _mib(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
+LEGEND = """\
+Acc: average accuracy (%) over all tasks after the last one. Acc.In: Acc minus the frozen model's Acc.
+F: forgetting, the mean over earlier tasks of (best accuracy before the last task - accuracy after it).
+BWT: backward transfer, the mean over earlier tasks of (accuracy after the last task - accuracy right after
+learning that task); negative when learning later tasks lowered earlier ones.
+C: control-set accuracy (%) after the last task. C.Drop: the frozen model's C minus C.
+trainable: parameters that train; adapter bytes: the saved weights after the last task; wall s: seconds of
+training and evaluation; peak MiB: the run's peak memory (on a GPU its allocations, on a CPU its process's)."""
+
+
 def markdown_table(methods: dict[str, dict[str, Any]]) -> str:
     lines = [
         "| method | lr | Acc | Acc.In | F | BWT | C | C.Drop | trainable | adapter bytes | wall s | peak MiB |",
@@ -66,58 +76,16 @@ def judged(statement: str, margin: float | None, **details: Any) -> dict[str, An
     return {"target": statement, "margin": margin, **details, "pass": None if margin is None else margin >= 0}
 
 
-def evaluate_targets(methods: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The project's targets for `spu_replay`, each :func:`judged` by its margin in points; targets whose methods did
-    not run are left out."""
-    spu = methods.get("spu_replay")
-    if spu is None:
-        return []
-    targets = []
-    for peer in ("finetune_replay", "lora_replay"):
-        if peer in methods and spu["control_drop"] is not None:
-            margin = methods[peer]["control_drop"] - spu["control_drop"] - 5
-            targets.append(judged(f"control drop >= 5 points below {peer}", margin))
-        if peer in methods:
-            targets.append(judged(f"forgetting <= {peer}", methods[peer]["forgetting"] - spu["forgetting"]))
-    peers = {m: methods[m]["avg_acc"] for m in ("lora_replay", "random_replay") if m in methods}
-    if peers:
-        margin = spu["avg_acc"] - max(peers.values()) + 3
-        targets.append(judged("accuracy within 3 points of the best of lora_replay, random_replay", margin))
-    full = methods.get("finetune_replay", {}).get("sweep") or []
-    pairs = [(p, q) for p in spu.get("sweep") or [] for q in full if abs(p["avg_acc"] - q["avg_acc"]) <= 2]
-    if spu.get("sweep") and full and spu["control_drop"] is not None:
-        best = max((q["control_drop"] - p["control_drop"] for p, q in pairs), default=None)
-        targets.append(
-            judged(
-                "sweep: at matched accuracy (within 2 points) control drop >= 8 points below finetune_replay",
-                None if best is None else best - 8,
-                matched_pairs=[[p["lr"], q["lr"]] for p, q in pairs],
-            )
-        )
-    return targets
-
-
-def targets_table(targets: list[dict[str, Any]]) -> str:
-    lines = ["| spu_replay target | margin (points) | pass |", "|---|---:|:---:|"]
-    for t in targets:
-        margin = "no matched pair" if t["margin"] is None else f"{t['margin']:+.1f}"
-        lines.append(f"| {t['target']} | {margin} | {'-' if t['pass'] is None else 'yes' if t['pass'] else 'NO'} |")
-    return "\n".join(lines)
-
-
 def write_outputs(output_dir: Path, config: dict[str, Any], methods: dict[str, dict], plots: bool = True) -> str:
     """Write results.json, results.csv, results.md (and the plots), each atomically; returns the markdown report."""
-    targets = evaluate_targets(methods)
-    atomic_write_text(
-        output_dir / "results.json", json.dumps({"config": config, "methods": methods, "targets": targets}, indent=2)
-    )
+    atomic_write_text(output_dir / "results.json", json.dumps({"config": config, "methods": methods}, indent=2))
     rows = io.StringIO()
     writer = csv.writer(rows)
     writer.writerow(CSV_COLUMNS)
     for name, r in methods.items():
         writer.writerow([name] + [r.get(k) for k in CSV_COLUMNS[1:]])
     atomic_write_text(output_dir / "results.csv", rows.getvalue())
-    report = markdown_table(methods) + (f"\n\n{targets_table(targets)}" if targets else "")
+    report = f"{markdown_table(methods)}\n\n{LEGEND}"
     atomic_write_text(output_dir / "results.md", report + "\n")
     if plots:
         plot_results(output_dir, methods)

@@ -33,27 +33,18 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from ..memory import peak_memory, reset_peak_memory
-from .checkpoint import (
-    claim_output_dir,
-    fresh_tmp,
-    load_method_state,
-    release_output_dir,
-    replace_directory,
-    resume_run,
-    save_weights,
-    write_checkpoint,
-)
+from .checkpoint import claim_output_dir, load_method_state, release_output_dir, resume_run, write_checkpoint
 from .data import SequenceData, check_modules_to_save
 from .evaluation import control_accuracy, task_accuracies, tokenize_prompts
 from .fingerprint import check_fingerprint, model_identity, sequence_fingerprint
 from .hooks import MethodHooks, TaskContext, make_hooks
 from .loaders import shuffled_loader
-from .methods import DEFAULT_METHODS, ContinualMethod, expand_methods, method_plan
+from .methods import DEFAULT_METHODS, ContinualMethod, Option, method_plan, resolve_methods
 from .numerics import numerics_report, pin_cpu_numerics
 from .replay import TaskBalancedReplayBuffer
 from .reporting import summarise, write_outputs
 from .settings import SequenceSettings
-from .task_selection import ranks_agree_on_weights, select_for_task
+from .task_selection import ranks_agree_on_weights
 from .training import reference_cosine_factor, train_task
 from .workers import run_forked
 
@@ -70,40 +61,29 @@ def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def build_model(method: ContinualMethod, base: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
-    """A fresh copy of the base model prepared for `method` (seeded, so a resumed run rebuilds it identically)."""
+def build_model(
+    method: ContinualMethod, base: torch.nn.Module, settings: SequenceSettings, options: dict[str, Option] | None = None
+) -> torch.nn.Module:
+    """A fresh copy of the base model prepared for `method` with `options` (default: its plan's; seeded, so a resumed
+    run rebuilds it identically)."""
+    options = method_plan(method, settings)[1] if options is None else options
     torch.manual_seed(settings.seed)
-    return method.build(copy.deepcopy(base), settings)
+    return method.build_model(copy.deepcopy(base), settings, options)
 
 
-def _task_context(model, base, lr, task, data, settings, accelerator, tokenizer) -> TaskContext:
+def _task_context(model, base, lr, task, data, settings, accelerator, tokenizer, run_dir) -> TaskContext:
     seen = sorted(c for t in data.tasks[: task + 1] for c in t)
     captions = tokenize_prompts(tokenizer, [data.class_names[c] for c in seen], [settings.caption_template])
     loader = functools.partial(shuffled_loader, accelerator=accelerator)
     task_seed = settings.seed * 1000 + task
-    return TaskContext(task, model, base, data, settings, accelerator, tokenizer, seen, captions, lr, loader, task_seed)
+    return TaskContext(
+        task, model, base, data, settings, accelerator, tokenizer, seen, captions, lr, loader, task_seed, run_dir
+    )
 
 
 def _train_one_task(model, method, lr, task, context, hooks: MethodHooks, buffer, state, progress_bar):
     data, settings, accelerator = context.data, context.settings, context.accelerator
     seen, captions, task_seed = context.seen, context.captions, context.seed
-    if method.selection_score is not None:
-        loader = shuffled_loader(
-            data.train, data.train_indices[task], settings.scoring_batch_size, task_seed, accelerator
-        )
-        record = select_for_task(
-            model,
-            method.selection_score(settings),
-            loader,
-            captions,
-            seen,
-            settings,
-            accelerator,
-            task=task,
-            seed=task_seed,
-            description=f"task {task}: classes {data.task_class_names()[task]}",
-        )
-        state["selections"].append(record)
     hooks.start_task(context)
     groups = hooks.param_groups(model, lr)
     for group in groups:
@@ -171,7 +151,7 @@ def run_method(
     run_dir: Path,
     resume: bool = False,
     progress_bar: bool = True,
-    options: dict[str, float] | None = None,
+    options: dict[str, Option] | None = None,
 ) -> dict[str, Any]:
     """Train `method` at `lr` over the whole sequence, checkpointing after every task; returns its raw results.
 
@@ -179,18 +159,25 @@ def run_method(
     checkpoint in `run_dir` (a finished run trains nothing).
     """
     label = method.name if lr is None else f"{method.name} (lr {lr:g})"
+    options = dict(options if options is not None else method_plan(method, settings)[1])
     reset_peak_memory(accelerator.device)
-    model = build_model(method, base, settings).to(accelerator.device)
+    model = build_model(method, base, settings, options).to(accelerator.device)
     hooks = make_hooks(method.hooks, settings, options)
-    state: dict[str, Any] = {"acc_matrix": [], "control_acc": [], "losses": [], "buffer": None, "selections": []}
+    state: dict[str, Any] = {"acc_matrix": [], "control_acc": [], "losses": [], "buffer": None, "method": {}}
     state["wall_s"] = 0.0
     trained = model if method.trains else None
-    resumed = resume_run(run_dir, trained, method.save_task_adapters, accelerator.is_main_process) if resume else None
+    resumed = resume_run(run_dir, trained) if resume else None
     if resumed is not None:
         state, folder = resumed
+        done = len(state["acc_matrix"])
         if method.trains:
             hooks.load_state_dict({k: v.to(accelerator.device) for k, v in load_method_state(folder).items()})
-        logger.info(f"{label}: resuming after task {len(state['acc_matrix'])}", main_process_only=True)
+            hooks.set_extra_state(state.get("method", {}))
+            hooks.on_resume(model, run_dir, done, accelerator)
+        logger.info(
+            f"{label}: resuming after task {done - 1} ({done} of {settings.num_tasks} tasks done)",
+            main_process_only=True,
+        )
     buffer = TaskBalancedReplayBuffer(settings.buffer_size, seed=settings.seed)
     if state["buffer"]:
         buffer.load_state_dict(state["buffer"])
@@ -198,7 +185,7 @@ def run_method(
     for task in range(len(state["acc_matrix"]), settings.num_tasks):
         start = time.perf_counter()
         if method.trains:
-            context = _task_context(model, base, lr, task, data, settings, accelerator, tokenizer)
+            context = _task_context(model, base, lr, task, data, settings, accelerator, tokenizer, run_dir)
             model = _train_one_task(model, method, lr, task, context, hooks, buffer, state, progress_bar)
         state["acc_matrix"].append(task_accuracies(model, task, data, settings, accelerator, tokenizer))
         if method.trains or not state["control_acc"]:
@@ -206,13 +193,9 @@ def run_method(
         else:  # an untrained model keeps its control accuracy
             state["control_acc"].append(state["control_acc"][0])
         state["buffer"] = buffer.state_dict()
+        state["method"] = hooks.get_extra_state()
         state["wall_s"] += time.perf_counter() - start
         if accelerator.is_main_process:
-            if method.save_task_adapters:
-                adapter = run_dir / f"adapter_task{task}"
-                tmp = fresh_tmp(adapter)
-                save_weights(model, tmp)
-                replace_directory(tmp, adapter)
             write_checkpoint(run_dir, task, state, model if method.trains else None, hooks.state_dict())
         accelerator.wait_for_everyone()
         accuracies = " ".join(f"{a:.1f}" for a in state["acc_matrix"][-1])
@@ -221,18 +204,21 @@ def run_method(
 
     weights = run_dir / f"task{settings.num_tasks - 1}" / "weights"
     files = list(weights.glob("*.safetensors")) if weights.exists() else []
-    return {
+    result = {
         "lr": lr,
         "acc_matrix": state["acc_matrix"],
         "control_acc": state["control_acc"],
         "losses": state["losses"],
-        "selections": state["selections"],
         "weights_agree": state.get("weights_agree"),
         "trainable_params": trainable_parameters(model) if method.trains else 0,
         "adapter_bytes": sum(f.stat().st_size for f in files) or None,
         "wall_s": state["wall_s"],
         "peak_mib": peak_memory(accelerator.device) / 2**20,
     }
+    records = hooks.report() if method.trains else {}
+    if clashes := sorted(set(records) & set(result)):
+        raise ValueError(f"{method.name}'s hooks report {clashes}, which are the runner's own result keys")
+    return {**result, **records}
 
 
 # ---- every run, in this process or in forked workers --------------------------------------------------------------
@@ -323,16 +309,9 @@ def run_sequence(
     if settings.numerics == "reproducible":
         pin_cpu_numerics()
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    resolved = expand_methods(methods)
+    resolved = resolve_methods(methods, settings, has_reference=data.reference is not None)  # before any work
     names = [m.name for m in resolved]
-    if not resolved or len(set(names)) < len(names):
-        raise ValueError(f"`methods` must name each method once, got {names}")
-    plans = {m.name: method_plan(m, settings) for m in resolved}  # unknown options raise here, before any work
-    if data.reference is None and (needing := [m.name for m in resolved if m.needs_reference]):
-        raise ValueError(
-            f"{needing} need reference data (image-caption pairs from the pretraining domain): pass `reference` to "
-            "prepare_sequence_data (the script's --reference-dataset), or leave these methods out"
-        )
+    plans = {m.name: method_plan(m, settings) for m in resolved}
     if workers < 1 or (workers > 1 and (accelerator.device.type != "cpu" or accelerator.num_processes > 1)):
         raise ValueError(f"`workers` > 1 needs a single CPU process, and at least 1; got {workers}")
     check_modules_to_save(model, settings)

@@ -12,7 +12,6 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..selection import SCORES
 from .evaluation import CAPTION_TEMPLATE
 from .numerics import NUMERICS_MODES
 
@@ -43,14 +42,11 @@ class SequenceSettings:
             cosine over `epochs * num_tasks` epochs with one warm-up epoch, rebuilt at every task).
         loss (`str`, defaults to `"caption"`): `caption` (each image against one caption per seen class) or
             `clip` (the symmetric in-batch CLIP loss, one caption per image).
-        target_modules (`tuple[str]`, defaults to `("fc1",)`): layers SPU, random and LoRA adapt.
-        density (`float`, defaults to 0.1): share of each target matrix SPU trains.
+        target_modules (`tuple[str]`, defaults to `("fc1",)`): layers the adapter methods adapt.
         modules_to_save (`tuple[str]`, *optional*): modules SPU adapters train densely; `None`: the model type's
             default (CLIP: `visual_projection`), `()`: none.
-        score (`str`, defaults to `"output_norm"`): SPU's selection score.
-        score_fraction (`float`, defaults to 0.25): share of a task's batches scored.
-        score_batch_size (`int`, *optional*): batch size of scoring; `None`: `batch_size`.
-        lora_rank (`int`, *optional*): LoRA rank; `None`: as many parameters as SPU's values.
+        score_batch_size (`int`, *optional*): batch size of the passes that score or weigh parameters (selections,
+            importances); `None`: `batch_size`.
         caption_template (`str`, defaults to `"a photo of a {}."`): the training caption.
         templates (`tuple[str]`, defaults to `("a photo of a {}.",)`): evaluation prompts (ensembled).
         max_train_per_task / max_test_per_task / max_control (`int`, *optional*): caps on images.
@@ -59,8 +55,8 @@ class SequenceSettings:
             `pin_cpu_numerics`) or `native`.
         max_reference (`int`, defaults to 1024): cap on reference images (a seeded sample), for the methods that
             need reference data.
-        method_options (`dict[str, dict[str, float]]`, defaults to `{}`): per method, option values replacing its
-            defaults, e.g. `{"lwf": {"strength": 1.0}}`.
+        method_options (`dict[str, dict[str, float | str]]`, defaults to `{}`): per method, option values replacing
+            its defaults, e.g. `{"lwf": {"strength": 1.0}, "spu_replay": {"density": 0.05, "score": "fisher"}}`.
         protocol (`str`, defaults to `"embedded"`): the protocol whose per-method values apply (see
             `ContinualMethod.protocols`); set by :func:`protocol_settings`.
         fixed (`tuple[str]`, defaults to `()`): fields the user set, which no method's protocol values replace; set
@@ -79,12 +75,8 @@ class SequenceSettings:
     lr_schedule: str = "constant"
     loss: str = "caption"
     target_modules: tuple[str, ...] = ("fc1",)
-    density: float = 0.1
     modules_to_save: tuple[str, ...] | None = None
-    score: str = "output_norm"
-    score_fraction: float = 0.25
     score_batch_size: int | None = None
-    lora_rank: int | None = None
     caption_template: str = CAPTION_TEMPLATE
     templates: tuple[str, ...] = field(default=(CAPTION_TEMPLATE,))
     max_train_per_task: int | None = None
@@ -93,7 +85,7 @@ class SequenceSettings:
     seed: int = 0
     numerics: str = "reproducible"
     max_reference: int = 1024
-    method_options: dict[str, dict[str, float]] = field(default_factory=dict)
+    method_options: dict[str, dict[str, float | str]] = field(default_factory=dict)
     protocol: str = "embedded"
     fixed: tuple[str, ...] = ()
 
@@ -101,15 +93,12 @@ class SequenceSettings:
         """Refuse, before any work, every value the run could not use as meant, naming the field and the fix."""
         for name in ("num_tasks", "epochs", "batch_size", "replay_batch_size", "eval_batch_size", "max_reference"):
             _integer(name, getattr(self, name), minimum=1)
-        for name in ("score_batch_size", "lora_rank", "max_train_per_task", "max_test_per_task", "max_control"):
+        for name in ("score_batch_size", "max_train_per_task", "max_test_per_task", "max_control"):
             if getattr(self, name) is not None:
                 _integer(name, getattr(self, name), minimum=1, unset=" (or unset)")
         for name in ("buffer_size", "replay_from_epoch"):
             _integer(name, getattr(self, name), minimum=0)
         _integer("seed", self.seed, minimum=0, maximum=2**32 - 1)
-        for name in ("density", "score_fraction"):
-            if not 0 < _real(name, getattr(self, name)) <= 1:
-                raise ValueError(f"`{name}` must be in (0, 1], got {getattr(self, name)}")
         if self.lr is not None and not _real("lr", self.lr) > 0:
             raise ValueError(f"`lr` must be a positive finite number (or unset), got {self.lr}")
         if not _real("weight_decay", self.weight_decay) >= 0:
@@ -118,7 +107,6 @@ class SequenceSettings:
             "loss": LOSSES,
             "lr_schedule": LR_SCHEDULES,
             "numerics": NUMERICS_MODES,
-            "score": SCORES,
             "protocol": tuple(PROTOCOLS),
         }
         for name, allowed in choices.items():
@@ -194,15 +182,19 @@ def _names(name: str, value: Any) -> tuple[str, ...]:
     return names
 
 
-def _method_options(value: Any) -> dict[str, dict[str, float]]:
-    """`{method: {option: number}}` with every value a finite number (`method_plan` checks the option names)."""
+def _method_options(value: Any) -> dict[str, dict[str, float | str]]:
+    """`{method: {option: value}}` with every value a finite number or a name (`method_plan` checks the option
+    names and that each value is of its default's kind)."""
     if not isinstance(value, dict):
         raise ValueError(f"`method_options` must be a dict of {{method: {{option: value}}}}, got {value!r}")
     checked = {}
     for method, options in value.items():
         if not isinstance(method, str) or not isinstance(options, dict):
             raise ValueError(f"`method_options` must map method names to dicts of options, got {method!r}: {options!r}")
-        checked[method] = {str(k): _real(f"method_options[{method!r}][{k!r}]", v) for k, v in options.items()}
+        checked[method] = {
+            str(k): v if isinstance(v, str) else _real(f"method_options[{method!r}][{k!r}]", v)
+            for k, v in options.items()
+        }
     return checked
 
 

@@ -16,6 +16,7 @@ from transformers import CLIPModel
 
 from ..config import SPUConfig
 from ..continual.evaluation import tokenize_prompts
+from ..continual.methods import SPU_OPTIONS
 from ..naming import spu_layers
 from ..selection import select_parameters
 
@@ -79,10 +80,12 @@ def _batches(dataset, rows: list[int], captions: dict, size: int = 32) -> list[d
     ]
 
 
-def measure_overlap(base: CLIPModel, tokenizer, data, settings) -> dict[str, dict[str, float]]:
-    """:func:`selection_overlaps` per tower of a sequence: task A is its first task (all its training images, as
-    the sequence's SPU selects it), task B its second, the control set its images with its classes' captions; the
-    random support is seeded as the sequence seeds it."""
+def measure_overlap(
+    base: CLIPModel, tokenizer, data, settings, density: float = SPU_OPTIONS["density"]
+) -> dict[str, dict[str, float]]:
+    """:func:`selection_overlaps` per tower of a sequence at `density` (SPU's, by default): task A is its first task
+    (all its training images, as the sequence's SPU selects it), task B its second, the control set its images with
+    its classes' captions; the random support is seeded as the sequence seeds it."""
     tasks = []
     for task in data.tasks[:2]:
         captions = tokenize_prompts(tokenizer, [data.class_names[c] for c in task], [settings.caption_template])
@@ -96,5 +99,5 @@ def measure_overlap(base: CLIPModel, tokenizer, data, settings) -> dict[str, dic
         tasks[1] if len(tasks) > 1 else None,
         seed=settings.seed,
         random_seed=settings.seed * 1000,
-        density=settings.density,
+        density=density,
     )

@@ -6,7 +6,6 @@ of parameters). `benchmarks/scaling.py` runs the study; `scaling_report` writes 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,32 +39,35 @@ class StudyDesign:
     densities: tuple[float, ...] = ()
 
 
-def _fixed_score(score: str, settings) -> str:
-    return score
-
-
 def learning_rate_grid(width: int) -> dict[str, tuple[float, ...]]:
     """The `full` and `sparse` grids of `width`, or of the nearest width that has grids."""
     return dict(LR_GRIDS[min(LR_GRIDS, key=lambda w: abs(w - width))])
 
 
-def study_methods(grid: dict[str, tuple[float, ...]], names: tuple[str, ...] = ("zeroshot", *COMPARED)) -> list:
-    """The named built-in methods, each over its grid (`finetune*` the full one, the others the sparse one)."""
+def study_methods(
+    grid: dict[str, tuple[float, ...]], names: tuple[str, ...] = ("zeroshot", *COMPARED), **options: Any
+) -> list:
+    """The named built-in methods, each over its grid (`finetune*` the full one, the others the sparse one), with
+    `options` (e.g. `density=0.3`) replacing those a method has."""
     methods = []
     for name in names:
         lrs = tuple(grid["full"] if name.startswith("finetune") else grid["sparse"])
-        method = get_method(name)
+        method = _with_options(get_method(name), options)
         methods.append(dataclasses.replace(method, default_lr=lrs[0], sweep_lrs=lrs) if method.trains else method)
     return methods
 
 
-def score_methods(grid: dict[str, tuple[float, ...]], scores: list[str]) -> list:
-    """`spu_replay` with each of `scores` in place of the paper's, over the sparse grid."""
+def _with_options(method, options: dict[str, Any]):
+    own = {k: v for k, v in options.items() if k in method.options}
+    return dataclasses.replace(method, options={**method.options, **own}) if own else method
+
+
+def score_methods(grid: dict[str, tuple[float, ...]], scores: list[str], **options: Any) -> list:
+    """`spu_replay` with each of `scores` in place of the paper's, over the sparse grid, with `options`."""
     return [
         dataclasses.replace(
-            get_method("spu_replay"),
+            _with_options(get_method("spu_replay"), {**options, "score": score}),
             name=f"spu_{score}_replay",
-            selection_score=functools.partial(_fixed_score, score),
             default_lr=grid["sparse"][0],
             sweep_lrs=tuple(grid["sparse"]),
             description=f"SPU with the {score} score + replay",

@@ -13,6 +13,8 @@ maxima never runs (its name lists do not match), so F is used raw here too.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from peft import LoraConfig
@@ -26,13 +28,20 @@ from ..training import clip_loss
 from .common import ImportanceHooks, frozen_copy, reference_batches, summed_gradients
 
 LORA_TARGETS = ("q_proj", "v_proj")
-LORA_RANK, LORA_ALPHA, LORA_DROPOUT = 8, 32, 0.1  # the reference's adapter
+LORA_OPTIONS = {"rank": 8, "alpha": 32, "dropout": 0.1}  # the reference's adapter
 
 
-def lora_on_attention(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
-    """PEFT LoRA (rank 8, alpha 32, dropout 0.1) on every query and value projection of both towers."""
+def lora_on_attention(
+    model: torch.nn.Module, settings: SequenceSettings, options: Mapping[str, Any] | None = None
+) -> torch.nn.Module:
+    """PEFT LoRA (`rank`, `alpha`, `dropout` of `options`: by default the reference's 8, 32 and 0.1) on every query
+    and value projection of both towers."""
+    options = {**LORA_OPTIONS, **(options or {})}
     config = LoraConfig(
-        r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(LORA_TARGETS)
+        r=options["rank"],
+        lora_alpha=options["alpha"],
+        lora_dropout=options["dropout"],
+        target_modules=list(LORA_TARGETS),
     )
     return peft_model(model, config)
 
@@ -77,7 +86,7 @@ register_method(
         sweep_lrs=LORA_GRID,
         description="LoRA-EWC: LoRA on q/v projections + replay, EWC penalty from reference data",
         hooks=LoRAEWC,
-        options={"strength": 10.0},
+        options={"strength": 10.0, **LORA_OPTIONS},
         needs_reference=True,
     )
 )

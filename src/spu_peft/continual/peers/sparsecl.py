@@ -63,11 +63,9 @@ class SparCL(MethodHooks):
         super().__init__(settings, options)
         density, random_density = self.options["density"], self.options["random_density"]
         if not 0 <= random_density <= density <= 1:
-            raise ValueError(
-                f"sparsecl needs 0 <= `random_density` <= `density` <= 1, got {random_density} and {density}"
-            )
+            raise ValueError(f"sparsecl needs 0 <= random_density <= density <= 1, got {random_density} and {density}")
         if self.options["mask_every"] < 1:
-            raise ValueError(f"sparsecl's `mask_every` must be at least 1, got {self.options['mask_every']}")
+            raise ValueError(f"sparsecl's mask_every must be at least 1, got {self.options['mask_every']}")
         self.masks: dict[str, torch.Tensor] = {}
 
     def start_epoch(self, context: TaskContext, epoch: int) -> None:

@@ -1,0 +1,146 @@
+"""Where a sequence's data comes from: the embedded Animal-Shape sequence, a Hub dataset, an image folder or a
+`save_to_disk` folder, with the control and reference sets beside it, loaded and prepared in one call.
+
+    from spu_peft.continual import DataSource, load_sequence_data, protocol_settings
+
+    settings = protocol_settings("embedded", num_tasks=5)
+    data = load_sequence_data(processor, settings)  # the embedded default: Animal-Shape, held-out control set
+    data = load_sequence_data(processor, settings, dataset="path/to/image-folder", control=DataSource("my/hub-id",
+                              split="validation"))
+
+The benchmark script (`benchmarks/cl_sequence.py`) is this function's flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from accelerate import Accelerator
+
+from .data import SequenceData, prepare_sequence_data
+from .settings import SequenceSettings
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+"""The name of the data shipped with spu_peft (`spu_peft.embedded`): Animal-Shape for the sequence, held-out
+pretraining images for the control set, other pretraining images for the reference set."""
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A dataset and the split and columns to use.
+
+    Args:
+        name: `"embedded"`, a Hub id, an image folder (one sub-folder per class) or a `save_to_disk` folder.
+        split: the split to use (the training split, for the sequence's dataset).
+        image_column / label_column: its image column and its label column (a `ClassLabel` or integers).
+    """
+
+    name: str
+    split: str = "train"
+    image_column: str = "image"
+    label_column: str = "label"
+
+    @property
+    def columns(self) -> tuple[str, str]:
+        return self.image_column, self.label_column
+
+
+def load_any(name: str) -> datasets.Dataset | datasets.DatasetDict:
+    """A Hub id, an image folder or a `save_to_disk` folder, loaded as `datasets` loads each."""
+    path = Path(name)
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
+            return datasets.load_from_disk(str(path))
+        folders = (p for p in path.rglob("*") if p.is_dir())
+        if empty := sorted(str(p.relative_to(path)) for p in folders if not any(q.is_file() for q in p.rglob("*"))):
+            logger.warning("%s: empty folder(s) %s hold no image, so their classes are left out", name, empty)
+        return datasets.load_dataset("imagefolder", data_dir=str(path))
+    if name.startswith((".", "/")) or os.sep in name and not path.exists():
+        raise ValueError(f"dataset folder {name!r} does not exist")
+    return datasets.load_dataset(name)
+
+
+def load_split(source: DataSource) -> datasets.Dataset:
+    """The split of `source` (a dataset without splits is its own only split)."""
+    loaded = load_any(source.name)
+    if not isinstance(loaded, datasets.DatasetDict):
+        return loaded
+    if source.split not in loaded:
+        raise ValueError(f"dataset {source.name!r} has no split {source.split!r}; its splits: {', '.join(loaded)}")
+    return loaded[source.split]
+
+
+def _source(value: str | DataSource | None) -> DataSource | None:
+    return DataSource(value) if isinstance(value, str) else value
+
+
+def load_sequence_data(
+    processor,
+    settings: SequenceSettings,
+    dataset: str | DataSource = EMBEDDED,
+    *,
+    test_split: str = "test",
+    class_names: Sequence[str] | None = None,
+    control: str | DataSource | None = EMBEDDED,
+    reference: str | DataSource | None = None,
+    accelerator: Accelerator | None = None,
+) -> SequenceData:
+    """The sequence's data, loaded and prepared with `processor` (see :func:`prepare_sequence_data`).
+
+    `dataset` gives the training split (`DataSource.split`); `test_split` is its test split, split off the training
+    data (a seeded 20%) if the dataset has none. `control` is the control set from the pretraining domain (`None`:
+    none), `reference` the reference image-caption data that `zscl` and `lora_ewc` need (`None`: none). A string
+    is a `DataSource` with the default split (`"train"`) and columns; `"embedded"` is the data shipped with
+    spu_peft, drawn with `settings.seed`. Every problem raises `ValueError` before any training.
+    """
+    dataset, control, reference = _source(dataset), _source(control), _source(reference)
+    if dataset.name == EMBEDDED:
+        splits = _embedded().load_animal_shapes(seed=settings.seed)
+        train, test, columns = splits["train"], splits["test"], ("image", "label")
+    else:
+        loaded = load_any(dataset.name)
+        if not isinstance(loaded, datasets.DatasetDict) or dataset.split not in loaded:
+            raise ValueError(f"dataset {dataset.name!r} has no split {dataset.split!r}")
+        train, columns = loaded[dataset.split], dataset.columns
+        if test_split in loaded:
+            test = loaded[test_split]
+        else:
+            parts = train.train_test_split(test_size=0.2, seed=settings.seed)
+            train, test = parts["train"], parts["test"]
+    seed = settings.seed
+    control_split, control_columns = _side(control, lambda: _embedded().load_pretraining_data(seed=seed)["control"])
+    reference_split, reference_columns = _side(reference, lambda: _embedded().load_reference_data(seed=seed))
+    return prepare_sequence_data(
+        train,
+        test,
+        processor,
+        settings,
+        control=control_split,
+        class_names=class_names,
+        image_column=columns[0],
+        label_column=columns[1],
+        control_columns=control_columns,
+        reference=reference_split,
+        reference_columns=reference_columns,
+        accelerator=accelerator,
+    )
+
+
+def _side(source: DataSource | None, embedded: Callable[[], datasets.Dataset]) -> tuple[datasets.Dataset | None, tuple]:
+    """A control or reference set and its columns: none, the embedded one, or `source`'s split."""
+    if source is None or source.name == EMBEDDED:
+        return (None if source is None else embedded()), ("image", "label")
+    return load_split(source), source.columns
+
+
+def _embedded():
+    from .. import embedded  # its data builds on first use: imported only when asked for
+
+    return embedded
