@@ -147,7 +147,8 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[str]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp")
+    # The target's suffix ends the name too, for writers that pick a format by it (matplotlib's savefig).
+    tmp = str(target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp{target.suffix}")
     # Created as open() creates files (0666 less the umask), not mkstemp's private 0600: `path` keeps that mode.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
