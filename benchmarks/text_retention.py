@@ -180,7 +180,7 @@ def plot(folder: Path, zeroshot: dict, curves: dict, methods: list[str], seeds: 
     figure.savefig(folder / "text_retention.png", dpi=110)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds (data, supports, LoRA init).")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, of {', '.join(METHODS)}.")
@@ -189,11 +189,16 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None, help="Where the model's weights are unzipped once.")
     parser.add_argument("--num-threads", type=int, default=1)
     parser.add_argument("--report", action="store_true", help="Only summarise the runs already in --output-dir.")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.methods = [m.strip() for m in args.methods.split(",")]
     if unknown := sorted(set(args.methods) - set(METHODS)):
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not args.report:
         run(args)
