@@ -105,7 +105,7 @@ register_method(
     ContinualMethod(
         "spg",
         spu_localisation,
-        default_lr=3e-5,
+        default_lr=9e-5,
         sweep_lrs=FULL_GRID,
         description="SPG: dense fc1 + visual projection, updates scaled by 1 - earlier importance",
         hooks=SPG,
