@@ -14,8 +14,8 @@ The reference code scales the gradients and steps AdamW, which divides each coor
 a fixed factor per coordinate cancels there (up to epsilon and weight decay), so its mask does almost nothing. The
 update is scaled here, which is what the paper's masked SGD step does, under any optimizer.
 
-SPG's paper soft-masks every layer (and is evaluated with one head per task); the reference (and this module) restricts it
-to SPU's localisation and to CLIP's caption matching, so SPG and SPU train the same layers.
+SPG's paper soft-masks every layer (and is evaluated with one head per task); the reference (and this module)
+restricts it to SPU's localisation and to CLIP's caption matching, so SPG and SPU train the same layers.
 
 The reference measures importances on task t's test split; the paper (and this module) uses task t-1's training
 data. The reference's second objective sums its in-batch logit matrix; here it sums the task loss's logits, which are
