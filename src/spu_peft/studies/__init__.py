@@ -2,7 +2,9 @@
 the trade-off curves and SPU's advantage at matched accuracy, its tables and plots) and the overlap of supports.
 
 This package imports `spu_peft.continual`, never the reverse. `benchmarks/scaling.py` and
-`benchmarks/selection_overlap.py` are its command lines."""
+`benchmarks/selection_overlap.py` are its command lines. `text_retention` and `text_data` (imported on their own:
+they need the all-MiniLM-L6-v2 wheel only when run) are the study of SPU on a real sentence encoder,
+`benchmarks/text_retention.py`."""
 
 from .overlap import measure_overlap, selection_overlaps, shared, supports
 from .scaling import LR_GRIDS, StudyDesign, analyse, learning_rate_grid, score_methods, study_methods

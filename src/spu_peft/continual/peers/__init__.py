@@ -7,7 +7,7 @@ module), registered like the built-in methods when `spu_peft.continual` is impor
   reference data.
 - `zscl`: everything trains; distillation from the original model on reference data, and weight averaging.
 - `sparsecl`: 5% of the attention and MLP weights, with replay; magnitude masks on the gradients.
-- `spg`: `fc1` and the visual projection; soft gradient masks from earlier tasks' importances.
+- `spg`: `fc1` and the visual projection; soft masks on the updates from earlier tasks' importances.
 - `slca`: everything (projections at 5x the rate), with replay; classifier alignment on sampled class features.
 
 Each method's options (coefficients), the reference's values under `--protocol paper`, and where it departs from

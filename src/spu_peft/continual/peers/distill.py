@@ -12,6 +12,16 @@ current batch: replay images enter through D alone, as in the reference.
 Where the reference differs, the papers are followed: the teacher is the target of both terms (the reference
 swaps the arguments, which also sharpens the student). LwF's sum over rows is the reference's reduction, kept so
 that its strength 0.01 keeps its meaning (it was tuned for a sum over ~128 rows).
+
+Where both depart from their own papers (as the reference does):
+
+- LwF's paper distils the old task heads' outputs on the new task's data alone (no replay), temperature 2; here
+  the in-batch CLIP logits on current and replay images, temperature 5, and the embedded protocol's strength is 1.0
+  (the reference's 0.01 did nothing at that scale, docs/peers.md).
+- PRD's paper trains with a supervised contrastive loss, learns class prototypes in a separate step and distils
+  prototype-sample relations; here there is no supervised contrastive loss, no prototype learning and no separate
+  prototype step: the captions' embeddings stand in for the prototypes, and the task loss is the engine's, which
+  uses the caption of every class seen so far as a negative.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ average of |grad W| (the reference's choice: absolute, not squared, gradients). 
 loss adds `strength * sum_W sum F_W * (scale * B A)^2`, the anchor being the original weights (the update is B A).
 One adapter accumulates over all tasks and is never merged. The reference's normalisation of F by its row
 maxima never runs (its name lists do not match), so F is used raw here too.
+
+Departures from EWC's paper, all the reference's: F is a mean *absolute* gradient, not the squared one (the Fisher
+diagonal); it is measured once, on reference data with the original model, not after each task on that task's data;
+and LoRA has rank 8 on the query and value projections (the SPU paper's table reports LoRA-EWC at rank 96).
 """
 
 from __future__ import annotations

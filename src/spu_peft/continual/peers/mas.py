@@ -6,7 +6,9 @@ the in-batch logits (the sensitivity of the output, not of the loss). Importance
 0.5 * old + 0.5 * new. The loss adds `strength * sum importance * (weight - anchor)^2`.
 
 The reference's penalty is always zero (its list of penalised parameters is never filled), so its MAS is plain
-fine-tuning without replay; this one applies the penalty, as the paper does.
+fine-tuning without replay; this one applies the penalty, as the paper does. The 0.5/0.5 running average of the
+importances is the reference's, and the embedded protocol's strength (100) comes from a sweep at that scale; the
+importances are those of the in-batch logits of CLIP, where the paper's are of a classifier's outputs.
 """
 
 from __future__ import annotations

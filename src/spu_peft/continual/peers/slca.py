@@ -16,6 +16,10 @@ The reference never unfreezes the backbone after phase 2 (from task 1 on it trai
 phase-2 loop uses only the first 256 samples of each epoch; here every parameter trains again in the next task, and
 phase 2 goes through every sample, as in the paper. Its scheduler also erases the projections' larger rate, which
 this engine keeps.
+
+SLCA's paper trains the classifier at 100 times the backbone's rate and aligns it for 5 epochs; the SPU reference
+uses 5 times and 3 epochs, the defaults here. `--method-option slca.head_lr_scale=100 --method-option
+slca.ca_epochs=5` selects the paper's values. The paper's classifier is a linear head; here the two projections are.
 """
 
 from __future__ import annotations

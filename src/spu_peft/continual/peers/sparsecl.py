@@ -13,7 +13,8 @@ numel) of them random. As in the reference, the mask only gates gradients (weigh
 AdamW's weight decay still shrinks every entry, and the moments an entry gathered before a recompute dropped it keep
 moving it for a few steps. Replay is the engine's task-balanced buffer, standing in for SparCL's reservoir buffer.
 SparCL's data removal and dynamic gradient masking are left out, as in the reference, and the regrowth is the
-reference's (random entries, then none).
+reference's (random entries, then none). SparCL's paper trains a sparse network (weights outside the mask are zero
+and stay zero); here, as in the reference, they keep their pretrained values and only stop receiving gradients.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ The reference code scales the gradients and steps AdamW, which divides each coor
 a fixed factor per coordinate cancels there (up to epsilon and weight decay), so its mask does almost nothing. The
 update is scaled here, which is what the paper's masked SGD step does, under any optimizer.
 
+SPG's paper soft-masks every layer (and is evaluated with one head per task); the reference (and this module)
+restricts it to SPU's localisation and to CLIP's caption matching, so SPG and SPU train the same layers.
+
 The reference measures importances on task t's test split; the paper (and this module) uses task t-1's training
 data. The reference's second objective sums its in-batch logit matrix; here it sums the task loss's logits, which are
 that matrix under `loss="clip"` (the paper protocol) and each image against the seen classes' captions otherwise.
@@ -102,7 +105,7 @@ register_method(
     ContinualMethod(
         "spg",
         spu_localisation,
-        default_lr=3e-5,
+        default_lr=9e-5,
         sweep_lrs=FULL_GRID,
         description="SPG: dense fc1 + visual projection, updates scaled by 1 - earlier importance",
         hooks=SPG,
