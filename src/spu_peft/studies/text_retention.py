@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from peft import LoraConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from ..budgets import matched_rank
 from ..config import SPUConfig
-from ..continual.methods import peft_model, rank_matching_spu
+from ..continual.methods import peft_model
 from ..selection import select_parameters
 from .text_data import TextTask
 
@@ -141,7 +142,7 @@ def build(method: str, encoder: torch.nn.Module, settings: StudySettings, seed: 
         return model
     if method == "lora":
         shapes = [tuple(m.weight.shape) for n, m in model.named_modules() if n.endswith(TARGET)]
-        rank = rank_matching_spu(shapes, settings.density)
+        rank = matched_rank(shapes, settings.density)
         torch.manual_seed(seed)
         return peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=[TARGET]))
     return peft_model(model, SPUConfig(target_modules=[TARGET], density=settings.density, seed=seed))
