@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if __name__ == "__main__" and not {"native", "--numerics=native"} & set(sys.argv):  # before imports that compute
+    os.environ.update(MKL_CBWR="COMPATIBLE", ATEN_CPU_CAPABILITY="avx2")  # spu_peft.continual's REPRODUCIBLE_ENV
 
 import datasets  # noqa: E402
 import torch  # noqa: E402

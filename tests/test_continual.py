@@ -130,15 +130,23 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True)
 
 
-@pytest.mark.slow
+IMPORT_ALL = (
+    "import json, torch, datasets, transformers, peft, accelerate, spu_peft, spu_peft.embedded, spu_peft.studies\n"
+)
+PIN = "from spu_peft.continual import pin_cpu_numerics\nprint(json.dumps(pin_cpu_numerics()))"
+
+
+def _pinned_report(done: subprocess.CompletedProcess) -> dict:
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 numerics")
 def test_numerics_are_pinned_before_the_first_tensor_operation_or_refused():
-    pinned = _python(  # after importing everything: importing computes no tensor (that would fix ATen's choice)
-        "import json, torch, datasets, transformers, peft, accelerate, spu_peft, spu_peft.embedded, spu_peft.studies\n"
-        "from spu_peft.continual import pin_cpu_numerics\n"
-        "print(json.dumps(pin_cpu_numerics()))"
-    )
-    report = json.loads(pinned.stdout.strip().splitlines()[-1])
+    # Importing spu_peft and its dependencies computes no tensor (which would fix ATen's choice) while no library
+    # that computes at import is installed: bitsandbytes is hidden here (PEFT imports it when installed, below).
+    hidden = _python("import sys\nsys.modules['bitsandbytes'] = None\n" + IMPORT_ALL + PIN)
+    report = _pinned_report(hidden)
     assert report["mode"] == "reproducible" and report["cpu_capability"] == "AVX2" and not report["mkldnn"]
     late = _python(
         "import os, torch; torch.ones(8).sum()\n"
@@ -146,6 +154,18 @@ def test_numerics_are_pinned_before_the_first_tensor_operation_or_refused():
         "from spu_peft.continual import pin_cpu_numerics; pin_cpu_numerics()"
     )
     assert late.returncode == 0 or "call pin_cpu_numerics() before any tensor operation" in late.stderr
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 numerics")
+def test_the_variables_set_before_any_import_pin_numerics_whatever_computes_at_import():
+    """bitsandbytes reads ATen's CPU capability at import, and PEFT imports it where it is installed: the scripts and
+    notebooks set `REPRODUCIBLE_ENV` before importing anything, which holds with it installed or not."""
+    pytest.importorskip("bitsandbytes")
+    from spu_peft.continual.numerics import REPRODUCIBLE_ENV
+
+    report = _pinned_report(_python("import bitsandbytes\n" + IMPORT_ALL + PIN, **REPRODUCIBLE_ENV))
+    assert report["mode"] == "reproducible" and report["cpu_capability"] == "AVX2"
+    assert REPRODUCIBLE_ENV == {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "avx2"}  # as the scripts set them
 
 
 def test_lora_rank_matching_holds_as_many_entries_as_spu_selects():

@@ -38,10 +38,10 @@ def pin_cpu_numerics() -> dict[str, Any]:
 
     It must act before the first tensor operation of the process: MKL reads ``MKL_CBWR`` at its first call and
     ATen reads ``ATEN_CPU_CAPABILITY`` at its first dispatch, so a later call cannot take effect. Importing torch,
-    transformers, peft, accelerate or any ``spu_peft`` module computes nothing (a test checks it), so calling this
-    first thing after the imports works; setting the two variables of ``REPRODUCIBLE_ENV`` in ``os.environ`` before
-    any import, as the main job and notebooks/sequence.ipynb do, also covers code that computes at import. Forked
-    processes inherit it.
+    transformers, peft, accelerate or any ``spu_peft`` module computes nothing (a test checks it), but bitsandbytes
+    reads ATen's capability at import and PEFT imports it wherever it is installed. So set the two variables of
+    ``REPRODUCIBLE_ENV`` in ``os.environ`` before any import, as the scripts in ``benchmarks/`` and the notebooks do;
+    calling this first thing after the imports then checks and completes the pinning. Forked processes inherit it.
     It also turns off oneDNN and NNPACK, whose convolution blockings depend on the cache sizes, so convolutions
     run ATen's im2col with an MKL GEMM.
 
