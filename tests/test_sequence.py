@@ -132,10 +132,13 @@ def test_a_run_killed_at_any_point_resumes_to_the_same_numbers_recomputing_nothi
         assert trained == unfinished, (kind, k)  # finished tasks are not trained again
 
 
-def test_a_finished_run_resumes_without_training(setup, uninterrupted, tmp_path, monkeypatch):
+def test_a_finished_run_resumes_without_training(setup, uninterrupted, tmp_path, monkeypatch, caplog):
     run(setup, tmp_path)
-    resumed, trained = _trained_after_resume(setup, tmp_path, monkeypatch)
+    with caplog.at_level("INFO", logger="spu_peft.continual.sequence"):
+        resumed, trained = _trained_after_resume(setup, tmp_path, monkeypatch)
     assert resumed == uninterrupted and trained == []
+    # tasks are numbered from 0 everywhere: the log said "resuming after task 2" of a run of tasks 0 and 1
+    assert "spu_replay (lr 0.0003): resuming after task 1 (2 of 2 tasks done)" in caplog.text
 
 
 def test_resume_with_other_settings_is_refused_naming_them(setup, tmp_path):
