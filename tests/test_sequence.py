@@ -255,6 +255,16 @@ def test_method_options_are_checked_before_any_work(setup, tmp_path):
         assert not (tmp_path / "runs").exists()
 
 
+def test_a_build_takes_the_model_the_settings_and_optionally_the_options():
+    with pytest.raises(TypeError, match=r"`build` must take \(model, settings\[, options\]\)"):
+        ContinualMethod("one_argument", lambda model: model, default_lr=1e-4)
+    seen = []
+    with_options = ContinualMethod("three", lambda model, settings, options: seen.append(options), default_lr=1e-4)
+    with_options.build_model(None, SETTINGS, {"density": 0.5})
+    ContinualMethod("two", lambda model, settings: seen.append("two"), default_lr=1e-4).build_model(None, SETTINGS, {})
+    assert seen == [{"density": 0.5}, "two"]
+
+
 def test_a_method_that_trains_needs_a_learning_rate():
     with pytest.raises(ValueError, match="default_lr"):
         ContinualMethod("nameless", _vision_tower_only)
