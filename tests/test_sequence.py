@@ -133,10 +133,13 @@ def test_a_run_killed_at_any_point_resumes_to_the_same_numbers_recomputing_nothi
         assert trained == unfinished, (kind, k)  # finished tasks are not trained again
 
 
-def test_a_finished_run_resumes_without_training(setup, uninterrupted, tmp_path, monkeypatch):
+def test_a_finished_run_resumes_without_training(setup, uninterrupted, tmp_path, monkeypatch, caplog):
     run(setup, tmp_path)
-    resumed, trained = _trained_after_resume(setup, tmp_path, monkeypatch)
+    with caplog.at_level("INFO", logger="spu_peft.continual.sequence"):
+        resumed, trained = _trained_after_resume(setup, tmp_path, monkeypatch)
     assert resumed == uninterrupted and trained == []
+    # tasks are numbered from 0 everywhere: the log said "resuming after task 2" of a run of tasks 0 and 1
+    assert "spu_replay (lr 0.0003): resuming after task 1 (2 of 2 tasks done)" in caplog.text
 
 
 def test_resume_with_other_settings_is_refused_naming_them(setup, tmp_path):
@@ -251,6 +254,16 @@ def test_method_options_are_checked_before_any_work(setup, tmp_path):
         with pytest.raises(ValueError, match=message):
             run(setup, tmp_path, methods=["spu_replay", "lora_replay", "lwf"], settings=settings)
         assert not (tmp_path / "runs").exists()
+
+
+def test_a_build_takes_the_model_the_settings_and_optionally_the_options():
+    with pytest.raises(TypeError, match=r"`build` must take \(model, settings\[, options\]\)"):
+        ContinualMethod("one_argument", lambda model: model, default_lr=1e-4)
+    seen = []
+    with_options = ContinualMethod("three", lambda model, settings, options: seen.append(options), default_lr=1e-4)
+    with_options.build_model(None, SETTINGS, {"density": 0.5})
+    ContinualMethod("two", lambda model, settings: seen.append("two"), default_lr=1e-4).build_model(None, SETTINGS, {})
+    assert seen == [{"density": 0.5}, "two"]
 
 
 def test_a_method_that_trains_needs_a_learning_rate():

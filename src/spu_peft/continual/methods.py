@@ -103,11 +103,13 @@ class ContinualMethod:
 
 
 def _takes(function: Callable, count: int) -> bool:
-    """Whether `function` can be called with `count` positional arguments."""
+    """Whether `function` can be called with `count` positional arguments (assumed of one without a signature)."""
     try:
         inspect.signature(function).bind(*[None] * count)
     except TypeError:
         return False
+    except ValueError:  # a builtin that has no signature to inspect
+        return True
     return True
 
 
