@@ -14,7 +14,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from spu_peft.continual.reporting import judged
+
+def judged(statement: str, margin: float | None, **details: Any) -> dict[str, Any]:
+    """One goal's verdict: its statement, its margin (positive on the goal's good side; None when it could not be
+    measured), any `details`, and `pass`."""
+    return {"target": statement, "margin": margin, **details, "pass": None if margin is None else margin >= 0}
 
 
 def sequence_goals(methods: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -69,13 +69,6 @@ def markdown_table(methods: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def judged(statement: str, margin: float | None, **details: Any) -> dict[str, Any]:
-    """One target's verdict: its statement, its margin (positive on the target's good side; None when it could not
-    be measured), any `details`, and `pass`. Every target of the project, here and in `spu_peft.benchmarking`'s
-    throughput report, is judged by this one rule."""
-    return {"target": statement, "margin": margin, **details, "pass": None if margin is None else margin >= 0}
-
-
 def write_outputs(output_dir: Path, config: dict[str, Any], methods: dict[str, dict], plots: bool = True) -> str:
     """Write results.json, results.csv, results.md (and the plots), each atomically; returns the markdown report."""
     atomic_write_text(output_dir / "results.json", json.dumps({"config": config, "methods": methods}, indent=2))
