@@ -301,3 +301,34 @@ def test_folded_blocked_adapters_equal_the_sum_of_their_deltas():
     for layer in layers(model, "both").values():
         expected = layer.get_delta_weight("default") + layer.get_delta_weight("other")
         torch.testing.assert_close(layer.get_delta_weight("both"), expected, rtol=0, atol=0)
+
+
+# ---- the benchmark's variants ----------------------------------------------------------------------------------------
+
+
+def test_benchmark_block_size_is_the_largest_tile_dividing_every_target():
+    from spu_peft.benchmarking import benchmark_block_size
+
+    assert benchmark_block_size({"a": (3072, 768), "b": (768, 3072)}) == (32, 32)
+    assert benchmark_block_size({"a": (176, 64)}) == (16, 16)
+    assert benchmark_block_size({"a": (7, 64)}) == (1, 1)
+
+
+def test_floor_steps_compute_no_value_gradient_and_restore_the_kernel():
+    from spu_peft.benchmarking.peers import step_context
+
+    batch = make_batch()
+    model = blocked_model(init_weights=False).train()
+    stock = sparse_linear_module.value_gradients
+    with step_context("floor", "auto", torch.device("cpu")):
+        model(**batch, return_loss=True).loss.backward()
+    assert sparse_linear_module.value_gradients is stock
+    for layer in layers(model).values():
+        assert torch.equal(layer.spu_values["default"].grad, torch.zeros_like(layer.spu_values["default"]))
+        assert layer.spu_bias["default"].grad.abs().sum() > 0  # the dense gradients remain
+    model.zero_grad()
+    with step_context("spu_block", "dense", torch.device("cpu")):
+        assert sparse_linear_module.TILE_VALUE_GRAD is False
+        model(**batch, return_loss=True).loss.backward()
+    assert sparse_linear_module.TILE_VALUE_GRAD is True
+    assert all(layer.spu_values["default"].grad.abs().sum() > 0 for layer in layers(model).values())
