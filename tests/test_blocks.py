@@ -332,3 +332,22 @@ def test_floor_steps_compute_no_value_gradient_and_restore_the_kernel():
         model(**batch, return_loss=True).loss.backward()
     assert sparse_linear_module.TILE_VALUE_GRAD is True
     assert all(layer.spu_values["default"].grad.abs().sum() > 0 for layer in layers(model).values())
+
+
+def test_ddp_selects_and_trains_the_tiles_an_unwrapped_model_does(one_process_group):
+    """Under DDP the entry scores are summed over processes before they are tiled: here (one process) the wrapped
+    model chooses the unwrapped model's tiles and its value gradients take the tile path to the same values."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    batch = make_batch()
+    plain, wrapped = blocked_model(), blocked_model()
+    select_parameters(plain, [batch], score="output_norm", fraction=1.0)
+    ddp = DistributedDataParallel(wrapped)
+    select_parameters(ddp, [batch], score="output_norm", fraction=1.0)
+    for a, b in zip(layers(plain).values(), layers(wrapped).values()):
+        assert torch.equal(a.spu_indices["default"], b.spu_indices["default"])
+    plain.train()(**batch, return_loss=True).loss.backward()
+    ddp.train()(**batch, return_loss=True).loss.backward()
+    for a, b in zip(layers(plain).values(), layers(wrapped).values()):
+        assert b.tile_layouts("default")[-1] is not None
+        torch.testing.assert_close(a.spu_values["default"].grad, b.spu_values["default"].grad)
