@@ -4,7 +4,7 @@ support computed tile by tile.
 An adapter with `SPUConfig(block_size=(br, bc))` trains whole `br x bc` tiles of each target weight. The support is
 still stored as flat entry indices (sorted, as every SPU support), so saving, loading, merging and composing are those
 of entry-level adapters; what the tiles buy is the weight gradient: `grad_output[:, rows]^T @ x[:, cols]` per selected
-tile, a batched product whose work is the tiles' share of the dense product's.
+tile, grouped into one matmul per block of columns (or rows), whose work is the tiles' share of the dense product's.
 """
 
 from __future__ import annotations
@@ -132,23 +132,36 @@ def tile_value_gradient(grad_output: torch.Tensor, x: torch.Tensor, layout: Tile
     """The value gradient of a tiled support: `grad_output[:, rows_t]^T @ x[:, cols_t]` for each tile `t`, in the
     support's (sorted) order.
 
-    `grad_output` is `(tokens, out_features)` and `x` `(tokens, in_features)`, both 2-D in the compute dtype. Tiles are
-    gathered in chunks whose copies hold no more than `grad_output` and `x` together, then multiplied as a batch: the
-    work is `tokens * (selected entries)` multiply-adds, the tiles' share of the dense product's.
+    `grad_output` is `(tokens, out_features)` and `x` `(tokens, in_features)`, both 2-D in the compute dtype. The work
+    is `tokens * (selected entries)` multiply-adds, the tiles' share of the dense product's. Tiles are grouped by the
+    side with fewer blocks (columns of `x` or rows of `grad_output`), so each group is one matmul of a slice of that
+    side (a view) with the other side's blocks of its tiles, gathered: only one side is ever copied.
     """
     br, bc = layout.block_size
-    tokens = grad_output.shape[0]
-    num_tiles = layout.rows.numel()
-    out = grad_output.new_empty(num_tiles, br, bc)
-    if tokens == 0:
-        out.zero_()
+    if grad_output.shape[0] == 0:  # no tokens: every gradient is an empty sum
+        return grad_output.new_zeros(layout.gather.numel())
+    if grad_output.shape[1] // br < x.shape[1] // bc:
+        tiles = _grouped_products(x, grad_output, bc, br, layout.cols, layout.rows).transpose(1, 2)
     else:
-        # (tiles of rows, br, tokens) and (tiles of columns, bc, tokens): one transposed copy each, then gathers
-        g = grad_output.t().contiguous().view(-1, br, tokens)
-        xt = x.t().contiguous().view(-1, bc, tokens)
-        chunk = max(1, (g.numel() + xt.numel()) // (tokens * (br + bc)))
-        for start in range(0, num_tiles, chunk):
-            rows = layout.rows[start : start + chunk]
-            cols = layout.cols[start : start + chunk]
-            torch.bmm(g.index_select(0, rows), xt.index_select(0, cols).transpose(1, 2), out=out[start : start + chunk])
-    return out.view(-1).index_select(0, layout.gather)
+        tiles = _grouped_products(grad_output, x, br, bc, layout.rows, layout.cols)
+    return tiles.reshape(-1).index_select(0, layout.gather)
+
+
+def _grouped_products(
+    a: torch.Tensor, b: torch.Tensor, size_a: int, size_b: int, tile_a: torch.Tensor, tile_b: torch.Tensor
+) -> torch.Tensor:
+    """`a[:, block tile_a[t]]^T @ b[:, block tile_b[t]]` for each tile `t`, as `(tiles, size_a, size_b)`: one matmul
+    per block of `b` that has tiles, against the gathered blocks of `a` of those tiles (at most `a`'s size)."""
+    tokens = a.shape[0]
+    blocks_a = a.t().contiguous().view(-1, size_a, tokens)
+    out = a.new_empty(tile_a.numel(), size_a, size_b)
+    order = torch.argsort(tile_b, stable=True)
+    start = 0
+    for block, count in enumerate(torch.bincount(tile_b, minlength=b.shape[1] // size_b).tolist()):
+        if count:
+            members = order[start : start + count]
+            gathered = blocks_a.index_select(0, tile_a[members]).view(count * size_a, tokens)
+            product = gathered @ b[:, block * size_b : (block + 1) * size_b]
+            out.index_copy_(0, members, product.view(count, size_a, size_b))
+            start += count
+    return out

@@ -5,7 +5,7 @@ backward pass. `SparseDeltaLinear` keeps only the inputs and the sparse tensors,
 backward, and returns gradients for the delta values alone: no dense weight gradient outlives the backward call. They
 come from the dense product `grad_output^T @ x`, gathered at the selected entries; a sampled matmul that computes only
 the selected dot products is kept for devices where it measures faster (`SAMPLED_VALUE_GRAD_DEVICES`: none so far).
-A support made of whole tiles (`SPUConfig.block_size`) takes a batched product over its tiles instead
+A support made of whole tiles (`SPUConfig.block_size`) takes one product per block of tiles instead
 (`spu_peft.blocks.tile_value_gradient`), whose work is the tiles' share of the dense product's.
 """
 
