@@ -3,9 +3,10 @@
 The models have random weights and are built from configs in code (no download): `vit-b-16` is CLIP ViT-B/16 (SPU on
 every fc1, fc1 bias deltas and `visual_projection`), `llama` a 119M LLaMA-style decoder (SPU on `gate_proj` and
 `up_proj`, causal-LM loss); `tiny` and `tiny-llama` are their smoke-test sizes. Every method adapts SPU's default
-targets for the model type and trains with AdamW on the same batch: `spu` (`SPUConfig()` defaults), `dense_mask`
-(the reference implementation's dense gradient masking), `lora` (rank matched to SPU's entries), `shira` (as many
-entries as SPU) and `full` fine-tuning; `spu_peft.benchmarking.peers` sets each up.
+targets for the model type and trains with AdamW on the same batch: `spu` (`SPUConfig()` defaults), `spu_block` (the
+same with 32 x 32 tiles, `block_size`), `floor` (`spu` with no value gradient: its step's cost besides the sparse
+weight gradient), `dense_mask` (the reference implementation's dense gradient masking), `lora` (rank matched to SPU's
+entries), `shira` (as many entries as SPU) and `full` fine-tuning; `spu_peft.benchmarking.peers` sets each up.
 
 Peak memory, training state and adapter file of each method, and the peak of `select_parameters` with each kind of
 score sums (`--score-sums`), are measured in a fresh subprocess each, so that every peak is its own. Step, scoring
@@ -47,6 +48,7 @@ from spu_peft.benchmarking import (  # noqa: E402
     VALUE_GRADS,
     ThroughputSettings,
     Workload,
+    benchmark_block_size,
     keep_freed_memory,
     lora_ranks,
     markdown,
@@ -328,6 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         meta = dict(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, bf16=args.bf16)
         meta.update(batch_size=batch["input_ids"].shape[0], seq_len=batch["input_ids"].shape[1], steps=args.steps)
         meta.update(value_grad=args.value_grad, lora_ranks=ranks, shira_r=shira_rank(shapes, args.density))
+        meta.update(spu_block_size=benchmark_block_size(shapes))
         meta.update(
             score_batches=args.score_batches, score_sums_bytes=sums, load_avg_before=round(os.getloadavg()[0], 2)
         )

@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "config",
             "encoding",
+            "blocks",
             "sparse_linear",
             "optim_state",
             "distributed",

@@ -117,7 +117,7 @@ def test_value_gradients_on_every_path_equal_dense_autograd(density, ordering, s
     values = torch.randn(idx.numel()).to(device).requires_grad_(True)
     frozen = torch.randn(100).to(device)
     x = torch.randn(2, 7, 40).to(device).requires_grad_(True)
-    out = SparseDeltaLinear.apply(x, weight, bias, torch.float32, (frozen_idx, idx.int()), frozen, values)
+    out = SparseDeltaLinear.apply(x, weight, bias, torch.float32, (frozen_idx, idx.int()), None, frozen, values)
     out.pow(2).sum().backward()
     fast = (x.grad.clone(), values.grad.clone())
     x.grad = values.grad = None

@@ -170,7 +170,7 @@ def test_value_grad_flag_forces_the_path_and_both_give_the_same_gradients(throug
     stock = sparse_linear.sampled_weight_gradient
     monkeypatch.setattr(sparse_linear, "sampled_weight_gradient", lambda *a: calls.append(1) or stock(*a))
     with peers.value_grad(path, torch.device("cpu")):
-        out = sparse_linear.SparseDeltaLinear.apply(x, weight, None, torch.float32, (indices,), values)
+        out = sparse_linear.SparseDeltaLinear.apply(x, weight, None, torch.float32, (indices,), None, values)
         out.pow(2).sum().backward()
     assert bool(calls) == (path == "sampled")
     torch.testing.assert_close(values.grad, reference.grad.reshape(-1)[indices.long()], rtol=1e-5, atol=1e-5)

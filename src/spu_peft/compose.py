@@ -37,6 +37,7 @@ def _combine(model: nn.Module, terms: Sequence[tuple[str, float]], new_adapter_n
     config = copy.deepcopy(configs[-1])
     config.selection = {"combined_from": [f"{'+' if sign > 0 else '-'}{name}" for name, sign in terms]}
     config.init_weights = True
+    config.block_size = None  # a sum's support is entries (those summing to zero are dropped), not whole tiles
     model.add_adapter(new_adapter_name, config)
     for _, layer in spu_layers(model, new_adapter_name):
         _combine_layer(layer, terms, new_adapter_name)

@@ -14,6 +14,7 @@ from huggingface_hub import hf_hub_download
 from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME
 
+from .blocks import check_block_size
 from .integrity import WEIGHTS_NAME, SPUAdapterFileError, atomic_write_text, check_regular_file, seal_file
 
 
@@ -70,6 +71,11 @@ class SPUConfig(PeftConfig):
             How the entries are counted: `"per_tensor"` (top `density` of each matrix, the paper's rule),
             `"per_row"` (top `density` of each output row) or `"global"` (top `density` of all targets pooled, so
             layers get different counts). Defaults to `"per_tensor"`.
+        block_size (`Optional[tuple[int, int]]`):
+            Select whole tiles of `(rows, columns)` entries instead of single entries: a tile scores the sum of its
+            entries' scores, and the top tiles up to `density` are chosen under `budget` (`"per_row"` counts per row
+            of tiles). Every target's shape must be divisible by it. Training computes the weight gradient only at
+            the selected tiles. `None` (the default) selects entries.
         bias (`str`):
             `"spu_only"` trains a dense, per-adapter delta of the targeted layers' biases (the paper trains the fc1
             biases); `"none"` leaves biases frozen; `"all"` trains every bias of the model in place, shared by all
@@ -111,6 +117,9 @@ class SPUConfig(PeftConfig):
         default=0.1, metadata={"help": "Fraction of each target matrix's entries that train, in (0, 1]."}
     )
     budget: str = field(default="per_tensor", metadata={"help": f"How entries are counted, one of {BUDGETS}."})
+    block_size: tuple[int, int] | None = field(
+        default=None, metadata={"help": "(rows, columns) of the tiles selected instead of entries; None: entries."}
+    )
     bias: str = field(default="spu_only", metadata={"help": f"Bias handling, one of {BIAS_OPTIONS}."})
     modules_to_save: list[str] | None = field(
         default=None,
@@ -144,6 +153,7 @@ class SPUConfig(PeftConfig):
             raise ValueError(f"`density` must be in (0, 1], got {self.density}")
         if self.budget not in BUDGETS:
             raise ValueError(f"`budget` must be one of {BUDGETS}, got {self.budget!r}")
+        self.block_size = check_block_size(self.block_size)
         if self.bias not in BIAS_OPTIONS:
             raise ValueError(f"`bias` must be one of {BIAS_OPTIONS}, got {self.bias!r}")
         if not isinstance(self.init_weights, bool):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from abc import abstractmethod
@@ -12,6 +13,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .blocks import LayoutCache, TileLayout, check_divisible, random_tile_support
 from .config import SPUConfig
 from .distributed import full_tensor, is_sharded_tensor
 from .encoding import index_dtype
@@ -48,7 +50,10 @@ def random_support(
     """A seeded random support, the data-free stand-in used until `select_parameters` runs."""
     out_features, in_features = shape
     generator = torch.Generator().manual_seed(adapter_seed(config, "support", adapter_name, key))
-    if config.budget == "per_row":
+    if config.block_size is not None:
+        count = functools.partial(num_selected, density=config.density)  # tiles a budget buys, as entries do
+        flat = random_tile_support(shape, config.block_size, config.budget == "per_row", count, generator)
+    elif config.budget == "per_row":
         k = num_selected(in_features, config.density)
         cols = torch.rand(out_features, in_features, generator=generator).argsort(dim=1)[:, :k]
         flat = (torch.arange(out_features).unsqueeze(1) * in_features + cols).reshape(-1)
@@ -84,6 +89,8 @@ class SPULayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._merge_backups: dict[str, tuple[Any, torch.Tensor | None]] = {}  # (weight backup, bias backup)
         self._scorer = None  # set by `select_parameters` while it scores (see `spu_peft.scoring`)
+        self._block_sizes: dict[str, tuple[int, int] | None] = {}  # per adapter, from its config
+        self._tile_layouts = LayoutCache()
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
 
@@ -98,6 +105,10 @@ class SPULayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: SPUConfig, key: str) -> None:
         """Create the adapter's tensors with a data-free support; `select_parameters` replaces it later."""
         device = self.get_base_layer().weight.device
+        if config.block_size is not None:
+            check_divisible(self.weight_shape, config.block_size, key)
+        self._block_sizes[adapter_name] = config.block_size
+        self._tile_layouts.drop(adapter_name)
         if config.density * self.weight_numel < 0.5:
             warnings.warn(
                 f"density={config.density} buys less than one of the {self.weight_numel} entries of `{key}`; it "
@@ -134,6 +145,21 @@ class SPULayer(BaseTunerLayer):
             deltas.append((self.spu_frozen_indices[adapter_name], self.spu_frozen_values[adapter_name]))
         deltas.append((self.spu_indices[adapter_name], self.spu_values[adapter_name]))
         return deltas
+
+    def tile_layouts(self, adapter_name: str) -> list[TileLayout | None]:
+        """One entry per delta of `sparse_deltas`: the tile layout of the trained support when the adapter has a
+        `block_size` and its values are being trained (what the per-tile value gradient needs), else None."""
+        deltas = self.sparse_deltas(adapter_name)
+        block_size = self._block_sizes.get(adapter_name)
+        layout = None
+        if block_size is not None and torch.is_grad_enabled() and self.spu_values[adapter_name].requires_grad:
+            layout = self._tile_layouts.get(adapter_name, self.spu_indices[adapter_name], self.weight_shape, block_size)
+        return [None] * (len(deltas) - 1) + [layout]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._block_sizes.pop(adapter_name, None)
+        self._tile_layouts.drop(adapter_name)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's dense weight delta, for inspection (the base weight's shape; its dtype, float32 for a
@@ -277,11 +303,18 @@ class Linear(nn.Module, SPULayer):
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
         deltas = [delta for name in active for delta in self.sparse_deltas(name)]
+        layouts = [layout for name in active for layout in self.tile_layouts(name)]
         delta_biases = [bias for name in active if (bias := self.get_delta_bias(name)) is not None]
-        return self._adapted_forward(x, deltas, delta_biases, *args, **kwargs)
+        return self._adapted_forward(x, deltas, delta_biases, layouts, *args, **kwargs)
 
     def _adapted_forward(
-        self, x: torch.Tensor, deltas: list[SparseDelta], delta_biases: list[torch.Tensor], *args: Any, **kwargs: Any
+        self,
+        x: torch.Tensor,
+        deltas: list[SparseDelta],
+        delta_biases: list[torch.Tensor],
+        layouts: list[TileLayout | None],
+        *args: Any,
+        **kwargs: Any,
     ) -> torch.Tensor:
         """`x (W + deltas)^T + b + bias deltas` as one product with the composed weight."""
         base_layer = self.get_base_layer()
@@ -291,15 +324,20 @@ class Linear(nn.Module, SPULayer):
             bias = bias + delta_bias.to(bias.dtype)
         if not torch.is_autocast_enabled(x.device.type):
             x = self._cast_input_dtype(x, weight.dtype)
-        return self._linear(x, weight, bias, deltas)
+        return self._linear(x, weight, bias, deltas, layouts)
 
     def _linear(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, deltas: list[SparseDelta]
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        deltas: list[SparseDelta],
+        layouts: list[TileLayout | None],
     ) -> torch.Tensor:
         if self._scorer is not None:  # select_parameters is scoring: record this layer's weight gradient
             probe, record = self._scorer
             return scoring_linear(x, weight, bias, deltas, probe, record)
-        return sparse_delta_linear(x, weight, bias, deltas)
+        return sparse_delta_linear(x, weight, bias, deltas, layouts)
 
     def __repr__(self) -> str:
         return "spu." + super().__repr__()
@@ -319,7 +357,13 @@ class QuantizedLinear(Linear):
     quantization = "quantized"  # how the warnings name the format
 
     def _adapted_forward(
-        self, x: torch.Tensor, deltas: list[SparseDelta], delta_biases: list[torch.Tensor], *args: Any, **kwargs: Any
+        self,
+        x: torch.Tensor,
+        deltas: list[SparseDelta],
+        delta_biases: list[torch.Tensor],
+        layouts: list[TileLayout | None],
+        *args: Any,
+        **kwargs: Any,
     ) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         dtype = deltas[-1][1].dtype  # the trained values' (frozen deltas are float32 whatever the adapter's dtype)
@@ -328,7 +372,7 @@ class QuantizedLinear(Linear):
             bias = delta_bias.to(dtype) if bias is None else bias + delta_bias.to(dtype)
         # an all-zero "weight" that costs no memory: the product is the deltas' alone, with their gradients
         zero = torch.zeros((), dtype=dtype, device=x.device).expand(self.weight_shape)
-        return result + self._linear(x, zero, bias, deltas).to(result.dtype)
+        return result + self._linear(x, zero, bias, deltas, layouts).to(result.dtype)
 
     def _write_merged_weight(self, adapter_name: str, merged_weight: torch.Tensor) -> Any:
         backup = self._requantize(merged_weight)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .blocks import expand_tiles, tile_scores
 from .config import SPUConfig
 from .distributed import (
     FSDP1,
@@ -254,7 +255,10 @@ def _select_and_apply(
     consolidate: bool,
     engine: str | None,
 ) -> dict[str, int]:
-    """Pick each layer's top entries and make them the adapter's support; returns the counts per layer."""
+    """Pick each layer's top entries (or tiles, with a `block_size`) and make them the adapter's support; returns the
+    counts of entries per layer."""
+    if config.block_size is not None:  # the same choice on the tile scores, each tile then expanded to its entries
+        scores = _TileScores(scores, config.block_size)
     if config.budget == "global":
         supports = _global_top_entries({name: scores(name) for name in layers}, config.density)
     else:
@@ -262,10 +266,22 @@ def _select_and_apply(
     counts = {}
     for name, layer in layers.items():
         support = supports[name] if supports is not None else _layer_top_entries(scores(name), config)
+        if config.block_size is not None:
+            support = expand_tiles(support, layer.weight_shape, config.block_size)
         with whole_parameters(runner, layer, engine):
             layer.set_support(adapter_name, support, consolidate=consolidate)
         counts[name] = int(support.numel())
     return counts
+
+
+class _TileScores:
+    """A layer's tile scores (the sums of its entries' scores), from its entry scores."""
+
+    def __init__(self, scores: _LazyScores, block_size: tuple[int, int]) -> None:
+        self.scores, self.block_size = scores, block_size
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return tile_scores(self.scores(name), self.block_size)
 
 
 def _resolve_adapter(model: nn.Module, adapter_name: str | None) -> tuple[str, SPUConfig]:

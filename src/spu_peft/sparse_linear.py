@@ -5,6 +5,8 @@ backward pass. `SparseDeltaLinear` keeps only the inputs and the sparse tensors,
 backward, and returns gradients for the delta values alone: no dense weight gradient outlives the backward call. They
 come from the dense product `grad_output^T @ x`, gathered at the selected entries; a sampled matmul that computes only
 the selected dot products is kept for devices where it measures faster (`SAMPLED_VALUE_GRAD_DEVICES`: none so far).
+A support made of whole tiles (`SPUConfig.block_size`) takes one product per block of tiles instead
+(`spu_peft.blocks.tile_value_gradient`), whose work is the tiles' share of the dense product's.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .blocks import TileLayout, tile_value_gradient
 
 SparseDelta = tuple[torch.Tensor, torch.Tensor]  # (flat indices, values)
 
@@ -78,8 +82,9 @@ class SparseDeltaLinear(torch.autograd.Function):
     """`F.linear(x, weight + deltas, bias)` with gradients for `x`, `bias` and the delta values only."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, dtype, indices, *values):  # noqa: D417 - autograd signature
+    def forward(ctx, x, weight, bias, dtype, indices, layouts, *values):  # noqa: D417 - autograd signature
         ctx.dtype = dtype
+        ctx.layouts = layouts
         ctx.bias_dtype = None if bias is None else bias.dtype
         save_linear_inputs(ctx, x, weight, indices, values)
         return composed_linear(x, weight, bias, list(zip(indices, values)), dtype)
@@ -87,7 +92,7 @@ class SparseDeltaLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, weight, indices, values = saved_linear_inputs(ctx)
-        needs_x, _, needs_bias, _, _, *needs_values = ctx.needs_input_grad
+        needs_x, _, needs_bias, _, _, _, *needs_values = ctx.needs_input_grad
         dtype = ctx.dtype
         grad_output = grad_output.to(dtype)
 
@@ -96,8 +101,8 @@ class SparseDeltaLinear(torch.autograd.Function):
             grad_x = input_gradient(grad_output, weight, indices, values, dtype, x.dtype)
         if needs_bias:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).to(ctx.bias_dtype)
-        grad_values = value_gradients(grad_output, x, weight.shape, indices, values, needs_values, dtype)
-        return grad_x, None, grad_bias, None, None, *grad_values
+        grad_values = value_gradients(grad_output, x, weight.shape, indices, values, needs_values, dtype, ctx.layouts)
+        return grad_x, None, grad_bias, None, None, None, *grad_values
 
 
 def value_gradients(
@@ -108,11 +113,13 @@ def value_gradients(
     values: Sequence[torch.Tensor],
     needs: Sequence[bool],
     dtype: torch.dtype,
+    layouts: Sequence[TileLayout | None] | None = None,
 ) -> list[torch.Tensor | None]:
     """Gradients of each delta's values (None where not needed): the entries `indices` of `grad_output^T @ x`.
 
-    A sampled matmul computes only those entries where it applies; otherwise the dense product is formed once for
-    all deltas, lives only inside this call, and is gathered.
+    A delta with a tile layout (`layouts[i]`) gets the per-tile product where `TILE_VALUE_GRAD` allows it; a sampled
+    matmul computes only the selected entries where it applies; otherwise the dense product is formed once for all
+    deltas, lives only inside this call, and is gathered.
     """
     grads: list[torch.Tensor | None] = [None] * len(indices)
     if not any(needs):
@@ -123,7 +130,10 @@ def value_gradients(
     for i, (idx, val) in enumerate(zip(indices, values)):
         if not needs[i]:
             continue
-        if _sampled_applies(idx, shape, dtype):
+        layout = None if layouts is None else layouts[i]
+        if layout is not None and TILE_VALUE_GRAD:
+            grad = tile_value_gradient(grad_output_2d, x_2d, layout)
+        elif _sampled_applies(idx, shape, dtype):
             grad = sampled_weight_gradient(grad_output_2d, x_2d, idx, shape)
         else:
             if grad_flat is None:
@@ -132,6 +142,10 @@ def value_gradients(
         grads[i] = grad.to(val.dtype)
     return grads
 
+
+TILE_VALUE_GRAD = True
+"""Whether tiled supports take the per-tile product (`benchmarks/throughput.py --value-grad dense` turns it off to
+time the dense product on the same supports)."""
 
 SAMPLED_GRADIENT_MAX_DENSITY = 0.25
 """Up to this share of a weight's entries, value gradients may come from a sampled product at the selected entries;
@@ -193,11 +207,13 @@ def sparse_delta_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     deltas: Sequence[SparseDelta],
+    layouts: Sequence[TileLayout | None] | None = None,
 ) -> torch.Tensor:
     """Apply `F.linear(x, weight + deltas, bias)` exactly as a dense delta would, under autocast or not.
 
     When the dense weight itself needs a gradient (parameter scoring), plain autograd is used so that the weight's
-    gradient is available; otherwise the memory-lean `SparseDeltaLinear` path is taken.
+    gradient is available; otherwise the memory-lean `SparseDeltaLinear` path is taken. `layouts`, one per delta
+    (None for an untiled one), lets tiled supports take the per-tile value gradient.
     """
     dtype = compute_dtype(x, weight)
     needs_grad = torch.is_grad_enabled() and (
@@ -207,4 +223,4 @@ def sparse_delta_linear(
         return composed_linear(x, weight, bias, deltas, dtype)
     indices = tuple(idx for idx, _ in deltas)
     values = tuple(val for _, val in deltas)
-    return SparseDeltaLinear.apply(x, weight, bias, dtype, indices, *values)
+    return SparseDeltaLinear.apply(x, weight, bias, dtype, indices, layouts, *values)

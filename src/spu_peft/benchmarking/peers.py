@@ -4,6 +4,11 @@ Every method adapts SPU's default targets for the model type (`target_shapes`) a
 batch:
 
 - `spu`: this package, `SPUConfig()` defaults;
+- `spu_block`: the same with `block_size` (`benchmark_block_size`: 32 x 32 tiles where the targets' shapes allow), whose
+  value gradient is computed at the selected tiles only;
+- `floor`: what every SPU variant costs besides its sparse weight gradient: the `spu` model trained with the value
+  gradient replaced by zeros (`without_value_grad`), so forward, input gradients, the dense gradients (biases,
+  projection) and the optimizer step remain;
 - `dense_mask`: the reference implementation's approach: dense target weights (and biases, and SPU's dense modules)
   trainable, each weight gradient multiplied by a fixed 0/1 mask of `density` of its entries (AdamW's weight decay
   still reaches the whole dense tensor, as in the reference);
@@ -29,8 +34,15 @@ from ..config import (
     TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING,
 )
 
-METHODS = ("spu", "dense_mask", "lora", "shira", "full")
-ADAPTER_METHODS = ("spu", "lora", "shira")  # PEFT adapters: saved as adapters, merged with merge_and_unload
+METHODS = ("spu", "spu_block", "floor", "dense_mask", "lora", "shira", "full")
+ADAPTER_METHODS = (
+    "spu",
+    "spu_block",
+    "lora",
+    "shira",
+)  # PEFT adapters: saved as adapters, merged with merge_and_unload
+SPU_METHODS = ("spu", "spu_block", "floor")  # SPU models (floor: spu's, without its value gradient)
+BLOCK_SIZES = ((32, 32), (16, 16), (8, 8), (4, 4), (2, 2), (1, 1))  # spu_block takes the first dividing every target
 LR, WEIGHT_DECAY = 1e-4, 0.01  # AdamW, every method
 
 
@@ -62,8 +74,11 @@ def prepare_method(model: torch.nn.Module, method: str, density: float, seed: in
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
     shapes, targets, dense = target_shapes(model)
-    if method == "spu":
+    if method in ("spu", "floor"):
         return get_peft_model(model, SPUConfig(density=density, seed=seed)), []
+    if method == "spu_block":
+        config = SPUConfig(density=density, seed=seed, block_size=benchmark_block_size(shapes))
+        return get_peft_model(model, config), []
     if method == "lora":
         ranks = lora_ranks(shapes, density)
         r = max(ranks.values())  # alpha = r everywhere: scaling 1
@@ -92,6 +107,11 @@ def prepare_method(model: torch.nn.Module, method: str, density: float, seed: in
     return model, masks
 
 
+def benchmark_block_size(shapes: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """The largest of `BLOCK_SIZES` whose tiles divide every target's shape."""
+    return next(b for b in BLOCK_SIZES if all(m % b[0] == 0 and n % b[1] == 0 for m, n in shapes.values()))
+
+
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
 
@@ -110,7 +130,7 @@ def state_bytes(model: torch.nn.Module, method: str, optimizer: torch.optim.Opti
     params = [p for p in model.parameters() if p.requires_grad]
     total = sum(p.nbytes for p in params) + sum(p.grad.nbytes for p in params if p.grad is not None)
     total += sum(t.nbytes for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
-    if method == "spu":
+    if method in SPU_METHODS:
         masks = [b for name, b in model.named_buffers() if ".spu_indices." in name or ".spu_frozen_indices." in name]
     elif method == "shira":
         masks = [t for name, t in model.named_buffers() if ".shira_indices." in name]
@@ -135,13 +155,39 @@ def value_grad(path: str, device: torch.device):
     `spu_peft.sparse_linear`, restored on exit."""
     from .. import sparse_linear
 
-    stock = sparse_linear.SAMPLED_VALUE_GRAD_DEVICES
-    if path != "auto":
+    stock = sparse_linear.SAMPLED_VALUE_GRAD_DEVICES, sparse_linear.TILE_VALUE_GRAD
+    if path != "auto":  # a forced path applies to tiled supports too
         sparse_linear.SAMPLED_VALUE_GRAD_DEVICES = (device.type,) if path == "sampled" else ()
+        sparse_linear.TILE_VALUE_GRAD = False
     try:
         yield
     finally:
-        sparse_linear.SAMPLED_VALUE_GRAD_DEVICES = stock
+        sparse_linear.SAMPLED_VALUE_GRAD_DEVICES, sparse_linear.TILE_VALUE_GRAD = stock
+
+
+@contextlib.contextmanager
+def without_value_grad():
+    """SPU's value gradients replaced by zeros (nothing computed): the `floor` method's steps."""
+    from .. import sparse_linear
+
+    stock = sparse_linear.value_gradients
+
+    def zeros(grad_output, x, shape, indices, values, needs, *args, **kwargs):
+        return [torch.zeros_like(v) if need else None for v, need in zip(values, needs)]
+
+    sparse_linear.value_gradients = zeros
+    try:
+        yield
+    finally:
+        sparse_linear.value_gradients = stock
+
+
+def step_context(method: str, path: str, device: torch.device):
+    """The context a method's training steps run in: SPU's variants on the value-gradient `path` (others `auto`),
+    `floor` without value gradients."""
+    if method == "floor":
+        return without_value_grad()
+    return value_grad(path if method in ("spu", "spu_block") else "auto", device)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from .peers import (
     merged,
     prepare_method,
     state_bytes,
+    step_context,
     train_step,
     value_grad,
 )
@@ -89,14 +90,14 @@ def measure_memory(workload: Workload, task: str, settings: ThroughputSettings, 
         reset_peak_memory(device)
         select(model, workload, settings, accelerator, task.removeprefix("select-"))
         return {"peak_mem_bytes": peak_memory(device), "cold_peak_mem_bytes": cold}
-    if method == "spu":
+    if method in ("spu", "spu_block"):
         select(model, workload, settings, accelerator)
     optimizer = make_optimizer(model)
 
     # 2. training: warm-up creates the AdamW state, then one step under a fresh peak (the steady state's)
     model.train()
     step = lambda: train_step(model, workload.batch, workload.loss_inputs, optimizer, accelerator)  # noqa: E731
-    with value_grad(settings.value_grad[0] if method == "spu" else "auto", device):
+    with step_context(method, settings.value_grad[0], device):
         step()
         optimizer.zero_grad(set_to_none=True)
         reset_peak_memory(device)
@@ -158,8 +159,7 @@ def measure_time(workload: Workload, settings: ThroughputSettings, accelerator: 
     # 3. training steps, round by round over the methods and SPU's further value-gradient paths
     steps = {}
     for method, model in models.items():
-        path = settings.value_grad[0] if method == "spu" else "auto"
-        steps[method] = (lambda p=path: value_grad(p, device), model, make_optimizer(model))
+        steps[method] = (lambda m=method: step_context(m, settings.value_grad[0], device), model, make_optimizer(model))
     for path in settings.value_grad[1:]:
         steps[f"spu/{path}"] = (lambda p=path: value_grad(p, device), models["spu"], steps["spu"][2])
 

@@ -1,0 +1,167 @@
+"""Block-structured supports: SPU's selection in tiles of `block_size` entries, and the value gradient of a tiled
+support computed tile by tile.
+
+An adapter with `SPUConfig(block_size=(br, bc))` trains whole `br x bc` tiles of each target weight. The support is
+still stored as flat entry indices (sorted, as every SPU support), so saving, loading, merging and composing are those
+of entry-level adapters; what the tiles buy is the weight gradient: `grad_output[:, rows]^T @ x[:, cols]` per selected
+tile, grouped into one matmul per block of columns (or rows), whose work is the tiles' share of the dense product's.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .encoding import index_dtype
+
+logger = logging.getLogger(__name__)
+
+
+def check_block_size(block_size: Any) -> tuple[int, int] | None:
+    """`None` or two positive integers (rows, columns) of a tile; a JSON list is read back as a tuple."""
+    if block_size is None:
+        return None
+    if (
+        isinstance(block_size, (list, tuple))
+        and len(block_size) == 2
+        and all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in block_size)
+    ):
+        return (int(block_size[0]), int(block_size[1]))
+    raise ValueError(
+        f"`block_size` must be None or two positive integers (rows, columns) of a tile, e.g. (32, 32); "
+        f"got {block_size!r}"
+    )
+
+
+def check_divisible(shape: tuple[int, int], block_size: tuple[int, int], key: str) -> None:
+    """Refuse a weight whose shape the tiles do not cover exactly."""
+    if shape[0] % block_size[0] or shape[1] % block_size[1]:
+        raise ValueError(
+            f"`{key}` has a weight of shape {tuple(shape)} (out_features, in_features), which tiles of "
+            f"block_size={tuple(block_size)} do not divide. Choose a block size dividing both dimensions, or leave "
+            "this layer out with `exclude_modules`."
+        )
+
+
+def tile_scores(scores: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
+    """The score of each tile, the sum of its entries' scores: a `(rows // br, cols // bc)` matrix."""
+    (rows, cols), (br, bc) = scores.shape, block_size
+    return scores.reshape(rows // br, br, cols // bc, bc).sum(dim=(1, 3))
+
+
+def expand_tiles(tiles: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> torch.Tensor:
+    """Sorted flat entry indices of the tiles `tiles` (flat positions in the tile grid)."""
+    (_, cols), (br, bc) = shape, block_size
+    tiles = tiles.long()
+    starts = (tiles // (cols // bc)) * br * cols + (tiles % (cols // bc)) * bc
+    offsets = torch.arange(br, device=tiles.device).unsqueeze(1) * cols + torch.arange(bc, device=tiles.device)
+    return (starts.unsqueeze(1) + offsets.view(-1)).reshape(-1).sort().values
+
+
+def random_tile_support(
+    shape: tuple[int, int], block_size: tuple[int, int], per_row: bool, count, generator: torch.Generator
+) -> torch.Tensor:
+    """A seeded random support of whole tiles: `count(n)` tiles of `n` (per row of tiles, or of the whole grid)."""
+    grid = (shape[0] // block_size[0], shape[1] // block_size[1])
+    if per_row:
+        cols = torch.rand(grid, generator=generator).argsort(dim=1)[:, : count(grid[1])]
+        tiles = (torch.arange(grid[0]).unsqueeze(1) * grid[1] + cols).reshape(-1)
+    else:
+        tiles = torch.randperm(grid[0] * grid[1], generator=generator)[: count(grid[0] * grid[1])]
+    return expand_tiles(tiles, shape, block_size)
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where a tiled support's values sit: tile `t` covers rows `rows[t]*br ...` and columns `cols[t]*bc ...`, and
+    value `i` of the (sorted) support is entry `gather[i]` of the tiles laid out one after another (tile-major,
+    row-major inside a tile), as `tile_value_gradient` computes them."""
+
+    block_size: tuple[int, int]
+    rows: torch.Tensor
+    cols: torch.Tensor
+    gather: torch.Tensor
+
+
+def tile_layout(indices: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> TileLayout | None:
+    """The layout of a support made of whole tiles, or None when it is not (a support set by hand): the caller then
+    takes the entry-level gradient, which is right for any support."""
+    (_, cols), (br, bc) = shape, block_size
+    flat = indices.long()
+    grid_cols = cols // bc
+    row, col = flat // cols, flat % cols
+    of_entry = (row // br) * grid_cols + col // bc
+    tiles = torch.unique(of_entry, sorted=True)
+    if tiles.numel() * br * bc != flat.numel():
+        return None
+    gather = torch.searchsorted(tiles, of_entry) * (br * bc) + (row % br) * bc + col % bc
+    return TileLayout(block_size, tiles // grid_cols, tiles % grid_cols, gather.to(index_dtype(flat.numel())))
+
+
+class LayoutCache:
+    """One layer's tile layouts per adapter, rebuilt when the support changes (a new tensor or one written in place,
+    as `load_state_dict` does), so the layout costs one pass per selection, not one per step."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[torch.Tensor, int, TileLayout | None]] = {}
+
+    def get(self, adapter_name: str, indices: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]):
+        cached = self._entries.get(adapter_name)
+        if cached is not None and cached[0] is indices and cached[1] == indices._version:
+            return cached[2]
+        layout = tile_layout(indices, shape, block_size)
+        if layout is None:
+            logger.warning(
+                "The support of adapter %r is not made of whole %s tiles (set by hand?); its value gradient is "
+                "computed entry by entry.",
+                adapter_name,
+                block_size,
+            )
+        self._entries[adapter_name] = (indices, indices._version, layout)
+        return layout
+
+    def drop(self, adapter_name: str) -> None:
+        self._entries.pop(adapter_name, None)
+
+
+def tile_value_gradient(grad_output: torch.Tensor, x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    """The value gradient of a tiled support: `grad_output[:, rows_t]^T @ x[:, cols_t]` for each tile `t`, in the
+    support's (sorted) order.
+
+    `grad_output` is `(tokens, out_features)` and `x` `(tokens, in_features)`, both 2-D in the compute dtype. The work
+    is `tokens * (selected entries)` multiply-adds, the tiles' share of the dense product's. Tiles are grouped by the
+    side with fewer blocks (columns of `x` or rows of `grad_output`), so each group is one matmul of a slice of that
+    side (a view) with the other side's blocks of its tiles, gathered: only one side is ever copied.
+    """
+    br, bc = layout.block_size
+    if grad_output.shape[0] == 0:  # no tokens: every gradient is an empty sum
+        return grad_output.new_zeros(layout.gather.numel())
+    if grad_output.shape[1] // br < x.shape[1] // bc:
+        tiles = _grouped_products(x, grad_output, bc, br, layout.cols, layout.rows).transpose(1, 2)
+    else:
+        tiles = _grouped_products(grad_output, x, br, bc, layout.rows, layout.cols)
+    return tiles.reshape(-1).index_select(0, layout.gather)
+
+
+def _grouped_products(
+    a: torch.Tensor, b: torch.Tensor, size_a: int, size_b: int, tile_a: torch.Tensor, tile_b: torch.Tensor
+) -> torch.Tensor:
+    """`a[:, block tile_a[t]]^T @ b[:, block tile_b[t]]` for each tile `t`, as `(tiles, size_a, size_b)`: one matmul
+    per block of `b` that has tiles, against the gathered blocks of `a` of those tiles (at most `a`'s size)."""
+    tokens = a.shape[0]
+    blocks_a = a.t().contiguous().view(-1, size_a, tokens)
+    out = a.new_empty(tile_a.numel(), size_a, size_b)
+    order = torch.argsort(tile_b, stable=True)
+    start = 0
+    for block, count in enumerate(torch.bincount(tile_b, minlength=b.shape[1] // size_b).tolist()):
+        if count:
+            members = order[start : start + count]
+            gathered = blocks_a.index_select(0, tile_a[members]).view(count * size_a, tokens)
+            product = gathered @ b[:, block * size_b : (block + 1) * size_b]
+            out.index_copy_(0, members, product.view(count, size_a, size_b))
+            start += count
+    return out

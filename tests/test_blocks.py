@@ -1,0 +1,353 @@
+"""Block-structured SPU (`SPUConfig.block_size`): tile selection under each budget, the per-tile value gradient against
+dense autograd, and saving, loading, merging and composing as entry-level adapters do."""
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import make_batch, make_tiny_clip
+from peft import PeftModel, get_peft_model
+
+from spu_peft import SPUConfig, fold_adapters, select_parameters
+from spu_peft import sparse_linear as sparse_linear_module
+from spu_peft.blocks import expand_tiles, tile_layout, tile_scores, tile_value_gradient
+from spu_peft.layer import num_selected
+from spu_peft.naming import spu_layers
+from spu_peft.sparse_linear import sparse_delta_linear
+
+BLOCK = (8, 4)  # tiny CLIP's fc1 weights are (48, 32): a 6 x 8 grid of tiles
+
+
+def layers(model, adapter="default"):
+    return dict(spu_layers(model, adapter))
+
+
+def tiles_of(indices, shape, block):
+    """The set of (tile row, tile column) an index set touches, and whether it covers them wholly."""
+    rows, cols = indices.long() // shape[1], indices.long() % shape[1]
+    tiles = set(zip((rows // block[0]).tolist(), (cols // block[1]).tolist()))
+    return tiles, len(tiles) * block[0] * block[1] == indices.numel()
+
+
+def blocked_model(**kwargs):
+    return get_peft_model(make_tiny_clip(), SPUConfig(block_size=BLOCK, **kwargs))
+
+
+# ---- config ----------------------------------------------------------------------------------------------------------
+
+
+def test_block_size_defaults_to_none_and_round_trips_through_the_config_file(tmp_path):
+    assert SPUConfig().block_size is None
+    assert SPUConfig().to_dict()["block_size"] is None
+    config = SPUConfig(block_size=[16, 8])
+    assert config.block_size == (16, 8)
+    config.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["block_size"] == [16, 8]
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    fields = {k: v for k, v in saved.items() if k in SPUConfig.__dataclass_fields__ and k != "peft_type"}
+    assert SPUConfig(**fields) == config  # read back as a tuple
+
+
+@pytest.mark.parametrize("bad", [0, (0, 4), (4,), (4, 4, 4), (True, 4), (4.0, 4), "4x4", (-8, 8)])
+def test_bad_block_sizes_are_refused(bad):
+    with pytest.raises(ValueError, match="block_size"):
+        SPUConfig(block_size=bad)
+
+
+def test_a_shape_the_tiles_do_not_divide_is_refused_naming_layer_shape_and_block():
+    with pytest.raises(ValueError, match=r"fc1.*\(48, 32\).*block_size=\(5, 4\)"):
+        get_peft_model(make_tiny_clip(), SPUConfig(block_size=(5, 4)))
+
+
+# ---- selection -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", ["per_tensor", "per_row", "global"])
+def test_initial_support_is_whole_tiles(budget):
+    model = blocked_model(budget=budget, density=0.25)
+    for layer in layers(model).values():
+        tiles, whole = tiles_of(layer.spu_indices["default"], layer.weight_shape, BLOCK)
+        assert whole
+        if budget == "per_row":
+            assert sorted({r for r, _ in tiles}) == list(range(6))
+            assert all(sum(r == row for r, _ in tiles) == num_selected(8, 0.25) for row in range(6))
+        else:
+            assert len(tiles) == num_selected(48, 0.25)
+
+
+def magnitude_tiles(model):
+    return {
+        name: tile_scores(layer.get_base_layer().weight.detach().abs(), BLOCK) for name, layer in layers(model).items()
+    }
+
+
+@pytest.mark.parametrize("budget", ["per_tensor", "per_row", "global"])
+def test_selection_takes_the_top_tiles_by_the_sum_of_their_entries_scores(budget):
+    model = blocked_model(budget=budget, density=0.2)
+    sums = magnitude_tiles(model)
+    report = select_parameters(model, score="magnitude")
+    if budget == "global":
+        pooled = torch.cat([s.flatten() for s in sums.values()])
+        threshold = pooled.sort(descending=True).values[num_selected(pooled.numel(), 0.2) - 1]
+    for name, layer in layers(model).items():
+        chosen, whole = tiles_of(layer.spu_indices["default"], layer.weight_shape, BLOCK)
+        assert whole and report.num_selected[name] == len(chosen) * 32
+        score = sums[name]
+        if budget == "per_tensor":
+            top = score.flatten().topk(num_selected(48, 0.2)).indices
+            expected = {(int(t) // 8, int(t) % 8) for t in top}
+        elif budget == "per_row":
+            top = score.topk(num_selected(8, 0.2), dim=1).indices
+            expected = {(r, int(c)) for r in range(6) for c in top[r]}
+        else:
+            expected = {(r, c) for r in range(6) for c in range(8) if score[r, c] >= threshold}
+        assert chosen == expected
+    if budget == "global":
+        assert report.total_selected == num_selected(48 * len(sums), 0.2) * 32
+
+
+def test_gradient_selection_scores_tiles_from_the_entry_scores(monkeypatch):
+    """`output_norm` on a tiled adapter: each tile scores the sum of its entries' scores, the top tiles are chosen."""
+    import spu_peft.selection as selection
+
+    captured = []
+
+    def spy(scores, block):
+        captured.append((scores.clone(), tile_scores(scores, block)))
+        return captured[-1][1]
+
+    monkeypatch.setattr(selection, "tile_scores", spy)
+    model = blocked_model(density=0.25)
+    select_parameters(model, [make_batch()], score="output_norm", fraction=1.0)
+    assert len(captured) == len(layers(model))
+    for (entry_scores, tiles), layer in zip(captured, layers(model).values()):
+        assert entry_scores.shape == (48, 32) and (entry_scores > 0).any()
+        torch.testing.assert_close(tiles, entry_scores.view(6, 8, 8, 4).sum(dim=(1, 3)), rtol=0, atol=0)
+        top = tiles.flatten().topk(num_selected(48, 0.25)).indices
+        expected = {(int(t) // 8, int(t) % 8) for t in top}
+        assert tiles_of(layer.spu_indices["default"], layer.weight_shape, BLOCK)[0] == expected
+
+
+# ---- the per-tile value gradient ---------------------------------------------------------------------------------
+
+
+def random_tiles(shape, block, count, seed):
+    grid = (shape[0] // block[0]) * (shape[1] // block[1])
+    tiles = torch.randperm(grid, generator=torch.Generator().manual_seed(seed))[:count]
+    return expand_tiles(tiles, shape, block)
+
+
+@pytest.mark.parametrize("block", [(8, 4), (1, 16), (16, 1), (4, 4), (48, 32)])
+@pytest.mark.parametrize("tokens", [0, 1, 37])
+def test_tile_gradient_equals_dense_autograd_in_float64(block, tokens):
+    shape = (48, 32)
+    grid = shape[0] // block[0] * shape[1] // block[1]
+    indices = random_tiles(shape, block, max(1, grid // 3), seed=tokens)
+    generator = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(tokens, shape[0], generator=generator, dtype=torch.float64)
+    x = torch.randn(tokens, shape[1], generator=generator, dtype=torch.float64)
+    layout = tile_layout(indices, shape, block)
+    assert layout is not None
+    expected = (grad_out.t() @ x).flatten()[indices]
+    torch.testing.assert_close(tile_value_gradient(grad_out, x, layout), expected, rtol=0, atol=1e-12)
+
+
+def test_tile_gradient_in_bfloat16_is_within_one_rounding_of_the_exact_sum():
+    """bf16 inputs: the product accumulates in float32 and rounds once to bf16, as the dense path's does. The exact
+    sum (float64 on the same bf16 inputs) differs by at most half a bf16 spacing (2**-8 relative) plus float32
+    accumulation error (tokens * 2**-24 of the sum of |terms|): bounded by 2**-7 * (|grad_out|^T |x|)."""
+    shape, block = (64, 48), (16, 8)
+    indices = random_tiles(shape, block, 7, seed=3)
+    generator = torch.Generator().manual_seed(2)
+    grad_out = torch.randn(200, shape[0], generator=generator).bfloat16()
+    x = torch.randn(200, shape[1], generator=generator).bfloat16()
+    got = tile_value_gradient(grad_out, x, tile_layout(indices, shape, block))
+    assert got.dtype == torch.bfloat16
+    exact = (grad_out.double().t() @ x.double()).flatten()[indices]
+    bound = 2**-7 * (grad_out.double().abs().t() @ x.double().abs()).flatten()[indices]
+    assert ((got.double() - exact).abs() <= bound).all()
+    dense = (grad_out.t() @ x).flatten()[indices]  # the entry-level path's bf16 result, held to the same bound
+    assert ((dense.double() - exact).abs() <= bound).all()
+
+
+def test_a_support_of_partial_tiles_has_no_layout():
+    indices = random_tiles((48, 32), BLOCK, 5, seed=0)
+    assert tile_layout(indices[1:], (48, 32), BLOCK) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_sparse_delta_linear_with_layouts_matches_the_dense_path(dtype, monkeypatch):
+    shape = (48, 32)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=generator).to(dtype)
+    bias = torch.randn(shape[0], generator=generator).to(dtype)
+    frozen = (torch.arange(0, 1536, 7), torch.randn(220, generator=generator).to(dtype))
+    indices = random_tiles(shape, BLOCK, 9, seed=5)
+    x = torch.randn(3, 5, shape[1], generator=generator).to(dtype).requires_grad_()
+    upstream = torch.randn(3, 5, shape[0], generator=generator).to(dtype)
+
+    def grads(layouts):
+        values = (0.1 * torch.randn(indices.numel(), generator=torch.Generator().manual_seed(9))).to(dtype)
+        values.requires_grad_()
+        out = sparse_delta_linear(x, weight, bias, [frozen, (indices, values)], layouts)
+        return (out,) + torch.autograd.grad(out, [x, values], upstream)
+
+    reference = grads(None)
+    got = grads([None, tile_layout(indices, shape, BLOCK)])
+    assert torch.equal(got[0], reference[0]) and torch.equal(got[1], reference[1])
+    if dtype == torch.float64:
+        torch.testing.assert_close(got[2], reference[2], rtol=0, atol=1e-12)
+    else:
+        torch.testing.assert_close(got[2], reference[2], rtol=2**-7, atol=2**-7)
+
+
+def test_a_blocked_adapter_trains_through_the_tile_gradient_and_an_entry_adapter_does_not(monkeypatch):
+    calls = []
+    real = sparse_linear_module.tile_value_gradient
+    monkeypatch.setattr(sparse_linear_module, "tile_value_gradient", lambda *a: calls.append(1) or real(*a))
+    batch = make_batch()
+    get_peft_model(make_tiny_clip(), SPUConfig()).train()(**batch, return_loss=True).loss.backward()
+    assert calls == []
+    model = blocked_model(init_weights=False)
+    model.train()(**batch, return_loss=True).loss.backward()
+    assert len(calls) == len(layers(model))
+    with torch.no_grad():
+        model(**batch)
+    assert len(calls) == len(layers(model))
+
+
+def test_blocked_model_gradients_equal_dense_autograd_in_float64(monkeypatch):
+    batch = make_batch()
+    model = get_peft_model(make_tiny_clip().double(), SPUConfig(block_size=BLOCK, init_weights=False)).train()
+    batch = {**batch, "pixel_values": batch["pixel_values"].double()}
+
+    def value_grads():
+        model.zero_grad()
+        model(**batch, return_loss=True).loss.backward()
+        return [layer.spu_values["default"].grad.clone() for layer in layers(model).values()]
+
+    tiled = value_grads()
+    monkeypatch.setattr(sparse_linear_module, "TILE_VALUE_GRAD", False)
+    dense = value_grads()
+    for a, b in zip(tiled, dense):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_a_support_set_by_hand_falls_back_to_entry_gradients_with_a_log_line(caplog):
+    model = blocked_model(init_weights=False)
+    layer = next(iter(layers(model).values()))
+    layer.set_support("default", torch.arange(0, 1536, 5))
+    x = torch.randn(4, 32, requires_grad=True)
+    with caplog.at_level(logging.WARNING, logger="spu_peft.blocks"):
+        layer(x).sum().backward()
+    assert "not made of whole" in caplog.text
+    expected = x.detach().sum(0).repeat(48, 1).flatten()[torch.arange(0, 1536, 5)]  # d(sum)/dW[o, i] = sum_n x[n, i]
+    torch.testing.assert_close(layer.spu_values["default"].grad, expected)
+
+
+# ---- saving, loading, merging, composing -----------------------------------------------------------------------------
+
+
+def trained(model, batch, steps=2):
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**batch, return_loss=True).loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_save_reload_gives_the_same_logits_and_supports(tmp_path):
+    batch = make_batch()
+    model = blocked_model(budget="per_row")
+    select_parameters(model, [batch], score="output_norm", fraction=1.0)
+    trained(model, batch)
+    with torch.no_grad():
+        expected = model(**batch).logits_per_image
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_tiny_clip(), tmp_path)
+    assert loaded.peft_config["default"].block_size == BLOCK
+    for (name, a), b in zip(layers(model).items(), layers(loaded).values()):
+        assert torch.equal(a.spu_indices["default"].long(), b.spu_indices["default"].long()), name
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits_per_image, expected)
+    loaded.train()  # a reloaded blocked adapter trains through tiles again
+    for layer in layers(loaded).values():
+        layer.spu_values["default"].requires_grad_(True)
+        assert layer.tile_layouts("default")[-1] is not None
+
+
+def test_merge_equals_the_unmerged_output_and_unmerge_restores_the_base():
+    batch = make_batch()
+    model = trained(blocked_model(), batch)
+    base = {n: layer.get_base_layer().weight.clone() for n, layer in layers(model).items()}
+    with torch.no_grad():
+        unmerged = model(**batch).logits_per_image
+        model.merge_adapter()
+        torch.testing.assert_close(model(**batch).logits_per_image, unmerged, rtol=1e-5, atol=1e-5)
+        model.unmerge_adapter()
+    for name, layer in layers(model).items():
+        assert torch.equal(layer.get_base_layer().weight, base[name])
+
+
+def test_folded_blocked_adapters_equal_the_sum_of_their_deltas():
+    batch = make_batch()
+    model = trained(blocked_model(init_weights=False), batch, steps=1)
+    model.add_adapter("other", SPUConfig(block_size=BLOCK, init_weights=False, seed=1))
+    fold_adapters(model, ["default", "other"], "both")
+    assert model.peft_config["both"].block_size is None  # the sum's support is entries, not tiles
+    for layer in layers(model, "both").values():
+        expected = layer.get_delta_weight("default") + layer.get_delta_weight("other")
+        torch.testing.assert_close(layer.get_delta_weight("both"), expected, rtol=0, atol=0)
+
+
+# ---- the benchmark's variants ----------------------------------------------------------------------------------------
+
+
+def test_benchmark_block_size_is_the_largest_tile_dividing_every_target():
+    from spu_peft.benchmarking import benchmark_block_size
+
+    assert benchmark_block_size({"a": (3072, 768), "b": (768, 3072)}) == (32, 32)
+    assert benchmark_block_size({"a": (176, 64)}) == (16, 16)
+    assert benchmark_block_size({"a": (7, 64)}) == (1, 1)
+
+
+def test_floor_steps_compute_no_value_gradient_and_restore_the_kernel():
+    from spu_peft.benchmarking.peers import step_context
+
+    batch = make_batch()
+    model = blocked_model(init_weights=False).train()
+    stock = sparse_linear_module.value_gradients
+    with step_context("floor", "auto", torch.device("cpu")):
+        model(**batch, return_loss=True).loss.backward()
+    assert sparse_linear_module.value_gradients is stock
+    for layer in layers(model).values():
+        assert torch.equal(layer.spu_values["default"].grad, torch.zeros_like(layer.spu_values["default"]))
+        assert layer.spu_bias["default"].grad.abs().sum() > 0  # the dense gradients remain
+    model.zero_grad()
+    with step_context("spu_block", "dense", torch.device("cpu")):
+        assert sparse_linear_module.TILE_VALUE_GRAD is False
+        model(**batch, return_loss=True).loss.backward()
+    assert sparse_linear_module.TILE_VALUE_GRAD is True
+    assert all(layer.spu_values["default"].grad.abs().sum() > 0 for layer in layers(model).values())
+
+
+def test_ddp_selects_and_trains_the_tiles_an_unwrapped_model_does(one_process_group):
+    """Under DDP the entry scores are summed over processes before they are tiled: here (one process) the wrapped
+    model chooses the unwrapped model's tiles and its value gradients take the tile path to the same values."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    batch = make_batch()
+    plain, wrapped = blocked_model(), blocked_model()
+    select_parameters(plain, [batch], score="output_norm", fraction=1.0)
+    ddp = DistributedDataParallel(wrapped)
+    select_parameters(ddp, [batch], score="output_norm", fraction=1.0)
+    for a, b in zip(layers(plain).values(), layers(wrapped).values()):
+        assert torch.equal(a.spu_indices["default"], b.spu_indices["default"])
+    plain.train()(**batch, return_loss=True).loss.backward()
+    ddp.train()(**batch, return_loss=True).loss.backward()
+    for a, b in zip(layers(plain).values(), layers(wrapped).values()):
+        assert b.tile_layouts("default")[-1] is not None
+        torch.testing.assert_close(a.spu_values["default"].grad, b.spu_values["default"].grad)
