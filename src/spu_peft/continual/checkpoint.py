@@ -22,7 +22,7 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import save_file
 
-from ..integrity import WEIGHTS_NAME, read_safetensors, replace_folder, verify_file
+from ..integrity import WEIGHTS_NAME, read_safetensors, replace_folder
 
 _TASK_DIR = re.compile(r"task(\d+)")
 LOCK_FILE = ".lock"
@@ -85,9 +85,10 @@ def save_weights(model: torch.nn.Module, directory: Path) -> None:
 
 
 def load_weights(model: torch.nn.Module, directory: Path) -> None:
-    """Load what `save_weights` wrote, after checking each file's digest; a checkpoint that cannot be read raises
-    naming the file. (What a method records beside the weights, such as how an adapter was selected, its hooks
-    restore: see `MethodHooks.set_extra_state`.)"""
+    """Load what `save_weights` wrote; a checkpoint that cannot be read raises naming the file. Its files' digests are
+    the checkpoint's manifest, checked before (`latest_checkpoint`), which covers every method's adapter: a LoRA
+    adapter saved by PEFT carries no SPU digest of its own. (What a method records beside the weights, such as how an
+    adapter was selected, its hooks restore: see `MethodHooks.set_extra_state`.)"""
     path = directory
     try:
         if not hasattr(model, "peft_config"):
@@ -96,7 +97,7 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
             return
         for name in model.peft_config:
             path = (directory if name == "default" else directory / name) / WEIGHTS_NAME
-            set_peft_model_state_dict(model, verify_file(path), adapter_name=name)
+            set_peft_model_state_dict(model, read_safetensors(path)[0], adapter_name=name)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise _unreadable(path, error) from error
 
