@@ -29,7 +29,7 @@ from pathlib import Path
 import loop
 import tiny_llm
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
 from spu_peft import SPUConfig, select_parameters
@@ -95,7 +95,9 @@ def adapter_config(method: str, base, lora_rank: int):
     if method == "lora":
         return lora
     if method == "spu":
-        return SPUConfig.from_pretrained(str(HERE / "experiments/spu/llama-3.2-3B-density0.1"))
+        # read as PEFT's run.py reads an experiment (a config without weights: SPUConfig.from_pretrained would look
+        # for the adapter file of a saved adapter beside it)
+        return PeftConfig.from_pretrained(str(HERE / "experiments/spu/llama-3.2-3B-density0.1"))
     lora_params = get_peft_model(copy.deepcopy(base), lora).get_nb_trainable_parameters()[0]
     targets = [m for n, m in base.named_modules() if n.endswith(("gate_proj", "up_proj"))]
     return SPUConfig(density=lora_params / sum(m.weight.numel() for m in targets), task_type="CAUSAL_LM")

@@ -244,7 +244,8 @@ def _weights_file(name_or_path: str, subfolder: str | None, hub_kwargs: dict[str
         if not os.path.lexists(local):
             raise SPUAdapterFileError(
                 f"{local}: missing beside {CONFIG_NAME}; the adapter folder is incomplete. Save the adapter again, or "
-                "restore the file from a copy."
+                "restore the file from a copy. (To read only a config, as from an experiment folder, use "
+                "`peft.PeftConfig.from_pretrained`.)"
             )
         check_regular_file(local, "adapter file")
         return local
