@@ -311,3 +311,37 @@ def test_scoring_forward_and_input_gradient_match_the_training_forward_under_aut
     assert torch.equal(outputs[0], outputs[1])
     assert grads[0].dtype == grads[1].dtype == torch.float32
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize(
+    "device, expected",
+    [
+        ("nonsense", "`score_device` must name a torch device such as 'cpu', got 'nonsense'"),
+        pytest.param(
+            "cuda",
+            "`score_device='cuda'`, but this process has no cuda device; pass 'cpu', or None",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there"),
+        ),
+        pytest.param(
+            "xpu:0",
+            "`score_device='xpu:0'`, but this process has no xpu device",
+            marks=pytest.mark.skipif(hasattr(torch, "xpu") and torch.xpu.is_available(), reason="an XPU is there"),
+        ),
+    ],
+)
+def test_a_score_device_this_process_lacks_is_refused_before_any_work(device, expected):
+    """Hardening: score_device='cuda' without CUDA failed inside torch's CUDA initialisation, after scoring began."""
+    model = get_peft_model(make_tiny_clip(), SPUConfig())
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        select_parameters(model, [make_batch()], score="output_norm", score_device=device)
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+
+
+def test_a_batch_without_an_input_the_forward_needs_is_refused_naming_its_keys():
+    """Hardening: a CLIP batch without `pixel_values` failed with transformers' AttributeError from deep inside (one
+    without `input_ids` gets transformers' own ValueError, which says so)."""
+    model = get_peft_model(make_tiny_clip(), SPUConfig())
+    batch = {"input_ids": make_batch()["input_ids"]}
+    with pytest.raises(ValueError, match=re.escape(f"forward failed on a scoring batch with keys {sorted(batch)} (")):
+        select_parameters(model, [batch], score="output_norm")

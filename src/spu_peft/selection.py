@@ -117,6 +117,7 @@ def select_parameters(
         a global budget), so an optimizer that holds them trains the new entries.
     """
     _check_arguments(score, fraction, max_batches, score_dtype)
+    _check_score_device(score_device)
     if description is not None and not isinstance(description, str):
         raise ValueError(f"`description` must be a string (it is saved in adapter_config.json), got {description!r}")
     refuse_deepspeed(model)
@@ -200,6 +201,36 @@ def select_parameters(
         score_seconds,
     )
     return report
+
+
+def _scoring_forward(model: nn.Module, batch: Mapping[str, Any], model_name: str) -> Any:
+    """The model's forward on a scoring batch. A batch the forward cannot take (a CLIP batch without `pixel_values`
+    fails deep inside transformers) is refused naming its keys."""
+    try:
+        return model(**batch)
+    except (AttributeError, TypeError, KeyError, IndexError) as error:
+        raise ValueError(
+            f"{model_name}'s forward failed on a scoring batch with keys {sorted(batch)} ({type(error).__name__}: "
+            f"{error}). A batch holds every input the forward needs: for CLIP, `pixel_values` and the captions' "
+            "`input_ids` (and `attention_mask`); for a language model, `input_ids` (`labels` for score='task_loss')."
+        ) from error
+
+
+def _check_score_device(score_device: Any) -> None:
+    """A device this process can use, said before any work (torch would fail inside its CUDA initialisation)."""
+    if score_device is None:
+        return
+    try:
+        device = torch.device(score_device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"`score_device` must name a torch device such as 'cpu', got {score_device!r}") from error
+    backend = getattr(torch, device.type, None)
+    available = device.type in ("cpu", "meta") or bool(getattr(backend, "is_available", lambda: False)())
+    if not available:
+        raise ValueError(
+            f"`score_device={score_device!r}`, but this process has no {device.type} device; pass 'cpu', or None to "
+            "keep each layer's score sums on that layer's device."
+        )
 
 
 def _check_arguments(score: Any, fraction: Any, max_batches: Any, score_dtype: Any) -> None:
@@ -350,7 +381,8 @@ def _gradient_score_sums(
         for batch, real in lockstep(batches, sharded=engine is not None, device=device):
             check(batch)
             sums.weight = 1.0 if real else 0.0
-            torch.autograd.grad(objective(runner(**to_device(batch, device)), score), [probe], allow_unused=True)
+            outputs = _scoring_forward(runner, to_device(batch, device), check.name)
+            torch.autograd.grad(objective(outputs, score), [probe], allow_unused=True)
             num_batches += int(real)
     finally:
         for layer in layers.values():
