@@ -246,18 +246,18 @@ def test_selection_keeps_parameter_identity_so_an_existing_optimizer_trains_the_
 
 @pytest.mark.parametrize("k", [0, 1, 7, 500, 999, 1000, 1200])
 def test_top_k_is_the_stable_sort_selection_with_many_ties(k):
-    from spu_peft.selection import _top_k
+    from spu_peft.budgets import top_k
 
     scores = torch.randint(0, 5, (1000,), generator=torch.Generator().manual_seed(k)).float()
     expected = torch.sort(scores, descending=True, stable=True).indices[:k].sort().values
-    assert torch.equal(_top_k(scores, k), expected)
+    assert torch.equal(top_k(scores, k), expected)
 
 
 def test_top_k_refuses_nan_scores():
-    from spu_peft.selection import _top_k
+    from spu_peft.budgets import top_k
 
     with pytest.raises(ValueError, match="NaN"):
-        _top_k(torch.tensor([1.0, float("nan"), 3.0, 2.0]), 2)
+        top_k(torch.tensor([1.0, float("nan"), 3.0, 2.0]), 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -14,8 +14,8 @@ from peft import get_peft_model
 from torch import nn
 
 from spu_peft import SPUConfig, select_parameters
+from spu_peft.budgets import top_k
 from spu_peft.scoring import ScoreSums, scoring_linear
-from spu_peft.selection import _top_k
 from spu_peft.sparse_linear import sparse_delta_linear
 
 
@@ -234,7 +234,7 @@ def test_top_k_refuses_nan_scores_with_the_whole_message():
     with pytest.raises(
         ValueError, match=message("Selection scores contain NaN; check the model's weights and the data.")
     ):
-        _top_k(torch.tensor([float("nan"), 1.0]), 1)
+        top_k(torch.tensor([float("nan"), 1.0]), 1)
 
 
 class Recorded(Exception):
@@ -256,8 +256,8 @@ def test_score_dtype_and_score_device_are_the_sums_dtype_and_device(monkeypatch)
 
 
 def test_top_k_of_nothing_is_an_empty_index_tensor():
-    assert _top_k(torch.rand(5), 0).dtype == torch.long and _top_k(torch.rand(5), 0).numel() == 0
-    assert _top_k(torch.rand(5), 5).tolist() == [0, 1, 2, 3, 4]
+    assert top_k(torch.rand(5), 0).dtype == torch.long and top_k(torch.rand(5), 0).numel() == 0
+    assert top_k(torch.rand(5), 5).tolist() == [0, 1, 2, 3, 4]
 
 
 class BiasFree(nn.Module):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .blocks import expand_tiles, tile_scores
+from .budgets import global_top_entries, layer_top_entries
 from .config import SPUConfig
 from .distributed import (
     FSDP1,
@@ -31,11 +32,19 @@ from .distributed import (
     unwrap_replicated,
     whole_parameters,
 )
-from .layer import SPULayer, num_selected
+from .layer import SPULayer
 from .naming import PEFT_PREFIX, spu_layers
 from .optim_state import drop_state, watch_stale_state
 from .scoring import ScoreSums
-from .selection_data import BatchChecker, asks_for_loss, objective, peek, scoring_batches, to_device
+from .selection_data import (
+    BatchChecker,
+    asks_for_loss,
+    objective,
+    peek,
+    scoring_batches,
+    scoring_forward,
+    to_device,
+)
 from .sparse_linear import compose_weight
 
 logger = logging.getLogger(__name__)
@@ -203,19 +212,6 @@ def select_parameters(
     return report
 
 
-def _scoring_forward(model: nn.Module, batch: Mapping[str, Any], model_name: str) -> Any:
-    """The model's forward on a scoring batch. A batch the forward cannot take (a CLIP batch without `pixel_values`
-    fails deep inside transformers) is refused naming its keys."""
-    try:
-        return model(**batch)
-    except (AttributeError, TypeError, KeyError, IndexError) as error:
-        raise ValueError(
-            f"{model_name}'s forward failed on a scoring batch with keys {sorted(batch)} ({type(error).__name__}: "
-            f"{error}). A batch holds every input the forward needs: for CLIP, `pixel_values` and the captions' "
-            "`input_ids` (and `attention_mask`); for a language model, `input_ids` (`labels` for score='task_loss')."
-        ) from error
-
-
 def _check_score_device(score_device: Any) -> None:
     """A device this process can use, said before any work (torch would fail inside its CUDA initialisation)."""
     if score_device is None:
@@ -291,12 +287,12 @@ def _select_and_apply(
     if config.block_size is not None:  # the same choice on the tile scores, each tile then expanded to its entries
         scores = _TileScores(scores, config.block_size)
     if config.budget == "global":
-        supports = _global_top_entries({name: scores(name) for name in layers}, config.density)
+        supports = global_top_entries({name: scores(name) for name in layers}, config.density)
     else:
         supports = None
     counts = {}
     for name, layer in layers.items():
-        support = supports[name] if supports is not None else _layer_top_entries(scores(name), config)
+        support = supports[name] if supports is not None else layer_top_entries(scores(name), config)
         if config.block_size is not None:
             support = expand_tiles(support, layer.weight_shape, config.block_size)
         with whole_parameters(runner, layer, engine):
@@ -381,7 +377,7 @@ def _gradient_score_sums(
         for batch, real in lockstep(batches, sharded=engine is not None, device=device):
             check(batch)
             sums.weight = 1.0 if real else 0.0
-            outputs = _scoring_forward(runner, to_device(batch, device), check.name)
+            outputs = scoring_forward(runner, to_device(batch, device), check.name)
             torch.autograd.grad(objective(outputs, score), [probe], allow_unused=True)
             num_batches += int(real)
     finally:
@@ -393,43 +389,3 @@ def _gradient_score_sums(
     if num_batches == 0:
         raise ValueError("The dataloader yielded no batches; selection needs at least one batch of task data.")
     return sums, num_batches
-
-
-def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (ascending) of the k largest of 1-D `scores`; ties at the threshold go to the lower indices.
-
-    The set equals the first k of a stable descending sort, without the sort: a partial `topk` finds the k-th
-    largest value, then everything above it and the lowest-index entries equal to it are kept. On ViT-B/16's 24
-    fc1 matrices the stable sort took 5 s of CPU time, more than scoring a batch.
-    """
-    if torch.isnan(scores).any():
-        raise ValueError("Selection scores contain NaN; check the model's weights and the data.")
-    if k >= scores.numel():
-        return torch.arange(scores.numel(), device=scores.device)
-    if k <= 0:
-        return torch.zeros(0, dtype=torch.long, device=scores.device)
-    threshold = torch.topk(scores, k, sorted=False).values.min()
-    above = torch.nonzero(scores > threshold).squeeze(1)
-    ties = torch.nonzero(scores == threshold).squeeze(1)[: k - above.numel()]
-    return torch.cat([above, ties]).sort().values
-
-
-def _layer_top_entries(scores: torch.Tensor, config: SPUConfig) -> torch.Tensor:
-    """The flat indices of one layer's top `density` entries (`per_tensor`) or of each row's (`per_row`)."""
-    if config.budget == "per_tensor":
-        return _top_k(scores.flatten(), num_selected(scores.numel(), config.density))
-    rows, cols = scores.shape
-    k = num_selected(cols, config.density)
-    top_cols = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-    return (torch.arange(rows, device=scores.device).unsqueeze(1) * cols + top_cols).flatten()
-
-
-def _global_top_entries(scores: dict[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
-    """The top `density` of all layers' entries pooled, split back per layer (layers get different counts)."""
-    names = sorted(scores)
-    pooled = torch.cat([scores[name].flatten() for name in names])
-    chosen = _top_k(pooled, num_selected(pooled.numel(), density))
-    offsets = torch.tensor([0] + [scores[name].numel() for name in names], device=pooled.device).cumsum(0)
-    return {
-        name: chosen[(chosen >= offsets[i]) & (chosen < offsets[i + 1])] - offsets[i] for i, name in enumerate(names)
-    }

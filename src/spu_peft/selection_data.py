@@ -132,3 +132,16 @@ def objective(outputs: Any, score: str) -> torch.Tensor:
             "(for `CLIPModel`, `return_loss=True`)."
         )
     return loss.float()
+
+
+def scoring_forward(model: nn.Module, batch: Mapping[str, Any], model_name: str) -> Any:
+    """The model's forward on a scoring batch. A batch the forward cannot take (a CLIP batch without `pixel_values`
+    fails deep inside transformers) is refused naming its keys."""
+    try:
+        return model(**batch)
+    except (AttributeError, TypeError, KeyError, IndexError) as error:
+        raise ValueError(
+            f"{model_name}'s forward failed on a scoring batch with keys {sorted(batch)} ({type(error).__name__}: "
+            f"{error}). A batch holds every input the forward needs: for CLIP, `pixel_values` and the captions' "
+            "`input_ids` (and `attention_mask`); for a language model, `input_ids` (`labels` for score='task_loss')."
+        ) from error
