@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from spu_peft.integrity import atomic_write_text
 from spu_peft.studies.text_data import make_tasks, paraphrase_set
 from spu_peft.studies.text_retention import (
     LR_GRIDS,
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> None:
     for seed in args.seeds:
         tasks, heldout = make_tasks(seed), paraphrase_set(seed)
         reference, original = zero_shot(encoder, tokenize, tasks, heldout)
-        (runs / f"zeroshot_seed{seed}.json").write_text(json.dumps({**reference, "seed": seed}))
+        atomic_write_text(runs / f"zeroshot_seed{seed}.json", json.dumps({**reference, "seed": seed}))
         for method in args.methods:
             for lr in LR_GRIDS[method]:
                 path = runs / f"{method}_lr{lr:g}_seed{seed}.json"
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
                 result = run_method(
                     method, copy.deepcopy(encoder), tokenize, tasks, lr, heldout, original, settings, seed
                 )
-                path.write_text(json.dumps(result))
+                atomic_write_text(path, json.dumps(result))
                 logging.info(
                     "%s lr %g seed %d: acc %.1f recall %.1f drift %.2f",
                     method,
@@ -147,9 +148,9 @@ def report(folder: Path) -> dict:
     for m in methods:
         lines.append(f"| {LABELS[m]} | {mean_std(matched[m]['recall_lost'])} | {mean_std(matched[m]['drift'])} |")
     table = "\n".join(lines)
-    (folder / "results.md").write_text(table + "\n")
+    atomic_write_text(folder / "results.md", table + "\n")
     summary = {"seeds": seeds, "targets": targets, "matched": matched, "zeroshot": zeroshot, "curves": curves}
-    (folder / "results.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(folder / "results.json", json.dumps(summary, indent=1))
     plot(folder, zeroshot, curves, methods, seeds)
     print(table)
     return summary

@@ -38,6 +38,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from ..budgets import matched_rank
 from ..config import SPUConfig
 from ..continual.methods import peft_model
+from ..continual.metrics import average_accuracy, average_forgetting
 from ..selection import select_parameters
 from .text_data import TextTask
 
@@ -259,15 +260,13 @@ def run_method(
                 optimizer.zero_grad(set_to_none=True)
         model.eval()
         rows.append([task_accuracy(model, tokenize, t) for t in tasks[: index + 1]])
-    final = rows[-1]
-    forgetting = [max(r[j] for r in rows[j:-1]) - final[j] for j in range(len(tasks) - 1)]
     return {
         "method": method,
         "lr": lr,
         "seed": seed,
         "acc": rows,
-        "avg_acc": sum(final) / len(final),
-        "forgetting": sum(forgetting) / max(len(forgetting), 1),
+        "avg_acc": average_accuracy(rows),
+        "forgetting": average_forgetting(rows),
         **retention(model, tokenize, queries, candidates, original),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
