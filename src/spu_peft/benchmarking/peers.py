@@ -42,6 +42,7 @@ ADAPTER_METHODS = (
     "shira",
 )  # PEFT adapters: saved as adapters, merged with merge_and_unload
 SPU_METHODS = ("spu", "spu_block", "floor")  # SPU models (floor: spu's, without its value gradient)
+SELECTING_METHODS = ("spu", "spu_block")  # the SPU models that select their entries and train them
 BLOCK_SIZES = ((32, 32), (16, 16), (8, 8), (4, 4), (2, 2), (1, 1))  # spu_block takes the first dividing every target
 LR, WEIGHT_DECAY = 1e-4, 0.01  # AdamW, every method
 
@@ -187,7 +188,7 @@ def step_context(method: str, path: str, device: torch.device):
     `floor` without value gradients."""
     if method == "floor":
         return without_value_grad()
-    return value_grad(path if method in ("spu", "spu_block") else "auto", device)
+    return value_grad(path if method in SELECTING_METHODS else "auto", device)
 
 
 @contextlib.contextmanager

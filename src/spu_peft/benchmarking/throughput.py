@@ -23,6 +23,7 @@ from ..memory import peak_memory, reset_peak_memory
 from .peers import (
     ADAPTER_METHODS,
     METHODS,
+    SELECTING_METHODS,
     adapter_bytes,
     make_optimizer,
     merged,
@@ -90,7 +91,7 @@ def measure_memory(workload: Workload, task: str, settings: ThroughputSettings, 
         reset_peak_memory(device)
         select(model, workload, settings, accelerator, task.removeprefix("select-"))
         return {"peak_mem_bytes": peak_memory(device), "cold_peak_mem_bytes": cold}
-    if method in ("spu", "spu_block"):
+    if method in SELECTING_METHODS:
         select(model, workload, settings, accelerator)
     optimizer = make_optimizer(model)
 
