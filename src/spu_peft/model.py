@@ -82,13 +82,10 @@ class SPUModel(BaseTuner):
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(MODEL_TAGS)
 
-    def forward(self, *args, **kwargs):
-        self._warn_if_unselected()  # a task model (`PeftModelForCausalLM`) calls this forward, not the base's hooks
-        return super().forward(*args, **kwargs)
-
     def _warn_if_unselected(self, *hook_args) -> None:
         """The first training forward of an adapter whose entries were never selected warns (once), at step one
-        rather than at save time; a forward pre-hook of the base model, which a plain `PeftModel` calls."""
+        rather than at save time; a forward pre-hook of the base model, which a plain `PeftModel` and the task
+        models (whose forward goes through the tuner's, `self.model(...)`) both call."""
         if not (self.model.training and torch.is_grad_enabled()):
             return
         for name in self.active_adapters:
