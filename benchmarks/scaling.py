@@ -14,7 +14,9 @@ For every member of the embedded family (`spu_peft.embedded.EMBEDDED_FAMILY`: th
    the advantage of SPU is `drop(peer) - drop(spu)` (positive: SPU keeps more of the control set). Two targets: the
    zero-shot accuracy plus `--target-gain` points (the same amount of learning at every width) and the highest
    accuracy both curves of a comparison reach;
-4. at the largest width, the same for the other scores (`--scores`) and densities (`--densities`).
+4. at the largest width, the same for the other scores (`--scores`) and densities (`--densities`), and (`--parts
+   blocks`) for SPU and random supports of whole tiles (`--block-sizes`, `SPUConfig.block_size`) against random
+   tiles, full fine-tuning and entry-level SPU.
 
     python benchmarks/scaling.py                       # the study of README's "Does the selection matter?"
     python benchmarks/scaling.py --widths 64 --seeds 0 # a part of it; rerunning the full command resumes the rest
@@ -45,6 +47,7 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 from transformers import CLIPModel  # noqa: E402
 
+from spu_peft.blocks import parse_block_size  # noqa: E402
 from spu_peft.continual import (  # noqa: E402
     CAPTION_TEMPLATE,
     NUMERICS_MODES,
@@ -82,6 +85,8 @@ logger = logging.getLogger("scaling")
 # ---- defaults, in one place -----------------------------------------------------------------------------------------
 SCORES = ("task_loss", "fisher", "magnitude")  # besides the paper's output_norm, at the largest width
 DENSITIES = (0.03, 0.3)  # besides the paper's 0.1, at the largest width
+BLOCK_SIZES = ("32x32",)  # the `blocks` part's tiles, at the largest width
+PARTS = ("overlap", "main", "scores", "densities", "blocks")
 SEQUENCE = {  # the main job's sequence, with caps that fit the study in about 2.2 core-hours (README)
     "epochs": 3,
     "max_train_per_task": 384,
@@ -119,8 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sparse-lrs", default=None, help="SPU's and random's rates at every width (LR_GRIDS).")
     parser.add_argument("--scores", default=None, help=f"Other scores at the largest width ({','.join(SCORES)}).")
     parser.add_argument("--densities", default=None, help="Other densities at the largest width (0.03,0.3).")
+    parser.add_argument("--block-sizes", default=None, help="Tiles of the `blocks` part (32x32; ROWSxCOLS,...).")
     parser.add_argument(
-        "--parts", default="overlap,main,scores,densities", help="What to measure (comma-separated; default all)."
+        "--parts",
+        default="overlap,main,scores,densities",
+        help=f"What to measure (comma-separated, from {','.join(PARTS)}; default all but blocks).",
     )
     parser.add_argument(
         "--variant-width", type=int, default=None, help="Width of the score and density variants (the largest)."
@@ -161,8 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--widths {unknown} are not in the family {sorted(EMBEDDED_FAMILY)}; pass --models WIDTH=DIR")
     args.parts = [p for p in args.parts.split(",") if p]
-    if bad := [p for p in args.parts if p not in ("overlap", "main", "scores", "densities")]:
-        parser.error(f"--parts {bad}: choose from overlap, main, scores, densities")
+    if bad := [p for p in args.parts if p not in PARTS]:
+        parser.error(f"--parts {bad}: choose from {', '.join(PARTS)}")
     if args.variant_width is None:
         args.variant_width = max(args.models or EMBEDDED_FAMILY)
     if not args.seeds or not args.widths:
@@ -173,6 +181,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.densities = _floats(args.densities if args.densities is not None else ",".join(map(str, DENSITIES)))
     if any(not 0 < d <= 1 or d == 0.1 for d in args.densities):
         parser.error(f"--densities must be in (0, 1] and other than the paper's 0.1, got {args.densities}")
+    args.block_sizes = [b for b in (args.block_sizes or ",".join(BLOCK_SIZES)).split(",") if b]
+    try:
+        [parse_block_size(b) for b in args.block_sizes]
+    except ValueError as error:
+        parser.error(f"--block-sizes: {error}")
+    if "none" in args.block_sizes:
+        parser.error("--block-sizes: `none` is entry-level SPU, which the main part runs already")
     args.grids = {}
     for width in args.widths:
         grid = learning_rate_grid(width)
@@ -330,6 +345,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     parts.append(
                         (f"density{density:g}", folder / f"density{density:g}", settings, methods, f"@{density:g}")
                     )
+                for block in args.block_sizes if "blocks" in args.parts else ():
+                    methods = study_methods(grid, ("spu_replay", "random_replay"), **fraction, block_size=block)
+                    parts.append((f"blocks{block}", folder / f"blocks{block}", settings, methods, f"@{block}"))
             for name, out, part_settings, methods, suffix in parts:
                 part = run_part(base, processor, data, part_settings, methods, out, args)
                 if name == "main":
@@ -342,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 5. analysis and outputs
     design = StudyDesign(seeds=tuple(args.seeds), target_gain=args.target_gain, variant_width=args.variant_width,
                          variant_seeds=tuple(args.variant_seeds), scores=tuple(args.scores),
-                         densities=tuple(args.densities))  # fmt: skip
+                         densities=tuple(args.densities), block_sizes=tuple(args.block_sizes))  # fmt: skip
     analysis = analyse(study, design)
     settings = sequence_settings(args, args.seeds[0]).to_dict()
     config = {k: v for k, v in vars(args).items() if k not in ("output_dir", "grids", "models")}

@@ -20,7 +20,8 @@ from spu_peft.embedded import (  # noqa: E402
     shipped_model_path,
 )
 from spu_peft.embedded.pretraining import EMBEDDED_CLIP_CONFIG, embedded_architecture  # noqa: E402
-from spu_peft.studies import tradeoff  # noqa: E402
+from spu_peft.studies import StudyDesign, study_methods, tradeoff  # noqa: E402
+from spu_peft.studies.scaling import comparisons  # noqa: E402
 
 
 def test_width_64_is_the_shipped_recipe_and_other_widths_scale_the_blocks():
@@ -120,6 +121,8 @@ def test_bad_flags_are_refused_with_the_flag_named(capsys):
         (["--densities", "0.1"], "--densities"),
         (["--parts", "all"], "--parts"),
         (["--full-lrs", "0"], "learning-rate"),
+        (["--block-sizes", "32"], "--block-sizes"),
+        (["--block-sizes", "none"], "--block-sizes"),
     ):
         with pytest.raises(SystemExit):
             scaling.parse_args(argv)
@@ -132,3 +135,22 @@ def test_the_pretraining_command_refuses_a_width_outside_the_family(capsys, tmp_
     with pytest.raises(SystemExit):
         pretrain_main(["--output-dir", str(tmp_path), "--width", "96", "--numerics", "native"])
     assert "--width must be one of [64, 128, 256]" in capsys.readouterr().err
+
+
+def test_the_blocks_part_runs_spu_and_random_tiles_and_compares_them_with_three_peers():
+    args = scaling.parse_args(["--parts", "blocks", "--block-sizes", "16x16", "--widths", "64"])
+    assert args.block_sizes == ["16x16"] and args.parts == ["blocks"]
+    assert scaling.parse_args([]).block_sizes == ["32x32"] and "blocks" not in scaling.parse_args([]).parts
+    methods = study_methods(
+        {"full": (1e-5,), "sparse": (1e-4, 3e-4)}, ("spu_replay", "random_replay"), block_size="16x16"
+    )
+    assert [(m.name, m.options["block_size"], m.options["score"], m.sweep_lrs) for m in methods] == [
+        ("spu_replay", "16x16", "output_norm", (1e-4, 3e-4)),
+        ("random_replay", "16x16", "random", (1e-4, 3e-4)),
+    ]
+    rows = comparisons([32, 64], StudyDesign(seeds=(0,), variant_width=64, block_sizes=("16x16",)))
+    assert [r for r in rows if "tiles" in r[1]] == [
+        (64, "output_norm @ 0.1, 16x16 tiles", "spu_replay@16x16", "random_replay@16x16"),
+        (64, "output_norm @ 0.1, 16x16 tiles", "spu_replay@16x16", "finetune_replay"),
+        (64, "output_norm @ 0.1, 16x16 tiles", "spu_replay@16x16", "spu_replay"),
+    ]

@@ -11,6 +11,7 @@ from conftest import KILL_POINTS, SMALL_SEQUENCE, Crash, sequence_numbers, stop_
 from transformers import CLIPModel
 
 from spu_peft import SPUConfig
+from spu_peft.blocks import tile_layout
 from spu_peft.continual import (
     ContinualMethod,
     FingerprintMismatchError,
@@ -25,9 +26,9 @@ from spu_peft.continual import (
 from spu_peft.continual import checkpoint as checkpoints
 from spu_peft.continual import methods as registry
 from spu_peft.continual import sequence as engine
-from spu_peft.continual.methods import peft_model
+from spu_peft.continual.methods import parse_method_options, peft_model
 from spu_peft.continual.training import clip_loss, reference_cosine_factor
-from spu_peft.layer import num_selected
+from spu_peft.layer import SPULayer, num_selected
 
 SETTINGS = SequenceSettings(**SMALL_SEQUENCE)
 METHODS = ["zeroshot", "spu_replay"]
@@ -347,3 +348,45 @@ def test_the_model_identity_follows_the_weights_not_the_folder_they_were_loaded_
     with torch.no_grad():
         b.logit_scale.add_(1e-3)
     assert model_identity(b) != model_identity(a)
+
+
+def test_block_size_option_selects_whole_tiles_for_spu_and_random_tiles_for_its_random_twin(
+    setup, tmp_path, monkeypatch
+):
+    """`--method-option spu_replay.block_size=16x16` (and the random twin's): every support the run selects is made
+    of whole 16 x 16 tiles, the saved adapters say so, and results.json records the option in the method plans."""
+    supports = []
+    real_select = task_selection.select_parameters
+
+    def select(model, *args, **kwargs):
+        report = real_select(model, *args, **kwargs)
+        layers = [m for m in model.modules() if isinstance(m, SPULayer)]
+        supports.extend((kwargs["score"], m.spu_indices["default"].clone(), m.weight_shape) for m in layers)
+        return report
+
+    monkeypatch.setattr(task_selection, "select_parameters", select)
+    options = parse_method_options(["spu_replay.block_size=16x16", "random_replay.block_size=16x16"])
+    settings = SequenceSettings(**{**SMALL_SEQUENCE, "method_options": options})
+    run(setup, tmp_path, methods=["spu_replay", "random_replay"], settings=settings)
+    assert {score for score, _, _ in supports} == {"output_norm", "random"}
+    assert len(supports) == 2 * 2 * 4  # two methods, two tasks, four fc1 layers
+    for _, indices, shape in supports:
+        assert tile_layout(indices, shape, (16, 16)) is not None  # whole tiles
+        assert indices.numel() == num_selected(shape[0] * shape[1] // 256, 0.1) * 256
+    plans = json.loads((tmp_path / "results.json").read_text())["config"]["method_plans"]
+    assert plans["spu_replay"]["options"]["block_size"] == "16x16"
+    assert plans["random_replay"]["options"]["block_size"] == "16x16"
+    adapter = tmp_path / "runs" / "spu_replay_lr0.0003" / "adapter_task1" / "adapter_config.json"
+    assert json.loads(adapter.read_text())["block_size"] == [16, 16]
+
+
+def test_block_size_default_selects_entries_and_a_bad_value_is_refused_before_any_work(setup, tmp_path):
+    planned = registry.method_plan(registry.get_method("spu"), SETTINGS)[1]
+    assert planned["block_size"] == "none"
+    model = engine.build_model(registry.get_method("spu"), setup[0], SETTINGS)
+    assert model.peft_config["default"].block_size is None
+    for value, message in [(32.0, "must be a name"), ("32x0", "ROWSxCOLS"), ("big", "ROWSxCOLS")]:
+        settings = SequenceSettings(**{**SMALL_SEQUENCE, "method_options": {"spu": {"block_size": value}}})
+        with pytest.raises(ValueError, match=message):
+            run(setup, tmp_path, methods=["spu"], settings=settings)
+        assert not (tmp_path / "runs").exists()

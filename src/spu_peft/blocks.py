@@ -37,6 +37,16 @@ def check_block_size(block_size: Any) -> tuple[int, int] | None:
     )
 
 
+def parse_block_size(text: str) -> tuple[int, int] | None:
+    """A block size written as an option value: `"none"` (entry-level selection) or `"ROWSxCOLS"`, e.g. `"32x32"`."""
+    if isinstance(text, str) and text.strip().lower() == "none":
+        return None
+    parts = text.strip().lower().split("x") if isinstance(text, str) else []
+    if len(parts) == 2 and all(part.isdigit() and int(part) > 0 for part in parts):
+        return (int(parts[0]), int(parts[1]))
+    raise ValueError(f"a block size is `none` or ROWSxCOLS with two positive integers (e.g. 32x32), got {text!r}")
+
+
 def check_divisible(shape: tuple[int, int], block_size: tuple[int, int], key: str) -> None:
     """Refuse a weight whose shape the tiles do not cover exactly."""
     if shape[0] % block_size[0] or shape[1] % block_size[1]:

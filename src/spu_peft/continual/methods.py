@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model
 
+from ..blocks import parse_block_size
 from ..budgets import matched_rank
 from ..config import SPUConfig
 from .hooks import HooksFactory, MethodHooks, make_hooks
@@ -223,13 +224,15 @@ def lora(model: torch.nn.Module, settings: SequenceSettings, options: Mapping[st
 
 
 def spu_adapter(model: torch.nn.Module, settings: SequenceSettings, options: Mapping[str, Option]) -> torch.nn.Module:
-    """An SPU adapter of `options["density"]` on `settings.target_modules` (and its `modules_to_save`)."""
+    """An SPU adapter of `options["density"]` on `settings.target_modules` (and its `modules_to_save`), selecting
+    entries or, with `options["block_size"]` (e.g. `"32x32"`), whole tiles."""
     modules_to_save = None if settings.modules_to_save is None else list(settings.modules_to_save)
     config = SPUConfig(
         target_modules=list(settings.target_modules),
         density=options["density"],
         seed=settings.seed,
         modules_to_save=modules_to_save,
+        block_size=parse_block_size(options.get("block_size", "none")),
     )
     return peft_model(model, config)
 
@@ -242,9 +245,10 @@ SPARSE_GRID = (3e-5, 1e-4, 3e-4, 9e-4, 3e-3)
 LORA_GRID = (1e-4, 3.3e-4, 1e-3, 3e-3, 1e-2)
 
 
-SPU_OPTIONS = {"density": 0.1, "score": "output_norm", "score_fraction": 0.25}
-"""SPU's options: the share of each target matrix trained, the selection score and the share of a task's batches
-it scores."""
+SPU_OPTIONS = {"density": 0.1, "score": "output_norm", "score_fraction": 0.25, "block_size": "none"}
+"""SPU's options: the share of each target matrix trained, the selection score, the share of a task's batches it
+scores, and the tiles it selects (`none`: single entries; `ROWSxCOLS`, e.g. `32x32`: whole tiles,
+`SPUConfig.block_size`; with the `random` score, random tiles)."""
 
 
 def _sparse(name: str, score: str, replay: bool, description: str) -> ContinualMethod:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
+from ..blocks import parse_block_size
 from ..config import SPUConfig
 from ..integrity import tensor_digest
 from ..layer import SPULayer
@@ -149,6 +150,8 @@ class SelectionHooks(TaskAdapterHooks):
             raise ValueError(f"score_fraction must be in (0, 1], got {fraction!r}")
         if "density" in self.options and not 0 < self.options["density"] <= 1:
             raise ValueError(f"density must be in (0, 1], got {self.options['density']!r}")
+        if "block_size" in self.options:
+            parse_block_size(self.options["block_size"])
         self.selections: list[dict[str, Any]] = []
         self.adapter_selections: dict[str, Any] = {}
 

@@ -29,7 +29,8 @@ LR_GRIDS: dict[int, dict[str, tuple[float, ...]]] = {
 @dataclass(frozen=True)
 class StudyDesign:
     """What the study compares: the sequence seeds, the matched-accuracy target (zero-shot + `target_gain` points),
-    and the score and density variants, run at `variant_width` on `variant_seeds`."""
+    and the score, density and block-size variants (`"32x32"`: SPU and random supports of whole tiles), run at
+    `variant_width` on `variant_seeds`."""
 
     seeds: tuple[int, ...]
     target_gain: float = 6.0
@@ -37,6 +38,7 @@ class StudyDesign:
     variant_seeds: tuple[int, ...] = ()
     scores: tuple[str, ...] = ()
     densities: tuple[float, ...] = ()
+    block_sizes: tuple[str, ...] = ()
 
 
 def learning_rate_grid(width: int) -> dict[str, tuple[float, ...]]:
@@ -88,6 +90,10 @@ def comparisons(widths: list[int], design: StudyDesign) -> list[tuple[int, str, 
     for density in design.densities:
         rows += [(largest, f"output_norm @ {density:g}", f"spu_replay@{density:g}", f"random_replay@{density:g}")]
         rows += [(largest, f"output_norm @ {density:g}", f"spu_replay@{density:g}", "finetune_replay")]
+    for block in design.block_sizes:  # SPU-block against random tiles, full fine-tuning and entry-level SPU
+        label = f"output_norm @ 0.1, {block} tiles"
+        rows += [(largest, label, f"spu_replay@{block}", peer) for peer in (f"random_replay@{block}", *PEERS[1:])]
+        rows += [(largest, label, f"spu_replay@{block}", "spu_replay")]
     return rows
 
 
