@@ -1,6 +1,7 @@
 """Block-structured SPU (`SPUConfig.block_size`): tile selection under each budget, the per-tile value gradient against
 dense autograd, and saving, loading, merging and composing as entry-level adapters do."""
 
+import copy
 import json
 import logging
 
@@ -8,11 +9,13 @@ import pytest
 import torch
 from conftest import make_batch, make_tiny_clip
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 
-from spu_peft import SPUConfig, fold_adapters, select_parameters
+from spu_peft import SPUAdapterFileError, SPUConfig, fold_adapters, select_parameters
 from spu_peft import sparse_linear as sparse_linear_module
 from spu_peft.blocks import expand_tiles, tile_layout, tile_scores, tile_value_gradient
 from spu_peft.layer import num_selected
+from spu_peft.loading import decode_adapter_state_dict
 from spu_peft.naming import spu_layers
 from spu_peft.sparse_linear import sparse_delta_linear
 
@@ -277,6 +280,103 @@ def test_save_reload_gives_the_same_logits_and_supports(tmp_path):
     for layer in layers(loaded).values():
         layer.spu_values["default"].requires_grad_(True)
         assert layer.tile_layouts("default")[-1] is not None
+
+
+TILED_LAYER = "base_model.model.vision_model.encoder.layers.0.mlp.fc1"
+
+
+def saved_tiles(tmp_path, **config):
+    """A selected and trained blocked model, its config, and its adapter file's tensors."""
+    batch = make_batch()
+    model = blocked_model(**config)
+    select_parameters(model, [batch], score="output_norm", fraction=1.0)
+    trained(model, batch)
+    model.save_pretrained(tmp_path)
+    return model, model.peft_config["default"], load_file(tmp_path / "adapter_model.safetensors")
+
+
+def test_a_tiled_support_is_stored_as_its_tiles_and_loads_back_to_the_same_entries(tmp_path):
+    """fc1 (48 x 32) in 8 x 4 tiles at density 0.1: 5 of the 48 tiles, 160 entries. Tiles take 4 * 5 + 8 bytes where
+    the mask takes 192 and the indices 640, so the file holds the tiles' grid positions and the block size only."""
+    model, config, state = saved_tiles(tmp_path)
+    for name, layer in layers(model).items():
+        key = f"base_model.model.{name}"
+        tiles = state[f"{key}.spu_tiles"]
+        assert tiles.dtype == torch.int32 and tiles.numel() == 5
+        assert state[f"{key}.spu_block_size"].tolist() == list(BLOCK)
+        assert f"{key}.spu_mask" not in state and f"{key}.spu_indices" not in state
+        assert torch.equal(expand_tiles(tiles, (48, 32), BLOCK), layer.spu_indices["default"].long())
+    decoded, _ = decode_adapter_state_dict(model, config, "default", state)
+    for name, layer in layers(model).items():
+        assert torch.equal(decoded[f"base_model.model.{name}.spu_indices"].long(), layer.spu_indices["default"].long())
+
+
+def test_supports_that_are_not_whole_tiles_and_entry_adapters_keep_the_mask_or_indices(tmp_path):
+    model = blocked_model(init_weights=False)
+    layer = layers(model)[TILED_LAYER.removeprefix("base_model.model.")]
+    layer.set_support("default", torch.arange(0, 1536, 5))  # 308 entries, not whole tiles: a mask (192 bytes)
+    model.save_pretrained(tmp_path / "hand")
+    state = load_file(tmp_path / "hand" / "adapter_model.safetensors")
+    assert f"{TILED_LAYER}.spu_mask" in state and f"{TILED_LAYER}.spu_tiles" not in state
+    assert f"{TILED_LAYER}.spu_frozen_tiles" in state  # what the random tiles learned, folded, is still whole tiles
+    decoded, _ = decode_adapter_state_dict(model, model.peft_config["default"], "default", state)
+    for field in ("spu_indices", "spu_frozen_indices"):
+        assert torch.equal(decoded[f"{TILED_LAYER}.{field}"].long(), getattr(layer, field)["default"].long())
+    assert "base_model.model.vision_model.encoder.layers.1.mlp.fc1.spu_tiles" in state  # its other layers: tiles
+    get_peft_model(make_tiny_clip(), SPUConfig(init_weights=False)).save_pretrained(tmp_path / "entries")
+    entries = load_file(tmp_path / "entries" / "adapter_model.safetensors")
+    assert not [k for k in entries if "tiles" in k or "block_size" in k]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda state, config: state.__setitem__(
+                f"{TILED_LAYER}.spu_tiles", torch.tensor([0, 48], dtype=torch.int32)
+            ),
+            r"\(spu_tiles\): indices range over \[0, 48\] but the weight has 48 tiles of \(8, 4\)",
+        ),
+        (
+            lambda state, config: state.__setitem__(
+                f"{TILED_LAYER}.spu_tiles", torch.tensor([1, 1, 2, 3, 4], dtype=torch.int32)
+            ),
+            r"\(spu_tiles\): indices contain duplicates",
+        ),
+        (
+            lambda state, config: setattr(config, "block_size", (4, 8)),
+            r"\(spu_tiles\): the file's tiles are \(8, 4\) but the adapter's config has block_size=\(4, 8\)",
+        ),
+        (
+            lambda state, config: setattr(config, "block_size", None),
+            r"\(spu_tiles\): the file stores the support as tiles but the adapter's config has no `block_size`",
+        ),
+        (
+            lambda state, config: state.pop(f"{TILED_LAYER}.spu_block_size"),
+            r"\(spu_tiles\): tiles need the layer's `spu_block_size` \(two integers\), found none",
+        ),
+        (
+            lambda state, config: state.__setitem__(f"{TILED_LAYER}.spu_mask", torch.zeros(192, dtype=torch.uint8)),
+            r"\(spu_mask\): the file stores more than one of a bit mask, tiles and `spu_indices`",
+        ),
+    ],
+)
+def test_tiles_out_of_range_repeated_or_of_another_block_size_are_refused(tmp_path, edit, message):
+    model, config, state = saved_tiles(tmp_path)
+    config = copy.deepcopy(config)
+    edit(state, config)
+    with pytest.raises(
+        SPUAdapterFileError, match=r"module `(text|vision)_model\.encoder\.layers\.0\.mlp\.fc1` " + message
+    ):
+        decode_adapter_state_dict(model, config, "default", state)
+
+
+def test_a_block_size_without_tiles_is_refused(tmp_path):
+    model, config, state = saved_tiles(tmp_path)
+    tiles = state.pop(f"{TILED_LAYER}.spu_tiles")
+    state[f"{TILED_LAYER}.spu_indices"] = expand_tiles(tiles, (48, 32), BLOCK).to(torch.int32)
+    with pytest.raises(SPUAdapterFileError, match=r"\(spu_block_size\): the file stores a block size but no tiles"):
+        decode_adapter_state_dict(model, config, "default", state)
 
 
 def test_merge_equals_the_unmerged_output_and_unmerge_restores_the_base():

@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from spu_peft.encoding import check_indices, check_values, index_dtype, mask_is_smaller, pack_mask, unpack_mask
+from spu_peft.encoding import (
+    check_indices,
+    check_values,
+    decode_tiles,
+    encode_support,
+    expand_tiles,
+    index_dtype,
+    mask_is_smaller,
+    pack_mask,
+    unpack_mask,
+)
 
 
 def test_the_mask_is_chosen_exactly_when_its_bytes_are_no_more_than_int32_indices():
@@ -94,3 +104,20 @@ def test_bad_indices_are_refused_with_the_exact_reason(indices, pattern):
 def test_bad_values_are_refused_with_the_exact_reason(values, message):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         check_values(values, 3, "w")
+
+
+def test_tiles_are_chosen_exactly_when_their_bytes_are_fewer_than_the_mask_and_the_indices():
+    shape, block = (8, 16), (2, 4)  # a 4 x 4 grid of 8-entry tiles; the mask takes 16 bytes
+    for count in range(1, 17):
+        indices = expand_tiles(torch.arange(count), shape, block)
+        encoded = encode_support("spu_indices", "spu_mask", indices, shape, block)
+        tiles = 4 * count + 8 < min(16, 4 * 8 * count)
+        assert set(encoded) == ({"spu_tiles", "spu_block_size"} if tiles else {"spu_mask"}), count
+        if tiles:
+            assert encoded["spu_tiles"].tolist() == list(range(count))
+            assert torch.equal(
+                decode_tiles(encoded["spu_tiles"], encoded["spu_block_size"], block, shape, "w"), indices
+            )
+    assert set(encode_support("spu_indices", "spu_mask", indices, shape, None)) == {"spu_mask"}
+    not_tiles = torch.tensor([0, 1, 2, 3, 16, 17, 18])  # one entry short of a tile
+    assert set(encode_support("spu_indices", "spu_mask", not_tiles, (64, 16), block)) == {"spu_indices"}

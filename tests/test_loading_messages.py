@@ -283,8 +283,8 @@ def test_a_delta_stored_both_as_a_mask_and_as_indices_is_refused(tmp_path):
         model,
         config,
         state,
-        f"{WHERE} (spu_mask): the file stores both a bit mask and `spu_indices` for one delta; it was edited or is "
-        "corrupt.",
+        f"{WHERE} (spu_mask): the file stores more than one of a bit mask, tiles and `spu_indices` for one delta; it "
+        "was edited or is corrupt.",
     )
 
 

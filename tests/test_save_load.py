@@ -192,7 +192,7 @@ def _base_weight(state):
         (_drop(".spu_values"), FC1, r"\(spu_values\): the file has a support but no values"),
         (_drop(".spu_bias"), FC1, r"\(spu_bias\): the adapter trains this layer's bias but the file has no bias"),
         (_drop("visual_projection.weight"), "visual_projection", r"\(weight\): .*modules_to_save.*has no `weight`"),
-        (_mask_and_indices, FC1, r"\(spu_mask\): the file stores both a bit mask and `spu_indices`"),
+        (_mask_and_indices, FC1, r"\(spu_mask\): the file stores more than one of a bit mask, tiles and `spu_indices`"),
         (_extra_key, "fc2", r"tensor\(s\) this adapter does not have: .*fc2.spu_values"),
         (_base_weight, FC1, r"does not have: .*base_layer.weight"),
     ],

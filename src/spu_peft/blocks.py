@@ -1,9 +1,10 @@
 """Block-structured supports: SPU's selection in tiles of `block_size` entries, and the value gradient of a tiled
 support computed tile by tile.
 
-An adapter with `SPUConfig(block_size=(br, bc))` trains whole `br x bc` tiles of each target weight. The support is
-still stored as flat entry indices (sorted, as every SPU support), so saving, loading, merging and composing are those
-of entry-level adapters; what the tiles buy is the weight gradient: `grad_output[:, rows]^T @ x[:, cols]` per selected
+An adapter with `SPUConfig(block_size=(br, bc))` trains whole `br x bc` tiles of each target weight. In memory the
+support is still flat entry indices (sorted, as every SPU support), so loading, merging and composing are those of
+entry-level adapters (a file stores the tiles' positions where that is smaller, `spu_peft.encoding`); what the tiles buy
+is the weight gradient: `grad_output[:, rows]^T @ x[:, cols]` per selected
 tile, grouped into one matmul per block of columns (or rows), whose work is the tiles' share of the dense product's.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .encoding import index_dtype
+from .encoding import expand_tiles, index_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +62,6 @@ def tile_scores(scores: torch.Tensor, block_size: tuple[int, int]) -> torch.Tens
     """The score of each tile, the sum of its entries' scores: a `(rows // br, cols // bc)` matrix."""
     (rows, cols), (br, bc) = scores.shape, block_size
     return scores.reshape(rows // br, br, cols // bc, bc).sum(dim=(1, 3))
-
-
-def expand_tiles(tiles: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> torch.Tensor:
-    """Sorted flat entry indices of the tiles `tiles` (flat positions in the tile grid)."""
-    (_, cols), (br, bc) = shape, block_size
-    tiles = tiles.long()
-    starts = (tiles // (cols // bc)) * br * cols + (tiles % (cols // bc)) * bc
-    offsets = torch.arange(br, device=tiles.device).unsqueeze(1) * cols + torch.arange(bc, device=tiles.device)
-    return (starts.unsqueeze(1) + offsets.view(-1)).reshape(-1).sort().values
 
 
 def random_tile_support(

@@ -2,7 +2,9 @@
 
 A support of `k` entries in a matrix of `n` entries is stored either as a packed bit mask (`ceil(n / 8)` bytes, cannot
 point out of bounds) or as int32 indices (`4 k` bytes), whichever is smaller: at 10% density the mask costs 1.25 bytes
-per selected value where indices cost 4.
+per selected value where indices cost 4. A support made of whole tiles of an adapter with a `block_size` has a third
+choice, taken where it is smaller still: its tiles' flat positions in the grid of tiles (int32, `4 k / (br bc)` bytes)
+and, once per layer, the block size itself (two int32), which loading checks against the adapter's config.
 """
 
 from __future__ import annotations
@@ -24,6 +26,77 @@ def index_dtype(numel: int) -> torch.dtype:
 def mask_is_smaller(num_selected: int, numel: int) -> bool:
     """Whether a packed bit mask is no larger than int32 indices for this support."""
     return (numel + 7) // 8 <= 4 * num_selected
+
+
+TILE_FIELDS = {"spu_indices": "spu_tiles", "spu_frozen_indices": "spu_frozen_tiles"}
+"""The on-disk key of each index buffer's tile encoding."""
+BLOCK_SIZE_FIELD = "spu_block_size"
+"""The on-disk key of a layer's block size, stored beside its tile encodings."""
+
+
+def encode_support(
+    buffer_name: str, mask_name: str, indices: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int] | None
+) -> dict[str, torch.Tensor]:
+    """The smallest encoding of the support `indices` (sorted flat positions in a `shape` weight), by on-disk field:
+    tiles (with the block size) where the adapter has a `block_size` and the support is made of whole tiles, a bit
+    mask, or the indices themselves, whichever takes the fewest bytes."""
+    numel = shape[0] * shape[1]
+    if not indices.numel():
+        return {buffer_name: indices}
+    tiles = None if block_size is None else whole_tiles(indices, shape, block_size)
+    if tiles is not None and 4 * tiles.numel() + 8 < min((numel + 7) // 8, 4 * indices.numel()):
+        stored_block = torch.tensor(block_size, dtype=torch.int32, device=indices.device)
+        return {TILE_FIELDS[buffer_name]: tiles, BLOCK_SIZE_FIELD: stored_block}
+    if mask_is_smaller(indices.numel(), numel):
+        return {mask_name: pack_mask(indices, numel)}
+    return {buffer_name: indices}
+
+
+def whole_tiles(indices: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> torch.Tensor | None:
+    """The sorted flat positions (int32) of the tiles the support `indices` is made of, or None when it is not made of
+    whole tiles (a support set by hand, a sum of adapters)."""
+    (_, cols), (br, bc) = shape, block_size
+    flat = indices.long()
+    tiles = torch.unique((flat // cols // br) * (cols // bc) + flat % cols // bc, sorted=True)
+    return tiles.to(torch.int32) if tiles.numel() * br * bc == flat.numel() else None
+
+
+def expand_tiles(tiles: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> torch.Tensor:
+    """Sorted flat entry indices of the tiles `tiles` (flat positions in the tile grid)."""
+    (_, cols), (br, bc) = shape, block_size
+    tiles = tiles.long()
+    starts = (tiles // (cols // bc)) * br * cols + (tiles % (cols // bc)) * bc
+    offsets = torch.arange(br, device=tiles.device).unsqueeze(1) * cols + torch.arange(bc, device=tiles.device)
+    return (starts.unsqueeze(1) + offsets.view(-1)).reshape(-1).sort().values
+
+
+def decode_tiles(
+    tiles: torch.Tensor,
+    stored_block: torch.Tensor | None,
+    block_size: tuple[int, int] | None,
+    shape: tuple[int, int],
+    where: str,
+) -> torch.Tensor:
+    """The sorted int64 flat entry indices of stored tiles, refusing tiles without the file's block size, a block size
+    other than the adapter config's, and tile positions out of the grid or repeated."""
+    if block_size is None:
+        raise ValueError(
+            f"{where}: the file stores the support as tiles but the adapter's config has no `block_size`; load it with "
+            "the config it was saved with."
+        )
+    if stored_block is None or stored_block.dtype not in (torch.int32, torch.int64) or stored_block.shape != (2,):
+        found = "none" if stored_block is None else f"{stored_block.dtype} of shape {tuple(stored_block.shape)}"
+        raise ValueError(
+            f"{where}: tiles need the layer's `{BLOCK_SIZE_FIELD}` (two integers), found {found}; the file is corrupt."
+        )
+    if tuple(stored_block.tolist()) != tuple(block_size):
+        raise ValueError(
+            f"{where}: the file's tiles are {tuple(stored_block.tolist())} but the adapter's config has "
+            f"block_size={tuple(block_size)}; load it with the config it was saved with."
+        )
+    grid = (shape[0] // block_size[0]) * (shape[1] // block_size[1])
+    tiles = check_indices(tiles, grid, where, unit=f"tiles of {tuple(block_size)}")
+    return expand_tiles(tiles, shape, block_size)
 
 
 def pack_mask(indices: torch.Tensor, numel: int) -> torch.Tensor:
@@ -55,8 +128,9 @@ def unpack_mask(packed: torch.Tensor, numel: int, where: str) -> torch.Tensor:
     return bits[:numel].nonzero().squeeze(1)
 
 
-def check_indices(indices: torch.Tensor, numel: int, where: str) -> torch.Tensor:
-    """Validate stored flat indices and return them as int64; nothing out of range or duplicated gets through."""
+def check_indices(indices: torch.Tensor, numel: int, where: str, unit: str = "entries") -> torch.Tensor:
+    """Validate stored flat indices (of `numel` entries, or tiles: `unit`) and return them as int64; nothing out of
+    range or duplicated gets through."""
     if indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             f"{where}: indices must have an integer dtype (int32 or int64), got {indices.dtype}; the file is corrupt."
@@ -67,7 +141,7 @@ def check_indices(indices: torch.Tensor, numel: int, where: str) -> torch.Tensor
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
         raise ValueError(
             f"{where}: indices range over [{int(indices.min())}, {int(indices.max())}] but the weight has {numel} "
-            "entries; the adapter was made for a different base model or the file is corrupt."
+            f"{unit}; the adapter was made for a different base model or the file is corrupt."
         )
     if indices.numel() != torch.unique(indices).numel():
         raise ValueError(f"{where}: indices contain duplicates; the file is corrupt.")

@@ -1,7 +1,8 @@
 """Loading SPU adapters: the one validator of an adapter's tensors against a model, and `load_adapter`.
 
-An adapter file holds, per SPU layer, the support of each sparse delta (a packed bit mask or int32 indices), its
-values and the bias delta, plus the dense `modules_to_save` and, with `bias="all"`, the model's biases. Anything
+An adapter file holds, per SPU layer, the support of each sparse delta (a packed bit mask, int32 indices or, with a
+`block_size`, int32 tile positions), its values and the bias delta, plus the dense `modules_to_save` and, with
+`bias="all"`, the model's biases. Anything
 missing, extra, of another dtype than its role allows, non-finite, too large for the model's dtype, of the wrong
 length or made for another base raises an `SPUAdapterFileError` that names the module and the field. The changes the
 file implies for the model (new supports, resized placeholders) are returned, to be made only once all of it passed.
@@ -23,7 +24,15 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .config import SPUConfig, SPUPeftType
-from .encoding import check_indices, check_values, index_dtype, unpack_mask
+from .encoding import (
+    BLOCK_SIZE_FIELD,
+    TILE_FIELDS,
+    check_indices,
+    check_values,
+    decode_tiles,
+    index_dtype,
+    unpack_mask,
+)
 from .integrity import WEIGHTS_NAME, SPUAdapterFileError, check_regular_file, recover_folder, verify_file
 from .layer import SPULayer
 from .naming import PEFT_PREFIX, auxiliary_wrappers, is_stored_bias, relative_name, spu_layers
@@ -111,7 +120,7 @@ def decode_adapter_state_dict(
     changes: list[Change] = []
     for name, layer in spu_layers(model, adapter_name):
         try:
-            decoded.update(_decode_layer(file, name, layer, adapter_name, changes))
+            decoded.update(_decode_layer(file, name, layer, adapter_name, config.block_size, changes))
         except SPUAdapterFileError:
             raise
         except ValueError as error:  # the support and values checks of `encoding` name module and field already
@@ -137,22 +146,29 @@ def apply_changes(changes: list[Change]) -> None:
 
 
 def _decode_layer(
-    file: _AdapterFile, name: str, layer: SPULayer, adapter_name: str, changes: list[Change]
+    file: _AdapterFile,
+    name: str,
+    layer: SPULayer,
+    adapter_name: str,
+    block_size: tuple[int, int] | None,
+    changes: list[Change],
 ) -> dict[str, torch.Tensor]:
     numel = layer.weight_numel
     base_dtype = layer.get_base_layer().weight.dtype
     out = {}
+    stored_block, tiled = file.take(f"{name}.{BLOCK_SIZE_FIELD}"), False  # the block size is read with the tiles
     for buffer_name, mask_name, values_name in SPARSE_FIELDS:
         mask = file.take(f"{name}.{mask_name}")
         indices = file.take(f"{name}.{buffer_name}")
+        tiles = file.take(f"{name}.{TILE_FIELDS[buffer_name]}")
         values = file.take(f"{name}.{values_name}")
-        if mask is not None and indices is not None:
+        if sum(t is not None for t in (mask, indices, tiles)) > 1:
             raise SPUAdapterFileError(
-                f"{_where(name, mask_name)}: the file stores both a bit mask and `{buffer_name}` for one delta; "
-                "it was edited or is corrupt."
+                f"{_where(name, mask_name)}: the file stores more than one of a bit mask, tiles and `{buffer_name}` "
+                "for one delta; it was edited or is corrupt."
             )
         if values is None:
-            if mask is not None or indices is not None:
+            if mask is not None or indices is not None or tiles is not None:
                 raise SPUAdapterFileError(
                     f"{_where(name, values_name)}: the file has a support but no values; it is corrupt."
                 )
@@ -166,6 +182,9 @@ def _decode_layer(
             support = unpack_mask(mask, numel, _where(name, mask_name))
         elif indices is not None:
             support = check_indices(indices, numel, _where(name, buffer_name))
+        elif tiles is not None:
+            where = _where(name, TILE_FIELDS[buffer_name])
+            support = decode_tiles(tiles, stored_block, block_size, layer.weight_shape, where)
         elif values.numel() == 0:
             support = torch.zeros(0, dtype=torch.long)
         else:
@@ -181,6 +200,11 @@ def _decode_layer(
         changes.append(_layout_change(layer, buffer_name, values_name, adapter_name, support, values.shape))
         out[f"{PEFT_PREFIX}{name}.{buffer_name}"] = support
         out[f"{PEFT_PREFIX}{name}.{values_name}"] = values
+        tiled = tiled or tiles is not None
+    if stored_block is not None and not tiled:
+        raise SPUAdapterFileError(
+            f"{_where(name, BLOCK_SIZE_FIELD)}: the file stores a block size but no tiles; it was edited or is corrupt."
+        )
     bias = file.take(f"{name}.spu_bias")
     if adapter_name in layer.spu_bias:
         if bias is None:

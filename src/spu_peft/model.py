@@ -19,7 +19,7 @@ from .config import (
     SPUConfig,
 )
 from .distributed import holds_fsdp1_shards, is_sharded_tensor
-from .encoding import mask_is_smaller, pack_mask
+from .encoding import encode_support
 from .integrity import SPUAdapterFileError
 from .layer import Linear, SPULayer
 from .loading import (
@@ -233,7 +233,7 @@ class SPUModel(BaseTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """Pick the adapter's tensors by walking the SPU layers, and store supports as bit masks where smaller.
+        """Pick the adapter's tensors by walking the SPU layers, and store supports as bit masks or tiles where smaller.
 
         Keys are matched after removing wrapper segments, so a model whose blocks are nested FSDP1 units saves every
         layer (PEFT's own key discovery strips only a leading `_fsdp_wrapped_module.` and would silently drop them).
@@ -273,8 +273,8 @@ class SPUModel(BaseTuner):
                     continue
                 if values.numel() != indices.numel():
                     raise _sharded_error(f"`{name}.{values_name}` holds {values.numel()} of {indices.numel()} values")
-                if indices.numel() and mask_is_smaller(indices.numel(), layer.weight_numel):
-                    fields[mask_name] = pack_mask(fields.pop(buffer_name), layer.weight_numel)
+                shape, block_size = layer.weight_shape, config.block_size
+                fields.update(encode_support(buffer_name, mask_name, fields.pop(buffer_name), shape, block_size))
             to_return.update({f"{prefix}.{field}.{adapter_name}": tensor for field, tensor in fields.items()})
         biases = cls._get_learnable_bias_state_dict(model, state_dict, config)
         dense = f".modules_to_save.{adapter_name}."
