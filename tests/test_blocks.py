@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from spu_peft import SPUAdapterFileError, SPUConfig, fold_adapters, select_parameters
 from spu_peft import sparse_linear as sparse_linear_module
-from spu_peft.blocks import expand_tiles, tile_layout, tile_scores, tile_value_gradient
+from spu_peft.blocks import tile_layout, tile_scores, tile_value_gradient
+from spu_peft.encoding import expand_tiles
 from spu_peft.layer import num_selected
 from spu_peft.loading import decode_adapter_state_dict
 from spu_peft.naming import spu_layers
@@ -235,6 +236,27 @@ def test_blocked_model_gradients_equal_dense_autograd_in_float64(monkeypatch):
     dense = value_grads()
     for a, b in zip(tiled, dense):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_a_backward_sorts_counts_and_syncs_nothing_once_the_layout_is_cached(monkeypatch):
+    """The grouping of the tiles (order, group sizes) is part of the cached layout: a backward on a support it has
+    seen computes products and gathers only, with no sort, count or read of a tensor back to the host."""
+    batch = make_batch()
+    model = blocked_model(init_weights=False).train()
+    model(**batch, return_loss=True).loss.backward()  # the first step builds the layouts
+    model.zero_grad()
+    loss = model(**batch, return_loss=True).loss
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("index sorting or a host sync in the backward")
+
+    for owner, name in [(torch, "argsort"), (torch, "bincount"), (torch, "unique"), (torch, "sort")]:
+        monkeypatch.setattr(owner, name, forbidden)
+    for name in ("argsort", "sort", "tolist", "unique", "bincount"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    loss.backward()
+    monkeypatch.undo()
+    assert all(layer.spu_values["default"].grad.abs().sum() > 0 for layer in layers(model).values())
 
 
 def test_a_support_set_by_hand_falls_back_to_entry_gradients_with_a_log_line(caplog):

@@ -215,3 +215,20 @@ def test_quick_gives_only_the_flags_not_given(throughput):
 def test_an_unknown_peer_method_is_refused_by_name():
     with pytest.raises(ValueError, match="adalora"):
         peers.prepare_method(torch.nn.Linear(2, 2), "adalora", 0.1, 0)
+
+
+def test_measure_time_selects_the_block_model_before_timing_its_steps(throughput, monkeypatch):
+    """`spu_block` trains the tiles it selects, as `spu` trains its selected entries (not its data-free support)."""
+    from accelerate import Accelerator
+
+    from spu_peft.benchmarking import throughput as timing
+
+    args = throughput.parse_args(["--quick", "--models", "tiny"])
+    work = throughput.workload("tiny", args, torch.device("cpu"))
+    selected = []
+    stock = timing.select
+    monkeypatch.setattr(timing, "select", lambda model, *a, **k: selected.append(model) or stock(model, *a, **k))
+    settings = benchmarking.ThroughputSettings(methods=("spu_block",), steps=1, score_sums=("fp32",))
+    results = timing.measure_time(work, settings, Accelerator(cpu=True))
+    assert len(selected) == 1 and selected[0].peft_config["default"].selection["score"] == "output_norm"
+    assert results["spu_block"]["step_s"] > 0

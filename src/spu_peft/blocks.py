@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .encoding import expand_tiles, index_dtype
+from .encoding import index_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -64,35 +64,28 @@ def tile_scores(scores: torch.Tensor, block_size: tuple[int, int]) -> torch.Tens
     return scores.reshape(rows // br, br, cols // bc, bc).sum(dim=(1, 3))
 
 
-def random_tile_support(
-    shape: tuple[int, int], block_size: tuple[int, int], per_row: bool, count, generator: torch.Generator
-) -> torch.Tensor:
-    """A seeded random support of whole tiles: `count(n)` tiles of `n` (per row of tiles, or of the whole grid)."""
-    grid = (shape[0] // block_size[0], shape[1] // block_size[1])
-    if per_row:
-        cols = torch.rand(grid, generator=generator).argsort(dim=1)[:, : count(grid[1])]
-        tiles = (torch.arange(grid[0]).unsqueeze(1) * grid[1] + cols).reshape(-1)
-    else:
-        tiles = torch.randperm(grid[0] * grid[1], generator=generator)[: count(grid[0] * grid[1])]
-    return expand_tiles(tiles, shape, block_size)
-
-
 @dataclass(frozen=True)
 class TileLayout:
-    """Where a tiled support's values sit: tile `t` covers rows `rows[t]*br ...` and columns `cols[t]*bc ...`, and
-    value `i` of the (sorted) support is entry `gather[i]` of the tiles laid out one after another (tile-major,
-    row-major inside a tile), as `tile_value_gradient` computes them."""
+    """How `tile_value_gradient` computes a tiled support's value gradient, fixed once per support so that a backward
+    sorts and counts nothing (and, on an accelerator, waits for no group size).
+
+    The tiles are grouped by a block of the side with fewer blocks (`by_rows`: row blocks of `grad_output`, else column
+    blocks of `x`); `groups` is `(block, tiles)` per group in order, and `other_blocks` the block of the other side of
+    each tile, in group order. The products fill a `(tiles, size_a, size_b)` buffer in that order, and value `i` of the
+    (sorted) support is its entry `gather[i]`.
+    """
 
     block_size: tuple[int, int]
-    rows: torch.Tensor
-    cols: torch.Tensor
+    by_rows: bool
+    groups: tuple[tuple[int, int], ...]
+    other_blocks: torch.Tensor
     gather: torch.Tensor
 
 
 def tile_layout(indices: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> TileLayout | None:
     """The layout of a support made of whole tiles, or None when it is not (a support set by hand): the caller then
     takes the entry-level gradient, which is right for any support."""
-    (_, cols), (br, bc) = shape, block_size
+    (rows, cols), (br, bc) = shape, block_size
     flat = indices.long()
     grid_cols = cols // bc
     row, col = flat // cols, flat % cols
@@ -100,8 +93,16 @@ def tile_layout(indices: torch.Tensor, shape: tuple[int, int], block_size: tuple
     tiles = torch.unique(of_entry, sorted=True)
     if tiles.numel() * br * bc != flat.numel():
         return None
-    gather = torch.searchsorted(tiles, of_entry) * (br * bc) + (row % br) * bc + col % bc
-    return TileLayout(block_size, tiles // grid_cols, tiles % grid_cols, gather.to(index_dtype(flat.numel())))
+    by_rows = rows // br < grid_cols  # the product is x_block^T @ grad_output_block: (bc, br) per tile
+    key, other = (tiles // grid_cols, tiles % grid_cols) if by_rows else (tiles % grid_cols, tiles // grid_cols)
+    order = torch.argsort(key, stable=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    blocks, counts = torch.unique_consecutive(key[order], return_counts=True)
+    within = (col % bc) * br + row % br if by_rows else (row % br) * bc + col % bc
+    gather = position[torch.searchsorted(tiles, of_entry)] * (br * bc) + within
+    groups = tuple(zip(blocks.tolist(), counts.tolist()))
+    return TileLayout(block_size, by_rows, groups, other[order], gather.to(index_dtype(flat.numel())))
 
 
 class LayoutCache:
@@ -135,35 +136,21 @@ def tile_value_gradient(grad_output: torch.Tensor, x: torch.Tensor, layout: Tile
     support's (sorted) order.
 
     `grad_output` is `(tokens, out_features)` and `x` `(tokens, in_features)`, both 2-D in the compute dtype. The work
-    is `tokens * (selected entries)` multiply-adds, the tiles' share of the dense product's. Tiles are grouped by the
-    side with fewer blocks (columns of `x` or rows of `grad_output`), so each group is one matmul of a slice of that
-    side (a view) with the other side's blocks of its tiles, gathered: only one side is ever copied.
+    is `tokens * (selected entries)` multiply-adds, the tiles' share of the dense product's. Each group of tiles is one
+    matmul of a slice of the grouping side (a view) with the other side's blocks of its tiles, gathered: only one side
+    is ever copied.
     """
     br, bc = layout.block_size
     if grad_output.shape[0] == 0:  # no tokens: every gradient is an empty sum
         return grad_output.new_zeros(layout.gather.numel())
-    if grad_output.shape[1] // br < x.shape[1] // bc:
-        tiles = _grouped_products(x, grad_output, bc, br, layout.cols, layout.rows).transpose(1, 2)
-    else:
-        tiles = _grouped_products(grad_output, x, br, bc, layout.rows, layout.cols)
-    return tiles.reshape(-1).index_select(0, layout.gather)
-
-
-def _grouped_products(
-    a: torch.Tensor, b: torch.Tensor, size_a: int, size_b: int, tile_a: torch.Tensor, tile_b: torch.Tensor
-) -> torch.Tensor:
-    """`a[:, block tile_a[t]]^T @ b[:, block tile_b[t]]` for each tile `t`, as `(tiles, size_a, size_b)`: one matmul
-    per block of `b` that has tiles, against the gathered blocks of `a` of those tiles (at most `a`'s size)."""
+    a, b, size_a, size_b = (x, grad_output, bc, br) if layout.by_rows else (grad_output, x, br, bc)
     tokens = a.shape[0]
     blocks_a = a.t().contiguous().view(-1, size_a, tokens)
-    out = a.new_empty(tile_a.numel(), size_a, size_b)
-    order = torch.argsort(tile_b, stable=True)
+    out = a.new_empty(layout.other_blocks.numel(), size_a, size_b)
     start = 0
-    for block, count in enumerate(torch.bincount(tile_b, minlength=b.shape[1] // size_b).tolist()):
-        if count:
-            members = order[start : start + count]
-            gathered = blocks_a.index_select(0, tile_a[members]).view(count * size_a, tokens)
-            product = gathered @ b[:, block * size_b : (block + 1) * size_b]
-            out.index_copy_(0, members, product.view(count, size_a, size_b))
-            start += count
-    return out
+    for block, count in layout.groups:
+        gathered = blocks_a.index_select(0, layout.other_blocks[start : start + count]).view(count * size_a, tokens)
+        product = gathered @ b[:, block * size_b : (block + 1) * size_b]
+        out[start : start + count] = product.view(count, size_a, size_b)
+        start += count
+    return out.view(-1).index_select(0, layout.gather)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import warnings
 from abc import abstractmethod
@@ -13,10 +12,10 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .blocks import LayoutCache, TileLayout, check_divisible, random_tile_support
+from .blocks import LayoutCache, TileLayout, check_divisible
 from .config import SPUConfig
 from .distributed import full_tensor, is_sharded_tensor
-from .encoding import index_dtype
+from .encoding import expand_tiles, index_dtype
 from .scoring import scoring_linear
 from .sparse_linear import SparseDelta, compose_weight, sparse_delta_linear
 
@@ -47,20 +46,20 @@ def adapter_seed(config: SPUConfig, purpose: str, adapter_name: str, key: str) -
 def random_support(
     shape: tuple[int, int], config: SPUConfig, key: str, device: torch.device, adapter_name: str
 ) -> torch.Tensor:
-    """A seeded random support, the data-free stand-in used until `select_parameters` runs."""
-    out_features, in_features = shape
+    """A seeded random support, the data-free stand-in used until `select_parameters` runs: entries or, with a
+    `block_size`, whole tiles (cells of a grid of `1 x 1` or `block_size` cells), per row of cells or of the whole
+    grid, as many as the budget buys."""
     generator = torch.Generator().manual_seed(adapter_seed(config, "support", adapter_name, key))
-    if config.block_size is not None:
-        count = functools.partial(num_selected, density=config.density)  # tiles a budget buys, as entries do
-        flat = random_tile_support(shape, config.block_size, config.budget == "per_row", count, generator)
-    elif config.budget == "per_row":
-        k = num_selected(in_features, config.density)
-        cols = torch.rand(out_features, in_features, generator=generator).argsort(dim=1)[:, :k]
-        flat = (torch.arange(out_features).unsqueeze(1) * in_features + cols).reshape(-1)
+    cell = config.block_size or (1, 1)
+    grid = (shape[0] // cell[0], shape[1] // cell[1])
+    if config.budget == "per_row":
+        cols = torch.rand(grid, generator=generator).argsort(dim=1)[:, : num_selected(grid[1], config.density)]
+        cells = (torch.arange(grid[0]).unsqueeze(1) * grid[1] + cols).reshape(-1)
     else:
-        numel = out_features * in_features
-        flat = torch.randperm(numel, generator=generator)[: num_selected(numel, config.density)]
-    return flat.sort().values.to(device=device, dtype=index_dtype(out_features * in_features))
+        numel = grid[0] * grid[1]
+        cells = torch.randperm(numel, generator=generator)[: num_selected(numel, config.density)]
+    flat = cells if config.block_size is None else expand_tiles(cells, shape, config.block_size)
+    return flat.sort().values.to(device=device, dtype=index_dtype(shape[0] * shape[1]))
 
 
 class SPULayer(BaseTunerLayer):

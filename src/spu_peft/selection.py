@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import expand_tiles, tile_scores
+from .blocks import tile_scores
 from .budgets import global_top_entries, layer_top_entries
 from .config import SPUConfig
 from .distributed import (
@@ -32,6 +32,7 @@ from .distributed import (
     unwrap_replicated,
     whole_parameters,
 )
+from .encoding import expand_tiles
 from .layer import SPULayer
 from .naming import PEFT_PREFIX, spu_layers
 from .optim_state import drop_state, watch_stale_state

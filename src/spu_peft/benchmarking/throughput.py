@@ -157,6 +157,9 @@ def measure_time(workload: Workload, settings: ThroughputSettings, accelerator: 
             shared = sum(int(torch.isin(a, b).sum()) for a, b in zip(chosen[kind], chosen["fp32"]))
             results["selection"][kind]["overlap_with_fp32"] = shared / sum(a.numel() for a in chosen["fp32"])
 
+    for method in (m for m in SELECTING_METHODS if m in models and m != "spu"):  # untimed: trains what it selects
+        select(models[method], workload, settings, accelerator)
+
     # 3. training steps, round by round over the methods and SPU's further value-gradient paths
     steps = {}
     for method, model in models.items():
