@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU: run the tests' CUDA cases (layer, selection, bf16, save/load, the throughput quick
-# run) and `benchmarks/throughput.py --device cuda --bf16 --quick`, then print one table of both.
+# On a machine with a CUDA GPU: run the tests' CUDA cases (layer, selection, bf16, save/load, the block-sparse tile
+# gradient, the throughput quick run), `benchmarks/throughput.py --device cuda --bf16 --quick` and
+# `benchmarks/tile_gradient.py --device cuda` (float32 and bfloat16: the tile gradient's paths against dense autograd),
+# then print one table of all.
 # Usage: scripts/gpu_check.sh [extra pytest arguments]   (PYTHON=... picks the interpreter; default .venv's)
 # Exit status: 0 when every CUDA test passed and the benchmark ran, 1 otherwise, 2 without a GPU.
 set -uo pipefail
@@ -18,12 +20,16 @@ out=$(mktemp -d)
 # the CUDA cases only: the `device` fixture's and test_bf16's parameters whose id holds "cuda"
 "$PYTHON" -m pytest -q -k cuda -p no:cacheprovider --junitxml "$out/tests.xml" "$@" \
     tests/test_layer.py tests/test_selection.py tests/test_bf16.py tests/test_save_load.py tests/test_encoding.py \
-    tests/test_throughput.py \
+    tests/test_throughput.py tests/test_bsr.py \
     tests/test_quantized.py \
     >"$out/tests.log" 2>&1
 tests_rc=$?
 "$PYTHON" benchmarks/throughput.py --device cuda --bf16 --quick --json "$out/throughput.json" >"$out/bench.log" 2>&1
 bench_rc=$?
+for dtype in float32 bfloat16; do
+    "$PYTHON" benchmarks/tile_gradient.py --device cuda --dtype $dtype --json "$out/tile_gradient_$dtype.json" \
+        >>"$out/bench.log" 2>&1 || bench_rc=1
+done
 
 "$PYTHON" - "$out" "$tests_rc" "$bench_rc" <<'PY'
 import json, sys
@@ -53,6 +59,13 @@ if (out / "throughput.json").exists():
         for kind, row in figures.get("selection", {}).items():
             text = f"score {row['score_s'] * 1e3:.1f} ms, overlap with fp32 {row['overlap_with_fp32']:.3f}"
             rows.append((f"throughput --bf16 --quick: {model} selection, {kind} sums", "ran", text))
+for path in sorted(out.glob("tile_gradient_*.json")):
+    data = json.loads(path.read_text())
+    for layer, paths in data["layers"].items():
+        for name, row in paths.items():
+            text = f"{row['seconds'] * 1e3:.2f} ms, {row['vs_dense_autograd']:.3f}x dense autograd, "
+            text += f"max abs diff {row['max_abs_diff']:.3g}"
+            rows.append((f"tile gradient {data['meta']['dtype']}: {layer} {name}", "ran", text))
 width = max([len("check")] + [len(name) for name, _, _ in rows])
 print(f"| {'check':{width}} | result  | figures |")
 print(f"|{'-' * (width + 2)}|---------|---------|")

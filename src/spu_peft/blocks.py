@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .bsr import BSR_DTYPES, BsrLayout, bsr_applies, bsr_layout, bsr_value_gradient
 from .encoding import index_dtype
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ class TileLayout:
     The tiles are grouped by a block of the side with fewer blocks (`by_rows`: row blocks of `grad_output`, else column
     blocks of `x`); `groups` is `(block, tiles)` per group in order, and `other_blocks` the block of the other side of
     each tile, in group order. The products fill a `(tiles, size_a, size_b)` buffer in that order, and value `i` of the
-    (sorted) support is its entry `gather[i]`.
+    (sorted) support is its entry `gather[i]`. Where the block-sparse kernel applies (`spu_peft.bsr.bsr_applies`),
+    `bsr` is its layout, taken in the kernel's dtypes.
     """
 
     block_size: tuple[int, int]
@@ -80,6 +82,7 @@ class TileLayout:
     groups: tuple[tuple[int, int], ...]
     other_blocks: torch.Tensor
     gather: torch.Tensor
+    bsr: BsrLayout | None = None
 
 
 def tile_layout(indices: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> TileLayout | None:
@@ -102,7 +105,8 @@ def tile_layout(indices: torch.Tensor, shape: tuple[int, int], block_size: tuple
     within = (col % bc) * br + row % br if by_rows else (row % br) * bc + col % bc
     gather = position[torch.searchsorted(tiles, of_entry)] * (br * bc) + within
     groups = tuple(zip(blocks.tolist(), counts.tolist()))
-    return TileLayout(block_size, by_rows, groups, other[order], gather.to(index_dtype(flat.numel())))
+    bsr = bsr_layout(indices, shape, block_size) if bsr_applies(indices.device, block_size) else None
+    return TileLayout(block_size, by_rows, groups, other[order], gather.to(index_dtype(flat.numel())), bsr)
 
 
 class LayoutCache:
@@ -138,11 +142,14 @@ def tile_value_gradient(grad_output: torch.Tensor, x: torch.Tensor, layout: Tile
     `grad_output` is `(tokens, out_features)` and `x` `(tokens, in_features)`, both 2-D in the compute dtype. The work
     is `tokens * (selected entries)` multiply-adds, the tiles' share of the dense product's. Each group of tiles is one
     matmul of a slice of the grouping side (a view) with the other side's blocks of its tiles, gathered: only one side
-    is ever copied.
+    is ever copied. Where the layout has a block-sparse kernel's (`spu_peft.bsr`, CUDA) and the dtype is one of its,
+    that one kernel computes the tiles instead.
     """
     br, bc = layout.block_size
     if grad_output.shape[0] == 0:  # no tokens: every gradient is an empty sum
         return grad_output.new_zeros(layout.gather.numel())
+    if layout.bsr is not None and grad_output.dtype in BSR_DTYPES:
+        return bsr_value_gradient(grad_output, x, layout.bsr)
     a, b, size_a, size_b = (x, grad_output, bc, br) if layout.by_rows else (grad_output, x, br, bc)
     tokens = a.shape[0]
     blocks_a = a.t().contiguous().view(-1, size_a, tokens)

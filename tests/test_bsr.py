@@ -1,0 +1,147 @@
+"""The block-sparse value gradient of tiled supports (`spu_peft.bsr`): its layout, its plumbing and its dispatch.
+
+torch's block-sparse sampled matmul runs only on CUDA (with Triton): on a CPU torch refuses a BSR pattern in
+`torch.sparse.sampled_addmm`. So here the layout and the call are checked with a reference kernel written from the
+definition (the dense product, cut into the pattern's blocks), and the dispatch by which device, tile and dtype take
+it; the CUDA cases (`scripts/gpu_check.sh` runs them) check torch's kernel itself against dense autograd.
+"""
+
+import pytest
+import torch
+from conftest import NEEDS_CUDA, make_batch, make_tiny_clip
+from peft import get_peft_model
+
+from spu_peft import SPUConfig, bsr, select_parameters
+from spu_peft import sparse_linear as sparse_linear_module
+from spu_peft.blocks import tile_layout, tile_value_gradient
+from spu_peft.encoding import expand_tiles
+from spu_peft.naming import spu_layers
+
+
+def reference_kernel(calls=None):
+    """`sampled_addmm(pattern, mat1, mat2, beta=0)` for a BSR pattern, from its definition."""
+
+    def kernel(pattern, mat1, mat2, beta):
+        assert beta == 0.0 and pattern.layout == torch.sparse_bsr
+        if calls is not None:
+            calls.append(mat1.dtype)
+        (br, bc), (rows, cols) = pattern.values().shape[-2:], pattern.shape
+        crow, col = pattern.crow_indices(), pattern.col_indices()
+        block_rows = torch.repeat_interleave(torch.arange(rows // br), crow.diff())
+        dense = (mat1 @ mat2).view(rows // br, br, cols // bc, bc).permute(0, 2, 1, 3)
+        return torch.sparse_bsr_tensor(crow, col, dense[block_rows, col], size=pattern.shape)
+
+    return kernel
+
+
+def tiled_support(shape, block, count, seed):
+    grid = (shape[0] // block[0]) * (shape[1] // block[1])
+    tiles = torch.randperm(grid, generator=torch.Generator().manual_seed(seed))[:count]
+    return expand_tiles(tiles, shape, block)
+
+
+@pytest.mark.parametrize(
+    ("shape", "block", "count"), [((64, 48), (16, 16), 5), ((96, 32), (32, 16), 6), ((32, 64), (16, 32), 4)]
+)
+def test_the_layout_puts_every_value_where_the_kernel_computes_it(shape, block, count):
+    indices = tiled_support(shape, block, count, seed=count)
+    layout = bsr.bsr_layout(indices, shape, block)
+    assert layout.col_indices.numel() == count and layout.crow_indices.numel() == shape[0] // block[0] + 1
+    torch.manual_seed(0)
+    grad_out, x = torch.randn(9, shape[0], dtype=torch.float64), torch.randn(9, shape[1], dtype=torch.float64)
+    got = bsr.bsr_value_gradient(grad_out, x, layout, kernel=reference_kernel())
+    torch.testing.assert_close(got, (grad_out.t() @ x).reshape(-1)[indices], rtol=0, atol=1e-12)
+
+
+def test_only_cuda_with_the_kernel_and_power_of_two_tiles_of_at_least_16_take_it(monkeypatch):
+    monkeypatch.setattr(bsr, "bsr_kernel", lambda: reference_kernel())
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert bsr.bsr_applies(cuda, (16, 16)) and bsr.bsr_applies(cuda, (32, 64))
+    assert not bsr.bsr_applies(cpu, (16, 16))
+    for block in [(8, 8), (16, 8), (24, 32), (48, 16)]:
+        assert not bsr.bsr_applies(cuda, block), block
+    monkeypatch.setattr(bsr, "bsr_kernel", lambda: None)  # torch without Triton
+    assert not bsr.bsr_applies(cuda, (16, 16))
+
+
+def test_torch_here_has_or_lacks_the_kernel_as_it_says():
+    """Without Triton (this CPU build) there is no kernel, so no layout has a BSR part and nothing changes."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        assert bsr.bsr_kernel() is None
+    layout = tile_layout(tiled_support((64, 48), (16, 16), 4, seed=0), (64, 48), (16, 16))
+    assert layout.bsr is None
+
+
+def test_a_model_takes_the_kernel_in_its_dtypes_and_the_grouped_matmuls_else(monkeypatch):
+    """With the kernel made available on the CPU (the reference one), a tiled model's value gradients come from it in
+    float32, equal to dense autograd's; in float64, which it lacks, from the grouped matmuls."""
+    calls = []
+    monkeypatch.setattr(bsr, "BSR_VALUE_GRAD_DEVICES", ("cpu",))
+    monkeypatch.setattr(bsr, "bsr_kernel", lambda: reference_kernel(calls))
+    batch = make_batch()
+    for dtype in (torch.float32, torch.float64):
+        clip = make_tiny_clip(hidden=32, intermediate=64).to(dtype)  # fc1 (64, 32): 16 x 16 tiles
+        model = get_peft_model(clip, SPUConfig(block_size=(16, 16), density=0.25, init_weights=False))
+        select_parameters(model, [batch], score="magnitude")
+        layers = dict(spu_layers(model, "default"))
+        calls.clear()
+
+        def value_grads(model=model, dtype=dtype, layers=layers):
+            model.zero_grad()
+            inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+            model.train()(**inputs, return_loss=True).loss.backward()
+            return [layer.spu_values["default"].grad.clone() for layer in layers.values()]
+
+        tiled = value_grads()
+        assert calls == ([torch.float32] * len(layers) if dtype == torch.float32 else [])
+        assert all(layer.tile_layouts("default")[-1].bsr is not None for layer in layers.values())
+        monkeypatch.setattr(sparse_linear_module, "TILE_VALUE_GRAD", False)  # the dense product, gathered
+        dense = value_grads()
+        monkeypatch.setattr(sparse_linear_module, "TILE_VALUE_GRAD", True)
+        tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+        for a, b in zip(tiled, dense):
+            torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["cuda-float32", "cuda-bfloat16"])
+def test_the_cuda_kernel_equals_dense_autograd(dtype):
+    """torch's block-sparse kernel on a GPU against dense autograd of `grad_output^T @ x` (float64 reference): float32
+    to float32 accumulation error, bfloat16 within `2**-7 * (|grad_output|^T |x|)` as the CPU paths are held."""
+    shape, block = (256, 128), (32, 32)
+    indices = tiled_support(shape, block, 7, seed=1).cuda()
+    layout = tile_layout(indices, shape, block)
+    assert layout.bsr is not None, "torch has no Triton here: the kernel cannot run"
+    torch.manual_seed(0)
+    grad_out, x = torch.randn(300, shape[0], device="cuda"), torch.randn(300, shape[1], device="cuda")
+    grad_out, x = grad_out.to(dtype), x.to(dtype)
+    got = tile_value_gradient(grad_out, x, layout).double()
+    exact = (grad_out.double().t() @ x.double()).reshape(-1)[indices]
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-4)
+    else:
+        bound = 2**-7 * (grad_out.double().abs().t() @ x.double().abs()).reshape(-1)[indices]
+        assert bool(((got - exact).abs() <= bound).all())
+
+
+def test_the_benchmark_writes_each_paths_time_ratio_and_difference(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tile_gradient.py"
+    spec = importlib.util.spec_from_file_location("tile_gradient", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--shapes", "64x32,vit_b16_fc2", "--tokens", "6", "--block-size", "16x16", "--rounds", "1"]
+    out = module.main([*argv, "--json", str(tmp_path / "t.json"), "--density", "0.25"])
+    assert set(out["layers"]) == {"64x32", "vit_b16_fc2"}
+    for rows in out["layers"].values():
+        assert set(rows) == {"dense_autograd", "dense_gather", "tiles_grouped"}  # no kernel on this CPU
+        assert rows["dense_autograd"]["vs_dense_autograd"] == 1.0
+        assert all(row["seconds"] > 0 and row["max_abs_diff"] < 1e-4 for row in rows.values())
+    monkeypatch.setattr(bsr, "BSR_VALUE_GRAD_DEVICES", ("cpu",))
+    monkeypatch.setattr(bsr, "bsr_kernel", lambda: reference_kernel())
+    out = module.main([*argv[:1], "64x32", *argv[2:], "--json", str(tmp_path / "t.json")])
+    assert out["layers"]["64x32"]["tiles_bsr"]["max_abs_diff"] < 1e-4
