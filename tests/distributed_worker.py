@@ -23,6 +23,7 @@ from peft import PeftModel, get_peft_model  # noqa: E402
 
 import spu_peft  # noqa: E402
 from spu_peft import SPUConfig, SPULayer, select_parameters  # noqa: E402
+from spu_peft.blocks import parse_block_size  # noqa: E402
 
 BATCHES = {"uneven": (3, 1), "empty": (2, 0)}  # scoring batches of process 0 and 1 (2 processes)
 LOSS_SCORES = ("fisher", "task_loss")  # scored on batches that ask CLIP for its contrastive loss
@@ -38,8 +39,11 @@ def union_batches(scenario: str, loss: bool = False) -> list[dict]:
     return rank_batches(scenario, 0, loss) + rank_batches(scenario, 1, loss)
 
 
+BLOCK_SIZE = None  # `--block-size`: the adapters select whole tiles of it
+
+
 def build(budget: str = "per_tensor") -> torch.nn.Module:
-    return get_peft_model(make_tiny_clip(), SPUConfig(budget=budget))
+    return get_peft_model(make_tiny_clip(), SPUConfig(budget=budget, block_size=BLOCK_SIZE))
 
 
 def wrap(model: torch.nn.Module, engine: str) -> torch.nn.Module:
@@ -102,10 +106,17 @@ def main() -> None:
     parser.add_argument("--engine", required=True, choices=ENGINES)
     parser.add_argument("--scenario", default="empty", choices=sorted(BATCHES), help="batches of the first selection")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--block-size", default="none", help="ROWSxCOLS: select whole tiles (none: entries)")
     args = parser.parse_args()
+    global BLOCK_SIZE
+    BLOCK_SIZE = parse_block_size(args.block_size)
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
-    found = {"engine": args.engine, **(references(args.scenario, args.engine) if rank == 0 else {})}
+    found = {
+        "engine": args.engine,
+        "block_size": BLOCK_SIZE,
+        **(references(args.scenario, args.engine) if rank == 0 else {}),
+    }
     dist.init_process_group("gloo")
     out = Path(args.out) / args.engine
     out.mkdir(parents=True, exist_ok=True)

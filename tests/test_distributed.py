@@ -18,7 +18,9 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 NO_DEEPSPEED = "deepspeed is not installed (it is in the dev extra: pip install -e '.[dev]')"
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 ZERO2 = pytest.param("zero2", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason=NO_DEEPSPEED))
-ENGINES = ["ddp", "ddp-global", "fsdp1", "fsdp1-nested", "fsdp2", ZERO2]
+ZERO2_TILES = pytest.param("zero2+8x4", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason=NO_DEEPSPEED))
+ENGINES = ["ddp", "ddp-global", "fsdp1", "fsdp1-nested", "fsdp2", ZERO2, "fsdp1-nested+8x4", "fsdp2+8x4", ZERO2_TILES]
+"""Each engine's launch; `+8x4`: the adapters select whole 8 x 4 tiles (`SPUConfig.block_size`)."""
 WRAPPED = ["ddp", "fsdp1", "fsdp1-nested", "fsdp2"]  # select on the wrapped model
 pytestmark = pytest.mark.slow  # a torchrun launch of 2 processes per engine
 
@@ -32,10 +34,19 @@ def free_port() -> int:
 @pytest.fixture(scope="module", params=ENGINES)
 def run(request, tmp_path_factory) -> list[dict]:
     """The findings of both processes of one engine's launch (module scope: pytest runs one engine's tests together)."""
-    engine = request.param
-    out = tmp_path_factory.mktemp(engine)
+    engine, _, block_size = request.param.partition("+")
+    out = tmp_path_factory.mktemp(request.param)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-    command += [str(free_port()), str(WORKER), "--engine", engine, "--out", str(out)]
+    command += [
+        str(free_port()),
+        str(WORKER),
+        "--engine",
+        engine,
+        "--out",
+        str(out),
+        "--block-size",
+        block_size or "none",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -53,6 +64,19 @@ def test_every_process_selects_what_an_unsharded_model_selects_on_the_union_of_t
     for found in run:
         assert found["num_batches"] == 2
         assert found["supports"] == reference
+
+
+def test_with_a_block_size_every_process_selects_the_same_whole_tiles(run):
+    """fc1 is 48 x 32: in 8 x 4 tiles a 6 x 8 grid, of which a per-tensor budget of 0.1 takes 5 whole tiles."""
+    if run[0]["block_size"] is None:
+        pytest.skip("a run selecting entries")
+    assert run[0]["block_size"] == [8, 4]
+    for found in run:
+        for score in ("supports", "supports_fisher", "supports_task_loss"):
+            assert found[score] == run[0][score]
+            for indices in found[score].values():
+                tiles = {(i // 32 // 8, i % 32 // 4) for i in indices}
+                assert len(tiles) == 5 and len(indices) == 5 * 8 * 4, score
 
 
 @pytest.mark.parametrize("score", ["fisher", "task_loss"])

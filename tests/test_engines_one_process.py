@@ -19,8 +19,8 @@ import spu_peft.distributed as distributed
 from spu_peft import SPUConfig, SPULayer, save_adapter, select_parameters
 
 
-def build() -> nn.Module:
-    return get_peft_model(make_tiny_clip(), SPUConfig(bias="spu_only"))
+def build(block_size: tuple[int, int] | None = None) -> nn.Module:
+    return get_peft_model(make_tiny_clip(), SPUConfig(bias="spu_only", block_size=block_size))
 
 
 def train_step(model: nn.Module, batch: dict) -> None:
@@ -30,7 +30,8 @@ def train_step(model: nn.Module, batch: dict) -> None:
     optimizer.step()
 
 
-CASES = [("fsdp2", "output_norm"), ("fsdp2", "magnitude")]
+CASES = [("fsdp2", "output_norm", None), ("fsdp2", "magnitude", None), ("fsdp2", "output_norm", (8, 4))]
+"""(engine, score, block size): the last selects whole 8 x 4 tiles of each fc1 (48 x 32)."""
 
 
 @pytest.mark.parametrize("engine", ["fsdp1", "fsdp1-nested"])
@@ -50,17 +51,22 @@ def test_fsdp1_without_sharding_is_refused_before_it_damages_the_model(one_proce
     assert trainable > 0 and sum(p.requires_grad for p in wrapped.parameters()) == trainable
 
 
-@pytest.mark.parametrize(("engine", "score"), CASES)
+@pytest.mark.parametrize(("engine", "score", "block_size"), CASES)
 def test_a_sharded_model_selects_trains_and_saves_what_the_unwrapped_model_does(
-    one_process_group, tmp_path, engine, score
+    one_process_group, tmp_path, engine, score, block_size
 ):
     batches = [make_batch(i) for i in range(2)]
-    plain, wrapped = build(), wrap(build(), engine)
+    plain, wrapped = build(block_size), wrap(build(block_size), engine)
     assert distributed.sharding_engine(wrapped) == engine[:5]
     assert distributed.fixed_shape_wrapper(wrapped, distributed.sharding_engine(wrapped)) == "a model sharded with FSDP"
     for model in (plain, wrapped):
         select_parameters(model, batches, score=score)
     assert supports(wrapped) == supports(plain)
+    if block_size is not None:  # 5 whole tiles of the 6 x 8 grid, which the layers train through the tile gradient
+        for indices in supports(wrapped).values():
+            assert len({(i // 32 // 8, i % 32 // 4) for i in indices}) == 5 and len(indices) == 5 * 8 * 4
+        tiled = [m.tile_layouts("default")[-1] for m in wrapped.modules() if isinstance(m, SPULayer)]
+        assert tiled and all(layout is not None for layout in tiled)
     for model in (plain, wrapped):
         train_step(model, batches[0])
         select_parameters(model, batches, score=score)  # folds what the step learned into the frozen delta
@@ -68,6 +74,7 @@ def test_a_sharded_model_selects_trains_and_saves_what_the_unwrapped_model_does(
         save_adapter(model, str(tmp_path / ("plain" if model is plain else "wrapped")))
     saved = {name: load_file(tmp_path / name / "adapter_model.safetensors") for name in ("plain", "wrapped")}
     assert saved["wrapped"].keys() == saved["plain"].keys()
+    assert any(key.endswith(".spu_tiles") for key in saved["wrapped"]) == (block_size is not None)
     moved = 0
     for key, tensor in saved["plain"].items():
         torch.testing.assert_close(saved["wrapped"][key], tensor, rtol=1e-5, atol=1e-6, msg=key)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .bsr import BSR_DTYPES, BsrLayout, bsr_applies, bsr_layout, bsr_value_gradient
-from .encoding import index_dtype
+from .encoding import index_dtype, tiles_of_entries
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +89,9 @@ def tile_layout(indices: torch.Tensor, shape: tuple[int, int], block_size: tuple
     """The layout of a support made of whole tiles, or None when it is not (a support set by hand): the caller then
     takes the entry-level gradient, which is right for any support."""
     (rows, cols), (br, bc) = shape, block_size
-    flat = indices.long()
     grid_cols = cols // bc
-    row, col = flat // cols, flat % cols
-    of_entry = (row // br) * grid_cols + col // bc
-    tiles = torch.unique(of_entry, sorted=True)
-    if tiles.numel() * br * bc != flat.numel():
+    row, col, of_entry, tiles = tiles_of_entries(indices, shape, block_size)
+    if tiles.numel() * br * bc != indices.numel():
         return None
     by_rows = rows // br < grid_cols  # the product is x_block^T @ grad_output_block: (bc, br) per tile
     key, other = (tiles // grid_cols, tiles % grid_cols) if by_rows else (tiles % grid_cols, tiles // grid_cols)
@@ -106,7 +103,7 @@ def tile_layout(indices: torch.Tensor, shape: tuple[int, int], block_size: tuple
     gather = position[torch.searchsorted(tiles, of_entry)] * (br * bc) + within
     groups = tuple(zip(blocks.tolist(), counts.tolist()))
     bsr = bsr_layout(indices, shape, block_size) if bsr_applies(indices.device, block_size) else None
-    return TileLayout(block_size, by_rows, groups, other[order], gather.to(index_dtype(flat.numel())), bsr)
+    return TileLayout(block_size, by_rows, groups, other[order], gather.to(index_dtype(indices.numel())), bsr)
 
 
 class LayoutCache:

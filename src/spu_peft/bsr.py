@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .encoding import index_dtype
+from .encoding import index_dtype, tiles_of_entries
 
 BSR_VALUE_GRAD_DEVICES: tuple[str, ...] = ("cuda",)
 """Device types whose tiled supports take the block-sparse kernel (where `bsr_kernel` finds it). Not measured yet:
@@ -60,15 +60,11 @@ def bsr_applies(device: torch.device, block_size: tuple[int, int]) -> bool:
 def bsr_layout(indices: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> BsrLayout:
     """The BSR layout of a support made of whole tiles (the caller checked that it is)."""
     (rows, cols), (br, bc) = shape, block_size
-    flat = indices.long()
-    grid_cols = cols // bc
-    row, col = flat // cols, flat % cols
-    of_entry = (row // br) * grid_cols + col // bc
-    tiles = torch.unique(of_entry, sorted=True)
-    per_row = torch.bincount(tiles // grid_cols, minlength=rows // br)
+    row, col, of_entry, tiles = tiles_of_entries(indices, shape, block_size)
+    per_row = torch.bincount(tiles // (cols // bc), minlength=rows // br)
     crow = torch.cat([per_row.new_zeros(1), per_row.cumsum(0)])
     gather = torch.searchsorted(tiles, of_entry) * (br * bc) + (row % br) * bc + col % bc
-    return BsrLayout(block_size, crow, tiles % grid_cols, gather.to(index_dtype(flat.numel())))
+    return BsrLayout(block_size, crow, tiles % (cols // bc), gather.to(index_dtype(indices.numel())))
 
 
 def bsr_value_gradient(
