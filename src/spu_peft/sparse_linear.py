@@ -165,7 +165,8 @@ SAMPLED_VALUE_GRAD_DEVICES: tuple[str, ...] = ()
 - CUDA and every other device type: nothing measured, so the dense product (the vendor's BLAS is the safe bet).
 
 `benchmarks/throughput.py --value-grad auto,sampled` times the sampled product beside the rule's choice on any
-device; add a device type here only on such evidence.
+device, and `benchmarks/tile_gradient.py` one layer's value gradient on each path (`entries_sampled` against
+`dense_gather`) per weight shape; add a device type here only on such evidence.
 """
 
 
