@@ -154,3 +154,17 @@ def test_the_blocks_part_runs_spu_and_random_tiles_and_compares_them_with_three_
         (64, "output_norm @ 0.1, 16x16 tiles", "spu_replay@16x16", "finetune_replay"),
         (64, "output_norm @ 0.1, 16x16 tiles", "spu_replay@16x16", "spu_replay"),
     ]
+
+
+@pytest.mark.slow
+def test_quick_blocks_part_runs_spu_and_random_tiles_and_compares_them(tiny_model, tmp_path):
+    argv = ["--quick", "--models", f"64={tiny_model}", "--output-dir", str(tmp_path), "--workers", "1"]
+    out = scaling.main([*argv, "--seeds", "0", "--parts", "main,blocks", "--block-sizes", "16x16"])
+    cell = out["study"]["sequences"][64][0]
+    assert set(cell["curves"]) == {"spu_replay", "random_replay", "finetune_replay", "spu_replay@16x16",
+                                   "random_replay@16x16"}  # fmt: skip
+    config = json.loads((tmp_path / "w64" / "seed0" / "blocks16x16" / "results.json").read_text())["config"]
+    assert config["method_plans"]["spu_replay"]["options"]["block_size"] == "16x16"
+    assert config["method_plans"]["random_replay"]["options"]["block_size"] == "16x16"
+    peers = {r["peer"] for r in out["analysis"]["comparisons"] if r["variant"] == "output_norm @ 0.1, 16x16 tiles"}
+    assert peers == {"random_replay@16x16", "finetune_replay", "spu_replay"}

@@ -3,9 +3,10 @@ support computed tile by tile.
 
 An adapter with `SPUConfig(block_size=(br, bc))` trains whole `br x bc` tiles of each target weight. In memory the
 support is still flat entry indices (sorted, as every SPU support), so loading, merging and composing are those of
-entry-level adapters (a file stores the tiles' positions where that is smaller, `spu_peft.encoding`); what the tiles buy
-is the weight gradient: `grad_output[:, rows]^T @ x[:, cols]` per selected
-tile, grouped into one matmul per block of columns (or rows), whose work is the tiles' share of the dense product's.
+entry-level adapters (a file stores the tiles' positions where that is smaller, `spu_peft.encoding`); what the tiles
+buy is the weight gradient: `grad_output[:, rows]^T @ x[:, cols]` per selected tile, grouped into one matmul per block
+of columns (or rows), whose work is the tiles' share of the dense product's (on CUDA, one block-sparse kernel:
+`spu_peft.bsr`).
 """
 
 from __future__ import annotations
