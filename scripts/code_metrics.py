@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "config",
             "encoding",
             "blocks",
+            "bsr",
             "sparse_linear",
             "optim_state",
             "distributed",
