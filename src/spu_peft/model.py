@@ -212,14 +212,13 @@ class SPUModel(BaseTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """Pick the adapter's tensors by walking the SPU layers, and store supports as bit masks where smaller.
+        """Pick the adapter's tensors by walking the SPU layers, store supports as bit masks where smaller, and add
+        the digest of everything PEFT will write (`DIGEST_KEY`).
 
         Keys are matched after removing wrapper segments, so a model whose blocks are nested FSDP1 units saves every
         layer (PEFT's own key discovery strips only a leading `_fsdp_wrapped_module.` and would silently drop them).
         """
         config.to_json_dict()  # refuses a config that JSON cannot hold before PEFT writes a byte
-        # PEFT adds the `modules_to_save` tensors after this hook and then removes the adapter name from every key:
-        # the digest entry covers the state dict as PEFT will write it, so the file needs no rewriting afterwards
         if (
             config.selection is None
             and config.init_weights  # the values started at zero: nonzero ones were trained
@@ -265,6 +264,8 @@ class SPUModel(BaseTuner):
         ]
         check_savable(adapter_name, savable)
         to_return.update(biases)
+        # PEFT adds the `modules_to_save` tensors after this hook and then removes the adapter name from every key:
+        # the digest covers the state dict as PEFT will write it, so PEFT writes it and nothing rewrites the file
         written = to_return | auxiliary_state_dict(model, adapter_name, state_dict)
         to_return[DIGEST_KEY] = digest_entry(
             {cls._remove_adapter_name_from_key(k, adapter_name): v for k, v in written.items()}
