@@ -198,9 +198,10 @@ class SPUConfig(PeftConfig):
 
         PEFT's loaders (`PeftModel.from_pretrained`, `load_adapter`) read the config before they change the model or
         open the weights, so a weights file that is missing, not a regular file (a folder, a FIFO that would block
-        the reader, a dangling symlink), a pickle `adapter_model.bin`, unreadable, or altered since it was saved
-        (`integrity.read_adapter_file`) is refused here, naming it, while the model is untouched. Nothing is
-        recorded: whether the file fits the model is checked in the tuner's load hook, on the state dict PEFT reads.
+        the reader, a dangling symlink), a pickle `adapter_model.bin`, unreadable, altered since it was saved
+        (`integrity.read_adapter_file`) or not made with this config is refused here, naming it, while the model is
+        untouched. Nothing is recorded: whether the file fits the model is checked in the tuner's load hook, on the
+        state dict PEFT reads.
         """
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         try:
