@@ -92,7 +92,9 @@ def test_a_state_dict_is_checked_by_its_digest_on_every_load_path():
     assert torch.equal(target(**batch).logits_per_image, source(**batch).logits_per_image)
 
 
-@pytest.mark.parametrize("loader", ["from_pretrained", "load_adapter", "spu_peft.load_adapter"])
+@pytest.mark.parametrize(
+    "loader", ["from_pretrained", "load_adapter", "load_adapter trainable", "spu_peft.load_adapter"]
+)
 def test_a_file_refused_against_the_model_after_injection_leaves_the_model_as_it_was(tmp_path, loader):
     """An adapter for a base whose dense module has another shape passes every check that needs no model, so the
     refusal comes after PEFT injected the layers (it used to leave them there)."""
@@ -108,8 +110,8 @@ def test_a_file_refused_against_the_model_after_injection_leaves_the_model_as_it
     with pytest.raises(SPUAdapterFileError, match=r"visual_projection\..*weight`: shape \(16, 32\) in the file"):
         if loader == "from_pretrained":
             PeftModel.from_pretrained(model, refused)
-        elif loader == "load_adapter":
-            model.load_adapter(refused, adapter_name="other")
+        elif loader.startswith("load_adapter"):
+            model.load_adapter(refused, adapter_name="other", is_trainable=loader.endswith("trainable"))
         else:
             spu_peft.load_adapter(model, refused, adapter_name="default")
     assert_same(before, state(model))
@@ -146,6 +148,19 @@ def test_loading_into_an_adapter_just_created_keeps_it_when_the_file_is_refused(
     with pytest.raises(SPUAdapterFileError, match="visual_projection"):
         spu_peft.load_adapter(model, tmp_path)
     assert_same(before, state(model))
+
+
+def test_an_adapter_just_created_is_the_first_half_of_peft_s_two_step_load(tmp_path):
+    """`get_peft_model` then `set_peft_model_state_dict` is how PEFT loads by hand: a refused first state dict for an
+    adapter nothing touched yet undoes its creation too, and leaves a coherent model (no adapter, none active)."""
+    base = make_tiny_clip()
+    before = state(base)
+    model = get_peft_model(base, SPUConfig())
+    wrong = get_peft_model_state_dict(trained(base=clip_projecting_to(8)))
+    with pytest.raises(SPUAdapterFileError, match="visual_projection"):
+        set_peft_model_state_dict(model, wrong)
+    assert_same(before, state(base))
+    assert model.peft_config == {} and model.active_adapters == []
 
 
 def _header_sealed(tmp_path):

@@ -65,7 +65,10 @@ class ModelState:
         # layers and wrappers that were there before hold the adapter too
         delete_adapter(self.model, self.adapter_name, prefix=self.tuner.prefix, layer_cls=self.tuner.tuner_layer_cls)
         self.tuner.peft_config.pop(self.adapter_name, None)
-        self.tuner.active_adapter = self.active_adapter
+        active = [self.active_adapter] if isinstance(self.active_adapter, str) else self.active_adapter
+        # a tuner made for this adapter named it active before injecting it: with it gone, none is (PEFT's rule)
+        kept = [name for name in active if name in self.tuner.peft_config]
+        self.tuner.active_adapter = self.active_adapter if kept == active else kept
         self.tuner.targeted_module_names[:] = self.targeted
         for parameter, flag in self.requires_grad.items():
             parameter.requires_grad = flag
