@@ -42,6 +42,11 @@ class ModelState:
         self.versions: list[tuple[torch.Tensor, int]] = []
 
     def injected(self) -> ModelState:
+        """Keep only what the injection changed (so a note kept for long holds no module a later change let go of),
+        and the adapter's tensors as it left them."""
+        now = dict(self.model.named_modules(remove_duplicate=False))
+        self.modules = [(path, module) for path, module in self.modules if now.get(path) is not module]
+        self.requires_grad = {p: flag for p, flag in self.requires_grad.items() if p.requires_grad != flag}
         self.versions = self._adapter_tensors()
         return self
 
