@@ -1,11 +1,13 @@
 """SPUConfig defaults and the errors for impossible values."""
 
 import json
+from dataclasses import fields
 
 import pytest
 import torch
 from conftest import make_tiny_clip
-from peft import get_peft_model
+from peft import PeftConfig, get_peft_model
+from peft.utils import CONFIG_NAME
 from transformers import DistilBertConfig, DistilBertModel
 
 from spu_peft import SPUConfig, SPULayer
@@ -88,15 +90,17 @@ def test_initial_selection_is_reproducible_and_sized_by_density():
         assert not torch.equal(indices, other[name])
 
 
-def test_the_adapter_file_a_config_was_read_with_is_never_saved_compared_or_shown(tmp_path):
-    """`adapter_file` is runtime state of a load (declared, as PEFT declares `LoraConfig.runtime_config`)."""
-    get_peft_model(make_tiny_clip(), SPUConfig()).save_pretrained(tmp_path)
-    config = SPUConfig.from_pretrained(tmp_path)
-    assert config.adapter_file == str(tmp_path / "adapter_model.safetensors")
-    assert "adapter_file" not in json.loads((tmp_path / "adapter_config.json").read_text())
-    assert "adapter_file" not in config.to_dict() and "adapter_file" not in repr(config)
-    other = SPUConfig.from_pretrained(tmp_path)
-    other.adapter_file = "elsewhere"
-    assert config == other and SPUConfig().adapter_file is None
-    with pytest.raises(TypeError):
-        SPUConfig(adapter_file="elsewhere")  # not a setting
+def test_a_config_read_back_holds_the_saved_settings_and_nothing_else(tmp_path):
+    """Loading has no side door through the config: `from_pretrained` records nothing on it (it once kept the adapter
+    file's path in a runtime field), so the config read back equals the saved one in fields, attributes and file."""
+    model = get_peft_model(make_tiny_clip(), SPUConfig(density=0.2, seed=3))
+    model.save_pretrained(tmp_path / "first")
+    loaded = SPUConfig.from_pretrained(tmp_path / "first")
+    assert [spec.name for spec in fields(SPUConfig) if spec.name not in {f.name for f in fields(PeftConfig)}] == [
+        "target_modules", "exclude_modules", "density", "budget", "block_size", "bias", "modules_to_save",
+        "init_weights", "seed", "selection",
+    ]  # fmt: skip
+    assert loaded.to_json_dict() == json.loads((tmp_path / "first" / CONFIG_NAME).read_text())
+    assert set(vars(loaded)) == {spec.name for spec in fields(SPUConfig)}
+    loaded.save_pretrained(tmp_path / "second")
+    assert (tmp_path / "second" / CONFIG_NAME).read_text() == (tmp_path / "first" / CONFIG_NAME).read_text()

@@ -98,7 +98,7 @@ def _edited(state, rng):
 
 
 def _edit_tensors(folder, rng):
-    """A tampered file: its tensors edited, its metadata (and so its old digest) kept."""
+    """A tampered file: its tensors edited, the digest recorded at saving kept (unless the edit hit it)."""
     path = folder / ADAPTER_FILE
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
@@ -113,15 +113,13 @@ def _resealed_edit(folder, rng):
 
 
 def _strip_digest(folder, rng):
-    """The digest's key renamed or dropped in the header, and one bit of a tensor flipped."""
+    """The digest's entry renamed or dropped, and one tensor edited."""
     path = folder / ADAPTER_FILE
-    with safe_open(str(path), framework="pt") as handle:
-        digest = handle.metadata()[DIGEST_KEY]
-    state = _edited(load_file(path), random.Random(rng.random()))
-    metadata = rng.choice(
-        [{"format": "pt"}, {"format": "pt", "spu_sha": digest}, {"format": "pt", "SPU_SHA256": digest}]
-    )
-    save_file(state, path, metadata=metadata)
+    state = load_file(path)
+    digest = state.pop(DIGEST_KEY)
+    state = _edited(state, random.Random(rng.random()))
+    renamed = rng.choice([{}, {"spu_sha": digest}, {"SPU_SHA256": digest}])
+    save_file(state | renamed, path, metadata={"format": "pt"})
 
 
 def _edit_config(folder, rng):
@@ -224,7 +222,7 @@ def _sparse(support, values):
 def _file_meaning(path):
     """What an adapter file says, decoded here independently of SPU's decoder: per layer its sparse deltas as
     (sorted flat indices, values) and its bias delta; the dense tensors as they are (all as float64)."""
-    state = {k.removeprefix(PREFIX): v for k, v in load_file(path).items()}
+    state = {k.removeprefix(PREFIX): v for k, v in load_file(path).items() if k != DIGEST_KEY}
     out = {}
     for key in sorted(state):
         name, _, field = key.rpartition(".")

@@ -98,13 +98,16 @@ def test_spu_only_never_rewrites_the_config_nor_trains_base_biases(monkeypatch):
     assert any(n.endswith("spu_bias.default") for n in trainable)
 
 
-def test_saved_file_carries_a_digest_that_peft_loaders_ignore(tmp_path):
-    """Finding 6: the adapter file had no integrity check."""
+def test_saved_file_carries_a_digest_of_its_tensors_that_peft_writes_itself(tmp_path):
+    """Finding 6: the adapter file had no integrity check. The digest is one more tensor of the state dict PEFT saves
+    (so PEFT writes it and nothing rewrites the file); the header holds only PEFT's own metadata."""
     trained().save_pretrained(tmp_path)
     with safe_open(str(tmp_path / ADAPTER_FILE), framework="pt") as handle:
         metadata = handle.metadata()
     state = save_and_load.load_peft_weights(str(tmp_path))  # PEFT's own loader reads the file
-    assert metadata["format"] == "pt" and metadata[DIGEST_KEY] == tensor_digest(state)
+    digest = state.pop(DIGEST_KEY)
+    assert metadata == {"format": "pt"}
+    assert digest.dtype == torch.uint8 and bytes(digest.tolist()).hex() == tensor_digest(state)
 
 
 @pytest.mark.parametrize(
@@ -128,10 +131,10 @@ def test_tensors_changed_after_saving_are_refused_naming_the_file(tmp_path, edit
     assert str(tmp_path / ADAPTER_FILE) in str(error.value)
 
 
-@pytest.mark.parametrize("digest_key", [None, "spu_sha257"], ids=["no-metadata", "renamed-key"])
+@pytest.mark.parametrize("digest_key", [None, "spu_sha257"], ids=["no-digest", "renamed-key"])
 def test_a_file_without_digest_is_refused_saying_how_to_save_it_again(tmp_path, digest_key):
-    """Hardening 3: with the digest's key renamed in the header and a value bit flipped, the file loaded silently
-    with other outputs (a file without a digest was only logged)."""
+    """Hardening 3: with the digest's key renamed and a value bit flipped, the file loaded silently with other
+    outputs (a file without a digest was only logged)."""
     trained().save_pretrained(tmp_path)
     path = tmp_path / ADAPTER_FILE
     with safe_open(str(path), framework="pt") as handle:
@@ -139,14 +142,15 @@ def test_a_file_without_digest_is_refused_saying_how_to_save_it_again(tmp_path, 
     state = load_file(path)
     key = next(k for k in state if k.endswith(".spu_values"))
     state[key].view(torch.int32)[0] ^= 1 << 20
-    metadata = {"format": "pt"} | ({digest_key: metadata[DIGEST_KEY]} if digest_key else {})
-    save_file(state, path, metadata=metadata)
+    digest = state.pop(DIGEST_KEY)
+    save_file(state | ({digest_key: digest} if digest_key else {}), path, metadata=metadata)
     base = make_tiny_clip()
     expected = logits(base)
     with pytest.raises(SPUAdapterFileError, match="carries no SPU digest.*Save the adapter again") as error:
         PeftModel.from_pretrained(base, tmp_path)
     assert str(path) in str(error.value)
     assert not any(isinstance(m, SPULayer) for m in base.modules()) and torch.equal(logits(base), expected)
+    save_file(state, path, metadata=metadata)  # without the renamed digest, which no loader reads
     seal_file(path)  # the way the message gives for a file one trusts
     PeftModel.from_pretrained(make_tiny_clip(), tmp_path)
 

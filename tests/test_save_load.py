@@ -48,7 +48,10 @@ def test_file_holds_sparse_deltas_only(tmp_path):
     model.save_pretrained(tmp_path)
     state = load_file(tmp_path / ADAPTER_FILE)
     suffixes = {key.rsplit(".", 1)[-1] for key in state}
-    assert suffixes == {"spu_mask", "spu_values", "spu_bias", "spu_frozen_indices", "spu_frozen_values", "weight"}
+    assert suffixes == {"spu_mask", "spu_values", "spu_bias", "spu_frozen_indices", "spu_frozen_values", "weight"} | {
+        "spu_sha256"  # the digest of the other tensors, 32 bytes
+    }
+    assert state["spu_sha256"].dtype == torch.uint8 and state["spu_sha256"].shape == (32,)
     dense = [key for key in state if key.endswith(".weight")]
     assert dense == ["base_model.model.visual_projection.weight"]
     for key, tensor in state.items():
@@ -191,9 +194,13 @@ def _base_weight(state):
         (_drop(".spu_mask"), FC1, r"\(spu_indices\): the file has values but no support"),
         (_drop(".spu_values"), FC1, r"\(spu_values\): the file has a support but no values"),
         (_drop(".spu_bias"), FC1, r"\(spu_bias\): the adapter trains this layer's bias but the file has no bias"),
-        (_drop("visual_projection.weight"), "visual_projection", r"\(weight\): .*modules_to_save.*has no `weight`"),
+        (
+            _drop("visual_projection.weight"),
+            "visual_projection",
+            r"densely \(modules_to_save\) but the file has no tensor",
+        ),
         (_mask_and_indices, FC1, r"\(spu_mask\): the file stores more than one of a bit mask, tiles and `spu_indices`"),
-        (_extra_key, "fc2", r"tensor\(s\) this adapter does not have: .*fc2.spu_values"),
+        (_extra_key, "fc2", r"holds a sparse delta for `text_model.encoder.layers.0.mlp.fc2`.*do not select"),
         (_base_weight, FC1, r"does not have: .*base_layer.weight"),
     ],
     ids=[

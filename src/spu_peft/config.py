@@ -12,10 +12,11 @@ from typing import Any
 
 from huggingface_hub import hf_hub_download
 from peft.config import PeftConfig
+from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import CONFIG_NAME
 
 from .blocks import check_block_size
-from .integrity import WEIGHTS_NAME, SPUAdapterFileError, atomic_write_text, check_regular_file, seal_file
+from .integrity import PEFT_PREFIX, WEIGHTS_NAME, SPUAdapterFileError, atomic_write_text, read_adapter_file
 
 
 class SPUPeftType(str, enum.Enum):
@@ -45,6 +46,15 @@ TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
 # Modules trained densely beside the sparse deltas (the paper trains CLIP's visual projection).
 TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING: dict[str, list[str]] = {
     "clip": ["visual_projection"],
+}
+
+# The heads PEFT's task models put into `modules_to_save` themselves (`PeftModelForSequenceClassification` and its
+# kin), whichever of them the model has: so a classifier named `score` (LLaMA) or `classifier` (BERT) trains densely.
+# Only the names a user gave must match a module.
+PEFT_TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
 }
 
 BUDGETS = ("per_tensor", "per_row", "global")
@@ -100,10 +110,6 @@ class SPUConfig(PeftConfig):
         selection (`Optional[dict]`):
             Filled in by `select_parameters`: the score, the share of data used and a description of the data, so
             a saved adapter says how its entries were chosen. Leave it `None`.
-
-    `adapter_file` is not a setting: `from_pretrained` records there the adapter file beside the config, which the
-    tuner checks against the model as soon as it has injected the layers (and undoes the injection if it does not
-    fit). It is never saved, compared or shown, as PEFT does with `LoraConfig.runtime_config`.
     """
 
     target_modules: list[str] | str | None = field(
@@ -132,13 +138,6 @@ class SPUConfig(PeftConfig):
     selection: dict[str, Any] | None = field(
         default=None, metadata={"help": "How the entries were selected; written by select_parameters."}
     )
-    adapter_file: str | None = field(
-        default=None,
-        init=False,
-        repr=False,
-        compare=False,
-        metadata={"help": "Runtime only, never saved: the adapter file from_pretrained found beside this config."},
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -166,12 +165,6 @@ class SPUConfig(PeftConfig):
         if self.selection is not None and not isinstance(self.selection, dict):
             raise ValueError(f"`selection` must be a dict written by select_parameters or None, got {self.selection!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """The settings, without the runtime `adapter_file`."""
-        output = super().to_dict()
-        output.pop("adapter_file", None)
-        return output
-
     def to_json_dict(self) -> dict[str, Any]:
         """The config as `adapter_config.json` holds it; a field JSON cannot hold raises a `ValueError` naming it."""
         output = self.to_dict()
@@ -191,30 +184,24 @@ class SPUConfig(PeftConfig):
         return output
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Write `adapter_config.json` through a temporary file, after checking that JSON can hold every field.
-
-        PEFT writes the weights first and the config last, and writes the weights with fixed metadata; this, the only
-        SPU code PEFT runs after the weights are on disk, records their digest in the file's metadata
-        (`integrity.seal_file`: the header rewritten through a temporary file and a rename), which loading requires.
-        """
+        """Write `adapter_config.json` through a temporary file, after checking that JSON can hold every field."""
         output = self.to_json_dict()
         if (auto_mapping := kwargs.pop("auto_mapping_dict", None)) is not None:
             output["auto_mapping"] = auto_mapping
         if os.path.isfile(save_directory):
             raise ValueError(f"`save_directory` {save_directory!r} is a file; pass a folder.")
-        weights = os.path.join(save_directory, WEIGHTS_NAME)
-        if os.path.isfile(weights):
-            seal_file(weights)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(output, indent=2, sort_keys=True))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
-        """PEFT's loader, with errors naming the file; then the adapter file beside the config is located (fetched
-        from the Hub where the config came from there) and recorded in `adapter_file`.
+        """PEFT's loader, with errors naming the file; then the adapter file beside the config is checked.
 
-        This runs before PEFT changes the model, so a missing weights file, one that is not a regular file (a
-        folder, a FIFO that would block the reader, a dangling symlink) or a pickle `adapter_model.bin` without a
-        digest is refused here; the file's contents are checked by the tuner (`SPUModel.inject_adapter`).
+        PEFT's loaders (`PeftModel.from_pretrained`, `load_adapter`) read the config before they change the model or
+        open the weights, so a weights file that is missing, not a regular file (a folder, a FIFO that would block
+        the reader, a dangling symlink), a pickle `adapter_model.bin`, unreadable, altered since it was saved
+        (`integrity.read_adapter_file`) or not made with this config is refused here, naming it, while the model is
+        untouched. Nothing is recorded: whether the file fits the model is checked in the tuner's load hook, on the
+        state dict PEFT reads.
         """
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         try:
@@ -226,8 +213,35 @@ class SPUConfig(PeftConfig):
                 f"{os.path.join(folder, CONFIG_NAME)}: {error}. The file is damaged or was edited; save the adapter "
                 "again, or restore the file from a copy."
             ) from error
-        config.adapter_file = _weights_file(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
+        weights = _weights_file(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
+        _check_file_fits_config(os.path.join(folder, CONFIG_NAME), weights, config, read_adapter_file(weights))
         return config
+
+
+def _check_file_fits_config(config_file: str, weights: str, config: SPUConfig, tensors: dict[str, Any]) -> None:
+    """Refuse an adapter file and config that do not belong together, as far as that shows without the model (the
+    load hook checks each tensor against the model): every layer with a sparse delta in the file must be one the
+    config targets (PEFT's own matching), else PEFT would adapt other layers or none; and every module the config
+    trains densely must have a tensor in the file, which PEFT looks up before SPU's load hook sees the file (a missing
+    one is a bare `KeyError` there)."""
+    layers = {key.removeprefix(PEFT_PREFIX).rpartition(".")[0] for key in tensors if ".spu_" in key}
+    if config.target_modules is not None and (
+        stray := sorted(layer for layer in layers if not check_target_module_exists(config, layer))
+    ):
+        raise SPUAdapterFileError(
+            f"{weights}: holds a sparse delta for `{stray[0]}` ({len(stray)} such layer(s)), which `target_modules`, "
+            f"`exclude_modules` and `modules_to_save` in {config_file} do not select: one of the two files was "
+            "edited, or they belong to different adapters. Restore them from a copy, or save the adapter again."
+        )
+    task_type = getattr(config.task_type, "value", config.task_type)
+    added_by_peft = PEFT_TASK_MODULES_TO_SAVE.get(task_type, ())  # each task model adds a list; one of them exists
+    for name in config.modules_to_save or ():  # PEFT wraps every module whose path ends with the name
+        if name not in added_by_peft and not any(f"{name}." in key for key in tensors):
+            raise SPUAdapterFileError(
+                f"{weights}: the adapter trains `{name}` densely (modules_to_save) but the file has no tensor of it; "
+                "it is corrupt or was saved with other `modules_to_save`. Save the adapter again, or restore the file "
+                "from a copy."
+            )
 
 
 def _weights_file(name_or_path: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> str:
@@ -247,7 +261,6 @@ def _weights_file(name_or_path: str, subfolder: str | None, hub_kwargs: dict[str
                 "restore the file from a copy. (To read only a config, as from an experiment folder, use "
                 "`peft.PeftConfig.from_pretrained`.)"
             )
-        check_regular_file(local, "adapter file")
         return local
     try:
         return hf_hub_download(name_or_path, WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)

@@ -2,11 +2,13 @@
 
 The one place in spu-peft that hashes tensors and replaces files or folders:
 
-- `tensor_digest` / `hash_tensors`: SHA-256 over tensors' names, dtypes, shapes and bytes. safetensors files carry a
-  string-to-string metadata header that every reader (PEFT's loaders included) passes over, so SPU records the digest
-  of an adapter file's tensors there; a flipped byte, two swapped tensors or a rewritten dtype change it.
-- `verify_file`: the tensors of an adapter file, refused with an `SPUAdapterFileError` naming the file unless it is a
-  regular file, readable safetensors, and carries a digest its tensors match.
+- `tensor_digest` / `hash_tensors`: SHA-256 over tensors' names, dtypes, shapes and bytes; a flipped byte, two
+  swapped tensors or a rewritten dtype change it.
+- `digest_entry` / `digest_problem`: an adapter's state dict carries the digest of its other tensors as one more
+  tensor, `DIGEST_KEY`, which SPU's save hook adds, so PEFT writes it with the rest and no file is rewritten.
+- `read_adapter_file`: the tensors of an adapter file, refused with an `SPUAdapterFileError` naming the file unless
+  it is a regular file, readable safetensors, and its tensors match their digest; `seal_file` records the digest of a
+  file one trusts.
 - `replacing` / `atomic_write_text`: a file written beside its target and renamed over it.
 - `staging_folder` / `replace_folder` / `recover_folder`: a whole folder written beside its target and swapped in with
   renames; whatever stops a swap (an error, a kill), the next `recover_folder` leaves the old folder or the new one,
@@ -18,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -31,10 +32,14 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+# the prefix under which PEFT saves an adapter's tensors
+PEFT_PREFIX = "base_model.model."
+# the state dict entry (top level, outside every module) holding the digest of an adapter's other tensors
 DIGEST_KEY = "spu_sha256"
 # suffixes of the folders a swap leaves beside its target while it runs
 _STAGING, _OLD = ".saving", ".old"
@@ -94,47 +99,66 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
     return tensors, metadata
 
 
-def verify_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter file, after checking them against the digest recorded when it was saved.
+def digest_entry(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The `DIGEST_KEY` entry of an adapter's state dict: the SHA-256 of its other tensors, as 32 bytes."""
+    return torch.frombuffer(bytearray(hash_tensors(hashlib.sha256(), tensors).digest()), dtype=torch.uint8)
 
-    A file without a digest is refused too: with the digest's key renamed, any edit would pass unnoticed.
-    """
-    tensors, metadata = read_safetensors(path)
-    recorded = metadata.get(DIGEST_KEY)
+
+def digest_problem(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """Why a state dict with a `DIGEST_KEY` entry does not match it (None: it does); the entry must be present."""
+    recorded = tensors.get(DIGEST_KEY)
     if recorded is None:
-        raise SPUAdapterFileError(
-            f"{os.fspath(path)}: carries no SPU digest (`{DIGEST_KEY}` in its safetensors metadata), so SPU cannot "
-            "tell whether it was altered. It was edited, written by another tool, or saved by a spu-peft from "
-            "before digests. Save the adapter again with `save_pretrained` or `spu_peft.save_adapter`; for a file "
-            "you trust, `spu_peft.integrity.seal_file(path)` records its digest."
+        return (
+            f"carries no SPU digest (a `{DIGEST_KEY}` tensor), so SPU cannot tell whether it was altered. It was "
+            "edited, written by another tool, or saved by an earlier spu-peft. Save the adapter again with "
+            "`save_pretrained` or `spu_peft.save_adapter`; for a file you trust, "
+            "`spu_peft.integrity.seal_file(path)` records its digest."
         )
-    if recorded != tensor_digest(tensors):
+    others = {key: tensor for key, tensor in tensors.items() if key != DIGEST_KEY}
+    if recorded.dtype != torch.uint8 or not torch.equal(recorded.cpu().reshape(-1), digest_entry(others)):
+        return (
+            "the tensors do not match the digest recorded when the adapter was saved; the file was altered or "
+            "damaged after saving. Save the adapter again, or restore the file from a copy."
+        )
+    return None
+
+
+def read_adapter_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter file as PEFT saved it: a regular file of safetensors, intact by its `DIGEST_KEY`
+    entry, every other key under `base_model.model.` (PEFT looks up the dense modules' tensors under that prefix and
+    fails on others). Anything else raises an `SPUAdapterFileError` naming the file."""
+    tensors, metadata = read_safetensors(path)
+    if DIGEST_KEY not in tensors and DIGEST_KEY in metadata:
         raise SPUAdapterFileError(
-            f"{os.fspath(path)}: the tensors do not match the digest recorded when the adapter was saved; the file "
-            "was altered or damaged after saving. Save the adapter again, or restore the file from a copy."
+            f"{os.fspath(path)}: saved by an earlier spu-peft, which kept the digest in the safetensors header. "
+            "`spu_peft.integrity.seal_file(path)` checks that digest and records it where this version looks for it "
+            "(a tensor); or save the adapter again."
+        )
+    if problem := digest_problem(tensors):
+        raise SPUAdapterFileError(f"{os.fspath(path)}: {problem}")
+    if stray := sorted(key for key in tensors if key != DIGEST_KEY and not key.startswith(PEFT_PREFIX)):
+        raise SPUAdapterFileError(
+            f"{os.fspath(path)}: {len(stray)} tensor(s) not under `{PEFT_PREFIX}` (e.g. `{stray[0]}`), where PEFT "
+            "saves an adapter's tensors; the file was written by another tool. Save the adapter again with "
+            "`save_pretrained`."
         )
     return tensors
 
 
 def seal_file(path: str | os.PathLike[str]) -> None:
-    """Record the digest of an adapter file's tensors in its metadata (rewritten through a temporary file).
-
-    Only the header changes: the tensor bytes are copied as they are, and the metadata is written in a fixed order
-    (safetensors' own writer orders it at random), so one adapter always gives the same file.
-    """
+    """Record, for a file you trust, the digest of its tensors as its `DIGEST_KEY` entry (the file is rewritten
+    through a temporary file). A file saved by an earlier spu-peft, with the digest in its header, is checked against
+    that digest first, so a damaged one is not sealed."""
     tensors, metadata = read_safetensors(path)
-    digest = tensor_digest(tensors)
-    if metadata.get(DIGEST_KEY) == digest:
-        return
-    data = Path(path).read_bytes()
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + size])
-    header.pop("__metadata__", None)
-    metadata = dict(sorted({**metadata, "format": "pt", DIGEST_KEY: digest}.items()))
-    text = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the tensor data starts 8-byte aligned, as safetensors writes it
+    tensors.pop(DIGEST_KEY, None)
+    legacy = metadata.pop(DIGEST_KEY, None)
+    if legacy is not None and legacy != tensor_digest(tensors):
+        raise SPUAdapterFileError(
+            f"{os.fspath(path)}: the tensors do not match the digest recorded in its header when it was saved; the "
+            "file was altered or damaged. Save the adapter again, or restore the file from a copy."
+        )
     with replacing(path) as tmp:
-        Path(tmp).write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size :])
+        save_file({**tensors, DIGEST_KEY: digest_entry(tensors)}, tmp, metadata={**metadata, "format": "pt"})
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,16 @@ from .encoding import (
     index_dtype,
     unpack_mask,
 )
-from .integrity import WEIGHTS_NAME, SPUAdapterFileError, check_regular_file, recover_folder, verify_file
+from .injection import take_injection
+from .integrity import (
+    DIGEST_KEY,
+    WEIGHTS_NAME,
+    SPUAdapterFileError,
+    check_regular_file,
+    digest_problem,
+    read_adapter_file,
+    recover_folder,
+)
 from .layer import SPULayer
 from .naming import PEFT_PREFIX, auxiliary_wrappers, is_stored_bias, relative_name, spu_layers
 
@@ -93,7 +102,7 @@ class _AdapterFile:
     """The tensors of an adapter file, looked up with or without PEFT's key prefix, each taken at most once."""
 
     def __init__(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.tensors = dict(state_dict)
+        self.tensors = {key: tensor for key, tensor in state_dict.items() if key != DIGEST_KEY}  # checked apart
 
     def take(self, key: str) -> torch.Tensor | None:
         found = [k for k in (PEFT_PREFIX + key, key) if k in self.tensors]
@@ -335,17 +344,32 @@ def check_savable(adapter_name: str, weights: Iterable[tuple[str, torch.Tensor, 
             )
 
 
-def read_adapter_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter file as PEFT saved it: a regular file, intact by its digest, every key under
-    `base_model.model.` (PEFT looks up the dense modules' tensors under that prefix and fails on others)."""
-    tensors = verify_file(path)
-    if stray := sorted(key for key in tensors if not key.startswith(PEFT_PREFIX)):
-        raise SPUAdapterFileError(
-            f"{os.fspath(path)}: {len(stray)} tensor(s) not under `{PEFT_PREFIX}` (e.g. `{stray[0]}`), where PEFT "
-            "saves an adapter's tensors; the file was written by another tool. Save the adapter again with "
-            "`save_pretrained`."
-        )
-    return tensors
+def auxiliary_state_dict(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> dict:
+    """The dense `modules_to_save` tensors PEFT adds to an adapter's saved state dict after the tuner's hook, taken
+    the way PEFT takes them (so the digest the hook adds covers them too)."""
+    out = {}
+    for name, module in _peft_auxiliary_wrappers(model):
+        inner = {k.removeprefix(f"{name}."): v for k, v in state_dict.items() if k.startswith(f"{name}.")}
+        out.update({f"{name}.{k}": v for k, v in module.adapter_state_dict(adapter_name, inner).items()})
+    return out
+
+
+def check_digest(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse a state dict whose tensors do not match its `DIGEST_KEY` entry, or that has none. PEFT hands the load
+    hook the dense `modules_to_save` tensors under the model's keys already; they are checked under the file's."""
+    file_keys = {}
+    for name, module in _peft_auxiliary_wrappers(model):
+        load_map = module.adapter_state_dict_load_map(adapter_name)
+        file_keys.update({f"{name}.{model_key}": f"{name}.{key}" for key, model_key in load_map.items()})
+    if problem := digest_problem({file_keys.get(key, key): tensor for key, tensor in state_dict.items()}):
+        raise SPUAdapterFileError(f"SPU adapter file: {problem}")
+
+
+def _peft_auxiliary_wrappers(model: nn.Module) -> Iterator[tuple[str, AuxiliaryTrainingWrapper]]:
+    """The `modules_to_save` wrappers under the names PEFT's save and load give their tensors."""
+    for name, module in model.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            yield name.removeprefix("_fsdp_wrapped_module."), module
 
 
 def check_config_file(path: str | os.PathLike[str]) -> None:
@@ -377,15 +401,19 @@ def load_adapter(model: nn.Module, model_id: str | os.PathLike[str], adapter_nam
 
     Before PEFT runs, a local folder's interrupted save (`spu_peft.save_adapter`) is completed or cleaned, and the
     config is checked (a regular file of UTF-8 JSON holding an SPU config); loading into an adapter name that exists
-    already also checks the weights file (PEFT reads no config there, so SPU's config hook does not run). Every
-    refusal is an `SPUAdapterFileError` naming the file, and leaves the model as it was. `kwargs` go to PEFT.
+    already also checks the weights file (PEFT reads no config there, so SPU's config hook does not run), and that
+    adapter, even one just created and untouched, is never removed by a refusal. Every refusal is an
+    `SPUAdapterFileError` naming the file, and leaves the model as it was. `kwargs` go to PEFT.
     """
     folder = os.path.join(os.fspath(model_id), kwargs.get("subfolder") or "")
     recover_folder(model_id)  # a no-op for a Hub name or a folder without leftovers
+    existing = isinstance(model, PeftModel) and adapter_name in model.peft_config
     if os.path.isdir(os.fspath(model_id)):
         check_config_file(os.path.join(folder, CONFIG_NAME))
-        if isinstance(model, PeftModel) and adapter_name in model.peft_config:
+        if existing:
             read_adapter_file(os.path.join(folder, WEIGHTS_NAME))
+    if existing:
+        take_injection(model.base_model, adapter_name)  # the caller's adapter: a refused file never removes it
     if isinstance(model, PeftModel):
         model.load_adapter(os.fspath(model_id), adapter_name=adapter_name, **kwargs)
         return model

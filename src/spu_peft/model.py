@@ -2,48 +2,39 @@
 
 from __future__ import annotations
 
-import copy
-import os
 import warnings
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import CONFIG_NAME
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .bnb import bnb_layer_class
 from .config import (
+    PEFT_TASK_MODULES_TO_SAVE,
     TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING,
     TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING,
     SPUConfig,
 )
 from .distributed import holds_fsdp1_shards, is_sharded_tensor
 from .encoding import encode_support
-from .integrity import SPUAdapterFileError
+from .injection import ModelState, remember_injection, take_injection
+from .integrity import DIGEST_KEY, digest_entry
 from .layer import Linear, SPULayer
 from .loading import (
     SPARSE_FIELDS,
     SPU_FIELDS,
     apply_changes,
+    auxiliary_state_dict,
+    check_digest,
     check_savable,
     check_shapes,
     decode_adapter_state_dict,
     limit_dtype,
-    read_adapter_file,
 )
 from .naming import PEFT_PREFIX, is_bias, is_stored_bias, relative_name, spu_layers, strip_wrappers
 
 MODEL_TAGS = ["spu", "selective-parameter-update", "continual-learning"]
-
-# The heads PEFT's task models put into `modules_to_save` themselves (`PeftModelForSequenceClassification` and its
-# kin), whichever of them the model has: so a classifier named `score` (LLaMA) or `classifier` (BERT) trains densely.
-# Only the names a user gave must match a module.
-PEFT_TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
-    "SEQ_CLS": ("classifier", "score"),
-    "TOKEN_CLS": ("classifier", "score"),
-    "QUESTION_ANS": ("qa_outputs",),
-}
 
 
 def _unselected(adapter_name: str, doing: str) -> str:
@@ -155,31 +146,19 @@ class SPUModel(BaseTuner):
             if isinstance(module, SPULayer):
                 module._freeze_non_trainable_peft_weights()
 
-    # ---- loading from a file: checked as soon as the layers exist, undone when refused ---------------------------
+    # ---- injection: remembered until the adapter's first state dict, which PEFT's loaders read only afterwards ----
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        """PEFT's injection. For an adapter read from a file (`SPUConfig.from_pretrained` recorded the file in the
-        config's `adapter_file`), the file is read and verified first, then checked against the injected layers by
-        the validator every load goes through (`loading.decode_adapter_state_dict`); whatever fails, the model is
-        put back as it was (modules, `requires_grad` flags, adapters), before PEFT would go on with a file that
-        cannot fit."""
-        config = self.peft_config[adapter_name]
-        source = getattr(config, "adapter_file", None)
-        if source is None:
-            super().inject_adapter(model, adapter_name, *args, **kwargs)
-            return
-        config.adapter_file = None  # read once: a later injection of this config is no load
-        before = _ModelState(self, model, adapter_name)
+        """PEFT's injection, noting what it changes (`ModelState`): a failed injection puts the model back at once,
+        and PEFT's loaders inject an adapter before they read its file, so until the adapter's first state dict is
+        accepted, a refused one puts the model back as it was before the injection (the load hook)."""
+        before = ModelState(self, model, adapter_name)
         try:
-            tensors = read_adapter_file(source)
             super().inject_adapter(model, adapter_name, *args, **kwargs)
-            decode_adapter_state_dict(model, config, adapter_name, tensors)
-        except BaseException as error:
+        except BaseException:
             before.restore()
-            if isinstance(error, ValueError) and not isinstance(error, SPUAdapterFileError):
-                config_file = os.path.join(os.path.dirname(source), CONFIG_NAME)
-                raise SPUAdapterFileError(f"{config_file}: {error}") from error
             raise
+        remember_injection(self, before.injected())
 
     def disable_adapter_layers(self) -> None:
         """Disable all adapters. SPU's `spu_only` bias deltas are per adapter, so the output is exactly the base
@@ -233,7 +212,8 @@ class SPUModel(BaseTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """Pick the adapter's tensors by walking the SPU layers, and store supports as bit masks or tiles where smaller.
+        """Pick the adapter's tensors by walking the SPU layers, store supports as bit masks or tiles where smaller,
+        and add the digest of everything PEFT will write (`DIGEST_KEY`).
 
         Keys are matched after removing wrapper segments, so a model whose blocks are nested FSDP1 units saves every
         layer (PEFT's own key discovery strips only a leading `_fsdp_wrapped_module.` and would silently drop them).
@@ -284,18 +264,33 @@ class SPUModel(BaseTuner):
         ]
         check_savable(adapter_name, savable)
         to_return.update(biases)
+        # PEFT adds the `modules_to_save` tensors after this hook and then removes the adapter name from every key:
+        # the digest covers the state dict as PEFT will write it, so PEFT writes it and nothing rewrites the file
+        written = to_return | auxiliary_state_dict(model, adapter_name, state_dict)
+        to_return[DIGEST_KEY] = digest_entry(
+            {cls._remove_adapter_name_from_key(k, adapter_name): v for k, v in written.items()}
+        )
         return to_return
 
     # ---- loading -------------------------------------------------------------------------------------------------
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Decode and validate the whole state dict (`loading.decode_adapter_state_dict`, which raises an
-        `SPUAdapterFileError`); only then install its supports and resize the placeholders for `load_state_dict`.
-        A refused state dict changes nothing."""
-        decoded, changes = decode_adapter_state_dict(model, config, adapter_name, state_dict)
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, decoded)
-        check_shapes(model, remapped)
+        """Check the digest (`loading.check_digest`), decode and validate the whole state dict
+        (`loading.decode_adapter_state_dict`), each raising an `SPUAdapterFileError`; only then install its supports
+        and resize the placeholders for `load_state_dict`. A refused state dict changes nothing, and when it is the
+        first for an adapter untouched since its injection (PEFT's loaders inject, then read the file), the injection
+        is undone too, so a refused load leaves the model as it was before the loader ran."""
+        before = take_injection(getattr(model, "base_model", None), adapter_name)
+        try:
+            check_digest(model, adapter_name, state_dict)
+            decoded, changes = decode_adapter_state_dict(model, config, adapter_name, state_dict)
+            remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, decoded)
+            check_shapes(model, remapped)
+        except BaseException:
+            if before is not None and before.untouched():
+                before.restore()
+            raise
         apply_changes(changes)
         return remapped
 
@@ -320,40 +315,6 @@ def _spu_layer_class(base: nn.Module, key: str) -> type[Linear]:
         f"`target_modules` matched {key!r}, {what}; SPU adapts `torch.nn.Linear` layers with floating-point weights "
         "and bitsandbytes' `Linear8bitLt` / `Linear4bit`. Narrow `target_modules` to such layers (e.g. ['fc1'])."
     )
-
-
-class _ModelState:
-    """What injecting `adapter_name` may change in a model, to put back when its file is refused: the module tree
-    (SPU layers and `modules_to_save` wrappers replace modules), `requires_grad` flags, adapters and active adapter."""
-
-    def __init__(self, tuner: SPUModel, model: nn.Module, adapter_name: str) -> None:
-        self.tuner, self.model, self.adapter_name = tuner, model, adapter_name
-        self.modules = list(model.named_modules(remove_duplicate=False))
-        self.requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
-        self.active_adapter = copy.copy(tuner.active_adapter)
-        self.targeted = list(tuner.targeted_module_names)
-        self.had_peft_config = "peft_config" in vars(model)
-
-    def restore(self) -> None:
-        for path, module in self.modules:  # parents come before their children
-            if path:
-                parent_path, _, name = path.rpartition(".")
-                parent = self.model.get_submodule(parent_path)
-                if getattr(parent, name, None) is not module:
-                    setattr(parent, name, module)
-        for module in self.model.modules():  # layers and wrappers that were there before hold the adapter too
-            if isinstance(module, SPULayer) and self.adapter_name in module.spu_indices:
-                module.delete_adapter(self.adapter_name)
-            elif isinstance(module, AuxiliaryTrainingWrapper) and self.adapter_name in module._adapters:
-                others = [name for name in module.active_adapters if name != self.adapter_name]
-                module.delete_adapter(self.adapter_name, new_active_adapters=others)
-        self.tuner.peft_config.pop(self.adapter_name, None)
-        self.tuner.active_adapter = self.active_adapter
-        self.tuner.targeted_module_names[:] = self.targeted
-        for parameter, flag in self.requires_grad.items():
-            parameter.requires_grad = flag
-        if not self.had_peft_config and "peft_config" in vars(self.model):
-            del self.model.peft_config
 
 
 def _check_dense_modules_can_combine(peft_config: dict, names: list[str]) -> None:

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from .integrity import PEFT_PREFIX
 from .layer import SPULayer
 
-PEFT_PREFIX = "base_model.model."
 # Names that wrappers (FSDP1, activation checkpointing, torch.compile) insert into module paths but not into keys.
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 

@@ -1,0 +1,81 @@
+"""Undoing an adapter's injection: PEFT's loaders inject an adapter before they read its file, so a file refused
+afterwards must put the model back as it was before the loader ran.
+
+The tuner keeps, per adapter, the state from before its injection until the adapter's first state dict reaches the
+load hook (`remember_injection` / `take_injection`); loading into an adapter the caller already holds drops it first.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, delete_adapter
+from torch import nn
+
+_PENDING = "_state_before_injection"  # on the tuner: adapter name -> ModelState
+
+
+def remember_injection(tuner: BaseTuner, state: ModelState) -> None:
+    vars(tuner).setdefault(_PENDING, {})[state.adapter_name] = state
+
+
+def take_injection(tuner: object, adapter_name: str) -> ModelState | None:
+    """The state from before `adapter_name` was injected, if no state dict was loaded into it since; forgotten."""
+    return vars(tuner).get(_PENDING, {}).pop(adapter_name, None) if isinstance(tuner, BaseTuner) else None
+
+
+class ModelState:
+    """What injecting `adapter_name` may change in a model, to put back when it fails or its first state dict is
+    refused: the module tree (SPU layers and `modules_to_save` wrappers replace modules), `requires_grad` flags,
+    adapters and active adapter. `injected` notes the adapter's tensors as the injection left them: once trained,
+    selected or loaded (a tensor replaced or changed in place), the adapter is the user's and is never undone."""
+
+    def __init__(self, tuner: BaseTuner, model: nn.Module, adapter_name: str) -> None:
+        self.tuner, self.model, self.adapter_name = tuner, model, adapter_name
+        self.modules = list(model.named_modules(remove_duplicate=False))
+        self.requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
+        self.active_adapter = copy.copy(tuner.active_adapter)
+        self.targeted = list(tuner.targeted_module_names)
+        self.had_peft_config = "peft_config" in vars(model)
+        self.versions: list[tuple[torch.Tensor, int]] = []
+
+    def injected(self) -> ModelState:
+        """Keep only what the injection changed (so a note kept for long holds no module a later change let go of),
+        and the adapter's tensors as it left them."""
+        now = dict(self.model.named_modules(remove_duplicate=False))
+        self.modules = [(path, module) for path, module in self.modules if now.get(path) is not module]
+        self.requires_grad = {p: flag for p, flag in self.requires_grad.items() if p.requires_grad != flag}
+        self.versions = self._adapter_tensors()
+        return self
+
+    def untouched(self) -> bool:
+        now = self._adapter_tensors()
+        return len(now) == len(self.versions) and all(
+            a is b and u == v for (a, u), (b, v) in zip(now, self.versions, strict=True)
+        )
+
+    def _adapter_tensors(self) -> list[tuple[torch.Tensor, int]]:
+        named = itertools.chain(self.model.named_parameters(), self.model.named_buffers())
+        return [(tensor, tensor._version) for name, tensor in named if f".{self.adapter_name}." in f"{name}."]
+
+    def restore(self) -> None:
+        for path, module in self.modules:  # parents come before their children
+            if path:
+                parent_path, _, name = path.rpartition(".")
+                parent = self.model.get_submodule(parent_path)
+                if getattr(parent, name, None) is not module:
+                    setattr(parent, name, module)
+        # layers and wrappers that were there before hold the adapter too
+        delete_adapter(self.model, self.adapter_name, prefix=self.tuner.prefix, layer_cls=self.tuner.tuner_layer_cls)
+        self.tuner.peft_config.pop(self.adapter_name, None)
+        active = [self.active_adapter] if isinstance(self.active_adapter, str) else self.active_adapter
+        # a tuner made for this adapter named it active before injecting it: with it gone, none is (PEFT's rule)
+        kept = [name for name in active if name in self.tuner.peft_config]
+        self.tuner.active_adapter = self.active_adapter if kept == active else kept
+        self.tuner.targeted_module_names[:] = self.targeted
+        for parameter, flag in self.requires_grad.items():
+            parameter.requires_grad = flag
+        if not self.had_peft_config and "peft_config" in vars(self.model):
+            del self.model.peft_config
