@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "integrity",
         ),
     ),
-    ("adapter", ("layer", "bnb", "naming", "budgets", "injection", "loading", "model", "compose", "hub")),
+    ("adapter", ("layer", "bnb", "naming", "budgets", "injection", "loading", "adapter_loader", "model", "compose", "hub")),
     ("selection", ("selection", "selection_data", "trainer", "__init__")),
     ("continual", ("continual", "embedded")),
     ("studies", ("studies", "benchmarking", "analysis")),

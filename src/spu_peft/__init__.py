@@ -6,13 +6,13 @@ Importing `spu_peft` registers SPU with PEFT, so `get_peft_model(model, SPUConfi
 
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
+from .adapter_loader import load_adapter
 from .compose import dense_deltas, fold_adapters, subtract_adapter
 from .config import SPUConfig, SPUPeftType
 from .distributed import save_adapter, scalar_parameters
 from .hub import model_card_section, update_model_card
 from .integrity import SPUAdapterFileError
 from .layer import Linear, SPULayer
-from .loading import load_adapter
 from .model import MODEL_TAGS, SPUModel
 from .selection import SCORES, SelectionReport, select_parameters
 from .trainer import SPUSelectionCallback
