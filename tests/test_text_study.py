@@ -12,6 +12,8 @@ from transformers import BertConfig, BertModel
 from spu_peft.studies import text_data
 from spu_peft.studies.text_data import make_tasks, paraphrase_set
 from spu_peft.studies.text_retention import (
+    DENSE,
+    METHODS,
     LabelMatcher,
     StudySettings,
     build,
@@ -150,7 +152,7 @@ def test_task_batches_hold_the_label_descriptions_and_every_sentence_once():
     assert "labels" not in task_batches(task, TOKENIZE, 4, seed=0, labels=False)[0]
 
 
-@pytest.mark.parametrize("method", ["spu_output_norm", "spu_task_loss", "random", "lora", "full"])
+@pytest.mark.parametrize("method", METHODS)
 def test_a_short_run_changes_only_the_trained_layers_and_reports_its_numbers(method):
     tasks = make_tasks(train_per_class=4, test_per_class=3)
     heldout = paraphrase_set(num_pairs=6, near_misses=1)
@@ -166,8 +168,9 @@ def test_a_short_run_changes_only_the_trained_layers_and_reports_its_numbers(met
     expected_forgetting = ((max(rows[0][0], rows[1][0]) - final[0]) + (rows[1][1] - final[1])) / 2
     assert result["forgetting"] == pytest.approx(expected_forgetting)
     assert result["drift"] > 0.0
-    if method == "full":  # the adapters keep their deltas apart; full fine-tuning writes into the encoder's layers
+    if method in DENSE or method == "sparsecl":  # the adapters keep their deltas apart; these write into the layers
         changed = {n for (n, a), b in zip(trained.named_parameters(), encoder.parameters()) if not torch.equal(a, b)}
         assert changed and all(".intermediate.dense." in n for n in changed)
+        assert any(n.endswith("bias") for n in changed) == (method != "sparsecl")
     embeddings = embed_texts(LabelMatcher(encoder), TOKENIZE, heldout[0])
     torch.testing.assert_close(embeddings, original["queries"])

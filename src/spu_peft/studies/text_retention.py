@@ -9,7 +9,8 @@ MLP linear of each block, SPU's `fc1`) train, by one of:
 - `spu_output_norm`, `spu_task_loss`: SPU's adapter, its 10% per weight re-selected before each task by the score;
 - `random`: SPU's adapter on a random support of the same size;
 - `lora`: LoRA on the same layers, its rank matched to SPU's count;
-- `full`: the same layers, densely.
+- `full`: the same layers, densely;
+- `mas`, `lwf`, `spg`, `sparsecl`: the engine's peers that apply to a text encoder without replay (`text_peers`).
 
 Generic knowledge is measured on held-out sentences no task trains on (`text_data.paraphrase_set`): **drift**, the
 mean cosine distance between the model's and the original model's embeddings, and **paraphrase recall@1**, how often a
@@ -41,11 +42,14 @@ from ..continual.methods import peft_model
 from ..continual.metrics import average_accuracy, average_forgetting
 from ..selection import select_parameters
 from .text_data import TextTask
+from .text_peers import make_peer
 
 logger = logging.getLogger(__name__)
 
 TARGET = "intermediate.dense"
-METHODS = ("spu_output_norm", "spu_task_loss", "random", "lora", "full")
+METHODS = ("spu_output_norm", "spu_task_loss", "random", "lora", "full", "mas", "lwf", "spg", "sparsecl")
+DENSE = ("full", "mas", "lwf", "spg")
+"""The methods that train the `intermediate.dense` layers densely (weights and biases)."""
 SCORES = {"spu_output_norm": "output_norm", "spu_task_loss": "task_loss", "random": "random"}
 LR_GRIDS = {
     "spu_output_norm": (1e-4, 3e-4),
@@ -53,10 +57,16 @@ LR_GRIDS = {
     "random": (1e-4, 3e-4),
     "lora": (3e-4, 1e-3),
     "full": (1e-5, 3e-5),
+    "mas": (1e-5, 3e-5),
+    "lwf": (1e-5, 3e-5),
+    "spg": (1e-5, 3e-5, 1e-4),
+    "sparsecl": (1e-4, 3e-4, 1e-3),
 }
 """Rates per method: below the rates at which pilot runs (full fine-tuning at 1e-4, SPU at 3e-4) learnt two of the
 three tasks fully, so each curve rises from the zero-shot accuracy; the sparse and low-rank methods' higher, as their
-updates touch fewer entries."""
+updates touch fewer entries. The peers' grids come from a pilot on seed 0 (MAS and LwF at full fine-tuning's rates
+reach its accuracies; SPG, whose updates shrink, and SparseCL need up to 1e-4 and 1e-3 to pass the matched
+accuracy), so that each curve crosses the accuracies every method reaches."""
 
 
 def minilm_path(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -136,10 +146,11 @@ def build(method: str, encoder: torch.nn.Module, settings: StudySettings, seed: 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; the study's methods: {', '.join(METHODS)}")
     model = LabelMatcher(encoder.requires_grad_(False))
-    if method == "full":
+    if method in DENSE or method == "sparsecl":  # SparCL trains the weights only, as in the engine
         for name, module in model.named_modules():
             if name.endswith(TARGET):
-                module.requires_grad_(True)
+                module.weight.requires_grad_(True)
+                module.bias.requires_grad_(method != "sparsecl")
         return model
     if method == "lora":
         shapes = [tuple(m.weight.shape) for n, m in model.named_modules() if n.endswith(TARGET)]
@@ -242,10 +253,14 @@ def run_method(
     """
     torch.manual_seed(seed)
     model = build(method, encoder, settings, seed)
+    peer = make_peer(method, settings.density)
     queries, candidates = heldout
     rows = []
     for index, task in enumerate(tasks):
         task_seed = seed * 1000 + index
+        model.eval()
+        previous = task_batches(tasks[index - 1], tokenize, settings.batch_size, task_seed - 1) if index else None
+        peer.start_task(model, previous)
         if method in SCORES:
             scoring = task_batches(task, tokenize, settings.batch_size, task_seed, labels=method == "spu_task_loss")
             select_parameters(model, scoring, score=SCORES[method], fraction=settings.score_fraction, seed=task_seed)
@@ -253,10 +268,14 @@ def run_method(
         optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=settings.weight_decay)
         model.train()
         for epoch in range(settings.epochs):
+            peer.start_epoch(model, epoch, task_seed)
             for batch in task_batches(task, tokenize, settings.batch_size, task_seed * 10 + epoch):
-                loss = model(**batch).loss
-                loss.backward()
+                output = model(**batch)
+                extra = peer.extra_loss(model, batch, output.logits)
+                (output.loss if extra is None else output.loss + extra).backward()
+                peer.before_step(model)
                 optimizer.step()
+                peer.after_step(model)
                 optimizer.zero_grad(set_to_none=True)
         model.eval()
         rows.append([task_accuracy(model, tokenize, t) for t in tasks[: index + 1]])

@@ -37,6 +37,13 @@ PAPER_SCHEDULE = {"lr": 1e-6, "epochs": 5, "batch_size": 64, "replay_batch_size"
 """The reference's lwf/prd settings (config/baseline/distill.yaml)."""
 
 
+def lwf_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """LwF's D: sum over rows of KL(softmax(teacher / T) || softmax(student / T)), over the last dimension."""
+    target = F.log_softmax(teacher / temperature, dim=-1)
+    log_student = F.log_softmax(student / temperature, dim=-1)
+    return F.kl_div(log_student, target, log_target=True, reduction="sum")
+
+
 class PreviousModelDistillation(MethodHooks):
     """Distils the previous task's model into the one being trained; `rows` says which softmax (images or texts)."""
 
@@ -66,10 +73,7 @@ class LwF(PreviousModelDistillation):
     """Learning without Forgetting: image rows, KL to the teacher's softened distribution, summed over rows."""
 
     def divergence(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        temperature = self.options["temperature"]
-        target = F.log_softmax(teacher / temperature, dim=-1)
-        log_student = F.log_softmax(student / temperature, dim=-1)
-        return F.kl_div(log_student, target, log_target=True, reduction="sum")
+        return lwf_divergence(student, teacher, self.options["temperature"])
 
 
 class PRD(PreviousModelDistillation):

@@ -20,6 +20,23 @@ from ..methods import FULL_GRID, ContinualMethod, full_fine_tuning, register_met
 from .common import ImportanceHooks, in_batch_logits, summed_gradients, task_batches
 
 
+def squared_output_norm(logits: torch.Tensor) -> torch.Tensor:
+    """MAS's importance objective: the batch mean of each row's squared L2 norm of the outputs (logits)."""
+    return logits.pow(2).sum(-1).mean()
+
+
+def running_importance(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """0.5 * old + 0.5 * new per parameter (`new` alone for a parameter `old` lacks), as the reference accumulates."""
+    return {n: new[n] if n not in old else 0.5 * old[n] + 0.5 * new[n] for n in new}
+
+
+def mas_penalty(
+    parameters: dict[str, torch.Tensor], importance: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """sum over the anchored parameters of importance * (parameter - anchor)^2 (the strength not applied)."""
+    return sum((importance[n] * (parameters[n] - a).pow(2)).sum() for n, a in anchor.items())
+
+
 class MAS(ImportanceHooks):
     """Memory-aware synapses: output-sensitivity importances and a quadratic pull towards the previous weights."""
 
@@ -35,21 +52,18 @@ class MAS(ImportanceHooks):
         captions = {k: v.to(context.device) for k, v in context.captions.items()}
 
         def output_norm(pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return in_batch_logits(model, pixels, targets, captions).pow(2).sum(-1).mean()
+            return squared_output_norm(in_batch_logits(model, pixels, targets, captions))
 
         batches = task_batches(context, context.task - 1, context.seen, context.settings.scoring_batch_size)
         new = summed_gradients(parameters, batches, output_norm, absolute=True, accelerator=context.accelerator)
         model.zero_grad(set_to_none=True)
-        self.importance = {
-            n: new[n] if n not in self.importance else 0.5 * self.importance[n] + 0.5 * new[n] for n in parameters
-        }
+        self.importance = running_importance(self.importance, new)
         self.anchor = {n: p.detach().clone() for n, p in parameters.items()}
 
     def extra_loss(self, step: Step) -> torch.Tensor | None:
         if not self.importance:
             return None
-        parameters = dict(step.module.named_parameters())
-        penalty = sum((self.importance[n] * (parameters[n] - a).pow(2)).sum() for n, a in self.anchor.items())
+        penalty = mas_penalty(dict(step.module.named_parameters()), self.importance, self.anchor)
         return self.options["strength"] * penalty
 
 

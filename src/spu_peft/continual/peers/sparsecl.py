@@ -19,7 +19,7 @@ and stay zero); here, as in the reference, they keep their pretrained values and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -57,6 +57,14 @@ def sparse_mask(
     return mask.view_as(weight)
 
 
+@torch.no_grad()
+def mask_gradients(parameters: Iterable[tuple[str, torch.Tensor]], masks: dict[str, torch.Tensor]) -> None:
+    """Zero the gradient of every entry outside its parameter's mask (parameters without a mask are left alone)."""
+    for name, parameter in parameters:
+        if parameter.grad is not None and name in masks:
+            parameter.grad.mul_(masks[name])
+
+
 class SparCL(MethodHooks):
     """Task-aware dynamic masking: magnitude (and, first, random) masks on the gradients, renewed every few epochs."""
 
@@ -79,11 +87,8 @@ class SparCL(MethodHooks):
             for name, weight in trainable_named_parameters(context.model)
         }
 
-    @torch.no_grad()
     def before_optimizer_step(self, module: torch.nn.Module) -> None:
-        for name, parameter in module.named_parameters():
-            if parameter.grad is not None and name in self.masks:
-                parameter.grad.mul_(self.masks[name])
+        mask_gradients(module.named_parameters(), self.masks)
 
 
 register_method(

@@ -24,7 +24,7 @@ that matrix under `loss="clip"` (the paper protocol) and each image against the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -47,6 +47,25 @@ def spu_localisation(model: torch.nn.Module, settings: SequenceSettings) -> torc
 def standardised(tensor: torch.Tensor) -> torch.Tensor:
     """(x - mean) / std over the whole tensor (a constant tensor gives zeros)."""
     return (tensor - tensor.mean()) / tensor.std().clamp_min(torch.finfo(tensor.dtype).tiny)
+
+
+def accumulate_importance(importance: dict[str, torch.Tensor], gradients: dict[str, torch.Tensor]) -> None:
+    """Fold one pass's gradients g into `importance` (in place): the elementwise max with |tanh(standardise(g))|."""
+    for name, gradient in gradients.items():
+        new = standardised(gradient).tanh().abs()
+        old = importance.get(name)
+        importance[name] = new if old is None else torch.maximum(old, new)
+
+
+@torch.no_grad()
+def scale_updates(
+    parameters: Iterable[tuple[str, torch.Tensor]], before: dict[str, torch.Tensor], importance: dict[str, torch.Tensor]
+) -> None:
+    """Set each parameter named in `before` (its value before the optimizer's step) to old + (1 - I) * (new - old)."""
+    for name, parameter in parameters:
+        if name in before:
+            # new -> old by I: lerp is exact at I = 0 and I = 1
+            parameter.lerp_(before[name], importance[name])
 
 
 def importance_objectives(context: TaskContext, captions: dict[str, torch.Tensor]) -> list[Callable[..., torch.Tensor]]:
@@ -78,10 +97,7 @@ class SPG(ImportanceHooks):
         for objective in importance_objectives(context, captions):
             batches = task_batches(context, context.task - 1, classes, context.settings.scoring_batch_size)
             gradients = summed_gradients(parameters, batches, objective, absolute=False, accelerator=accelerator)
-            for name, gradient in gradients.items():
-                importance = standardised(gradient).tanh().abs()
-                old = self.importance.get(name)
-                self.importance[name] = importance if old is None else torch.maximum(old, importance)
+            accumulate_importance(self.importance, gradients)
         model.train(training)
 
     def __init__(self, settings=None, options=None) -> None:
@@ -92,12 +108,8 @@ class SPG(ImportanceHooks):
     def before_optimizer_step(self, module: torch.nn.Module) -> None:
         self._before = {n: p.detach().clone() for n, p in module.named_parameters() if n in self.importance}
 
-    @torch.no_grad()
     def after_optimizer_step(self, module: torch.nn.Module, step: Step) -> None:
-        for name, parameter in module.named_parameters():
-            if name in self._before:
-                # old + (1 - I)(new - old), as new -> old by I: lerp is exact at I = 0 and I = 1
-                parameter.lerp_(self._before[name], self.importance[name])
+        scale_updates(module.named_parameters(), self._before, self.importance)
         self._before = {}
 
 
