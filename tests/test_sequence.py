@@ -109,8 +109,8 @@ def _crashed_run(setup, output_dir, kind, k, monkeypatch) -> None:
 
         monkeypatch.setattr(engine, "train_task", train)
     else:
-        real_replace = checkpoints.replace_directory
-        monkeypatch.setattr(checkpoints, "replace_directory", lambda *a: crash() or real_replace(*a))
+        real_replace = checkpoints.replace_folder
+        monkeypatch.setattr(checkpoints, "replace_folder", lambda *a: crash() or real_replace(*a))
     with pytest.raises(Crash):
         run(setup, output_dir)
     monkeypatch.undo()
