@@ -33,7 +33,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "integrity",
         ),
     ),
-    ("adapter", ("layer", "bnb", "naming", "budgets", "loading", "model", "compose", "hub")),
+    ("adapter", ("layer", "bnb", "naming", "budgets", "comparison", "loading", "model", "compose", "hub")),
     ("selection", ("selection", "selection_data", "trainer", "__init__")),
     ("continual", ("continual", "embedded")),
     ("studies", ("studies", "benchmarking", "analysis")),
