@@ -5,7 +5,7 @@ house (the import graph of `spu_peft.*`: its circles and the imports that run fr
     python scripts/code_metrics.py             # this checkout
     python scripts/code_metrics.py --root DIR  # another checkout (e.g. a worktree of main)
 
-`tests/test_layers.py` asserts the house with `import_graph` and `layer_violations`.
+`tests/test_import_layering.py` asserts the house with `import_graph` and `layer_violations`.
 """
 
 from __future__ import annotations
