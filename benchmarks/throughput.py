@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--models", default="vit-b-16,llama", help=f"Comma-separated models, of {tuple(MODELS)}.")
-    add("--methods", default=",".join(METHODS), help=f"Comma-separated methods, of {METHODS}.")
+    add("--methods", default=",".join(METHODS), help=f"Comma-separated methods, of {tuple(METHODS)}.")
     add("--batch-size", type=int, default=None, help="Sequences per batch (CLIP: images, one caption each); default: "
         "the model's (CLIP 8, LLaMA 2).")  # fmt: skip
     add("--seq-len", type=int, default=None, help="Tokens per sequence; default: the model's (CLIP 16, llama 128).")

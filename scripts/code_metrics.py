@@ -5,7 +5,7 @@ house (the import graph of `spu_peft.*`: its circles and the imports that run fr
     python scripts/code_metrics.py             # this checkout
     python scripts/code_metrics.py --root DIR  # another checkout (e.g. a worktree of main)
 
-`tests/test_layers.py` asserts the house with `import_graph` and `layer_violations`.
+`tests/test_import_layering.py` asserts the house with `import_graph` and `layer_violations`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,22 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "integrity",
         ),
     ),
-    ("adapter", ("layer", "bnb", "naming", "budgets", "injection", "loading", "adapter_loader", "model", "compose", "hub")),
+    (
+        "adapter",
+        (
+            "layer",
+            "bnb",
+            "naming",
+            "budgets",
+            "comparison",
+            "injection",
+            "loading",
+            "adapter_loader",
+            "model",
+            "compose",
+            "hub",
+        ),
+    ),
     ("selection", ("selection", "selection_data", "trainer", "__init__")),
     ("continual", ("continual", "embedded")),
     ("studies", ("studies", "benchmarking", "analysis")),

@@ -19,8 +19,8 @@ out=$(mktemp -d)
 
 # the CUDA cases only: the `device` fixture's and test_bf16's parameters whose id holds "cuda"
 "$PYTHON" -m pytest -q -k cuda -p no:cacheprovider --junitxml "$out/tests.xml" "$@" \
-    tests/test_layer.py tests/test_selection.py tests/test_bf16.py tests/test_save_load.py tests/test_encoding.py \
-    tests/test_throughput.py tests/test_bsr.py \
+    tests/test_layer_equals_dense_reference.py tests/test_selection.py tests/test_bf16.py tests/test_save_load.py \
+    tests/test_encoding.py tests/test_throughput.py tests/test_bsr.py \
     tests/test_quantized.py \
     >"$out/tests.log" 2>&1
 tests_rc=$?

@@ -14,10 +14,10 @@ declare -A TESTS=(
     [compose]="tests/test_compose.py"
     [encoding]="tests/test_encoding.py tests/test_selection_oracles.py tests/test_save_load.py"
     [scoring]="$selection_tests tests/test_collectives.py"
-    [selection]="$selection_tests tests/test_user_mistakes.py tests/test_collectives.py tests/test_engines_one_process.py"
-    [layer]="tests/test_layer.py tests/test_layer_contract.py tests/test_engines_one_process.py tests/test_selection.py tests/test_compose.py tests/test_save_load.py tests/test_peft_contract.py tests/test_bf16.py"
-    [sparse_linear]="tests/test_sparse_linear_paths.py tests/test_layer.py tests/test_bf16.py $selection_tests"
-    [distributed]="tests/test_engines_one_process.py tests/test_collectives.py $selection_tests tests/test_save_load.py tests/test_user_mistakes.py"
+    [selection]="$selection_tests tests/test_user_mistakes.py tests/test_collectives.py tests/test_distributed_one_process.py"
+    [layer]="tests/test_layer_equals_dense_reference.py tests/test_layer_contract.py tests/test_distributed_one_process.py tests/test_selection.py tests/test_compose.py tests/test_save_load.py tests/test_peft_contract.py tests/test_bf16.py"
+    [sparse_linear]="tests/test_sparse_linear_paths.py tests/test_layer_equals_dense_reference.py tests/test_bf16.py $selection_tests"
+    [distributed]="tests/test_distributed_one_process.py tests/test_collectives.py $selection_tests tests/test_save_load.py tests/test_user_mistakes.py"
     [loading]="tests/test_loading_messages.py tests/test_fuzz_adapter_files.py tests/test_save_load.py tests/test_integrity.py tests/test_peft_contract.py"
 )
 tests=${*:-${TESTS[$module]:-tests/test_$module.py}}

@@ -100,7 +100,7 @@ class Crash(BaseException):
 
 
 KILL_POINTS = {
-    "adapter_saved": ("hooks", "replace_directory", "after"),  # a task adapter in place (end_task), not evaluated
+    "adapter_saved": ("hooks", "replace_folder", "after"),  # a task adapter in place (end_task), not evaluated
     "trained": ("sequence", "task_accuracies", "before"),  # a task trained, not yet evaluated
     "checkpointed": ("sequence", "write_checkpoint", "after"),
     "outputs_written": ("sequence", "write_outputs", "after"),  # results written after a run, more runs to come

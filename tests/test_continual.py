@@ -168,11 +168,13 @@ def test_the_variables_set_before_any_import_pin_numerics_whatever_computes_at_i
     assert REPRODUCIBLE_ENV == {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "avx2"}  # as the scripts set them
 
 
-def test_lora_rank_matching_holds_as_many_entries_as_spu_selects():
+def test_lora_replay_rank_holds_as_many_entries_as_spu_selects():
     from conftest import make_tiny_clip
+    from peft.tuners.lora import LoraLayer
 
     from spu_peft.budgets import matched_rank
-    from spu_peft.continual.methods import lora_rank_matching
+    from spu_peft.continual import SequenceSettings
+    from spu_peft.continual.methods import lora
 
     assert matched_rank([(3072, 768)] * 2, 0.1) == 61  # 2 x 235,930 values over 2 x 3,840 per rank
     assert matched_rank([(2816, 1024)], 0.1) == 75
@@ -182,7 +184,8 @@ def test_lora_rank_matching_holds_as_many_entries_as_spu_selects():
     model = make_tiny_clip()
     shapes = [tuple(m.weight.shape) for n, m in model.named_modules() if n.endswith("fc1")]
     assert len(shapes) > 1  # one rank for all the targeted layers
-    assert lora_rank_matching(model, ("fc1",), 0.1) == matched_rank(shapes, 0.1)
+    model = lora(model, SequenceSettings(), {"rank": 0, "density": 0.1})  # lora_replay's model
+    assert {m.r["default"] for m in model.modules() if isinstance(m, LoraLayer)} == {matched_rank(shapes, 0.1)}
 
 
 def test_the_sequence_and_the_throughput_benchmark_size_lora_with_one_rule():

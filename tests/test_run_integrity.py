@@ -3,24 +3,30 @@
 A test that names a finding (of the adversarial campaign on the earlier code) fails on that code.
 """
 
+import copy
 import io
 import json
 import os
 import re
 import shutil
+import stat
 import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
+from peft import get_peft_model
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPModel
 
+from spu_peft import SPUConfig
 from spu_peft.continual import SequenceSettings, load_sequence_data, prepare_sequence_data, run_sequence
+from spu_peft.continual import checkpoint as checkpoints
 from spu_peft.continual.data import _open, _rgb, _standardise, check_class_names, content_digest
 from spu_peft.embedded import load_animal_shapes, load_embedded_processor
+from spu_peft.integrity import save_pretrained_atomically
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import cl_sequence  # noqa: E402
@@ -174,6 +180,35 @@ def test_a_damaged_latest_task_adapter_is_made_again(setup, finished, tmp_path):
     _flip_a_byte(adapter)
     run(setup, tmp_path / "run", resume=True)
     assert adapter.read_bytes() == saved
+
+
+def test_a_checkpoint_swap_killed_between_its_renames_is_completed(finished, tmp_path):
+    """A kill after a rewritten `task1/` moved aside (`.old`) and before its staged copy took its place: the next read
+    puts the complete staged copy in place (the adapter saves' recovery). The engine's own staging (`task1.tmp`)
+    left no `task1/`, and resumed from an earlier task or from nothing."""
+    shutil.copytree(finished, tmp_path / "run")
+    run_dir, dead = tmp_path / "run/runs/spu_lr0.0003", 2**22 + 1  # above the kernel's pid limit: never running
+    expected = checkpoints.latest_checkpoint(run_dir)[0]
+    shutil.copytree(run_dir / "task1", run_dir / f".task1.{dead}.a1.saving")
+    (run_dir / "task1").rename(run_dir / f".task1.{dead}.a1.old")
+    state, folder = checkpoints.latest_checkpoint(run_dir)
+    assert (state, folder) == (expected, run_dir / "task1")
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
+
+
+def test_checkpoints_leave_nothing_beside_them_and_saved_folders_are_readable_as_the_umask_allows(
+    setup, finished, tmp_path
+):
+    """A staged folder becomes the saved one: it was made private (0700, mkdtemp's), so an adapter saved with
+    `save_pretrained_atomically` could not be read by others on a shared machine. And every checkpoint left an empty
+    `.task<t>.<pid>.<token>.old` folder in its run folder for good."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    run_dir = finished / "runs/spu_lr0.0003"
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == []
+    save_pretrained_atomically(get_peft_model(copy.deepcopy(setup[0]), SPUConfig()), tmp_path / "adapter")
+    for folder in (run_dir / "task1", run_dir / "adapter_task1", tmp_path / "adapter"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask, folder
 
 
 @pytest.mark.parametrize(

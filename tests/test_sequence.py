@@ -1,6 +1,7 @@
 """spu_peft.continual's sequence engine: resume after a kill at any point, the fingerprint, the method registry,
 the paper's protocol, from Python on a barely pretrained embedded model."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -109,8 +110,8 @@ def _crashed_run(setup, output_dir, kind, k, monkeypatch) -> None:
 
         monkeypatch.setattr(engine, "train_task", train)
     else:
-        real_replace = checkpoints.replace_directory
-        monkeypatch.setattr(checkpoints, "replace_directory", lambda *a: crash() or real_replace(*a))
+        real_replace = checkpoints.replace_folder
+        monkeypatch.setattr(checkpoints, "replace_folder", lambda *a: crash() or real_replace(*a))
     with pytest.raises(Crash):
         run(setup, output_dir)
     monkeypatch.undo()
@@ -150,9 +151,36 @@ def test_resume_with_other_settings_is_refused_naming_them(setup, tmp_path):
     other = SequenceSettings(**{**SETTINGS.to_dict(), "method_options": options, "epochs": 2})
     with pytest.raises(FingerprintMismatchError) as caught:
         run(setup, tmp_path, resume=True, settings=other)
-    assert [(k, a, b) for k, a, b in caught.value.differences] == [("epochs", 1, 2), ("method_options", {}, options)]
+    plan = {
+        "options": {"density": 0.1, "score": "output_norm", "score_fraction": 0.25, "block_size": "none"},
+        "settings": {},
+    }
+    assert [(k, a, b) for k, a, b in caught.value.differences] == [
+        ("epochs", 1, 2),
+        ("method_options", {}, options),
+        ("methods.spu_replay", plan, {**plan, "options": {**plan["options"], "density": 0.02}}),
+    ]
     assert "`epochs`: recorded 1, now 2" in str(caught.value)
     assert (tmp_path / "results.json").read_text() == before  # nothing was touched
+
+
+def _frozen_with_option(model, settings, options):
+    return model.requires_grad_(False)
+
+
+def test_resume_with_a_method_built_with_other_option_defaults_is_refused(setup, tmp_path):
+    """Regression: options set by replacing a method's defaults (as the scaling study sets its density and score
+    fraction) were not in the fingerprint, so a resume with other ones continued the old runs silently."""
+    method = ContinualMethod("probe", _frozen_with_option, trains=False, options={"strength": 0.1})
+    run(setup, tmp_path, methods=[method])
+    run(setup, tmp_path, resume=True, methods=[method, "zeroshot"])  # the same plan, and a method joining: resumed
+    recorded = json.loads((tmp_path / "fingerprint.json").read_text())["methods"]
+    assert recorded == {"probe": {"options": {"strength": 0.1}, "settings": {}}, "zeroshot": recorded["zeroshot"]}
+    other = dataclasses.replace(method, options={"strength": 0.3})
+    with pytest.raises(FingerprintMismatchError, match=r"`methods.probe`: recorded .*0\.1.*now .*0\.3"):
+        run(setup, tmp_path, resume=True, methods=[other])
+    run(setup, tmp_path, resume=True, methods=["zeroshot"])  # a resume without it keeps its record
+    assert json.loads((tmp_path / "fingerprint.json").read_text())["methods"] == recorded
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 the value-gradient device rule.
 
 Nothing here is timed. The SPU fast path against a dense autograd reference (fp32 and bf16, both gradient paths) is
-covered by tests/test_layer.py.
+covered by tests/test_layer_equals_dense_reference.py.
 """
 
 import os

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -98,6 +99,65 @@ def refuse_unsharded_fsdp1(model: nn.Module) -> None:
             "Select on the unwrapped model and wrap it afterwards, or use DistributedDataParallel or FSDP2 "
             "(`fully_shard`)."
         )
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The situation a selection runs in, resolved once (`resolve_engine`): what scoring, the reduction of the score
+    sums over processes and the choice of entries then read instead of inspecting the model again.
+
+    Attributes:
+        runner: the module that runs the forward: the model inside `DistributedDataParallel` / `DataParallel`, else
+            the model as given (FSDP's wrappers stay: their forward gathers the shards).
+        sharding: `FSDP1`, `FSDP2` or None (parameters whole on this process: plain, DataParallel, DDP).
+        fixed_shapes: the name of the wrapper that fixes the parameters' shapes when it wraps them, or None.
+        score_device: where the score sums live; None: each layer's device.
+    """
+
+    runner: nn.Module
+    sharding: str | None
+    fixed_shapes: str | None
+    score_device: torch.device | None
+
+    @property
+    def sharded(self) -> bool:
+        """Whether each process holds shards: forwards run in lockstep and score sums keep this process's share."""
+        return self.sharding is not None
+
+    def whole_parameters(self, module: nn.Module, writeback: bool = True) -> contextlib.AbstractContextManager:
+        """`whole_parameters` of `module` under this engine (a collective under FSDP1)."""
+        return whole_parameters(self.runner, module, self.sharding, writeback)
+
+
+def resolve_engine(model: nn.Module, score_device: torch.device | str | None = None) -> Engine:
+    """The `Engine` of `model` as the user holds it, after refusing what selection cannot work under (DeepSpeed,
+    unsharded FSDP1) and a `score_device` this process lacks, each with the fix."""
+    score_device = _usable_device(score_device)
+    refuse_deepspeed(model)
+    runner = unwrap_replicated(model)
+    sharding = sharding_engine(runner)
+    if sharding == FSDP1:
+        refuse_unsharded_fsdp1(runner)
+    return Engine(runner, sharding, fixed_shape_wrapper(model, sharding), score_device)
+
+
+def _usable_device(score_device: torch.device | str | None) -> torch.device | None:
+    """`score_device` as a device this process can use, said before any work (torch would fail inside its CUDA
+    initialisation)."""
+    if score_device is None:
+        return None
+    try:
+        device = torch.device(score_device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"`score_device` must name a torch device such as 'cpu', got {score_device!r}") from error
+    backend = getattr(torch, device.type, None)
+    available = device.type in ("cpu", "meta") or bool(getattr(backend, "is_available", lambda: False)())
+    if not available:
+        raise ValueError(
+            f"`score_device={score_device!r}`, but this process has no {device.type} device; pass 'cpu', or None to "
+            "keep each layer's score sums on that layer's device."
+        )
+    return device
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,6 @@ import os
 import secrets
 import shutil
 import stat
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -200,8 +199,13 @@ def staging_folder(target: str | os.PathLike[str]) -> Path:
 
 
 def _sibling(target: Path, suffix: str) -> Path:
-    """A new empty folder `.<target>.<pid>.<random><suffix>` beside `target`."""
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=suffix, dir=target.parent))
+    """A new empty folder `.<target>.<pid>.<random><suffix>` beside `target`, made as `mkdir` makes folders (0777 less
+    the umask), not mkdtemp's private 0700: the staged folder becomes `target` and keeps that mode."""
+    while True:
+        path = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(6)}{suffix}"
+        with contextlib.suppress(FileExistsError):
+            path.mkdir()
+            return path
 
 
 def replace_folder(staging: Path, target: str | os.PathLike[str], keep: Iterable[str] = ()) -> None:

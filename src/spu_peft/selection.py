@@ -20,18 +20,7 @@ from torch import nn
 from .blocks import tile_scores
 from .budgets import global_top_entries, layer_top_entries
 from .config import SPUConfig
-from .distributed import (
-    FSDP1,
-    all_reduce_sum,
-    fixed_shape_wrapper,
-    full_tensor,
-    lockstep,
-    refuse_deepspeed,
-    refuse_unsharded_fsdp1,
-    sharding_engine,
-    unwrap_replicated,
-    whole_parameters,
-)
+from .distributed import Engine, all_reduce_sum, full_tensor, lockstep, resolve_engine
 from .encoding import expand_tiles
 from .layer import SPULayer
 from .naming import PEFT_PREFIX, spu_layers
@@ -127,14 +116,10 @@ def select_parameters(
         a global budget), so an optimizer that holds them trains the new entries.
     """
     _check_arguments(score, fraction, max_batches, score_dtype)
-    _check_score_device(score_device)
     if description is not None and not isinstance(description, str):
         raise ValueError(f"`description` must be a string (it is saved in adapter_config.json), got {description!r}")
-    refuse_deepspeed(model)
-    runner = unwrap_replicated(model)
-    engine = sharding_engine(runner)
-    if engine == FSDP1:
-        refuse_unsharded_fsdp1(runner)
+    engine = resolve_engine(model, score_device)
+    runner = engine.runner
     adapter_name, config = _resolve_adapter(runner, adapter_name)
     layers = dict(spu_layers(runner, adapter_name))
     if not layers:
@@ -145,12 +130,12 @@ def select_parameters(
         raise ValueError("`select_parameters` needs gradients; call it outside `torch.inference_mode()`.")
     if any(layer.merged for layer in layers.values()):
         raise ValueError("The adapter is merged into the base weights; call `unmerge_adapter()` before selecting.")
-    if config.budget == "global" and (wrapper := fixed_shape_wrapper(model, engine)):
+    if config.budget == "global" and engine.fixed_shapes:
         raise ValueError(
-            f"budget='global' gives each layer a different number of entries, which {wrapper} cannot take after "
-            "wrapping (it keeps the shapes the parameters had when wrapped). Call `select_parameters` on the unwrapped "
-            "model before wrapping it (scores are still summed over processes) and wrap it anew after each selection, "
-            "or use budget='per_tensor'."
+            f"budget='global' gives each layer a different number of entries, which {engine.fixed_shapes} cannot take "
+            "after wrapping (it keeps the shapes the parameters had when wrapped). Call `select_parameters` on the "
+            "unwrapped model before wrapping it (scores are still summed over processes) and wrap it anew after each "
+            "selection, or use budget='per_tensor'."
         )
 
     start = time.perf_counter()
@@ -164,10 +149,10 @@ def select_parameters(
             score, batches = _default_score(batches)
         logger.info("SPU selection: scoring %s with score=%r.", planned, score)
         with torch.enable_grad():  # also under a caller's `torch.no_grad()`: scores are gradients
-            sums, num_batches = _gradient_score_sums(runner, layers, batches, score, engine, score_dtype, score_device)
+            sums, num_batches = _gradient_score_sums(engine, layers, batches, score, score_dtype)
         scores = _LazyScores(layers, lambda name, layer: (sums.whole(name, _device(layer)) / num_batches).abs())
     elif score == "magnitude":
-        scores = _LazyScores(layers, lambda name, layer: _effective_weight(runner, layer, engine).abs().float())
+        scores = _LazyScores(layers, lambda name, layer: _effective_weight(engine, layer).abs().float())
     elif score == "random":
         seed = config.seed if seed is None else seed
         scores = _LazyScores(layers, lambda name, layer: _random_scores(layer, seed, name))
@@ -175,7 +160,7 @@ def select_parameters(
         torch.cuda.synchronize(device)
     score_seconds = time.perf_counter() - start
 
-    supports = _select_and_apply(runner, layers, scores, config, adapter_name, consolidate, engine)
+    supports = _select_and_apply(engine, layers, scores, config, adapter_name, consolidate)
     values = [layer.spu_values[adapter_name] for layer in layers.values()]
     drop_state(optimizer, values)
     watch_stale_state(values)
@@ -211,23 +196,6 @@ def select_parameters(
         score_seconds,
     )
     return report
-
-
-def _check_score_device(score_device: Any) -> None:
-    """A device this process can use, said before any work (torch would fail inside its CUDA initialisation)."""
-    if score_device is None:
-        return
-    try:
-        device = torch.device(score_device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"`score_device` must name a torch device such as 'cpu', got {score_device!r}") from error
-    backend = getattr(torch, device.type, None)
-    available = device.type in ("cpu", "meta") or bool(getattr(backend, "is_available", lambda: False)())
-    if not available:
-        raise ValueError(
-            f"`score_device={score_device!r}`, but this process has no {device.type} device; pass 'cpu', or None to "
-            "keep each layer's score sums on that layer's device."
-        )
 
 
 def _check_arguments(score: Any, fraction: Any, max_batches: Any, score_dtype: Any) -> None:
@@ -275,13 +243,12 @@ class _LazyScores:
 
 
 def _select_and_apply(
-    runner: nn.Module,
+    engine: Engine,
     layers: dict[str, SPULayer],
     scores: _LazyScores,
     config: SPUConfig,
     adapter_name: str,
     consolidate: bool,
-    engine: str | None,
 ) -> dict[str, int]:
     """Pick each layer's top entries (or tiles, with a `block_size`) and make them the adapter's support; returns the
     counts of entries per layer."""
@@ -296,7 +263,7 @@ def _select_and_apply(
         support = supports[name] if supports is not None else layer_top_entries(scores(name), config)
         if config.block_size is not None:
             support = expand_tiles(support, layer.weight_shape, config.block_size)
-        with whole_parameters(runner, layer, engine):
+        with engine.whole_parameters(layer):
             layer.set_support(adapter_name, support, consolidate=consolidate)
         counts[name] = int(support.numel())
     return counts
@@ -331,9 +298,9 @@ def _resolve_adapter(model: nn.Module, adapter_name: str | None) -> tuple[str, S
     return adapter_name, config
 
 
-def _effective_weight(runner: nn.Module, layer: SPULayer, engine: str | None) -> torch.Tensor:
+def _effective_weight(engine: Engine, layer: SPULayer) -> torch.Tensor:
     """The layer's weight as the model currently uses it (base plus active adapters' deltas), whole."""
-    with whole_parameters(runner, layer, engine, writeback=False):
+    with engine.whole_parameters(layer, writeback=False):
         weight = full_tensor(layer.dense_base_weight())
         if layer.merged:
             return weight.clone()
@@ -349,23 +316,21 @@ def _random_scores(layer: SPULayer, seed: int, name: str) -> torch.Tensor:
 
 
 def _gradient_score_sums(
-    runner: nn.Module,
+    engine: Engine,
     layers: dict[str, SPULayer],
     batches: Iterator[Mapping[str, Any]],
     score: str,
-    engine: str | None,
     score_dtype: torch.dtype,
-    score_device: torch.device | str | None,
 ) -> tuple[ScoreSums, int]:
     """Run the scoring batches; each SPU layer adds its weight gradient to its sum during backward."""
-    device = _device(next(iter(layers.values())))
+    runner, device = engine.runner, _device(next(iter(layers.values())))
     sums = ScoreSums(
         {name: layer.weight_shape for name, layer in layers.items()},
         {name: _device(layer) for name, layer in layers.items()},
         squared=score == "fisher",
-        sharded=engine is not None,
+        sharded=engine.sharded,
         dtype=score_dtype,
-        device=score_device,
+        device=engine.score_device,
     )
     probe = torch.zeros((), device=device, requires_grad=True)
     was_training = runner.training
@@ -375,7 +340,7 @@ def _gradient_score_sums(
         for name, layer in layers.items():
             layer._scorer = (probe, functools.partial(sums.add, name))
         check = BatchChecker(runner, score)
-        for batch, real in lockstep(batches, sharded=engine is not None, device=device):
+        for batch, real in lockstep(batches, sharded=engine.sharded, device=device):
             check(batch)
             sums.weight = 1.0 if real else 0.0
             outputs = scoring_forward(runner, to_device(batch, device), check.name)

@@ -2,6 +2,7 @@
 throughput benchmark's measurements and report. `benchmarks/throughput.py` and `benchmarks/sharded_scoring.py` are
 its command lines."""
 
+from ..comparison import lora_ranks, shira_rank
 from ..memory import peak_memory, reset_peak_memory
 from .allocator import keep_freed_memory, release_freed_memory
 from .peers import (
@@ -9,10 +10,8 @@ from .peers import (
     METHODS,
     adapter_bytes,
     benchmark_block_size,
-    lora_ranks,
     make_optimizer,
     prepare_method,
-    shira_rank,
     state_bytes,
     target_shapes,
     train_step,

@@ -1,7 +1,7 @@
 """SPU and its peers on the same targets, trained the same way, for measuring what each costs.
 
-Every method adapts SPU's default targets for the model type (`target_shapes`) and trains with AdamW on the same
-batch:
+Every method is built by the registry the continual engine's methods are built by (`spu_peft.comparison`), on
+SPU's default targets for the model type (`target_shapes`), and trains with AdamW on the same batch:
 
 - `spu`: this package, `SPUConfig()` defaults;
 - `spu_block`: the same with `block_size` (`benchmark_block_size`: 32 x 32 tiles where the targets' shapes allow), whose
@@ -14,9 +14,10 @@ batch:
   still reaches the whole dense tensor, as in the reference);
 - `lora`: PEFT LoRA on the targets, each layer at the rank r whose r * (m + n) entries match SPU's on it;
 - `shira`: PEFT SHiRA on the targets, one r for all, so that the total number of entries matches SPU's;
-
-Both ranks come from `spu_peft.budgets.matched_rank`, the rule the sequence benchmark's `lora_replay` sizes with.
 - `full`: full fine-tuning.
+
+Both ranks come from `spu_peft.budgets.matched_rank`, the rule the sequence benchmark's `lora_replay` sizes with
+(one rank shared by its targets).
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from ..budgets import matched_rank
+from .. import comparison
 from ..config import (
     TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING,
     TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING,
 )
 
-METHODS = ("spu", "spu_block", "floor", "dense_mask", "lora", "shira", "full")
+METHODS = {"spu": "spu", "spu_block": "spu", "floor": "spu", "dense_mask": "dense_mask", "lora": "lora",
+           "shira": "shira", "full": "full"}  # fmt: skip
+"""The benchmark's methods, each mapped to the method of the shared registry (`spu_peft.comparison`) it builds."""
 ADAPTER_METHODS = (
     "spu",
     "spu_block",
@@ -51,61 +54,18 @@ def target_shapes(model: torch.nn.Module) -> tuple[dict[str, tuple[int, int]], l
     """SPU's default targets for the model type (every method adapts them), their shapes and SPU's dense modules."""
     targets = TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING[model.config.model_type]
     dense = TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING.get(model.config.model_type, [])
-    shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets}
-    return shapes, targets, dense
-
-
-def lora_ranks(shapes: dict[str, tuple[int, int]], density: float) -> dict[str, int]:
-    """Each layer's `matched_rank`: LoRA trains as many entries as SPU's values, layer by layer."""
-    return {name: matched_rank([shape], density) for name, shape in shapes.items()}
-
-
-def shira_rank(shapes: dict[str, tuple[int, int]], density: float) -> int:
-    """SHiRA takes one r for all layers (r * (m + n) entries each): the `matched_rank` of all of them."""
-    return matched_rank(shapes.values(), density)
+    return comparison.target_shapes(model, tuple(targets)), targets, dense
 
 
 def prepare_method(model: torch.nn.Module, method: str, density: float, seed: int) -> tuple[torch.nn.Module, list]:
-    """Make `method`'s parameters trainable; returns the model and the masks `dense_mask` keeps only for training."""
-    from peft import LoraConfig, ShiraConfig, get_peft_model
-
-    from ..config import SPUConfig
-    from ..layer import num_selected
-
+    """Make `method`'s parameters trainable (`METHODS`' entry of `spu_peft.comparison`, on SPU's default targets and
+    dense modules, LoRA at per-layer ranks); returns the model and the masks `dense_mask` keeps only for training."""
     if method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
-    shapes, targets, dense = target_shapes(model)
-    if method in ("spu", "floor"):
-        return get_peft_model(model, SPUConfig(density=density, seed=seed)), []
-    if method == "spu_block":
-        config = SPUConfig(density=density, seed=seed, block_size=benchmark_block_size(shapes))
-        return get_peft_model(model, config), []
-    if method == "lora":
-        ranks = lora_ranks(shapes, density)
-        r = max(ranks.values())  # alpha = r everywhere: scaling 1
-        config = LoraConfig(r=r, lora_alpha=r, rank_pattern=ranks, alpha_pattern=ranks, target_modules=targets,
-                            modules_to_save=dense or None)  # fmt: skip
-        return get_peft_model(model, config), []
-    if method == "shira":
-        r = shira_rank(shapes, density)
-        config = ShiraConfig(r=r, target_modules=targets, modules_to_save=dense or None, random_seed=seed)
-        return get_peft_model(model, config), []
-    if method == "full":
-        return model.requires_grad_(True), []
-    # dense_mask: the reference keeps dense trainable target weights and zeroes the unselected gradient entries
-    model.requires_grad_(False)
-    for name in dense:
-        model.get_submodule(name).requires_grad_(True)
-    generator, masks = torch.Generator().manual_seed(seed), []
-    for name in shapes:
-        module = model.get_submodule(name).requires_grad_(True)  # weight and bias
-        weight = module.weight
-        chosen = torch.randperm(weight.numel(), generator=generator)[: num_selected(weight.numel(), density)]
-        mask = torch.zeros(weight.numel(), dtype=torch.bool)
-        mask[chosen] = True
-        masks.append(mask.view_as(weight).to(weight.device))
-        weight.register_hook(lambda grad, mask=masks[-1]: grad * mask)
-    return model, masks
+        raise ValueError(f"`method` must be one of {tuple(METHODS)}, got {method!r}")
+    shapes, targets, _ = target_shapes(model)
+    block_size = benchmark_block_size(shapes) if method == "spu_block" else None
+    budget = comparison.Budget(tuple(targets), density, seed, per_layer_rank=True, block_size=block_size)
+    return comparison.adapt(model, METHODS[method], budget)
 
 
 def benchmark_block_size(shapes: dict[str, tuple[int, int]]) -> tuple[int, int]:

@@ -58,7 +58,7 @@ class Workload:
 class ThroughputSettings:
     """What to measure, and how: `value_grad[0]` trains `spu`, each further path is timed beside it as `spu/PATH`."""
 
-    methods: Sequence[str] = METHODS
+    methods: Sequence[str] = tuple(METHODS)
     density: float = 0.1
     seed: int = 0
     steps: int = 5

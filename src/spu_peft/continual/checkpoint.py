@@ -1,7 +1,9 @@
 """Per-task checkpoints of a sequence run, written so that a kill at any moment leaves a consistent folder.
 
 A run folder holds `task<t>/` (the state after task `t`: `state.json` and, for methods that train, `weights/`),
-written as `task<t>.tmp/` and renamed into place, so a `task<t>/` that exists is complete. The newest one is the
+written into a staging folder beside it and swapped in (`spu_peft.integrity.staging_folder` and `replace_folder`, the
+adapter saves' swap), so a `task<t>/` that exists is complete; `latest_checkpoint` finishes or undoes a swap a kill
+interrupted (`recover_folder`). The newest one is the
 run's progress; older ones are removed once a newer one exists. One process at a time writes an output folder:
 `claim_output_dir` takes the OS's advisory lock on `<output_dir>/.lock`, which the OS releases when the process dies.
 """
@@ -22,9 +24,10 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import save_file
 
-from ..integrity import WEIGHTS_NAME, read_safetensors, replace_folder
+from ..integrity import WEIGHTS_NAME, read_safetensors, recover_folder, replace_folder, staging_folder
 
 _TASK_DIR = re.compile(r"task(\d+)")
+_SWAP_LEFTOVER = re.compile(r"\.(\w+)\.\d+\..*")  # `.<folder>.<pid>.<token><suffix>`: staging copies, old folders
 LOCK_FILE = ".lock"
 FULL_WEIGHTS_NAME = "model.safetensors"  # `save_weights` of a model that is not a PEFT model
 # output folder -> the open lock file this process holds (a second claim by the same process reuses it)
@@ -122,17 +125,6 @@ def resume_run(run_dir: Path, model: torch.nn.Module | None) -> tuple[dict[str, 
     return state, folder
 
 
-def replace_directory(tmp: Path, directory: Path) -> None:
-    """Move a finished `tmp` folder to `directory`, replacing an older copy."""
-    replace_folder(tmp, directory)
-
-
-def fresh_tmp(directory: Path) -> Path:
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
-
-
 METHOD_STATE = "method_state.safetensors"
 STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
@@ -177,15 +169,14 @@ def write_checkpoint(
     """Record the state after `task` (and the model's weights and the method's tensors, if given) as `task<task>/`;
     drop older ones."""
     final = run_dir / f"task{task}"
-    tmp = fresh_tmp(final)
-    tmp.mkdir(parents=True)
+    staging = staging_folder(final)
     if model is not None:
-        save_weights(model, tmp / "weights")
+        save_weights(model, staging / "weights")
     if method_state:
-        save_file({k: v.detach().cpu().contiguous() for k, v in method_state.items()}, tmp / METHOD_STATE)
-    (tmp / STATE_FILE).write_text(json.dumps(state))
-    (tmp / MANIFEST_FILE).write_text(json.dumps(folder_digests(tmp), indent=1, sort_keys=True))
-    replace_directory(tmp, final)
+        save_file({k: v.detach().cpu().contiguous() for k, v in method_state.items()}, staging / METHOD_STATE)
+    (staging / STATE_FILE).write_text(json.dumps(state))
+    (staging / MANIFEST_FILE).write_text(json.dumps(folder_digests(staging), indent=1, sort_keys=True))
+    replace_folder(staging, final)
     for older in _task_dirs(run_dir):
         if older < task:
             shutil.rmtree(run_dir / f"task{older}", ignore_errors=True)
@@ -210,10 +201,11 @@ def _task_dirs(run_dir: Path) -> list[int]:
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
-    """(state, folder) of the newest complete checkpoint, or None; removes debris of interrupted writes."""
+    """(state, folder) of the newest complete checkpoint, or None; first finishes or undoes the swaps (checkpoints,
+    task adapters) that a kill interrupted."""
     if run_dir.exists():
-        for debris in run_dir.glob("*.tmp"):
-            shutil.rmtree(debris, ignore_errors=True) if debris.is_dir() else debris.unlink()
+        for name in sorted({m.group(1) for p in run_dir.iterdir() if (m := _SWAP_LEFTOVER.fullmatch(p.name))}):
+            recover_folder(run_dir / name)
     tasks = _task_dirs(run_dir)
     if not tasks:
         return None

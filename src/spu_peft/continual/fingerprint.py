@@ -1,9 +1,11 @@
 """A run's fingerprint: everything that shapes its numbers, so that a resume never mixes two different runs.
 
-It holds the settings (every field of `SequenceSettings`), the base model's identity (its configuration and a hash
-of its weights), the data's identity (the `datasets` fingerprints of the splits, which follow their content) and
-`RECIPE_VERSION`, the version of what the runner does with them. Where a run is resumed with another
-fingerprint, :func:`check_fingerprint` stops before any work and names each difference.
+It holds the settings (every field of `SequenceSettings`), each method's plan (its options and the settings its
+protocol changes, so a method object built with other option defaults is told apart from the registered one), the base
+model's identity (its configuration and a hash of its weights), the data's identity (the `datasets` fingerprints of the
+splits, which follow their content) and `RECIPE_VERSION`, the version of what the runner does with them. Where a run
+is resumed with another fingerprint, :func:`check_fingerprint` stops before any work and names each difference; a
+method the folder has not run yet may join on resume.
 """
 
 from __future__ import annotations
@@ -51,9 +53,14 @@ def model_identity(model: torch.nn.Module) -> str:
     return hash_tensors(digest, model.state_dict()).hexdigest()
 
 
-def sequence_fingerprint(settings: SequenceSettings, model_id: str, data_id: dict[str, Any]) -> dict[str, Any]:
-    """The fingerprint of a run: settings, model identity, data identity and recipe version."""
-    return {"recipe_version": RECIPE_VERSION, "settings": settings.to_dict(), "model": model_id, "data": data_id}
+def sequence_fingerprint(
+    settings: SequenceSettings, model_id: str, data_id: dict[str, Any], plans: dict[str, Any]
+) -> dict[str, Any]:
+    """The fingerprint of a run: settings, the methods' plans (name -> options and setting changes), model identity,
+    data identity and recipe version."""
+    plans = json.loads(json.dumps(plans))  # as recorded: tuples become lists
+    fingerprint = {"recipe_version": RECIPE_VERSION, "settings": settings.to_dict(), "methods": plans}
+    return fingerprint | {"model": model_id, "data": data_id}
 
 
 def fingerprint_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -65,6 +72,10 @@ def fingerprint_differences(recorded: dict[str, Any], current: dict[str, Any]) -
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             differences.append((key, old.get(key), new.get(key)))
+    old_plans = recorded.get("methods") if isinstance(recorded.get("methods"), dict) else {}
+    for name, plan in sorted(current.get("methods", {}).items()):
+        if name in old_plans and old_plans[name] != plan:
+            differences.append((f"methods.{name}", old_plans[name], plan))
     for key in [k for k in ("model", "data", "recipe_version") if k in current]:
         if recorded.get(key) != current[key]:
             differences.append((key, recorded.get(key), current[key]))
@@ -79,16 +90,20 @@ def check_fingerprint(
     `fingerprint` may hold only the settings (`{"settings": ...}`, with `write=False`): a check before the model and
     the data exist, so a resume with other settings stops before anything is loaded or pretrained."""
     path = Path(output_dir) / FINGERPRINT_FILE
+    earlier_plans: dict[str, Any] = {}
     if resume and path.exists():
-        differences = fingerprint_differences(recorded_fingerprint(path), fingerprint)
+        recorded = recorded_fingerprint(path)
+        differences = fingerprint_differences(recorded, fingerprint)
         if differences:
             raise FingerprintMismatchError(differences)
+        earlier_plans = recorded.get("methods") if isinstance(recorded.get("methods"), dict) else {}
     elif resume and (Path(output_dir) / "runs").exists():
         raise FingerprintMismatchError([("fingerprint", None, "missing: made by an older version; rerun afresh")])
     if not write:
         return
-    if set(fingerprint) != {"recipe_version", "settings", "model", "data"}:
+    if set(fingerprint) != {"recipe_version", "settings", "methods", "model", "data"}:
         raise ValueError(f"only a whole fingerprint is recorded, got the keys {sorted(fingerprint)}")
+    fingerprint = fingerprint | {"methods": earlier_plans | fingerprint["methods"]}  # the runs this folder holds
     atomic_write_text(path, json.dumps(fingerprint, indent=2, sort_keys=True))
 
 

@@ -45,7 +45,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpoint import check_digests, folder_digests, fresh_tmp, replace_directory, save_weights
+from ..integrity import replace_folder, staging_folder
+from .checkpoint import check_digests, folder_digests, save_weights
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ class TaskAdapterHooks(MethodHooks):
 
     def _save(self, model: torch.nn.Module, run_dir: Path, task: int) -> None:
         adapter = task_adapter_dir(run_dir, task)
-        tmp = fresh_tmp(adapter)
-        save_weights(model, tmp)
-        replace_directory(tmp, adapter)
+        staging = staging_folder(adapter)
+        save_weights(model, staging)
+        replace_folder(staging, adapter)
         self.adapter_digests[str(task)] = folder_digests(adapter)

@@ -2,7 +2,8 @@
 
 A method says how to turn a copy of the base model into the model it trains, whether its steps replay earlier
 tasks, what its hooks do around each task (SPU's select its support and save the task's adapter), its options and
-its learning rates. The seven built-ins are registered below exactly as a user registers their own:
+its learning rates. The seven built-ins are registered below exactly as a user registers their own; their models
+are built by the comparison methods the throughput benchmark builds too (`spu_peft.comparison`):
 
     from spu_peft.continual import ContinualMethod, register_method
 
@@ -19,17 +20,15 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
 
 from ..blocks import parse_block_size
-from ..budgets import matched_rank
-from ..config import SPUConfig
+from ..comparison import Budget, adapt
+from ..comparison import peft_model as peft_model  # what a user's builder wraps a PEFT config with
 from .hooks import HooksFactory, MethodHooks, make_hooks
 from .settings import SequenceSettings
 from .task_selection import SelectionHooks
@@ -175,31 +174,12 @@ def _of_kind(method: str, name: str, value: Option, default: Option) -> Option:
 # ---- the built-in methods ------------------------------------------------------------------------------------------
 
 
-def lora_rank_matching(model: torch.nn.Module, targets: tuple[str, ...], density: float) -> int:
-    """The LoRA rank whose A and B hold about as many parameters as SPU's sparse values at `density` on the same
-    layers (:func:`spu_peft.budgets.matched_rank` over every targeted linear layer)."""
-    shapes = [
-        tuple(module.weight.shape)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
-    ]
-    return matched_rank(shapes, density)
-
-
-def peft_model(model: torch.nn.Module, config: Any) -> torch.nn.Module:
-    """`get_peft_model`, without the FutureWarning transformers raises when PEFT asks whether gradient
-    checkpointing is on (`is_gradient_checkpointing`): a notice for PEFT's authors, not for our users."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)
-
-
 def frozen(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
-    return model.requires_grad_(False)
+    return adapt(model, "frozen", Budget(settings.target_modules))[0]
 
 
 def full_fine_tuning(model: torch.nn.Module, settings: SequenceSettings) -> torch.nn.Module:
-    model.requires_grad_(True)
+    model = adapt(model, "full", Budget(settings.target_modules))[0]
     if hasattr(model, "logit_scale"):
         model.logit_scale.requires_grad_(False)  # the temperature stays frozen for every method
     return model
@@ -217,24 +197,20 @@ class LoRAOptions(MethodHooks):
 
 
 def lora(model: torch.nn.Module, settings: SequenceSettings, options: Mapping[str, Option]) -> torch.nn.Module:
-    """PEFT LoRA on `settings.target_modules`, at `options["rank"]` (0: matched to SPU's values at `density`)."""
-    targets = list(settings.target_modules)
-    rank = int(options["rank"]) or lora_rank_matching(model, settings.target_modules, options["density"])
-    return peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
+    """PEFT LoRA on `settings.target_modules`, at `options["rank"]` (0: one rank for all targets, matched to SPU's
+    values at `density`), without dense modules."""
+    budget = Budget(settings.target_modules, options["density"], modules_to_save=(), rank=int(options["rank"]))
+    return adapt(model, "lora", budget)[0]
 
 
 def spu_adapter(model: torch.nn.Module, settings: SequenceSettings, options: Mapping[str, Option]) -> torch.nn.Module:
     """An SPU adapter of `options["density"]` on `settings.target_modules` (and its `modules_to_save`), selecting
     entries or, with `options["block_size"]` (e.g. `"32x32"`), whole tiles."""
-    modules_to_save = None if settings.modules_to_save is None else list(settings.modules_to_save)
-    config = SPUConfig(
-        target_modules=list(settings.target_modules),
-        density=options["density"],
-        seed=settings.seed,
-        modules_to_save=modules_to_save,
-        block_size=parse_block_size(options.get("block_size", "none")),
+    block_size = parse_block_size(options.get("block_size", "none"))
+    budget = Budget(
+        settings.target_modules, options["density"], settings.seed, settings.modules_to_save, block_size=block_size
     )
-    return peft_model(model, config)
+    return adapt(model, "spu", budget)[0]
 
 
 # Learning-rate grids of `lr_sweep`. On the embedded default the sweep gave README's trade-off curves; each

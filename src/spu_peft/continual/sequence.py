@@ -318,7 +318,8 @@ def run_sequence(
     output_dir = Path(output_dir)
     if accelerator.is_main_process:
         claim_output_dir(output_dir)  # a second run into this folder stops here, naming this process
-    fingerprint = sequence_fingerprint(settings, model_identity(model), data.identity)
+    method_plans = {name: _plan_record(settings, *plan) for name, plan in plans.items()}
+    fingerprint = sequence_fingerprint(settings, model_identity(model), data.identity, method_plans)
     check_fingerprint(output_dir, fingerprint, resume, write=False)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -339,7 +340,7 @@ def run_sequence(
         **(extra_config or {}),
         "methods": names,
         "lrs": {m.name: lr for m, lr in runs[: len(resolved)] if lr is not None},
-        "method_plans": {name: _plan_record(settings, *plan) for name, plan in plans.items()},
+        "method_plans": method_plans,
         "tasks": data.task_class_names(),
         "processes": accelerator.num_processes,
         "workers": workers,
