@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 import torch
@@ -268,6 +269,79 @@ def test_a_second_run_into_one_output_folder_stops_naming_the_running_process(tm
     claim_output_dir(tmp_path)  # the OS released the lock with the process
     claim_output_dir(tmp_path)  # this process may claim again
     release_output_dir(tmp_path)
+
+
+# Claims the folder given, says so, then blocks for good (as a run whose forked worker hangs).
+BLOCKED_HOLDER = """
+import sys, threading
+from spu_peft.continual.checkpoint import claim_output_dir
+claim_output_dir(sys.argv[1])
+print("held", flush=True)
+threading.Event().wait()
+"""
+
+
+def _claim_within(folder, seconds: float) -> bool:
+    """Whether this process can claim `folder` within `seconds` (it releases it again)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            claim_output_dir(folder)
+        except OutputDirBusyError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        else:
+            release_output_dir(folder)
+            return True
+
+
+@pytest.mark.slow
+def test_a_run_whose_launcher_is_killed_stops_and_frees_its_output_folder(tmp_path):
+    """Finding 7: SIGKILL of `accelerate launch` left its child blocked and holding the folder's lock, so `--resume`
+    was refused for good."""
+    (script := tmp_path / "holder.py").write_text(BLOCKED_HOLDER)
+    folder = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-q", str(script), str(folder),
+    ]  # fmt: skip
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        assert launcher.stdout.readline().strip() == "held"
+        holder = int((folder / ".lock").read_text())
+        assert holder != launcher.pid
+        with pytest.raises(OutputDirBusyError, match=f"process {holder}"):  # a live run still refuses a second one
+            claim_output_dir(folder)
+        launcher.kill()
+        launcher.wait()
+        assert _claim_within(folder, 30), "the orphaned run kept the output folder"
+    finally:
+        launcher.kill()
+        launcher.wait()
+        if not _claim_within(folder, 0):
+            os.kill(holder, 9)
+
+
+@pytest.mark.slow
+def test_a_run_outlives_a_parent_that_is_not_a_launcher(tmp_path):
+    """`nohup python cl_sequence.py &` from a shell that then exits: the run goes on, keeping its folder."""
+    (script := tmp_path / "holder.py").write_text(BLOCKED_HOLDER)
+    folder = tmp_path / "out"
+    parent = textwrap.dedent(
+        f"""
+        import subprocess, sys
+        run = subprocess.Popen([sys.executable, {str(script)!r}, {str(folder)!r}], stdout=subprocess.PIPE, text=True)
+        assert run.stdout.readline().strip() == "held"
+        """
+    )
+    subprocess.run([sys.executable, "-c", parent], check=True, timeout=120)
+    holder = int((folder / ".lock").read_text())
+    try:
+        assert not _claim_within(folder, 3)
+    finally:
+        os.kill(holder, 9)
+    assert _claim_within(folder, 30)
 
 
 def test_selection_under_no_grad_scores_and_clear_refusals_elsewhere():

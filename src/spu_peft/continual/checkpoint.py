@@ -3,7 +3,8 @@
 A run folder holds `task<t>/` (the state after task `t`: `state.json` and, for methods that train, `weights/`),
 written as `task<t>.tmp/` and renamed into place, so a `task<t>/` that exists is complete. The newest one is the
 run's progress; older ones are removed once a newer one exists. One process at a time writes an output folder:
-`claim_output_dir` takes the OS's advisory lock on `<output_dir>/.lock`, which the OS releases when the process dies.
+`claim_output_dir` takes the OS's advisory lock on `<output_dir>/.lock`, which the OS releases when the process dies;
+a run started by a launcher stops when the launcher dies (`launcher.stop_with_launcher`), so no orphan keeps the lock.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import save_file
 
 from ..integrity import WEIGHTS_NAME, read_safetensors, replace_folder
+from .launcher import stop_with_launcher
 
 _TASK_DIR = re.compile(r"task(\d+)")
 LOCK_FILE = ".lock"
@@ -39,7 +41,8 @@ def claim_output_dir(output_dir: str | os.PathLike[str]) -> None:
     """Lock `output_dir` for this process, or stop at once naming the process that holds it.
 
     Two runs writing one folder would mix their checkpoints and results; the lock is advisory (`flock`), held
-    until `release_output_dir` or the end of the process, whatever ends it.
+    until `release_output_dir` or the end of the process, whatever ends it. Under `accelerate launch` or `torchrun`,
+    the death of the launcher ends the process, as an orphan would otherwise hold the lock for good.
     """
     folder = Path(output_dir).resolve()
     if folder in _held:
@@ -66,6 +69,7 @@ def claim_output_dir(output_dir: str | os.PathLike[str]) -> None:
     os.ftruncate(handle, 0)
     os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
     _held[folder] = handle
+    stop_with_launcher()
 
 
 def release_output_dir(output_dir: str | os.PathLike[str]) -> None:
