@@ -612,6 +612,92 @@ def test_save_adapter_refuses_an_empty_path_or_a_file(tmp_path, monkeypatch, pat
     assert (tmp_path / "a-file").read_text() == "keep"
 
 
+# Paths where no folder can be made, as (layout maker -> the path to pass, what the refusal must say).
+def _file_in_the_way(tmp_path):
+    (tmp_path / "notes").write_text("keep")
+    return "notes", r"'notes' is a file; pass a folder"
+
+
+def _file_two_levels_up(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "notes").write_text("keep")
+    return "runs/notes/a/b", r"'runs/notes/a/b' cannot be a folder: 'runs/notes' is a file; .*move 'runs/notes' away"
+
+
+def _link_to_a_file(tmp_path):
+    (tmp_path / "notes").write_text("keep")
+    os.symlink("notes", tmp_path / "latest")
+    return "latest", r"'latest' is a file \(through a link, '.*notes'\); pass a folder"
+
+
+def _under_a_link_to_a_file(tmp_path):
+    (tmp_path / "notes").write_text("keep")
+    os.symlink("notes", tmp_path / "latest")
+    return "latest/adapter", r"'latest/adapter' cannot be a folder: 'latest' is a file \(through a link"
+
+
+def _dangling_link(tmp_path):
+    os.symlink("gone/adapter", tmp_path / "latest")
+    return "latest", r"'latest' is a link to 'gone/adapter', which leads nowhere; create the folder .* or remove"
+
+
+def _under_a_looping_link(tmp_path):
+    os.symlink("loop", tmp_path / "loop")
+    return "loop/a", r"'loop/a' cannot be a folder: 'loop' is a link to 'loop', which leads nowhere"
+
+
+def _empty(tmp_path):
+    return "", r"is empty; pass the folder"
+
+
+NO_FOLDER_HERE = [
+    _file_in_the_way,
+    _file_two_levels_up,
+    _link_to_a_file,
+    _under_a_link_to_a_file,
+    _dangling_link,
+    _under_a_looping_link,
+    _empty,
+]
+
+
+def tree(folder):
+    """Every entry under `folder` (links not followed) with its content or link target."""
+    return {
+        str(p.relative_to(folder)): os.readlink(p) if p.is_symlink() else p.read_text() if p.is_file() else None
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("layout", NO_FOLDER_HERE, ids=lambda f: f.__name__.strip("_"))
+def test_save_adapter_and_an_output_folder_refuse_a_path_where_no_folder_can_be(tmp_path, monkeypatch, layout):
+    """Hardening 8: a file on the path gave FileExistsError or NotADirectoryError from deep inside the save, and the
+    output folder of a run on a file did too; an empty output folder wrote into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    path, message = layout(tmp_path)
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match=rf"^`save_directory` {message}"):
+        spu_peft.save_adapter(trained(), path)
+    with pytest.raises(ValueError, match=rf"^`output_dir` {message}"):
+        claim_output_dir(path)
+    assert tree(tmp_path) == before  # nothing written, no staging copy, no lock file
+
+
+def test_save_adapter_writes_through_a_link_to_a_folder_and_keeps_the_link(tmp_path):
+    """A save swapped the link itself for a new folder: the folder it led to kept the old adapter."""
+    (tmp_path / "disk").mkdir()
+    os.symlink("disk", tmp_path / "adapter")
+    old, new = trained(seed=0), trained(seed=1)
+    spu_peft.save_adapter(old, tmp_path / "adapter")
+    spu_peft.save_adapter(new, tmp_path / "adapter")
+    assert os.readlink(tmp_path / "adapter") == "disk"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "disk"]
+    saved = load_file(tmp_path / "disk" / ADAPTER_FILE)
+    expected = save_and_load.get_peft_model_state_dict(new)
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
 def folder_files(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 

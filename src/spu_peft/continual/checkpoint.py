@@ -23,6 +23,7 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import save_file
 
+from ..folders import writable_folder
 from ..integrity import WEIGHTS_NAME, read_safetensors, replace_folder
 from .launcher import stop_with_launcher
 
@@ -44,7 +45,7 @@ def claim_output_dir(output_dir: str | os.PathLike[str]) -> None:
     until `release_output_dir` or the end of the process, whatever ends it. Under `accelerate launch` or `torchrun`,
     the death of the launcher ends the process, as an orphan would otherwise hold the lock for good.
     """
-    folder = Path(output_dir).resolve()
+    folder = writable_folder(output_dir, "`output_dir`").resolve()
     if folder in _held:
         return
     folder.mkdir(parents=True, exist_ok=True)
