@@ -13,7 +13,6 @@ import typing
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import chain, islice
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,18 +65,8 @@ class BatchChecker:
                 f"The batches carry {labels}, which score='output_norm' ignores (it differentiates the norm of the "
                 "model's output); use score='task_loss' or 'fisher' to score the loss of labelled batches.",
                 UserWarning,
-                stacklevel=_user_stacklevel(),
+                stacklevel=4,  # select_parameters -> _gradient_score_sums -> this check
             )
-
-
-def _user_stacklevel() -> int:
-    """The `stacklevel` that makes a warning raised by this function's caller point at the first line outside
-    spu_peft: the user's call, however many of the package's frames lie between."""
-    package = Path(__file__).resolve().parent
-    frame, level = inspect.currentframe().f_back, 1  # the frame that warns is level 1
-    while frame is not None and Path(frame.f_code.co_filename).resolve().is_relative_to(package):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def scoring_batches(dataloader: Iterable, fraction: float, max_batches: int | None) -> tuple[Iterator[Any], str]:
