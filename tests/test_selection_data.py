@@ -64,18 +64,27 @@ def test_a_batch_that_is_not_a_dict_is_refused_naming_its_type():
     )
 
 
-@pytest.mark.skipif("MUTANT_UNDER_TEST" in os.environ, reason="mutmut's trampolines add frames to every call")
-def test_the_ignored_labels_warning_points_at_the_callers_line():
+def ignored_labels_warning():
     model = get_peft_model(make_tiny_clip(), SPUConfig())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         select_parameters(model, [dict(make_batch(), labels=torch.arange(4))], score="output_norm")
     (warning,) = [w for w in caught if "ignores" in str(w.message)]
-    assert warning.category is UserWarning and warning.filename == __file__
+    return warning
+
+
+def test_labels_the_output_norm_ignores_are_warned_about_saying_which_score_reads_them():
+    warning = ignored_labels_warning()
+    assert warning.category is UserWarning
     assert str(warning.message) == (
         "The batches carry ['labels'], which score='output_norm' ignores (it differentiates the norm of the model's "
         "output); use score='task_loss' or 'fisher' to score the loss of labelled batches."
     )
+
+
+@pytest.mark.skipif("MUTANT_UNDER_TEST" in os.environ, reason="mutmut's trampolines add frames to every call")
+def test_the_ignored_labels_warning_points_at_the_callers_line():
+    assert ignored_labels_warning().filename == __file__
 
 
 @pytest.mark.parametrize(
