@@ -61,11 +61,16 @@ def test_a_per_tensor_budget_keeps_the_layers_largest_entries():
 def test_a_per_row_budget_keeps_each_rows_largest_entries():
     chosen = layer_top_entries(SCORES, SPUConfig(budget="per_row", density=0.5))  # 2 of 3 per row (1.5 rounded)
     assert chosen.tolist() == [1, 2, 3, 5]  # row 0: 6, 2; row 1: 5, 4
-    tied = layer_top_entries(torch.ones(2, 4), SPUConfig(budget="per_row", density=0.25))
-    assert tied.tolist() == [0, 4]  # each row's first entry
+    tied = layer_top_entries(torch.ones(2, 5000), SPUConfig(budget="per_row", density=0.001))
+    assert tied.tolist() == [0, 1, 2, 3, 4, 5000, 5001, 5002, 5003, 5004]  # ties: each row's first entries
+    on_meta = layer_top_entries(torch.ones(2, 4, device="meta"), SPUConfig(budget="per_row", density=0.5))
+    assert on_meta.device.type == "meta" and on_meta.shape == (4,)  # on the scores' device
 
 
 def test_a_global_budget_pools_the_layers_and_splits_the_choice_back():
     scores = {"b": torch.tensor([[1.0, 9.0], [0.5, 8.0]]), "a": torch.tensor([5.0, 2.0, 7.0]), "c": torch.zeros(2)}
     chosen = global_top_entries(scores, 0.3)  # 3 of 9 entries: 9, 8 and 7
     assert {name: value.tolist() for name, value in chosen.items()} == {"a": [2], "b": [1, 3], "c": []}
+    scores["b"][0, 0] = 10.0  # the first entry of a layer after the first
+    chosen = global_top_entries(scores, 0.3)
+    assert {name: value.tolist() for name, value in chosen.items()} == {"a": [], "b": [0, 1, 3], "c": []}
