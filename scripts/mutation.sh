@@ -23,7 +23,7 @@ declare -A TESTS=(
     [budgets]="tests/test_budgets.py tests/test_selection.py tests/test_selection_oracles.py"
     [blocks]="tests/test_blocks.py"
     [naming]="tests/test_naming.py tests/test_save_load.py"
-    [optim_state]="tests/test_selection.py"
+    [optim_state]="tests/test_optim_state.py tests/test_selection.py"
 )
 tests=${*:-${TESTS[$module]:-tests/test_$module.py}}
 PYTHON=${PYTHON:-.venv/bin/python}
