@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_selection import fresh, loader, train_steps
 
-from spu_peft import select_parameters
+from spu_peft import optim_state, select_parameters
 from spu_peft.optim_state import drop_state
 
 FIX = (
@@ -92,3 +92,20 @@ def test_stale_state_of_another_length_is_refused_with_the_whole_message():
         r"`select_parameters` gave the adapter other entries \(a global budget resizes them\)\. "
     )
     assert re.fullmatch(pattern + re.escape(FIX), str(error.value))
+
+
+def test_a_process_first_selection_makes_stale_state_caught():
+    """The step hooks are torch's global ones, registered by the first selection of a process: with none
+    registered yet, a selection registers them and the next stale step is caught."""
+    for handle in optim_state._hooks:
+        handle.remove()
+    optim_state._hooks.clear()
+    try:
+        model, optimizer = stale_optimizer()
+        with pytest.warns(UserWarning, match="is stepping"):
+            train_steps(model, optimizer, [2])
+    finally:
+        for handle in optim_state._hooks:
+            handle.remove()
+        optim_state._hooks.clear()
+        optim_state.watch_stale_state([])  # as this process had them
