@@ -19,6 +19,11 @@ declare -A TESTS=(
     [sparse_linear]="tests/test_sparse_linear_paths.py tests/test_layer_equals_dense_reference.py tests/test_bf16.py $selection_tests"
     [distributed]="tests/test_distributed_one_process.py tests/test_collectives.py $selection_tests tests/test_save_load.py tests/test_user_mistakes.py"
     [loading]="tests/test_loading_messages.py tests/test_fuzz_adapter_files.py tests/test_save_load.py tests/test_integrity.py tests/test_peft_contract.py"
+    [selection_data]="tests/test_selection_data.py tests/test_user_mistakes.py tests/test_selection_contract.py tests/test_selection.py"
+    [budgets]="tests/test_budgets.py tests/test_selection.py tests/test_selection_oracles.py"
+    [blocks]="tests/test_blocks.py"
+    [naming]="tests/test_naming.py tests/test_save_load.py"
+    [optim_state]="tests/test_optim_state.py tests/test_selection.py"
 )
 tests=${*:-${TESTS[$module]:-tests/test_$module.py}}
 PYTHON=${PYTHON:-.venv/bin/python}

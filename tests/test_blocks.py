@@ -13,8 +13,15 @@ from safetensors.torch import load_file
 
 from spu_peft import SPUAdapterFileError, SPUConfig, fold_adapters, select_parameters
 from spu_peft import sparse_linear as sparse_linear_module
-from spu_peft.blocks import tile_layout, tile_scores, tile_value_gradient
-from spu_peft.encoding import expand_tiles
+from spu_peft.blocks import (
+    LayoutCache,
+    check_block_size,
+    check_divisible,
+    tile_layout,
+    tile_scores,
+    tile_value_gradient,
+)
+from spu_peft.encoding import expand_tiles, index_dtype
 from spu_peft.layer import num_selected
 from spu_peft.loading import decode_adapter_state_dict
 from spu_peft.naming import spu_layers
@@ -473,3 +480,48 @@ def test_ddp_selects_and_trains_the_tiles_an_unwrapped_model_does(one_process_gr
     for a, b in zip(layers(plain).values(), layers(wrapped).values()):
         assert b.tile_layouts("default")[-1] is not None
         torch.testing.assert_close(a.spu_values["default"].grad, b.spu_values["default"].grad)
+
+
+# ---- the helpers' exact answers --------------------------------------------------------------------------------------
+
+
+def test_block_sizes_of_one_row_or_one_column_are_taken():
+    assert check_block_size((1, 16)) == (1, 16) and check_block_size([16, 1]) == (16, 1)
+
+
+def test_a_shape_one_side_of_which_the_tiles_do_not_divide_is_refused_with_the_whole_message():
+    check_divisible((8, 8), (4, 4), "fc1")
+    for shape in [(6, 8), (8, 6)]:
+        with pytest.raises(ValueError) as error:
+            check_divisible(shape, (4, 4), "fc1")
+        assert str(error.value) == (
+            f"`fc1` has a weight of shape {shape} (out_features, in_features), which tiles of block_size=(4, 4) do not "
+            "divide. Choose a block size dividing both dimensions, or leave this layer out with `exclude_modules`."
+        )
+
+
+def test_a_layout_indexes_its_values_with_the_compact_index_dtype():
+    indices = random_tiles((48, 32), BLOCK, 5, seed=0)
+    assert tile_layout(indices, (48, 32), BLOCK).gather.dtype == index_dtype(indices.numel()) == torch.int32
+
+
+def test_the_layout_cache_reuses_a_layout_until_the_support_changes():
+    cache, indices = LayoutCache(), random_tiles((48, 32), BLOCK, 5, seed=0)
+    first = cache.get("a", indices, (48, 32), BLOCK)
+    assert cache.get("a", indices, (48, 32), BLOCK) is first
+    assert cache.get("b", indices, (48, 32), BLOCK) is not first  # per adapter
+    indices.add_(0)  # written in place, as load_state_dict does
+    second = cache.get("a", indices, (48, 32), BLOCK)
+    assert second is not first and cache.get("a", indices, (48, 32), BLOCK) is second
+    cache.drop("a")
+    assert cache.get("a", indices, (48, 32), BLOCK) is not second
+    assert cache.get("a", indices.clone(), (48, 32), BLOCK) is not second  # a new tensor
+
+
+def test_a_support_not_of_whole_tiles_is_logged_with_the_adapter_and_block(caplog):
+    with caplog.at_level(logging.WARNING, logger="spu_peft.blocks"):
+        assert LayoutCache().get("task1", torch.arange(3), (48, 32), BLOCK) is None
+    assert caplog.messages == [
+        "The support of adapter 'task1' is not made of whole (8, 4) tiles (set by hand?); its value gradient is "
+        "computed entry by entry."
+    ]

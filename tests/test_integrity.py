@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 import torch
@@ -272,6 +273,79 @@ def test_a_second_run_into_one_output_folder_stops_naming_the_running_process(tm
     claim_output_dir(tmp_path)  # the OS released the lock with the process
     claim_output_dir(tmp_path)  # this process may claim again
     release_output_dir(tmp_path)
+
+
+# Claims the folder given, says so, then blocks for good (as a run whose forked worker hangs).
+BLOCKED_HOLDER = """
+import sys, threading
+from spu_peft.continual.checkpoint import claim_output_dir
+claim_output_dir(sys.argv[1])
+print("held", flush=True)
+threading.Event().wait()
+"""
+
+
+def _claim_within(folder, seconds: float) -> bool:
+    """Whether this process can claim `folder` within `seconds` (it releases it again)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            claim_output_dir(folder)
+        except OutputDirBusyError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        else:
+            release_output_dir(folder)
+            return True
+
+
+@pytest.mark.slow
+def test_a_run_whose_launcher_is_killed_stops_and_frees_its_output_folder(tmp_path):
+    """Finding 7: SIGKILL of `accelerate launch` left its child blocked and holding the folder's lock, so `--resume`
+    was refused for good."""
+    (script := tmp_path / "holder.py").write_text(BLOCKED_HOLDER)
+    folder = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-q", str(script), str(folder),
+    ]  # fmt: skip
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        assert launcher.stdout.readline().strip() == "held"
+        holder = int((folder / ".lock").read_text())
+        assert holder != launcher.pid
+        with pytest.raises(OutputDirBusyError, match=f"process {holder}"):  # a live run still refuses a second one
+            claim_output_dir(folder)
+        launcher.kill()
+        launcher.wait()
+        assert _claim_within(folder, 30), "the orphaned run kept the output folder"
+    finally:
+        launcher.kill()
+        launcher.wait()
+        if not _claim_within(folder, 0):
+            os.kill(holder, 9)
+
+
+@pytest.mark.slow
+def test_a_run_outlives_a_parent_that_is_not_a_launcher(tmp_path):
+    """`nohup python cl_sequence.py &` from a shell that then exits: the run goes on, keeping its folder."""
+    (script := tmp_path / "holder.py").write_text(BLOCKED_HOLDER)
+    folder = tmp_path / "out"
+    parent = textwrap.dedent(
+        f"""
+        import subprocess, sys
+        run = subprocess.Popen([sys.executable, {str(script)!r}, {str(folder)!r}], stdout=subprocess.PIPE, text=True)
+        assert run.stdout.readline().strip() == "held"
+        """
+    )
+    subprocess.run([sys.executable, "-c", parent], check=True, timeout=120)
+    holder = int((folder / ".lock").read_text())
+    try:
+        assert not _claim_within(folder, 3)
+    finally:
+        os.kill(holder, 9)
+    assert _claim_within(folder, 30)
 
 
 def test_selection_under_no_grad_scores_and_clear_refusals_elsewhere():
@@ -540,6 +614,92 @@ def test_save_adapter_refuses_an_empty_path_or_a_file(tmp_path, monkeypatch, pat
         spu_peft.save_adapter(trained(), path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
     assert (tmp_path / "a-file").read_text() == "keep"
+
+
+# Paths where no folder can be made, as (layout maker -> the path to pass, what the refusal must say).
+def _file_in_the_way(tmp_path):
+    (tmp_path / "notes").write_text("keep")
+    return "notes", r"'notes' is a file; pass a folder"
+
+
+def _file_two_levels_up(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "notes").write_text("keep")
+    return "runs/notes/a/b", r"'runs/notes/a/b' cannot be a folder: 'runs/notes' is a file; .*move 'runs/notes' away"
+
+
+def _link_to_a_file(tmp_path):
+    (tmp_path / "notes").write_text("keep")
+    os.symlink("notes", tmp_path / "latest")
+    return "latest", r"'latest' is a file \(through a link, '.*notes'\); pass a folder"
+
+
+def _under_a_link_to_a_file(tmp_path):
+    (tmp_path / "notes").write_text("keep")
+    os.symlink("notes", tmp_path / "latest")
+    return "latest/adapter", r"'latest/adapter' cannot be a folder: 'latest' is a file \(through a link"
+
+
+def _dangling_link(tmp_path):
+    os.symlink("gone/adapter", tmp_path / "latest")
+    return "latest", r"'latest' is a link to 'gone/adapter', which leads nowhere; create the folder .* or remove"
+
+
+def _under_a_looping_link(tmp_path):
+    os.symlink("loop", tmp_path / "loop")
+    return "loop/a", r"'loop/a' cannot be a folder: 'loop' is a link to 'loop', which leads nowhere"
+
+
+def _empty(tmp_path):
+    return "", r"is empty; pass the folder"
+
+
+NO_FOLDER_HERE = [
+    _file_in_the_way,
+    _file_two_levels_up,
+    _link_to_a_file,
+    _under_a_link_to_a_file,
+    _dangling_link,
+    _under_a_looping_link,
+    _empty,
+]
+
+
+def tree(folder):
+    """Every entry under `folder` (links not followed) with its content or link target."""
+    return {
+        str(p.relative_to(folder)): os.readlink(p) if p.is_symlink() else p.read_text() if p.is_file() else None
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("layout", NO_FOLDER_HERE, ids=lambda f: f.__name__.strip("_"))
+def test_save_adapter_and_an_output_folder_refuse_a_path_where_no_folder_can_be(tmp_path, monkeypatch, layout):
+    """Hardening 8: a file on the path gave FileExistsError or NotADirectoryError from deep inside the save, and the
+    output folder of a run on a file did too; an empty output folder wrote into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    path, message = layout(tmp_path)
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match=rf"^`save_directory` {message}"):
+        spu_peft.save_adapter(trained(), path)
+    with pytest.raises(ValueError, match=rf"^`output_dir` {message}"):
+        claim_output_dir(path)
+    assert tree(tmp_path) == before  # nothing written, no staging copy, no lock file
+
+
+def test_save_adapter_writes_through_a_link_to_a_folder_and_keeps_the_link(tmp_path):
+    """A save swapped the link itself for a new folder: the folder it led to kept the old adapter."""
+    (tmp_path / "disk").mkdir()
+    os.symlink("disk", tmp_path / "adapter")
+    old, new = trained(seed=0), trained(seed=1)
+    spu_peft.save_adapter(old, tmp_path / "adapter")
+    spu_peft.save_adapter(new, tmp_path / "adapter")
+    assert os.readlink(tmp_path / "adapter") == "disk"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "disk"]
+    saved = load_file(tmp_path / "disk" / ADAPTER_FILE)
+    expected = save_and_load.get_peft_model_state_dict(new)
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
 
 
 def folder_files(folder):

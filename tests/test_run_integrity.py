@@ -30,6 +30,8 @@ from spu_peft.integrity import save_pretrained_atomically
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import cl_sequence  # noqa: E402
+from test_cl_sequence import quick_args  # noqa: E402
+from test_integrity import NO_FOLDER_HERE, tree  # noqa: E402
 from test_sequence import SETTINGS  # noqa: E402 (the small sequence every engine test runs)
 
 
@@ -363,3 +365,19 @@ def test_an_empty_class_folder_is_named_in_a_warning(setup, tmp_path, caplog):
         data = load_sequence_data(setup[1], SequenceSettings(num_tasks=2, buffer_size=1), folder, control=None)
     assert data.class_names == ["a", "b", "c"]
     assert "empty folder(s) ['test/d', 'train/d'] hold no image" in caplog.text
+
+
+@pytest.mark.parametrize("layout", NO_FOLDER_HERE, ids=lambda f: f.__name__.strip("_"))
+def test_an_output_folder_where_none_can_be_is_refused_naming_the_flag_or_argument(
+    setup, tiny_model, tmp_path, monkeypatch, layout
+):
+    """Hardening 8: `--output-dir` on a file (or under one) stopped with FileExistsError or NotADirectoryError;
+    `--output-dir ''` wrote the run into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    path, message = layout(tmp_path)
+    before = tree(tmp_path)
+    with pytest.raises(SystemExit, match=rf"^error: --output-dir {message}"):
+        cl_sequence.main(quick_args(tiny_model, path))
+    with pytest.raises(ValueError, match=rf"^`output_dir` {message}"):
+        run(setup, path)
+    assert tree(tmp_path) == before

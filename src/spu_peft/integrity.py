@@ -33,6 +33,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .folders import writable_folder
+
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -320,11 +322,9 @@ def save_pretrained_atomically(model: Any, save_directory: str | os.PathLike[str
     in `save_directory` (weights, config and model card together) or the new one, never a mix. Entries of the old
     folder that the save does not write (other adapters' subfolders, files of the user's) are carried over.
     """
-    if not os.fspath(save_directory):
-        raise ValueError("`save_directory` is empty; pass the folder to save the adapter in, e.g. 'my_adapter'.")
-    target = Path(os.fspath(save_directory))
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"`save_directory` {os.fspath(target)!r} is a file; pass a folder (it is created if needed).")
+    target = writable_folder(save_directory, "`save_directory`")
+    if target.is_symlink():  # swap the folder it leads to, keeping the link
+        target = Path(os.path.realpath(target))
     recover_folder(target)
     staging = staging_folder(target)
     try:

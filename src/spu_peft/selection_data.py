@@ -65,7 +65,7 @@ class BatchChecker:
                 f"The batches carry {labels}, which score='output_norm' ignores (it differentiates the norm of the "
                 "model's output); use score='task_loss' or 'fisher' to score the loss of labelled batches.",
                 UserWarning,
-                stacklevel=5,
+                stacklevel=4,  # select_parameters -> _gradient_score_sums -> this check
             )
 
 

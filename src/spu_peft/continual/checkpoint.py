@@ -5,7 +5,8 @@ written into a staging folder beside it and swapped in (`spu_peft.integrity.stag
 adapter saves' swap), so a `task<t>/` that exists is complete; `latest_checkpoint` finishes or undoes a swap a kill
 interrupted (`recover_folder`). The newest one is the
 run's progress; older ones are removed once a newer one exists. One process at a time writes an output folder:
-`claim_output_dir` takes the OS's advisory lock on `<output_dir>/.lock`, which the OS releases when the process dies.
+`claim_output_dir` takes the OS's advisory lock on `<output_dir>/.lock`, which the OS releases when the process dies;
+a run started by a launcher stops when the launcher dies (`launcher.stop_with_launcher`), so no orphan keeps the lock.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import save_file
 
+from ..folders import writable_folder
 from ..integrity import WEIGHTS_NAME, read_safetensors, recover_folder, replace_folder, staging_folder
+from .launcher import stop_with_launcher
 
 _TASK_DIR = re.compile(r"task(\d+)")
 _SWAP_LEFTOVER = re.compile(r"\.(\w+)\.\d+\..*")  # `.<folder>.<pid>.<token><suffix>`: staging copies, old folders
@@ -42,9 +45,10 @@ def claim_output_dir(output_dir: str | os.PathLike[str]) -> None:
     """Lock `output_dir` for this process, or stop at once naming the process that holds it.
 
     Two runs writing one folder would mix their checkpoints and results; the lock is advisory (`flock`), held
-    until `release_output_dir` or the end of the process, whatever ends it.
+    until `release_output_dir` or the end of the process, whatever ends it. Under `accelerate launch` or `torchrun`,
+    the death of the launcher ends the process, as an orphan would otherwise hold the lock for good.
     """
-    folder = Path(output_dir).resolve()
+    folder = writable_folder(output_dir, "`output_dir`").resolve()
     if folder in _held:
         return
     folder.mkdir(parents=True, exist_ok=True)
@@ -69,6 +73,7 @@ def claim_output_dir(output_dir: str | os.PathLike[str]) -> None:
     os.ftruncate(handle, 0)
     os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
     _held[folder] = handle
+    stop_with_launcher()
 
 
 def release_output_dir(output_dir: str | os.PathLike[str]) -> None:

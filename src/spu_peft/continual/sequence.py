@@ -32,6 +32,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
+from ..folders import writable_folder
 from ..memory import peak_memory, reset_peak_memory
 from .checkpoint import claim_output_dir, load_method_state, release_output_dir, resume_run, write_checkpoint
 from .data import SequenceData, check_modules_to_save
@@ -315,7 +316,7 @@ def run_sequence(
     if workers < 1 or (workers > 1 and (accelerator.device.type != "cpu" or accelerator.num_processes > 1)):
         raise ValueError(f"`workers` > 1 needs a single CPU process, and at least 1; got {workers}")
     check_modules_to_save(model, settings)
-    output_dir = Path(output_dir)
+    output_dir = writable_folder(output_dir, "`output_dir`")  # on every process, so that all of them stop
     if accelerator.is_main_process:
         claim_output_dir(output_dir)  # a second run into this folder stops here, naming this process
     method_plans = {name: _plan_record(settings, *plan) for name, plan in plans.items()}
