@@ -66,8 +66,8 @@ def load_runs(folders: list[Path]) -> dict[int, dict[str, Any]]:
 
 
 def summarise(seeds: dict[int, dict[str, Any]], gains: list[float]) -> dict[str, dict[str, Any]]:
-    """Per method: the seeds it ran, the largest gain it reaches, and drop and forgetting at each gain, each as
-    `spread` over the seeds (None where a seed's curve never reaches the accuracy)."""
+    """Per method: the seeds it ran, the rates any seed ran, the largest gain it reaches, and drop and forgetting
+    at each gain, each as `spread` over the seeds (None where a seed's curve never reaches the accuracy)."""
     per_seed = {n: matched_accuracy(s["curves"], s["frozen"], gains) for n, s in seeds.items()}
     names = list(dict.fromkeys(name for table in per_seed.values() for name in table))
     out = {}
@@ -75,6 +75,7 @@ def summarise(seeds: dict[int, dict[str, Any]], gains: list[float]) -> dict[str,
         runs = [table[name] for table in per_seed.values() if name in table]
         out[name] = {
             "seeds": [n for n, table in per_seed.items() if name in table],
+            "rates": sorted({p["lr"] for s in seeds.values() for p in s["curves"].get(name, [])}),
             "max_gain": spread([r["max_gain"] for r in runs]),
             "at": [
                 {
@@ -95,13 +96,14 @@ def _cell(s: dict[str, Any], of: int) -> str:
 
 
 def markdown(summary: dict[str, dict[str, Any]], gains: list[float]) -> str:
-    """One row per method: seeds, the largest gain reached, then C.Drop and F at each gain."""
-    head = "| method | seeds | max gain |" + "".join(f" C.Drop at +{g:g} | F at +{g:g} |" for g in gains)
-    lines = [head, "|---|---|---:|" + "---:|---:|" * len(gains)]
+    """One row per method: seeds, rates, the largest gain reached, then C.Drop and F at each gain."""
+    head = "| method | seeds | rates | max gain |" + "".join(f" C.Drop at +{g:g} | F at +{g:g} |" for g in gains)
+    lines = [head, "|---|---|---|---:|" + "---:|---:|" * len(gains)]
     for name, row in summary.items():
         of = len(row["seeds"])
         cells = "".join(f" {_cell(a['control_drop'], of)} | {_cell(a['forgetting'], of)} |" for a in row["at"])
-        lines.append(f"| {name} | {','.join(map(str, row['seeds']))} | {_cell(row['max_gain'], of)} |{cells}")
+        rates = ", ".join(f"{lr:g}" for lr in row["rates"])
+        lines.append(f"| {name} | {','.join(map(str, row['seeds']))} | {rates} | {_cell(row['max_gain'], of)} |{cells}")
     return "\n".join(lines)
 
 

@@ -72,8 +72,8 @@ def test_folders_merge_per_seed_and_seeds_give_mean_and_std(tmp_path, capsys):
     assert summary["p"]["at"][0]["control_drop"]["values"] == [pytest.approx(2.4)]
     assert summary["p"]["at"][0]["forgetting"]["values"] == [pytest.approx(26.0)]
     table = capsys.readouterr().out
-    assert "| m | 0,1 | 8.0 ± 0.0 | 7.0 ± 1.4 | 21.0 ± 7.1 |" in table
-    assert "| p | 0 | 10.0 | 2.4 | 26.0 |" in table
+    assert "| m | 0,1 | 1e-05, 3e-05 | 8.0 ± 0.0 | 7.0 ± 1.4 | 21.0 ± 7.1 |" in table
+    assert "| p | 0 | 0.0001 | 10.0 | 2.4 | 26.0 |" in table
 
 
 def test_a_seed_that_falls_short_of_a_gain_is_counted(tmp_path, capsys):
