@@ -108,8 +108,8 @@ def markdown(summary: dict[str, dict[str, Any]], gains: list[float]) -> str:
 
 
 def plot(seed: dict[str, Any], gains: list[float], path: Path) -> None:
-    """Accuracy against control drop over each method's rates (its default rate marked), the frozen model and the
-    matched accuracies as dotted lines."""
+    """Accuracy against control drop over each method's rates, from the frozen model as the table reads them (its
+    default rate marked), and the matched accuracies as dotted lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,12 +119,12 @@ def plot(seed: dict[str, Any], gains: list[float], path: Path) -> None:
 
     frozen = seed["frozen"]["avg_acc"]
     fig, ax = plt.subplots(figsize=(8, 5))
-    colours = plt.get_cmap("tab20").colors
+    colours = plt.get_cmap("tab10").colors
     for i, (name, points) in enumerate(seed["curves"].items()):
         style = "-" if name in DEFAULT_METHODS else "--"
         line = ax.plot(
-            [p["control_drop"] for p in points],
-            [p["avg_acc"] for p in points],
+            [0.0] + [p["control_drop"] for p in points],
+            [frozen] + [p["avg_acc"] for p in points],
             style,
             marker="o",
             ms=3,
