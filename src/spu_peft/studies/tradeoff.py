@@ -22,14 +22,43 @@ def curves_of(results: dict[str, Any], suffix: str = "") -> dict[str, list[dict]
     }
 
 
-def drop_at(points: list[dict], zero_shot: float, target: float) -> float | None:
-    """The control drop at accuracy `target` on a curve: linear in accuracy between the two points (in rate order,
-    from the frozen model's (zero-shot, 0)) around the curve's first crossing of `target`; None if it never does."""
-    path = [(zero_shot, 0.0)] + [(p["avg_acc"], p["control_drop"]) for p in points]
+def value_at(
+    points: list[dict], zero_shot: float, target: float, key: str = "control_drop", start: float = 0.0
+) -> float | None:
+    """`key` at accuracy `target` on a curve: linear in accuracy between the two points (in rate order, from the
+    frozen model's (zero-shot, `start`)) around the curve's first crossing of `target`; None if it never does."""
+    path = [(zero_shot, start)] + [(p["avg_acc"], p[key]) for p in points]
     for (a0, d0), (a1, d1) in zip(path, path[1:]):
         if min(a0, a1) <= target <= max(a0, a1):
             return d0 if a1 == a0 else d0 + (d1 - d0) * (target - a0) / (a1 - a0)
     return None
+
+
+def drop_at(points: list[dict], zero_shot: float, target: float) -> float | None:
+    """The control drop at accuracy `target` on a curve (the frozen model's is 0): see `value_at`."""
+    return value_at(points, zero_shot, target)
+
+
+def matched_accuracy(curves: dict[str, list[dict]], frozen: dict[str, float], gains: list[float]) -> dict[str, dict]:
+    """Each curve's control drop and forgetting at the frozen model's accuracy plus each of `gains`, and the largest
+    gain the curve reaches. `curves`: points (avg_acc, forgetting, control_drop) in rate order; `frozen`: the frozen
+    model's avg_acc and forgetting, where every curve starts (a rate of 0 leaves the model frozen)."""
+    acc = frozen["avg_acc"]
+    return {
+        name: {
+            "max_gain": max(p["avg_acc"] for p in points) - acc,
+            "at": [
+                {
+                    "gain": gain,
+                    "target": acc + gain,
+                    "control_drop": value_at(points, acc, acc + gain),
+                    "forgetting": value_at(points, acc, acc + gain, "forgetting", frozen["forgetting"]),
+                }
+                for gain in gains
+            ],
+        }
+        for name, points in curves.items()
+    }
 
 
 def advantage(curves: dict, zero_shot: float, spu: str, peer: str, gain: float) -> dict[str, Any]:
