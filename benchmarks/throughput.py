@@ -15,7 +15,7 @@ and inference times of all methods are measured interleaved in one process (see 
 Usage:
     python benchmarks/throughput.py --json results/throughput.json   # vit-b-16 and llama, ~16 min on 2 CPU cores
     python benchmarks/throughput.py --quick --models tiny,tiny-llama  # seconds; what the test runs
-    python benchmarks/throughput.py --models llama --methods spu --value-grad auto,sampled  # both gradient paths
+    python benchmarks/throughput.py --models llama --methods spu,spu_block --value-grad dense  # no per-tile product
     python benchmarks/throughput.py --device cuda --bf16              # on a GPU
     python benchmarks/throughput.py --models vit-b-16 --methods spu --profile  # torch.profiler tables
     python benchmarks/throughput.py --goals                           # and the project's goals for SPU, checked
@@ -120,8 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--score-sums", default=",".join(SCORE_SUMS), help=f"Comma-separated score sums, of {tuple(SCORE_SUMS)}: "
         "fp32 (the paper's), bf16 (`score_dtype=torch.bfloat16`), cpu (`score_device='cpu'`).")  # fmt: skip
     add("--value-grad", default="auto", help=f"Comma-separated value-gradient paths of SPU, of {VALUE_GRADS}: the "
-        "first trains `spu`, each further one is timed beside it as `spu/PATH`. auto: the library's rule for the "
-        "device; sampled: a sampled product at the selected entries; dense: the dense product, gathered.")  # fmt: skip
+        "first trains `spu`, each further one is timed beside it as `spu/PATH`. auto: the library's choice (the "
+        "per-tile product for tiled supports); dense: the dense product, gathered, for every support.")  # fmt: skip
     add("--density", type=float, default=0.1, help="Share of each target matrix that trains.")
     add("--seed", type=int, default=0, help="Seed of the model weights, the data and the masks.")
     add("--threads", type=int, default=None, help="torch CPU threads; default: torch's choice.")
@@ -305,8 +305,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = accelerator.device
     if accelerator.num_processes > 1:
         raise ValueError("This benchmark measures one process; run it with `python`, not a multi-process launch.")
-    if "sampled" in args.value_grad and device.type not in ("cpu", "cuda"):
-        raise ValueError(f"`--value-grad sampled` needs torch.sparse.sampled_addmm, which {device.type} lacks.")
     if device.type == "cpu" and args.worker not in (*METHODS, *(f"select-{kind}" for kind in SCORE_SUMS)):
         # glibc's default unmaps and re-faults several hundred MiB of activations every step: 10-30% noisy time
         keep_freed_memory()

@@ -5,10 +5,8 @@ dense autograd's, and its largest difference from it.
 Paths: `dense_autograd` (`torch.autograd.grad` of `F.linear(x, W)` for `W`: the dense weight gradient training a full
 weight computes), `dense_gather` (the dense product gathered at the support: SPU's entry-level path), `tiles_grouped`
 (`spu_peft.blocks`' grouped matmuls) and, where it applies (CUDA with Triton, tiles of powers of two >= 16),
-`tiles_bsr` (torch's block-sparse sampled matmul, `spu_peft.bsr`); and, for entry-level supports of as many entries,
-`entries_sampled` (`torch.sparse.sampled_addmm` on a CSR pattern: `spu_peft.sparse_linear`'s sampled path, which no
-device takes by default). Rounds alternate the paths, so each meets the machine as the others do; the figure is the
-median round.
+`tiles_bsr` (torch's block-sparse sampled matmul, `spu_peft.bsr`). Rounds alternate the paths, so each meets the
+machine as the others do; the figure is the median round.
 
     python benchmarks/tile_gradient.py                                 # the CPU, float32
     python benchmarks/tile_gradient.py --device cuda --dtype bfloat16  # scripts/gpu_check.sh runs this
@@ -23,6 +21,7 @@ import dataclasses
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,7 +30,6 @@ import torch.nn.functional as F
 from spu_peft.blocks import tile_layout, tile_value_gradient
 from spu_peft.bsr import bsr_value_gradient
 from spu_peft.encoding import expand_tiles
-from spu_peft.sparse_linear import sampled_weight_gradient
 
 SHAPES = {"vit_b16_fc1": (3072, 768), "vit_b16_fc2": (768, 3072)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,9 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def paths(shape, args, device, dtype) -> tuple[dict, dict]:
-    """The functions each path times, computing the value gradient at one seeded tiled support (or, for
-    `entries_sampled`, at as many seeded random entries), and the dense autograd reference of each."""
+def paths(shape, args, device, dtype) -> tuple[dict, Callable[[], torch.Tensor]]:
+    """The functions each path times, computing the value gradient at one seeded tiled support, and the dense
+    autograd reference they are compared with."""
     generator = torch.Generator().manual_seed(0)
     grid = (shape[0] // args.block_size[0]) * (shape[1] // args.block_size[1])
     tiles = torch.randperm(grid, generator=generator)[: max(1, round(args.density * grid))]
@@ -66,7 +64,6 @@ def paths(shape, args, device, dtype) -> tuple[dict, dict]:
     grad_out = torch.randn(args.tokens, shape[0], generator=generator).to(device, dtype)
     x = torch.randn(args.tokens, shape[1], generator=generator).to(device, dtype)
     weight = torch.randn(shape, generator=generator).to(device, dtype).requires_grad_(True)
-    entries = torch.randperm(shape[0] * shape[1], generator=generator)[: indices.numel()].sort().values.to(device)
     out = F.linear(x, weight)
     dense = lambda: torch.autograd.grad(out, weight, grad_out, retain_graph=True)[0].reshape(-1)  # noqa: E731
     found = {
@@ -76,11 +73,7 @@ def paths(shape, args, device, dtype) -> tuple[dict, dict]:
     }
     if layout.bsr is not None:
         found["tiles_bsr"] = lambda: bsr_value_gradient(grad_out, x, layout.bsr)
-    if dtype in (torch.float32, torch.float64):  # the dtypes the sampled kernels have on every device
-        found["entries_sampled"] = lambda: sampled_weight_gradient(grad_out, x, entries, torch.Size(shape))
-    references = {path: lambda: dense()[indices] for path in found}
-    references["entries_sampled"] = lambda: dense()[entries]
-    return found, references
+    return found, found["dense_autograd"]
 
 
 def timed(fn, device) -> float:
@@ -98,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     results = {}
     for name, shape in args.shapes.items():
-        found, references = paths(shape, args, device, dtype)
+        found, reference = paths(shape, args, device, dtype)
         seconds = {path: [] for path in found}
         for _ in range(args.rounds + 1):
             for path, fn in found.items():
@@ -108,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
             path: {
                 "seconds": statistics.median(times[1:]),
                 "vs_dense_autograd": statistics.median(times[1:]) / dense,
-                "max_abs_diff": float((found[path]().double() - references[path]().double()).abs().max()),
+                "max_abs_diff": float((found[path]().double() - reference().double()).abs().max()),
             }
             for path, times in seconds.items()
         }

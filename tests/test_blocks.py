@@ -449,14 +449,14 @@ def test_floor_steps_compute_no_value_gradient_and_restore_the_kernel():
     batch = make_batch()
     model = blocked_model(init_weights=False).train()
     stock = sparse_linear_module.value_gradients
-    with step_context("floor", "auto", torch.device("cpu")):
+    with step_context("floor", "auto"):
         model(**batch, return_loss=True).loss.backward()
     assert sparse_linear_module.value_gradients is stock
     for layer in layers(model).values():
         assert torch.equal(layer.spu_values["default"].grad, torch.zeros_like(layer.spu_values["default"]))
         assert layer.spu_bias["default"].grad.abs().sum() > 0  # the dense gradients remain
     model.zero_grad()
-    with step_context("spu_block", "dense", torch.device("cpu")):
+    with step_context("spu_block", "dense"):
         assert sparse_linear_module.TILE_VALUE_GRAD is False
         model(**batch, return_loss=True).loss.backward()
     assert sparse_linear_module.TILE_VALUE_GRAD is True

@@ -9,7 +9,7 @@ from conftest import make_batch, make_tiny_clip, to_device
 from peft import get_peft_model
 
 from spu_peft import SPUConfig, SPULayer
-from spu_peft.sparse_linear import SparseDeltaLinear, compose_weight, sampled_weight_gradient
+from spu_peft.sparse_linear import SparseDeltaLinear, compose_weight, value_gradients
 
 
 def spu_layers(model):
@@ -98,17 +98,11 @@ def test_fast_path_gradients_equal_dense_autograd(dtype, tol, device):
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("sampled_on_cpu", [False, True])
 @pytest.mark.parametrize(
     ("density", "ordering"), [(0.001, "sorted"), (0.1, "sorted"), (0.6, "sorted"), (0.1, "unsorted")]
 )
-def test_value_gradients_on_every_path_equal_dense_autograd(density, ordering, sampled_on_cpu, monkeypatch, device):
-    """Dense-product gradients, and with the sampled kernel enabled for the CPU: sampled (sorted, sparse), dense
-    (dense) and fallback (unsorted) gradients, with a frozen delta too. On CUDA the library's own rule applies."""
-    if sampled_on_cpu:
-        if device.type != "cpu":
-            pytest.skip("the CPU's switch")
-        monkeypatch.setattr("spu_peft.sparse_linear.SAMPLED_VALUE_GRAD_DEVICES", ("cpu",))
+def test_value_gradients_equal_dense_autograd(density, ordering, device):
+    """The dense product's gradients at sparse, dense and unsorted supports, with a frozen delta too."""
     torch.manual_seed(0)
     weight, bias = torch.randn(48, 40).to(device), torch.randn(48).to(device)
     idx = torch.randperm(weight.numel())[: max(1, int(density * weight.numel()))]
@@ -128,20 +122,13 @@ def test_value_gradients_on_every_path_equal_dense_autograd(density, ordering, s
     torch.testing.assert_close(fast[1], values.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_sampled_weight_gradient_matches_the_dense_product_with_empty_and_full_rows():
-    grad_output, x = torch.randn(9, 6), torch.randn(9, 5)
-    dense = (grad_output.t() @ x).reshape(-1)
-    indices = torch.tensor([0, 1, 2, 3, 4, 17, 29])  # row 0 full, rows 1, 2 and 4 empty
-    got = sampled_weight_gradient(grad_output, x, indices.int(), torch.Size((6, 5)))
-    torch.testing.assert_close(got, dense[indices], rtol=1e-6, atol=1e-6)
-
-
 @pytest.mark.parametrize(("tokens", "entries"), [(5, 0), (0, 4)])
-def test_sampled_weight_gradient_of_nothing_is_empty_or_zero(tokens, entries):
-    got = sampled_weight_gradient(
-        torch.randn(tokens, 6), torch.randn(tokens, 5), torch.arange(entries), torch.Size((6, 5))
+def test_value_gradients_of_nothing_are_empty_or_zero(tokens, entries):
+    values = torch.randn(entries, dtype=torch.float64)
+    (got,) = value_gradients(
+        torch.randn(tokens, 6), torch.randn(tokens, 5), [torch.arange(entries)], [values], [True], torch.float32
     )
-    assert torch.equal(got, torch.zeros(entries))
+    assert got.dtype == torch.float64 and torch.equal(got, torch.zeros(entries, dtype=torch.float64))
 
 
 def test_training_changes_only_selected_entries_even_with_weight_decay(batch):

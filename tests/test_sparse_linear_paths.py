@@ -1,18 +1,10 @@
-"""`spu_peft.sparse_linear`'s paths against dense autograd: which path a call takes, the sampled value gradients
-(taken on no device by default, so forced here), float64 and bfloat16-autocast arithmetic."""
+"""`spu_peft.sparse_linear`'s paths against dense autograd: which path a call takes, float64 and bfloat16-autocast
+arithmetic."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-import spu_peft.sparse_linear as sparse_linear
-from spu_peft.sparse_linear import (
-    _sampled_applies,
-    compose_weight,
-    sampled_weight_gradient,
-    sparse_delta_linear,
-    value_grad_path,
-)
+from spu_peft.sparse_linear import compose_weight, sparse_delta_linear
 
 SHAPE = torch.Size((6, 5))
 
@@ -50,9 +42,7 @@ def spu_run(weight, bias, x, indices, values, bf16=False):
     return out, x.grad, bias.grad, values.grad
 
 
-@pytest.mark.parametrize("path", ["dense", "sampled"])
-def test_float64_layer_matches_dense_autograd_on_either_value_gradient_path(monkeypatch, path):
-    monkeypatch.setattr(sparse_linear, "SAMPLED_VALUE_GRAD_DEVICES", ("cpu",) if path == "sampled" else ())
+def test_float64_layer_matches_dense_autograd():
     found, expected = spu_run(*tensors(dtype=torch.float64)), dense_reference(*tensors(dtype=torch.float64))
     for got, want in zip(found, expected):
         assert got.dtype == torch.float64
@@ -100,39 +90,3 @@ def test_the_plain_path_computes_in_autocasts_dtype():
         out = sparse_delta_linear(x, weight, bias, [(indices, values)])
         expected = F.linear(x, compose_weight(weight, [(indices, values)]), bias)
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
-
-
-def test_sampled_weight_gradient_is_the_product_at_the_selected_entries():
-    generator = torch.Generator().manual_seed(3)
-    grad_output, x = torch.randn(7, 6, generator=generator), torch.randn(7, 5, generator=generator)
-    indices = torch.tensor([0, 4, 5, 13, 29])
-    expected = (grad_output.t() @ x).flatten()[indices]
-    torch.testing.assert_close(sampled_weight_gradient(grad_output, x, indices, SHAPE), expected)
-    assert sampled_weight_gradient(grad_output, x, indices[:0], SHAPE).shape == (0,)
-    assert torch.equal(sampled_weight_gradient(grad_output[:0], x[:0], indices, SHAPE), torch.zeros(5))
-    one_token = sampled_weight_gradient(grad_output[:1], x[:1], indices, SHAPE)
-    torch.testing.assert_close(one_token, (grad_output[:1].t() @ x[:1]).flatten()[indices])
-    early_columns = torch.tensor([0, 6, 12])  # columns 0, 1, 2 of 5: the pattern must keep the weight's width
-    torch.testing.assert_close(
-        sampled_weight_gradient(grad_output, x, early_columns, SHAPE), (grad_output.t() @ x).flatten()[early_columns]
-    )
-
-
-def test_the_sampled_product_applies_only_on_listed_devices_to_sorted_sparse_float_supports(monkeypatch):
-    sorted_sparse = torch.tensor([1, 4, 9])
-    assert value_grad_path("cpu") == "dense" and not _sampled_applies(sorted_sparse, SHAPE, torch.float32)
-    monkeypatch.setattr(sparse_linear, "SAMPLED_VALUE_GRAD_DEVICES", ("cpu",))
-    assert value_grad_path("cpu") == "sampled" and value_grad_path("meta") == "dense"
-    assert _sampled_applies(sorted_sparse, SHAPE, torch.float32)
-    assert _sampled_applies(sorted_sparse, SHAPE, torch.float64)
-    assert not _sampled_applies(sorted_sparse, SHAPE, torch.bfloat16)
-    assert _sampled_applies(torch.arange(7), torch.Size((4, 7)), torch.float32)  # 7 of 28: exactly the 25% cap
-    assert not _sampled_applies(torch.arange(8), torch.Size((4, 7)), torch.float32)
-    assert not _sampled_applies(torch.tensor([4, 1]), SHAPE, torch.float32)  # unsorted
-    assert not _sampled_applies(torch.tensor([1, 4, 4]), SHAPE, torch.float32)  # a repeat
-    assert not _sampled_applies(torch.tensor([1, 4, 3]), SHAPE, torch.float32)  # unsorted only at the end
-    assert _sampled_applies(torch.tensor([3]), SHAPE, torch.float32) and _sampled_applies(
-        torch.tensor([3, 2])[:1], SHAPE, torch.float32
-    )
-    assert _sampled_applies(torch.tensor([2, 3]), SHAPE, torch.float32)
-    assert not _sampled_applies(torch.tensor([3, 2]), SHAPE, torch.float32)

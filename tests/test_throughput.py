@@ -1,7 +1,7 @@
 """benchmarks/throughput.py and spu_peft.benchmarking: the quick run's JSON, its budgets, its worker plumbing;
-the value-gradient device rule.
+the `--value-grad` paths.
 
-Nothing here is timed. The SPU fast path against a dense autograd reference (fp32 and bf16, both gradient paths) is
+Nothing here is timed. The SPU fast path against a dense autograd reference (fp32 and bf16) is
 covered by tests/test_layer_equals_dense_reference.py.
 """
 
@@ -18,6 +18,8 @@ import torch  # noqa: E402
 
 from spu_peft import benchmarking, sparse_linear  # noqa: E402
 from spu_peft.benchmarking import peers  # noqa: E402
+from spu_peft.blocks import tile_layout  # noqa: E402
+from spu_peft.encoding import expand_tiles  # noqa: E402
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 
@@ -112,7 +114,7 @@ def test_ranks_match_spu_budget_on_vit_b_16_and_llama_shapes(throughput):
 
 
 def test_worker_command_forwards_the_settings(throughput, tmp_path):
-    argv = ["--quick", "--bf16", "--threads", "2", "--device", "cpu", "--value-grad", "dense,sampled"]
+    argv = ["--quick", "--bf16", "--threads", "2", "--device", "cpu", "--value-grad", "dense,auto"]
     args = throughput.parse_args(argv + ["--methods", "spu,lora", "--models", "tiny,llama", "--score-sums", "bf16"])
     command = throughput.worker_command(args, "tiny", "select-bf16", tmp_path / "out.json")
     assert command[1] == str(BENCHMARK)
@@ -131,6 +133,7 @@ def test_worker_command_forwards_the_settings(throughput, tmp_path):
         ["--methods", "spu,spu"],
         ["--steps", "0"],
         ["--value-grad", "magic"],
+        ["--value-grad", "auto,sampled"],  # not one of VALUE_GRADS
         ["--score-sums", "fp8"],
         ["--methods", "lora", "--value-grad", "auto,dense"],
         ["--worker", "select-bf16", "--models", "tiny"],  # no --json
@@ -142,39 +145,26 @@ def test_bad_arguments_raise_before_any_work(throughput, argv):
         throughput.parse_args(argv)
 
 
-@pytest.mark.parametrize("device_type", ["cpu", "cuda", "mps", "xpu", "hpu", "privateuseone", "meta", "new_backend"])
-def test_value_gradients_take_the_dense_product_unless_the_sampled_one_was_measured_faster(device_type, monkeypatch):
-    """The path is chosen per device type by measurement; CPU measured dense as fast or faster, and where nothing was
-    measured (CUDA and the rest) the dense product is the safe bet."""
-    assert sparse_linear.value_grad_path(device_type) == "dense"
-    shape = torch.Size((10, 10))
-    indices = torch.arange(0, 100, 10)  # sorted, 10%: what the sampled product would take
-    assert not sparse_linear._sampled_applies(indices, shape, torch.float32)
-    monkeypatch.setattr(sparse_linear, "SAMPLED_VALUE_GRAD_DEVICES", ("cpu",))  # as a measurement would add it
-    assert sparse_linear.value_grad_path(device_type) == ("sampled" if device_type == "cpu" else "dense")
-    assert sparse_linear._sampled_applies(indices, shape, torch.float32)
-    assert not sparse_linear._sampled_applies(indices, shape, torch.bfloat16)  # no half-precision kernel on CPU
-    assert not sparse_linear._sampled_applies(indices.to("meta"), shape, torch.float32)
-
-
-@pytest.mark.parametrize("path", ["sampled", "dense"])
+@pytest.mark.parametrize("path", ["auto", "dense"])
 def test_value_grad_flag_forces_the_path_and_both_give_the_same_gradients(throughput, monkeypatch, path):
+    """`auto` takes the per-tile product for a tiled support, `dense` the dense product and a gather: same values."""
     torch.manual_seed(0)
     weight, x = torch.randn(48, 40), torch.randn(2, 7, 40)
-    indices = torch.randperm(48 * 40)[:192].sort().values.int()
+    indices = expand_tiles(torch.tensor([0, 7, 13]), weight.shape, (8, 8))
+    layout = tile_layout(indices, weight.shape, (8, 8))
     values = torch.randn(indices.numel(), requires_grad=True)
     reference = torch.zeros(48 * 40).index_put((indices.long(),), values.detach())
     reference = reference.view(48, 40).requires_grad_(True)
     torch.nn.functional.linear(x, weight + reference).pow(2).sum().backward()
     calls = []
-    stock = sparse_linear.sampled_weight_gradient
-    monkeypatch.setattr(sparse_linear, "sampled_weight_gradient", lambda *a: calls.append(1) or stock(*a))
-    with peers.value_grad(path, torch.device("cpu")):
-        out = sparse_linear.SparseDeltaLinear.apply(x, weight, None, torch.float32, (indices,), None, values)
+    stock = sparse_linear.tile_value_gradient
+    monkeypatch.setattr(sparse_linear, "tile_value_gradient", lambda *a: calls.append(1) or stock(*a))
+    with peers.value_grad(path):
+        out = sparse_linear.SparseDeltaLinear.apply(x, weight, None, torch.float32, (indices,), (layout,), values)
         out.pow(2).sum().backward()
-    assert bool(calls) == (path == "sampled")
+    assert bool(calls) == (path == "auto")
     torch.testing.assert_close(values.grad, reference.grad.reshape(-1)[indices.long()], rtol=1e-5, atol=1e-5)
-    assert sparse_linear.SAMPLED_VALUE_GRAD_DEVICES == ()  # the rule is restored
+    assert sparse_linear.TILE_VALUE_GRAD is True  # restored
 
 
 def test_the_report_holds_figures_only_and_goals_are_checked_on_request(throughput, capsys, tmp_path):

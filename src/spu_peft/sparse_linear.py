@@ -3,15 +3,13 @@
 Autograd through `F.linear(x, W.index_add(...))` would keep a dense copy of the effective weight per layer for the
 backward pass. `SparseDeltaLinear` keeps only the inputs and the sparse tensors, rebuilds the effective weight in
 backward, and returns gradients for the delta values alone: no dense weight gradient outlives the backward call. They
-come from the dense product `grad_output^T @ x`, gathered at the selected entries; a sampled matmul that computes only
-the selected dot products is kept for devices where it measures faster (`SAMPLED_VALUE_GRAD_DEVICES`: none so far).
+come from the dense product `grad_output^T @ x`, gathered at the selected entries.
 A support made of whole tiles (`SPUConfig.block_size`) takes one product per block of tiles instead
 (`spu_peft.blocks.tile_value_gradient`), whose work is the tiles' share of the dense product's.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -101,14 +99,13 @@ class SparseDeltaLinear(torch.autograd.Function):
             grad_x = input_gradient(grad_output, weight, indices, values, dtype, x.dtype)
         if needs_bias:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).to(ctx.bias_dtype)
-        grad_values = value_gradients(grad_output, x, weight.shape, indices, values, needs_values, dtype, ctx.layouts)
+        grad_values = value_gradients(grad_output, x, indices, values, needs_values, dtype, ctx.layouts)
         return grad_x, None, grad_bias, None, None, None, *grad_values
 
 
 def value_gradients(
     grad_output: torch.Tensor,
     x: torch.Tensor,
-    shape: torch.Size,
     indices: Sequence[torch.Tensor],
     values: Sequence[torch.Tensor],
     needs: Sequence[bool],
@@ -117,9 +114,8 @@ def value_gradients(
 ) -> list[torch.Tensor | None]:
     """Gradients of each delta's values (None where not needed): the entries `indices` of `grad_output^T @ x`.
 
-    A delta with a tile layout (`layouts[i]`) gets the per-tile product where `TILE_VALUE_GRAD` allows it; a sampled
-    matmul computes only the selected entries where it applies; otherwise the dense product is formed once for all
-    deltas, lives only inside this call, and is gathered.
+    A delta with a tile layout (`layouts[i]`) gets the per-tile product where `TILE_VALUE_GRAD` allows it; otherwise
+    the dense product is formed once for all deltas, lives only inside this call, and is gathered.
     """
     grads: list[torch.Tensor | None] = [None] * len(indices)
     if not any(needs):
@@ -133,8 +129,6 @@ def value_gradients(
         layout = None if layouts is None else layouts[i]
         if layout is not None and TILE_VALUE_GRAD:
             grad = tile_value_gradient(grad_output_2d, x_2d, layout)
-        elif _sampled_applies(idx, shape, dtype):
-            grad = sampled_weight_gradient(grad_output_2d, x_2d, idx, shape)
         else:
             if grad_flat is None:
                 grad_flat = (grad_output_2d.t() @ x_2d).reshape(-1)
@@ -146,61 +140,6 @@ def value_gradients(
 TILE_VALUE_GRAD = True
 """Whether tiled supports take the per-tile product (`benchmarks/throughput.py --value-grad dense` turns it off to
 time the dense product on the same supports)."""
-
-SAMPLED_GRADIENT_MAX_DENSITY = 0.25
-"""Up to this share of a weight's entries, value gradients may come from a sampled product at the selected entries;
-above it the dense product and a gather do less work."""
-
-SAMPLED_VALUE_GRAD_DEVICES: tuple[str, ...] = ()
-"""Device types where the sampled product (`torch.sparse.sampled_addmm`) was measured faster than the dense product
-`grad_output^T @ x` and a gather. None is: every device type takes the dense product.
-
-- CPU (float32, 10% density, torch 2.13, 2 cores; README.md "Performance" has the commands): the dense product was
-  as fast or faster. Whole SPU training steps, medians of 15 interleaved rounds, sampled against dense: ViT-B/16
-  3.05 s against 2.86 s at 2 threads, 5.39 s against 5.23 s at 1 thread; the 119M LLaMA shape 0.711 s against
-  0.695 s and 1.200 s against 1.198 s (a tie: another run had 0.728 s against 0.749 s). The value gradients of one
-  layer alone: ViT-B/16 fc1 39 ms against 25 ms (2 threads), 66 ms against 49 ms (1 thread); LLaMA gate_proj 6.6 ms
-  against 5.3 ms and 11.0 ms against 10.8 ms. An earlier one-thread measurement of an fc1 forward + backward (268 ms
-  sampled against 324 ms dense) did not reproduce.
-- CUDA and every other device type: nothing measured, so the dense product (the vendor's BLAS is the safe bet).
-
-`benchmarks/throughput.py --value-grad auto,sampled` times the sampled product beside the rule's choice on any
-device, and `benchmarks/tile_gradient.py` one layer's value gradient on each path (`entries_sampled` against
-`dense_gather`) per weight shape; add a device type here only on such evidence.
-"""
-
-
-def value_grad_path(device_type: str) -> str:
-    """`"sampled"` where the sampled product was measured faster on `device_type`, else `"dense"`."""
-    return "sampled" if device_type in SAMPLED_VALUE_GRAD_DEVICES else "dense"
-
-
-def _sampled_applies(indices: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> bool:
-    """The device's rule picks the sampled product, whose kernels need float32/64 (none for half precision on CPU)
-    and sorted indices, at a density up to `SAMPLED_GRADIENT_MAX_DENSITY`."""
-    if value_grad_path(indices.device.type) != "sampled" or dtype not in (torch.float32, torch.float64):
-        return False
-    if indices.numel() > SAMPLED_GRADIENT_MAX_DENSITY * shape.numel():
-        return False
-    return indices.numel() < 2 or bool((indices[1:] > indices[:-1]).all())
-
-
-def sampled_weight_gradient(
-    grad_output: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, shape: torch.Size
-) -> torch.Tensor:
-    """Entries `indices` (sorted flat positions) of `grad_output.T @ x`, without forming the dense product."""
-    out_features, in_features = shape
-    if indices.numel() == 0 or grad_output.shape[0] == 0:  # nothing to sample, or no tokens to sum over
-        return grad_output.new_zeros(indices.numel())
-    indices = indices.long()
-    rows = torch.bincount(indices // in_features, minlength=out_features)
-    crow = torch.cat([rows.new_zeros(1), rows.cumsum(0)])
-    with warnings.catch_warnings():  # the CSR tensor is only an index structure here; torch calls it "beta"
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(
-            crow, indices % in_features, grad_output.new_zeros(indices.numel()), (out_features, in_features)
-        )
-    return torch.sparse.sampled_addmm(pattern, grad_output.t(), x, beta=0.0).values()
 
 
 def sparse_delta_linear(

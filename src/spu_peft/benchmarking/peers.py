@@ -111,19 +111,18 @@ def adapter_bytes(model: torch.nn.Module, method: str, directory: str) -> int:
 
 
 @contextlib.contextmanager
-def value_grad(path: str, device: torch.device):
-    """SPU's value gradients forced onto `path` (`auto`, `sampled`, `dense`) by patching the device rule of
-    `spu_peft.sparse_linear`, restored on exit."""
+def value_grad(path: str):
+    """SPU's value gradients forced onto `path` (`auto`: the library's choice; `dense`: the dense product and a gather
+    for every support, tiled ones included) by patching `spu_peft.sparse_linear.TILE_VALUE_GRAD`, restored on exit."""
     from .. import sparse_linear
 
-    stock = sparse_linear.SAMPLED_VALUE_GRAD_DEVICES, sparse_linear.TILE_VALUE_GRAD
-    if path != "auto":  # a forced path applies to tiled supports too
-        sparse_linear.SAMPLED_VALUE_GRAD_DEVICES = (device.type,) if path == "sampled" else ()
+    stock = sparse_linear.TILE_VALUE_GRAD
+    if path == "dense":
         sparse_linear.TILE_VALUE_GRAD = False
     try:
         yield
     finally:
-        sparse_linear.SAMPLED_VALUE_GRAD_DEVICES, sparse_linear.TILE_VALUE_GRAD = stock
+        sparse_linear.TILE_VALUE_GRAD = stock
 
 
 @contextlib.contextmanager
@@ -133,7 +132,7 @@ def without_value_grad():
 
     stock = sparse_linear.value_gradients
 
-    def zeros(grad_output, x, shape, indices, values, needs, *args, **kwargs):
+    def zeros(grad_output, x, indices, values, needs, *args, **kwargs):
         return [torch.zeros_like(v) if need else None for v, need in zip(values, needs)]
 
     sparse_linear.value_gradients = zeros
@@ -143,12 +142,12 @@ def without_value_grad():
         sparse_linear.value_gradients = stock
 
 
-def step_context(method: str, path: str, device: torch.device):
+def step_context(method: str, path: str):
     """The context a method's training steps run in: SPU's variants on the value-gradient `path` (others `auto`),
     `floor` without value gradients."""
     if method == "floor":
         return without_value_grad()
-    return value_grad(path if method in SELECTING_METHODS else "auto", device)
+    return value_grad(path if method in SELECTING_METHODS else "auto")
 
 
 @contextlib.contextmanager

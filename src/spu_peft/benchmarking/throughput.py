@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 METRICS = ("step_s", "peak_mem_bytes", "trainable_params", "state_bytes", "adapter_bytes", "infer_s")
 METRICS += ("infer_merged_s", "score_s")
-VALUE_GRADS = ("auto", "sampled", "dense")  # auto: the library's rule for the device (spu_peft.sparse_linear)
+VALUE_GRADS = ("auto", "dense")  # auto: the library's choice (spu_peft.sparse_linear); dense: no per-tile product
 SCORE_SUMS = {"fp32": {}, "bf16": {"score_dtype": torch.bfloat16}, "cpu": {"score_device": "cpu"}}
 WARMUP_STEPS = 1  # untimed steps (and forwards) before the timed ones; the first creates AdamW's state
 
@@ -98,7 +98,7 @@ def measure_memory(workload: Workload, task: str, settings: ThroughputSettings, 
     # 2. training: warm-up creates the AdamW state, then one step under a fresh peak (the steady state's)
     model.train()
     step = lambda: train_step(model, workload.batch, workload.loss_inputs, optimizer, accelerator)  # noqa: E731
-    with step_context(method, settings.value_grad[0], device):
+    with step_context(method, settings.value_grad[0]):
         step()
         optimizer.zero_grad(set_to_none=True)
         reset_peak_memory(device)
@@ -163,9 +163,9 @@ def measure_time(workload: Workload, settings: ThroughputSettings, accelerator: 
     # 3. training steps, round by round over the methods and SPU's further value-gradient paths
     steps = {}
     for method, model in models.items():
-        steps[method] = (lambda m=method: step_context(m, settings.value_grad[0], device), model, make_optimizer(model))
+        steps[method] = (lambda m=method: step_context(m, settings.value_grad[0]), model, make_optimizer(model))
     for path in settings.value_grad[1:]:
-        steps[f"spu/{path}"] = (lambda p=path: value_grad(p, device), models["spu"], steps["spu"][2])
+        steps[f"spu/{path}"] = (lambda p=path: value_grad(p), models["spu"], steps["spu"][2])
 
     def training(model, optimizer):
         return lambda: train_step(model.train(), batch, loss_inputs, optimizer, accelerator)
