@@ -24,6 +24,10 @@ declare -A TESTS=(
     [blocks]="tests/test_blocks.py"
     [naming]="tests/test_naming.py tests/test_save_load.py"
     [optim_state]="tests/test_optim_state.py tests/test_selection.py"
+    [integrity]="tests/test_integrity_files.py tests/test_integrity.py tests/test_save_load.py"
+    [folders]="tests/test_folders.py"
+    [injection]="tests/test_injection.py tests/test_loading_side_doors.py tests/test_save_load.py"
+    [adapter_loader]="tests/test_loading_side_doors.py tests/test_save_load.py tests/test_fuzz_adapter_files.py"
 )
 tests=${*:-${TESTS[$module]:-tests/test_$module.py}}
 PYTHON=${PYTHON:-.venv/bin/python}

@@ -13,8 +13,9 @@ from conftest import layers_of, make_batch, make_tiny_clip
 from peft import get_peft_model
 from torch import nn
 
-from spu_peft import SPUConfig, select_parameters
+from spu_peft import SPUConfig, distributed, select_parameters
 from spu_peft.budgets import top_k
+from spu_peft.distributed import resolve_engine
 from spu_peft.scoring import ScoreSums, scoring_linear
 from spu_peft.sparse_linear import sparse_delta_linear
 
@@ -242,7 +243,8 @@ class Recorded(Exception):
 
 
 def test_score_dtype_and_score_device_are_the_sums_dtype_and_device(monkeypatch):
-    """Read where scoring left the sums (the meta device stands for another device than the layers')."""
+    """Read where scoring left the sums (the meta device, refused to users since it holds no values, stands here for
+    another device than the layers')."""
     found = {}
 
     def record(self):
@@ -250,6 +252,7 @@ def test_score_dtype_and_score_device_are_the_sums_dtype_and_device(monkeypatch)
         raise Recorded
 
     monkeypatch.setattr(ScoreSums, "finish", record)
+    monkeypatch.setattr(distributed, "_usable_device", torch.device)
     with pytest.raises(Recorded):
         select_parameters(fresh(), loader(1), score_dtype=torch.bfloat16, score_device="meta")
     assert found == {"dtypes": {torch.bfloat16}, "devices": {torch.device("meta")}}
@@ -327,15 +330,30 @@ def test_scoring_forward_and_input_gradient_match_the_training_forward_under_aut
             "`score_device='xpu:0'`, but this process has no xpu device",
             marks=pytest.mark.skipif(hasattr(torch, "xpu") and torch.xpu.is_available(), reason="an XPU is there"),
         ),
+        ("meta", "`score_device='meta'` holds no values: the score sums could not be read; pass 'cpu', or None"),
+        (torch.device("meta", 0), "`score_device=device(type='meta', index=0)` holds no values"),
     ],
 )
 def test_a_score_device_this_process_lacks_is_refused_before_any_work(device, expected):
-    """Hardening: score_device='cuda' without CUDA failed inside torch's CUDA initialisation, after scoring began."""
+    """Hardening: score_device='cuda' without CUDA failed inside torch's CUDA initialisation, after scoring began;
+    'meta' failed at the end with torch's "Cannot copy out of meta tensor"."""
     model = get_peft_model(make_tiny_clip(), SPUConfig())
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     with pytest.raises(ValueError, match=re.escape(expected)):
         select_parameters(model, [make_batch()], score="output_norm", score_device=device)
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+
+
+def test_a_score_device_index_past_this_process_devices_is_refused_naming_the_count(monkeypatch):
+    """Hardening: 'cuda:3' on a process with one GPU failed inside torch once the first sum was made."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    model = get_peft_model(make_tiny_clip(), SPUConfig())
+    expected = "`score_device='cuda:3'`, but this process has 1 cuda device(s) (indices 0 to 0); pass 'cpu', or None"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        select_parameters(model, [make_batch()], score="output_norm", score_device="cuda:3")
+    assert resolve_engine(model, "cuda:0").score_device == torch.device("cuda", 0)
+    assert resolve_engine(model, "cpu:1").score_device == torch.device("cpu", 1)
 
 
 def test_a_batch_without_an_input_the_forward_needs_is_refused_naming_its_keys():

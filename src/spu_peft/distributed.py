@@ -150,12 +150,19 @@ def _usable_device(score_device: torch.device | str | None) -> torch.device | No
         device = torch.device(score_device)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"`score_device` must name a torch device such as 'cpu', got {score_device!r}") from error
+    fix = "pass 'cpu', or None to keep each layer's score sums on that layer's device."
+    if device.type == "meta":
+        raise ValueError(f"`score_device={score_device!r}` holds no values: the score sums could not be read; {fix}")
+    if device.type == "cpu":
+        return device
     backend = getattr(torch, device.type, None)
-    available = device.type in ("cpu", "meta") or bool(getattr(backend, "is_available", lambda: False)())
-    if not available:
+    if not bool(getattr(backend, "is_available", lambda: False)()):
+        raise ValueError(f"`score_device={score_device!r}`, but this process has no {device.type} device; {fix}")
+    count = int(getattr(backend, "device_count", lambda: 1)())
+    if device.index is not None and device.index >= count:
         raise ValueError(
-            f"`score_device={score_device!r}`, but this process has no {device.type} device; pass 'cpu', or None to "
-            "keep each layer's score sums on that layer's device."
+            f"`score_device={score_device!r}`, but this process has {count} {device.type} device(s) "
+            f"(indices 0 to {count - 1}); {fix}"
         )
     return device
 

@@ -1,0 +1,83 @@
+"""`spu_peft.injection`: what an injection notes (only what it changed), when the note is taken, and what undoing it
+puts back (modules, flags, configs, the active adapter) on a real tiny CLIP."""
+
+import pytest
+import torch
+from conftest import make_tiny_clip
+from peft import LoraConfig, get_peft_model
+from peft.utils import ModulesToSaveWrapper
+
+from spu_peft import SPUConfig, SPULayer
+from spu_peft.injection import ModelState, take_injection
+
+
+def fc1_paths(model):
+    return [path for path, module in model.named_modules() if path.endswith("fc1") and isinstance(module, SPULayer)]
+
+
+def test_the_note_keeps_only_what_the_injection_changed_and_is_taken_once():
+    model = get_peft_model(make_tiny_clip(), SPUConfig())
+    tuner = model.base_model
+    assert take_injection(object(), "default") is None and take_injection(tuner, "other") is None
+    note = take_injection(tuner, "default")
+    assert take_injection(tuner, "default") is None
+    wrapped = [path for path, module in tuner.model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
+    assert len(wrapped) > 0 and sorted(path for path, _ in note.modules) == sorted(fc1_paths(tuner.model) + wrapped)
+    assert all(type(module) is torch.nn.Linear for _, module in note.modules)
+    assert note.requires_grad and all(flag for flag in note.requires_grad.values())
+    assert all(not parameter.requires_grad for parameter in note.requires_grad)
+    spu_names = {name for name, _ in tuner.model.named_parameters() if ".default." in f"{name}."}
+    spu_names |= {name for name, _ in tuner.model.named_buffers() if ".default." in f"{name}."}
+    assert len(note.versions) == len(spu_names) > 0 and note.untouched()
+
+
+@pytest.mark.parametrize("change", ["parameter in place", "parameter replaced", "buffer in place"])
+def test_an_adapter_tensor_changed_or_replaced_after_injection_is_the_users(change):
+    model = get_peft_model(make_tiny_clip(), SPUConfig())
+    note = take_injection(model.base_model, "default")
+    layer = next(m for m in model.modules() if isinstance(m, SPULayer))
+    if change == "parameter in place":
+        with torch.no_grad():
+            layer.spu_values["default"].add_(1.0)
+    elif change == "parameter replaced":
+        layer.spu_values["default"] = torch.nn.Parameter(layer.spu_values["default"].detach().clone())
+    else:
+        buffer = next(b for name, b in layer.named_buffers() if "default" in name)
+        buffer.add_(1)
+    assert not note.untouched()
+
+
+def test_undoing_a_second_adapter_keeps_the_first_its_config_and_the_active_name():
+    model = get_peft_model(make_tiny_clip(), SPUConfig())
+    tuner = model.base_model
+    before = ModelState(tuner, tuner.model, "other")
+    assert before.had_peft_config and before.untouched()
+    before.restore()  # "other" was never added: nothing of it to drop
+    assert tuner.active_adapter == ["default"] and list(tuner.peft_config) == ["default"]
+    assert "peft_config" in vars(tuner.model) and len(fc1_paths(tuner.model)) > 0
+    tuner.active_adapter = "default"  # PEFT holds a name or a list of names
+    ModelState(tuner, tuner.model, "other").restore()
+    assert tuner.active_adapter == "default"
+
+
+def test_a_failed_first_injection_leaves_no_peft_config_on_the_base():
+    base = make_tiny_clip()
+    assert "peft_config" not in vars(base)
+    with pytest.raises(ValueError, match="layer_norm2"):
+        get_peft_model(base, SPUConfig(target_modules=["fc1", "layer_norm2"]))
+    assert "peft_config" not in vars(base) and not any(isinstance(m, SPULayer) for m in base.modules())
+
+
+def test_another_methods_tuner_holds_no_note():
+    lora = get_peft_model(make_tiny_clip(), LoraConfig(target_modules=["fc1"]))
+    assert take_injection(lora.base_model, "default") is None
+
+
+def test_undoing_the_first_adapter_removes_what_peft_added_to_the_base():
+    """PEFT's two-step load (`get_peft_model`, then a refused state dict) ends with the base as it was."""
+    base = make_tiny_clip()
+    model = get_peft_model(base, SPUConfig())
+    assert "peft_config" in vars(base)
+    take_injection(model.base_model, "default").restore()
+    assert "peft_config" not in vars(base) and not any(isinstance(m, SPULayer) for m in base.modules())
+    assert model.peft_config == {} and model.active_adapters == []
