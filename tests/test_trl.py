@@ -16,6 +16,8 @@ from datasets import Dataset
 from safetensors import safe_open
 from transformers import TrainerCallback
 
+from spu_peft.integrity import DIGEST_KEY
+
 trl = pytest.importorskip("trl")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "method_comparison"))
 import tiny_llm  # noqa: E402
@@ -68,7 +70,8 @@ def test_the_sft_recipe_selects_before_step_one_and_saves_a_reloadable_sparse_ad
     with safe_open(str(saved_dir / "adapter_model.safetensors"), "pt") as file:
         keys = list(file.keys())
         values = sum(file.get_tensor(k).numel() for k in keys if k.endswith("spu_values"))
-    assert keys and all(".mlp.gate_proj.spu_" in k or ".mlp.up_proj.spu_" in k for k in keys)
+    deltas = [k for k in keys if k != DIGEST_KEY]  # and the digest of them all, which PEFT writes with them
+    assert DIGEST_KEY in keys and deltas and all(".mlp.gate_proj.spu_" in k or ".mlp.up_proj.spu_" in k for k in deltas)
     assert values == 4 * round(0.1 * 32 * 128)  # 10% of gate_proj and up_proj in both blocks, nothing dense
 
     trained = namespace["trainer"].model.eval()
