@@ -15,6 +15,7 @@ from PIL import Image as PILImage
 from transformers import AutoProcessor, AutoTokenizer, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
 from spu_peft.continual import class_text_features, tokenize_prompts, zero_shot_accuracy, zero_shot_predictions
+from spu_peft.continual.numerics import numerics_pinned
 from spu_peft.embedded import (
     ANIMAL_CLASSES,
     CAPTION_TEMPLATES,
@@ -219,11 +220,24 @@ def test_config_is_small_clip_with_fc1(tokenizer):
 
 def test_cache_path(monkeypatch, tmp_path):
     suffix = recipe_hash(pretraining_recipe(3))
-    assert embedded_clip_path(tmp_path, seed=3) == tmp_path / f"embedded-clip-v3-seed3-{suffix}"
+    tag = "pinned" if numerics_pinned() else f"native-{torch.backends.cpu.get_cpu_capability().lower()}"
+    assert embedded_clip_path(tmp_path, seed=3) == tmp_path / f"embedded-clip-v3-seed3-{suffix}-{tag}"
     monkeypatch.setenv("SPU_PEFT_CACHE", str(tmp_path / "env"))
     assert embedded_clip_path(seed=0).parent == tmp_path / "env"
     monkeypatch.delenv("SPU_PEFT_CACHE")
     assert embedded_clip_path().parent == Path.home() / ".cache" / "spu_peft"
+
+
+def test_other_cpu_numerics_get_another_cache_folder(monkeypatch, tmp_path):
+    """The same recipe pretrains other weights with and without pinned kernels, so a cache made by one is not the
+    other's (a cache made before the pinning kept its old seed 1 and 2 models)."""
+    monkeypatch.setattr("spu_peft.embedded.cache.numerics_pinned", lambda: True)
+    pinned = embedded_clip_path(tmp_path, seed=1)
+    monkeypatch.setattr("spu_peft.embedded.cache.numerics_pinned", lambda: False)
+    native = embedded_clip_path(tmp_path, seed=1)
+    assert pinned.name.endswith("-pinned")
+    assert native.name.endswith("-native-" + torch.backends.cpu.get_cpu_capability().lower())
+    assert pinned.name.rsplit("-", 1)[0] == native.name.rsplit("-", 2)[0]  # the same recipe hash
 
 
 def test_a_changed_recipe_gets_another_cache_folder(tmp_path, small_data):

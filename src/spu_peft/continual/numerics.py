@@ -67,15 +67,19 @@ def pin_cpu_numerics() -> dict[str, Any]:
     return numerics_report()
 
 
-def numerics_report() -> dict[str, Any]:
-    """The settings that decide this process's CPU floating-point results (recorded beside every result)."""
-    pinned = (
+def numerics_pinned() -> bool:
+    """Whether this process runs with :func:`pin_cpu_numerics`'s settings (asks ATen nothing, so fixes nothing)."""
+    return (
         all(os.environ.get(k, "").lower() == v.lower() for k, v in REPRODUCIBLE_ENV.items())
         and not torch.backends.mkldnn.enabled
         and not torch._C._get_nnpack_enabled()
     )
+
+
+def numerics_report() -> dict[str, Any]:
+    """The settings that decide this process's CPU floating-point results (recorded beside every result)."""
     return {
-        "mode": "reproducible" if pinned else "native",
+        "mode": "reproducible" if numerics_pinned() else "native",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mkl_cbwr": os.environ.get("MKL_CBWR"),
         # Set to emulate an older CPU (the proof in README): recorded, not required.

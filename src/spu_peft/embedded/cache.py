@@ -1,5 +1,6 @@
 """Where embedded models live: the one shipped inside the package (seed 0, the default recipe) and a cache of the
-others, pretrained on first use into a folder named after their recipe's hash, so a stale model is never reused."""
+others, pretrained on first use into a folder named after their recipe's hash and the CPU numerics that made them, so
+a stale model is never reused."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
+from ..continual.numerics import numerics_pinned
 from .pretraining import (
     EMBEDDED_CLIP_NAME,
     METRICS_FILE,
@@ -34,18 +37,27 @@ def shipped_model_path() -> Path:
     return Path(str(resources.files(__package__).joinpath("pretrained")))
 
 
+def numerics_tag() -> str:
+    """How this process's CPU numerics decide pretrained weights: ``pinned`` (the same bits on every x86-64 CPU, see
+    :func:`spu_peft.continual.pin_cpu_numerics`) or ``native-<ATen capability>`` (the libraries' own choices)."""
+    if numerics_pinned():
+        return "pinned"
+    return f"native-{torch.backends.cpu.get_cpu_capability().lower()}"
+
+
 def embedded_clip_path(
     cache_dir: str | os.PathLike[str] | None = None, seed: int = 0, recipe: dict[str, Any] | None = None
 ) -> Path:
-    """Where the embedded model of a recipe is cached: ``<root>/embedded-clip-v3-seed<seed>-<recipe hash>``.
+    """Where the embedded model of a recipe is cached: ``<root>/embedded-clip-v3-seed<seed>-<recipe hash>-<numerics>``.
 
-    ``recipe`` defaults to :func:`pretraining_recipe` of ``seed``; a changed recipe gets another folder, so a
-    stale model is never reused. ``root`` is ``cache_dir`` if given, else ``$SPU_PEFT_CACHE``, else
+    ``recipe`` defaults to :func:`pretraining_recipe` of ``seed``; a changed recipe gets another folder, and so do
+    other CPU numerics (:func:`numerics_tag`: the same recipe pretrains other weights with and without pinned
+    kernels), so a stale model is never reused. ``root`` is ``cache_dir`` if given, else ``$SPU_PEFT_CACHE``, else
     ``~/.cache/spu_peft``.
     """
     recipe = recipe if recipe is not None else pretraining_recipe(seed)
     root = cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "spu_peft"
-    return Path(root).expanduser() / f"{EMBEDDED_CLIP_NAME}-seed{seed}-{recipe_hash(recipe)}"
+    return Path(root).expanduser() / f"{EMBEDDED_CLIP_NAME}-seed{seed}-{recipe_hash(recipe)}-{numerics_tag()}"
 
 
 def _is_complete(path: Path) -> bool:
