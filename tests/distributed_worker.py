@@ -123,6 +123,12 @@ def main() -> None:
     run = {"zero2": deepspeed_zero2, "ddp-global": ddp_global_run}.get(args.engine, sharded_run)
     run(args.engine, args.scenario, out, rank, found)
     dist.destroy_process_group()
+    # The findings are written and every process passed the last barrier. Skip the interpreter's teardown: there
+    # gloo's worker threads, still referenced by the wrapped modules, can be destroyed while joinable, and the process
+    # then aborts ("terminate called without an active exception", SIGABRT) after its work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def refusal_of_global_budget(model: torch.nn.Module, rank: int) -> str:

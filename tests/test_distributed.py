@@ -53,7 +53,8 @@ def run(request, tmp_path_factory) -> list[dict]:
     except subprocess.TimeoutExpired:
         pytest.fail(f"{engine}: the 2-process launch did not finish in 300 s")
     if done.returncode != 0:
-        pytest.fail(f"{engine}: the 2-process launch failed:\n{done.stderr[-3000:]}")
+        written = sorted(path.name for path in (out / engine).glob("rank*.json"))
+        pytest.fail(f"{engine}: the 2-process launch failed (findings written: {written}):\n{done.stderr[-3000:]}")
     return [json.loads((out / engine / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
