@@ -27,7 +27,10 @@ declare -A TESTS=(
     [integrity]="tests/test_integrity_files.py tests/test_integrity.py tests/test_save_load.py"
     [folders]="tests/test_folders.py"
     [injection]="tests/test_injection.py tests/test_loading_side_doors.py tests/test_save_load.py"
-    [adapter_loader]="tests/test_loading_side_doors.py tests/test_save_load.py tests/test_fuzz_adapter_files.py"
+    [adapter_loader]="tests/test_adapter_loader.py tests/test_loading_side_doors.py"
+    [comparison]="tests/test_comparison.py"
+    [bnb]="tests/test_quantized.py"
+    [bsr]="tests/test_bsr.py"
 )
 tests=${*:-${TESTS[$module]:-tests/test_$module.py}}
 PYTHON=${PYTHON:-.venv/bin/python}
