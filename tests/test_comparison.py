@@ -201,3 +201,37 @@ def test_dense_mask_on_clip_keeps_its_default_dense_module_and_masks_one_entry_a
     assert all(".fc1." in n for n in trainable(model) if not n.startswith("visual_projection"))
     model.train()(**make_batch(), return_loss=True).loss.backward()
     assert all(int(p.grad.count_nonzero()) <= 1 for n, p in model.named_parameters() if n.endswith("fc1.weight"))
+
+
+def test_peft_model_hides_that_notice_and_no_other_warning(monkeypatch):
+    import peft
+
+    def get_peft_model(model, config):
+        warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning, stacklevel=1)
+        warnings.warn("another deprecation", FutureWarning, stacklevel=1)
+        warnings.warn("`is_gradient_checkpointing` is odd", UserWarning, stacklevel=1)
+        return model
+
+    monkeypatch.setattr(peft, "get_peft_model", get_peft_model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = Net()
+        assert comparison.peft_model(model, None) is model
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (FutureWarning, "another deprecation"),
+        (UserWarning, "`is_gradient_checkpointing` is odd"),
+    ]
+
+
+@pytest.mark.parametrize("method", ["lora", "shira"])
+def test_lora_and_shira_train_the_model_type_s_dense_modules_by_default(method):
+    model, _ = adapt(make_tiny_clip(), method, Budget(("fc1",)))
+    assert model.peft_config["default"].modules_to_save == ["visual_projection"]
+    assert "base_model.model.visual_projection.modules_to_save.default.weight" in trainable(model)
+
+
+def test_dense_mask_puts_each_mask_on_its_weight_s_device():
+    with torch.device("meta"):
+        model = Net()
+    _, masks = adapt(model, "dense_mask", Budget(("fc1",), density=0.25))
+    assert [m.device.type for m in masks] == ["meta", "meta"]
