@@ -43,8 +43,8 @@ fi
 [ -x "$mutmut" ] || { echo "mutmut is still not beside $PYTHON after installing the dev extra" >&2; exit 2; }
 
 work=${MUTATION_DIR:-$(mktemp -d)}
-mkdir -p "$work" && rm -rf "$work/src" "$work/tests" "$work/mutants"
-cp -r src tests pyproject.toml "$work/"
+mkdir -p "$work" && rm -rf "$work/src" "$work/tests" "$work/benchmarks" "$work/mutants"
+cp -r src tests benchmarks pyproject.toml "$work/"  # benchmarks: tests that run a benchmark script load it from there
 find "$work" -name __pycache__ -prune -exec rm -rf {} +
 {
     echo "[mutmut]"
@@ -52,7 +52,8 @@ find "$work" -name __pycache__ -prune -exec rm -rf {} +
     echo "only_mutate=src/spu_peft/$module.py"
     echo "pytest_add_cli_args_test_selection="
     printf '    %s\n' $tests
-    echo "also_copy=tests"
+    echo "also_copy="
+    printf '    %s\n' tests benchmarks
 } >"$work/setup.cfg"
 
 cd "$work"
