@@ -27,7 +27,10 @@ declare -A TESTS=(
     [integrity]="tests/test_integrity_files.py tests/test_integrity.py tests/test_save_load.py"
     [folders]="tests/test_folders.py"
     [injection]="tests/test_injection.py tests/test_loading_side_doors.py tests/test_save_load.py"
-    [adapter_loader]="tests/test_loading_side_doors.py tests/test_save_load.py tests/test_fuzz_adapter_files.py"
+    [adapter_loader]="tests/test_adapter_loader.py tests/test_loading_side_doors.py"
+    [comparison]="tests/test_comparison.py"
+    [bnb]="tests/test_quantized.py"
+    [bsr]="tests/test_bsr.py"
 )
 tests=${*:-${TESTS[$module]:-tests/test_$module.py}}
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -40,8 +43,8 @@ fi
 [ -x "$mutmut" ] || { echo "mutmut is still not beside $PYTHON after installing the dev extra" >&2; exit 2; }
 
 work=${MUTATION_DIR:-$(mktemp -d)}
-mkdir -p "$work" && rm -rf "$work/src" "$work/tests" "$work/mutants"
-cp -r src tests pyproject.toml "$work/"
+mkdir -p "$work" && rm -rf "$work/src" "$work/tests" "$work/benchmarks" "$work/mutants"
+cp -r src tests benchmarks pyproject.toml "$work/"  # benchmarks: tests that run a benchmark script load it from there
 find "$work" -name __pycache__ -prune -exec rm -rf {} +
 {
     echo "[mutmut]"
@@ -49,7 +52,8 @@ find "$work" -name __pycache__ -prune -exec rm -rf {} +
     echo "only_mutate=src/spu_peft/$module.py"
     echo "pytest_add_cli_args_test_selection="
     printf '    %s\n' $tests
-    echo "also_copy=tests"
+    echo "also_copy="
+    printf '    %s\n' tests benchmarks
 } >"$work/setup.cfg"
 
 cd "$work"

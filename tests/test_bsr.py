@@ -23,6 +23,7 @@ def reference_kernel(calls=None):
 
     def kernel(pattern, mat1, mat2, beta):
         assert beta == 0.0 and pattern.layout == torch.sparse_bsr
+        assert pattern.values().dim() == 3 and len(pattern.values()) == pattern.col_indices().numel()  # one a block
         if calls is not None:
             calls.append(mat1.dtype)
         (br, bc), (rows, cols) = pattern.values().shape[-2:], pattern.shape
@@ -47,6 +48,7 @@ def test_the_layout_puts_every_value_where_the_kernel_computes_it(shape, block, 
     indices = tiled_support(shape, block, count, seed=count)
     layout = bsr.bsr_layout(indices, shape, block)
     assert layout.col_indices.numel() == count and layout.crow_indices.numel() == shape[0] // block[0] + 1
+    assert layout.gather.dtype == torch.int32  # the support's index dtype: int32 below 2**31 entries
     torch.manual_seed(0)
     grad_out, x = torch.randn(9, shape[0], dtype=torch.float64), torch.randn(9, shape[1], dtype=torch.float64)
     got = bsr.bsr_value_gradient(grad_out, x, layout, kernel=reference_kernel())
@@ -62,6 +64,23 @@ def test_only_cuda_with_the_kernel_and_power_of_two_tiles_of_at_least_16_take_it
         assert not bsr.bsr_applies(cuda, block), block
     monkeypatch.setattr(bsr, "bsr_kernel", lambda: None)  # torch without Triton
     assert not bsr.bsr_applies(cuda, (16, 16))
+
+
+def test_the_kernel_is_torch_s_sampled_addmm_where_its_triton_module_has_one(monkeypatch):
+    """With stand-ins for `torch.sparse._triton_ops`: one with the kernel, one without, one that fails to import."""
+    import sys
+    from types import ModuleType
+
+    name = "torch.sparse._triton_ops"
+    monkeypatch.delattr(torch.sparse, "_triton_ops", raising=False)
+    with_kernel, without = ModuleType(name), ModuleType(name)
+    with_kernel.sampled_addmm = reference_kernel()
+    monkeypatch.setitem(sys.modules, name, with_kernel)
+    assert bsr.bsr_kernel() is with_kernel.sampled_addmm
+    monkeypatch.setitem(sys.modules, name, without)
+    assert bsr.bsr_kernel() is None
+    monkeypatch.setitem(sys.modules, name, None)  # what an import that fails leaves
+    assert bsr.bsr_kernel() is None
 
 
 def test_torch_here_has_or_lacks_the_kernel_as_it_says():

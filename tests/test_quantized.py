@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from spu_peft import SPUConfig, select_parameters
-from spu_peft.bnb import Linear4bit, Linear8bitLt
+from spu_peft.bnb import Linear4bit, Linear8bitLt, bnb_layer_class
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'spu-peft[test]')")
 
@@ -346,3 +346,85 @@ def test_a_4bit_weight_repacked_for_the_cpu_kernel_is_read_and_merged_right():
         assert ((model(x=x)["logits"] - unmerged).abs() < 0.1).all()
         model.unmerge_adapter()
         assert torch.equal(model(x=x)["logits"], unmerged)
+        with pytest.warns(UserWarning, match="rounds `W \\+ delta`"):
+            model.merge_adapter()  # the repacked weight is read in the dtype it was quantized from, float32
+        assert layer.base_layer.weight.quant_state.dtype == torch.float32
+
+
+def test_an_8bit_layer_with_float16_master_weights_is_refused_saying_how_to_load_it():
+    with pytest.raises(ValueError) as error:
+        bnb_layer_class(bnb.nn.Linear8bitLt(IN, OUT, has_fp16_weights=True))
+    assert str(error.value) == (
+        "SPU supports bitsandbytes `Linear8bitLt` layers with int8 weights only, not `has_fp16_weights=True` "
+        "(float16 master weights); load the model with BitsAndBytesConfig(load_in_8bit=True) and its default "
+        "`llm_int8_has_fp16_weight=False`."
+    )
+
+
+def fresh_layer(kind: str, weight: torch.Tensor, bias: torch.Tensor, settings: dict) -> nn.Module:
+    """A bitsandbytes layer quantizing the float `weight` itself (on its move to the CPU)."""
+    out_features, in_features = weight.shape
+    if kind == "int8":
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
+    else:
+        layer_settings = {k: v for k, v in settings.items() if k != "blocksize"}  # the weight's alone
+        layer = bnb.nn.Linear4bit(in_features, out_features, compute_dtype=torch.float32, **layer_settings)
+        layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, module=layer, **settings)
+    layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return layer.to("cpu")
+
+
+FORMATS = {
+    "int8": ("int8", torch.float32, {}),
+    "nf4-bf16-blocks128-float32-storage": (
+        "nf4",
+        torch.bfloat16,
+        dict(quant_type="nf4", blocksize=128, compress_statistics=False, quant_storage=torch.float32),
+    ),
+    "fp4-nested": ("fp4", torch.float32, dict(quant_type="fp4", blocksize=64, compress_statistics=True)),
+}
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_a_merge_quantizes_w_plus_delta_as_bitsandbytes_quantizes_a_float_layer(name):
+    """The merged base layer is the layer bitsandbytes makes from the float `W + delta` in the dtype and format the
+    base was quantized in: the same codes, scales, settings and outputs; `unmerge` puts the original back."""
+    kind, dtype, settings = FORMATS[name]
+    torch.manual_seed(0)
+    float_weight, bias = torch.randn(OUT, IN).to(dtype), torch.randn(OUT)
+    model = Head()
+    model.fc1 = fresh_layer(kind, float_weight, bias, settings)
+    model = get_peft_model(model, SPUConfig(target_modules=["fc1"], init_weights=False))
+    layer = model.base_model.model.fc1
+    base, original = layer.base_layer, layer.base_layer.weight
+    x = torch.randn(5, IN)
+    with torch.no_grad():
+        layer.spu_values["default"].normal_(0, 0.05)
+        target = layer.dense_base_weight() + layer.get_delta_weight("default")
+        with pytest.warns(UserWarning, match="rounds `W \\+ delta`"):
+            model.merge_adapter()
+        reference = fresh_layer(kind, target.to(dtype), base.bias, settings)
+        merged = base.weight
+        assert type(merged) is type(reference.weight) and not merged.requires_grad
+        assert torch.equal(merged.data, reference.weight.data)
+        if kind == "int8":
+            assert merged.has_fp16_weights is False and torch.equal(merged.CB, merged.data)
+            assert torch.equal(merged.SCB, reference.weight.SCB)
+            assert base.state.CB is None and base.state.SCB is None  # the next forward takes the new ones
+        else:
+            for field in ("blocksize", "compress_statistics", "quant_type", "quant_storage"):
+                made = getattr(reference.weight, field)
+                assert getattr(merged, field) == settings.get(field, made) == made, field
+            assert merged.module is base and base.quant_state is merged.quant_state
+            assert merged.quant_state.dtype == dtype
+            state, expected = merged.quant_state.as_dict(packed=True), reference.weight.quant_state.as_dict(packed=True)
+            assert state.keys() == expected.keys()
+            assert all(
+                torch.equal(v, expected[k]) if torch.is_tensor(v) else v == expected[k] for k, v in state.items()
+            )
+        assert torch.equal(base(x), reference(x))
+        model.unmerge_adapter()
+        assert base.weight is original
+        if kind != "int8":
+            assert base.quant_state is original.quant_state
