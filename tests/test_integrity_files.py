@@ -5,6 +5,7 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import stat
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from spu_peft.integrity import (
     recover_folder,
     replace_folder,
     replacing,
+    save_pretrained_atomically,
     seal_file,
     staging_folder,
     tensor_digest,
@@ -64,8 +66,11 @@ def test_a_header_digest_that_does_not_match_is_refused_and_the_file_kept(tmp_pa
     path = tmp_path / "a.safetensors"
     save_file(TENSORS, path, metadata={DIGEST_KEY: tensor_digest({"x": torch.ones(1)}), "format": "pt"})
     before = path.read_bytes()
-    expected = f"{path}: the tensors do not match the digest recorded in its header when it was saved; the file was "
-    with pytest.raises(SPUAdapterFileError, match=f"^{re.escape(expected)}"):
+    expected = (
+        f"{path}: the tensors do not match the digest recorded in its header when it was saved; the file was altered "
+        "or damaged. Save the adapter again, or restore the file from a copy."
+    )
+    with pytest.raises(SPUAdapterFileError, match=f"^{re.escape(expected)}$"):
         seal_file(path)
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["a.safetensors"]
 
@@ -516,3 +521,80 @@ def test_a_writer_this_user_may_not_signal_is_taken_as_alive(tmp_path, monkeypat
     recover_folder(tmp_path / "adapter")
     assert sorted(os.listdir(tmp_path)) == [".adapter.99999991.tok.saving", ".adapter.99999992.tok.old"]
     assert sorted(set(signalled)) == [(99999991, 0), (99999992, 0)]
+
+
+def test_a_staging_folder_is_made_with_every_missing_parent_and_a_name_that_says_whose_it_is(tmp_path):
+    umask = os.umask(0o027)
+    try:
+        staging = staging_folder(tmp_path / "a" / "b" / "adapter")
+    finally:
+        os.umask(umask)
+    assert staging.parent == tmp_path / "a" / "b" and list(staging.iterdir()) == []
+    assert re.fullmatch(rf"\.adapter\.{os.getpid()}\.[0-9a-f]{{12}}\.saving", staging.name), staging.name
+    assert stat.S_IMODE(staging.stat().st_mode) == 0o750  # as mkdir makes folders, not mkdtemp's 0o700
+
+
+def test_a_staging_name_taken_already_is_drawn_again(tmp_path, monkeypatch):
+    tokens = iter(["taken0", "free00"])
+    monkeypatch.setattr(secrets, "token_hex", lambda n: f"{next(tokens)}{'0' * (2 * n - 6)}")
+    (tmp_path / f".adapter.{os.getpid()}.taken0000000.saving").mkdir()
+    staging = staging_folder(tmp_path / "adapter")
+    assert staging.name == f".adapter.{os.getpid()}.free00000000.saving" and staging.is_dir()
+
+
+def test_a_kept_folder_is_carried_over_with_its_links_as_links_and_its_files_hard_linked(tmp_path):
+    target = old_folder(tmp_path)
+    os.symlink("deep.txt", target / "sub" / "to-deep")
+    os.symlink("nowhere", target / "sub" / "dangling")
+    inode = (target / "sub" / "deep.txt").stat().st_ino
+    staging = staging_folder(target)
+    replace_folder(staging, target, keep=["sub"])
+    assert sorted(os.listdir(target / "sub")) == ["dangling", "deep.txt", "to-deep"]
+    assert (
+        os.readlink(target / "sub" / "to-deep") == "deep.txt" and os.readlink(target / "sub" / "dangling") == "nowhere"
+    )
+    assert (target / "sub" / "deep.txt").stat().st_ino == inode
+
+
+def test_a_kept_file_that_cannot_be_hard_linked_is_copied_with_its_times(tmp_path, monkeypatch):
+    target = old_folder(tmp_path)
+    os.utime(target / "kept.txt", (1_000_000, 1_000_000))
+    os.utime(target / "sub" / "deep.txt", (2_000_000, 2_000_000))
+    inode = (target / "kept.txt").stat().st_ino
+
+    def refuse(source, destination):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", refuse)
+    staging = staging_folder(target)
+    replace_folder(staging, target, keep=["kept.txt", "sub"])
+    assert (target / "kept.txt").read_text() == "old kept" and (target / "kept.txt").stat().st_ino != inode
+    assert (target / "kept.txt").stat().st_mtime == 1_000_000 and (target / "sub" / "deep.txt").read_text() == "deep"
+    assert (target / "sub" / "deep.txt").stat().st_mtime == 2_000_000
+
+
+class Saver:
+    """A model whose `save_pretrained` writes one file and records its arguments."""
+
+    def __init__(self):
+        self.calls = []
+
+    def save_pretrained(self, folder, **kwargs):
+        self.calls.append((Path(folder), kwargs))
+        (Path(folder) / "adapter_config.json").write_text("{}")
+
+
+def test_save_pretrained_atomically_passes_every_argument_and_keeps_the_users_files(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    (tmp_path / "out" / "adapter_config.json").write_text("old")
+    model = Saver()
+    save_pretrained_atomically(model, tmp_path / "out", selected_adapters=["a"], safe_serialization=True)
+    [(folder, kwargs)] = model.calls
+    assert kwargs == {"selected_adapters": ["a"], "safe_serialization": True}
+    assert folder.parent == tmp_path and folder.name.endswith(".saving")
+    assert os.listdir(tmp_path) == ["out"] and sorted(os.listdir(tmp_path / "out")) == [
+        "adapter_config.json",
+        "notes.txt",
+    ]
+    assert (tmp_path / "out" / "adapter_config.json").read_text() == "{}"
