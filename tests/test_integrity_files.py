@@ -560,6 +560,8 @@ def test_a_kept_file_that_cannot_be_hard_linked_is_copied_with_its_times(tmp_pat
     target = old_folder(tmp_path)
     os.utime(target / "kept.txt", (1_000_000, 1_000_000))
     os.utime(target / "sub" / "deep.txt", (2_000_000, 2_000_000))
+    os.symlink("deep.txt", target / "sub" / "to-deep")  # a link is made again, not copied through
+    os.symlink("nowhere", target / "sub" / "dangling")
     inode = (target / "kept.txt").stat().st_ino
 
     def refuse(source, destination):
@@ -571,6 +573,9 @@ def test_a_kept_file_that_cannot_be_hard_linked_is_copied_with_its_times(tmp_pat
     assert (target / "kept.txt").read_text() == "old kept" and (target / "kept.txt").stat().st_ino != inode
     assert (target / "kept.txt").stat().st_mtime == 1_000_000 and (target / "sub" / "deep.txt").read_text() == "deep"
     assert (target / "sub" / "deep.txt").stat().st_mtime == 2_000_000
+    assert (
+        os.readlink(target / "sub" / "to-deep") == "deep.txt" and os.readlink(target / "sub" / "dangling") == "nowhere"
+    )
 
 
 class Saver:
