@@ -164,6 +164,13 @@ def refusal(call, *args) -> SPUAdapterFileError:
     return error.value
 
 
+def checked(tmp_path, make, what):
+    """The path `make` puts in place and `check_regular_file`'s refusal of it (with the default `what` for None)."""
+    path = tmp_path / "adapter_model.safetensors"
+    make(path)
+    return path, refusal(check_regular_file, *([path] if what is None else [path, what]))
+
+
 @pytest.mark.parametrize(
     ("make", "found"),
     [
@@ -181,9 +188,7 @@ def refusal(call, *args) -> SPUAdapterFileError:
 )
 @pytest.mark.parametrize("what", [None, "safetensors file"])
 def test_a_path_that_cannot_be_read_is_refused_naming_it_and_why(tmp_path, make, found, what):
-    path = tmp_path / "adapter_model.safetensors"
-    make(path)
-    error = refusal(check_regular_file, *([path] if what is None else [path, what]))
+    path, error = checked(tmp_path, make, what)
     assert str(error) == f"{path}: the {what or 'file'} cannot be read{found}{SAVE_AGAIN}"
     assert isinstance(error.__cause__, OSError) and error.__cause__.filename == str(path)
 
@@ -199,9 +204,7 @@ def test_a_path_that_cannot_be_read_is_refused_naming_it_and_why(tmp_path, make,
 )
 @pytest.mark.parametrize("what", [None, "safetensors file"])
 def test_a_path_that_is_not_a_regular_file_is_refused_saying_what_it_is(tmp_path, make, kind, what):
-    path = tmp_path / "adapter_model.safetensors"
-    make(path)
-    error = refusal(check_regular_file, *([path] if what is None else [path, what]))
+    path, error = checked(tmp_path, make, what)
     assert str(error) == f"{path}: the {what or 'file'} is {kind}{NOT_REGULAR}" and error.__cause__ is None
 
 
