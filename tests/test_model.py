@@ -1,0 +1,235 @@
+"""SPUModel, the PEFT tuner: which modules it wraps, what trains, and its refusals, with their whole messages."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import make_batch, make_tiny_clip
+from peft import get_peft_model
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from spu_peft import SPUConfig, SPULayer, select_parameters
+from spu_peft.model import MODEL_TAGS
+
+UNSELECTED = (
+    "Adapter 'default' {doing} its data-free random support: `spu_peft.select_parameters` was never "
+    "called (adapter_config.json will say 'selection': null). Select before training (in a Trainer: "
+    "callbacks=[spu_peft.SPUSelectionCallback()]), or call select_parameters(model, score='random') to train a "
+    "random support on purpose."
+)
+
+
+def _clip(**config):
+    return get_peft_model(make_tiny_clip(), SPUConfig(**config))
+
+
+def _forward(model):
+    return model(**make_batch(0)).logits_per_image
+
+
+def test_clip_s_defaults_are_filled_in_and_the_model_is_tagged():
+    model = _clip()
+    config = model.peft_config["default"]
+    assert config.target_modules == {"fc1"}
+    assert config.modules_to_save == ["visual_projection"]
+    assert model.base_model.model.model_tags == MODEL_TAGS
+
+
+def test_a_model_type_without_a_dense_default_trains_no_dense_module():
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48))
+    model = get_peft_model(bert, SPUConfig())
+    assert model.peft_config["default"].modules_to_save is None
+    assert [n for n, m in model.named_modules() if isinstance(m, SPULayer)] == [
+        "base_model.model.encoder.layer.0.intermediate.dense"
+    ]
+
+
+def test_a_model_type_without_default_targets_is_refused_listing_the_known_ones():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(4, 4)
+
+    with pytest.raises(ValueError) as caught:
+        get_peft_model(Tiny(), SPUConfig())
+    known = sorted(["clip", "clip_vision_model", "clip_text_model", "siglip", "siglip_vision_model"])
+    known = sorted([*known, "siglip_text_model", "vit", "bert", "roberta", "llama", "mistral", "qwen2"])
+    assert str(caught.value) == (
+        f"`target_modules` has no default for model type 'custom' (defaults exist for {known}); "
+        "pass the names of the first MLP linear layers, e.g. SPUConfig(target_modules=['fc1'])."
+    )
+
+
+@pytest.mark.parametrize("wanted", ["projection", "nothing"])
+def test_modules_to_save_matching_no_module_is_refused_with_the_whole_message(wanted):
+    with pytest.raises(ValueError) as caught:
+        _clip(modules_to_save=[wanted])
+    assert str(caught.value) == (
+        f"`modules_to_save` names {wanted!r}, which matches no module of the model (PEFT would ignore it "
+        "and train nothing there); name a module such as the model's projection, or pass []."
+    )
+
+
+def test_modules_to_save_matches_a_whole_name_or_a_dotted_suffix():
+    model = _clip(modules_to_save=["visual_projection", "mlp.fc2"], target_modules=["fc1"])
+    wrapped = sorted(n for n, _ in model.named_modules() if n.endswith("modules_to_save.default"))
+    assert len(wrapped) == 5 and wrapped[-1] == "base_model.model.visual_projection.modules_to_save.default"
+    assert all(".mlp.fc2." in name for name in wrapped[:4])
+
+
+class _OwnForward(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class _Net(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.fc1 = layer
+
+
+@pytest.mark.parametrize(
+    ("layer", "what"),
+    [
+        (
+            _OwnForward(4, 4),
+            f"a {__name__}._OwnForward (a linear layer with its own `forward`, which SPU would bypass)",
+        ),
+        (nn.Conv1d(4, 4, 1), "a torch.nn.modules.conv.Conv1d"),
+    ],
+)
+def test_a_target_spu_cannot_adapt_is_refused_by_its_type(layer, what):
+    with pytest.raises(ValueError) as caught:
+        get_peft_model(_Net(layer), SPUConfig(target_modules=["fc1"]))
+    assert str(caught.value) == (
+        f"`target_modules` matched 'fc1', {what}; SPU adapts `torch.nn.Linear` layers with floating-point weights "
+        "and bitsandbytes' `Linear8bitLt` / `Linear4bit`. Narrow `target_modules` to such layers (e.g. ['fc1'])."
+    )
+
+
+def test_a_linear_layer_with_an_integer_weight_is_refused_naming_the_dtype():
+    layer = nn.Linear(4, 4)
+    layer.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(
+        ValueError,
+        match=r"^`target_modules` matched 'fc1', a torch.nn.modules.linear.Linear with a "
+        r"torch.int8 weight; SPU adapts",
+    ):
+        get_peft_model(_Net(layer), SPUConfig(target_modules=["fc1"]))
+
+
+def test_only_the_deltas_and_dense_copies_train_and_spu_only_keeps_base_biases_frozen():
+    model = _clip()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(
+        ".spu_values." in n or ".spu_bias." in n or ".modules_to_save.default." in n for n in trainable
+    )
+    assert not any(n.endswith(".bias") and "modules_to_save" not in n for n in trainable)
+    model.add_adapter("other", SPUConfig(modules_to_save=[]))
+    assert not any(".other" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_bias_all_trains_every_bias_and_allows_no_second_adapter():
+    model = _clip(bias="all", modules_to_save=[])
+    biases = {n for n, p in model.named_parameters() if n.endswith(".bias") and "spu_" not in n}
+    assert biases and all(p.requires_grad for n, p in model.named_parameters() if n in biases)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith(".weight"))
+    message = (
+        "An SPU adapter with bias='all' trains the base model's biases, which every adapter shares, so the "
+        "model can hold only that one adapter. Use bias='spu_only' (a bias delta per adapter) for several."
+    )
+    with pytest.raises(ValueError) as caught:
+        model.add_adapter("other", SPUConfig(modules_to_save=[]))
+    assert str(caught.value) == message
+    with pytest.raises(ValueError) as caught:
+        _clip(modules_to_save=[]).add_adapter("other", SPUConfig(bias="all", modules_to_save=[]))
+    assert str(caught.value) == message
+
+
+def test_disabling_spu_only_adapters_gives_the_base_output_and_bias_all_warns():
+    base = _forward(make_tiny_clip())
+    model = _clip(init_weights=False)
+    assert not torch.allclose(_forward(model), base)
+    with model.disable_adapter():
+        torch.testing.assert_close(_forward(model), base, rtol=0, atol=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _clip(init_weights=False, bias="all").disable_adapter():
+            pass
+    assert any("bias" in str(w.message) for w in caught)
+
+
+def test_adapters_training_the_same_dense_module_cannot_be_active_together():
+    model = _clip()
+    model.add_adapter("other", SPUConfig())
+    with pytest.raises(ValueError) as caught:
+        model.base_model.set_adapter(["default", "other"])
+    assert str(caught.value) == (
+        "Only one adapter can be set at a time for ModulesToSaveWrapper `visual_projection`: SPU adapters "
+        "['default', 'other'] each train their own dense copy of it (modules_to_save), so they cannot be active "
+        "together. Either create the adapters with `SPUConfig(modules_to_save=[])` (sparse deltas add up), or fold "
+        "them into one with `spu_peft.fold_adapters(model, ['default', 'other'], 'combined')`, which keeps the last "
+        "one's `visual_projection`."
+    )
+    sparse = _clip(modules_to_save=[])
+    sparse.add_adapter("other", SPUConfig(modules_to_save=[]))
+    sparse.base_model.set_adapter(["default", "other"])
+    assert sparse.base_model.active_adapters == ["default", "other"]
+
+
+def test_add_weighted_adapter_is_refused_with_the_whole_message():
+    with pytest.raises(ValueError) as caught:
+        _clip().add_weighted_adapter(["default"], [1.0], "combined")
+    assert str(caught.value) == (
+        "SPU adapters have no `add_weighted_adapter`: `spu_peft.fold_adapters(model, adapter_names, "
+        "new_adapter_name)` adds their sparse deltas exactly, and `spu_peft.subtract_adapter` removes one."
+    )
+
+
+def _messages(caught):
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_the_first_training_forward_of_an_unselected_adapter_warns_once():
+    model = _clip()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.eval()
+        _forward(model)
+        model.train()
+        with torch.no_grad():
+            _forward(model)
+        assert _messages(caught).count(UNSELECTED.format(doing="is training")) == 0
+        _forward(model)
+        _forward(model)
+    assert _messages(caught).count(UNSELECTED.format(doing="is training")) == 1
+
+
+def test_a_selected_adapter_trains_without_a_warning():
+    model = _clip()
+    select_parameters(model, score="random")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.train()
+        _forward(model)
+    assert not any("select_parameters" in m for m in _messages(caught))
+
+
+def test_saving_trained_values_without_a_selection_warns_and_untrained_ones_do_not(tmp_path):
+    model = _clip(modules_to_save=[])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.save_pretrained(tmp_path / "untrained")
+        assert UNSELECTED.format(doing="trained") not in _messages(caught)
+        for layer in model.modules():
+            if isinstance(layer, SPULayer):
+                with torch.no_grad():
+                    layer.spu_values["default"][0] = 1.0
+        model.save_pretrained(tmp_path / "trained")
+    assert UNSELECTED.format(doing="trained") in _messages(caught)
+    random_start = _clip(modules_to_save=[], init_weights=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        random_start.save_pretrained(tmp_path / "random")
+    assert UNSELECTED.format(doing="trained") not in _messages(caught)
