@@ -209,22 +209,24 @@ def test_a_config_in_a_subfolder_is_read_with_its_adapter_file(tmp_path):
     assert SPUConfig.from_pretrained(str(tmp_path / "root"), subfolder="sub").density == 0.2
 
 
-def test_a_damaged_config_is_refused_naming_it_and_a_missing_one_with_peft_s_error(tmp_path):
-    folder = _saved_adapter(tmp_path / "root" / "sub")
+@pytest.mark.parametrize("subfolder", ["sub", None])
+def test_a_damaged_config_is_refused_naming_it_and_a_missing_one_with_peft_s_error(tmp_path, subfolder):
+    root = tmp_path / "root"
+    folder = _saved_adapter(root / (subfolder or ""))
     (folder / CONFIG_NAME).write_text("{")
     with pytest.raises(SPUAdapterFileError) as caught:
-        SPUConfig.from_pretrained(str(tmp_path / "root"), subfolder="sub")
+        SPUConfig.from_pretrained(str(root), subfolder=subfolder)
     try:
         json.loads("{")
     except ValueError as error:
         reason = str(error)
     assert str(caught.value) == (
-        f"{os.path.join(str(tmp_path / 'root'), 'sub', CONFIG_NAME)}: {reason}. The file is damaged or was edited; "
+        f"{os.path.join(str(root), subfolder or '', CONFIG_NAME)}: {reason}. The file is damaged or was edited; "
         "save the adapter again, or restore the file from a copy."
     )
     (folder / CONFIG_NAME).unlink()
     with pytest.raises(ValueError) as caught:
-        SPUConfig.from_pretrained(str(tmp_path / "root"), subfolder="sub")
+        SPUConfig.from_pretrained(str(root), subfolder=subfolder)
     assert type(caught.value) is ValueError and f"Can't find '{CONFIG_NAME}'" in str(caught.value)
 
 
