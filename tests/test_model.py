@@ -1,11 +1,13 @@
 """SPUModel, the PEFT tuner: which modules it wraps, what trains, and its refusals, with their whole messages."""
 
+import re
 import warnings
 
 import pytest
 import torch
 from conftest import make_batch, make_tiny_clip
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 from torch import nn
 from transformers import BertConfig, BertModel
 
@@ -233,3 +235,59 @@ def test_saving_trained_values_without_a_selection_warns_and_untrained_ones_do_n
         warnings.simplefilter("always")
         random_start.save_pretrained(tmp_path / "random")
     assert UNSELECTED.format(doing="trained") not in _messages(caught)
+
+
+@pytest.mark.parametrize(
+    ("where", "shown"),
+    [
+        ("text_model.encoder.layers.0.mlp.fc1", "module `text_model.encoder.layers.0.mlp.fc1` (spu_values)"),
+        ("vision_model.encoder.layers.1.mlp.fc1", "module `vision_model.encoder.layers.1.mlp.fc1` (spu_values)"),
+        ("visual_projection", "`visual_projection.weight`"),
+    ],
+)
+def test_a_save_checks_every_layer_and_dense_module_naming_the_bad_one(tmp_path, where, shown):
+    model = _clip(bias="none")
+    select_parameters(model, score="random")
+    module = model.base_model.model.get_submodule(where)
+    with torch.no_grad():
+        if isinstance(module, SPULayer):
+            module.spu_values["default"][0] = float("nan")
+        else:
+            module.modules_to_save["default"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=rf"^SPU cannot save adapter 'default': {re.escape(shown)} "):
+        model.save_pretrained(tmp_path)
+
+
+def test_a_block_adapter_is_saved_as_tiles(tmp_path):
+    model = _clip(block_size=(8, 8), density=0.25, modules_to_save=[])
+    select_parameters(model, score="random")
+    model.save_pretrained(tmp_path)
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert sum(k.endswith(".spu_tiles") for k in keys) == 4 and sum(k.endswith(".spu_block_size") for k in keys) == 4
+    assert not any(k.endswith((".spu_indices", ".spu_mask")) for k in keys)
+
+
+def test_a_load_the_model_refuses_undoes_its_injection(tmp_path):
+    _clip(modules_to_save=[]).save_pretrained(tmp_path)
+    other = make_tiny_clip(intermediate=64)
+    before = [(name, type(module)) for name, module in other.named_modules()]
+    with pytest.raises(ValueError, match="fc1"):
+        PeftModel.from_pretrained(other, tmp_path)
+    assert [(name, type(module)) for name, module in other.named_modules()] == before
+
+
+def test_the_unselected_warnings_point_at_the_user_s_line(tmp_path):
+    """They pointed into torch's `Module._call_impl` and PEFT's `save_and_load.py`."""
+    model = _clip(modules_to_save=[], init_weights=False)
+    model.train()
+    with pytest.warns(UserWarning, match="is training") as caught:
+        model(**make_batch(0))
+    assert {w.filename for w in caught if "is training" in str(w.message)} == {__file__}
+    fresh = _clip(modules_to_save=[])
+    for layer in fresh.modules():
+        if isinstance(layer, SPULayer):
+            with torch.no_grad():
+                layer.spu_values["default"][0] = 1.0
+    with pytest.warns(UserWarning, match="trained its data-free") as caught:
+        fresh.save_pretrained(tmp_path)
+    assert {w.filename for w in caught if "trained its" in str(w.message)} == {__file__}
