@@ -12,7 +12,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from spu_peft import SPUConfig, SPULayer, select_parameters
-from spu_peft.model import MODEL_TAGS
+from spu_peft.model import MODEL_TAGS, SPUModel
 
 UNSELECTED = (
     "Adapter 'default' {doing} its data-free random support: `spu_peft.select_parameters` was never "
@@ -291,3 +291,45 @@ def test_the_unselected_warnings_point_at_the_user_s_line(tmp_path):
     with pytest.warns(UserWarning, match="trained its data-free") as caught:
         fresh.save_pretrained(tmp_path)
     assert {w.filename for w in caught if "trained its" in str(w.message)} == {__file__}
+
+
+def test_the_tuner_built_directly_names_its_adapter_default():
+    tuner = SPUModel(make_tiny_clip(), SPUConfig(modules_to_save=[]))
+    assert list(tuner.peft_config) == ["default"] and tuner.active_adapters == ["default"]
+
+
+def test_an_added_adapter_starts_with_the_support_it_would_have_alone():
+    """The seed is mixed with the adapter's and the layer's name, also when the layer already holds an adapter."""
+    alone = get_peft_model(make_tiny_clip(), SPUConfig(seed=3, modules_to_save=[]), adapter_name="other")
+    added = _clip(modules_to_save=[])
+    added.add_adapter("other", SPUConfig(seed=3, modules_to_save=[]))
+    pairs = [(a, b) for (_, a), (_, b) in zip(layers(alone), layers(added), strict=True)]
+    assert len(pairs) == 4
+    assert all(torch.equal(a.spu_indices["other"], b.spu_indices["other"]) for a, b in pairs)
+
+
+def layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SPULayer)]
+
+
+def test_set_adapter_trains_the_adapter_it_activates_and_checks_one_name_whole():
+    model = _clip()
+    model.add_adapter("a", SPUConfig())
+    model.add_adapter("b", SPUConfig())
+    model.add_adapter("ab", SPUConfig())
+    model.base_model.set_adapter("ab")  # one name: not its letters, which name two adapters of one dense module
+    assert model.base_model.active_adapters == ["ab"]
+    values = [m.spu_values["ab"] for _, m in layers(model)]
+    assert values and all(v.requires_grad for v in values)
+
+
+def test_a_linear_layer_without_a_weight_is_refused_naming_it():
+    layer = nn.Linear(4, 4)
+    del layer.weight
+    layer.register_parameter("weight", None)
+    with pytest.raises(
+        ValueError,
+        match=r"^`target_modules` matched 'fc1', a torch.nn.modules.linear.Linear with a "
+        r"NoneType weight; SPU adapts",
+    ):
+        get_peft_model(_Net(layer), SPUConfig(target_modules=["fc1"]))
