@@ -1,6 +1,7 @@
 """The SPU section of an adapter's model card, whole, and how `update_model_card` places it."""
 
 import pytest
+from huggingface_hub import ModelCard
 from conftest import make_tiny_clip
 from peft import get_peft_model
 
@@ -101,3 +102,15 @@ def test_update_model_card_refuses_an_unknown_adapter_or_a_folder_without_a_card
     assert str(caught.value) == (
         f"No model card at {tmp_path / 'README.md'}; call `model.save_pretrained({str(tmp_path)!r})` first."
     )
+
+
+def test_the_card_s_named_base_model_is_kept_and_shown_in_the_section(tmp_path):
+    model = get_peft_model(make_tiny_clip(), SPUConfig(modules_to_save=[]))
+    model.save_pretrained(tmp_path)
+    card = ModelCard.load(tmp_path / "README.md")
+    card.data.base_model = "org/clip"
+    card.save(tmp_path / "README.md")
+    card = update_model_card(model, tmp_path)
+    assert card.data.base_model == "org/clip"
+    assert "- base model: `org/clip`\n" in (tmp_path / "README.md").read_text()
+    assert 'AutoModel.from_pretrained("org/clip")' in (tmp_path / "README.md").read_text()
