@@ -1,8 +1,8 @@
 """The SPU section of an adapter's model card, whole, and how `update_model_card` places it."""
 
 import pytest
-from huggingface_hub import ModelCard
 from conftest import make_tiny_clip
+from huggingface_hub import ModelCard
 from peft import get_peft_model
 
 from spu_peft import MODEL_TAGS, SPUConfig, model_card_section, update_model_card
