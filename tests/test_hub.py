@@ -114,3 +114,17 @@ def test_the_card_s_named_base_model_is_kept_and_shown_in_the_section(tmp_path):
     assert card.data.base_model == "org/clip"
     assert "- base model: `org/clip`\n" in (tmp_path / "README.md").read_text()
     assert 'AutoModel.from_pretrained("org/clip")' in (tmp_path / "README.md").read_text()
+
+
+def test_refreshing_the_card_changes_nothing_and_keeps_peft_s_tags(tmp_path):
+    model = get_peft_model(make_tiny_clip(), SPUConfig(modules_to_save=[]))
+    model.save_pretrained(tmp_path)
+    card = ModelCard.load(tmp_path / "README.md")
+    card.data.tags = [*(card.data.tags or []), "my-tag"]
+    card.save(tmp_path / "README.md")
+    peft_tags = set(card.data.tags) - {"base_model:adapter:"}
+    update_model_card(model, tmp_path)
+    first = (tmp_path / "README.md").read_text()
+    card = update_model_card(model, tmp_path)
+    assert (tmp_path / "README.md").read_text() == first
+    assert card.data.tags == sorted(peft_tags | set(MODEL_TAGS)) and "my-tag" in card.data.tags
