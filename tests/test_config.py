@@ -1,6 +1,8 @@
 """SPUConfig defaults and the errors for impossible values."""
 
 import json
+import os
+import re
 from dataclasses import fields
 
 import pytest
@@ -10,7 +12,8 @@ from peft import PeftConfig, get_peft_model
 from peft.utils import CONFIG_NAME
 from transformers import DistilBertConfig, DistilBertModel
 
-from spu_peft import SPUConfig, SPULayer
+from spu_peft import SPUAdapterFileError, SPUConfig, SPULayer
+from spu_peft.integrity import WEIGHTS_NAME
 
 
 @pytest.mark.parametrize(
@@ -104,3 +107,211 @@ def test_a_config_read_back_holds_the_saved_settings_and_nothing_else(tmp_path):
     assert set(vars(loaded)) == {spec.name for spec in fields(SPUConfig)}
     loaded.save_pretrained(tmp_path / "second")
     assert (tmp_path / "second" / CONFIG_NAME).read_text() == (tmp_path / "first" / CONFIG_NAME).read_text()
+
+
+def test_module_names_take_the_form_peft_matches_on():
+    """Targets and exclusions become sets (PEFT's suffix matching) or stay one regex; `modules_to_save` stays a list."""
+    config = SPUConfig(target_modules=["fc1", "fc2"], exclude_modules=("fc2",), modules_to_save=("visual_projection",))
+    assert config.target_modules == {"fc1", "fc2"} and isinstance(config.target_modules, set)
+    assert config.exclude_modules == {"fc2"} and isinstance(config.exclude_modules, set)
+    assert config.modules_to_save == ["visual_projection"] and isinstance(config.modules_to_save, list)
+    regex = SPUConfig(target_modules=r".*\.fc1", exclude_modules=r"text_.*")
+    assert (regex.target_modules, regex.exclude_modules) == (r".*\.fc1", r"text_.*")
+    assert SPUConfig(block_size=[2, 4]).block_size == (2, 4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target_modules": 5}, "`target_modules` must be None or a list of module names or a regex string, got 5"),
+        (
+            {"target_modules": ["fc1", 3]},
+            "`target_modules` must be None or a list of module names or a regex string, got ['fc1', 3]",
+        ),
+        (
+            {"exclude_modules": [""]},
+            "`exclude_modules` must be None or a list of module names or a regex string, got ['']",
+        ),
+        ({"modules_to_save": "proj"}, "`modules_to_save` must be None or a list of module names, got 'proj'"),
+        ({"selection": ["random"]}, "`selection` must be a dict written by select_parameters or None, got ['random']"),
+        ({"seed": 2**63}, f"`seed` must be in [0, 2**63), got {2**63}"),
+        (
+            {"block_size": (0, 4)},
+            "`block_size` must be None or two positive integers (rows, columns) of a tile, e.g. (32, 32); got (0, 4)",
+        ),
+    ],
+)
+def test_malformed_fields_are_refused_with_the_whole_message(kwargs, message):
+    with pytest.raises(ValueError) as caught:
+        SPUConfig(**kwargs)
+    assert str(caught.value) == message
+
+
+def test_the_largest_seed_is_taken():
+    assert SPUConfig(seed=2**63 - 1).seed == 2**63 - 1
+
+
+@pytest.mark.parametrize("name", ["target_modules", "exclude_modules"])
+def test_a_regex_that_does_not_compile_is_refused_with_the_whole_message(name):
+    try:
+        re.compile("fc(1")
+    except re.error as error:
+        reason = str(error)
+    with pytest.raises(ValueError) as caught:
+        SPUConfig(**{name: "fc(1"})
+    assert str(caught.value) == (
+        f"`{name}` = 'fc(1' is read as a regular expression, and it is not one ({reason}). Escape special "
+        "characters (`re.escape`), or pass a list of module names, e.g. ['fc1']."
+    )
+
+
+def test_the_json_form_sorts_sets_and_refuses_what_json_cannot_hold():
+    assert SPUConfig(target_modules=["fc2", "fc1"]).to_json_dict()["target_modules"] == ["fc1", "fc2"]
+    for value, shown in [({"score": float("nan")}, "{'score': nan}"), ({"data": {1}}, "{'data': {1}}")]:
+        with pytest.raises(ValueError) as caught:
+            SPUConfig(selection=value).to_json_dict()
+        text = str(caught.value)
+        assert text.startswith(f"SPUConfig `selection` = {shown} cannot be written to {CONFIG_NAME} (")
+        assert text.endswith(
+            "); use strings, numbers, lists and dicts (e.g. a list instead of a set in a description)."
+        )
+
+
+def test_save_pretrained_writes_sorted_indented_json_with_peft_s_auto_mapping(tmp_path):
+    config = SPUConfig(target_modules=["fc1"], seed=4)
+    config.save_pretrained(str(tmp_path))
+    plain = (tmp_path / CONFIG_NAME).read_text()
+    assert plain == json.dumps(config.to_json_dict(), indent=2, sort_keys=True)
+    assert json.loads(plain)["auto_mapping"] is None
+    config.save_pretrained(str(tmp_path), auto_mapping_dict={"base_model_class": "CLIPModel"})
+    assert json.loads((tmp_path / CONFIG_NAME).read_text()) == {
+        **json.loads(plain),
+        "auto_mapping": {"base_model_class": "CLIPModel"},
+    }
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError) as caught:
+        config.save_pretrained(str(tmp_path / "a-file"))
+    assert str(caught.value) == f"`save_directory` {str(tmp_path / 'a-file')!r} is a file; pass a folder."
+
+
+def _saved_adapter(folder):
+    get_peft_model(make_tiny_clip(), SPUConfig(density=0.2)).save_pretrained(folder)
+    return folder
+
+
+def _edit_config(folder, **changes):
+    path = folder / CONFIG_NAME
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_a_config_in_a_subfolder_is_read_with_its_adapter_file(tmp_path):
+    _saved_adapter(tmp_path / "root" / "sub")
+    assert SPUConfig.from_pretrained(str(tmp_path / "root"), subfolder="sub").density == 0.2
+
+
+@pytest.mark.parametrize("subfolder", ["sub", None])
+def test_a_damaged_config_is_refused_naming_it_and_a_missing_one_with_peft_s_error(tmp_path, subfolder):
+    root = tmp_path / "root"
+    folder = _saved_adapter(root / (subfolder or ""))
+    (folder / CONFIG_NAME).write_text("{")
+    with pytest.raises(SPUAdapterFileError) as caught:
+        SPUConfig.from_pretrained(str(root), subfolder=subfolder)
+    try:
+        json.loads("{")
+    except ValueError as error:
+        reason = str(error)
+    assert str(caught.value) == (
+        f"{os.path.join(str(root), subfolder or '', CONFIG_NAME)}: {reason}. The file is damaged or was edited; "
+        "save the adapter again, or restore the file from a copy."
+    )
+    (folder / CONFIG_NAME).unlink()
+    with pytest.raises(ValueError) as caught:
+        SPUConfig.from_pretrained(str(root), subfolder=subfolder)
+    assert type(caught.value) is ValueError and f"Can't find '{CONFIG_NAME}'" in str(caught.value)
+
+
+def test_a_missing_or_pickled_adapter_file_is_refused_with_the_whole_message(tmp_path):
+    folder = _saved_adapter(tmp_path / "adapter")
+    weights = folder / WEIGHTS_NAME
+    weights.rename(folder / "adapter_model.bin")
+    with pytest.raises(SPUAdapterFileError) as caught:
+        SPUConfig.from_pretrained(str(folder))
+    assert str(caught.value) == (
+        f"{os.path.join(str(folder), 'adapter_model.bin')}: SPU adapters load from {WEIGHTS_NAME}, whose digest "
+        "shows they are intact; a pickled .bin carries none. Load it with the code that saved it and save "
+        "it again with `save_pretrained` (safe_serialization=True, the default)."
+    )
+    (folder / "adapter_model.bin").unlink()
+    with pytest.raises(SPUAdapterFileError) as caught:
+        SPUConfig.from_pretrained(str(folder))
+    assert str(caught.value) == (
+        f"{os.path.join(str(folder), WEIGHTS_NAME)}: missing beside {CONFIG_NAME}; the adapter folder is incomplete. "
+        "Save the adapter again, or restore the file from a copy. (To read only a config, as from an experiment "
+        "folder, use `peft.PeftConfig.from_pretrained`.)"
+    )
+
+
+def test_an_adapter_file_beside_a_bin_is_the_one_read(tmp_path):
+    folder = _saved_adapter(tmp_path / "adapter")
+    (folder / "adapter_model.bin").write_bytes(b"")
+    assert SPUConfig.from_pretrained(str(folder)).density == 0.2
+
+
+def test_a_hub_adapter_fetches_its_config_and_file_with_the_hub_arguments(tmp_path, monkeypatch):
+    folder = _saved_adapter(tmp_path / "adapter")
+    calls = []
+
+    def fake_download(repo_id, filename, subfolder=None, revision=None, **kwargs):  # PEFT reads the signature
+        calls.append((repo_id, filename, subfolder, revision))
+        return str(folder / filename)
+
+    monkeypatch.setattr("peft.config.hf_hub_download", fake_download)
+    monkeypatch.setattr("spu_peft.config.hf_hub_download", fake_download)
+    config = SPUConfig.from_pretrained("someone/adapter", subfolder="sub", revision="v1")
+    assert config.density == 0.2
+    assert calls == [
+        ("someone/adapter", CONFIG_NAME, "sub", "v1"),
+        ("someone/adapter", WEIGHTS_NAME, "sub", "v1"),
+    ]
+
+    def no_weights(repo_id, filename, subfolder=None, revision=None, **kwargs):
+        if filename == WEIGHTS_NAME:
+            raise OSError("offline")
+        return str(folder / filename)
+
+    monkeypatch.setattr("spu_peft.config.hf_hub_download", no_weights)
+    with pytest.raises(SPUAdapterFileError) as caught:
+        SPUConfig.from_pretrained("someone/adapter", subfolder="sub", revision="v1")
+    assert str(caught.value) == (
+        f"someone/adapter: could not fetch {WEIGHTS_NAME} (offline); SPU adapters are loaded from that file. "
+        "Check the repository name and your connection, or load from a local folder."
+    )
+
+
+def test_an_adapter_file_the_config_does_not_target_is_refused_with_the_whole_message(tmp_path):
+    folder = _saved_adapter(tmp_path / "root" / "sub")
+    _edit_config(folder, target_modules=["fc2"])
+    with pytest.raises(SPUAdapterFileError) as caught:
+        SPUConfig.from_pretrained(str(tmp_path / "root"), subfolder="sub")
+    assert str(caught.value) == (
+        f"{os.path.join(str(tmp_path / 'root'), 'sub', WEIGHTS_NAME)}: holds a sparse delta for "
+        "`text_model.encoder.layers.0.mlp.fc1` (4 such layer(s)), which `target_modules`, `exclude_modules` and "
+        f"`modules_to_save` in {os.path.join(str(tmp_path / 'root'), 'sub', CONFIG_NAME)} do not select: one of the "
+        "two files was edited, or they belong to different adapters. Restore them from a copy, or save the adapter "
+        "again."
+    )
+
+
+def test_a_dense_module_missing_from_the_file_is_refused_unless_peft_s_task_model_adds_it(tmp_path):
+    folder = _saved_adapter(tmp_path / "adapter")
+    _edit_config(folder, modules_to_save=["visual_projection", "classifier"], task_type="SEQ_CLS")
+    assert SPUConfig.from_pretrained(str(folder)).modules_to_save == ["visual_projection", "classifier"]
+    _edit_config(folder, task_type=None)
+    weights = os.path.join(str(folder), WEIGHTS_NAME)
+    with pytest.raises(SPUAdapterFileError) as caught:
+        SPUConfig.from_pretrained(str(folder))
+    assert str(caught.value) == (
+        f"{weights}: the adapter trains `classifier` densely (modules_to_save) but the file has no tensor of it; "
+        "it is corrupt or was saved with other `modules_to_save`. Save the adapter again, or restore the file "
+        "from a copy."
+    )

@@ -51,16 +51,14 @@ def model_card_section(config: SPUConfig, base_model: str | None = None) -> str:
 def update_model_card(model, save_directory: str | os.PathLike, adapter_name: str = "default") -> ModelCard:
     """Add (or refresh) the SPU section and tags in the `README.md` that `save_pretrained` wrote.
 
-    PEFT writes a generic card; call this after `model.save_pretrained(save_directory)`. Adapters other than
-    `default` live in `save_directory/<adapter_name>/`, as PEFT saves them.
+    PEFT writes one generic card, in `save_directory` itself, whichever adapters it saves (those other than
+    `default` get only their weights and config in `save_directory/<adapter_name>/`); call this after
+    `model.save_pretrained(save_directory)`. The section describes `adapter_name`.
     """
     config = model.peft_config.get(adapter_name)
     if not isinstance(config, SPUConfig):
         raise ValueError(f"{adapter_name!r} is not an SPU adapter of this model; adapters: {sorted(model.peft_config)}")
-    folder = os.fspath(save_directory)
-    if adapter_name != "default":
-        folder = os.path.join(folder, adapter_name)
-    path = os.path.join(folder, "README.md")
+    path = os.path.join(os.fspath(save_directory), "README.md")
     if not os.path.exists(path):
         raise ValueError(f"No model card at {path}; call `model.save_pretrained({os.fspath(save_directory)!r})` first.")
     card = ModelCard.load(path)

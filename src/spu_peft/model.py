@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -35,6 +36,17 @@ from .loading import (
 from .naming import PEFT_PREFIX, is_bias, is_stored_bias, relative_name, spu_layers, strip_wrappers
 
 MODEL_TAGS = ["spu", "selective-parameter-update", "continual-learning"]
+# the packages a training step or a save goes through before SPU's hooks run; warnings point past them
+_LIBRARIES = ("torch", "transformers", "peft", "accelerate", "trl", "spu_peft")
+
+
+def _user_stacklevel() -> int:
+    """The `stacklevel` with which the caller's `warnings.warn` points at the first frame outside `_LIBRARIES`: the
+    user's line (a forward, a save, `trainer.train()`), however many library frames lie between."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _LIBRARIES:
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 1
 
 
 def _unselected(adapter_name: str, doing: str) -> str:
@@ -83,7 +95,7 @@ class SPUModel(BaseTuner):
             config = self.peft_config.get(name)
             if isinstance(config, SPUConfig) and config.selection is None and name not in self._warned_unselected:
                 self._warned_unselected.add(name)
-                warnings.warn(_unselected(name, "is training"), UserWarning, stacklevel=3)
+                warnings.warn(_unselected(name, "is training"), UserWarning, stacklevel=_user_stacklevel())
 
     def _prepare_adapter_config(self, peft_config: SPUConfig, model_config: dict) -> SPUConfig:
         model_type = model_config.get("model_type")
@@ -227,7 +239,7 @@ class SPUModel(BaseTuner):
                 for values in (layer.spu_values[adapter_name] for _, layer in spu_layers(model, adapter_name))
             )
         ):
-            warnings.warn(_unselected(adapter_name, "trained"), UserWarning, stacklevel=2)
+            warnings.warn(_unselected(adapter_name, "trained"), UserWarning, stacklevel=_user_stacklevel())
         if holds_fsdp1_shards(model):
             raise _sharded_error("the model is wrapped in FSDP1 (FullyShardedDataParallel)")
         by_name = {strip_wrappers(key): key for key in state_dict}
