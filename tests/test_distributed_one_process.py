@@ -118,6 +118,7 @@ def test_holds_fsdp1_shards_is_true_inside_fsdp1_only(one_process_group):
     assert not distributed.holds_fsdp1_shards(plain)
     assert not distributed.holds_fsdp1_shards(wrapped)  # the root gathers its own state dict
     assert distributed.holds_fsdp1_shards(wrapped.module)
+    assert not distributed.holds_fsdp1_shards(wrap(build(), "fsdp2"))  # marked alike, but its shards are DTensors
     token = distributed.gathered_state_dict.set(True)
     try:
         assert not distributed.holds_fsdp1_shards(wrapped.module)

@@ -7,13 +7,14 @@ import warnings
 import pytest
 import torch
 from conftest import make_batch, make_tiny_clip
-from peft import PeftModel, get_peft_model
+from distributed_worker import wrap
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from spu_peft import SPUConfig, SPULayer, select_parameters
-from spu_peft.model import MODEL_TAGS, SPUModel
+from spu_peft import SPUAdapterFileError, SPUConfig, SPULayer, select_parameters
+from spu_peft.model import MODEL_TAGS, SPUModel, _check_dense_modules_can_combine
 
 UNSELECTED = (
     "Adapter 'default' {doing} its data-free random support: `spu_peft.select_parameters` was never "
@@ -100,6 +101,7 @@ class _Net(nn.Module):
             f"a {__name__}._OwnForward (a linear layer with its own `forward`, which SPU would bypass)",
         ),
         (nn.Conv1d(4, 4, 1), "a torch.nn.modules.conv.Conv1d"),
+        (nn.ReLU(), "a torch.nn.modules.activation.ReLU"),  # no `weight` at all
     ],
 )
 def test_a_target_spu_cannot_adapt_is_refused_by_its_type(layer, what):
@@ -335,3 +337,137 @@ def test_a_linear_layer_without_a_weight_is_refused_naming_it():
         r"NoneType weight; SPU adapts",
     ):
         get_peft_model(_Net(layer), SPUConfig(target_modules=["fc1"]))
+
+
+def test_a_linear_layer_whose_weight_is_no_tensor_is_refused_naming_its_type():
+    layer = nn.Linear(4, 4)
+    del layer.weight
+    layer.weight = [[0.0] * 4] * 4
+    with pytest.raises(ValueError, match=r"^`target_modules` matched 'fc1', a torch.nn.modules.linear.Linear with a "
+                       r"list weight; SPU adapts"):  # fmt: skip
+        get_peft_model(_Net(layer), SPUConfig(target_modules=["fc1"]))
+
+
+def _devices(tuner, adapter_name="default"):
+    return {str(m.spu_values[adapter_name].device) for m in tuner.modules() if isinstance(m, SPULayer)}
+
+
+def test_the_tuner_passes_low_cpu_mem_usage_and_a_state_dict_on_to_peft_s_injection():
+    """`low_cpu_mem_usage=True` creates the adapter's tensors on the meta device; a state dict injects only the
+    layers it holds tensors for. Both arrive through `__init__` (keywords) and `inject_adapter` (also by position)."""
+    tuner = SPUModel(make_tiny_clip(), SPUConfig(modules_to_save=[]))
+    assert _devices(tuner) == {"cpu"}
+    assert _devices(SPUModel(make_tiny_clip(), SPUConfig(modules_to_save=[]), low_cpu_mem_usage=True)) == {"meta"}
+    tuner.peft_config["meta"] = SPUConfig(modules_to_save=[])
+    tuner.inject_adapter(tuner.model, "meta", True, True)  # autocast_adapter_dtype, low_cpu_mem_usage
+    assert _devices(tuner, "meta") == {"meta"} and _devices(tuner) == {"cpu"}
+    one = {"vision_model.encoder.layers.0.mlp.fc1.spu_values": torch.zeros(1)}
+    with pytest.warns(RuntimeWarning, match="additional target modules"):  # PEFT's, naming the other three
+        tuner = SPUModel(make_tiny_clip(), SPUConfig(modules_to_save=[]), state_dict=one)
+    assert [n for n, _ in layers(tuner)] == ["model.vision_model.encoder.layers.0.mlp.fc1"]
+    tuner.peft_config["two"] = SPUConfig(modules_to_save=[], target_modules=["fc1"])
+    with pytest.warns(RuntimeWarning, match="additional target modules"):
+        tuner.inject_adapter(tuner.model, "two", state_dict={"text_model.encoder.layers.1.mlp.fc1.spu_values": 0})
+    assert [n for n, m in layers(tuner) if "two" in m.spu_values] == ["model.text_model.encoder.layers.1.mlp.fc1"]
+
+
+def test_modules_to_save_checks_every_name_after_a_task_model_s_head():
+    """PEFT's task models add their head (`classifier`) to `modules_to_save` themselves; the names after it are still
+    checked."""
+    config = SPUConfig(task_type="SEQ_CLS", target_modules=["fc1"], modules_to_save=["classifier", "head"])
+    with pytest.raises(ValueError, match=r"^`modules_to_save` names 'head', which matches no module of the model"):
+        SPUModel(_Net(nn.Linear(4, 4)), config)
+
+
+def test_an_spu_layer_wraps_another_tuner_s_layer_and_adapts_its_base_linear():
+    lora = get_peft_model(make_tiny_clip(), LoraConfig(target_modules=["fc1"]))
+    expected = _forward(lora)
+    tuner = SPUModel(lora.base_model.model, SPUConfig(modules_to_save=[], target_modules=["fc1"]), "spu")
+    found = layers(tuner)
+    assert len(found) == 4
+    for _, layer in found:
+        assert type(layer.base_layer).__module__ == "peft.tuners.lora.layer"
+        assert type(layer.get_base_layer()) is nn.Linear and layer.weight_shape == (48, 32)
+    torch.testing.assert_close(_forward(tuner), expected, rtol=0, atol=0)  # both deltas start at zero
+
+
+def test_a_new_adapter_s_dense_copy_is_frozen_while_the_active_one_s_keeps_training():
+    model = _clip()
+    model.add_adapter("other", SPUConfig(target_modules=["fc2"]))
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    copies = {n: g for n, g in grads.items() if ".visual_projection.modules_to_save." in n}
+    assert copies == {
+        "base_model.model.visual_projection.modules_to_save.default.weight": True,
+        "base_model.model.visual_projection.modules_to_save.other.weight": False,
+    }
+    new_layers = [n for n, m in layers(model) if n.endswith("fc2")]
+    assert len(new_layers) == 4
+    assert not any(g for n, g in grads.items() if ".fc2." in n)  # fc2's new layers hold only the inactive adapter
+    assert all(g for n, g in grads.items() if ".fc1.spu_values.default" in n)
+
+
+def test_a_refused_state_dict_after_the_first_load_raises_the_file_error_and_changes_nothing():
+    model = _clip(modules_to_save=[], init_weights=False)
+    saved = get_peft_model_state_dict(model)
+    set_peft_model_state_dict(model, saved)  # the first load: the injection can no longer be undone
+    key = next(k for k in saved if k.endswith(".spu_values"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SPUAdapterFileError, match="the tensors do not match the digest recorded"):
+        set_peft_model_state_dict(model, saved | {key: saved[key] + 1})
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_only_spu_adapters_dense_modules_are_checked_for_clashes():
+    """Another tuner's config never blocks an SPU adapter (PEFT checks its own wrappers)."""
+    dense = ["visual_projection"]
+    configs = {"lora": LoraConfig(modules_to_save=dense), "spu": SPUConfig(modules_to_save=dense)}
+    _check_dense_modules_can_combine(configs, ["lora", "spu"])
+    with pytest.raises(ValueError, match="^Only one adapter can be set at a time for ModulesToSaveWrapper"):
+        _check_dense_modules_can_combine(configs | {"lora": SPUConfig(modules_to_save=dense)}, ["lora", "spu"])
+
+
+def test_a_state_dict_holding_fewer_values_than_its_support_is_refused_naming_the_layer():
+    model = _clip(modules_to_save=[])
+    state_dict = model.state_dict()
+    key = "base_model.model.text_model.encoder.layers.1.mlp.fc1.spu_values.default"
+    held = state_dict[key].numel()
+    state_dict[key] = state_dict[key][1:]
+    with pytest.raises(ValueError) as caught:
+        get_peft_model_state_dict(model, state_dict=state_dict)
+    assert str(caught.value) == (
+        f"SPU cannot save this adapter: `text_model.encoder.layers.1.mlp.fc1.spu_values` holds {held - 1} of {held} "
+        "values, so this process may hold only shards of its tensors. Call `spu_peft.save_adapter(model, directory)` "
+        "on every process instead: it gathers the full tensors and writes the adapter on the main process."
+    )
+
+
+SHARDED = (
+    "SPU cannot save this adapter: {}, so this process may hold only shards of its tensors. Call "
+    "`spu_peft.save_adapter(model, directory)` on every process instead: it gathers the full tensors and writes the "
+    "adapter on the main process."
+)
+
+
+def test_save_pretrained_inside_fsdp1_is_refused_before_writing(one_process_group, tmp_path):
+    wrapped = wrap(_clip(bias="spu_only"), "fsdp1")
+    with pytest.raises(ValueError) as caught:
+        wrapped.module.save_pretrained(tmp_path)
+    assert str(caught.value) == SHARDED.format("the model is wrapped in FSDP1 (FullyShardedDataParallel)")
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_save_pretrained_under_fsdp2_is_refused_naming_the_first_dtensor(one_process_group, tmp_path):
+    """FSDP2 marks its modules as FSDP1 does, and used to be refused as FSDP1; its shards are never read to decide
+    whether to warn about an unselected adapter (the values here are nonzero)."""
+    model = _clip(bias="spu_only")
+    for _, layer in layers(model):
+        with torch.no_grad():
+            layer.spu_values["default"].fill_(0.5)
+    wrap(model, "fsdp2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError) as caught:
+            model.save_pretrained(tmp_path)
+    where = "`text_model.encoder.layers.0.mlp.fc1.spu_values` is a DTensor (FSDP2)"
+    assert str(caught.value) == SHARDED.format(where)
+    assert not (tmp_path / "adapter_model.safetensors").exists()

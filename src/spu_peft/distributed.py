@@ -175,10 +175,12 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def holds_fsdp1_shards(model: nn.Module) -> bool:
-    """Whether `model` sits inside FSDP1 without being its root: its own `state_dict()` then mixes shards in."""
+    """Whether `model` sits inside FSDP1 without being its root: its own `state_dict()` then mixes shards in. FSDP2
+    marks its modules the same way, but its shards are DTensors, which the callers name and refuse by type."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    if isinstance(model, FSDP) or gathered_state_dict.get():
+    if isinstance(model, FSDP) or gathered_state_dict.get() or any(isinstance(m, FSDPModule) for m in model.modules()):
         return False
     return any(getattr(module, "_is_fsdp_managed_module", False) for module in model.modules())
 
