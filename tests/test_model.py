@@ -113,14 +113,28 @@ def test_a_target_spu_cannot_adapt_is_refused_by_its_type(layer, what):
     )
 
 
-def test_a_linear_layer_with_an_integer_weight_is_refused_naming_the_dtype():
-    layer = nn.Linear(4, 4)
+def _weightless(layer: nn.Linear) -> None:
+    del layer.weight
+    layer.register_parameter("weight", None)
+
+
+def _list_weight(layer: nn.Linear) -> None:
+    del layer.weight
+    layer.weight = [[0.0] * 4] * 4
+
+
+def _int8_weight(layer: nn.Linear) -> None:
     layer.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
-    with pytest.raises(
-        ValueError,
-        match=r"^`target_modules` matched 'fc1', a torch.nn.modules.linear.Linear with a "
-        r"torch.int8 weight; SPU adapts",
-    ):
+
+
+@pytest.mark.parametrize(
+    "spoil, kind", [(_int8_weight, "torch.int8"), (_weightless, "NoneType"), (_list_weight, "list")]
+)
+def test_a_linear_layer_without_a_float_weight_is_refused_naming_what_it_holds(spoil, kind):
+    layer = nn.Linear(4, 4)
+    spoil(layer)
+    expected = f"^`target_modules` matched 'fc1', a torch.nn.modules.linear.Linear with a {kind} weight; SPU adapts"
+    with pytest.raises(ValueError, match=expected):
         get_peft_model(_Net(layer), SPUConfig(target_modules=["fc1"]))
 
 
@@ -325,27 +339,6 @@ def test_set_adapter_trains_the_adapter_it_activates_and_checks_one_name_whole()
     assert model.base_model.active_adapters == ["ab"]
     values = [m.spu_values["ab"] for _, m in layers(model)]
     assert values and all(v.requires_grad for v in values)
-
-
-def test_a_linear_layer_without_a_weight_is_refused_naming_it():
-    layer = nn.Linear(4, 4)
-    del layer.weight
-    layer.register_parameter("weight", None)
-    with pytest.raises(
-        ValueError,
-        match=r"^`target_modules` matched 'fc1', a torch.nn.modules.linear.Linear with a "
-        r"NoneType weight; SPU adapts",
-    ):
-        get_peft_model(_Net(layer), SPUConfig(target_modules=["fc1"]))
-
-
-def test_a_linear_layer_whose_weight_is_no_tensor_is_refused_naming_its_type():
-    layer = nn.Linear(4, 4)
-    del layer.weight
-    layer.weight = [[0.0] * 4] * 4
-    with pytest.raises(ValueError, match=r"^`target_modules` matched 'fc1', a torch.nn.modules.linear.Linear with a "
-                       r"list weight; SPU adapts"):  # fmt: skip
-        get_peft_model(_Net(layer), SPUConfig(target_modules=["fc1"]))
 
 
 def _devices(tuner, adapter_name="default"):
