@@ -34,6 +34,7 @@ declare -A TESTS=(
     [config]="tests/test_config.py tests/test_loading_messages.py tests/test_loading_side_doors.py tests/test_user_mistakes.py tests/test_save_load.py"
     [model]="tests/test_peft_contract.py tests/test_save_load.py tests/test_layer_contract.py tests/test_task_types.py tests/test_user_mistakes.py tests/test_config.py tests/test_model.py tests/test_quantized.py"
     [hub]="tests/test_hub.py tests/test_save_load.py tests/test_user_mistakes.py"
+    [trainer]="tests/test_trainer.py"
 )
 tests=${*:-${TESTS[$module]:-tests/test_$module.py}}
 PYTHON=${PYTHON:-.venv/bin/python}

@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset
 from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
+from transformers.trainer_callback import TrainerState
 
 from spu_peft import SPUConfig, SPULayer, SPUSelectionCallback
 
@@ -132,3 +133,105 @@ def test_on_a_causal_lm_the_callback_scores_the_loss_of_at_most_32_batches_and_s
 def test_the_callback_refuses_to_run_without_the_trainers_model():
     with pytest.raises(ValueError, match="needs the Trainer's model"):
         SPUSelectionCallback().on_train_begin(None, None, None)
+
+
+def two_adapter_model():
+    """A PEFT model whose active adapter is "default", with a second SPU adapter "other"."""
+    model = get_peft_model(tiny_vit(), SPUConfig())
+    model.add_adapter("other", SPUConfig())
+    return model
+
+
+def test_the_callbacks_arguments_reach_select_parameters_and_its_record_is_copied(monkeypatch):
+    """Every constructor argument, the Trainer's optimizer, and the chosen adapter's record, as a deep copy."""
+    model, loader, optimizer, received = two_adapter_model(), object(), object(), []
+
+    def fake_select(*args, **kwargs):
+        received.append((args, kwargs))
+        model.peft_config["other"].selection = {"score": "random", "budget": {"num_entries": 7}}
+        return "report"
+
+    monkeypatch.setattr("spu_peft.trainer.select_parameters", fake_select)
+    callback = SPUSelectionCallback(score="random", fraction=0.1, max_batches=3, adapter_name="other", description="d")
+    control = object()
+    returned = callback.on_train_begin(None, TrainerState(), control, model=model, train_dataloader=loader,
+                                       optimizer=optimizer)  # fmt: skip
+    assert returned is control and callback.report == "report"
+    assert received == [
+        (
+            (model, loader),
+            dict(
+                optimizer=optimizer, score="random", fraction=0.1, max_batches=3, adapter_name="other", description="d"
+            ),
+        )
+    ]
+    assert callback.selection == {"score": "random", "budget": {"num_entries": 7}}
+    model.peft_config["other"].selection["budget"]["num_entries"] = 8
+    assert callback.selection == {"score": "random", "budget": {"num_entries": 7}}
+
+
+def test_the_callbacks_state_is_its_arguments_and_a_deep_copy_of_the_selection_record():
+    fresh = SPUSelectionCallback()
+    assert fresh.selection is None and fresh.report is None
+    defaults = dict(score=None, fraction=0.25, max_batches=32, adapter_name=None, description=None)
+    assert fresh.state() == {"args": defaults, "attributes": {"selection": None}}
+
+    callback = SPUSelectionCallback(
+        score="task_loss", fraction=0.5, max_batches=None, adapter_name="a", description="d"
+    )
+    callback.selection = {"score": "task_loss", "budget": {"num_entries": 3}}
+    state = callback.state()
+    args = dict(score="task_loss", fraction=0.5, max_batches=None, adapter_name="a", description="d")
+    assert state == {"args": args, "attributes": {"selection": {"score": "task_loss", "budget": {"num_entries": 3}}}}
+    state["attributes"]["selection"]["budget"]["num_entries"] = 4
+    state["args"]["score"] = "random"
+    assert callback.selection == {"score": "task_loss", "budget": {"num_entries": 3}}
+    assert callback.kwargs["score"] == "task_loss"
+
+
+def test_the_callbacks_refusals_say_exactly_what_is_missing():
+    with pytest.raises(ValueError, match=r"^SPUSelectionCallback needs the Trainer's model\.$"):
+        SPUSelectionCallback().on_train_begin(None, TrainerState(), None)
+    with pytest.raises(ValueError, match=r"^SPUSelectionCallback needs the Trainer's train dataloader\.$"):
+        SPUSelectionCallback().on_train_begin(None, TrainerState(), None, model=object())
+
+
+def saved_state(step, saved):
+    return TrainerState(global_step=step, stateful_callbacks={"SPUSelectionCallback": saved})
+
+
+def test_at_step_1_the_callback_restores_the_last_saved_record_into_the_chosen_adapter(monkeypatch, caplog):
+    """Step 1 is already a resumed run (step 0 selects); of several saved states the last one counts."""
+    monkeypatch.setattr("spu_peft.trainer.select_parameters", lambda *a, **k: pytest.fail("selected on resume"))
+    caplog.set_level(logging.INFO, logger="spu_peft")
+    model = two_adapter_model()
+    records = [{"score": name, "budget": {"num_entries": i}} for i, name in enumerate(["a", "b", "c"])]
+    saved = [{"args": {}, "attributes": {"selection": record}} for record in records]
+    callback = SPUSelectionCallback(adapter_name="other")
+    control = object()
+    assert callback.on_train_begin(None, saved_state(1, saved), control, model=model) is control
+    assert callback.selection == records[2] and callback.report is None
+    assert model.peft_config["other"].selection == records[2] and model.peft_config["default"].selection is None
+    model.peft_config["other"].selection["budget"]["num_entries"] = 9
+    assert callback.selection == {"score": "c", "budget": {"num_entries": 2}}
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "spu_peft.trainer"]
+    assert said == [(logging.INFO, "Resumed at step 1: keeping the checkpoint's SPU entries and selection record.")]
+
+
+@pytest.mark.parametrize("saved", [None, {"args": {}}, {"args": {}, "attributes": {}}])
+def test_a_resumed_run_without_a_saved_record_warns_and_leaves_the_adapter_alone(saved, monkeypatch, caplog):
+    monkeypatch.setattr("spu_peft.trainer.select_parameters", lambda *a, **k: pytest.fail("selected on resume"))
+    model = two_adapter_model()
+    model.peft_config["default"].selection = {"score": "kept"}
+    callback = SPUSelectionCallback()
+    state = TrainerState(global_step=5, stateful_callbacks={} if saved is None else {"SPUSelectionCallback": saved})
+    callback.on_train_begin(None, state, None, model=model)
+    assert callback.selection is None and model.peft_config["default"].selection == {"score": "kept"}
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "spu_peft.trainer"]
+    assert said == [
+        (
+            logging.WARNING,
+            "Resumed at step 5 from a checkpoint that holds no SPU selection record (saved without "
+            "SPUSelectionCallback?): keeping its entries; the saved adapter will say 'selection': null.",
+        )
+    ]
