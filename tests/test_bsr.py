@@ -3,8 +3,16 @@
 torch's block-sparse sampled matmul runs only on CUDA (with Triton): on a CPU torch refuses a BSR pattern in
 `torch.sparse.sampled_addmm`. So here the layout and the call are checked with a reference kernel written from the
 definition (the dense product, cut into the pattern's blocks), and the dispatch by which device, tile and dtype take
-it; the CUDA cases (`scripts/gpu_check.sh` runs them) check torch's kernel itself against dense autograd.
+it; torch's kernel itself runs on the CPU under Triton's interpreter (tests/triton_interpreter_worker.py: float32 and
+float16), and the CUDA cases (`scripts/gpu_check.sh` runs them) check it on a GPU, bfloat16 included.
 """
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,6 +151,26 @@ def test_the_cuda_kernel_equals_dense_autograd(dtype):
     else:
         bound = 2**-7 * (grad_out.double().abs().t() @ x.double().abs()).reshape(-1)[indices]
         assert bool(((got - exact).abs() <= bound).all())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (the test extra, Linux x86-64)")
+def test_torch_s_triton_kernel_run_by_triton_s_interpreter_equals_dense_products():
+    """The kernel's own code on the CPU: each value within `2**-20` (float32) or `2**-10` (float16) of
+    `|grad_output|^T |x|` from the exact product, in the input's dtype; and in a tiled model's backward, one launch per
+    layer, with the value gradients of the path that does not take it."""
+    worker = Path(__file__).with_name("triton_interpreter_worker.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(found["layouts"]) == 6
+    for case, row in found["layouts"].items():
+        assert row["dtype"] == case.rsplit("/", 1)[1] and row["values"] >= 1024, case
+        assert 0 < row["worst_error_over_bound"] <= 1, (case, row)
+    model = found["model"]
+    assert model["layers"] == 4 and model["kernel_calls"] == 4 and model["values"] == 2048
+    assert model["max_abs_diff"] <= 1e-6
 
 
 def test_the_benchmark_writes_each_paths_time_ratio_and_difference(tmp_path, monkeypatch):
