@@ -21,7 +21,7 @@ from spu_peft.blocks import (
     tile_scores,
     tile_value_gradient,
 )
-from spu_peft.encoding import expand_tiles, index_dtype
+from spu_peft.encoding import expand_tiles
 from spu_peft.layer import num_selected
 from spu_peft.loading import decode_adapter_state_dict
 from spu_peft.naming import spu_layers
@@ -500,9 +500,13 @@ def test_a_shape_one_side_of_which_the_tiles_do_not_divide_is_refused_with_the_w
         )
 
 
-def test_a_layout_indexes_its_values_with_the_compact_index_dtype():
-    indices = random_tiles((48, 32), BLOCK, 5, seed=0)
-    assert tile_layout(indices, (48, 32), BLOCK).gather.dtype == index_dtype(indices.numel()) == torch.int32
+def test_a_layout_lists_each_row_of_tiles_and_its_tiles_columns_and_nothing_per_entry():
+    """Tiles 3, 17, 9, 22, 16 of the 6 x 8 grid: rows of tiles 0 (column 3), 1 (1), 2 (0, 1, 6) in sorted order."""
+    indices = expand_tiles(torch.tensor([3, 17, 9, 22, 16]), (48, 32), BLOCK)
+    layout = tile_layout(indices, (48, 32), BLOCK)
+    assert layout.groups == ((0, 1), (1, 1), (2, 3)) and layout.entries == 5 * 32
+    assert layout.col_blocks.tolist() == [3, 1, 0, 1, 6]
+    assert not [f for f in vars(layout).values() if isinstance(f, torch.Tensor) and f.numel() >= indices.numel()]
 
 
 def test_the_layout_cache_reuses_a_layout_until_the_support_changes():

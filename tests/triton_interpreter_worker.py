@@ -11,7 +11,6 @@ Prints one JSON object: per case, the largest error and the bound it is held to,
 tiled model's backward made.
 """
 
-import functools
 import json
 import sys
 from pathlib import Path

@@ -4,9 +4,8 @@ support computed tile by tile.
 An adapter with `SPUConfig(block_size=(br, bc))` trains whole `br x bc` tiles of each target weight. In memory the
 support is still flat entry indices (sorted, as every SPU support), so loading, merging and composing are those of
 entry-level adapters (a file stores the tiles' positions where that is smaller, `spu_peft.encoding`); what the tiles
-buy is the weight gradient: `grad_output[:, rows]^T @ x[:, cols]` per selected tile, grouped into one matmul per block
-of columns (or rows), whose work is the tiles' share of the dense product's (on CUDA, one block-sparse kernel:
-`spu_peft.bsr`).
+buy is the weight gradient: `grad_output[:, rows]^T @ x[:, cols]` per selected tile, one matmul per row of tiles, whose
+work is the tiles' share of the dense product's (on CUDA, one block-sparse kernel: `spu_peft.bsr`).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from .bsr import BSR_DTYPES, BsrLayout, bsr_applies, bsr_layout, bsr_value_gradient
-from .encoding import index_dtype, tiles_of_entries
+from .encoding import tiles_of_entries
 
 logger = logging.getLogger(__name__)
 
@@ -71,40 +70,32 @@ class TileLayout:
     """How `tile_value_gradient` computes a tiled support's value gradient, fixed once per support so that a backward
     sorts and counts nothing (and, on an accelerator, waits for no group size).
 
-    The tiles are grouped by a block of the side with fewer blocks (`by_rows`: row blocks of `grad_output`, else column
-    blocks of `x`); `groups` is `(block, tiles)` per group in order, and `other_blocks` the block of the other side of
-    each tile, in group order. The products fill a `(tiles, size_a, size_b)` buffer in that order, and value `i` of the
-    (sorted) support is its entry `gather[i]`. Where the block-sparse kernel applies (`spu_peft.bsr.bsr_applies`),
-    `bsr` is its layout, taken in the kernel's dtypes.
+    A sorted support lists a row of tiles' entries one after another, row by row of the weight, so the values of the
+    `count` tiles in row of tiles `block` are the `(br, count * bc)` product of `grad_output`'s rows of that block with
+    `x`'s columns of those tiles, in that order. `groups` is `(block, count)` per row of tiles holding any, in order;
+    `col_blocks` the column block of each tile, in sorted order. Nothing is kept per entry. Where the block-sparse
+    kernel applies (`spu_peft.bsr.bsr_applies`), `bsr` is its layout, taken in the kernel's dtypes.
     """
 
     block_size: tuple[int, int]
-    by_rows: bool
     groups: tuple[tuple[int, int], ...]
-    other_blocks: torch.Tensor
-    gather: torch.Tensor
+    col_blocks: torch.Tensor
+    entries: int
     bsr: BsrLayout | None = None
 
 
 def tile_layout(indices: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> TileLayout | None:
     """The layout of a support made of whole tiles, or None when it is not (a support set by hand): the caller then
     takes the entry-level gradient, which is right for any support."""
-    (rows, cols), (br, bc) = shape, block_size
-    grid_cols = cols // bc
-    row, col, of_entry, tiles = tiles_of_entries(indices, shape, block_size)
+    (_, cols), (br, bc) = shape, block_size
+    tiles = tiles_of_entries(indices, shape, block_size)[3]
     if tiles.numel() * br * bc != indices.numel():
         return None
-    by_rows = rows // br < grid_cols  # the product is x_block^T @ grad_output_block: (bc, br) per tile
-    key, other = (tiles // grid_cols, tiles % grid_cols) if by_rows else (tiles % grid_cols, tiles // grid_cols)
-    order = torch.argsort(key, stable=True)
-    position = torch.empty_like(order)
-    position[order] = torch.arange(order.numel(), device=order.device)
-    blocks, counts = torch.unique_consecutive(key[order], return_counts=True)
-    within = (col % bc) * br + row % br if by_rows else (row % br) * bc + col % bc
-    gather = position[torch.searchsorted(tiles, of_entry)] * (br * bc) + within
+    grid_cols = cols // bc
+    blocks, counts = torch.unique_consecutive(tiles // grid_cols, return_counts=True)
     groups = tuple(zip(blocks.tolist(), counts.tolist()))
     bsr = bsr_layout(indices, shape, block_size) if bsr_applies(indices.device, block_size) else None
-    return TileLayout(block_size, by_rows, groups, other[order], gather.to(index_dtype(indices.numel())), bsr)
+    return TileLayout(block_size, groups, tiles % grid_cols, indices.numel(), bsr)
 
 
 class LayoutCache:
@@ -138,24 +129,23 @@ def tile_value_gradient(grad_output: torch.Tensor, x: torch.Tensor, layout: Tile
     support's (sorted) order.
 
     `grad_output` is `(tokens, out_features)` and `x` `(tokens, in_features)`, both 2-D in the compute dtype. The work
-    is `tokens * (selected entries)` multiply-adds, the tiles' share of the dense product's. Each group of tiles is one
-    matmul of a slice of the grouping side (a view) with the other side's blocks of its tiles, gathered: only one side
-    is ever copied. Where the layout has a block-sparse kernel's (`spu_peft.bsr`, CUDA) and the dtype is one of its,
-    that one kernel computes the tiles instead.
+    is `tokens * (selected entries)` multiply-adds, the tiles' share of the dense product's. Each row of tiles is one
+    matmul of a slice of `grad_output` (a view) with its tiles' columns of `x` (gathered), written straight into its
+    stretch of the result: only those columns are ever copied. Where the layout has a block-sparse kernel's
+    (`spu_peft.bsr`, CUDA) and the dtype is one of its, that one kernel computes the tiles instead.
     """
     br, bc = layout.block_size
     if grad_output.shape[0] == 0:  # no tokens: every gradient is an empty sum
-        return grad_output.new_zeros(layout.gather.numel())
+        return grad_output.new_zeros(layout.entries)
     if layout.bsr is not None and grad_output.dtype in BSR_DTYPES:
         return bsr_value_gradient(grad_output, x, layout.bsr)
-    a, b, size_a, size_b = (x, grad_output, bc, br) if layout.by_rows else (grad_output, x, br, bc)
-    tokens = a.shape[0]
-    blocks_a = a.t().contiguous().view(-1, size_a, tokens)
-    out = a.new_empty(layout.other_blocks.numel(), size_a, size_b)
-    start = 0
+    tokens = x.shape[0]
+    x_blocks = x.reshape(tokens, -1, bc)
+    out = grad_output.new_empty(layout.entries)
+    start = first = 0
     for block, count in layout.groups:
-        gathered = blocks_a.index_select(0, layout.other_blocks[start : start + count]).view(count * size_a, tokens)
-        product = gathered @ b[:, block * size_b : (block + 1) * size_b]
-        out[start : start + count] = product.view(count, size_a, size_b)
-        start += count
-    return out.view(-1).index_select(0, layout.gather)
+        columns = x_blocks.index_select(1, layout.col_blocks[first : first + count]).view(tokens, count * bc)
+        rows = grad_output[:, block * br : (block + 1) * br].t()
+        torch.mm(rows, columns, out=out[start : start + br * count * bc].view(br, count * bc))
+        start, first = start + br * count * bc, first + count
+    return out
