@@ -164,6 +164,19 @@ def test_tile_gradient_equals_dense_autograd_in_float64(block, tokens):
     torch.testing.assert_close(tile_value_gradient(grad_out, x, layout), expected, rtol=0, atol=1e-12)
 
 
+def test_tile_gradient_takes_inputs_that_are_views_of_other_layouts():
+    """`x` and `grad_output` as transposed views (not contiguous): the same values as from contiguous copies."""
+    shape, block = (48, 32), (8, 8)
+    indices = random_tiles(shape, block, 7, seed=4)
+    generator = torch.Generator().manual_seed(3)
+    grad_out_t = torch.randn(shape[0], 11, generator=generator, dtype=torch.float64)
+    x_t = torch.randn(shape[1], 11, generator=generator, dtype=torch.float64)
+    layout = tile_layout(indices, shape, block)
+    got = tile_value_gradient(grad_out_t.t(), x_t.t(), layout)
+    assert torch.equal(got, tile_value_gradient(grad_out_t.t().contiguous(), x_t.t().contiguous(), layout))
+    torch.testing.assert_close(got, (grad_out_t @ x_t.t()).flatten()[indices], rtol=0, atol=1e-12)
+
+
 def test_tile_gradient_in_bfloat16_is_within_one_rounding_of_the_exact_sum():
     """bf16 inputs: the product accumulates in float32 and rounds once to bf16, as the dense path's does. The exact
     sum (float64 on the same bf16 inputs) differs by at most half a bf16 spacing (2**-8 relative) plus float32
