@@ -17,6 +17,7 @@ from spu_peft.blocks import (
     LayoutCache,
     check_block_size,
     check_divisible,
+    parse_block_size,
     tile_layout,
     tile_scores,
     tile_value_gradient,
@@ -500,6 +501,25 @@ def test_ddp_selects_and_trains_the_tiles_an_unwrapped_model_does(one_process_gr
 
 def test_block_sizes_of_one_row_or_one_column_are_taken():
     assert check_block_size((1, 16)) == (1, 16) and check_block_size([16, 1]) == (16, 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("32x32", (32, 32)), (" 16X8 ", (16, 8)), ("1x64", (1, 64)), ("none", None), (" None ", None)],
+)
+def test_a_block_size_option_reads_as_rows_by_columns_or_none(text, expected):
+    assert parse_block_size(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["32", "32x", "x32", "0x32", "32x0", "-1x4", "4x4x4", "4.0x4", "", "nothing", 32, None]
+)
+def test_a_block_size_option_of_another_form_is_refused_with_the_whole_message(text):
+    with pytest.raises(ValueError) as error:
+        parse_block_size(text)
+    assert str(error.value) == (
+        f"a block size is `none` or ROWSxCOLS with two positive integers (e.g. 32x32), got {text!r}"
+    )
 
 
 def test_a_shape_one_side_of_which_the_tiles_do_not_divide_is_refused_with_the_whole_message():
