@@ -166,16 +166,16 @@ def test_tile_gradient_equals_dense_autograd_in_float64(block, tokens):
 
 
 def test_tile_gradient_takes_inputs_that_are_views_of_other_layouts():
-    """`x` and `grad_output` as transposed views (not contiguous): the same values as from contiguous copies."""
-    shape, block = (48, 32), (8, 8)
-    indices = random_tiles(shape, block, 7, seed=4)
-    generator = torch.Generator().manual_seed(3)
-    grad_out_t = torch.randn(shape[0], 11, generator=generator, dtype=torch.float64)
-    x_t = torch.randn(shape[1], 11, generator=generator, dtype=torch.float64)
-    layout = tile_layout(indices, shape, block)
-    got = tile_value_gradient(grad_out_t.t(), x_t.t(), layout)
-    assert torch.equal(got, tile_value_gradient(grad_out_t.t().contiguous(), x_t.t().contiguous(), layout))
-    torch.testing.assert_close(got, (grad_out_t @ x_t.t()).flatten()[indices], rtol=0, atol=1e-12)
+    """`x` and `grad_output` as transposed views (not contiguous), on a shape grouped by rows and one by columns."""
+    for shape, by_rows in [((48, 32), False), ((32, 48), True)]:
+        indices = random_tiles(shape, (8, 8), 7, seed=4)
+        generator = torch.Generator().manual_seed(3)
+        grad_out_t = torch.randn(shape[0], 11, generator=generator, dtype=torch.float64)
+        x_t = torch.randn(shape[1], 11, generator=generator, dtype=torch.float64)
+        layout = tile_layout(indices, shape, (8, 8))
+        assert layout.by_rows == by_rows
+        got = tile_value_gradient(grad_out_t.t(), x_t.t(), layout)
+        torch.testing.assert_close(got, (grad_out_t @ x_t.t()).flatten()[indices], rtol=0, atol=1e-12)
 
 
 def test_tile_gradient_in_bfloat16_is_within_one_rounding_of_the_exact_sum():
@@ -533,13 +533,25 @@ def test_a_shape_one_side_of_which_the_tiles_do_not_divide_is_refused_with_the_w
         )
 
 
-def test_a_layout_lists_each_row_of_tiles_and_its_tiles_columns_and_nothing_per_entry():
-    """Tiles 3, 17, 9, 22, 16 of the 6 x 8 grid: rows of tiles 0 (column 3), 1 (1), 2 (0, 1, 6) in sorted order."""
+def test_a_layout_grouped_by_rows_lists_each_row_of_tiles_and_its_tiles_columns():
+    """Tiles 3, 17, 9, 22, 16 of the 6 x 8 grid (fewer rows of tiles): rows 0 (column 3), 1 (1), 2 (0, 1, 6)."""
     indices = expand_tiles(torch.tensor([3, 17, 9, 22, 16]), (48, 32), BLOCK)
     layout = tile_layout(indices, (48, 32), BLOCK)
-    assert layout.groups == ((0, 1), (1, 1), (2, 3)) and layout.entries == 5 * 32
-    assert layout.col_blocks.tolist() == [3, 1, 0, 1, 6]
-    assert not [f for f in vars(layout).values() if isinstance(f, torch.Tensor) and f.numel() >= indices.numel()]
+    assert layout.by_rows and layout.groups == ((0, 1), (1, 1), (2, 3)) and layout.entries == 5 * 32
+    assert layout.other_blocks.tolist() == [3, 1, 0, 1, 6] and layout.chunks is None
+
+
+def test_a_layout_grouped_by_columns_puts_each_row_of_a_tile_where_the_sorted_support_has_it():
+    """Tiles 1, 6, 7, 13, 20 of a 6 x 4 grid of (8, 4) tiles (fewer columns of tiles): the products come by column
+    (20 | 1, 13 | 6 | 7), and each tile's 8 rows of 4 values go to its row of tiles' stretch, interleaved with the
+    rows of the other tiles of that row of tiles (6 and 7)."""
+    indices = expand_tiles(torch.tensor([1, 6, 7, 13, 20]), (48, 16), BLOCK)
+    layout = tile_layout(indices, (48, 16), BLOCK)
+    assert not layout.by_rows and layout.groups == ((0, 1), (1, 2), (2, 1), (3, 1))
+    assert layout.other_blocks.tolist() == [5, 0, 3, 1, 1] and layout.entries == 5 * 32
+    pairs = [chunk for i in range(8) for chunk in (24 + i, 32 + i)]
+    assert layout.chunks.tolist() == [*range(8, 16), *pairs, *range(16, 24), *range(8)]
+    assert layout.chunks.dtype == torch.int32  # the compact index dtype
 
 
 def test_the_layout_cache_reuses_a_layout_until_the_support_changes():

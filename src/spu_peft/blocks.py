@@ -4,8 +4,8 @@ support computed tile by tile.
 An adapter with `SPUConfig(block_size=(br, bc))` trains whole `br x bc` tiles of each target weight. In memory the
 support is still flat entry indices (sorted, as every SPU support), so loading, merging and composing are those of
 entry-level adapters (a file stores the tiles' positions where that is smaller, `spu_peft.encoding`); what the tiles
-buy is the weight gradient: `grad_output[:, rows]^T @ x[:, cols]` per selected tile, one matmul per row of tiles, whose
-work is the tiles' share of the dense product's (on CUDA, one block-sparse kernel: `spu_peft.bsr`).
+buy is the weight gradient: `grad_output[:, rows]^T @ x[:, cols]` per selected tile, one matmul per row or column of
+tiles, whose work is the tiles' share of the dense product's (on CUDA, one block-sparse kernel: `spu_peft.bsr`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .bsr import BSR_DTYPES, BsrLayout, bsr_applies, bsr_layout, bsr_value_gradient
-from .encoding import tiles_of_entries
+from .encoding import index_dtype, tiles_of_entries
 
 logger = logging.getLogger(__name__)
 
@@ -70,32 +70,56 @@ class TileLayout:
     """How `tile_value_gradient` computes a tiled support's value gradient, fixed once per support so that a backward
     sorts and counts nothing (and, on an accelerator, waits for no group size).
 
-    A sorted support lists a row of tiles' entries one after another, row by row of the weight, so the values of the
-    `count` tiles in row of tiles `block` are the `(br, count * bc)` product of `grad_output`'s rows of that block with
-    `x`'s columns of those tiles, in that order. `groups` is `(block, count)` per row of tiles holding any, in order;
-    `col_blocks` the column block of each tile, in sorted order. Nothing is kept per entry. Where the block-sparse
-    kernel applies (`spu_peft.bsr.bsr_applies`), `bsr` is its layout, taken in the kernel's dtypes.
+    The tiles are grouped by a block of the side with fewer blocks, so the matmuls are few and large: `groups` is
+    `(block, tiles)` per group in order, and `other_blocks` the block of the other side of each tile, in group order.
+    A sorted support lists a row of tiles' values one after another, weight row by weight row, so grouped by rows
+    (`by_rows`) each group's product is its stretch of the gradient. Grouped by columns, the products are whole tiles,
+    `(tiles, br, bc)`, whose rows of `bc` values are the gradient's rows of `bc` values in another order: `chunks` is,
+    for each such row of the gradient, its row in the products (`tiles * br` positions, a `bc`-th of the entries).
+    Where the block-sparse kernel applies (`spu_peft.bsr.bsr_applies`), `bsr` is its layout, taken in the kernel's
+    dtypes.
     """
 
     block_size: tuple[int, int]
+    by_rows: bool
     groups: tuple[tuple[int, int], ...]
-    col_blocks: torch.Tensor
+    other_blocks: torch.Tensor
     entries: int
+    chunks: torch.Tensor | None = None
     bsr: BsrLayout | None = None
 
 
 def tile_layout(indices: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> TileLayout | None:
     """The layout of a support made of whole tiles, or None when it is not (a support set by hand): the caller then
     takes the entry-level gradient, which is right for any support."""
-    (_, cols), (br, bc) = shape, block_size
+    (rows, cols), (br, bc) = shape, block_size
+    grid_cols = cols // bc
     tiles = tiles_of_entries(indices, shape, block_size)[3]
     if tiles.numel() * br * bc != indices.numel():
         return None
-    grid_cols = cols // bc
-    blocks, counts = torch.unique_consecutive(tiles // grid_cols, return_counts=True)
-    groups = tuple(zip(blocks.tolist(), counts.tolist()))
+    tile_rows, tile_cols = tiles // grid_cols, tiles % grid_cols
     bsr = bsr_layout(indices, shape, block_size) if bsr_applies(indices.device, block_size) else None
-    return TileLayout(block_size, groups, tiles % grid_cols, indices.numel(), bsr)
+    if rows // br <= grid_cols:
+        blocks, counts = torch.unique_consecutive(tile_rows, return_counts=True)
+        groups = tuple(zip(blocks.tolist(), counts.tolist()))
+        return TileLayout(block_size, True, groups, tile_cols, indices.numel(), None, bsr)
+    order = torch.argsort(tile_cols, stable=True)
+    blocks, counts = torch.unique_consecutive(tile_cols[order], return_counts=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    # tile t, the j-th of the k tiles of its row of tiles (whose first tile is the f-th of the support): its row i
+    # is the gradient's row of bc values number br * f + i * k + j
+    _, row_of, per_row = torch.unique_consecutive(tile_rows, return_inverse=True, return_counts=True)
+    first = (torch.cumsum(per_row, 0) - per_row)[row_of]
+    rank = torch.arange(tiles.numel(), device=tiles.device) - first
+    within = torch.arange(br, device=tiles.device)[None, :]
+    target = br * first[:, None] + within * per_row[row_of][:, None] + rank[:, None]
+    chunks = torch.empty(tiles.numel() * br, dtype=torch.long, device=tiles.device)
+    chunks[target.reshape(-1)] = (position[:, None] * br + within).reshape(-1)
+    groups = tuple(zip(blocks.tolist(), counts.tolist()))
+    return TileLayout(
+        block_size, False, groups, tile_rows[order], indices.numel(), chunks.to(index_dtype(chunks.numel())), bsr
+    )
 
 
 class LayoutCache:
@@ -129,10 +153,10 @@ def tile_value_gradient(grad_output: torch.Tensor, x: torch.Tensor, layout: Tile
     support's (sorted) order.
 
     `grad_output` is `(tokens, out_features)` and `x` `(tokens, in_features)`, both 2-D in the compute dtype. The work
-    is `tokens * (selected entries)` multiply-adds, the tiles' share of the dense product's. Each row of tiles is one
-    matmul of a slice of `grad_output` (a view) with its tiles' columns of `x` (gathered), written straight into its
-    stretch of the result: only those columns are ever copied. Where the layout has a block-sparse kernel's
-    (`spu_peft.bsr`, CUDA) and the dtype is one of its, that one kernel computes the tiles instead.
+    is `tokens * (selected entries)` multiply-adds, the tiles' share of the dense product's. Each group of tiles is one
+    matmul of a slice of the grouping side (a view) with the other side's blocks of its tiles (gathered): only those
+    blocks are ever copied. Where the layout has a block-sparse kernel's (`spu_peft.bsr`, CUDA) and the dtype is one
+    of its, that one kernel computes the tiles instead.
     """
     br, bc = layout.block_size
     if grad_output.shape[0] == 0:  # no tokens: every gradient is an empty sum
@@ -140,12 +164,17 @@ def tile_value_gradient(grad_output: torch.Tensor, x: torch.Tensor, layout: Tile
     if layout.bsr is not None and grad_output.dtype in BSR_DTYPES:
         return bsr_value_gradient(grad_output, x, layout.bsr)
     tokens = x.shape[0]
-    x_blocks = x.reshape(tokens, -1, bc)
-    out = grad_output.new_empty(layout.entries)
-    start = first = 0
+    if layout.by_rows:  # (br, tiles * bc) per row of tiles: its stretch of the gradient
+        other, out = x.reshape(tokens, -1, bc), grad_output.new_empty(layout.entries)
+    else:  # (tiles * br, bc) per column of tiles: whole tiles, put in order by `chunks`
+        other, out = grad_output.reshape(tokens, -1, br), grad_output.new_empty(layout.entries // bc, bc)
+    first = 0
     for block, count in layout.groups:
-        columns = x_blocks.index_select(1, layout.col_blocks[first : first + count]).view(tokens, count * bc)
-        rows = grad_output[:, block * br : (block + 1) * br].t()
-        torch.mm(rows, columns, out=out[start : start + br * count * bc].view(br, count * bc))
-        start, first = start + br * count * bc, first + count
-    return out
+        gathered = other.index_select(1, layout.other_blocks[first : first + count]).flatten(1)
+        if layout.by_rows:
+            stretch = out[first * br * bc : (first + count) * br * bc].view(br, count * bc)
+            torch.mm(grad_output[:, block * br : (block + 1) * br].t(), gathered, out=stretch)
+        else:
+            torch.mm(gathered.t(), x[:, block * bc : (block + 1) * bc], out=out[first * br : (first + count) * br])
+        first += count
+    return out if layout.by_rows else out.index_select(0, layout.chunks).view(-1)
