@@ -539,6 +539,8 @@ def test_a_layout_grouped_by_rows_lists_each_row_of_tiles_and_its_tiles_columns(
     layout = tile_layout(indices, (48, 32), BLOCK)
     assert layout.by_rows and layout.groups == ((0, 1), (1, 1), (2, 3)) and layout.entries == 5 * 32
     assert layout.other_blocks.tolist() == [3, 1, 0, 1, 6] and layout.chunks is None
+    square = tile_layout(expand_tiles(torch.tensor([1, 2]), (16, 8), BLOCK), (16, 8), BLOCK)  # 2 x 2 tiles
+    assert square.by_rows and square.groups == ((0, 1), (1, 1))  # as many rows as columns: by rows, no map
 
 
 def test_a_layout_grouped_by_columns_puts_each_row_of_a_tile_where_the_sorted_support_has_it():

@@ -91,6 +91,21 @@ def test_the_kernel_is_torch_s_sampled_addmm_where_its_triton_module_has_one(mon
     assert bsr.bsr_kernel() is None
 
 
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64)], ids=["by-columns", "by-rows"])
+def test_a_layout_grouped_either_way_takes_the_kernel_and_its_values(shape, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bsr, "BSR_VALUE_GRAD_DEVICES", ("cpu",))
+    monkeypatch.setattr(bsr, "bsr_kernel", lambda: reference_kernel(calls))
+    indices = tiled_support(shape, (16, 16), 3, seed=2)
+    layout = tile_layout(indices, shape, (16, 16))
+    assert layout.by_rows == (shape[0] < shape[1]) and layout.bsr is not None
+    torch.manual_seed(0)
+    grad_out, x = torch.randn(5, shape[0]), torch.randn(5, shape[1])
+    got = tile_value_gradient(grad_out, x, layout)
+    assert calls == [torch.float32]
+    torch.testing.assert_close(got, (grad_out.t() @ x).reshape(-1)[indices], rtol=1e-5, atol=1e-5)
+
+
 def test_torch_here_has_or_lacks_the_kernel_as_it_says():
     """Without Triton (this CPU build) there is no kernel, so no layout has a BSR part and nothing changes."""
     try:
