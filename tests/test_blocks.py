@@ -201,6 +201,37 @@ def test_a_support_of_partial_tiles_has_no_layout():
     assert tile_layout(indices[1:], (48, 32), BLOCK) is None
 
 
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)], ids=["by-rows", "by-columns"])
+def test_whole_tiles_out_of_sorted_order_have_no_layout(shape):
+    """The layouts put values in sorted order: a support written unsorted (by hand, in place) takes the entry path."""
+    indices = random_tiles(shape, (8, 8), 3, seed=1)
+    assert tile_layout(indices, shape, (8, 8)) is not None
+    assert tile_layout(indices.flip(0), shape, (8, 8)) is None
+    assert tile_layout(indices[torch.tensor([64, *range(64), *range(65, 192)])], shape, (8, 8)) is None
+
+
+def test_a_double_backward_through_tiled_layers_equals_the_entry_paths():
+    """`create_graph=True` through a layer grouped by columns and one grouped by rows: the same value gradients, and the
+    same gradient of their norm, as with no layouts."""
+    generator = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(32, 16, generator=generator).double(), torch.randn(16, 32, generator=generator).double()
+    i1, i2 = expand_tiles(torch.tensor([0, 3]), (32, 16), (8, 8)), expand_tiles(torch.tensor([1, 4]), (16, 32), (8, 8))
+    x = torch.randn(4, 16, generator=generator).double()
+    layouts = tile_layout(i1, (32, 16), (8, 8)), tile_layout(i2, (16, 32), (8, 8))
+    assert not layouts[0].by_rows and layouts[1].by_rows
+
+    def grads(tiled):
+        v1 = (0.1 * torch.randn(i1.numel(), generator=torch.Generator().manual_seed(1))).double().requires_grad_()
+        v2 = (0.1 * torch.randn(i2.numel(), generator=torch.Generator().manual_seed(2))).double().requires_grad_()
+        h = sparse_delta_linear(x, w1, None, [(i1, v1)], [layouts[0]] if tiled else None)
+        y = sparse_delta_linear(h, w2, None, [(i2, v2)], [layouts[1]] if tiled else None)
+        g1, g2 = torch.autograd.grad((y**2).sum(), [v1, v2], create_graph=True)
+        return (g1, g2, *torch.autograd.grad(g1.square().sum() + g2.square().sum(), [v1, v2]))
+
+    for got, expected in zip(grads(True), grads(False)):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_sparse_delta_linear_with_layouts_matches_the_dense_path(dtype, monkeypatch):
     shape = (48, 32)
@@ -512,7 +543,7 @@ def test_a_block_size_option_reads_as_rows_by_columns_or_none(text, expected):
 
 
 @pytest.mark.parametrize(
-    "text", ["32", "32x", "x32", "0x32", "32x0", "-1x4", "4x4x4", "4.0x4", "", "nothing", 32, None]
+    "text", ["32", "32x", "x32", "0x32", "32x0", "-1x4", "4x4x4", "4.0x4", "\u00b2x4", "", "nothing", 32, None]
 )
 def test_a_block_size_option_of_another_form_is_refused_with_the_whole_message(text):
     with pytest.raises(ValueError) as error:
@@ -573,6 +604,6 @@ def test_a_support_not_of_whole_tiles_is_logged_with_the_adapter_and_block(caplo
     with caplog.at_level(logging.WARNING, logger="spu_peft.blocks"):
         assert LayoutCache().get("task1", torch.arange(3), (48, 32), BLOCK) is None
     assert caplog.messages == [
-        "The support of adapter 'task1' is not made of whole (8, 4) tiles (set by hand?); its value gradient is "
-        "computed entry by entry."
+        "The support of adapter 'task1' is not made of whole (8, 4) tiles in sorted order (set by hand?); its value "
+        "gradient is computed entry by entry."
     ]

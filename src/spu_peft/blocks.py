@@ -44,7 +44,7 @@ def parse_block_size(text: str) -> tuple[int, int] | None:
     if isinstance(text, str) and text.strip().lower() == "none":
         return None
     parts = text.strip().lower().split("x") if isinstance(text, str) else []
-    if len(parts) == 2 and all(part.isdigit() and int(part) > 0 for part in parts):
+    if len(parts) == 2 and all(part.isascii() and part.isdigit() and int(part) > 0 for part in parts):
         return (int(parts[0]), int(parts[1]))
     raise ValueError(f"a block size is `none` or ROWSxCOLS with two positive integers (e.g. 32x32), got {text!r}")
 
@@ -70,8 +70,9 @@ class TileLayout:
     """How `tile_value_gradient` computes a tiled support's value gradient, fixed once per support so that a backward
     sorts and counts nothing (and, on an accelerator, waits for no group size).
 
-    The tiles are grouped by a block of the side with fewer blocks, so the matmuls are few and large: `groups` is
-    `(block, tiles)` per group in order, and `other_blocks` the block of the other side of each tile, in group order.
+    The tiles are grouped by a block of the side with fewer blocks (rows at a tie), so the matmuls are few and large:
+    `groups` is `(block, tiles)` per group in order, and `other_blocks` the block of the other side of each tile, in
+    group order.
     A sorted support lists a row of tiles' values one after another, weight row by weight row, so grouped by rows
     (`by_rows`) each group's product is its stretch of the gradient. Grouped by columns, the products are whole tiles,
     `(tiles, br, bc)`, whose rows of `bc` values are the gradient's rows of `bc` values in another order: `chunks` is,
@@ -90,12 +91,12 @@ class TileLayout:
 
 
 def tile_layout(indices: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> TileLayout | None:
-    """The layout of a support made of whole tiles, or None when it is not (a support set by hand): the caller then
-    takes the entry-level gradient, which is right for any support."""
+    """The layout of a sorted support made of whole tiles, or None when it is not (a support set by hand or written in
+    place unsorted): the caller then takes the entry-level gradient, which is right for any support."""
     (rows, cols), (br, bc) = shape, block_size
     grid_cols = cols // bc
     tiles = tiles_of_entries(indices, shape, block_size)[3]
-    if tiles.numel() * br * bc != indices.numel():
+    if tiles.numel() * br * bc != indices.numel() or not bool((indices[1:] > indices[:-1]).all()):
         return None
     tile_rows, tile_cols = tiles // grid_cols, tiles % grid_cols
     bsr = bsr_layout(indices, shape, block_size) if bsr_applies(indices.device, block_size) else None
@@ -136,8 +137,8 @@ class LayoutCache:
         layout = tile_layout(indices, shape, block_size)
         if layout is None:
             logger.warning(
-                "The support of adapter %r is not made of whole %s tiles (set by hand?); its value gradient is "
-                "computed entry by entry.",
+                "The support of adapter %r is not made of whole %s tiles in sorted order (set by hand?); its value "
+                "gradient is computed entry by entry.",
                 adapter_name,
                 block_size,
             )
@@ -154,9 +155,10 @@ def tile_value_gradient(grad_output: torch.Tensor, x: torch.Tensor, layout: Tile
 
     `grad_output` is `(tokens, out_features)` and `x` `(tokens, in_features)`, both 2-D in the compute dtype. The work
     is `tokens * (selected entries)` multiply-adds, the tiles' share of the dense product's. Each group of tiles is one
-    matmul of a slice of the grouping side (a view) with the other side's blocks of its tiles (gathered): only those
-    blocks are ever copied. Where the layout has a block-sparse kernel's (`spu_peft.bsr`, CUDA) and the dtype is one
-    of its, that one kernel computes the tiles instead.
+    matmul of a slice of the grouping side (a view) with the other side's blocks of its tiles (gathered): of the
+    inputs only those blocks are copied (grouped by columns, the products are copied once more, into sorted order).
+    Under `create_graph=True` the products stay differentiable. Where the layout has a block-sparse kernel's
+    (`spu_peft.bsr`, CUDA) and the dtype is one of its, that one kernel computes the tiles instead.
     """
     br, bc = layout.block_size
     if grad_output.shape[0] == 0:  # no tokens: every gradient is an empty sum
@@ -173,8 +175,17 @@ def tile_value_gradient(grad_output: torch.Tensor, x: torch.Tensor, layout: Tile
         gathered = other.index_select(1, layout.other_blocks[first : first + count]).flatten(1)
         if layout.by_rows:
             stretch = out[first * br * bc : (first + count) * br * bc].view(br, count * bc)
-            torch.mm(grad_output[:, block * br : (block + 1) * br].t(), gathered, out=stretch)
+            _mm_into(grad_output[:, block * br : (block + 1) * br].t(), gathered, stretch)
         else:
-            torch.mm(gathered.t(), x[:, block * bc : (block + 1) * bc], out=out[first * br : (first + count) * br])
+            _mm_into(gathered.t(), x[:, block * bc : (block + 1) * bc], out[first * br : (first + count) * br])
         first += count
     return out if layout.by_rows else out.index_select(0, layout.chunks).view(-1)
+
+
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """`out = a @ b` without a temporary; where autograd records the product (a double backward), as a copy, since
+    torch's `out=` matmuls are not differentiable."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        out.copy_(a @ b)
+    else:
+        torch.mm(a, b, out=out)
