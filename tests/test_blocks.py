@@ -208,6 +208,10 @@ def test_whole_tiles_out_of_sorted_order_have_no_layout(shape):
     assert tile_layout(indices, shape, (8, 8)) is not None
     assert tile_layout(indices.flip(0), shape, (8, 8)) is None
     assert tile_layout(indices[torch.tensor([64, *range(64), *range(65, 192)])], shape, (8, 8)) is None
+    assert tile_layout(indices[torch.tensor([0, 2, 1, *range(3, 192)])], shape, (8, 8)) is None  # first still least
+    repeated = indices.clone()
+    repeated[5] = repeated[4]  # every tile still has entries, one entry twice: not whole tiles
+    assert tile_layout(repeated, shape, (8, 8)) is None
 
 
 def test_a_double_backward_through_tiled_layers_equals_the_entry_paths():
