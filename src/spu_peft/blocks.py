@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .bsr import BSR_DTYPES, BsrLayout, bsr_applies, bsr_layout, bsr_value_gradient
-from .encoding import index_dtype, tiles_of_entries
+from .encoding import index_dtype, whole_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,8 @@ def tile_layout(indices: torch.Tensor, shape: tuple[int, int], block_size: tuple
     place unsorted): the caller then takes the entry-level gradient, which is right for any support."""
     (rows, cols), (br, bc) = shape, block_size
     grid_cols = cols // bc
-    tiles = tiles_of_entries(indices, shape, block_size)[3]
-    if tiles.numel() * br * bc != indices.numel() or not bool((indices[1:] > indices[:-1]).all()):
+    tiles = whole_tiles(indices, shape, block_size) if bool((indices[1:] > indices[:-1]).all()) else None
+    if tiles is None:
         return None
     tile_rows, tile_cols = tiles // grid_cols, tiles % grid_cols
     bsr = bsr_layout(indices, shape, block_size) if bsr_applies(indices.device, block_size) else None
