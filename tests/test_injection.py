@@ -1,13 +1,16 @@
 """`spu_peft.injection`: what an injection notes (only what it changed), when the note is taken, and what undoing it
 puts back (modules, flags, configs, the active adapter) on a real tiny CLIP."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from conftest import make_tiny_clip
 from peft import LoraConfig, get_peft_model
 from peft.utils import ModulesToSaveWrapper
 
-from spu_peft import SPUConfig, SPULayer
+from spu_peft import SPUConfig, SPULayer, select_parameters
 from spu_peft.injection import ModelState, take_injection
 
 
@@ -45,6 +48,20 @@ def test_an_adapter_tensor_changed_or_replaced_after_injection_is_the_users(chan
         buffer = next(b for name, b in layer.named_buffers() if "default" in name)
         buffer.add_(1)
     assert not note.untouched()
+
+
+@pytest.mark.parametrize("block_size", [None, (4, 4)])
+def test_the_pending_note_does_not_keep_a_replaced_support_alive(block_size):
+    """A selection replaces the injection's support while the note waits for a first state dict that never comes:
+    the note must not hold the old tensors (it did: a whole second copy of every target's positions)."""
+    model = get_peft_model(make_tiny_clip(), SPUConfig(block_size=block_size))
+    layers = [m for m in model.modules() if isinstance(m, SPULayer)]
+    injected = [weakref.ref(layer.spu_indices["default"]) for layer in layers]
+    select_parameters(model, score="random")
+    gc.collect()
+    assert [ref() for ref in injected] == [None] * len(layers)
+    note = take_injection(model.base_model, "default")
+    assert note is not None and len(note.versions) > 0 and not note.untouched()
 
 
 def test_undoing_a_second_adapter_keeps_the_first_its_config_and_the_active_name():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import weakref
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, delete_adapter
@@ -30,7 +31,9 @@ class ModelState:
     """What injecting `adapter_name` may change in a model, to put back when it fails or its first state dict is
     refused: the module tree (SPU layers and `modules_to_save` wrappers replace modules), `requires_grad` flags,
     adapters and active adapter. `injected` notes the adapter's tensors as the injection left them: once trained,
-    selected or loaded (a tensor replaced or changed in place), the adapter is the user's and is never undone."""
+    selected or loaded (a tensor replaced or changed in place), the adapter is the user's and is never undone. The
+    note holds those tensors weakly: a selection replaces the support, and the note must not keep the injection's
+    support alive beside it (a whole copy of every target's positions, for as long as the model lives)."""
 
     def __init__(self, tuner: BaseTuner, model: nn.Module, adapter_name: str) -> None:
         self.tuner, self.model, self.adapter_name = tuner, model, adapter_name
@@ -39,7 +42,7 @@ class ModelState:
         self.active_adapter = copy.copy(tuner.active_adapter)
         self.targeted = list(tuner.targeted_module_names)
         self.had_peft_config = "peft_config" in vars(model)
-        self.versions: list[tuple[torch.Tensor, int]] = []
+        self.versions: list[tuple[weakref.ref[torch.Tensor], int]] = []
 
     def injected(self) -> ModelState:
         """Keep only what the injection changed (so a note kept for long holds no module a later change let go of),
@@ -47,13 +50,13 @@ class ModelState:
         now = dict(self.model.named_modules(remove_duplicate=False))
         self.modules = [(path, module) for path, module in self.modules if now.get(path) is not module]
         self.requires_grad = {p: flag for p, flag in self.requires_grad.items() if p.requires_grad != flag}
-        self.versions = self._adapter_tensors()
+        self.versions = [(weakref.ref(tensor), version) for tensor, version in self._adapter_tensors()]
         return self
 
     def untouched(self) -> bool:
         now = self._adapter_tensors()
         return len(now) == len(self.versions) and all(
-            a is b and u == v for (a, u), (b, v) in zip(now, self.versions, strict=True)
+            tensor is noted() and u == v for (tensor, u), (noted, v) in zip(now, self.versions, strict=True)
         )
 
     def _adapter_tensors(self) -> list[tuple[torch.Tensor, int]]:
