@@ -23,17 +23,20 @@ SparseDelta = tuple[torch.Tensor, torch.Tensor]  # (flat indices, values)
 def compose_weight(weight: torch.Tensor, deltas: Sequence[SparseDelta]) -> torch.Tensor:
     """Return `weight + sum of deltas` in the weight's dtype, never modifying `weight` itself.
 
-    A float32/64 weight receives exactly one addition per delta, in order, so the result equals adding dense deltas.
-    A half-precision weight (bf16, fp16) is summed with its deltas in float32 and rounded once: rounding the float32
-    delta to the weight's dtype first would round twice, up to a whole bf16 spacing off `W + delta`.
+    A float32/64 weight receives exactly one addition per delta, in order, so the result equals adding dense deltas;
+    they are added in place into one copy of the weight, with the support's own index dtype (an out-of-place
+    `index_add` per delta with int64 indices took 3.5x as long on a LLaMA `gate_proj`, and it runs twice per layer
+    and step). A half-precision weight (bf16, fp16) is summed with its deltas in float32 and rounded once: rounding
+    the float32 delta to the weight's dtype first would round twice, up to a whole bf16 spacing off `W + delta`.
     """
     flat = weight.reshape(-1)
     if not deltas:
         return weight
     if weight.dtype in (torch.float32, torch.float64):
+        effective = flat.clone()
         for indices, values in deltas:
-            flat = flat.index_add(0, indices.long(), values.to(weight.dtype))
-        return flat.view_as(weight)
+            effective.index_add_(0, indices, values.to(weight.dtype))
+        return effective.view_as(weight)
     indices = torch.cat([idx.long() for idx, _ in deltas])
     values = torch.cat([val.float() for _, val in deltas])
     if len(deltas) > 1:  # overlapping supports (a frozen delta and the current one) are summed before rounding
@@ -132,7 +135,7 @@ def value_gradients(
         else:
             if grad_flat is None:
                 grad_flat = (grad_output_2d.t() @ x_2d).reshape(-1)
-            grad = grad_flat[idx.long()]
+            grad = grad_flat.index_select(0, idx)
         grads[i] = grad.to(val.dtype)
     return grads
 
