@@ -280,3 +280,29 @@ def test_half_precision_composition_rounds_once(dtype):
     composed = compose_weight(weight, [frozen, current])
     assert composed.dtype == dtype and torch.equal(composed, expected)
     assert torch.equal(weight, original), "the base weight itself is never modified"
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "slice of a larger tensor", "expanded"])
+def test_compose_weight_adds_into_a_copy_whatever_the_weights_memory_layout(layout, index_dtype):
+    """The float32 composition adds in place into one copy of the weight: never into the weight (or the tensor it is
+    a view of), whether reshaping it gives a view (contiguous, a slice) or a copy (transposed, expanded)."""
+    generator = torch.Generator().manual_seed(3)
+    storage = torch.randn(80, 64, generator=generator)
+    weight = {
+        "contiguous": storage[:64],
+        "transposed": storage[:64].t(),
+        "slice of a larger tensor": storage[16:],
+        "expanded": torch.full((), 0.5).expand(64, 64),
+    }[layout]
+    original = storage.clone()
+    indices = torch.randperm(4096, generator=generator)[:700].sort().values.to(index_dtype)
+    values = torch.randn(700, generator=generator)
+    expected = weight.contiguous().reshape(-1).clone()
+    expected[indices.long()] += values
+    composed = compose_weight(weight, [(indices, values)])
+    assert composed.shape == weight.shape and torch.equal(composed.reshape(-1), expected)
+    assert torch.equal(storage, original)
+    if layout == "expanded":
+        assert torch.equal(weight, torch.full((64, 64), 0.5))
+    assert composed.data_ptr() not in (weight.data_ptr(), storage.data_ptr())
