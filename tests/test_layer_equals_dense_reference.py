@@ -306,3 +306,14 @@ def test_compose_weight_adds_into_a_copy_whatever_the_weights_memory_layout(layo
     if layout == "expanded":
         assert torch.equal(weight, torch.full((64, 64), 0.5))
     assert composed.data_ptr() not in (weight.data_ptr(), storage.data_ptr())
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
+def test_the_entry_value_gradient_takes_a_support_of_any_integer_dtype(index_dtype):
+    generator = torch.Generator().manual_seed(4)
+    grad_output, x = torch.randn(2, 5, 48, generator=generator), torch.randn(2, 5, 40, generator=generator)
+    indices = torch.randperm(48 * 40, generator=generator)[:300].sort().values
+    values = torch.zeros(300)
+    expected = (grad_output.reshape(-1, 48).t() @ x.reshape(-1, 40)).reshape(-1)[indices]
+    (grad,) = value_gradients(grad_output, x, [indices.to(index_dtype)], [values], [True], torch.float32)
+    assert torch.equal(grad, expected)

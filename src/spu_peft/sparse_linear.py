@@ -18,7 +18,12 @@ import torch.nn.functional as F
 from .blocks import TileLayout, tile_value_gradient
 
 SparseDelta = tuple[torch.Tensor, torch.Tensor]  # (flat indices, values)
-_INDEX_ADD_DTYPES = (torch.int32, torch.int64)  # what `index_add_` takes; a support set by hand may be another int
+
+
+def as_index(indices: torch.Tensor) -> torch.Tensor:
+    """`indices` as `index_add_` and `index_select` take them: int32 and int64 as they are (no copy), any other integer
+    dtype (a support set by hand) as int64."""
+    return indices if indices.dtype in (torch.int32, torch.int64) else indices.long()
 
 
 def compose_weight(weight: torch.Tensor, deltas: Sequence[SparseDelta]) -> torch.Tensor:
@@ -37,9 +42,7 @@ def compose_weight(weight: torch.Tensor, deltas: Sequence[SparseDelta]) -> torch
         # a copy to add into: `flat` itself where reshaping already copied (an expanded or non-contiguous weight)
         effective = flat.clone() if flat.data_ptr() == weight.data_ptr() else flat
         for indices, values in deltas:
-            effective.index_add_(
-                0, indices if indices.dtype in _INDEX_ADD_DTYPES else indices.long(), values.to(weight.dtype)
-            )
+            effective.index_add_(0, as_index(indices), values.to(weight.dtype))
         return effective.view_as(weight)
     indices = torch.cat([idx.long() for idx, _ in deltas])
     values = torch.cat([val.float() for _, val in deltas])
@@ -139,7 +142,7 @@ def value_gradients(
         else:
             if grad_flat is None:
                 grad_flat = (grad_output_2d.t() @ x_2d).reshape(-1)
-            grad = grad_flat.index_select(0, idx)
+            grad = grad_flat.index_select(0, as_index(idx))
         grads[i] = grad.to(val.dtype)
     return grads
 
