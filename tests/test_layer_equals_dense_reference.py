@@ -284,9 +284,9 @@ def test_half_precision_composition_rounds_once(dtype):
 
 @pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32, torch.int64])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "slice of a larger tensor", "expanded"])
-def test_compose_weight_adds_into_a_copy_whatever_the_weights_memory_layout(layout, index_dtype):
-    """The float32 composition adds in place into one copy of the weight: never into the weight (or the tensor it is
-    a view of), whether reshaping it gives a view (contiguous, a slice) or a copy (transposed, expanded)."""
+def test_compose_weight_never_writes_the_weight_whatever_its_memory_layout(layout, index_dtype):
+    """The float32 composition never writes into the weight (or the tensor it is a view of), whether reshaping it gives
+    a view (contiguous, a slice, expanded) or a copy (transposed), whatever the support's integer dtype."""
     generator = torch.Generator().manual_seed(3)
     storage = torch.randn(80, 64, generator=generator)
     weight = {
@@ -317,3 +317,24 @@ def test_the_entry_value_gradient_takes_a_support_of_any_integer_dtype(index_dty
     expected = (grad_output.reshape(-1, 48).t() @ x.reshape(-1, 40)).reshape(-1)[indices]
     (grad,) = value_gradients(grad_output, x, [indices.to(index_dtype)], [values], [True], torch.float32)
     assert torch.equal(grad, expected)
+
+
+def test_compose_weight_runs_under_torch_func_transforms_and_a_full_graph_compile():
+    """`vmap` over the values (an in-place add into the weight's copy refuses it), `grad`, `jacrev` over the weight, and
+    `torch.compile(fullgraph=True)` (a data-pointer comparison broke the graph) all give the eager values."""
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(8, 6, generator=generator)
+    indices = torch.tensor([0, 3, 7, 47], dtype=torch.int32)
+    batch = torch.randn(3, 4, generator=generator)
+
+    def compose(w, v):
+        return compose_weight(w, [(indices, v)])
+
+    eager = torch.stack([compose(weight, v) for v in batch])
+    assert torch.equal(torch.func.vmap(lambda v: compose(weight, v))(batch), eager)
+    assert torch.equal(
+        torch.func.grad(lambda v: compose(weight, v).pow(2).sum())(batch[0]), 2 * eager[0].view(-1)[indices.long()]
+    )
+    assert torch.equal(torch.func.jacrev(lambda w: compose(w, batch[0]))(weight), torch.eye(48).view(8, 6, 8, 6))
+    compiled = torch.compile(compose, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(weight, batch[1]), eager[1])

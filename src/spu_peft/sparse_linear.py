@@ -30,20 +30,19 @@ def compose_weight(weight: torch.Tensor, deltas: Sequence[SparseDelta]) -> torch
     """Return `weight + sum of deltas` in the weight's dtype, never modifying `weight` itself.
 
     A float32/64 weight receives exactly one addition per delta, in order, so the result equals adding dense deltas;
-    they are added in place into one copy of the weight, with the support's own index dtype (no int64 copy of the
-    indices, no second weight-sized tensor per delta). A half-precision weight (bf16, fp16) is summed with its deltas
-    in float32 and rounded once: rounding the float32 delta to the weight's dtype first would round twice, up to a
-    whole bf16 spacing off `W + delta`.
+    the support's own index dtype is used (no int64 copy of the indices per call). The additions are out of place,
+    so the composition also runs under `torch.func` transforms (`vmap` over the values refuses an in-place add into
+    the weight's copy). A half-precision weight (bf16, fp16) is summed with its deltas in float32 and rounded once:
+    rounding the float32 delta to the weight's dtype first would round twice, up to a whole bf16 spacing off
+    `W + delta`.
     """
     flat = weight.reshape(-1)
     if not deltas:
         return weight
     if weight.dtype in (torch.float32, torch.float64):
-        # a copy to add into: `flat` itself where reshaping already copied (an expanded or non-contiguous weight)
-        effective = flat.clone() if flat.data_ptr() == weight.data_ptr() else flat
         for indices, values in deltas:
-            effective.index_add_(0, as_index(indices), values.to(weight.dtype))
-        return effective.view_as(weight)
+            flat = flat.index_add(0, as_index(indices), values.to(weight.dtype))
+        return flat.view_as(weight)
     indices = torch.cat([idx.long() for idx, _ in deltas])
     values = torch.cat([val.float() for _, val in deltas])
     if len(deltas) > 1:  # overlapping supports (a frozen delta and the current one) are summed before rounding
