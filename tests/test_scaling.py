@@ -168,3 +168,22 @@ def test_quick_blocks_part_runs_spu_and_random_tiles_and_compares_them(tiny_mode
     assert config["method_plans"]["random_replay"]["options"]["block_size"] == "16x16"
     peers = {r["peer"] for r in out["analysis"]["comparisons"] if r["variant"] == "output_norm @ 0.1, 16x16 tiles"}
     assert peers == {"random_replay@16x16", "finetune_replay", "spu_replay"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "asked"),
+    [
+        ([], "native"),
+        (["--widths", "64"], "native"),
+        (["--numerics", "reproducible"], "reproducible"),
+        (["--seeds", "0", "--numerics=reproducible"], "reproducible"),
+        (["--numerics", "native"], "native"),
+        (["--output-dir", "reproducible"], "native"),
+        (["--numerics"], "native"),
+    ],
+)
+def test_the_numerics_pinned_before_the_imports_are_the_ones_the_command_line_asks_for(argv, asked):
+    """The study pins MKL and ATen in the environment before its imports only for `--numerics reproducible`: with the
+    default (native) it used to pin them anyway, while its results said native."""
+    assert scaling.numerics_asked(argv) == asked
+    assert scaling.parse_args([]).numerics == scaling.DEFAULT_NUMERICS == "native"
