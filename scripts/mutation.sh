@@ -12,7 +12,7 @@ shift
 selection_tests="tests/test_selection.py tests/test_selection_oracles.py tests/test_selection_contract.py"
 declare -A TESTS=(
     [compose]="tests/test_compose.py"
-    [encoding]="tests/test_encoding.py tests/test_selection_oracles.py tests/test_save_load.py"
+    [encoding]="tests/test_encoding.py tests/test_blocks.py tests/test_selection_oracles.py tests/test_save_load.py"
     [scoring]="$selection_tests tests/test_collectives.py"
     [selection]="$selection_tests tests/test_user_mistakes.py tests/test_collectives.py tests/test_distributed_one_process.py"
     [layer]="tests/test_layer_equals_dense_reference.py tests/test_layer_contract.py tests/test_distributed_one_process.py tests/test_selection.py tests/test_compose.py tests/test_save_load.py tests/test_peft_contract.py tests/test_bf16.py"

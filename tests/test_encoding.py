@@ -18,6 +18,7 @@ from spu_peft.encoding import (
     mask_is_smaller,
     pack_mask,
     unpack_mask,
+    whole_tiles,
 )
 
 
@@ -121,3 +122,72 @@ def test_tiles_are_chosen_exactly_when_their_bytes_are_fewer_than_the_mask_and_t
     assert set(encode_support("spu_indices", "spu_mask", indices, shape, None)) == {"spu_mask"}
     not_tiles = torch.tensor([0, 1, 2, 3, 16, 17, 18])  # one entry short of a tile
     assert set(encode_support("spu_indices", "spu_mask", not_tiles, (64, 16), block)) == {"spu_indices"}
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@pytest.mark.parametrize("shape", [(3, 10), (5, 9), (6, 24), (4, 26), (16, 64), (7, 64)])
+def test_the_encoding_is_the_smallest_at_every_count_block_and_shape(shape):
+    """Tiles (4 bytes each and 8 for the block size) exactly when they take fewer bytes than both the mask
+    (`ceil(numel / 8)`) and int32 indices (4 per entry), else the mask where it is no larger, else the indices; every
+    block size dividing the shape, every count of leading tiles (up to 40), shapes whose entries are not a multiple of
+    8. The stored block size is two int32s."""
+    numel = shape[0] * shape[1]
+    for br in divisors(shape[0]):
+        for bc in divisors(shape[1]):
+            grid = (shape[0] // br) * (shape[1] // bc)
+            for count in range(1, min(grid, 40) + 1):
+                indices = expand_tiles(torch.arange(count), shape, (br, bc))
+                encoded = encode_support("spu_indices", "spu_mask", indices, shape, (br, bc))
+                entries = count * br * bc
+                if 4 * count + 8 < min(math.ceil(numel / 8), 4 * entries):
+                    assert set(encoded) == {"spu_tiles", "spu_block_size"}, (br, bc, count)
+                    assert encoded["spu_block_size"].dtype == torch.int32
+                    assert encoded["spu_block_size"].tolist() == [br, bc]
+                else:
+                    smaller = "spu_mask" if math.ceil(numel / 8) <= 4 * entries else "spu_indices"
+                    assert set(encoded) == {smaller}, (br, bc, count)
+
+
+@pytest.mark.parametrize("block", [(1, 1), (32, 32)])
+def test_tiles_are_found_exactly_in_a_weight_of_more_than_two_to_the_24_entries(block):
+    """Positions past 2**24 are not exact in float32: the tile arithmetic stays in integers."""
+    shape = (8192, 4096)
+    grid = (shape[0] // block[0]) * (shape[1] // block[1])
+    tiles = torch.tensor([0, grid // 2 + 1, grid - 2, grid - 1])
+    indices = expand_tiles(tiles, shape, block)
+    assert int(indices[-1]) == shape[0] * shape[1] - 1
+    assert torch.equal(whole_tiles(indices, shape, block), tiles.to(torch.int32))
+    if block != (1, 1):  # one entry short of the last tile
+        assert whole_tiles(indices[:-1], shape, block) is None
+
+
+BLOCK_FIELD_MESSAGE = "w: tiles need the layer's `spu_block_size` (two integers), found {}; the file is corrupt."
+
+
+@pytest.mark.parametrize(
+    ("stored_block", "block_size", "message"),
+    [
+        (
+            torch.tensor([2, 4], dtype=torch.int32),
+            None,
+            "w: the file stores the support as tiles but the adapter's config has no `block_size`; load it with the "
+            "config it was saved with.",
+        ),
+        (None, (2, 4), BLOCK_FIELD_MESSAGE.format("none")),
+        (torch.tensor([2.0, 4.0]), (2, 4), BLOCK_FIELD_MESSAGE.format("torch.float32 of shape (2,)")),
+        (torch.tensor([2, 4, 1], dtype=torch.int32), (2, 4), BLOCK_FIELD_MESSAGE.format("torch.int32 of shape (3,)")),
+        (
+            torch.tensor([4, 2], dtype=torch.int64),
+            (2, 4),
+            "w: the file's tiles are (4, 2) but the adapter's config has block_size=(2, 4); load it with the config it "
+            "was saved with.",
+        ),
+    ],
+)
+def test_stored_tiles_without_their_block_size_are_refused_saying_what_was_found(stored_block, block_size, message):
+    tiles = torch.tensor([0, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        decode_tiles(tiles, stored_block, block_size, (8, 16), "w")
