@@ -24,10 +24,12 @@ import sys
 from pathlib import Path
 
 import torch
+from numerics_flag import numerics_asked  # imports nothing that computes
 
 if not torch.cuda.is_available():  # DeepSpeed (if installed) would warn that it falls back to the CPU in every run
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-if __name__ == "__main__" and not {"native", "--numerics=native"} & set(sys.argv):  # before imports that compute
+DEFAULT_NUMERICS = "reproducible"  # `--numerics`: every x86-64 CPU gives the same numbers
+if __name__ == "__main__" and numerics_asked(sys.argv[1:], DEFAULT_NUMERICS) == "reproducible":  # before the imports
     os.environ.update(MKL_CBWR="COMPATIBLE", ATEN_CPU_CAPABILITY="avx2")
 
 import datasets  # noqa: E402
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr-sweep", action="store_true", help="Also run every method over its grid of rates.")
     parser.add_argument(
         "--numerics",
-        default="reproducible",
+        default=DEFAULT_NUMERICS,
         choices=NUMERICS_MODES,
         help="reproducible: pin MKL, ATen and convolutions so every x86-64 CPU gives the same numbers; native: "
         "the libraries' fastest paths for this CPU.",

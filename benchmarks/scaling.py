@@ -39,22 +39,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from numerics_flag import numerics_asked  # imports nothing that computes
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEFAULT_NUMERICS = "native"  # this study's default (`--numerics`): the pins cost 1.7x
-
-
-def numerics_asked(argv: list[str]) -> str:
-    """The `--numerics` a command line asks for (`--numerics X` or `--numerics=X`), else the default: read before the
-    imports, since the pins must be in the environment before anything computes."""
-    for flag, value in zip(argv, [*argv[1:], None]):
-        if flag.startswith("--numerics="):
-            return flag.removeprefix("--numerics=")
-        if flag == "--numerics" and value is not None:
-            return value
-    return DEFAULT_NUMERICS
-
-
-if __name__ == "__main__" and numerics_asked(sys.argv[1:]) == "reproducible":  # before imports that compute
+if __name__ == "__main__" and numerics_asked(sys.argv[1:], DEFAULT_NUMERICS) == "reproducible":
     os.environ.update(MKL_CBWR="COMPATIBLE", ATEN_CPU_CAPABILITY="avx2")  # spu_peft.continual's REPRODUCIBLE_ENV
 
 import datasets  # noqa: E402

@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import scaling  # noqa: E402
+from numerics_flag import numerics_asked  # noqa: E402
 
 from spu_peft.embedded import (  # noqa: E402
     EMBEDDED_FAMILY,
@@ -171,19 +172,29 @@ def test_quick_blocks_part_runs_spu_and_random_tiles_and_compares_them(tiny_mode
 
 
 @pytest.mark.parametrize(
-    ("argv", "asked"),
+    ("argv", "default", "asked"),
     [
-        ([], "native"),
-        (["--widths", "64"], "native"),
-        (["--numerics", "reproducible"], "reproducible"),
-        (["--seeds", "0", "--numerics=reproducible"], "reproducible"),
-        (["--numerics", "native"], "native"),
-        (["--output-dir", "reproducible"], "native"),
-        (["--numerics"], "native"),
+        ([], "native", "native"),
+        ([], "reproducible", "reproducible"),
+        (["--widths", "64"], "native", "native"),
+        (["--numerics", "reproducible"], "native", "reproducible"),
+        (["--seeds", "0", "--numerics=reproducible"], "native", "reproducible"),
+        (["--numerics", "native"], "reproducible", "native"),
+        (["--numerics=native"], "reproducible", "native"),
+        (["--output-dir", "reproducible"], "native", "native"),
+        (["--output-dir", "native"], "reproducible", "reproducible"),
+        (["--numerics"], "native", "native"),
     ],
 )
-def test_the_numerics_pinned_before_the_imports_are_the_ones_the_command_line_asks_for(argv, asked):
-    """The study pins MKL and ATen in the environment before its imports only for `--numerics reproducible`: with the
-    default (native) it used to pin them anyway, while its results said native."""
-    assert scaling.numerics_asked(argv) == asked
+def test_the_numerics_pinned_before_the_imports_are_the_ones_the_command_line_asks_for(argv, default, asked):
+    """The scaling study (default native) and the sequence (default reproducible) pin MKL and ATen in the environment
+    before their imports only for `--numerics reproducible`: the study's default used to pin them anyway while its
+    results said native, and the sequence took any argument spelled `native` (an output folder) for the flag."""
+    assert numerics_asked(argv, default) == asked
+
+
+def test_the_scripts_read_their_own_numerics_default():
+    import cl_sequence
+
     assert scaling.parse_args([]).numerics == scaling.DEFAULT_NUMERICS == "native"
+    assert cl_sequence.parse_args([]).settings.numerics == cl_sequence.DEFAULT_NUMERICS == "reproducible"
