@@ -2,8 +2,10 @@
 dense autograd, and saving, loading, merging and composing as entry-level adapters do."""
 
 import copy
+import gc
 import json
 import logging
+import weakref
 
 import pytest
 import torch
@@ -602,6 +604,28 @@ def test_the_layout_cache_reuses_a_layout_until_the_support_changes():
     cache.drop("a")
     assert cache.get("a", indices, (48, 32), BLOCK) is not second
     assert cache.get("a", indices.clone(), (48, 32), BLOCK) is not second  # a new tensor
+
+
+def test_the_layout_cache_does_not_keep_a_replaced_support_alive():
+    cache, indices = LayoutCache(), random_tiles((48, 32), BLOCK, 5, seed=0)
+    layout = cache.get("a", indices, (48, 32), BLOCK)
+    replaced = weakref.ref(indices)
+    del indices
+    gc.collect()
+    assert replaced() is None
+    assert cache.get("a", random_tiles((48, 32), BLOCK, 5, seed=0), (48, 32), BLOCK) is not layout
+
+
+def test_a_trained_blocked_model_frees_a_support_set_support_replaces():
+    model = blocked_model(init_weights=False)
+    model.train()(**make_batch(), return_loss=True).loss.backward()  # every layer caches its layout
+    replaced = {}
+    for name, layer in layers(model).items():
+        replaced[name] = weakref.ref(layer.spu_indices["default"])
+        shape, grid_cols = layer.weight_shape, layer.weight_shape[1] // BLOCK[1]
+        layer.set_support("default", expand_tiles(torch.tensor([0, grid_cols + 1]), shape, BLOCK))
+    gc.collect()
+    assert replaced and [name for name, ref in replaced.items() if ref() is not None] == []
 
 
 def test_a_support_not_of_whole_tiles_is_logged_with_the_adapter_and_block(caplog):

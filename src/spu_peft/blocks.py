@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,14 +126,17 @@ def tile_layout(indices: torch.Tensor, shape: tuple[int, int], block_size: tuple
 
 class LayoutCache:
     """One layer's tile layouts per adapter, rebuilt when the support changes (a new tensor or one written in place,
-    as `load_state_dict` does), so the layout costs one pass per selection, not one per step."""
+    as `load_state_dict` does), so the layout costs one pass per selection, not one per step.
+
+    A support is known by a weak reference: a selection replaces it, and the replaced one (4 bytes an entry) must not
+    stay alive here until the next training step asks for a layout."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[torch.Tensor, int, TileLayout | None]] = {}
+        self._entries: dict[str, tuple[weakref.ref, int, TileLayout | None]] = {}
 
     def get(self, adapter_name: str, indices: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]):
         cached = self._entries.get(adapter_name)
-        if cached is not None and cached[0] is indices and cached[1] == indices._version:
+        if cached is not None and cached[0]() is indices and cached[1] == indices._version:
             return cached[2]
         layout = tile_layout(indices, shape, block_size)
         if layout is None:
@@ -142,7 +146,7 @@ class LayoutCache:
                 adapter_name,
                 block_size,
             )
-        self._entries[adapter_name] = (indices, indices._version, layout)
+        self._entries[adapter_name] = (weakref.ref(indices), indices._version, layout)
         return layout
 
     def drop(self, adapter_name: str) -> None:
