@@ -397,6 +397,23 @@ def test_save_reload_gives_the_same_logits_and_supports(tmp_path):
         assert layer.tile_layouts("default")[-1] is not None
 
 
+def test_whole_tiles_written_in_place_out_of_sorted_order_save_and_reload_to_the_same_logits(tmp_path):
+    """Such a support trains through the entry-level path (above); its file stores it as tiles, which load back
+    sorted, so the values are stored in the support's sorted order too, not paired with other entries."""
+    batch = make_batch()
+    model = blocked_model(init_weights=False)
+    for layer in layers(model).values():
+        indices = layer.spu_indices["default"]
+        indices.copy_(indices.flip(0))  # the same whole tiles, in descending order
+    with torch.no_grad():
+        expected = model(**batch).logits_per_image
+    model.save_pretrained(tmp_path)
+    assert any(key.endswith(".spu_tiles") for key in load_file(tmp_path / "adapter_model.safetensors"))
+    loaded = PeftModel.from_pretrained(make_tiny_clip(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits_per_image, expected, rtol=0, atol=1e-6)
+
+
 TILED_LAYER = "base_model.model.vision_model.encoder.layers.0.mlp.fc1"
 
 
