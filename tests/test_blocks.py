@@ -5,6 +5,7 @@ import copy
 import gc
 import json
 import logging
+import warnings
 import weakref
 
 import pytest
@@ -88,6 +89,40 @@ def test_initial_support_is_whole_tiles(budget):
             assert all(sum(r == row for r, _ in tiles) == num_selected(8, 0.25) for row in range(6))
         else:
             assert len(tiles) == num_selected(48, 0.25)
+
+
+def density_warnings(config):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_peft_model(make_tiny_clip(), config)
+    return model, [str(w.message) for w in caught if "density=" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    ("block", "budget", "trains"),
+    [
+        ((48, 32), "per_tensor", "1 tile (the minimum), 100.0% of"),  # one tile is the whole weight
+        ((8, 32), "per_row", "1 tile per row (the minimum), 100.0% of"),  # one tile is a whole row of tiles
+        ((8, 4), "per_row", None),  # 0.1 of 8 tiles per row rounds to 1, as for entries: no warning
+    ],
+)
+def test_a_tile_budget_lifted_to_one_tile_warns_how_much_of_the_weight_trains(block, budget, trains):
+    """density=0.1 asks for a tenth of each weight; when that buys less than half a tile (of a row of tiles under
+    `per_row`), one tile trains regardless, here all 1536 entries, and a warning says so (as it does for entries)."""
+    model, said = density_warnings(SPUConfig(block_size=block, budget=budget, density=0.1))
+    if trains is None:
+        assert said == []
+        return
+    tiles = 1 if budget == "per_row" else (48 // block[0]) * (32 // block[1])
+    row = "in each row of tiles of" if budget == "per_row" else "of"
+    assert len(said) == len(layers(model)) and all(
+        message.startswith(f"density=0.1 buys less than one of the {tiles} tiles of block_size={block} {row} `")
+        and message.endswith(
+            f"; it trains {trains} the weight's entries. Choose a smaller `block_size` (or raise `density`)."
+        )
+        for message in said
+    )
+    assert all(layer.spu_indices["default"].numel() == 48 * 32 for layer in layers(model).values())
 
 
 def magnitude_tiles(model):
@@ -360,6 +395,23 @@ def test_save_reload_gives_the_same_logits_and_supports(tmp_path):
     for layer in layers(loaded).values():
         layer.spu_values["default"].requires_grad_(True)
         assert layer.tile_layouts("default")[-1] is not None
+
+
+def test_whole_tiles_written_in_place_out_of_sorted_order_save_and_reload_to_the_same_logits(tmp_path):
+    """Such a support trains through the entry-level path (above); its file stores it as tiles, which load back
+    sorted, so the values are stored in the support's sorted order too, not paired with other entries."""
+    batch = make_batch()
+    model = blocked_model(init_weights=False)
+    for layer in layers(model).values():
+        indices = layer.spu_indices["default"]
+        indices.copy_(indices.flip(0))  # the same whole tiles, in descending order
+    with torch.no_grad():
+        expected = model(**batch).logits_per_image
+    model.save_pretrained(tmp_path)
+    assert any(key.endswith(".spu_tiles") for key in load_file(tmp_path / "adapter_model.safetensors"))
+    loaded = PeftModel.from_pretrained(make_tiny_clip(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits_per_image, expected, rtol=0, atol=1e-6)
 
 
 TILED_LAYER = "base_model.model.vision_model.encoder.layers.0.mlp.fc1"

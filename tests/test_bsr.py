@@ -24,6 +24,7 @@ from spu_peft import sparse_linear as sparse_linear_module
 from spu_peft.blocks import tile_layout, tile_value_gradient
 from spu_peft.encoding import expand_tiles
 from spu_peft.naming import spu_layers
+from spu_peft.sparse_linear import sparse_delta_linear
 
 
 def reference_kernel(calls=None):
@@ -104,6 +105,46 @@ def test_a_layout_grouped_either_way_takes_the_kernel_and_its_values(shape, monk
     got = tile_value_gradient(grad_out, x, layout)
     assert calls == [torch.float32]
     torch.testing.assert_close(got, (grad_out.t() @ x).reshape(-1)[indices], rtol=1e-5, atol=1e-5)
+
+
+def test_a_double_backward_takes_the_grouped_matmuls_whose_gradients_keep_their_graph(monkeypatch):
+    """torch's kernel is a Triton launch, which autograd does not record: under `create_graph=True` the value gradient
+    it computed would carry no graph, and the second-order terms through it would be lost without an error (here
+    those of the first layer's value gradient, the second layer's being entry-level). A double backward takes the
+    grouped matmuls instead, and equals the entry-level paths; a plain backward still takes the kernel."""
+    calls = []
+    kernel = reference_kernel(calls)
+
+    def triton_like(pattern, mat1, mat2, beta):
+        with torch.no_grad():  # writes the output's memory and records nothing, as a Triton launch does
+            return kernel(pattern, mat1, mat2, beta)
+
+    monkeypatch.setattr(bsr, "BSR_VALUE_GRAD_DEVICES", ("cpu",))
+    monkeypatch.setattr(bsr, "bsr_kernel", lambda: triton_like)
+    generator = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(32, 16, generator=generator), torch.randn(16, 32, generator=generator)
+    i1 = tiled_support((32, 16), (16, 16), 1, seed=0)
+    i2 = tiled_support((16, 32), (16, 16), 1, seed=1)
+    x = torch.randn(4, 16, generator=generator)
+    layout = tile_layout(i1, (32, 16), (16, 16))
+    assert layout.bsr is not None
+
+    def grads(tiled, create_graph=True):
+        v1 = (0.1 * torch.randn(i1.numel(), generator=torch.Generator().manual_seed(1))).requires_grad_()
+        v2 = (0.1 * torch.randn(i2.numel(), generator=torch.Generator().manual_seed(2))).requires_grad_()
+        h = sparse_delta_linear(x, w1, None, [(i1, v1)], [layout] if tiled else None)
+        y = sparse_delta_linear(h, w2, None, [(i2, v2)])
+        g1, g2 = torch.autograd.grad((y**2).sum(), [v1, v2], create_graph=create_graph)
+        if not create_graph:
+            return g1, g2
+        return (g1, g2, *torch.autograd.grad(g1.square().sum() + g2.square().sum(), [v1, v2]))
+
+    for got, expected in zip(grads(True), grads(False)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    for got, expected in zip(grads(True, create_graph=False), grads(False, create_graph=False)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert calls == [torch.float32]
 
 
 def test_torch_here_has_or_lacks_the_kernel_as_it_says():

@@ -162,12 +162,14 @@ def tile_value_gradient(grad_output: torch.Tensor, x: torch.Tensor, layout: Tile
     matmul of a slice of the grouping side (a view) with the other side's blocks of its tiles (gathered): of the
     inputs only those blocks are copied (grouped by columns, the products are copied once more, into sorted order).
     Under `create_graph=True` the products stay differentiable. Where the layout has a block-sparse kernel's
-    (`spu_peft.bsr`, CUDA) and the dtype is one of its, that one kernel computes the tiles instead.
+    (`spu_peft.bsr`, CUDA) and the dtype is one of its, that one kernel computes the tiles instead, except when
+    autograd records the gradient (a double backward): the Triton kernel writes its output outside autograd, so its
+    gradient would carry no graph and the second-order terms through it would be silently lost.
     """
     br, bc = layout.block_size
     if grad_output.shape[0] == 0:  # no tokens: every gradient is an empty sum
         return grad_output.new_zeros(layout.entries)
-    if layout.bsr is not None and grad_output.dtype in BSR_DTYPES:
+    if layout.bsr is not None and grad_output.dtype in BSR_DTYPES and not _records_graph(grad_output, x):
         return bsr_value_gradient(grad_output, x, layout.bsr)
     tokens = x.shape[0]
     if layout.by_rows:  # (br, tiles * bc) per row of tiles: its stretch of the gradient
@@ -186,10 +188,15 @@ def tile_value_gradient(grad_output: torch.Tensor, x: torch.Tensor, layout: Tile
     return out if layout.by_rows else out.index_select(0, layout.chunks).view(-1)
 
 
+def _records_graph(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether autograd records a product of `a` and `b` (`create_graph=True`: a double backward)."""
+    return torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+
+
 def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """`out = a @ b` without a temporary; where autograd records the product (a double backward), as a copy, since
     torch's `out=` matmuls are not differentiable."""
-    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+    if _records_graph(a, b):
         out.copy_(a @ b)
     else:
         torch.mm(a, b, out=out)

@@ -25,6 +25,32 @@ def num_selected(numel: int, density: float) -> int:
     return max(1, round(density * numel))
 
 
+def budget_shortfall(shape: tuple[int, int], config: SPUConfig, key: str) -> str | None:
+    """The warning for a budget that buys less than half of what it counts (an entry, a tile; of each row under
+    `per_row`), or None. `num_selected` lifts such a budget to one, which with a `block_size` can be much of the
+    weight (a tile as large as the weight trains all of it), so the warning says how much trains instead."""
+    cell = config.block_size or (1, 1)
+    grid = (shape[0] // cell[0], shape[1] // cell[1])
+    per_row = config.budget == "per_row"
+    cells = grid[1] if per_row else grid[0] * grid[1]
+    if config.density * cells >= 0.5:
+        return None
+    if config.block_size is None and not per_row:  # the message entry-level adapters have always had
+        return (
+            f"density={config.density} buys less than one of the {cells} entries of `{key}`; it trains 1 entry (the "
+            "minimum). Raise `density` (0.1 trains 10% of each target)."
+        )
+    what = "entries" if config.block_size is None else f"tiles of block_size={tuple(config.block_size)}"
+    one = "1 entry" if config.block_size is None else "1 tile"
+    share = (grid[0] if per_row else 1) * cell[0] * cell[1] / (shape[0] * shape[1])
+    fix = "Raise `density`" if config.block_size is None else "Choose a smaller `block_size` (or raise `density`)"
+    row = ("in each row of tiles of " if config.block_size else "in each row of ") if per_row else "of "
+    return (
+        f"density={config.density} buys less than one of the {cells} {what} {row}`{key}`; it trains {one}"
+        f"{' per row' if per_row else ''} (the minimum), {share:.1%} of the weight's entries. {fix}."
+    )
+
+
 def _initial_values(n: int, config: SPUConfig, seed: int, device: torch.device) -> torch.Tensor:
     """Zeros (the identity adapter) or, with `init_weights=False`, small seeded random values."""
     if config.init_weights:
@@ -108,13 +134,8 @@ class SPULayer(BaseTunerLayer):
             check_divisible(self.weight_shape, config.block_size, key)
         self._block_sizes[adapter_name] = config.block_size
         self._tile_layouts.drop(adapter_name)
-        if config.density * self.weight_numel < 0.5:
-            warnings.warn(
-                f"density={config.density} buys less than one of the {self.weight_numel} entries of `{key}`; it "
-                "trains 1 entry (the minimum). Raise `density` (0.1 trains 10% of each target).",
-                UserWarning,
-                stacklevel=2,
-            )
+        if (shortfall := budget_shortfall(self.weight_shape, config, key)) is not None:
+            warnings.warn(shortfall, UserWarning, stacklevel=2)
         indices = random_support(self.weight_shape, config, key, device, adapter_name)
         self.spu_indices[adapter_name] = indices
         values = _initial_values(indices.numel(), config, adapter_seed(config, "values", adapter_name, key), device)

@@ -265,8 +265,12 @@ class SPUModel(BaseTuner):
                     continue
                 if values.numel() != indices.numel():
                     raise _sharded_error(f"`{name}.{values_name}` holds {values.numel()} of {indices.numel()} values")
-                shape, block_size = layer.weight_shape, config.block_size
-                fields.update(encode_support(buffer_name, mask_name, fields.pop(buffer_name), shape, block_size))
+                if not bool((indices[1:] > indices[:-1]).all()):
+                    # written in place out of order: a mask or tiles load back sorted, so the values go in that order
+                    order = indices.argsort()
+                    indices, fields[values_name] = indices[order], values[order]
+                del fields[buffer_name]
+                fields.update(encode_support(buffer_name, mask_name, indices, layer.weight_shape, config.block_size))
             to_return.update({f"{prefix}.{field}.{adapter_name}": tensor for field, tensor in fields.items()})
         biases = cls._get_learnable_bias_state_dict(model, state_dict, config)
         dense = f".modules_to_save.{adapter_name}."
