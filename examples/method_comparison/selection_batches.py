@@ -22,6 +22,7 @@ from peft import get_peft_model
 from transformers import AutoTokenizer, BertForSequenceClassification
 
 from spu_peft import SPUConfig, SPULayer, select_parameters
+from spu_peft.studies.text_retention import minilm_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reference", type=int, default=128, help="batches of the reference selection")
     parser.add_argument("--batch-size", type=int, default=16, help="batch size")
     parser.add_argument("--model", default="tiny-llama", choices=["tiny-llama", "all-minilm-l6-v2"], help="model")
-    parser.add_argument("--model-dir", default="results/all-MiniLM-L6-v2", help="where model.zip is extracted")
+    parser.add_argument("--cache-dir", default=None, help="where all-MiniLM-L6-v2's weights are unzipped once")
     parser.add_argument("--pretrain-steps", type=int, default=1000, help="the cached base's pretraining steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data")
     return parser.parse_args(argv)
@@ -54,7 +55,7 @@ def main(argv=None) -> None:
         batches = list(islice(tiny_llm.task_batches(train, tokenizer, args.batch_size, args.seed), args.reference))
         config = SPUConfig(task_type="CAUSAL_LM")
     else:
-        path = lr_sweep_encoder.model_dir(args.model_dir)
+        path = minilm_path(args.cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(path)
         base = BertForSequenceClassification.from_pretrained(path, num_labels=2)
         rows, rng = lr_sweep_encoder.sentences(2000, args.seed), random.Random(args.seed)

