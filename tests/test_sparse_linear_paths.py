@@ -1,9 +1,14 @@
 """`spu_peft.sparse_linear`'s paths against dense autograd: which path a call takes, float64 and bfloat16-autocast
 arithmetic."""
 
+import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_batch, make_tiny_clip
+from peft import get_peft_model
+from torch.func import functional_call
 
+from spu_peft import SPUConfig
 from spu_peft.sparse_linear import compose_weight, sparse_delta_linear
 
 SHAPE = torch.Size((6, 5))
@@ -90,3 +95,21 @@ def test_the_plain_path_computes_in_autocasts_dtype():
         out = sparse_delta_linear(x, weight, bias, [(indices, values)])
         expected = F.linear(x, compose_weight(weight, [(indices, values)]), bias)
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("block_size", [None, (8, 4)])
+def test_torch_func_grad_through_an_spu_model_equals_autograd(block_size):
+    """`torch.func.grad` needs an autograd function's context set up apart from its forward; per-sample gradients and
+    functional training take it through `functional_call`."""
+    model = get_peft_model(make_tiny_clip(), SPUConfig(init_weights=False, block_size=block_size))
+    batch = make_batch()
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    def loss(params):
+        return functional_call(model, params, kwargs={**batch, "return_loss": True}).loss
+
+    gradients = torch.func.grad(loss)({name: p.detach() for name, p in trained.items()})
+    model(**batch, return_loss=True).loss.backward()
+    assert any(".spu_values." in name for name in trained)
+    for name, p in trained.items():
+        torch.testing.assert_close(gradients[name], p.grad, rtol=0, atol=0, msg=name)

@@ -86,15 +86,22 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 class SparseDeltaLinear(torch.autograd.Function):
-    """`F.linear(x, weight + deltas, bias)` with gradients for `x`, `bias` and the delta values only."""
+    """`F.linear(x, weight + deltas, bias)` with gradients for `x`, `bias` and the delta values only.
+
+    The context is set up apart from `forward` (`setup_context`), the form `torch.func.grad` and its kin require.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, dtype, indices, layouts, *values):  # noqa: D417 - autograd signature
+    def forward(x, weight, bias, dtype, indices, layouts, *values):  # noqa: D417 - autograd signature
+        return composed_linear(x, weight, bias, list(zip(indices, values)), dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, dtype, indices, layouts, *values = inputs
         ctx.dtype = dtype
         ctx.layouts = layouts
         ctx.bias_dtype = None if bias is None else bias.dtype
         save_linear_inputs(ctx, x, weight, indices, values)
-        return composed_linear(x, weight, bias, list(zip(indices, values)), dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
