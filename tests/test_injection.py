@@ -1,12 +1,14 @@
 """`spu_peft.injection`: what an injection notes (only what it changed), when the note is taken, and what undoing it
 puts back (modules, flags, configs, the active adapter) on a real tiny CLIP."""
 
+import copy
 import gc
+import io
 import weakref
 
 import pytest
 import torch
-from conftest import make_tiny_clip
+from conftest import make_batch, make_tiny_clip
 from peft import LoraConfig, get_peft_model
 from peft.utils import ModulesToSaveWrapper
 
@@ -62,6 +64,46 @@ def test_the_pending_note_does_not_keep_a_replaced_support_alive(block_size):
     assert [ref() for ref in injected] == [None] * len(layers)
     note = take_injection(model.base_model, "default")
     assert note is not None and len(note.versions) > 0 and not note.untouched()
+
+
+@pytest.mark.parametrize("copy_model", ["torch.save", "deepcopy"])
+@pytest.mark.parametrize("block_size", [None, (4, 4)])
+def test_a_copied_model_s_note_points_at_the_copy_s_tensors(copy_model, block_size):
+    """`torch.save(model)` pickles the pending note, which holds weak references (they do not pickle; a trained tiled
+    layer's layout cache holds one too); a copy's note must judge the copy's tensors, not the original's."""
+    model = get_peft_model(make_tiny_clip(), SPUConfig(block_size=block_size, init_weights=False))
+    batch = make_batch()
+    model.train()(**batch, return_loss=True).loss.backward()  # a tiled layer caches its layout
+    if copy_model == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+    else:
+        copied = copy.deepcopy(model)
+    model.eval(), copied.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(copied(**batch).logits_per_image, model(**batch).logits_per_image, rtol=0, atol=0)
+    note = take_injection(copied.base_model, "default")
+    copied_tensors = {id(t) for t in [*copied.parameters(), *copied.buffers()]}
+    assert note.untouched() and len(note.versions) > 0
+    assert all(id(noted()) in copied_tensors for noted, _ in note.versions)
+    with torch.no_grad():
+        next(m for m in copied.modules() if isinstance(m, SPULayer)).spu_values["default"].add_(1.0)
+    assert not note.untouched()  # the copy's own change makes its adapter the user's
+    assert take_injection(model.base_model, "default").untouched()  # the original's note is its own
+
+
+@pytest.mark.parametrize("change", ["freed", "written in place"])
+def test_a_note_whose_tensor_changed_before_a_copy_stays_changed(change):
+    model = get_peft_model(make_tiny_clip(), SPUConfig())
+    if change == "freed":
+        select_parameters(model, score="random")  # replaces the injected supports, which are freed
+        gc.collect()
+    else:
+        with torch.no_grad():
+            next(m for m in model.modules() if isinstance(m, SPULayer)).spu_values["default"].add_(1.0)
+    assert not take_injection(copy.deepcopy(model).base_model, "default").untouched()
 
 
 def test_undoing_a_second_adapter_keeps_the_first_its_config_and_the_active_name():

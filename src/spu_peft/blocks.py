@@ -152,6 +152,11 @@ class LayoutCache:
     def drop(self, adapter_name: str) -> None:
         self._entries.pop(adapter_name, None)
 
+    def __getstate__(self) -> dict:
+        """Empty, as `pickle` and `copy.deepcopy` take it (`torch.save(model)`): weak references do not pickle, and a
+        copy rebuilds its layouts from its own supports on first use."""
+        return {"_entries": {}}
+
 
 def tile_value_gradient(grad_output: torch.Tensor, x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
     """The value gradient of a tiled support: `grad_output[:, rows_t]^T @ x[:, cols_t]` for each tile `t`, in the

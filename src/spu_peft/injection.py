@@ -53,6 +53,21 @@ class ModelState:
         self.versions = [(weakref.ref(tensor), version) for tensor, version in self._adapter_tensors()]
         return self
 
+    def __getstate__(self) -> dict:
+        """The note as `pickle` and `copy.deepcopy` take it (`torch.save(model)`; weak references do not pickle): each
+        noted tensor still as the injection left it, None for one freed or changed. The alive ones are the model's, so
+        a copy's note judges the copy's tensors, from their versions as the copy starts."""
+        state = dict(vars(self))
+        state["versions"] = [
+            (tensor if tensor is not None and tensor._version == version else None)
+            for tensor, version in ((noted(), version) for noted, version in self.versions)
+        ]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state)
+        self.versions = [(_freed, -1) if t is None else (weakref.ref(t), t._version) for t in state["versions"]]
+
     def untouched(self) -> bool:
         now = self._adapter_tensors()
         return len(now) == len(self.versions) and all(
@@ -82,3 +97,8 @@ class ModelState:
             parameter.requires_grad = flag
         if not self.had_peft_config and "peft_config" in vars(self.model):
             del self.model.peft_config
+
+
+def _freed() -> None:
+    """A noted tensor freed or changed before the note was copied: it stands for a reference that has died."""
+    return None
