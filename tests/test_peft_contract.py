@@ -296,6 +296,45 @@ def test_two_active_adapters_with_dense_modules_say_how_to_combine_them(name):
         model.base_model.set_adapter(["default", "other"])
 
 
+@pytest.mark.parametrize("name", ["lin0", "modules-to-save", "per-row", "both-dense"])
+def test_adapter_names_in_a_forward_run_each_row_through_its_adapter(name):
+    """PEFT's mixed-batch inference, which LoRA supports: `model(X, adapter_names=[...])` runs row i through adapter
+    `adapter_names[i]` (its dense module copies too), "__base__" through none; it used to run every row through the
+    active adapter."""
+    model, kind = with_two_adapters(name)
+    model.eval()
+    x = inputs(kind)["X"]
+    with torch.no_grad():
+        expected = {"default": model(X=x)}
+        model.set_adapter("other")
+        expected["other"] = model(X=x)
+        with model.disable_adapter():
+            expected["__base__"] = model(X=x)
+        names = ["default", "other", "__base__"] * 3
+        mixed = model(X=x, adapter_names=names)
+    assert not torch.allclose(expected["default"], expected["other"])
+    for row, adapter in enumerate(names):
+        torch.testing.assert_close(mixed[row], expected[adapter][row], rtol=0, atol=1e-6)
+
+
+def test_adapter_names_are_refused_in_training_while_merged_and_when_unknown():
+    model, kind = with_two_adapters("lin0")
+    model.eval()
+    x = inputs(kind)["X"]
+    names = ["default", "other", "__base__"] * 3
+    with pytest.raises(ValueError, match="non-existing adapter.*typo"):
+        model(X=x, adapter_names=["typo"] * 9)
+    with pytest.raises(ValueError, match="9 inputs"):
+        model(X=x, adapter_names=names[:2])
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        model(X=x, adapter_names=names)
+    model.unmerge_adapter()
+    model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        model(X=x, adapter_names=names)
+
+
 def test_clip_adapters_without_dense_modules_can_be_active_together():
     model = get_peft_model(make_tiny_clip(), SPUConfig(modules_to_save=[], init_weights=False))
     model.add_adapter("other", SPUConfig(modules_to_save=[], init_weights=False))

@@ -315,10 +315,13 @@ class Linear(nn.Module, SPULayer):
         return [name for name in self.active_adapters if name in self.spu_values]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         active = self._active_spu_adapters()
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
@@ -326,6 +329,32 @@ class Linear(nn.Module, SPULayer):
         layouts = [layout for name in active for layout in self.tile_layouts(name)]
         delta_biases = [bias for name in active if (bias := self.get_delta_bias(name)) is not None]
         return self._adapted_forward(x, deltas, delta_biases, layouts, *args, **kwargs)
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """PEFT's mixed-batch inference (`model(..., adapter_names=[...])`): row `i` of `x` goes through adapter
+        `adapter_names[i]` alone, `"__base__"` (or an adapter this layer does not hold) through the base layer, as
+        LoRA's layers do. Without it, the names would be dropped and every row would get the active adapters."""
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                f"`adapter_names` names {len(adapter_names)} adapters for {len(x)} inputs; pass one name per input "
+                'row ("__base__" for the base model).'
+            )
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` while adapters are merged into the base weights: the base rows would get "
+                "the merged deltas. Call `model.unmerge_adapter()` first."
+            )
+        result = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(adapter_names):
+            if name not in self.spu_values:  # "__base__", or an adapter that does not target this layer
+                continue
+            rows = [i for i, row_name in enumerate(adapter_names) if row_name == name]
+            biases = [bias] if (bias := self.get_delta_bias(name)) is not None else []
+            output = self._adapted_forward(x[rows], self.sparse_deltas(name), biases, self.tile_layouts(name))
+            result[rows] = output.to(result.dtype)
+        return result
 
     def _adapted_forward(
         self,
