@@ -317,6 +317,23 @@ def test_adapter_names_in_a_forward_run_each_row_through_its_adapter(name):
         torch.testing.assert_close(mixed[row], expected[adapter][row], rtol=0, atol=1e-6)
 
 
+def test_adapter_names_run_an_adapter_without_a_dense_copy_on_the_original_module():
+    """One adapter trains `lin1` densely (modules_to_save), the other does not: PEFT's wrapper would look the second
+    up among its copies (a KeyError); its rows get the original `lin1`, as they do when that adapter is active."""
+    model, kind = adapted("modules-to-save", "get_peft_model")
+    model.add_adapter("other", SPUConfig(target_modules=["lin0"], init_weights=False))
+    model.eval()
+    x = inputs(kind)["X"]
+    with torch.no_grad():
+        expected = {"default": model(X=x)}
+        model.set_adapter("other")
+        expected["other"] = model(X=x)
+        names = ["other", "default", "__base__"] * 3
+        mixed = model(X=x, adapter_names=names)
+    for row, adapter in enumerate(names[:2]):
+        torch.testing.assert_close(mixed[row], expected[adapter][row], rtol=0, atol=1e-6)
+
+
 def test_adapter_names_are_refused_in_training_while_merged_and_when_unknown():
     model, kind = with_two_adapters("lin0")
     model.eval()

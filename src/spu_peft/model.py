@@ -361,6 +361,10 @@ class SPUModel(BaseTuner):
 
 
 def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]) -> tuple:
+    """Give a layer the row names. A `modules_to_save` wrapper runs an adapter without a copy there on its original
+    module, as its own forward does when such an adapter is active (PEFT's mixed batch would raise a KeyError)."""
+    if isinstance(module, AuxiliaryTrainingWrapper):
+        adapter_names = [name if name in module._adapters else "__base__" for name in adapter_names]
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
 
