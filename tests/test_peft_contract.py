@@ -159,6 +159,39 @@ def test_state_dict_round_trip_through_a_fresh_model(name, entry):
     assert torch.equal(output(fresh, kind), output(model, kind))
 
 
+@pytest.mark.parametrize("name", ["lin0", "global", "per-row", "clip"])
+def test_a_whole_model_state_dict_loads_into_a_fresh_model_after_a_reselection(name):
+    """torch's checkpoint of the whole model (`model.state_dict()`, as accelerate's `save_state` / `load_state` take
+    it), which a LoRA model round-trips: a reselection gives the frozen delta (and a global budget each support) a
+    length the config does not, so loading into a fresh model used to fail on a size mismatch. The fresh model's
+    values keep their `Parameter`, so an optimizer built before the load trains them."""
+    model, kind = adapted(name, "get_peft_model")
+    train_steps(model, kind)
+    select_parameters(model, score="random", seed=1)
+    train_steps(model, kind)
+    fresh, _ = adapted(name, "get_peft_model", seed=7, init_weights=True)
+    values = dict(fresh.named_parameters())
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(output(fresh, kind), output(model, kind))
+    assert all(values[key] is parameter for key, parameter in fresh.named_parameters())
+    train_steps(fresh, kind)
+    assert not torch.equal(output(fresh, kind), output(model, kind))
+
+
+def test_a_whole_model_state_dict_with_a_support_out_of_range_is_refused_naming_it():
+    model, kind = adapted("lin0", "get_peft_model")
+    select_parameters(model, score="random", seed=1)
+    train_steps(model, kind)
+    state = model.state_dict()
+    key = next(k for k in state if k.endswith("spu_frozen_indices.default"))
+    state[key] = state[key] + 10**6
+    fresh, _ = adapted("lin0", "get_peft_model", seed=7)
+    layer = spu_modules(fresh)[0]
+    with pytest.raises(RuntimeError, match=rf"`{key}`: indices range over .* but the weight has 200 entries"):
+        fresh.load_state_dict(state)
+    assert layer.spu_frozen_indices["default"].numel() == 0  # torch raises after loading the rest; this stays empty
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_save_pretrained_round_trip(name, tmp_path):
     model, kind = adapted(name, "get_peft_model")

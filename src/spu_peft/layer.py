@@ -15,7 +15,7 @@ from torch import nn
 from .blocks import LayoutCache, TileLayout, check_divisible
 from .config import SPUConfig
 from .distributed import full_tensor, is_sharded_tensor
-from .encoding import expand_tiles, index_dtype
+from .encoding import check_indices, check_values, expand_tiles, index_dtype
 from .scoring import scoring_linear
 from .sparse_linear import SparseDelta, compose_weight, sparse_delta_linear
 
@@ -310,6 +310,50 @@ class Linear(nn.Module, SPULayer):
         SPULayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, key=key)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """torch's `load_state_dict` with a whole model's state dict (`torch.save(model.state_dict())`, accelerate's
+        `load_state`): a sparse delta's length comes from its selection, not from the config (a reselection folds into
+        a frozen delta of any length, a global budget gives each layer its own), so each one takes the length of the
+        support in the state dict, checked first, where a `LoRA` model's shapes always match its config's. The values
+        keep their `Parameter` object, so an optimizer that holds them keeps working."""
+        for buffer_name, values_name in (("spu_indices", "spu_values"), ("spu_frozen_indices", "spu_frozen_values")):
+            supports, stores = getattr(self, buffer_name), getattr(self, values_name)
+            for adapter_name in list(supports.keys()):
+                indices = state_dict.get(f"{prefix}{buffer_name}.{adapter_name}")
+                values = state_dict.get(f"{prefix}{values_name}.{adapter_name}")
+                if not (isinstance(indices, torch.Tensor) and isinstance(values, torch.Tensor)):
+                    continue  # a missing key: torch reports it
+                held = stores[adapter_name]
+                if indices.shape == supports[adapter_name].shape and values.shape == held.shape:
+                    continue
+                where = f"state dict entry `{prefix}{buffer_name}.{adapter_name}`"
+                try:
+                    check_values(values, check_indices(indices, self.weight_numel, where).numel(), where)
+                except ValueError as error:
+                    error_msgs.append(str(error))
+                    continue
+                old = supports[adapter_name]
+                supports[adapter_name] = torch.zeros(indices.shape, dtype=old.dtype, device=old.device)
+                resized = torch.zeros(values.shape, dtype=held.dtype, device=held.device)
+                if isinstance(held, nn.Parameter):
+                    held.data = resized
+                else:
+                    stores[adapter_name] = resized
+                if buffer_name == "spu_indices":
+                    self._tile_layouts.drop(adapter_name)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _active_spu_adapters(self) -> list[str]:
         return [name for name in self.active_adapters if name in self.spu_values]
