@@ -159,6 +159,39 @@ def test_state_dict_round_trip_through_a_fresh_model(name, entry):
     assert torch.equal(output(fresh, kind), output(model, kind))
 
 
+@pytest.mark.parametrize("name", ["lin0", "global", "per-row", "clip"])
+def test_a_whole_model_state_dict_loads_into_a_fresh_model_after_a_reselection(name):
+    """torch's checkpoint of the whole model (`model.state_dict()`, as accelerate's `save_state` / `load_state` take
+    it), which a LoRA model round-trips: a reselection gives the frozen delta (and a global budget each support) a
+    length the config does not, so loading into a fresh model used to fail on a size mismatch. The fresh model's
+    values keep their `Parameter`, so an optimizer built before the load trains them."""
+    model, kind = adapted(name, "get_peft_model")
+    train_steps(model, kind)
+    select_parameters(model, score="random", seed=1)
+    train_steps(model, kind)
+    fresh, _ = adapted(name, "get_peft_model", seed=7, init_weights=True)
+    values = dict(fresh.named_parameters())
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(output(fresh, kind), output(model, kind))
+    assert all(values[key] is parameter for key, parameter in fresh.named_parameters())
+    train_steps(fresh, kind)
+    assert not torch.equal(output(fresh, kind), output(model, kind))
+
+
+def test_a_whole_model_state_dict_with_a_support_out_of_range_is_refused_naming_it():
+    model, kind = adapted("lin0", "get_peft_model")
+    select_parameters(model, score="random", seed=1)
+    train_steps(model, kind)
+    state = model.state_dict()
+    key = next(k for k in state if k.endswith("spu_frozen_indices.default"))
+    state[key] = state[key] + 10**6
+    fresh, _ = adapted("lin0", "get_peft_model", seed=7)
+    layer = spu_modules(fresh)[0]
+    with pytest.raises(RuntimeError, match=rf"`{key}`: indices range over .* but the weight has 200 entries"):
+        fresh.load_state_dict(state)
+    assert layer.spu_frozen_indices["default"].numel() == 0  # torch raises after loading the rest; this stays empty
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_save_pretrained_round_trip(name, tmp_path):
     model, kind = adapted(name, "get_peft_model")
@@ -294,6 +327,62 @@ def test_two_active_adapters_with_dense_modules_say_how_to_combine_them(name):
     model, _ = with_two_adapters(name)
     with pytest.raises(ValueError, match=r"modules_to_save=\[\]\).*fold_adapters"):
         model.base_model.set_adapter(["default", "other"])
+
+
+@pytest.mark.parametrize("name", ["lin0", "modules-to-save", "per-row", "both-dense"])
+def test_adapter_names_in_a_forward_run_each_row_through_its_adapter(name):
+    """PEFT's mixed-batch inference, which LoRA supports: `model(X, adapter_names=[...])` runs row i through adapter
+    `adapter_names[i]` (its dense module copies too), "__base__" through none; it used to run every row through the
+    active adapter."""
+    model, kind = with_two_adapters(name)
+    model.eval()
+    x = inputs(kind)["X"]
+    with torch.no_grad():
+        expected = {"default": model(X=x)}
+        model.set_adapter("other")
+        expected["other"] = model(X=x)
+        with model.disable_adapter():
+            expected["__base__"] = model(X=x)
+        names = ["default", "other", "__base__"] * 3
+        mixed = model(X=x, adapter_names=names)
+    assert not torch.allclose(expected["default"], expected["other"])
+    for row, adapter in enumerate(names):
+        torch.testing.assert_close(mixed[row], expected[adapter][row], rtol=0, atol=1e-6)
+
+
+def test_adapter_names_run_an_adapter_without_a_dense_copy_on_the_original_module():
+    """One adapter trains `lin1` densely (modules_to_save), the other does not: PEFT's wrapper would look the second
+    up among its copies (a KeyError); its rows get the original `lin1`, as they do when that adapter is active."""
+    model, kind = adapted("modules-to-save", "get_peft_model")
+    model.add_adapter("other", SPUConfig(target_modules=["lin0"], init_weights=False))
+    model.eval()
+    x = inputs(kind)["X"]
+    with torch.no_grad():
+        expected = {"default": model(X=x)}
+        model.set_adapter("other")
+        expected["other"] = model(X=x)
+        names = ["other", "default", "__base__"] * 3
+        mixed = model(X=x, adapter_names=names)
+    for row, adapter in enumerate(names[:2]):
+        torch.testing.assert_close(mixed[row], expected[adapter][row], rtol=0, atol=1e-6)
+
+
+def test_adapter_names_are_refused_in_training_while_merged_and_when_unknown():
+    model, kind = with_two_adapters("lin0")
+    model.eval()
+    x = inputs(kind)["X"]
+    names = ["default", "other", "__base__"] * 3
+    with pytest.raises(ValueError, match="non-existing adapter.*typo"):
+        model(X=x, adapter_names=["typo"] * 9)
+    with pytest.raises(ValueError, match="9 inputs"):
+        model(X=x, adapter_names=names[:2])
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        model(X=x, adapter_names=names)
+    model.unmerge_adapter()
+    model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        model(X=x, adapter_names=names)
 
 
 def test_clip_adapters_without_dense_modules_can_be_active_together():

@@ -15,7 +15,7 @@ from torch import nn
 from .blocks import LayoutCache, TileLayout, check_divisible
 from .config import SPUConfig
 from .distributed import full_tensor, is_sharded_tensor
-from .encoding import expand_tiles, index_dtype
+from .encoding import check_indices, check_values, expand_tiles, index_dtype
 from .scoring import scoring_linear
 from .sparse_linear import SparseDelta, compose_weight, sparse_delta_linear
 
@@ -311,14 +311,61 @@ class Linear(nn.Module, SPULayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, key=key)
 
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """torch's `load_state_dict` with a whole model's state dict (`torch.save(model.state_dict())`, accelerate's
+        `load_state`): a sparse delta's length comes from its selection, not from the config (a reselection folds into
+        a frozen delta of any length, a global budget gives each layer its own), so each one takes the length of the
+        support in the state dict, checked first, where a `LoRA` model's shapes always match its config's. The values
+        keep their `Parameter` object, so an optimizer that holds them keeps working."""
+        for buffer_name, values_name in (("spu_indices", "spu_values"), ("spu_frozen_indices", "spu_frozen_values")):
+            supports, stores = getattr(self, buffer_name), getattr(self, values_name)
+            for adapter_name in list(supports.keys()):
+                indices = state_dict.get(f"{prefix}{buffer_name}.{adapter_name}")
+                values = state_dict.get(f"{prefix}{values_name}.{adapter_name}")
+                if not (isinstance(indices, torch.Tensor) and isinstance(values, torch.Tensor)):
+                    continue  # a missing key: torch reports it
+                held = stores[adapter_name]
+                if indices.shape == supports[adapter_name].shape and values.shape == held.shape:
+                    continue
+                where = f"state dict entry `{prefix}{buffer_name}.{adapter_name}`"
+                try:
+                    check_values(values, check_indices(indices, self.weight_numel, where).numel(), where)
+                except ValueError as error:
+                    error_msgs.append(str(error))
+                    continue
+                old = supports[adapter_name]
+                supports[adapter_name] = torch.zeros(indices.shape, dtype=old.dtype, device=old.device)
+                resized = torch.zeros(values.shape, dtype=held.dtype, device=held.device)
+                if isinstance(held, nn.Parameter):
+                    held.data = resized
+                else:
+                    stores[adapter_name] = resized
+                if buffer_name == "spu_indices":
+                    self._tile_layouts.drop(adapter_name)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def _active_spu_adapters(self) -> list[str]:
         return [name for name in self.active_adapters if name in self.spu_values]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         active = self._active_spu_adapters()
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
@@ -326,6 +373,32 @@ class Linear(nn.Module, SPULayer):
         layouts = [layout for name in active for layout in self.tile_layouts(name)]
         delta_biases = [bias for name in active if (bias := self.get_delta_bias(name)) is not None]
         return self._adapted_forward(x, deltas, delta_biases, layouts, *args, **kwargs)
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """PEFT's mixed-batch inference (`model(..., adapter_names=[...])`): row `i` of `x` goes through adapter
+        `adapter_names[i]` alone, `"__base__"` (or an adapter this layer does not hold) through the base layer, as
+        LoRA's layers do. Without it, the names would be dropped and every row would get the active adapters."""
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                f"`adapter_names` names {len(adapter_names)} adapters for {len(x)} inputs; pass one name per input "
+                'row ("__base__" for the base model).'
+            )
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` while adapters are merged into the base weights: the base rows would get "
+                "the merged deltas. Call `model.unmerge_adapter()` first."
+            )
+        result = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(adapter_names):
+            if name not in self.spu_values:  # "__base__", or an adapter that does not target this layer
+                continue
+            rows = [i for i, row_name in enumerate(adapter_names) if row_name == name]
+            biases = [bias] if (bias := self.get_delta_bias(name)) is not None else []
+            output = self._adapted_forward(x[rows], self.sparse_deltas(name), biases, self.tile_layouts(name))
+            result[rows] = output.to(result.dtype)
+        return result
 
     def _adapted_forward(
         self,
