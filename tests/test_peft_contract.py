@@ -372,17 +372,35 @@ def test_adapter_names_are_refused_in_training_while_merged_and_when_unknown():
     model.eval()
     x = inputs(kind)["X"]
     names = ["default", "other", "__base__"] * 3
-    with pytest.raises(ValueError, match="non-existing adapter.*typo"):
-        model(X=x, adapter_names=["typo"] * 9)
-    with pytest.raises(ValueError, match="9 inputs"):
+    with pytest.raises(ValueError) as unknown:
+        model(X=x, adapter_names=["typo", "__base__"] * 4 + ["also"])
+    assert str(unknown.value) == (
+        "`adapter_names` names adapters this model does not hold: ['also', 'typo']; it holds ['default', 'other'], "
+        "and '__base__' runs a row without adapters."
+    )
+    with pytest.raises(TypeError) as one_string:
+        model(X=x, adapter_names="default")
+    assert str(one_string.value) == "`adapter_names` must be a list of adapter names, one per input row: 'default'."
+    with pytest.raises(ValueError) as short:
         model(X=x, adapter_names=names[:2])
+    assert str(short.value) == (
+        '`adapter_names` names 2 adapters for 9 inputs; pass one name per input row ("__base__" for the base model).'
+    )
     model.merge_adapter()
-    with pytest.raises(ValueError, match="unmerge_adapter"):
+    with pytest.raises(ValueError) as merged:
         model(X=x, adapter_names=names)
+    assert str(merged.value) == (
+        "Cannot pass `adapter_names` while adapters are merged into the base weights: the base rows would get the "
+        "merged deltas. Call `model.unmerge_adapter()` first."
+    )
     model.unmerge_adapter()
     model.train()
-    with pytest.raises(ValueError, match="training mode"):
+    with pytest.raises(ValueError) as training:
         model(X=x, adapter_names=names)
+    assert str(training.value) == (
+        "`adapter_names` (an adapter per input row) is for inference: call `model.eval()` first; training takes the "
+        "active adapters (`set_adapter`)."
+    )
 
 
 def test_clip_adapters_without_dense_modules_can_be_active_together():

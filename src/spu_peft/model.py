@@ -219,15 +219,18 @@ class SPUModel(BaseTuner):
             yield
             return
         if self.training:
-            raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call `model.eval()`.")
+            raise ValueError(
+                "`adapter_names` (an adapter per input row) is for inference: call `model.eval()` first; training "
+                "takes the active adapters (`set_adapter`)."
+            )
         if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
             raise TypeError(f"`adapter_names` must be a list of adapter names, one per input row: {adapter_names!r}.")
         known = {name for layer in self.model.modules() if isinstance(layer, SPULayer) for name in layer.spu_values}
         unknown = sorted({name for name in adapter_names if name != "__base__"} - known)
         if unknown:
             raise ValueError(
-                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)} (the model holds {sorted(known)}; "
-                "'__base__' runs a row without adapters)."
+                f"`adapter_names` names adapters this model does not hold: {unknown}; it holds {sorted(known)}, and "
+                "'__base__' runs a row without adapters."
             )
         num_beams = kwargs.get("num_beams")
         per_row = list(adapter_names)
