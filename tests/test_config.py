@@ -257,6 +257,38 @@ def test_an_adapter_file_beside_a_bin_is_the_one_read(tmp_path):
     assert SPUConfig.from_pretrained(str(folder)).density == 0.2
 
 
+def _pickled_save_message(folder):
+    return (
+        f"{os.path.join(str(folder), 'adapter_model.bin')}: `save_pretrained(safe_serialization=False)` saved the "
+        f"adapter as a pickle, which SPU does not load (its {WEIGHTS_NAME} carries the digest that shows it intact); "
+        f"{CONFIG_NAME} was not written, so this folder still holds the SPU adapter saved before, if any. Save again "
+        "without `safe_serialization=False`."
+    )
+
+
+def test_a_pickled_save_is_refused_at_save_time_and_writes_no_config(tmp_path):
+    model = get_peft_model(make_tiny_clip(), SPUConfig(density=0.2))
+    with pytest.raises(ValueError) as caught:
+        model.save_pretrained(tmp_path / "adapter", safe_serialization=False)
+    assert str(caught.value) == _pickled_save_message(tmp_path / "adapter")
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["README.md", "adapter_model.bin"]  # the card, the pickle
+
+
+def test_a_pickled_save_over_an_adapter_leaves_that_adapter_loadable_and_unchanged(tmp_path):
+    """The loader reads the safetensors file beside a .bin: had the config been rewritten, the folder would load the
+    older weights under the newer config without a word."""
+    folder = _saved_adapter(tmp_path / "adapter")
+    config_before = (folder / CONFIG_NAME).read_text()
+    model = get_peft_model(make_tiny_clip(), SPUConfig(density=0.3))
+    with pytest.raises(ValueError) as caught:
+        model.save_pretrained(folder, safe_serialization=False)
+    assert str(caught.value) == _pickled_save_message(folder)
+    assert (folder / CONFIG_NAME).read_text() == config_before
+    assert SPUConfig.from_pretrained(str(folder)).density == 0.2
+    model.save_pretrained(folder)  # a safetensors save over the pickle is taken
+    assert SPUConfig.from_pretrained(str(folder)).density == 0.3
+
+
 def test_a_hub_adapter_fetches_its_config_and_file_with_the_hub_arguments(tmp_path, monkeypatch):
     folder = _saved_adapter(tmp_path / "adapter")
     calls = []

@@ -190,6 +190,7 @@ class SPUConfig(PeftConfig):
             output["auto_mapping"] = auto_mapping
         if os.path.isfile(save_directory):
             raise ValueError(f"`save_directory` {save_directory!r} is a file; pass a folder.")
+        _refuse_pickled_weights(save_directory)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(output, indent=2, sort_keys=True))
 
     @classmethod
@@ -216,6 +217,23 @@ class SPUConfig(PeftConfig):
         weights = _weights_file(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
         _check_file_fits_config(os.path.join(folder, CONFIG_NAME), weights, config, read_adapter_file(weights))
         return config
+
+
+def _refuse_pickled_weights(save_directory: str) -> None:
+    """PEFT writes the weights before the config: a `.bin` newer than the folder's safetensors file (or alone) is this
+    save's, written with `safe_serialization=False`. SPU loads only its safetensors file, so a config written now
+    would make the folder load an older adapter, or none, without a word."""
+    pickled = os.path.join(save_directory, "adapter_model.bin")
+    weights = os.path.join(save_directory, WEIGHTS_NAME)
+    if not os.path.isfile(pickled):
+        return
+    if os.path.isfile(weights) and os.stat(weights).st_mtime_ns > os.stat(pickled).st_mtime_ns:
+        return
+    raise ValueError(
+        f"{pickled}: `save_pretrained(safe_serialization=False)` saved the adapter as a pickle, which SPU does not "
+        f"load (its {WEIGHTS_NAME} carries the digest that shows it intact); {CONFIG_NAME} was not written, so "
+        "this folder still holds the SPU adapter saved before, if any. Save again without `safe_serialization=False`."
+    )
 
 
 def _check_file_fits_config(config_file: str, weights: str, config: SPUConfig, tensors: dict[str, Any]) -> None:
