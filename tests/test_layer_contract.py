@@ -67,6 +67,23 @@ def test_frozen_values_stay_float32_on_a_bfloat16_base_and_the_delta_weight_has_
         assert layer.get_delta_weight("default").dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("cast", ["to(bfloat16)", "half", "double"])
+def test_a_whole_model_cast_moves_the_frozen_values_without_rounding_them(cast):
+    """`model.to(dtype)` casts every floating buffer; the frozen deltas of earlier tasks keep float32 (a bf16 round
+    trip would erode them), while the trained values follow the cast as LoRA's weights do."""
+    model = get_peft_model(make_tiny_clip(), SPUConfig(init_weights=False))
+    for layer in layers_of(model).values():
+        layer.set_support("default", torch.tensor([0, 5, 9]))  # folds the seeded values into the frozen delta
+    frozen = {name: layer.spu_frozen_values["default"].clone() for name, layer in layers_of(model).items()}
+    dtype = {"to(bfloat16)": torch.bfloat16, "half": torch.float16, "double": torch.float64}[cast]
+    model.to(dtype) if cast == "to(bfloat16)" else getattr(model, cast)()
+    for name, layer in layers_of(model).items():
+        assert layer.spu_frozen_values["default"].dtype == torch.float32
+        assert torch.equal(layer.spu_frozen_values["default"], frozen[name]) and frozen[name].abs().sum() > 0
+        assert layer.spu_values["default"].dtype == layer.get_base_layer().weight.dtype == dtype
+        assert layer.get_delta_weight("default").dtype == dtype
+
+
 def small_model(density: float) -> nn.Module:
     class Net(nn.Module):
         def __init__(self) -> None:

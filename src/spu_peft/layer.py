@@ -88,6 +88,18 @@ def random_support(
     return flat.sort().values.to(device=device, dtype=index_dtype(shape[0] * shape[1]))
 
 
+class Float32BufferDict(BufferDict):
+    """Buffers that move with the model but keep their dtype: `model.to(torch.bfloat16)`, `.half()` and the like
+    would round the frozen deltas of earlier tasks to the base's precision (see `SPULayer`)."""
+
+    def _apply(self, fn, recurse: bool = True):
+        for key, buffer in self._buffers.items():
+            if buffer is not None:
+                moved = fn(buffer)
+                self._buffers[key] = moved if moved.dtype == buffer.dtype else buffer.to(moved.device)
+        return self
+
+
 class SPULayer(BaseTunerLayer):
     """Per-adapter state of an SPU layer.
 
@@ -109,7 +121,7 @@ class SPULayer(BaseTunerLayer):
         self.spu_bias = nn.ParameterDict({})
         self.spu_indices = BufferDict(persistent=True)
         self.spu_frozen_indices = BufferDict(persistent=True)
-        self.spu_frozen_values = BufferDict(persistent=True)
+        self.spu_frozen_values = Float32BufferDict(persistent=True)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._merge_backups: dict[str, tuple[Any, torch.Tensor | None]] = {}  # (weight backup, bias backup)
