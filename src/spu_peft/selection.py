@@ -95,7 +95,8 @@ def select_parameters(
         score: `output_norm` (the paper: |mean gradient of the squared L2 norm of each row of the model's main
             output|, `logits_per_image` for CLIP), `task_loss` (|mean gradient of the model's `loss`|), `fisher`
             (mean squared gradient of `loss`), `magnitude` (|weight|) or `random`. `None` (the default) reads the
-            first batch: `task_loss` when it carries `labels` (or CLIP's `return_loss=True`), so a language model's
+            first batch: `task_loss` when it carries `labels` (a QA model's `start_positions` and `end_positions`,
+            CLIP's `return_loss=True`), so a language model's
             batches are scored by the loss they come with, else `output_norm`; a log line says which.
         fraction: share of the dataloader's batches to use (the paper: 25%), when it has a length.
         max_batches: upper bound on the number of batches (per process); an iterable without a length (a generator)
