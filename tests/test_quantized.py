@@ -180,9 +180,9 @@ def load_llama(path, kind: str, device: torch.device) -> nn.Module:
 def no_cpu_repacking(model: nn.Module) -> nn.Module:
     """On a CPU with AVX512-BF16, a 4-bit layer's first forward in eval mode on an input that needs no gradient
     repacks its weight for bitsandbytes' CPU inference kernel, for good: block scales become bfloat16 (the output
-    moves by about 3% on the tiny LLaMA) and the layer passes no gradient to its input after that. Selection runs in
-    eval mode, so the layers before the first target would be repacked; turning the repacking off keeps these tests
-    on the path GPUs take, where the float twin is the same model."""
+    moves by about 3% on the tiny LLaMA) and the layer passes no gradient to its input after that. Selection keeps
+    it off while it scores (`test_selection_leaves_a_4bit_base_as_loaded_on_a_cpu`); turning it off for good keeps
+    these tests' own forward passes on the path GPUs take, where the float twin is the same model."""
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
@@ -248,6 +248,28 @@ def test_the_readme_qlora_recipe_selects_and_trains(llama_dir):
     model(**batches[0]).loss.backward()
     optimizer.step()
     assert all(v.detach().count_nonzero() == v.numel() for v in values.values())
+
+
+@pytest.mark.skipif(
+    not bnb.functional.has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on a CPU with AVX512-BF16"
+)
+def test_selection_leaves_a_4bit_base_as_loaded_on_a_cpu(llama_dir):
+    """Selection scores in eval mode, where bitsandbytes would repack every 4-bit layer whose input needs no gradient
+    (those before the first target) for its CPU inference kernel, for good: the base's output moved (by 0.002 of 0.5
+    on the tiny LLaMA, so the trained adapter no longer matched a freshly loaded base) and those layers passed no
+    gradient to their input in training. A 4-bit base without `prepare_model_for_kbit_training`, as SFTTrainer
+    takes one, with SPUSelectionCallback."""
+    base = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=CONFIGS["nf4"]())
+    model = get_peft_model(base, SPUConfig(task_type="CAUSAL_LM")).train()
+    batch = llama_batches(torch.device("cpu"))[0]
+    with torch.no_grad():
+        before = model(input_ids=batch["input_ids"]).logits
+    select_parameters(model, [batch], score="task_loss", fraction=1.0)
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in quantized)
+    assert all(m.support_avx512bf16_for_cpu for m in quantized)  # put back: the user's own evaluation is theirs
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=batch["input_ids"]).logits, before)  # the new values are zero
 
 
 def _rounding_bound(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:

@@ -115,11 +115,13 @@ def test_an_iterator_without_length_gives_max_batches_or_every_batch():
     )
 
 
-def test_a_batch_asks_for_the_loss_with_labels_or_return_loss_true():
+def test_a_batch_asks_for_the_loss_with_labels_answer_spans_or_return_loss_true():
     labels = torch.arange(2)
     assert asks_for_loss({"labels": labels}) and asks_for_loss({"return_loss": True})
     assert not asks_for_loss({"labels": None}) and not asks_for_loss({"return_loss": False})
     assert not asks_for_loss({"label": labels}) and not asks_for_loss([labels])
+    assert asks_for_loss({"start_positions": labels, "end_positions": labels})  # a question-answering batch
+    assert not asks_for_loss({"start_positions": labels}) and not asks_for_loss({"end_positions": labels})
 
 
 def test_to_device_moves_tensors_and_makes_inference_tensors_normal():

@@ -8,7 +8,16 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
+from transformers import (
+    BertConfig,
+    BertForQuestionAnswering,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainingArguments,
+    ViTConfig,
+    ViTForImageClassification,
+)
 from transformers.trainer_callback import TrainerState
 
 from spu_peft import SPUConfig, SPULayer, SPUSelectionCallback
@@ -128,6 +137,25 @@ def test_on_a_causal_lm_the_callback_scores_the_loss_of_at_most_32_batches_and_s
     said = [r.getMessage() for r in caplog.records]
     assert "SPU selection: score='task_loss' because the batches carry labels; pass `score=` to choose another." in said
     assert "SPU selection: scoring 32 of 200 batches (max_batches=32) with score='task_loss'." in said
+
+
+def test_on_a_question_answering_model_the_callback_scores_the_loss_of_the_answer_spans(tmp_path):
+    """QA batches carry their labels as `start_positions` / `end_positions` (Trainer's label names for the model), not
+    `labels`; the callback chose `output_norm` for them and failed before step 1, as a QA output has no `logits`."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+    model = get_peft_model(BertForQuestionAnswering(config), SPUConfig(task_type="QUESTION_ANS"))
+    ids = torch.randint(1, 50, (16, 8), generator=torch.Generator().manual_seed(0))
+    starts = (ids[:, 0] % 4).tolist()
+    data = Dataset.from_dict(
+        {"input_ids": ids.tolist(), "start_positions": starts, "end_positions": [s + 2 for s in starts]}
+    )
+    callback = SPUSelectionCallback()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, logging_strategy="no", save_strategy="no")  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=data.with_format("torch"), callbacks=[callback]).train()
+    assert callback.report.score == "task_loss" and model.peft_config["default"].selection["score"] == "task_loss"
+    assert all(layer.spu_values["default"].detach().any() for layer in model.modules() if isinstance(layer, SPULayer))
 
 
 def test_the_callback_refuses_to_run_without_the_trainers_model():

@@ -9,8 +9,10 @@ bitsandbytes is imported only by a model that holds its layers, so `spu_peft` it
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -44,6 +46,26 @@ def bnb_layer_class(base: nn.Module) -> type[QuantizedLinear] | None:
             )
         return Linear8bitLt
     return None
+
+
+@contextlib.contextmanager
+def cpu_repacking_off(model: nn.Module) -> Iterator[None]:
+    """Keep bitsandbytes from repacking `model`'s 4-bit weights for its CPU inference kernel while selection scores.
+
+    Scoring runs in eval mode, where a `Linear4bit` on a CPU with AVX512-BF16 whose input needs no gradient (one before
+    the first target) repacks its weight in place, for good: bfloat16 block scales move the base's output, and the
+    layer passes no gradient to its input in training. Each layer's setting is put back afterwards.
+    """
+    bnb = _bnb()
+    layers = [] if bnb is None else [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    layers = [m for m in layers if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.support_avx512bf16_for_cpu = True
 
 
 class Linear8bitLt(QuantizedLinear):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .blocks import tile_scores
+from .bnb import cpu_repacking_off
 from .budgets import global_top_entries, layer_top_entries
 from .config import SPUConfig
 from .distributed import Engine, all_reduce_sum, full_tensor, lockstep, resolve_engine
@@ -94,7 +95,8 @@ def select_parameters(
         score: `output_norm` (the paper: |mean gradient of the squared L2 norm of each row of the model's main
             output|, `logits_per_image` for CLIP), `task_loss` (|mean gradient of the model's `loss`|), `fisher`
             (mean squared gradient of `loss`), `magnitude` (|weight|) or `random`. `None` (the default) reads the
-            first batch: `task_loss` when it carries `labels` (or CLIP's `return_loss=True`), so a language model's
+            first batch: `task_loss` when it carries `labels` (a QA model's `start_positions` and `end_positions`,
+            CLIP's `return_loss=True`), so a language model's
             batches are scored by the loss they come with, else `output_norm`; a log line says which.
         fraction: share of the dataloader's batches to use (the paper: 25%), when it has a length.
         max_batches: upper bound on the number of batches (per process); an iterable without a length (a generator)
@@ -336,16 +338,17 @@ def _gradient_score_sums(
     was_training = runner.training
     num_batches = 0
     try:
-        runner.eval()
+        runner.eval()  # no dropout (the 4-bit CPU repacking eval mode would trigger is kept off below)
         for name, layer in layers.items():
             layer._scorer = (probe, functools.partial(sums.add, name))
         check = BatchChecker(runner, score)
-        for batch, real in lockstep(batches, sharded=engine.sharded, device=device):
-            check(batch)
-            sums.weight = 1.0 if real else 0.0
-            outputs = scoring_forward(runner, to_device(batch, device), check.name)
-            torch.autograd.grad(objective(outputs, score), [probe], allow_unused=True)
-            num_batches += int(real)
+        with cpu_repacking_off(runner):
+            for batch, real in lockstep(batches, sharded=engine.sharded, device=device):
+                check(batch)
+                sums.weight = 1.0 if real else 0.0
+                outputs = scoring_forward(runner, to_device(batch, device), check.name)
+                torch.autograd.grad(objective(outputs, score), [probe], allow_unused=True)
+                num_batches += int(real)
     finally:
         for layer in layers.values():
             layer._scorer = None

@@ -93,8 +93,12 @@ def scoring_batches(dataloader: Iterable, fraction: float, max_batches: int | No
 
 
 def asks_for_loss(batch: Any) -> bool:
-    """Whether a batch makes the model return its loss: it carries `labels`, or CLIP's `return_loss=True`."""
-    return isinstance(batch, Mapping) and (batch.get("labels") is not None or batch.get("return_loss") is True)
+    """Whether a batch makes the model return its loss: it carries `labels`, a question-answering model's answer spans
+    (`start_positions` and `end_positions`, its labels in `Trainer`), or CLIP's `return_loss=True`."""
+    if not isinstance(batch, Mapping):
+        return False
+    spans = batch.get("start_positions") is not None and batch.get("end_positions") is not None
+    return batch.get("labels") is not None or spans or batch.get("return_loss") is True
 
 
 def peek(batches: Iterator[Any]) -> tuple[Any, Iterator[Any]]:
