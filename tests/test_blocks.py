@@ -507,8 +507,25 @@ def test_a_block_size_without_tiles_is_refused(tmp_path):
     model, config, state = saved_tiles(tmp_path)
     tiles = state.pop(f"{TILED_LAYER}.spu_tiles")
     state[f"{TILED_LAYER}.spu_indices"] = expand_tiles(tiles, (48, 32), BLOCK).to(torch.int32)
-    with pytest.raises(SPUAdapterFileError, match=r"\(spu_block_size\): the file stores a block size but no tiles"):
+    with pytest.raises(SPUAdapterFileError) as caught:
         decode_adapter_state_dict(model, config, "default", state)
+    assert str(caught.value) == (
+        f"SPU adapter file, module `{TILED_LAYER.removeprefix('base_model.model.')}` (spu_block_size): the file stores "
+        "a block size but no tiles; it was edited or is corrupt."
+    )
+
+
+def test_frozen_tiles_without_their_values_are_refused(tmp_path):
+    model, config, state = saved_tiles(tmp_path)
+    for field in ("spu_frozen_mask", "spu_frozen_indices", "spu_frozen_values"):
+        state.pop(f"{TILED_LAYER}.{field}", None)
+    state[f"{TILED_LAYER}.spu_frozen_tiles"] = state[f"{TILED_LAYER}.spu_tiles"].clone()  # and no frozen values
+    with pytest.raises(SPUAdapterFileError) as caught:
+        decode_adapter_state_dict(model, config, "default", state)
+    assert str(caught.value) == (
+        f"SPU adapter file, module `{TILED_LAYER.removeprefix('base_model.model.')}` (spu_frozen_values): the file "
+        "has a support but no values; it is corrupt."
+    )
 
 
 def test_merge_equals_the_unmerged_output_and_unmerge_restores_the_base():

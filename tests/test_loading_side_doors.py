@@ -16,7 +16,7 @@ from transformers import CLIPModel
 
 import spu_peft
 from spu_peft import SPUAdapterFileError, SPUConfig, SPULayer, select_parameters
-from spu_peft.integrity import DIGEST_KEY, seal_file, tensor_digest
+from spu_peft.integrity import DIGEST_KEY, digest_problem, seal_file, tensor_digest
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -80,12 +80,15 @@ def test_a_state_dict_is_checked_by_its_digest_on_every_load_path():
     source = trained(seed=1)
     tensors = get_peft_model_state_dict(source)
     key = next(k for k in tensors if k.endswith(".spu_bias"))
-    with pytest.raises(SPUAdapterFileError, match="do not match the digest"):
+    with pytest.raises(SPUAdapterFileError) as altered:
         set_peft_model_state_dict(get_peft_model(make_tiny_clip(), SPUConfig()), tensors | {key: tensors[key] + 1})
-    with pytest.raises(SPUAdapterFileError, match="carries no SPU digest"):
+    assert str(altered.value) == f"SPU adapter file: {digest_problem(tensors | {key: tensors[key] + 1})}"
+    assert "do not match the digest" in str(altered.value)
+    with pytest.raises(SPUAdapterFileError) as unsealed:
         set_peft_model_state_dict(
             get_peft_model(make_tiny_clip(), SPUConfig()), {k: v for k, v in tensors.items() if k != DIGEST_KEY}
         )
+    assert str(unsealed.value).startswith(f"SPU adapter file: carries no SPU digest (a `{DIGEST_KEY}` tensor)")
     target = get_peft_model(make_tiny_clip(), SPUConfig())
     set_peft_model_state_dict(target, tensors)
     batch = make_batch()

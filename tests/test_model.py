@@ -271,8 +271,12 @@ def test_a_save_checks_every_layer_and_dense_module_naming_the_bad_one(tmp_path,
             module.spu_values["default"][0] = float("nan")
         else:
             module.modules_to_save["default"].weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=rf"^SPU cannot save adapter 'default': {re.escape(shown)} "):
+    with pytest.raises(ValueError, match=rf"^SPU cannot save adapter 'default': {re.escape(shown)} ") as caught:
         model.save_pretrained(tmp_path)
+    assert str(caught.value).endswith(
+        ", and loading would refuse the file. Training diverged: lower the learning rate or clip gradients, and save "
+        "from a finite checkpoint."
+    )
 
 
 def test_a_block_adapter_is_saved_as_tiles(tmp_path):
