@@ -14,7 +14,7 @@ The benchmark script (`benchmarks/cl_sequence.py`) is this function's flags.
 from __future__ import annotations
 
 import logging
-import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,9 @@ from .data import SequenceData, prepare_sequence_data
 from .settings import SequenceSettings
 
 logger = logging.getLogger(__name__)
+
+HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+"""A Hub dataset id, `name` or `owner/name`: a path that does not exist and reads as one is tried on the Hub."""
 
 EMBEDDED = "embedded"
 """The name of the data shipped with spu_peft (`spu_peft.embedded`): Animal-Shape for the sequence, held-out
@@ -62,9 +65,17 @@ def load_any(name: str) -> datasets.Dataset | datasets.DatasetDict:
         if empty := sorted(str(p.relative_to(path)) for p in folders if not any(q.is_file() for q in p.rglob("*"))):
             logger.warning("%s: empty folder(s) %s hold no image, so their classes are left out", name, empty)
         return datasets.load_dataset("imagefolder", data_dir=str(path))
-    if name.startswith((".", "/")) or os.sep in name and not path.exists():
+    if not path.exists() and not HUB_ID.fullmatch(name):  # `owner/name` is a Hub id, never a missing folder
         raise ValueError(f"dataset folder {name!r} does not exist")
-    return datasets.load_dataset(name)
+    try:
+        return datasets.load_dataset(name)
+    except OSError as error:  # offline, no network, an unknown id (DatasetNotFoundError), a private one
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"dataset {name!r} is no local folder and cannot be loaded from the Hub ({reason}); check the id and the "
+            "network (with HF_HUB_OFFLINE=1 only datasets in the local cache load), or pass an image folder or a "
+            "save_to_disk folder"
+        ) from None
 
 
 def load_split(source: DataSource) -> datasets.Dataset:
