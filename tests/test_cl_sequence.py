@@ -167,6 +167,31 @@ def test_reference_data_comes_from_a_folder_with_its_own_split_and_columns(tiny_
         load_sequence_data(processor, settings, DataSource(dataset, split="validation"), control=None)
 
 
+def _class_folders(path: Path, sizes: dict[str, int]) -> str:
+    for name, size in sizes.items():
+        (path / name).mkdir(parents=True)
+        for i in range(size):
+            Image.fromarray(np.full((8, 8, 3), 10 * i, dtype=np.uint8)).save(path / name / f"{i}.png")
+    return str(path)
+
+
+def test_a_folder_without_a_test_split_is_split_per_class(tiny_model, tmp_path):
+    """Regression: a plain random 20% left small classes without test images (with these sizes, 'dog' and 'owl'), so
+    a user's folder of unequal classes stopped with "have no test images", which no flag could fix."""
+    from transformers import AutoProcessor
+
+    from spu_peft.continual import load_sequence_data
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    folder = _class_folders(tmp_path / "data", {"cat": 12, "dog": 3, "fox": 6, "owl": 2})
+    data = load_sequence_data(processor, SequenceSettings(num_tasks=2, buffer_size=2), folder, control=None)
+    train, test = [int(x) for x in data.train["labels"]], [int(x) for x in data.test["labels"]]
+    assert [test.count(c) for c in range(4)] == [2, 1, 1, 1] and [train.count(c) for c in range(4)] == [10, 2, 5, 1]
+    one = _class_folders(tmp_path / "one", {"cat": 4, "dog": 1})
+    with pytest.raises(ValueError, match=r"classes \['dog'\] have a single image: without a test split"):
+        load_sequence_data(processor, SequenceSettings(num_tasks=2, buffer_size=1), one, control=None)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
