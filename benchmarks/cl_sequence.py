@@ -55,7 +55,7 @@ from spu_peft.continual.checkpoint import OutputDirBusyError, claim_output_dir  
 from spu_peft.continual.data import check_modules_to_save  # noqa: E402
 from spu_peft.continual.fingerprint import check_fingerprint  # noqa: E402
 from spu_peft.continual.methods import METHOD_GROUPS, parse_method_options, resolve_methods  # noqa: E402
-from spu_peft.continual.sources import EMBEDDED  # noqa: E402
+from spu_peft.continual.sources import EMBEDDED, HUB_ID  # noqa: E402
 
 logger = get_logger(__name__)
 
@@ -221,6 +221,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _check_methods(args, parser)
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
+    if args.num_threads is not None and args.num_threads < 1:  # 0 would be read as unset, a negative count crash
+        parser.error(f"--num-threads must be at least 1 (or unset), got {args.num_threads}")
     if args.control_dataset is None:
         args.control_dataset = EMBEDDED if args.model == EMBEDDED else "none"
     if args.output_dir is None:
@@ -257,6 +259,13 @@ _DIFFERENCE_FLAGS = {
     "caption_template": "--model",
     "model": "--model / --seed (the base model)",
     "data": "--dataset / --control-dataset / --seed (the data)",
+    "data.train": "--dataset / --train-split / --image-column / --label-column / --seed (the training images)",
+    "data.test": "--dataset / --test-split / --image-column / --label-column / --seed (the test images)",
+    "data.class_names": "--class-names (or the dataset's labels)",
+    "data.control": "--control-dataset and its split and columns / --seed (the control set)",
+    "data.reference": "--reference-dataset and its split and columns / --seed (the reference data)",
+    "data.reference_names": "--reference-dataset (its class names)",
+    "data.processor": "--model (its processor)",
     "recipe_version": "(the code's recipe version)",
     "fingerprint": "(no fingerprint)",
     "method_options": "--method-option",
@@ -278,6 +287,22 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(_refusal(error)) from None
     except (OutputDirBusyError, ValueError) as error:  # the library's refusals, each naming what to fix
         raise SystemExit(f"error: {_flagged(str(error))}") from None
+
+
+def load_clip(name: str) -> tuple[CLIPModel, object]:
+    """`--model`'s CLIPModel and processor; a model that cannot be loaded stops with one line naming it and the fix
+    (transformers' own error is an OSError from deep inside its Hub client)."""
+    try:
+        return CLIPModel.from_pretrained(name), AutoProcessor.from_pretrained(name)
+    except OSError as error:
+        if not Path(name).exists() and not HUB_ID.fullmatch(name):
+            reason = "no such folder"
+        else:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SystemExit(
+            f"error: --model {name!r} cannot be loaded as a CLIPModel ({reason}); pass 'embedded', a folder saved "
+            "with save_pretrained, or a Hub id (with HF_HUB_OFFLINE=1, one in the local cache)"
+        ) from None
 
 
 def _run(args: argparse.Namespace) -> dict:
@@ -307,7 +332,7 @@ def _run(args: argparse.Namespace) -> dict:
         with accelerator.main_process_first():
             base, processor = load_embedded_clip(cache_dir=args.cache_dir, seed=args.settings.seed)
     else:
-        base, processor = CLIPModel.from_pretrained(args.model), AutoProcessor.from_pretrained(args.model)
+        base, processor = load_clip(args.model)
     check_modules_to_save(base, args.settings)
     data = load_sequence_data(  # every problem of the data raises here, before training
         processor,

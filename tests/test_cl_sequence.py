@@ -121,6 +121,8 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_numbers(tiny_model, quick
         (["--quick", "--epochs", "0"], "--epochs"),
         (["--batch-size", "0", "--protocol", "paper"], "--batch-size"),
         (["--workers", "0"], "--workers"),
+        (["--num-threads", "0"], "--num-threads must be at least 1 (or unset), got 0"),
+        (["--num-threads", "-2"], "--num-threads must be at least 1 (or unset), got -2"),
         (["--methods", "spu,lora_replay,spu"], "more than once"),
         (["--modules-to-save", " , "], "--modules-to-save is empty"),
         (["--methods", "default,spu"], "more than once"),
@@ -163,6 +165,31 @@ def test_reference_data_comes_from_a_folder_with_its_own_split_and_columns(tiny_
     assert data.class_names == ["a", "b", "c"] and sorted(c for task in data.tasks for c in task) == [0, 1, 2]
     with pytest.raises(ValueError, match="has no split 'validation'"):
         load_sequence_data(processor, settings, DataSource(dataset, split="validation"), control=None)
+
+
+def _class_folders(path: Path, sizes: dict[str, int]) -> str:
+    for name, size in sizes.items():
+        (path / name).mkdir(parents=True)
+        for i in range(size):
+            Image.fromarray(np.full((8, 8, 3), 10 * i, dtype=np.uint8)).save(path / name / f"{i}.png")
+    return str(path)
+
+
+def test_a_folder_without_a_test_split_is_split_per_class(tiny_model, tmp_path):
+    """Regression: a plain random 20% left small classes without test images (with these sizes, 'dog' and 'owl'), so
+    a user's folder of unequal classes stopped with "have no test images", which no flag could fix."""
+    from transformers import AutoProcessor
+
+    from spu_peft.continual import load_sequence_data
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    folder = _class_folders(tmp_path / "data", {"cat": 12, "dog": 3, "fox": 6, "owl": 2})
+    data = load_sequence_data(processor, SequenceSettings(num_tasks=2, buffer_size=2), folder, control=None)
+    train, test = [int(x) for x in data.train["labels"]], [int(x) for x in data.test["labels"]]
+    assert [test.count(c) for c in range(4)] == [2, 1, 1, 1] and [train.count(c) for c in range(4)] == [10, 2, 5, 1]
+    one = _class_folders(tmp_path / "one", {"cat": 4, "dog": 1})
+    with pytest.raises(ValueError, match=r"classes \['dog'\] have a single image: without a test split"):
+        load_sequence_data(processor, SequenceSettings(num_tasks=2, buffer_size=1), one, control=None)
 
 
 @pytest.mark.parametrize(
@@ -265,6 +292,36 @@ def test_missing_dataset_folder_is_reported(tiny_model, tmp_path):
     flags = ["--model", tiny_model, "--dataset", str(tmp_path / "nope"), "--numerics", "native"]
     with pytest.raises(SystemExit, match="does not exist"):
         cl_sequence.main([*flags, "--output-dir", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("flag", ["--dataset", "--control-dataset"])
+def test_a_hub_dataset_id_is_tried_on_the_hub_and_an_offline_failure_is_one_line(tiny_model, tmp_path, flag):
+    """Regression: `owner/name` Hub ids (the paper's `uoft-cs/cifar100`) were refused as a missing folder, and a Hub
+    id that could not be loaded (offline) ended in datasets' ConnectionError traceback."""
+    dataset = ["--dataset", _image_folder_dataset(tmp_path / "data")] if flag == "--control-dataset" else []
+    flags = ["--model", tiny_model, *dataset, flag, "someone/some-dataset", "--numerics", "native"]
+    with pytest.raises(SystemExit) as stop:  # the tests run with HF_HUB_OFFLINE=1 (conftest)
+        cl_sequence.main([*flags, "--output-dir", str(tmp_path / "out")])
+    message = str(stop.value)
+    assert "'someone/some-dataset' is no local folder and cannot be loaded from the Hub" in message
+    assert "does not exist" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        ("someone/clip", "We couldn't connect"),
+        ("/nowhere/clip", "no such folder"),
+        ("{data}", "Error no file named model"),
+    ],
+)
+def test_a_model_that_cannot_be_loaded_is_one_line(tmp_path, model, reason):
+    """Regression: a `--model` Hub id offline, a missing folder or a folder without weights ended in transformers'
+    OSError traceback."""
+    model = model.format(data=_image_folder_dataset(tmp_path / "data"))
+    with pytest.raises(SystemExit) as stop:
+        cl_sequence.main(["--model", model, "--numerics", "native", "--output-dir", str(tmp_path / "out")])
+    assert str(stop.value).startswith(f"error: --model '{model}' cannot be loaded as a CLIPModel ({reason}")
 
 
 @pytest.mark.slow

@@ -204,3 +204,23 @@ def test_the_sequence_and_the_throughput_benchmark_size_lora_with_one_rule():
     model = get_method("lora_replay").build_model(make_tiny_clip(), SequenceSettings(), {"rank": 0, "density": 0.1})
     shapes = [tuple(m.weight.shape) for n, m in make_tiny_clip().named_modules() if n.endswith("fc1")]
     assert model.peft_config["default"].r == matched_rank(shapes, 0.1)
+
+
+def test_a_resume_may_add_or_leave_out_the_methods_that_need_reference_data(tmp_path):
+    """Regression: a resume adding `zscl` (or `lora_ewc`) to a folder of runs without reference data was refused as
+    "the data" differing, though methods the folder has not run may join on resume."""
+    from spu_peft.continual.fingerprint import FINGERPRINT_FILE, FingerprintMismatchError, check_fingerprint
+
+    data = {"train": "t", "test": "s", "control": None, "class_names": ["a", "b"], "processor": "p"}
+    first = {"recipe_version": 2, "settings": {"seed": 0}, "methods": {"spu": {}}, "model": "m", "data": data}
+    check_fingerprint(tmp_path, first, resume=False)
+    joined = {**first, "methods": {"zscl": {}}, "data": {**data, "reference": "r", "reference_names": ["x"]}}
+    check_fingerprint(tmp_path, joined, resume=True)  # zscl joins with its reference data
+    check_fingerprint(tmp_path, first, resume=True)  # and may be left out again; the folder keeps its record
+    recorded = json.loads((tmp_path / FINGERPRINT_FILE).read_text())
+    assert recorded["data"]["reference"] == "r" and set(recorded["methods"]) == {"spu", "zscl"}
+    other = {**joined, "data": {**joined["data"], "reference": "r2"}}
+    with pytest.raises(FingerprintMismatchError, match="`data.reference`: recorded 'r', now 'r2'"):
+        check_fingerprint(tmp_path, other, resume=True)
+    with pytest.raises(FingerprintMismatchError, match=r"`data.class_names`: recorded \['a', 'b'\], now \['b', 'a'\]"):
+        check_fingerprint(tmp_path, {**first, "data": {**data, "class_names": ["b", "a"]}}, resume=True)

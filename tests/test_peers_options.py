@@ -2,6 +2,7 @@
 to off so the default runs are unchanged."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -68,3 +69,34 @@ def test_zscl_script_terms_are_the_l2_pull_to_the_task_start_and_label_smoothing
             / 2
         )
     torch.testing.assert_close(hooks.script_terms(step), torch.tensor(l2) + smoothing, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("method", "option", "value", "message"),
+    [
+        ("zscl", "average_every", 0, "average_every must be >= 1, got 0"),  # crashed mid-run: modulo by zero
+        ("lwf", "temperature", 0.0, "temperature must be > 0, got 0.0"),  # trained NaNs, reported as numbers
+        ("prd", "temperature", -1.0, "temperature must be > 0"),
+        ("zscl", "temperature", 0.0, "temperature must be > 0"),
+        ("lwf", "strength", -1.0, "strength must be >= 0"),
+        ("mas", "strength", -0.5, "strength must be >= 0"),
+        ("zscl", "label_smoothing", 1.5, "label_smoothing must be in [0, 1]"),
+        ("lora_ewc", "rank", 0, "rank must be >= 1"),
+        ("lora_ewc", "dropout", 1.0, "dropout must be in [0, 1)"),
+        ("slca", "samples_per_class", 0, "samples_per_class must be >= 1"),
+        ("slca", "logit_norm", 0.0, "logit_norm must be > 0"),
+    ],
+)
+def test_peer_options_out_of_range_are_refused_before_any_work(method, option, value, message):
+    """Regression: peers' coefficients were not checked, so `zscl.average_every=0` crashed with a ZeroDivisionError
+    after the data and the earlier tasks' training, and `lwf.temperature=0` trained NaNs into a results row."""
+    settings = dataclasses.replace(SETTINGS, method_options={method: {option: value}})
+    with pytest.raises(ValueError, match=f"method '{method}': {re.escape(message)}"):
+        method_plan(get_method(method), settings)
+
+
+def test_peer_options_at_their_bounds_are_accepted():
+    options = {"lwf": {"strength": 0.0}, "zscl": {"average_every": 1, "label_smoothing": 1.0}, "slca": {"ca_epochs": 0}}
+    settings = dataclasses.replace(SETTINGS, method_options=options)
+    for method in options:
+        method_plan(get_method(method), settings)

@@ -26,6 +26,9 @@ RECIPE_VERSION = 2
 the dense product on the CPU too; layer-by-layer selection scores)."""
 
 FINGERPRINT_FILE = "fingerprint.json"
+REFERENCE_KEYS = ("reference", "reference_names")
+"""The data identity's record of the reference data, present only in runs of methods that need it: a resume that
+adds such a method (or leaves them out) compares it only where both runs have it, and keeps the recorded one."""
 
 
 class FingerprintMismatchError(ValueError):
@@ -76,9 +79,20 @@ def fingerprint_differences(recorded: dict[str, Any], current: dict[str, Any]) -
     for name, plan in sorted(current.get("methods", {}).items()):
         if name in old_plans and old_plans[name] != plan:
             differences.append((f"methods.{name}", old_plans[name], plan))
-    for key in [k for k in ("model", "data", "recipe_version") if k in current]:
+    for key in [k for k in ("model", "recipe_version") if k in current]:
         if recorded.get(key) != current[key]:
             differences.append((key, recorded.get(key), current[key]))
+    if "data" in current:
+        old_data, new_data = recorded.get("data"), current["data"]
+        if not isinstance(old_data, dict) or not isinstance(new_data, dict):
+            if old_data != new_data:
+                differences.append(("data", old_data, new_data))
+        else:
+            for key in sorted(set(old_data) | set(new_data)):
+                if key in REFERENCE_KEYS and (key not in old_data or key not in new_data):
+                    continue  # only the methods that need reference data use it: they may join, or be left out
+                if old_data.get(key) != new_data.get(key):
+                    differences.append((f"data.{key}", old_data.get(key), new_data.get(key)))
     return differences
 
 
@@ -104,6 +118,9 @@ def check_fingerprint(
     if set(fingerprint) != {"recipe_version", "settings", "methods", "model", "data"}:
         raise ValueError(f"only a whole fingerprint is recorded, got the keys {sorted(fingerprint)}")
     fingerprint = fingerprint | {"methods": earlier_plans | fingerprint["methods"]}  # the runs this folder holds
+    if resume and path.exists() and isinstance(fingerprint["data"], dict):  # and the reference data they used
+        kept = recorded.get("data") if isinstance(recorded.get("data"), dict) else {}
+        fingerprint["data"] = {k: kept[k] for k in REFERENCE_KEYS if k in kept} | fingerprint["data"]
     atomic_write_text(path, json.dumps(fingerprint, indent=2, sort_keys=True))
 
 

@@ -118,6 +118,16 @@ class Step:
     step: int
 
 
+OPTION_RANGES: dict[str, Callable[[float], bool]] = {
+    "> 0": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+}
+"""The ranges `MethodHooks.option_ranges` names."""
+
+
 class MethodHooks:
     """A method's behaviour beyond the task loss; the base class adds nothing (plain training).
 
@@ -127,13 +137,21 @@ class MethodHooks:
     Attributes:
         replay_in_task_loss: whether replay images join the task loss's batch (`False`: the replay batch is only
             passed to `extra_loss`, as LwF and PRD use it).
+        option_ranges: per option, its range (a key of `OPTION_RANGES`, e.g. `"> 0"` for a temperature), checked
+            when the hooks are made: `method_plan` then refuses a value out of range before any work, where it would
+            otherwise train NaNs (a zero temperature) or crash mid-run (a zero period).
     """
 
     replay_in_task_loss: bool = True
+    option_ranges: Mapping[str, str] = {}
 
     def __init__(self, settings: Any = None, options: Mapping[str, float] | None = None) -> None:
         self.settings = settings
         self.options = dict(options or {})
+        for name, bounds in self.option_ranges.items():
+            value = self.options.get(name)
+            if isinstance(value, (int, float)) and not OPTION_RANGES[bounds](value):
+                raise ValueError(f"{name} must be {bounds}, got {value!r}")
 
     def start_task(self, context: TaskContext) -> None:
         """Before the task's optimizer exists: build teachers, compute importances on earlier data."""

@@ -14,7 +14,8 @@ The benchmark script (`benchmarks/cl_sequence.py`) is this function's flags.
 from __future__ import annotations
 
 import logging
-import os
+import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ from .data import SequenceData, prepare_sequence_data
 from .settings import SequenceSettings
 
 logger = logging.getLogger(__name__)
+
+HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+"""A Hub dataset id, `name` or `owner/name`: a path that does not exist and reads as one is tried on the Hub."""
 
 EMBEDDED = "embedded"
 """The name of the data shipped with spu_peft (`spu_peft.embedded`): Animal-Shape for the sequence, held-out
@@ -62,9 +66,17 @@ def load_any(name: str) -> datasets.Dataset | datasets.DatasetDict:
         if empty := sorted(str(p.relative_to(path)) for p in folders if not any(q.is_file() for q in p.rglob("*"))):
             logger.warning("%s: empty folder(s) %s hold no image, so their classes are left out", name, empty)
         return datasets.load_dataset("imagefolder", data_dir=str(path))
-    if name.startswith((".", "/")) or os.sep in name and not path.exists():
+    if not path.exists() and not HUB_ID.fullmatch(name):  # `owner/name` is a Hub id, never a missing folder
         raise ValueError(f"dataset folder {name!r} does not exist")
-    return datasets.load_dataset(name)
+    try:
+        return datasets.load_dataset(name)
+    except OSError as error:  # offline, no network, an unknown id (DatasetNotFoundError), a private one
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"dataset {name!r} is no local folder and cannot be loaded from the Hub ({reason}); check the id and the "
+            "network (with HF_HUB_OFFLINE=1 only datasets in the local cache load), or pass an image folder or a "
+            "save_to_disk folder"
+        ) from None
 
 
 def load_split(source: DataSource) -> datasets.Dataset:
@@ -95,10 +107,10 @@ def load_sequence_data(
     """The sequence's data, loaded and prepared with `processor` (see :func:`prepare_sequence_data`).
 
     `dataset` gives the training split (`DataSource.split`); `test_split` is its test split, split off the training
-    data (a seeded 20%) if the dataset has none. `control` is the control set from the pretraining domain (`None`:
-    none), `reference` the reference image-caption data that `zscl` and `lora_ewc` need (`None`: none). A string
-    is a `DataSource` with the default split (`"train"`) and columns; `"embedded"` is the data shipped with
-    spu_peft, drawn with `settings.seed`. Every problem raises `ValueError` before any training.
+    data (a seeded 20% of each class, `split_off_test`) if the dataset has none. `control` is the control set from
+    the pretraining domain (`None`: none), `reference` the reference image-caption data that `zscl` and `lora_ewc`
+    need (`None`: none). A string is a `DataSource` with the default split (`"train"`) and columns; `"embedded"` is
+    the data shipped with spu_peft, drawn with `settings.seed`. Every problem raises `ValueError` before any training.
     """
     dataset, control, reference = _source(dataset), _source(control), _source(reference)
     if dataset.name == EMBEDDED:
@@ -112,8 +124,7 @@ def load_sequence_data(
         if test_split in loaded:
             test = loaded[test_split]
         else:
-            parts = train.train_test_split(test_size=0.2, seed=settings.seed)
-            train, test = parts["train"], parts["test"]
+            train, test = split_off_test(train, columns[1], settings.seed)
     seed = settings.seed
     control_split, control_columns = _side(control, lambda: _embedded().load_pretraining_data(seed=seed)["control"])
     reference_split, reference_columns = _side(reference, lambda: _embedded().load_reference_data(seed=seed))
@@ -131,6 +142,36 @@ def load_sequence_data(
         reference_columns=reference_columns,
         accelerator=accelerator,
     )
+
+
+def split_off_test(
+    dataset: datasets.Dataset, label_column: str, seed: int, fraction: float = 0.2
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, test): a seeded `fraction` of each class's examples (at least one, never all) as the test split.
+
+    Per class, because a plain random 20% leaves small classes without test (or training) images, which stops the
+    run, or gives classes test sets of chance sizes. A class with fewer than 2 examples cannot be in both: refused,
+    naming it."""
+    if label_column not in dataset.column_names:  # `prepare_sequence_data` names the missing column
+        parts = dataset.train_test_split(test_size=fraction, seed=seed)
+        return parts["train"], parts["test"]
+    positions: dict[int, list[int]] = {}
+    for position, label in enumerate(dataset[label_column]):
+        positions.setdefault(label, []).append(position)
+    if small := [label for label, found in sorted(positions.items()) if len(found) < 2]:
+        feature = dataset.features[label_column]
+        named = [feature.int2str(label) if isinstance(feature, datasets.ClassLabel) else label for label in small]
+        raise ValueError(
+            f"classes {named} have a single image: without a test split each class needs at least 2 (one to train on, "
+            "one to test); add images, or give the dataset a test split"
+        )
+    generator = random.Random(seed)
+    test = []
+    for _, found in sorted(positions.items()):
+        count = min(len(found) - 1, max(1, round(fraction * len(found))))
+        test += generator.sample(found, count)
+    chosen = set(test)
+    return dataset.select([i for i in range(len(dataset)) if i not in chosen]), dataset.select(sorted(test))
 
 
 def _side(source: DataSource | None, embedded: Callable[[], datasets.Dataset]) -> tuple[datasets.Dataset | None, tuple]:

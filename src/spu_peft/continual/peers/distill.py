@@ -49,6 +49,7 @@ class PreviousModelDistillation(MethodHooks):
 
     replay_in_task_loss = False
     rows = "image"
+    option_ranges = {"strength": ">= 0", "temperature": "> 0"}
 
     def start_task(self, context: TaskContext) -> None:
         self.teacher = frozen_copy(context.model) if context.task > 0 else None

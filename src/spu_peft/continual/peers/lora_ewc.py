@@ -53,6 +53,8 @@ def lora_on_attention(
 class LoRAEWC(ImportanceHooks):
     """An EWC penalty, with importances from the original model on reference data, on LoRA's update."""
 
+    option_ranges = {"strength": ">= 0", "rank": ">= 1", "alpha": "> 0", "dropout": "in [0, 1)"}
+
     def start_task(self, context: TaskContext) -> None:
         if self.importance:
             return

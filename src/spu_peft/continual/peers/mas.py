@@ -40,6 +40,8 @@ def mas_penalty(
 class MAS(ImportanceHooks):
     """Memory-aware synapses: output-sensitivity importances and a quadratic pull towards the previous weights."""
 
+    option_ranges = {"strength": ">= 0"}
+
     def __init__(self, settings=None, options=None) -> None:
         super().__init__(settings, options)
         self.anchor: dict[str, torch.Tensor] = {}  # the weights each task starts from (from task 1 on)

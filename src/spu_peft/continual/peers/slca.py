@@ -112,6 +112,8 @@ def alignment_loss(
 class SLCA(MethodHooks):
     """Slow learner (a larger rate for the projections) and classifier alignment on sampled class features."""
 
+    option_ranges = {"head_lr_scale": ">= 0", "ca_epochs": ">= 0", "samples_per_class": ">= 1", "logit_norm": "> 0"}
+
     def __init__(self, settings: Any = None, options: Mapping[str, float] | None = None) -> None:
         super().__init__(settings, options)
         self.class_ids = torch.empty(0, dtype=torch.long)  # dataset class id of each Gaussian

@@ -42,6 +42,14 @@ def soft_cross_entropy(target_logits: torch.Tensor, logits: torch.Tensor, temper
 class ZSCL(MethodHooks):
     """Zero-shot continual learning: keep the original model's image-text relations on reference data."""
 
+    option_ranges = {
+        "strength": ">= 0",
+        "temperature": "> 0",
+        "average_every": ">= 1",
+        "l2_strength": ">= 0",
+        "label_smoothing": "in [0, 1]",
+    }
+
     def __init__(self, settings=None, options=None) -> None:
         super().__init__(settings, options)
         self.original: torch.nn.Module | None = None
