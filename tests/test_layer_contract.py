@@ -84,7 +84,7 @@ def test_a_whole_model_cast_moves_the_frozen_values_without_rounding_them(cast):
         assert layer.get_delta_weight("default").dtype == dtype
 
 
-def small_model(density: float) -> nn.Module:
+def small_model(density: float, **config) -> nn.Module:
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -93,7 +93,7 @@ def small_model(density: float) -> nn.Module:
         def forward(self, x):
             return self.proj(x)
 
-    return get_peft_model(Net(), SPUConfig(target_modules=["proj"], density=density))
+    return get_peft_model(Net(), SPUConfig(target_modules=["proj"], density=density, **config))
 
 
 @pytest.mark.parametrize(("density", "warns"), [(0.02, True), (0.025, False), (0.05, False)])
@@ -112,6 +112,22 @@ def test_a_density_that_buys_less_than_half_an_entry_warns_and_trains_one(densit
         assert said == []
     assert layers_of(model)["proj"].spu_indices["default"].numel() == 1
     assert num_selected(20, density) == 1
+
+
+def test_a_per_row_budget_below_half_an_entry_a_row_warns_how_much_of_the_weight_trains():
+    """Rows of 4 entries at density 0.1 buy 0.4 entries a row: one a row trains, a quarter of the weight."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = small_model(0.1, budget="per_row")
+    said = [(w.category, str(w.message)) for w in caught if "density=" in str(w.message)]
+    assert said == [
+        (
+            UserWarning,
+            "density=0.1 buys less than one of the 4 entries in each row of `proj`; it trains 1 entry per row (the "
+            "minimum), 25.0% of the weight's entries. Raise `density`.",
+        )
+    ]
+    assert layers_of(model)["proj"].spu_indices["default"].numel() == 5
 
 
 def test_unmerge_without_a_merge_warns():

@@ -3,6 +3,7 @@ tests/test_custom_models.py in PEFT's source): a matrix of SPU configs on tiny m
 `get_peft_model` and through `inject_adapter_in_model`."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -174,6 +175,9 @@ def test_a_whole_model_state_dict_loads_into_a_fresh_model_after_a_reselection(n
     fresh.load_state_dict(model.state_dict())
     assert torch.equal(output(fresh, kind), output(model, kind))
     assert all(values[key] is parameter for key, parameter in fresh.named_parameters())
+    for layer in spu_modules(fresh):  # the placeholders take the lengths, not other dtypes
+        assert layer.spu_indices["default"].dtype == layer.spu_frozen_indices["default"].dtype == torch.int32
+        assert layer.spu_frozen_values["default"].dtype == torch.float32
     train_steps(fresh, kind)
     assert not torch.equal(output(fresh, kind), output(model, kind))
 
@@ -190,6 +194,15 @@ def test_a_whole_model_state_dict_with_a_support_out_of_range_is_refused_naming_
     with pytest.raises(RuntimeError, match=rf"`{key}`: indices range over .* but the weight has 200 entries"):
         fresh.load_state_dict(state)
     assert layer.spu_frozen_indices["default"].numel() == 0  # torch raises after loading the rest; this stays empty
+    state = model.state_dict()
+    values_key = key.replace("spu_frozen_indices", "spu_frozen_values")
+    state[values_key] = state[values_key][:-1]
+    with pytest.raises(RuntimeError) as caught:
+        fresh.load_state_dict(state)
+    assert f"state dict entry `{key}`: " in str(caught.value)  # the values' length is checked against the support
+    del state[values_key]
+    with pytest.raises(RuntimeError, match=rf"Missing key\(s\) in state_dict: .*{re.escape(values_key)}"):
+        fresh.load_state_dict(state)  # a missing key is torch's to report, as for any module
 
 
 @pytest.mark.parametrize("name", CONFIGS)
