@@ -21,7 +21,7 @@ declare -A TESTS=(
     [loading]="tests/test_loading_messages.py tests/test_fuzz_adapter_files.py tests/test_save_load.py tests/test_integrity.py tests/test_peft_contract.py tests/test_blocks.py tests/test_model.py tests/test_loading_side_doors.py"
     [selection_data]="tests/test_selection_data.py tests/test_user_mistakes.py tests/test_selection_contract.py tests/test_selection.py"
     [budgets]="tests/test_budgets.py tests/test_selection.py tests/test_selection_oracles.py"
-    [blocks]="tests/test_blocks.py tests/test_bsr.py"
+    [blocks]="tests/test_blocks.py tests/test_bsr.py tests/test_injection.py"
     [naming]="tests/test_naming.py tests/test_save_load.py"
     [optim_state]="tests/test_optim_state.py tests/test_selection.py"
     [integrity]="tests/test_integrity_files.py tests/test_integrity.py tests/test_save_load.py"
@@ -32,7 +32,7 @@ declare -A TESTS=(
     [bnb]="tests/test_quantized.py"
     [bsr]="tests/test_bsr.py"
     [config]="tests/test_config.py tests/test_loading_messages.py tests/test_loading_side_doors.py tests/test_user_mistakes.py tests/test_save_load.py"
-    [model]="tests/test_peft_contract.py tests/test_save_load.py tests/test_layer_contract.py tests/test_task_types.py tests/test_user_mistakes.py tests/test_config.py tests/test_model.py tests/test_quantized.py"
+    [model]="tests/test_peft_contract.py tests/test_save_load.py tests/test_layer_contract.py tests/test_task_types.py tests/test_user_mistakes.py tests/test_config.py tests/test_model.py tests/test_quantized.py tests/test_blocks.py"
     [hub]="tests/test_hub.py tests/test_save_load.py tests/test_user_mistakes.py"
     [trainer]="tests/test_trainer.py"
 )

@@ -348,6 +348,15 @@ def test_adapter_names_in_a_forward_run_each_row_through_its_adapter(name):
     `adapter_names[i]` (its dense module copies too), "__base__" through none; it used to run every row through the
     active adapter."""
     model, kind = with_two_adapters(name)
+    names = ["default", "other", "__base__"] * 3
+    expected, mixed = outputs_alone_and_mixed(model, kind, names)
+    assert not torch.allclose(expected["default"], expected["other"])
+    for row, adapter in enumerate(names):
+        torch.testing.assert_close(mixed[row], expected[adapter][row], rtol=0, atol=1e-6)
+
+
+def outputs_alone_and_mixed(model, kind, names):
+    """Each adapter's output alone (and the base's), then one forward with `adapter_names=names`."""
     model.eval()
     x = inputs(kind)["X"]
     with torch.no_grad():
@@ -356,11 +365,7 @@ def test_adapter_names_in_a_forward_run_each_row_through_its_adapter(name):
         expected["other"] = model(X=x)
         with model.disable_adapter():
             expected["__base__"] = model(X=x)
-        names = ["default", "other", "__base__"] * 3
-        mixed = model(X=x, adapter_names=names)
-    assert not torch.allclose(expected["default"], expected["other"])
-    for row, adapter in enumerate(names):
-        torch.testing.assert_close(mixed[row], expected[adapter][row], rtol=0, atol=1e-6)
+        return expected, model(X=x, adapter_names=names)
 
 
 def test_adapter_names_run_an_adapter_without_a_dense_copy_on_the_original_module():
@@ -368,15 +373,9 @@ def test_adapter_names_run_an_adapter_without_a_dense_copy_on_the_original_modul
     up among its copies (a KeyError); its rows get the original `lin1`, as they do when that adapter is active."""
     model, kind = adapted("modules-to-save", "get_peft_model")
     model.add_adapter("other", SPUConfig(target_modules=["lin0"], init_weights=False))
-    model.eval()
-    x = inputs(kind)["X"]
-    with torch.no_grad():
-        expected = {"default": model(X=x)}
-        model.set_adapter("other")
-        expected["other"] = model(X=x)
-        names = ["other", "default", "__base__"] * 3
-        mixed = model(X=x, adapter_names=names)
-    for row, adapter in enumerate(names[:2]):
+    names = ["other", "default", "__base__"] * 3
+    expected, mixed = outputs_alone_and_mixed(model, kind, names)
+    for row, adapter in enumerate(names):
         torch.testing.assert_close(mixed[row], expected[adapter][row], rtol=0, atol=1e-6)
 
 
@@ -385,35 +384,35 @@ def test_adapter_names_are_refused_in_training_while_merged_and_when_unknown():
     model.eval()
     x = inputs(kind)["X"]
     names = ["default", "other", "__base__"] * 3
-    with pytest.raises(ValueError) as unknown:
-        model(X=x, adapter_names=["typo", "__base__"] * 4 + ["also"])
-    assert str(unknown.value) == (
+    assert refusal(ValueError, model, X=x, adapter_names=["typo", "__base__"] * 4 + ["also"]) == (
         "`adapter_names` names adapters this model does not hold: ['also', 'typo']; it holds ['default', 'other'], "
         "and '__base__' runs a row without adapters."
     )
-    with pytest.raises(TypeError) as one_string:
-        model(X=x, adapter_names="default")
-    assert str(one_string.value) == "`adapter_names` must be a list of adapter names, one per input row: 'default'."
-    with pytest.raises(ValueError) as short:
-        model(X=x, adapter_names=names[:2])
-    assert str(short.value) == (
+    assert refusal(TypeError, model, X=x, adapter_names="default") == (
+        "`adapter_names` must be a list of adapter names, one per input row: 'default'."
+    )
+    assert refusal(ValueError, model, X=x, adapter_names=names[:2]) == (
         '`adapter_names` names 2 adapters for 9 inputs; pass one name per input row ("__base__" for the base model).'
     )
     model.merge_adapter()
-    with pytest.raises(ValueError) as merged:
-        model(X=x, adapter_names=names)
-    assert str(merged.value) == (
+    assert refusal(ValueError, model, X=x, adapter_names=names) == (
         "Cannot pass `adapter_names` while adapters are merged into the base weights: the base rows would get the "
         "merged deltas. Call `model.unmerge_adapter()` first."
     )
     model.unmerge_adapter()
     model.train()
-    with pytest.raises(ValueError) as training:
-        model(X=x, adapter_names=names)
-    assert str(training.value) == (
+    assert refusal(ValueError, model, X=x, adapter_names=names) == (
         "`adapter_names` (an adapter per input row) is for inference: call `model.eval()` first; training takes the "
         "active adapters (`set_adapter`)."
     )
+
+
+def refusal(error: type[Exception], call, **kwargs) -> str:
+    """The message of the `error` that `call(**kwargs)` raises (of that type exactly)."""
+    with pytest.raises(error) as caught:
+        call(**kwargs)
+    assert type(caught.value) is error
+    return str(caught.value)
 
 
 def test_clip_adapters_without_dense_modules_can_be_active_together():
