@@ -177,6 +177,21 @@ def test_kinds_and_noise_are_checked():
         causal_trace(model, [], progress=False)
 
 
+@pytest.mark.parametrize(
+    ("labels", "problem"),
+    [
+        ([0, 1], r"labels: 2 of them \(shape \(2,\)\) for a batch of 4 inputs"),
+        ([0, 1, 2, 9], r"labels: 9 is not a class"),
+    ],
+)
+def test_labels_that_do_not_fit_the_batch_are_refused(labels, problem):
+    # Two labels for four images traced only the first two, silently; a label past the classes failed in gather.
+    model, batch = _build("clip")
+    with pytest.raises(ValueError, match=problem):
+        causal_trace(model, [dict(batch, labels=torch.tensor(labels))], progress=False)
+    assert _no_hooks(model) and not model.training
+
+
 def _result(effects, targets):
     """A result with one tower whose restored probabilities are `effects` above a corrupted 0.1."""
     restored = {"t": {k: [0.1 + e for e in v] for k, v in effects.items()}}
@@ -253,6 +268,26 @@ def test_repeat_rates_are_the_shared_share_of_each_pair():
     pooled = sum(len(a[n] & b[n]) for n in a) / sum(len(a[n]) for n in a)
     assert rates["vision_model"][0, 1] == pytest.approx(pooled)
     assert "text_model" not in rates
+
+
+def test_repeat_rates_refuse_supports_of_different_layers():
+    # Adapters on different target modules used to fail with a bare KeyError of a layer name.
+    fc1 = "vision_model.encoder.layers.{}.mlp.fc1"
+    a = {fc1.format(0): {1, 2}, fc1.format(1): {3}}
+    b = {fc1.format(0): {1, 5}}
+    with pytest.raises(ValueError, match=r"supports\[1\] lacks \['vision_model.encoder.layers.1.mlp.fc1'\]"):
+        repeat_rates([a, b])
+    with pytest.raises(ValueError, match=r"supports\[1\] has \['vision_model.encoder.layers.1.mlp.fc1'\]"):
+        repeat_rates([b, a])
+
+
+def test_model_support_refuses_an_adapter_the_model_does_not_hold():
+    # It returned {} for an adapter name that does not exist, or for a model without SPU layers.
+    adapted = get_peft_model(make_tiny_clip(), SPUConfig(density=0.25))
+    with pytest.raises(ValueError, match=r"adapter_name: no SPU layer holds 'other'; .*\['default'\]"):
+        model_support(adapted, "other")
+    with pytest.raises(ValueError, match=r"adapter_name: no SPU layer holds 'default'; .*no SPU adapter"):
+        model_support(make_tiny_clip())
 
 
 def test_task_supports_read_the_saved_adapters(tmp_path):

@@ -17,6 +17,7 @@ import numpy as np
 from peft import PeftModel
 from torch import nn
 
+from ..layer import SPULayer
 from ..naming import spu_layers
 from ..studies.overlap import shared, tower_layers
 
@@ -24,8 +25,23 @@ ADAPTER_DIR = re.compile(r"adapter_task(\d+)$")
 
 
 def model_support(model: nn.Module, adapter_name: str = "default") -> dict[str, set[int]]:
-    """Per SPU layer (relative name), the entries `adapter_name` trains now (flat indices into the weight)."""
-    return {name: set(layer.spu_indices[adapter_name].tolist()) for name, layer in spu_layers(model, adapter_name)}
+    """Per SPU layer (relative name), the entries `adapter_name` trains now (flat indices into the weight).
+
+    Raises:
+        ValueError: when no SPU layer holds `adapter_name` (an empty support would compare as sharing nothing).
+    """
+    support = {name: set(layer.spu_indices[adapter_name].tolist()) for name, layer in spu_layers(model, adapter_name)}
+    if not support:
+        held = sorted({a for m in model.modules() if isinstance(m, SPULayer) for a in m.spu_indices})
+        raise ValueError(
+            f"adapter_name: no SPU layer holds {adapter_name!r}; "
+            + (
+                f"pass one of {held}"
+                if held
+                else f"{type(model).__name__} has no SPU adapter, add one with get_peft_model"
+            )
+        )
+    return support
 
 
 def adapter_support(base: nn.Module, adapter_dir: str | os.PathLike[str]) -> dict[str, set[int]]:
@@ -61,6 +77,16 @@ def repeat_rates(supports: Sequence[dict[str, set[int]]]) -> dict[str, np.ndarra
     if not supports:
         raise ValueError("supports: empty; pass one selection (layer name -> entries) per task")
     layers = list(supports[0])
+    for index, support in enumerate(supports[1:], 1):
+        lacks, extra = sorted(set(layers) - set(support)), sorted(set(support) - set(layers))
+        if lacks or extra:
+            raise ValueError(
+                f"supports[{index}] "
+                + (f"lacks {lacks}" if lacks else f"has {extra}")
+                + " where supports[0] "
+                + ("has them" if lacks else "does not")
+                + "; repeat rates compare adapters on the same layers, so pass supports of one target_modules setup"
+            )
     groups = {name: [name] for name in layers}
     groups |= {tower: names for tower, names in tower_layers(supports[0]).items() if names}
     return {

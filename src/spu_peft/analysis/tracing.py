@@ -162,6 +162,26 @@ def _on(device: torch.device, batch: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _checked_labels(labels: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
+    """`labels` as class indices on `probabilities`' device, refused where they do not name one class per input:
+    `gather` would silently trace only the first inputs for too few, and fail deep in torch (a device assert on
+    CUDA) for an index past the classes."""
+    count, classes = probabilities.shape
+    if labels.shape != (count,):
+        raise ValueError(
+            f"labels: {labels.numel()} of them (shape {tuple(labels.shape)}) for a batch of {count} inputs; "
+            "pass one class index per input, or leave `labels` out to trace the clean run's top class"
+        )
+    labels = labels.long().to(probabilities.device)
+    outside = labels[(labels < 0) | (labels >= classes)]
+    if len(outside):
+        raise ValueError(
+            f"labels: {int(outside[0])} is not a class of the prediction, which has {classes} (for CLIP, the index of "
+            f"the image's caption among the batch's input_ids); pass indices in [0, {classes})"
+        )
+    return labels
+
+
 def _trace_batch(
     model: nn.Module,
     batch: dict[str, Any],
@@ -177,7 +197,7 @@ def _trace_batch(
     names = {t.embedding for t, _ in plan} | {t.module(b, k) for t, steps in plan for b, k in steps}
     with forward_hooks(model, {n: _record(cache, n) for n in names}):
         probabilities = target_probabilities(model(**batch), batch)
-    target = probabilities.argmax(-1) if labels is None else labels.long().to(probabilities.device)
+    target = probabilities.argmax(-1) if labels is None else _checked_labels(labels, probabilities)
     sums["count",] += len(target)
     sums["clean",] += probabilities.gather(1, target[:, None]).sum().item()
     for tower, steps in plan:
