@@ -258,6 +258,34 @@ def test_neuron_map_is_that_neurons_activation_over_the_image():
     assert torch.equal(neuron_maps(adapted, pixels, layer, [3, 7]), changed)
 
 
+@pytest.mark.parametrize(
+    ("layer", "neurons", "message"),
+    [
+        (
+            "text_model.encoder.layers.0.mlp.fc1",
+            [3],
+            "layer: 'text_model.encoder.layers.0.mlp.fc1' does not run when the model encodes images (a text tower's "
+            "layer?); pass a layer of the vision tower, e.g. one named like `vision_model.encoder.layers.0.mlp.fc1`",
+        ),
+        *[
+            (
+                "vision_model.encoder.layers.1.mlp.fc1",
+                neurons,
+                f"neurons: {neurons} for 'vision_model.encoder.layers.1.mlp.fc1', whose rows are 0 to 47; pass one or "
+                "more row indices in that range (a negative index is refused, not counted from the end)",
+            )
+            for neurons in ([], [999], [-1])
+        ],
+    ],
+)
+def test_neuron_maps_refuse_a_layer_images_do_not_run_and_neurons_it_does_not_have(layer, neurons, message):
+    model, _ = _build("clip")
+    with pytest.raises(ValueError) as caught:
+        neuron_maps(model, torch.randn(1, 3, 16, 16), layer, neurons)
+    assert str(caught.value) == message
+    assert _no_hooks(model)
+
+
 def test_repeat_rates_are_the_shared_share_of_each_pair():
     fc1 = "vision_model.encoder.layers.{}.mlp.fc1"
     a = {fc1.format(0): {1, 2, 3, 4}, fc1.format(1): {10, 11}}

@@ -58,7 +58,14 @@ def neuron_maps(model: nn.Module, pixel_values: torch.Tensor, layer: str, neuron
     a leading class token is left out. The model runs its `get_image_features` (CLIP, SigLIP) or, without one, its
     forward on `pixel_values` alone (ViT).
     """
-    name, _ = _named(model, layer)
+    name, module = _named(model, layer)
+    rows = getattr(module, "out_features", None)
+    neurons = list(neurons)
+    if not neurons or (rows is not None and not all(0 <= n < rows for n in neurons)):
+        raise ValueError(
+            f"neurons: {neurons} for {name!r}, whose rows are 0 to {rows - 1 if rows else '?'}; pass one or more row "
+            "indices in that range (a negative index is refused, not counted from the end)"
+        )
     captured: dict[str, torch.Tensor] = {}
 
     def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
@@ -67,8 +74,13 @@ def neuron_maps(model: nn.Module, pixel_values: torch.Tensor, layer: str, neuron
     activation = _activation(model, name)
     with forward_hooks(model, {name: hook}), torch.no_grad():
         (getattr(model, "get_image_features", None) or model)(pixel_values=pixel_values)
+    if "out" not in captured:
+        raise ValueError(
+            f"layer: {name!r} does not run when the model encodes images (a text tower's layer?); pass a layer of the "
+            "vision tower, e.g. one named like `vision_model.encoder.layers.0.mlp.fc1`"
+        )
     values = captured["out"] if activation is None else activation(captured["out"])
-    values = values[..., list(neurons)].float()  # (images, tokens, neurons)
+    values = values[..., neurons].float()  # (images, tokens, neurons)
     side = math.isqrt(values.shape[1])
     if side * side != values.shape[1]:  # a class token first
         values, side = values[:, 1:], math.isqrt(values.shape[1] - 1)
