@@ -35,7 +35,6 @@ if __name__ == "__main__" and numerics_asked(sys.argv[1:], DEFAULT_NUMERICS) == 
 import datasets  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
-from transformers import AutoProcessor, CLIPModel  # noqa: E402
 
 from spu_peft.continual import (  # noqa: E402
     CAPTION_TEMPLATE,
@@ -53,9 +52,9 @@ from spu_peft.continual import (  # noqa: E402
 )
 from spu_peft.continual.checkpoint import OutputDirBusyError, claim_output_dir  # noqa: E402
 from spu_peft.continual.data import check_modules_to_save  # noqa: E402
-from spu_peft.continual.fingerprint import check_fingerprint  # noqa: E402
+from spu_peft.continual.fingerprint import DIFFERENCE_FLAGS, check_fingerprint  # noqa: E402
 from spu_peft.continual.methods import METHOD_GROUPS, parse_method_options, resolve_methods  # noqa: E402
-from spu_peft.continual.sources import EMBEDDED, HUB_ID  # noqa: E402
+from spu_peft.continual.sources import EMBEDDED, load_clip  # noqa: E402
 
 logger = get_logger(__name__)
 
@@ -252,29 +251,10 @@ def _check_methods(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 # ---- main ---------------------------------------------------------------------------------------------------------
 
+
 # What a fingerprint difference means in flags (settings fields are their flags, see SETTINGS_FLAGS).
-_DIFFERENCE_FLAGS = {
-    "target_modules": "--target-layers",
-    "templates": "--model",
-    "caption_template": "--model",
-    "model": "--model / --seed (the base model)",
-    "data": "--dataset / --control-dataset / --seed (the data)",
-    "data.train": "--dataset / --train-split / --image-column / --label-column / --seed (the training images)",
-    "data.test": "--dataset / --test-split / --image-column / --label-column / --seed (the test images)",
-    "data.class_names": "--class-names (or the dataset's labels)",
-    "data.control": "--control-dataset and its split and columns / --seed (the control set)",
-    "data.reference": "--reference-dataset and its split and columns / --seed (the reference data)",
-    "data.reference_names": "--reference-dataset (its class names)",
-    "data.processor": "--model (its processor)",
-    "recipe_version": "(the code's recipe version)",
-    "fingerprint": "(no fingerprint)",
-    "method_options": "--method-option",
-    "fixed": "(the flags given)",
-}
-
-
 def _refusal(error: FingerprintMismatchError) -> str:
-    lines = [f"  {_DIFFERENCE_FLAGS.get(k, _flag(k))}: recorded {a!r}, now {b!r}" for k, a, b in error.differences]
+    lines = [f"  {DIFFERENCE_FLAGS.get(k, _flag(k))}: recorded {a!r}, now {b!r}" for k, a, b in error.differences]
     head = "error: --resume: the run in this folder was made with other flags (rerun without --resume, or use "
     return head + "another --output-dir):\n" + "\n".join(lines)
 
@@ -287,22 +267,6 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(_refusal(error)) from None
     except (OutputDirBusyError, ValueError) as error:  # the library's refusals, each naming what to fix
         raise SystemExit(f"error: {_flagged(str(error))}") from None
-
-
-def load_clip(name: str) -> tuple[CLIPModel, object]:
-    """`--model`'s CLIPModel and processor; a model that cannot be loaded stops with one line naming it and the fix
-    (transformers' own error is an OSError from deep inside its Hub client)."""
-    try:
-        return CLIPModel.from_pretrained(name), AutoProcessor.from_pretrained(name)
-    except OSError as error:
-        if not Path(name).exists() and not HUB_ID.fullmatch(name):
-            reason = "no such folder"
-        else:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SystemExit(
-            f"error: --model {name!r} cannot be loaded as a CLIPModel ({reason}); pass 'embedded', a folder saved "
-            "with save_pretrained, or a Hub id (with HF_HUB_OFFLINE=1, one in the local cache)"
-        ) from None
 
 
 def _run(args: argparse.Namespace) -> dict:

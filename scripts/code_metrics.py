@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "blocks",
             "bsr",
             "sparse_linear",
+            "supports",
             "optim_state",
             "distributed",
             "scoring",
@@ -39,6 +40,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "adapter",
         (
             "layer",
+            "mixed_batch",
             "bnb",
             "naming",
             "budgets",

@@ -21,6 +21,7 @@ declare -A TESTS=(
     [loading]="tests/test_loading_messages.py tests/test_fuzz_adapter_files.py tests/test_save_load.py tests/test_integrity.py tests/test_peft_contract.py tests/test_blocks.py tests/test_model.py tests/test_loading_side_doors.py"
     [selection_data]="tests/test_selection_data.py tests/test_user_mistakes.py tests/test_selection_contract.py tests/test_selection.py"
     [budgets]="tests/test_budgets.py tests/test_selection.py tests/test_selection_oracles.py"
+    [supports]="tests/test_layer_contract.py tests/test_blocks.py tests/test_peft_contract.py"
     [blocks]="tests/test_blocks.py tests/test_bsr.py tests/test_injection.py"
     [naming]="tests/test_naming.py tests/test_save_load.py"
     [optim_state]="tests/test_optim_state.py tests/test_selection.py"

@@ -26,10 +26,10 @@ from spu_peft.blocks import (
     tile_value_gradient,
 )
 from spu_peft.encoding import expand_tiles
-from spu_peft.layer import num_selected
 from spu_peft.loading import decode_adapter_state_dict
 from spu_peft.naming import spu_layers
 from spu_peft.sparse_linear import sparse_delta_linear
+from spu_peft.supports import num_selected
 
 BLOCK = (8, 4)  # tiny CLIP's fc1 weights are (48, 32): a 6 x 8 grid of tiles
 

@@ -12,6 +12,7 @@ import datasets
 import numpy as np
 import pytest
 from PIL import Image
+from transformers import CLIPModel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -261,7 +262,7 @@ def test_resume_with_another_seed_stops_before_loading_or_pretraining_a_model(ti
     def must_not_load(*args, **kwargs):
         raise AssertionError("a model was loaded before the recorded run was compared")
 
-    monkeypatch.setattr(cl_sequence.CLIPModel, "from_pretrained", must_not_load)
+    monkeypatch.setattr(CLIPModel, "from_pretrained", must_not_load)
     with pytest.raises(SystemExit, match=r"--seed: recorded 0, now 1"):
         cl_sequence.main(quick_args(tiny_model, quick_run[0], "--resume", "--seed", "1"))
 
@@ -337,7 +338,7 @@ def test_a_busy_output_folder_stops_the_run_before_any_model_or_data(tiny_model,
             raise AssertionError("a model or data was loaded into a busy folder")
 
         monkeypatch.setattr(cl_sequence, "load_sequence_data", must_not_load)
-        monkeypatch.setattr(cl_sequence.CLIPModel, "from_pretrained", must_not_load)
+        monkeypatch.setattr(CLIPModel, "from_pretrained", must_not_load)
         start = time.monotonic()
         with pytest.raises(SystemExit, match=rf"{tmp_path}.* is being written by another run \(process {holder.pid}\)"):
             cl_sequence.main(quick_args(tiny_model, tmp_path))

@@ -13,7 +13,8 @@ from peft import get_peft_model
 from torch import nn
 
 from spu_peft import SPUConfig, SPULayer
-from spu_peft.layer import num_selected, union_sum
+from spu_peft.sparse_linear import union_sum
+from spu_peft.supports import num_selected
 
 
 def seed_of(purpose: str, seed: int, adapter: str, key: str) -> int:

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from spu_peft import SPUConfig
 from spu_peft.config import TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING
-from spu_peft.layer import num_selected
+from spu_peft.supports import num_selected
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "method_comparison"
 EXPERIMENTS = EXAMPLES / "experiments" / "spu"

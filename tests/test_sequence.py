@@ -29,7 +29,8 @@ from spu_peft.continual import methods as registry
 from spu_peft.continual import sequence as engine
 from spu_peft.continual.methods import parse_method_options, peft_model
 from spu_peft.continual.training import clip_loss, reference_cosine_factor
-from spu_peft.layer import SPULayer, num_selected
+from spu_peft.layer import SPULayer
+from spu_peft.supports import num_selected
 
 SETTINGS = SequenceSettings(**SMALL_SEQUENCE)
 METHODS = ["zeroshot", "spu_replay"]

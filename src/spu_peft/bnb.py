@@ -12,12 +12,73 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
+import warnings
+from abc import abstractmethod
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from .layer import QuantizedLinear
+from .blocks import TileLayout
+from .layer import Linear
+from .sparse_linear import SparseDelta
+
+
+class QuantizedLinear(Linear):
+    """SPU on a quantized linear layer: `y = base_layer(x) + x (sum of sparse deltas)^T + bias deltas`.
+
+    The quantized layer runs its own kernel; the deltas' product is computed in the adapter values' dtype (autocast's
+    when on) and added in the base output's dtype, as PEFT's LoRA does on quantized bases. Subclasses say how to read
+    the weight as floats (`dense_base_weight`, for magnitude scores and merges) and how to requantize a merged weight
+    (`_requantize`, which returns the replaced quantized weight so `_restore_weight` can put it back exactly).
+    A merge dequantizes, adds the deltas and requantizes, so the merged weight is rounded to the quantization grid (a
+    warning gives the largest rounding error); `unmerge` puts the original quantized weight back, bit for bit.
+    """
+
+    quantization = "quantized"  # how the warnings name the format
+
+    def _adapted_forward(
+        self,
+        x: torch.Tensor,
+        deltas: list[SparseDelta],
+        delta_biases: list[torch.Tensor],
+        layouts: list[TileLayout | None],
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        dtype = deltas[-1][1].dtype  # the trained values' (frozen deltas are float32 whatever the adapter's dtype)
+        bias = None
+        for delta_bias in delta_biases:
+            bias = delta_bias.to(dtype) if bias is None else bias + delta_bias.to(dtype)
+        # an all-zero "weight" that costs no memory: the product is the deltas' alone, with their gradients
+        zero = torch.zeros((), dtype=dtype, device=x.device).expand(self.weight_shape)
+        return result + self._linear(x, zero, bias, deltas, layouts).to(result.dtype)
+
+    def _write_merged_weight(self, adapter_name: str, merged_weight: torch.Tensor) -> Any:
+        backup = self._requantize(merged_weight)
+        error = (self.dense_base_weight() - merged_weight.float()).abs().max().item()
+        warnings.warn(
+            f"Merging SPU adapter {adapter_name!r} into a {self.quantization} weight rounds `W + delta` to the "
+            f"quantization grid: the merged weight differs from it by up to {error:.3g} per entry, so outputs may "
+            "differ slightly from the unmerged model's. `unmerge` restores the original quantized weight exactly.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return backup
+
+    @abstractmethod
+    def dense_base_weight(self) -> torch.Tensor:
+        """The dequantized base weight (float32)."""
+
+    @abstractmethod
+    def _requantize(self, weight: torch.Tensor) -> Any:
+        """Make the float `weight`, quantized, the base weight; return the replaced quantized weight."""
+
+    @abstractmethod
+    def _restore_weight(self, backup: Any) -> None:
+        """Put back the quantized weight `_requantize` returned."""
 
 
 def _bnb():

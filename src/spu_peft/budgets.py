@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from .config import SPUConfig
-from .layer import num_selected
+from .supports import num_selected
 
 
 def matched_rank(shapes: Iterable[tuple[int, int]], density: float) -> int:

@@ -25,7 +25,7 @@ import torch
 
 from .budgets import matched_rank
 from .config import TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING, SPUConfig
-from .layer import num_selected
+from .supports import num_selected
 
 
 @dataclass(frozen=True)

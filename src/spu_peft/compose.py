@@ -10,8 +10,9 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from .config import SPUConfig
-from .layer import SPULayer, union_sum
+from .layer import SPULayer
 from .naming import auxiliary_wrappers, spu_layers
+from .sparse_linear import union_sum
 
 
 def _spu_configs(model: nn.Module, adapter_names: Sequence[str]) -> list[SPUConfig]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import warnings
-from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -15,77 +13,10 @@ from torch import nn
 from .blocks import LayoutCache, TileLayout, check_divisible
 from .config import SPUConfig
 from .distributed import full_tensor, is_sharded_tensor
-from .encoding import check_indices, check_values, expand_tiles, index_dtype
+from .encoding import check_indices, check_values, index_dtype
 from .scoring import scoring_linear
-from .sparse_linear import SparseDelta, compose_weight, sparse_delta_linear
-
-
-def num_selected(numel: int, density: float) -> int:
-    """Entries a budget of `density` buys in `numel` entries: at least one, so every target learns."""
-    return max(1, round(density * numel))
-
-
-def budget_shortfall(shape: tuple[int, int], config: SPUConfig, key: str) -> str | None:
-    """The warning for a budget that buys less than half of what it counts (an entry, a tile; of each row under
-    `per_row`), or None. `num_selected` lifts such a budget to one, which with a `block_size` can be much of the
-    weight (a tile as large as the weight trains all of it), so the warning says how much trains instead."""
-    cell = config.block_size or (1, 1)
-    grid = (shape[0] // cell[0], shape[1] // cell[1])
-    per_row = config.budget == "per_row"
-    cells = grid[1] if per_row else grid[0] * grid[1]
-    if config.density * cells >= 0.5:
-        return None
-    if config.block_size is None and not per_row:  # the message entry-level adapters have always had
-        return (
-            f"density={config.density} buys less than one of the {cells} entries of `{key}`; it trains 1 entry (the "
-            "minimum). Raise `density` (0.1 trains 10% of each target)."
-        )
-    what = "entries" if config.block_size is None else f"tiles of block_size={tuple(config.block_size)}"
-    one = "1 entry" if config.block_size is None else "1 tile"
-    share = (grid[0] if per_row else 1) * cell[0] * cell[1] / (shape[0] * shape[1])
-    fix = "Raise `density`" if config.block_size is None else "Choose a smaller `block_size` (or raise `density`)"
-    row = ("in each row of tiles of " if config.block_size else "in each row of ") if per_row else "of "
-    return (
-        f"density={config.density} buys less than one of the {cells} {what} {row}`{key}`; it trains {one}"
-        f"{' per row' if per_row else ''} (the minimum), {share:.1%} of the weight's entries. {fix}."
-    )
-
-
-def _initial_values(n: int, config: SPUConfig, seed: int, device: torch.device) -> torch.Tensor:
-    """Zeros (the identity adapter) or, with `init_weights=False`, small seeded random values."""
-    if config.init_weights:
-        return torch.zeros(n, dtype=torch.float32, device=device)
-    generator = torch.Generator().manual_seed(seed)
-    return (0.02 * torch.randn(n, generator=generator)).to(device)
-
-
-def adapter_seed(config: SPUConfig, purpose: str, adapter_name: str, key: str) -> int:
-    """A 63-bit seed from `config.seed`, what it seeds, the adapter's name and the layer's name.
-
-    Mixing in both names makes layers and adapters differ (two adapters with one config are not copies), while a
-    rebuild with the same names is bit-identical.
-    """
-    text = f"{purpose}:{config.seed}:{adapter_name}:{key}".encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & (2**63 - 1)
-
-
-def random_support(
-    shape: tuple[int, int], config: SPUConfig, key: str, device: torch.device, adapter_name: str
-) -> torch.Tensor:
-    """A seeded random support, the data-free stand-in used until `select_parameters` runs: entries or, with a
-    `block_size`, whole tiles (cells of a grid of `1 x 1` or `block_size` cells), per row of cells or of the whole
-    grid, as many as the budget buys."""
-    generator = torch.Generator().manual_seed(adapter_seed(config, "support", adapter_name, key))
-    cell = config.block_size or (1, 1)
-    grid = (shape[0] // cell[0], shape[1] // cell[1])
-    if config.budget == "per_row":
-        cols = torch.rand(grid, generator=generator).argsort(dim=1)[:, : num_selected(grid[1], config.density)]
-        cells = (torch.arange(grid[0]).unsqueeze(1) * grid[1] + cols).reshape(-1)
-    else:
-        numel = grid[0] * grid[1]
-        cells = torch.randperm(numel, generator=generator)[: num_selected(numel, config.density)]
-    flat = cells if config.block_size is None else expand_tiles(cells, shape, config.block_size)
-    return flat.sort().values.to(device=device, dtype=index_dtype(shape[0] * shape[1]))
+from .sparse_linear import SparseDelta, compose_weight, sparse_delta_linear, union_sum
+from .supports import adapter_seed, budget_shortfall, initial_values, random_support
 
 
 class Float32BufferDict(BufferDict):
@@ -150,13 +81,13 @@ class SPULayer(BaseTunerLayer):
             warnings.warn(shortfall, UserWarning, stacklevel=2)
         indices = random_support(self.weight_shape, config, key, device, adapter_name)
         self.spu_indices[adapter_name] = indices
-        values = _initial_values(indices.numel(), config, adapter_seed(config, "values", adapter_name, key), device)
+        values = initial_values(indices.numel(), config, adapter_seed(config, "values", adapter_name, key), device)
         self.spu_values[adapter_name] = nn.Parameter(values)
         self.spu_frozen_indices[adapter_name] = torch.zeros(0, dtype=indices.dtype, device=device)
         self.spu_frozen_values[adapter_name] = torch.zeros(0, dtype=torch.float32, device=device)
         if config.bias == "spu_only" and self.get_base_layer().bias is not None:
             seed = adapter_seed(config, "bias", adapter_name, key)
-            self.spu_bias[adapter_name] = nn.Parameter(_initial_values(self.out_features, config, seed, device))
+            self.spu_bias[adapter_name] = nn.Parameter(initial_values(self.out_features, config, seed, device))
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -304,16 +235,6 @@ class SPULayer(BaseTunerLayer):
         self.get_base_layer().weight.data.reshape(-1)[touched] = original
 
 
-def union_sum(deltas: list[SparseDelta]) -> SparseDelta:
-    """Sum sparse deltas into one whose support is the union, dropping entries that sum to exactly zero."""
-    indices = torch.cat([idx.long() for idx, _ in deltas])
-    values = torch.cat([val.detach().float() for _, val in deltas])
-    union, inverse = torch.unique(indices, sorted=True, return_inverse=True)
-    summed = torch.zeros(union.numel(), dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
-    keep = summed != 0
-    return union[keep], summed[keep]
-
-
 class Linear(nn.Module, SPULayer):
     """SPU on a `torch.nn.Linear`: `y = x (W + sum of sparse deltas)^T + (b + bias deltas)`."""
 
@@ -446,59 +367,3 @@ class Linear(nn.Module, SPULayer):
 
     def __repr__(self) -> str:
         return "spu." + super().__repr__()
-
-
-class QuantizedLinear(Linear):
-    """SPU on a quantized linear layer: `y = base_layer(x) + x (sum of sparse deltas)^T + bias deltas`.
-
-    The quantized layer runs its own kernel; the deltas' product is computed in the adapter values' dtype (autocast's
-    when on) and added in the base output's dtype, as PEFT's LoRA does on quantized bases. Subclasses say how to read
-    the weight as floats (`dense_base_weight`, for magnitude scores and merges) and how to requantize a merged weight
-    (`_requantize`, which returns the replaced quantized weight so `_restore_weight` can put it back exactly).
-    A merge dequantizes, adds the deltas and requantizes, so the merged weight is rounded to the quantization grid (a
-    warning gives the largest rounding error); `unmerge` puts the original quantized weight back, bit for bit.
-    """
-
-    quantization = "quantized"  # how the warnings name the format
-
-    def _adapted_forward(
-        self,
-        x: torch.Tensor,
-        deltas: list[SparseDelta],
-        delta_biases: list[torch.Tensor],
-        layouts: list[TileLayout | None],
-        *args: Any,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        dtype = deltas[-1][1].dtype  # the trained values' (frozen deltas are float32 whatever the adapter's dtype)
-        bias = None
-        for delta_bias in delta_biases:
-            bias = delta_bias.to(dtype) if bias is None else bias + delta_bias.to(dtype)
-        # an all-zero "weight" that costs no memory: the product is the deltas' alone, with their gradients
-        zero = torch.zeros((), dtype=dtype, device=x.device).expand(self.weight_shape)
-        return result + self._linear(x, zero, bias, deltas, layouts).to(result.dtype)
-
-    def _write_merged_weight(self, adapter_name: str, merged_weight: torch.Tensor) -> Any:
-        backup = self._requantize(merged_weight)
-        error = (self.dense_base_weight() - merged_weight.float()).abs().max().item()
-        warnings.warn(
-            f"Merging SPU adapter {adapter_name!r} into a {self.quantization} weight rounds `W + delta` to the "
-            f"quantization grid: the merged weight differs from it by up to {error:.3g} per entry, so outputs may "
-            "differ slightly from the unmerged model's. `unmerge` restores the original quantized weight exactly.",
-            UserWarning,
-            stacklevel=3,
-        )
-        return backup
-
-    @abstractmethod
-    def dense_base_weight(self) -> torch.Tensor:
-        """The dequantized base weight (float32)."""
-
-    @abstractmethod
-    def _requantize(self, weight: torch.Tensor) -> Any:
-        """Make the float `weight`, quantized, the base weight; return the replaced quantized weight."""
-
-    @abstractmethod
-    def _restore_weight(self, backup: Any) -> None:
-        """Put back the quantized weight `_requantize` returned."""

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import partial
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -36,6 +34,7 @@ from .loading import (
     decode_adapter_state_dict,
     limit_dtype,
 )
+from .mixed_batch import adapter_names_hooks
 from .naming import PEFT_PREFIX, is_bias, is_stored_bias, relative_name, spu_layers, strip_wrappers
 
 MODEL_TAGS = ["spu", "selective-parameter-update", "continual-learning"]
@@ -209,52 +208,10 @@ class SPUModel(BaseTuner):
 
     # ---- mixed-batch inference -----------------------------------------------------------------------------------
 
-    @contextmanager
-    def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
+    def _enable_peft_forward_hooks(self, *args, **kwargs) -> contextlib.AbstractContextManager:
         """PEFT's mixed-batch inference, as LoRA has it: `model(..., adapter_names=[...])` (and `generate`) runs each
-        input row through the adapter named for it. `PeftModel` drops `adapter_names` before the base model's
-        forward, so without these hooks every row would silently get the active adapters."""
-        adapter_names = kwargs.get("adapter_names")
-        if adapter_names is None:
-            yield
-            return
-        if self.training:
-            raise ValueError(
-                "`adapter_names` (an adapter per input row) is for inference: call `model.eval()` first; training "
-                "takes the active adapters (`set_adapter`)."
-            )
-        if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
-            raise TypeError(f"`adapter_names` must be a list of adapter names, one per input row: {adapter_names!r}.")
-        known = {name for layer in self.model.modules() if isinstance(layer, SPULayer) for name in layer.spu_values}
-        unknown = sorted({name for name in adapter_names if name != "__base__"} - known)
-        if unknown:
-            raise ValueError(
-                f"`adapter_names` names adapters this model does not hold: {unknown}; it holds {sorted(known)}, and "
-                "'__base__' runs a row without adapters."
-            )
-        num_beams = kwargs.get("num_beams")
-        per_row = list(adapter_names)
-        if isinstance(num_beams, int) and num_beams > 1:  # generate repeats each input num_beams times
-            per_row = [name for name in per_row for _ in range(num_beams)]
-        handles = [
-            module.register_forward_pre_hook(partial(_pass_adapter_names, adapter_names=per_row), with_kwargs=True)
-            for module in self.model.modules()
-            if isinstance(module, (SPULayer, AuxiliaryTrainingWrapper))
-        ]
-        encoder = _encoder_of(self.model)
-        if per_row != list(adapter_names) and encoder is not None:  # an encoder sees each input once, unrepeated
-            handles += [
-                module.register_forward_pre_hook(
-                    partial(_pass_adapter_names, adapter_names=list(adapter_names)), with_kwargs=True
-                )
-                for module in encoder.modules()
-                if isinstance(module, (SPULayer, AuxiliaryTrainingWrapper))
-            ]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        input row through the adapter named for it (`spu_peft.mixed_batch`)."""
+        return adapter_names_hooks(self.model, self.training, kwargs)
 
     # ---- saving --------------------------------------------------------------------------------------------------
 
@@ -361,21 +318,6 @@ class SPUModel(BaseTuner):
             raise
         apply_changes(changes)
         return remapped
-
-
-def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]) -> tuple:
-    """Give a layer the row names. A `modules_to_save` wrapper runs an adapter without a copy there on its original
-    module, as its own forward does when such an adapter is active (PEFT's mixed batch would raise a KeyError)."""
-    if isinstance(module, AuxiliaryTrainingWrapper):
-        adapter_names = [name if name in module._adapters else "__base__" for name in adapter_names]
-    kwargs["adapter_names"] = adapter_names
-    return args, kwargs
-
-
-def _encoder_of(model: nn.Module) -> nn.Module | None:
-    """The model's encoder, or None for a model without one (transformers 5 returns the model itself then)."""
-    encoder = model.get_encoder() if hasattr(model, "get_encoder") else None
-    return None if encoder is model else encoder
 
 
 def _spu_layer_class(base: nn.Module, key: str) -> type[Linear]:

@@ -180,3 +180,13 @@ def sparse_delta_linear(
     indices = tuple(idx for idx, _ in deltas)
     values = tuple(val for _, val in deltas)
     return SparseDeltaLinear.apply(x, weight, bias, dtype, indices, layouts, *values)
+
+
+def union_sum(deltas: list[SparseDelta]) -> SparseDelta:
+    """Sum sparse deltas into one whose support is the union, dropping entries that sum to exactly zero."""
+    indices = torch.cat([idx.long() for idx, _ in deltas])
+    values = torch.cat([val.detach().float() for _, val in deltas])
+    union, inverse = torch.unique(indices, sorted=True, return_inverse=True)
+    summed = torch.zeros(union.numel(), dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
+    keep = summed != 0
+    return union[keep], summed[keep]

@@ -31,6 +31,28 @@ REFERENCE_KEYS = ("reference", "reference_names")
 adds such a method (or leaves them out) compares it only where both runs have it, and keeps the recorded one."""
 
 
+DIFFERENCE_FLAGS = {
+    "target_modules": "--target-layers",
+    "templates": "--model",
+    "caption_template": "--model",
+    "model": "--model / --seed (the base model)",
+    "data": "--dataset / --control-dataset / --seed (the data)",
+    "data.train": "--dataset / --train-split / --image-column / --label-column / --seed (the training images)",
+    "data.test": "--dataset / --test-split / --image-column / --label-column / --seed (the test images)",
+    "data.class_names": "--class-names (or the dataset's labels)",
+    "data.control": "--control-dataset and its split and columns / --seed (the control set)",
+    "data.reference": "--reference-dataset and its split and columns / --seed (the reference data)",
+    "data.reference_names": "--reference-dataset (its class names)",
+    "data.processor": "--model (its processor)",
+    "recipe_version": "(the code's recipe version)",
+    "fingerprint": "(no fingerprint)",
+    "method_options": "--method-option",
+    "fixed": "(the flags given)",
+}
+"""The flags that set each part of a fingerprint, for a refused `--resume` of `benchmarks/cl_sequence.py` to name
+(a part not listed is named as the flag of its own name)."""
+
+
 class FingerprintMismatchError(ValueError):
     """A resumed run's fingerprint differs from the one recorded; `differences` lists (key, recorded, now)."""
 

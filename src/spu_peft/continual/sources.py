@@ -19,9 +19,11 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 from accelerate import Accelerator
+from transformers import AutoProcessor, CLIPModel
 
 from .data import SequenceData, prepare_sequence_data
 from .settings import SequenceSettings
@@ -71,12 +73,31 @@ def load_any(name: str) -> datasets.Dataset | datasets.DatasetDict:
     try:
         return datasets.load_dataset(name)
     except OSError as error:  # offline, no network, an unknown id (DatasetNotFoundError), a private one
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
-            f"dataset {name!r} is no local folder and cannot be loaded from the Hub ({reason}); check the id and the "
-            "network (with HF_HUB_OFFLINE=1 only datasets in the local cache load), or pass an image folder or a "
-            "save_to_disk folder"
+            f"dataset {name!r} is no local folder and cannot be loaded from the Hub ({_first_line(error)}); check the "
+            "id and the network (with HF_HUB_OFFLINE=1 only datasets in the local cache load), or pass an image folder "
+            "or a save_to_disk folder"
         ) from None
+
+
+def load_clip(name: str) -> tuple[CLIPModel, Any]:
+    """A CLIPModel and its processor from a folder saved with `save_pretrained` or a Hub id; one that cannot be loaded
+    is refused in one line naming it and the fix (transformers' own error is an OSError from deep inside its Hub
+    client)."""
+    try:
+        return CLIPModel.from_pretrained(name), AutoProcessor.from_pretrained(name)
+    except OSError as error:
+        reason = "no such folder" if not Path(name).exists() and not HUB_ID.fullmatch(name) else _first_line(error)
+        raise ValueError(
+            f"`model` {name!r} cannot be loaded as a CLIPModel ({reason}); pass 'embedded', a folder saved with "
+            "save_pretrained, or a Hub id (with HF_HUB_OFFLINE=1, one in the local cache)"
+        ) from None
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of an error's message (Hub clients write several), or its type where it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_split(source: DataSource) -> datasets.Dataset:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ...layer import num_selected
+from ...supports import num_selected
 from ..hooks import MethodHooks, TaskContext, trainable_named_parameters
 from ..methods import SPARSE_GRID, ContinualMethod, register_method
 from ..settings import SequenceSettings
