@@ -48,34 +48,25 @@ if __name__ == "__main__" and numerics_asked(sys.argv[1:], DEFAULT_NUMERICS) == 
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
-from transformers import CLIPModel  # noqa: E402
 
 from spu_peft.blocks import parse_block_size  # noqa: E402
 from spu_peft.continual import (  # noqa: E402
     CAPTION_TEMPLATE,
     NUMERICS_MODES,
-    class_incremental_split,
     pin_cpu_numerics,
     prepare_sequence_data,
     protocol_settings,
     run_sequence,
-    task_indices,
 )
-from spu_peft.embedded import (  # noqa: E402
-    CAPTION_TEMPLATES,
-    EMBEDDED_FAMILY,
-    embedded_model_path,
-    load_animal_shapes,
-    load_embedded_clip,
-    load_embedded_processor,
-    load_pretraining_data,
-    read_pretraining_metrics,
-)
+from spu_peft.embedded import CAPTION_TEMPLATES, EMBEDDED_FAMILY, load_animal_shapes  # noqa: E402
 from spu_peft.studies import (  # noqa: E402
     StudyDesign,
     analyse,
+    capped,
     curves_of,
     learning_rate_grid,
+    load_control,
+    load_member,
     markdown,
     measure_overlap,
     plot,
@@ -213,49 +204,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ---- 1. models and data ---------------------------------------------------------------------------------------------
-
-
-def load_member(width: int, args: argparse.Namespace) -> tuple[CLIPModel, Any, dict[str, Any]]:
-    """The model of a width (pretrained and cached on first use), its processor and what the family table shows."""
-    if width in args.models:
-        path = Path(args.models[width])
-        model, processor = CLIPModel.from_pretrained(path).eval(), load_embedded_processor(path)
-    else:
-        path = embedded_model_path(pretrain_kwargs=EMBEDDED_FAMILY[width])
-        model, processor = load_embedded_clip(pretrain_kwargs=EMBEDDED_FAMILY[width])
-    metrics = read_pretraining_metrics(path)
-    info = {
-        "width": width,
-        "path": str(path),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "fc1_entries": sum(m.weight.numel() for n, m in model.named_modules() if n.endswith("fc1")),
-        "vision_layers": model.config.vision_config.num_hidden_layers,
-        "text_layers": model.config.text_config.num_hidden_layers,
-        "recipe_hash": metrics.get("recipe_hash"),
-        "pretraining_control_accuracy": metrics.get("control_accuracy"),
-        "pretraining_animal_accuracy": metrics.get("animal_zero_shot_accuracy"),
-        "pretraining_seconds": metrics.get("train_seconds"),
-        "pretraining_learning_rate": json.loads((path / "recipe.json").read_text()).get("learning_rate"),
-        "pretraining_numerics": (metrics.get("numerics") or {}).get("mode"),
-        "pretraining_threads": (metrics.get("numerics") or {}).get("threads"),
-    }
-    return model, processor, info
-
-
-def load_control() -> datasets.Dataset:
-    """The held-out split of the pretraining seed (0): every model of the family was pretrained on seed 0's other
-    images, so the control set of every sequence seed is this one (another seed's split holds seed 0's digits)."""
-    return load_pretraining_data(seed=0)["control"]
-
-
-def capped(split: datasets.Dataset, settings, cap: int | None) -> datasets.Dataset:
-    """Only the images a per-task cap keeps (in order), so preprocessing skips the rest; the sequence is the same."""
-    if cap is None:
-        return split
-    tasks = class_incremental_split(split.features["label"].num_classes, settings.num_tasks, seed=settings.seed)
-    labels = split["label"]
-    return split.select(sorted(i for task in tasks for i in task_indices(labels, task)[:cap]))
+# ---- the sequences ------------------------------------------------------------------------------------------------
 
 
 def sequence_settings(args: argparse.Namespace, seed: int):
@@ -267,9 +216,6 @@ def sequence_settings(args: argparse.Namespace, seed: int):
         caption_template=CAPTION_TEMPLATE,
         templates=tuple(CAPTION_TEMPLATES),
     )
-
-
-# ---- 2. the sequences -----------------------------------------------------------------------------------------------
 
 
 def run_part(base, processor, data, settings, methods, output_dir: Path, args) -> dict[str, Any]:
@@ -316,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for width in args.widths:
         # 1. the model of this width
         t0 = time.perf_counter()
-        base, processor, info = load_member(width, args)
+        base, processor, info = load_member(width, args.models.get(width))
         study["family"][width] = info | {"load_s": time.perf_counter() - t0}
         study["sequences"][width] = {}
         logger.info("width %d: %s parameters", width, f"{info['parameters']:,}")

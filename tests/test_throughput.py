@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from spu_peft import benchmarking, sparse_linear  # noqa: E402
-from spu_peft.benchmarking import peers  # noqa: E402
+from spu_peft.benchmarking import goals, peers  # noqa: E402
 from spu_peft.blocks import tile_layout  # noqa: E402
 from spu_peft.encoding import expand_tiles  # noqa: E402
 
@@ -74,7 +74,7 @@ def test_quick_run_writes_every_model_method_and_key(throughput, tmp_path, devic
         if device.type == "cpu":  # the sums live where the model does, so score_device="cpu" selects what fp32 does
             assert figures["selection"]["cpu"]["overlap_with_fp32"] == figures["selection"]["fp32"]["overlap_with_fp32"]
         assert figures["meta"]["score_batches"] == 1 and figures["meta"]["value_grad"] == ["auto", "dense"]
-        assert set(figures["goals"]) == {key for key, _, _ in throughput.GOALS}
+        assert set(figures["goals"]) == {key for key, _, _ in goals.GOALS}
         for key, goal in figures["goals"].items():
             assert set(goal) == {"goal", "threshold", "ratio", "margin", "met"}
             if key == "select_cpu_peak" and device.type == "cpu":  # nothing leaves the measured memory
@@ -185,14 +185,14 @@ def test_the_report_holds_figures_only_and_goals_are_checked_on_request(throughp
         "lora": {"step_s": 1.0, "peak_mem_bytes": 110},
         "meta": {**meta, "device": "cuda"},
     }
-    goals = throughput.check_goals(figures)
-    assert goals["spu_step_vs_lora"] == {
+    checked = goals.check_goals(figures)
+    assert checked["spu_step_vs_lora"] == {
         "goal": "SPU step time <= 1.15x LoRA", "threshold": 1.15, "ratio": 2.0, "margin": -0.85, "met": False
     }  # fmt: skip
-    assert goals["spu_mem_vs_lora"]["ratio"] == round(100 / 110, 4) and goals["spu_mem_vs_lora"]["met"] is True
-    assert goals["adapter_vs_values"]["ratio"] == 1.35 and goals["adapter_vs_values"]["met"] is True  # at the limit
-    assert goals["spu_step_vs_full"]["ratio"] is None and goals["spu_step_vs_full"]["met"] is None  # no `full` row
-    table = throughput.goals_markdown("tiny", goals)
+    assert checked["spu_mem_vs_lora"]["ratio"] == round(100 / 110, 4) and checked["spu_mem_vs_lora"]["met"] is True
+    assert checked["adapter_vs_values"]["ratio"] == 1.35 and checked["adapter_vs_values"]["met"] is True  # at the limit
+    assert checked["spu_step_vs_full"]["ratio"] is None and checked["spu_step_vs_full"]["met"] is None  # no `full` row
+    table = goals.goals_markdown("tiny", checked)
     assert "| SPU step time <= 1.15x LoRA | 2.00 | 1.15 | -0.85 | **no** |" in table.splitlines()
     assert "| SPU step time <= 0.85x full fine-tuning | - | 0.85 | - | - |" in table.splitlines()
 

@@ -6,6 +6,7 @@ This package imports `spu_peft.continual`, never the reverse. `benchmarks/scalin
 they need the all-MiniLM-L6-v2 wheel only when run) are the study of SPU on a real sentence encoder,
 `benchmarks/text_retention.py`."""
 
+from .family import capped, load_control, load_member
 from .overlap import measure_overlap, selection_overlaps, shared, supports
 from .scaling import LR_GRIDS, StudyDesign, analyse, learning_rate_grid, score_methods, study_methods
 from .scaling_report import markdown, plot
@@ -16,9 +17,12 @@ __all__ = [
     "StudyDesign",
     "advantage",
     "analyse",
+    "capped",
     "curves_of",
     "drop_at",
     "learning_rate_grid",
+    "load_control",
+    "load_member",
     "markdown",
     "measure_overlap",
     "per_doubling",
