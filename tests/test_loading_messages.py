@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import make_tiny_clip
+from conftest import make_batch, make_tiny_clip
 from peft import get_peft_model
 from safetensors.torch import load_file
 from torch import nn
@@ -236,6 +236,28 @@ def test_a_global_budgets_lengths_resize_the_placeholders_keeping_their_kind(tmp
         assert layer.spu_indices["default"].dtype == torch.int32
         lengths.add(values.numel())
     assert len(lengths) > 1
+
+
+def test_loading_over_an_adapter_keeps_its_parameters_for_an_optimizer_that_holds_them(tmp_path):
+    """`load_adapter` onto an existing adapter whose lengths differ (a global budget) resizes its values in place: an
+    optimizer made before (a Trainer's) then trains the loaded entries, not tensors no layer reads any more."""
+    trained = get_peft_model(make_tiny_clip(), SPUConfig(budget="global", density=0.2))
+    select_parameters(trained, score="magnitude")
+    trained.save_pretrained(tmp_path)
+    model = get_peft_model(make_tiny_clip(), SPUConfig(budget="global", density=0.2))
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, SPULayer)}
+    held = {name: layer.spu_values["default"] for name, layer in layers.items()}
+    lengths = {name: values.numel() for name, values in held.items()}
+    optimizer = torch.optim.SGD(held.values(), lr=1.0)
+    model.load_adapter(tmp_path, adapter_name="default", is_trainable=True)
+    assert any(held[name].numel() != lengths[name] for name in layers)  # the file's lengths differ from the config's
+    for name, layer in layers.items():
+        assert layer.spu_values["default"] is held[name]
+        assert layer.spu_values["default"].shape == trained.get_submodule(name).spu_values["default"].shape
+    model(**make_batch()).logits_per_image.sum().backward()
+    before = {name: layer.spu_values["default"].detach().clone() for name, layer in layers.items()}
+    optimizer.step()
+    assert all(not torch.equal(layer.spu_values["default"], before[name]) for name, layer in layers.items())
 
 
 class Normalised(nn.Module):

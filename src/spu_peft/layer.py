@@ -159,12 +159,27 @@ class SPULayer(BaseTunerLayer):
         if consolidate:
             self._fold_into_frozen(adapter_name)
         self.spu_indices[adapter_name] = indices.to(index_dtype(self.weight_numel))
-        with torch.no_grad():
-            if values.shape[0] == indices.numel():
+        if values.shape[0] == indices.numel():
+            with torch.no_grad():
                 values.zero_()  # in place: sharded parameters (FSDP) keep their storage
-            else:
-                values.data = torch.zeros(indices.numel(), dtype=values.dtype, device=values.device)
+        else:
+            self.resize_values("spu_values", adapter_name, indices.shape)
         values.grad = None
+
+    def resize_values(self, field: str, adapter_name: str, shape: torch.Size | tuple[int, ...]) -> None:
+        """Give the adapter's `spu_values` or `spu_frozen_values` a new length (zeros), keeping dtype and device.
+
+        A parameter keeps its object and only its data changes: an optimizer (a `Trainer`'s) that holds it trains the
+        new entries instead of a tensor no layer reads any more. A buffer is replaced."""
+        store = getattr(self, field)
+        held = store[adapter_name]
+        if held.shape == shape:
+            return
+        resized = torch.zeros(shape, dtype=held.dtype, device=held.device)
+        if isinstance(held, nn.Parameter):
+            held.data = resized
+        else:
+            store[adapter_name] = resized
 
     def _fold_into_frozen(self, adapter_name: str) -> None:
         values = full_tensor(self.spu_values[adapter_name].detach())
@@ -277,11 +292,7 @@ class Linear(nn.Module, SPULayer):
                     continue
                 old = supports[adapter_name]
                 supports[adapter_name] = torch.zeros(indices.shape, dtype=old.dtype, device=old.device)
-                resized = torch.zeros(values.shape, dtype=held.dtype, device=held.device)
-                if isinstance(held, nn.Parameter):
-                    held.data = resized
-                else:
-                    stores[adapter_name] = resized
+                self.resize_values(values_name, adapter_name, values.shape)
                 if buffer_name == "spu_indices":
                     self._tile_layouts.drop(adapter_name)
         super()._load_from_state_dict(

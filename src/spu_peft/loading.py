@@ -240,23 +240,9 @@ def _layout_change(
 
     def change() -> None:
         getattr(layer, buffer_name)[adapter_name] = support
-        _resize(layer, values_name, adapter_name, shape)
+        layer.resize_values(values_name, adapter_name, shape)
 
     return change
-
-
-def _resize(layer: SPULayer, field: str, adapter_name: str, shape: torch.Size) -> None:
-    """Give a values placeholder the file's length, keeping its kind (parameter or buffer), dtype and device."""
-    store = getattr(layer, field)
-    placeholder = store[adapter_name]
-    if placeholder.shape == shape:
-        return
-    resized = torch.zeros(shape, dtype=placeholder.dtype, device=placeholder.device)
-    store[adapter_name] = (
-        nn.Parameter(resized, requires_grad=placeholder.requires_grad)
-        if isinstance(placeholder, nn.Parameter)
-        else resized
-    )
 
 
 def _take_auxiliary(
