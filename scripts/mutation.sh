@@ -36,6 +36,7 @@ declare -A TESTS=(
     [model]="tests/test_peft_contract.py tests/test_save_load.py tests/test_layer_contract.py tests/test_task_types.py tests/test_user_mistakes.py tests/test_config.py tests/test_model.py tests/test_quantized.py tests/test_blocks.py"
     [hub]="tests/test_hub.py tests/test_save_load.py tests/test_user_mistakes.py"
     [trainer]="tests/test_trainer.py"
+    [memory]="tests/test_peak_memory.py"
 )
 tests=${*:-${TESTS[$module]:-tests/test_$module.py}}
 PYTHON=${PYTHON:-.venv/bin/python}
