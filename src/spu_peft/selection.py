@@ -22,7 +22,7 @@ from .bnb import cpu_repacking_off
 from .budgets import global_top_entries, layer_top_entries
 from .config import SPUConfig
 from .distributed import Engine, all_reduce_sum, full_tensor, lockstep, resolve_engine
-from .encoding import expand_tiles
+from .encoding import expand_tiles, index_dtype
 from .layer import SPULayer
 from .naming import PEFT_PREFIX, spu_layers
 from .optim_state import drop_state, watch_stale_state
@@ -260,15 +260,19 @@ def _select_and_apply(
         supports = global_top_entries({name: scores(name) for name in layers}, config.density)
     else:
         supports = None
-    counts = {}
+    # Every layer's support is chosen before any is applied: a layer refused on its scores (not finite) must not leave
+    # the layers before it re-selected and consolidated. Supports are small (int32 indices of `density` entries);
+    # the score matrices are still made one layer at a time.
+    chosen = {}
     for name, layer in layers.items():
         support = supports[name] if supports is not None else layer_top_entries(scores(name), config)
         if config.block_size is not None:
             support = expand_tiles(support, layer.weight_shape, config.block_size)
+        chosen[name] = support.to(index_dtype(layer.weight_numel))
+    for name, layer in layers.items():
         with engine.whole_parameters(layer):
-            layer.set_support(adapter_name, support, consolidate=consolidate)
-        counts[name] = int(support.numel())
-    return counts
+            layer.set_support(adapter_name, chosen[name], consolidate=consolidate)
+    return {name: int(support.numel()) for name, support in chosen.items()}
 
 
 class _TileScores:
@@ -335,7 +339,7 @@ def _gradient_score_sums(
         device=engine.score_device,
     )
     probe = torch.zeros((), device=device, requires_grad=True)
-    was_training = runner.training
+    modes = {module: module.training for module in runner.modules()}  # each one's: a frozen tower may be in eval
     num_batches = 0
     try:
         runner.eval()  # no dropout (the 4-bit CPU repacking eval mode would trigger is kept off below)
@@ -352,9 +356,22 @@ def _gradient_score_sums(
     finally:
         for layer in layers.values():
             layer._scorer = None
-        runner.train(was_training)
+        _restore_modes(runner, modes)
     sums.finish()
     num_batches = int(all_reduce_sum(torch.tensor([float(num_batches)], dtype=torch.float64)).item())
     if num_batches == 0:
         raise ValueError("The dataloader yielded no batches; selection needs at least one batch of task data.")
     return sums, num_batches
+
+
+def _restore_modes(runner: nn.Module, modes: dict[nn.Module, bool]) -> None:
+    """Put back each module's train/eval mode as the caller had it.
+
+    `runner.train(mode)` alone would set every submodule to the model's mode, so a part the user keeps in eval mode
+    inside a training model (a frozen tower, batch norms) would come back training. `train()` runs first for modules
+    that override it; the flags it got wrong are then set one by one.
+    """
+    runner.train(modes[runner])
+    for module, training in modes.items():
+        if module.training != training:
+            module.training = training

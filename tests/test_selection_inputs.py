@@ -1,0 +1,98 @@
+"""What users hand to select_parameters: the container of batches, the model's mode and output, and what a refused
+selection leaves behind."""
+
+
+import pytest
+import torch
+from conftest import make_batch, make_tiny_clip
+from peft import get_peft_model
+from torch import nn
+
+from spu_peft import SPUConfig, SPULayer, select_parameters
+
+
+def clip(**kwargs):
+    return get_peft_model(make_tiny_clip(), SPUConfig(**kwargs))
+
+
+def layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, SPULayer)}
+
+
+def adapter_state(model):
+    return {
+        (n, part): getattr(m, part)["default"].detach().clone()
+        for n, m in layers(model).items()
+        for part in ("spu_indices", "spu_values", "spu_frozen_indices", "spu_frozen_values")
+    }
+
+
+class TwoBranches(nn.Module):
+    """A plain module: `branch` picks which of two target layers runs; it returns what `output` says."""
+
+    def __init__(self, output="dict"):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 3)
+        self.output = output
+
+    def forward(self, x, labels=None, scale=None, branch="both"):
+        hidden = self.a(x) + self.b(x) if branch == "both" else getattr(self, branch)(x)
+        if scale is not None:
+            hidden = hidden * scale[0]
+        logits = self.head(hidden)
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        if self.output == "tensor":
+            return logits if loss is None else loss
+        if self.output == "tuple":
+            return (logits,) if loss is None else (loss, logits)
+        return {"logits": logits, "loss": loss}
+
+
+def branches(output="dict", **kwargs):
+    torch.manual_seed(0)
+    return get_peft_model(TwoBranches(output), SPUConfig(target_modules=["a", "b"], **kwargs))
+
+
+def x_batches(n=3, labels=False):
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(5, 4, generator=generator)} for _ in range(n)]
+    if labels:
+        for batch in batches:
+            batch["labels"] = torch.randint(0, 3, (5,), generator=generator)
+    return batches
+
+
+def supports(model):
+    return {n: m.spu_indices["default"].clone() for n, m in layers(model).items()}
+
+
+def test_selection_puts_back_the_mode_of_every_submodule_not_only_the_models():
+    """A frozen tower kept in eval mode inside a training model (or the reverse) stays as the user set it."""
+    model = clip()
+    model.train()
+    model.base_model.model.text_model.eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    select_parameters(model, [make_batch(0)])
+    assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+def test_a_selection_refused_at_one_layers_scores_leaves_every_layer_as_it_was():
+    """The last layer's scores are infinite: no earlier layer may have been re-selected and consolidated already."""
+    model = clip()
+    select_parameters(model, [make_batch(0)])
+    for layer in layers(model).values():
+        with torch.no_grad():
+            layer.spu_values["default"].add_(0.5)  # something learned, which a consolidation would fold away
+    before = adapter_state(model)
+    record = dict(model.peft_config["default"].selection)
+    last = list(layers(model).values())[-1]
+    with torch.no_grad():
+        last.get_base_layer().weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="are not finite"):
+        select_parameters(model, score="magnitude")
+    after = adapter_state(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[key], before[key]) for key in before), [k for k in before if not torch.equal(
+        after[k], before[k])]  # fmt: skip
+    assert model.peft_config["default"].selection == record
+
