@@ -1,6 +1,7 @@
 """What users hand to select_parameters: the container of batches, the model's mode and output, and what a refused
 selection leaves behind."""
 
+import warnings
 
 import pytest
 import torch
@@ -95,4 +96,16 @@ def test_a_selection_refused_at_one_layers_scores_leaves_every_layer_as_it_was()
     assert all(torch.equal(after[key], before[key]) for key in before), [k for k in before if not torch.equal(
         after[k], before[k])]  # fmt: skip
     assert model.peft_config["default"].selection == record
+
+
+def test_a_target_layer_the_batches_never_run_is_warned_about_by_name():
+    """Its scores are all zero, so its support is its first entries: not chosen by the data."""
+    batches = [dict(batch, branch="a") for batch in x_batches()]
+    with pytest.warns(UserWarning) as caught:
+        select_parameters(branches(), batches)
+    said = [str(w.message) for w in caught if "no gradient" in str(w.message)]
+    assert len(said) == 1 and "['b']" in said[0] and "exclude_modules" in said[0] and "`a`" not in said[0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no gradient")
+        select_parameters(branches(), x_batches())
 

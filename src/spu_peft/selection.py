@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -152,6 +153,14 @@ def select_parameters(
         logger.info("SPU selection: scoring %s with score=%r.", planned, score)
         with torch.enable_grad():  # also under a caller's `torch.no_grad()`: scores are gradients
             sums, num_batches = _gradient_score_sums(engine, layers, batches, score, score_dtype)
+        if unreached := sums.unreached():
+            warnings.warn(
+                f"The scoring batches passed no gradient through {unreached}: their scores are all zero, so their "
+                "entries are the first ones by position, not chosen by the data. Check that the batches run these "
+                "layers (for CLIP, images and captions), or leave them out with `exclude_modules`.",
+                UserWarning,
+                stacklevel=2,
+            )
         scores = _LazyScores(layers, lambda name, layer: (sums.whole(name, _device(layer)) / num_batches).abs())
     elif score == "magnitude":
         scores = _LazyScores(layers, lambda name, layer: _effective_weight(engine, layer).abs().float())
