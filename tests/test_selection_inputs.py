@@ -6,8 +6,10 @@ import warnings
 import pytest
 import torch
 from conftest import make_batch, make_tiny_clip
+from datasets import Dataset
 from peft import get_peft_model
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from spu_peft import SPUConfig, SPULayer, select_parameters
 
@@ -98,6 +100,67 @@ def test_a_selection_refused_at_one_layers_scores_leaves_every_layer_as_it_was()
     assert model.peft_config["default"].selection == record
 
 
+def test_a_single_batch_dict_is_refused_saying_to_put_it_in_a_list():
+    """A dict has a length (its keys), so it was taken as a dataloader of its keys: 'got str'."""
+    batch = make_batch(0)
+    with pytest.raises(ValueError) as refused:
+        select_parameters(clip(), batch)
+    message = str(refused.value)
+    assert "a single dict" in message and "['input_ids', 'pixel_values']" in message and "[batch]" in message
+    assert select_parameters(clip(), [batch]).num_batches == 1  # what the message says to do
+
+
+@pytest.mark.parametrize(
+    "make, kind",
+    [
+        (lambda: Dataset.from_dict({"x": torch.randn(8, 4).tolist()}), "datasets.Dataset"),
+        (lambda: Dataset.from_dict({"x": torch.randn(8, 4).tolist()}).with_format("torch"), "datasets.Dataset"),
+        (lambda: TensorDataset(torch.randn(8, 4)), "TensorDataset"),
+    ],
+)
+def test_a_dataset_of_examples_is_refused_saying_to_batch_it_in_a_dataloader(make, kind):
+    """Iterated directly, a dataset gives single examples (lists, or tensors without a batch dimension), which failed
+    deep inside the model, or were scored one by one."""
+    with pytest.raises(ValueError) as refused:
+        select_parameters(branches(), make())
+    message = str(refused.value)
+    assert kind in message and "examples, not batches" in message and "DataLoader(dataset, batch_size=" in message
+
+
+def test_batches_that_were_not_collated_are_named_with_the_collator_to_use():
+    """A DataLoader without a collator over a dataset without a tensor format yields lists of tensors."""
+    data = Dataset.from_dict({"x": torch.randn(8, 4).tolist()})
+    with pytest.raises(ValueError) as refused:
+        select_parameters(branches(), DataLoader(data, batch_size=4))
+    message = str(refused.value)
+    assert "`x` is a list, not a tensor" in message and "collate_fn=" in message and "default_data_collator" in message
+
+
+def test_a_plain_module_that_returns_a_tensor_is_scored_by_its_output_norm_or_its_scalar_loss():
+    plain, reference = branches("tensor"), branches("dict")
+    assert select_parameters(plain, x_batches()).score == "output_norm"
+    select_parameters(reference, x_batches())
+    assert all(torch.equal(a, b) for a, b in zip(supports(plain).values(), supports(reference).values()))
+
+    plain, reference = branches("tensor"), branches("dict")
+    assert select_parameters(plain, x_batches(labels=True)).score == "task_loss"  # the module returns its loss
+    select_parameters(reference, x_batches(labels=True))
+    assert all(torch.equal(a, b) for a, b in zip(supports(plain).values(), supports(reference).values()))
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_a_model_that_returns_a_tuple_is_refused_saying_to_return_a_dict(labels):
+    with pytest.raises(ValueError) as refused:
+        select_parameters(branches("tuple"), x_batches(labels=labels))
+    message = str(refused.value)
+    assert "returned a tuple" in message and "return_dict=True" in message and "dict" in message
+
+
+def test_a_scalar_output_is_not_taken_for_the_main_output_of_output_norm():
+    with pytest.raises(ValueError, match="a scalar .*score='task_loss'"):
+        select_parameters(branches("tensor"), x_batches(labels=True), score="output_norm")
+
+
 def test_a_target_layer_the_batches_never_run_is_warned_about_by_name():
     """Its scores are all zero, so its support is its first entries: not chosen by the data."""
     batches = [dict(batch, branch="a") for batch in x_batches()]
@@ -109,3 +172,8 @@ def test_a_target_layer_the_batches_never_run_is_warned_about_by_name():
         warnings.filterwarnings("error", message=".*no gradient")
         select_parameters(branches(), x_batches())
 
+
+def test_tensors_nested_in_a_batch_made_under_inference_mode_are_taken():
+    with torch.inference_mode():
+        batches = [dict(batch, scale=[torch.full((6,), 2.0)]) for batch in x_batches()]
+    assert select_parameters(branches(), batches, fraction=1.0).num_batches == 3

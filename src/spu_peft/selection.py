@@ -92,7 +92,9 @@ def select_parameters(
     Args:
         model: the model holding an SPU adapter.
         dataloader: any iterable of dicts of the model's keyword arguments (a `DataLoader` over a processor's
-            output). Not needed for the data-free scores `magnitude` and `random`.
+            output; `[batch]` for one batch; a dataset of examples needs a `DataLoader` with a collator). Not needed
+            for the data-free scores `magnitude` and `random`. The model's outputs are read by name (`loss`,
+            `logits`, ...); a plain module may return one tensor, its main output or its scalar loss.
         score: `output_norm` (the paper: |mean gradient of the squared L2 norm of each row of the model's main
             output|, `logits_per_image` for CLIP), `task_loss` (|mean gradient of the model's `loss`|), `fisher`
             (mean squared gradient of `loss`), `magnitude` (|weight|) or `random`. `None` (the default) reads the
