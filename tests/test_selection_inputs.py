@@ -10,6 +10,7 @@ from datasets import Dataset
 from peft import get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from transformers import BertConfig, BertForSequenceClassification
 
 from spu_peft import SPUConfig, SPULayer, select_parameters
 
@@ -177,3 +178,28 @@ def test_tensors_nested_in_a_batch_made_under_inference_mode_are_taken():
     with torch.inference_mode():
         batches = [dict(batch, scale=[torch.full((6,), 2.0)]) for batch in x_batches()]
     assert select_parameters(branches(), batches, fraction=1.0).num_batches == 3
+
+
+def bert_classifier():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=48, num_labels=3)  # fmt: skip
+    return get_peft_model(BertForSequenceClassification(config), SPUConfig(task_type="SEQ_CLS"))
+
+
+@pytest.mark.parametrize("key", ["label", "label_ids"])
+def test_labels_under_a_name_the_forward_does_not_read_are_refused_for_a_loss_score_naming_the_rename(key):
+    """A torch DataLoader keeps a `datasets` column `label` (transformers' collators rename it); the model's `**kwargs`
+    swallowed it, and the refusal said to include labels, which the batches did."""
+    batch = {"input_ids": torch.randint(1, 50, (4, 6)), key: torch.tensor([0, 1, 2, 0])}
+    with pytest.raises(ValueError) as refused:
+        select_parameters(bert_classifier(), [batch], score="task_loss")
+    assert str(refused.value) == (
+        f"The batches carry their labels as `{key}`, which BertForSequenceClassification's forward does not read: it "
+        "takes `labels`. Rename the key to `labels` (transformers' DataCollatorWithPadding and default_data_collator "
+        "do)."
+    )
+    with pytest.warns(UserWarning) as caught:  # the default score: the output norm, and the warning says the rename
+        assert select_parameters(bert_classifier(), [batch]).score == "output_norm"
+    (said,) = [str(w.message) for w in caught if "ignores" in str(w.message)]
+    assert f"rename `{key}` to `labels`" in said and "score='task_loss'" in said

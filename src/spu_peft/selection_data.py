@@ -60,15 +60,37 @@ class BatchChecker:
                 f"{sorted(self.named)}{f' and the options of {self.options_name}' if self.options else ''}. Rename or "
                 "drop them (a processor's output has the right names)."
             )
+        misnamed = self.misnamed_labels(batch)
+        if misnamed and self.score != "output_norm":
+            raise ValueError(
+                f"The batches carry their labels as `{misnamed}`, which {self.name}'s forward does not read: it takes "
+                "`labels`. Rename the key to `labels` (transformers' DataCollatorWithPadding and default_data_collator "
+                "do)."
+            )
         labels = sorted(LABEL_KEYS & set(batch))
         if labels and self.score == "output_norm" and not self.warned:
             self.warned = True
+            fix = (
+                f"rename `{misnamed}` to `labels` (the name {self.name}'s forward reads) and use score='task_loss'"
+                if misnamed
+                else "use score='task_loss' or 'fisher'"
+            )
             warnings.warn(
                 f"The batches carry {labels}, which score='output_norm' ignores (it differentiates the norm of the "
-                "model's output); use score='task_loss' or 'fisher' to score the loss of labelled batches.",
+                f"model's output); {fix} to score the loss of labelled batches.",
                 UserWarning,
                 stacklevel=4,  # select_parameters -> _gradient_score_sums -> this check
             )
+
+    def misnamed_labels(self, batch: Mapping[str, Any]) -> str | None:
+        """The key (`label`, `label_ids`) a batch carries its labels under when the forward reads them as `labels`.
+
+        transformers' collators rename these keys; a plain `DataLoader` keeps a `datasets` column `label`, which a
+        forward's `**kwargs` swallows, so the model returns no loss although the batch has labels.
+        """
+        if "labels" not in self.named or batch.get("labels") is not None:
+            return None
+        return next((key for key in ("label", "label_ids") if key in batch and key not in self.named), None)
 
 
 def scoring_batches(dataloader: Iterable, fraction: float, max_batches: int | None) -> tuple[Iterator[Any], str]:
