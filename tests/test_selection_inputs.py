@@ -203,3 +203,21 @@ def test_labels_under_a_name_the_forward_does_not_read_are_refused_for_a_loss_sc
         assert select_parameters(bert_classifier(), [batch]).score == "output_norm"
     (said,) = [str(w.message) for w in caught if "ignores" in str(w.message)]
     assert f"rename `{key}` to `labels`" in said and "score='task_loss'" in said
+
+
+@pytest.mark.parametrize("wrong", ["parameters", "scheduler"])
+def test_something_else_passed_as_the_optimizer_is_refused_before_the_selection_changes_anything(wrong):
+    """A parameter generator or a scheduler failed with an AttributeError after the supports were replaced."""
+    model = clip()
+    select_parameters(model, [make_batch(0)])
+    before = adapter_state(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    given = model.parameters() if wrong == "parameters" else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1)
+    with pytest.raises(ValueError) as refused:
+        select_parameters(model, [make_batch(1)], optimizer=given)
+    assert str(refused.value) == (
+        "`optimizer` must be the optimizer that holds the adapter's values (a torch.optim.Optimizer, whose state is "
+        f"dropped for them), got {type(given).__name__}."
+    )
+    after = adapter_state(model)
+    assert all(torch.equal(after[key], before[key]) for key in before)

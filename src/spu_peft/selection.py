@@ -120,7 +120,7 @@ def select_parameters(
         A [`SelectionReport`]. The adapter's values are zeroed in place (same `Parameter` objects, resized only under
         a global budget), so an optimizer that holds them trains the new entries.
     """
-    _check_arguments(score, fraction, max_batches, score_dtype)
+    _check_arguments(score, fraction, max_batches, score_dtype, optimizer)
     if description is not None and not isinstance(description, str):
         raise ValueError(f"`description` must be a string (it is saved in adapter_config.json), got {description!r}")
     engine = resolve_engine(model, score_device)
@@ -211,7 +211,8 @@ def select_parameters(
     return report
 
 
-def _check_arguments(score: Any, fraction: Any, max_batches: Any, score_dtype: Any) -> None:
+def _check_arguments(score: Any, fraction: Any, max_batches: Any, score_dtype: Any, optimizer: Any) -> None:
+    """Refuse bad arguments before any work: the optimizer is only used after the supports are replaced."""
     if score is not None and score not in SCORES:
         raise ValueError(f"`score` must be one of {SCORES} or None (chosen from the data), got {score!r}")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
@@ -220,6 +221,11 @@ def _check_arguments(score: Any, fraction: Any, max_batches: Any, score_dtype: A
         raise ValueError(f"`max_batches` must be a positive integer or None, got {max_batches!r}")
     if score_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         raise ValueError(f"`score_dtype` must be a floating-point torch dtype, got {score_dtype!r}")
+    if optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):  # duck-typed: wrappers
+        raise ValueError(
+            "`optimizer` must be the optimizer that holds the adapter's values (a torch.optim.Optimizer, whose state "
+            f"is dropped for them), got {type(optimizer).__name__}."
+        )
 
 
 def _default_score(batches: Iterator[Mapping[str, Any]]) -> tuple[str, Iterator[Mapping[str, Any]]]:
