@@ -198,6 +198,7 @@ def llama_batches(device: torch.device, n: int = 2) -> list[dict]:
 @pytest.mark.parametrize("kind", CONFIGS)
 def test_llama_selects_trains_saves_and_reloads(llama_dir, kind, device, tmp_path):
     model = get_peft_model(load_llama(llama_dir, kind, device), SPUConfig())
+    model.train()  # from_pretrained gives an eval-mode base, which selection leaves as it is
     layers = layers_of(model)
     assert len(layers) == 4 and all(
         type(x) is (Linear8bitLt if kind == "int8" else Linear4bit) for x in layers.values()

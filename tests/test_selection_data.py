@@ -149,7 +149,8 @@ def test_the_output_norm_is_the_mean_squared_row_norm_of_the_first_output_found(
     with pytest.raises(ValueError) as error:
         objective(wrap(pooler_output=logits), "output_norm")
     assert str(error.value) == (
-        "score='output_norm' needs a model output with `logits_per_image`, `logits` or `last_hidden_state`."
+        "score='output_norm' needs a model output with `logits_per_image`, `logits` or `last_hidden_state` (or a "
+        "tensor: the model's main output)."
     )
 
 

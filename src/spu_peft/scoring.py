@@ -91,6 +91,17 @@ class ScoreSums:
             for name in self.shapes:
                 all_reduce_sum(self.sums[name])
 
+    def unreached(self) -> list[str]:
+        """The layers whose sums are all zero on every process: no scoring batch passed a gradient through them.
+
+        Their top entries would be the first ones by position (ties go to the lowest index), not chosen by the data,
+        so the caller warns about them. Call after `finish`.
+        """
+        reached = torch.tensor([float(bool(self.sums[name].any())) for name in self.shapes], dtype=torch.float64)
+        if self.sharded:  # each process holds a share of each sum (replicated sums were summed by `finish`)
+            all_reduce_sum(reached)
+        return [name for name, flag in zip(self.shapes, reached.tolist()) if flag == 0]
+
     def whole(self, name: str, device: torch.device) -> torch.Tensor:
         """Layer `name`'s sum as a whole float32 matrix on `device` (gathered from every process if sharded)."""
         rows, cols = self.shapes[name]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from .bnb import cpu_repacking_off
 from .budgets import global_top_entries, layer_top_entries
 from .config import SPUConfig
 from .distributed import Engine, all_reduce_sum, full_tensor, lockstep, resolve_engine
-from .encoding import expand_tiles
+from .encoding import expand_tiles, index_dtype
 from .layer import SPULayer
 from .naming import PEFT_PREFIX, spu_layers
 from .optim_state import drop_state, watch_stale_state
@@ -91,7 +92,9 @@ def select_parameters(
     Args:
         model: the model holding an SPU adapter.
         dataloader: any iterable of dicts of the model's keyword arguments (a `DataLoader` over a processor's
-            output). Not needed for the data-free scores `magnitude` and `random`.
+            output; `[batch]` for one batch; a dataset of examples needs a `DataLoader` with a collator). Not needed
+            for the data-free scores `magnitude` and `random`. The model's outputs are read by name (`loss`,
+            `logits`, ...); a plain module may return one tensor, its main output or its scalar loss.
         score: `output_norm` (the paper: |mean gradient of the squared L2 norm of each row of the model's main
             output|, `logits_per_image` for CLIP), `task_loss` (|mean gradient of the model's `loss`|), `fisher`
             (mean squared gradient of `loss`), `magnitude` (|weight|) or `random`. `None` (the default) reads the
@@ -117,7 +120,7 @@ def select_parameters(
         A [`SelectionReport`]. The adapter's values are zeroed in place (same `Parameter` objects, resized only under
         a global budget), so an optimizer that holds them trains the new entries.
     """
-    _check_arguments(score, fraction, max_batches, score_dtype)
+    _check_arguments(score, fraction, max_batches, score_dtype, optimizer)
     if description is not None and not isinstance(description, str):
         raise ValueError(f"`description` must be a string (it is saved in adapter_config.json), got {description!r}")
     engine = resolve_engine(model, score_device)
@@ -152,6 +155,14 @@ def select_parameters(
         logger.info("SPU selection: scoring %s with score=%r.", planned, score)
         with torch.enable_grad():  # also under a caller's `torch.no_grad()`: scores are gradients
             sums, num_batches = _gradient_score_sums(engine, layers, batches, score, score_dtype)
+        if unreached := sums.unreached():
+            warnings.warn(
+                f"The scoring batches passed no gradient through {unreached}: their scores are all zero, so their "
+                "entries are the first ones by position, not chosen by the data. Check that the batches run these "
+                "layers (for CLIP, images and captions), or leave them out with `exclude_modules`.",
+                UserWarning,
+                stacklevel=2,
+            )
         scores = _LazyScores(layers, lambda name, layer: (sums.whole(name, _device(layer)) / num_batches).abs())
     elif score == "magnitude":
         scores = _LazyScores(layers, lambda name, layer: _effective_weight(engine, layer).abs().float())
@@ -200,7 +211,8 @@ def select_parameters(
     return report
 
 
-def _check_arguments(score: Any, fraction: Any, max_batches: Any, score_dtype: Any) -> None:
+def _check_arguments(score: Any, fraction: Any, max_batches: Any, score_dtype: Any, optimizer: Any) -> None:
+    """Refuse bad arguments before any work: the optimizer is only used after the supports are replaced."""
     if score is not None and score not in SCORES:
         raise ValueError(f"`score` must be one of {SCORES} or None (chosen from the data), got {score!r}")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
@@ -209,6 +221,11 @@ def _check_arguments(score: Any, fraction: Any, max_batches: Any, score_dtype: A
         raise ValueError(f"`max_batches` must be a positive integer or None, got {max_batches!r}")
     if score_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         raise ValueError(f"`score_dtype` must be a floating-point torch dtype, got {score_dtype!r}")
+    if optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):  # duck-typed: wrappers
+        raise ValueError(
+            "`optimizer` must be the optimizer that holds the adapter's values (a torch.optim.Optimizer, whose state "
+            f"is dropped for them), got {type(optimizer).__name__}."
+        )
 
 
 def _default_score(batches: Iterator[Mapping[str, Any]]) -> tuple[str, Iterator[Mapping[str, Any]]]:
@@ -260,15 +277,19 @@ def _select_and_apply(
         supports = global_top_entries({name: scores(name) for name in layers}, config.density)
     else:
         supports = None
-    counts = {}
+    # Every layer's support is chosen before any is applied: a layer refused on its scores (not finite) must not leave
+    # the layers before it re-selected and consolidated. Supports are small (int32 indices of `density` entries);
+    # the score matrices are still made one layer at a time.
+    chosen = {}
     for name, layer in layers.items():
         support = supports[name] if supports is not None else layer_top_entries(scores(name), config)
         if config.block_size is not None:
             support = expand_tiles(support, layer.weight_shape, config.block_size)
+        chosen[name] = support.to(index_dtype(layer.weight_numel))
+    for name, layer in layers.items():
         with engine.whole_parameters(layer):
-            layer.set_support(adapter_name, support, consolidate=consolidate)
-        counts[name] = int(support.numel())
-    return counts
+            layer.set_support(adapter_name, chosen[name], consolidate=consolidate)
+    return {name: int(support.numel()) for name, support in chosen.items()}
 
 
 class _TileScores:
@@ -335,7 +356,7 @@ def _gradient_score_sums(
         device=engine.score_device,
     )
     probe = torch.zeros((), device=device, requires_grad=True)
-    was_training = runner.training
+    modes = {module: module.training for module in runner.modules()}  # each one's: a frozen tower may be in eval
     num_batches = 0
     try:
         runner.eval()  # no dropout (the 4-bit CPU repacking eval mode would trigger is kept off below)
@@ -352,9 +373,22 @@ def _gradient_score_sums(
     finally:
         for layer in layers.values():
             layer._scorer = None
-        runner.train(was_training)
+        _restore_modes(runner, modes)
     sums.finish()
     num_batches = int(all_reduce_sum(torch.tensor([float(num_batches)], dtype=torch.float64)).item())
     if num_batches == 0:
         raise ValueError("The dataloader yielded no batches; selection needs at least one batch of task data.")
     return sums, num_batches
+
+
+def _restore_modes(runner: nn.Module, modes: dict[nn.Module, bool]) -> None:
+    """Put back each module's train/eval mode as the caller had it.
+
+    `runner.train(mode)` alone would set every submodule to the model's mode, so a part the user keeps in eval mode
+    inside a training model (a frozen tower, batch norms) would come back training. `train()` runs first for modules
+    that override it; the flags it got wrong are then set one by one.
+    """
+    runner.train(modes[runner])
+    for module, training in modes.items():
+        if module.training != training:
+            module.training = training

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 import typing
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, IterableDataset
 
 # Keys of labelled batches that a forward may leave in its `**kwargs` unused (Trainer keeps them for every model)
 LABEL_KEYS = frozenset({"labels", "label", "label_ids", "return_loss"})
@@ -58,15 +60,37 @@ class BatchChecker:
                 f"{sorted(self.named)}{f' and the options of {self.options_name}' if self.options else ''}. Rename or "
                 "drop them (a processor's output has the right names)."
             )
+        misnamed = self.misnamed_labels(batch)
+        if misnamed and self.score != "output_norm":
+            raise ValueError(
+                f"The batches carry their labels as `{misnamed}`, which {self.name}'s forward does not read: it takes "
+                "`labels`. Rename the key to `labels` (transformers' DataCollatorWithPadding and default_data_collator "
+                "do)."
+            )
         labels = sorted(LABEL_KEYS & set(batch))
         if labels and self.score == "output_norm" and not self.warned:
             self.warned = True
+            fix = (
+                f"rename `{misnamed}` to `labels` (the name {self.name}'s forward reads) and use score='task_loss'"
+                if misnamed
+                else "use score='task_loss' or 'fisher'"
+            )
             warnings.warn(
                 f"The batches carry {labels}, which score='output_norm' ignores (it differentiates the norm of the "
-                "model's output); use score='task_loss' or 'fisher' to score the loss of labelled batches.",
+                f"model's output); {fix} to score the loss of labelled batches.",
                 UserWarning,
                 stacklevel=4,  # select_parameters -> _gradient_score_sums -> this check
             )
+
+    def misnamed_labels(self, batch: Mapping[str, Any]) -> str | None:
+        """The key (`label`, `label_ids`) a batch carries its labels under when the forward reads them as `labels`.
+
+        transformers' collators rename these keys; a plain `DataLoader` keeps a `datasets` column `label`, which a
+        forward's `**kwargs` swallows, so the model returns no loss although the batch has labels.
+        """
+        if "labels" not in self.named or batch.get("labels") is not None:
+            return None
+        return next((key for key in ("label", "label_ids") if key in batch and key not in self.named), None)
 
 
 def scoring_batches(dataloader: Iterable, fraction: float, max_batches: int | None) -> tuple[Iterator[Any], str]:
@@ -76,6 +100,7 @@ def scoring_batches(dataloader: Iterable, fraction: float, max_batches: int | No
     An iterable without a length (a generator) has no fraction to take: it gives `max_batches` batches, or all of
     them with `fraction=1.0`.
     """
+    check_batch_source(dataloader)
     try:
         total = len(dataloader)  # type: ignore[arg-type]
     except TypeError:
@@ -90,6 +115,30 @@ def scoring_batches(dataloader: Iterable, fraction: float, max_batches: int | No
     if max_batches is not None and max_batches < n:
         return islice(dataloader, max_batches), f"{max_batches} of {total} batches (max_batches={max_batches})"
     return islice(dataloader, n), f"{n} of {total} batches (fraction={fraction})"
+
+
+def check_batch_source(dataloader: Any) -> None:
+    """Refuse the containers that have a length and can be iterated but do not yield batches.
+
+    A single batch dict has a length (its keys) and would be taken as a dataloader of key names; a dataset (a
+    `datasets.Dataset`, a map-style torch `Dataset`) yields single examples, which fail deep inside the model (lists,
+    tensors without a batch dimension) or would be scored one example at a time.
+    """
+    if isinstance(dataloader, Mapping):
+        raise ValueError(
+            f"select_parameters takes an iterable of batches, got a single dict ({type(dataloader).__name__}) with "
+            f"keys {sorted(map(str, dataloader))}: pass [batch] to score one batch, or a DataLoader."
+        )
+    hf_datasets = sys.modules.get("datasets")  # loaded wherever a user holds one of its datasets
+    map_style = isinstance(dataloader, Dataset) and not isinstance(dataloader, IterableDataset)
+    if map_style or (hf_datasets is not None and isinstance(dataloader, hf_datasets.Dataset)):
+        kind = "datasets.Dataset" if not map_style else type(dataloader).__name__
+        raise ValueError(
+            f"select_parameters got a {kind}, which yields single examples, not batches. Pass "
+            "DataLoader(dataset, batch_size=..., collate_fn=...) with the collator you train with (for tokenized "
+            "text, transformers.DataCollatorWithPadding(tokenizer); for tensors of one size, "
+            "transformers.default_data_collator)."
+        )
 
 
 def asks_for_loss(batch: Any) -> bool:
@@ -108,26 +157,48 @@ def peek(batches: Iterator[Any]) -> tuple[Any, Iterator[Any]]:
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """The batch's tensors on `device`; tensors made under `torch.inference_mode()` are copied into normal ones,
-    which autograd can save for the backward pass."""
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.clone() if value.is_inference() else value
-            value = value.to(device)
-        moved[key] = value
-    return moved
+    """The batch's tensors on `device`, also those nested in lists, tuples and dicts (as `Trainer` moves them); tensors
+    made under `torch.inference_mode()` are copied into normal ones, which autograd can save for the backward pass."""
+    return {key: _moved(value, device) for key, value in batch.items()}
+
+
+def _moved(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return (value.clone() if value.is_inference() else value).to(device)
+    if isinstance(value, Mapping):
+        return type(value)({key: _moved(item, device) for key, item in value.items()})
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):  # a named tuple keeps its own fields
+        return type(value)(_moved(item, device) for item in value)
+    return value
 
 
 def objective(outputs: Any, score: str) -> torch.Tensor:
-    """The scalar a gradient score differentiates: the output's mean squared row norm, or the model's loss."""
+    """The scalar a gradient score differentiates: the output's mean squared row norm, or the model's loss.
+
+    A model that returns one tensor (a plain `nn.Module`) returns its main output, or its loss when that is a scalar.
+    A tuple says nothing about which element is which (a transformers model with `return_dict=False` puts the loss
+    first only when it has labels), so it is refused.
+    """
+    if isinstance(outputs, tuple) and not hasattr(outputs, "keys"):  # a ModelOutput is a tuple with keys
+        raise ValueError(
+            f"The model returned a tuple, whose elements score={score!r} cannot tell apart. Return a dict or a "
+            "ModelOutput with `loss` and `logits` (for a transformers model, `return_dict=True`, its default)."
+        )
+    if isinstance(outputs, torch.Tensor):
+        if score == "output_norm" and outputs.dim() == 0:
+            raise ValueError(
+                "score='output_norm' got a scalar from the model, which has no rows to take the norm of; when it is "
+                "the loss, use score='task_loss' (or 'fisher')."
+            )
+        outputs = {"loss" if outputs.dim() == 0 else "logits": outputs}
     if score == "output_norm":
         for key in ("logits_per_image", "logits", "last_hidden_state"):
             main = getattr(outputs, key, None) if not isinstance(outputs, Mapping) else outputs.get(key)
             if main is not None:
                 return main.float().pow(2).sum(-1).mean()
         raise ValueError(
-            "score='output_norm' needs a model output with `logits_per_image`, `logits` or `last_hidden_state`."
+            "score='output_norm' needs a model output with `logits_per_image`, `logits` or `last_hidden_state` "
+            "(or a tensor: the model's main output)."
         )
     loss = getattr(outputs, "loss", None) if not isinstance(outputs, Mapping) else outputs.get("loss")
     if loss is None:
@@ -146,6 +217,29 @@ def scoring_forward(model: nn.Module, batch: Mapping[str, Any], model_name: str)
     except (AttributeError, TypeError, KeyError, IndexError) as error:
         raise ValueError(
             f"{model_name}'s forward failed on a scoring batch with keys {sorted(batch)} ({type(error).__name__}: "
-            f"{error}). A batch holds every input the forward needs: for CLIP, `pixel_values` and the captions' "
-            "`input_ids` (and `attention_mask`); for a language model, `input_ids` (`labels` for score='task_loss')."
+            f"{error}). {_uncollated(batch) or _NEEDS}"
         ) from error
+
+
+_NEEDS = (
+    "A batch holds every input the forward needs: for CLIP, `pixel_values` and the captions' `input_ids` (and "
+    "`attention_mask`); for a language model, `input_ids` (`labels` for score='task_loss')."
+)
+
+
+def _uncollated(batch: Mapping[str, Any]) -> str:
+    """What to say when a batch holds lists of numbers or tensors where the forward wants one tensor: a DataLoader's
+    default collation of examples whose fields are lists (a `datasets.Dataset` without a tensor format)."""
+    lists = [
+        key
+        for key, value in batch.items()
+        if isinstance(value, list) and value and all(isinstance(v, (torch.Tensor, int, float)) for v in value)
+    ]
+    if not lists:
+        return ""
+    return (
+        f"`{lists[0]}` is a list, not a tensor: the examples were not collated into batches. Build the DataLoader "
+        "with collate_fn= the collator you train with (transformers.DataCollatorWithPadding(tokenizer) for "
+        "tokenized text, transformers.default_data_collator for tensors of one size), or give the dataset a tensor "
+        'format (`dataset.with_format("torch")`).'
+    )
