@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .bnb import bnb_layer_class
+from .bnb import bnb_layer_class, guard_cpu_repacking
 from .config import (
     PEFT_TASK_MODULES_TO_SAVE,
     TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING,
@@ -84,6 +84,7 @@ class SPUModel(BaseTuner):
         self._warned_unselected: set[str] = set()
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
         self.model.register_forward_pre_hook(self._warn_if_unselected)  # a bound method: deepcopy rebinds it
+        guard_cpu_repacking(self.model)  # bitsandbytes' CPU inference format of 4-bit weights: no gradients
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(MODEL_TAGS)
 
