@@ -22,7 +22,7 @@ from torch import nn
 
 from .blocks import TileLayout
 from .layer import Linear
-from .sparse_linear import SparseDelta
+from .sparse_linear import SparseDelta, compose_weight
 
 
 class QuantizedLinear(Linear):
@@ -55,6 +55,12 @@ class QuantizedLinear(Linear):
         # an all-zero "weight" that costs no memory: the product is the deltas' alone, with their gradients
         zero = torch.zeros((), dtype=dtype, device=x.device).expand(self.weight_shape)
         return result + self._linear(x, zero, bias, deltas, layouts).to(result.dtype)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's dense weight delta in float32, the dtype it acts in here: a 4-bit weight's own dtype is that
+        of the storage of its codes (`bnb_4bit_quant_storage`, bfloat16 for FSDP), which would round the delta."""
+        device = self.get_base_layer().weight.device
+        return compose_weight(torch.zeros(self.weight_shape, device=device), self.sparse_deltas(adapter_name))
 
     def _write_merged_weight(self, adapter_name: str, merged_weight: torch.Tensor) -> Any:
         backup = self._requantize(merged_weight)

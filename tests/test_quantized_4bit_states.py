@@ -1,4 +1,4 @@
-"""4-bit bases after an evaluation on a CPU: bitsandbytes' repacking of the weights for its inference kernel.
+"""4-bit bases in the states users leave them in: repacked by an evaluation on a CPU, stored in a float dtype.
 
 A `Linear4bit`'s first eval-mode forward on a CPU with AVX512-BF16, on an input that needs no gradient (an
 evaluation, `generate`), repacks its weight in place for good. That kernel has no backward, and bitsandbytes 0.50's
@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, 
 from spu_peft import SPUConfig, select_parameters
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'spu-peft[test]')")
-pytestmark = pytest.mark.skipif(
+repacks = pytest.mark.skipif(
     not bnb.functional.has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on a CPU with AVX512-BF16"
 )
 
@@ -63,6 +63,7 @@ def value_gradients(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad for p in model.parameters() if p.requires_grad]
 
 
+@repacks
 @pytest.mark.parametrize("nested", [False, True], ids=["unnested", "nested"])
 def test_a_repacked_4bit_weight_is_read_with_its_own_block_scales(nested):
     """`dense_base_weight` (magnitude scores, merges) of a repacked layer is the weight it was, up to the repacking's
@@ -79,6 +80,7 @@ def test_a_repacked_4bit_weight_is_read_with_its_own_block_scales(nested):
     torch.testing.assert_close(layer.dense_base_weight(), before, rtol=2**-8, atol=0)
 
 
+@repacks
 def test_a_merge_after_an_evaluation_rounds_w_plus_delta_and_nothing_else(llama_dir):
     """Merging after an evaluation (`generate`, then `merge_and_unload`) quantizes the layer's own `W + delta`: the
     merged weight is as close to it as a merge of the never-repacked model's."""
@@ -96,6 +98,7 @@ def test_a_merge_after_an_evaluation_rounds_w_plus_delta_and_nothing_else(llama_
     assert errors[1] <= errors[0] * 1.1, errors  # unmended: 4 times the error
 
 
+@repacks
 def test_selection_after_an_evaluation_scores_through_the_repacked_layers(llama_dir):
     """Gradients through a repacked layer were silently zero: the selection picked the first entries of each row."""
     fresh = get_peft_model(load(llama_dir), SPUConfig(task_type="CAUSAL_LM"))
@@ -111,6 +114,7 @@ def test_selection_after_an_evaluation_scores_through_the_repacked_layers(llama_
     assert all(grad is not None and grad.any() for grad in value_gradients(model))
 
 
+@repacks
 def test_training_after_an_evaluation_still_moves_the_values(llama_dir):
     """A `Trainer` that evaluates every few steps: after the first evaluation every value's gradient was zero."""
     model = get_peft_model(load(llama_dir), SPUConfig(task_type="CAUSAL_LM"))
@@ -120,6 +124,7 @@ def test_training_after_an_evaluation_still_moves_the_values(llama_dir):
     assert all(grad is not None and grad.any() for grad in value_gradients(model))
 
 
+@repacks
 def test_saving_after_an_evaluation_leaves_the_base_as_it_was(llama_dir, tmp_path):
     """`state_dict()` (every save) runs bitsandbytes' own inverse of the repacking in place, which mixed up the
     scales of the live base model's every unnested 4-bit layer (logits moved by 0.33 of 0.77)."""
@@ -129,3 +134,20 @@ def test_saving_after_an_evaluation_leaves_the_base_as_it_was(llama_dir, tmp_pat
     model.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "whole.pt")
     assert torch.equal(evaluate(model), evaluated)
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, torch.uint8])
+def test_the_delta_of_a_4bit_layer_is_float32_whatever_dtype_stores_its_codes(storage):
+    """`get_delta_weight` / `spu_peft.dense_deltas` are float32 for a quantized weight: the deltas act in float32
+    there. A 4-bit weight stored as bfloat16 (`bnb_4bit_quant_storage`, as FSDP-QLoRA loads it) has a floating
+    dtype that is no precision at all; the delta was rounded to it."""
+    torch.manual_seed(0)
+    base = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_storage=storage).to("cpu")
+    model = get_peft_model(nn.Sequential(base), SPUConfig(target_modules=["0"], init_weights=False))
+    layer = layers_of(model)["0"]
+    assert layer.base_layer.weight.dtype == storage
+    indices, values = layer.spu_indices["default"], layer.spu_values["default"]
+    expected = torch.zeros(64 * 128).index_add(0, indices.long(), values.detach()).view(64, 128)
+    delta = layer.get_delta_weight("default")
+    assert delta.dtype == torch.float32
+    assert torch.equal(delta.detach(), expected)
