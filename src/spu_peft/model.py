@@ -194,6 +194,13 @@ class SPUModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        """Put `new_module` in `child`'s place. PEFT's generic version also moves the whole new module to the weight's
+        device when its base has a bitsandbytes `state` (an 8-bit layer), which fails on the meta-device placeholders
+        of `low_cpu_mem_usage=True` (torch's `Cannot copy out of meta tensor`; LoRA's own version skips that move). An
+        SPU layer makes its tensors on its base weight's device itself, and unloading puts back the layer it wrapped."""
+        setattr(parent, child_name, new_module)
+
     # ---- activation ----------------------------------------------------------------------------------------------
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:

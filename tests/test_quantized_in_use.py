@@ -1,4 +1,5 @@
-"""4-bit bases in the states users leave them in: repacked by an evaluation on a CPU, stored in a float dtype.
+"""Quantized bases in the states users leave them in (4-bit: repacked by an evaluation on a CPU, stored in a float
+dtype) and through the loaders they use (`low_cpu_mem_usage=True`).
 
 A `Linear4bit`'s first eval-mode forward on a CPU with AVX512-BF16, on an input that needs no gradient (an
 evaluation, `generate`), repacks its weight in place for good. That kernel has no backward, and bitsandbytes 0.50's
@@ -11,7 +12,7 @@ SPU reads, scores, trains, merges and saves as if nothing had been repacked (LoR
 import pytest
 import torch
 from conftest import layers_of
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
@@ -35,9 +36,12 @@ def llama_dir(tmp_path_factory):
     return path
 
 
-def load(path) -> nn.Module:
-    """As QLoRA users load it: NF4, float32 compute, no double quantization (transformers' default)."""
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+def load(path, kind: str = "nf4") -> nn.Module:
+    """As QLoRA users load it: NF4, float32 compute, no double quantization (transformers' default); or LLM.int8()."""
+    if kind == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
 
 
@@ -151,3 +155,25 @@ def test_the_delta_of_a_4bit_layer_is_float32_whatever_dtype_stores_its_codes(st
     delta = layer.get_delta_weight("default")
     assert delta.dtype == torch.float32
     assert torch.equal(delta.detach(), expected)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_an_adapter_loads_onto_a_quantized_base_with_low_cpu_mem_usage(llama_dir, kind, tmp_path):
+    """PEFT's `low_cpu_mem_usage=True` creates the adapter tensors on the meta device until the file fills them;
+    PEFT's generic module replacement moved a whole 8-bit layer (one with a `state`) to its weight's device, which
+    raised torch's `Cannot copy out of meta tensor` from deep inside `from_pretrained` and `load_adapter`."""
+    model = get_peft_model(load(llama_dir, kind), SPUConfig(task_type="CAUSAL_LM", init_weights=False))
+    select_parameters(model, batches(), score="random")
+    with torch.no_grad():
+        for layer in layers_of(model).values():
+            layer.spu_values["default"].normal_()
+    model.save_pretrained(tmp_path)
+    ids = batches()[0]["input_ids"]
+    expected = PeftModel.from_pretrained(load(llama_dir, kind), tmp_path).train()(input_ids=ids).logits
+    loaded = PeftModel.from_pretrained(load(llama_dir, kind), tmp_path, low_cpu_mem_usage=True).train()
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+    assert torch.equal(loaded(input_ids=ids).logits, expected)
+    loaded.load_adapter(tmp_path, adapter_name="again", low_cpu_mem_usage=True)
+    loaded.set_adapter("again")
+    loaded.train()  # `load_adapter` puts the model in eval mode, where the 4-bit CPU kernel would repack the base
+    assert torch.equal(loaded(input_ids=ids).logits, expected)
