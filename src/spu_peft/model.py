@@ -194,7 +194,7 @@ class SPUModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _replace_module(self, parent, child_name, new_module, child) -> None:
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         """Put `new_module` in `child`'s place. PEFT's generic version also moves the whole new module to the weight's
         device when its base has a bitsandbytes `state` (an 8-bit layer), which fails on the meta-device placeholders
         of `low_cpu_mem_usage=True` (torch's `Cannot copy out of meta tensor`; LoRA's own version skips that move). An
