@@ -22,7 +22,7 @@ from torch import nn
 
 from .blocks import TileLayout
 from .layer import Linear
-from .sparse_linear import SparseDelta
+from .sparse_linear import SparseDelta, compose_weight
 
 
 class QuantizedLinear(Linear):
@@ -55,6 +55,12 @@ class QuantizedLinear(Linear):
         # an all-zero "weight" that costs no memory: the product is the deltas' alone, with their gradients
         zero = torch.zeros((), dtype=dtype, device=x.device).expand(self.weight_shape)
         return result + self._linear(x, zero, bias, deltas, layouts).to(result.dtype)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's dense weight delta in float32, the dtype it acts in here: a 4-bit weight's own dtype is that
+        of the storage of its codes (`bnb_4bit_quant_storage`, bfloat16 for FSDP), which would round the delta."""
+        device = self.get_base_layer().weight.device
+        return compose_weight(torch.zeros(self.weight_shape, device=device), self.sparse_deltas(adapter_name))
 
     def _write_merged_weight(self, adapter_name: str, merged_weight: torch.Tensor) -> Any:
         backup = self._requantize(merged_weight)
@@ -115,8 +121,10 @@ def cpu_repacking_off(model: nn.Module) -> Iterator[None]:
 
     Scoring runs in eval mode, where a `Linear4bit` on a CPU with AVX512-BF16 whose input needs no gradient (one before
     the first target) repacks its weight in place, for good: bfloat16 block scales move the base's output, and the
-    layer passes no gradient to its input in training. Each layer's setting is put back afterwards.
+    layer passes no gradient to its input in training. Each layer's setting is put back afterwards. Layers an earlier
+    evaluation repacked are unpacked first (`unpack_cpu_repacked`): through them every score would be zero.
     """
+    unpack_cpu_repacked(model)
     bnb = _bnb()
     layers = [] if bnb is None else [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     layers = [m for m in layers if getattr(m, "support_avx512bf16_for_cpu", False)]
@@ -127,6 +135,62 @@ def cpu_repacking_off(model: nn.Module) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.support_avx512bf16_for_cpu = True
+
+
+def _is_repacked(weight: nn.Parameter) -> bool:
+    return getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False)
+
+
+def _unpacked(codes: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    """bitsandbytes' inverse of its CPU repacking (`state` is changed in place), with the block scales of an unnested
+    state put back in the order dequantization reads them. The repacking stores them as an (in_features / blocksize,
+    out_features) matrix, and bitsandbytes 0.50's inverse leaves them so: each row that spans more than one block then
+    dequantizes with other rows' scales (entries off by 70% on a tiny LLaMA; its own `_save_to_state_dict` and `.cuda()`
+    write that weight back). A nested state's scales are put back in order by the inverse itself."""
+    nested = state.original_nested
+    codes, state = _bnb().functional._convert_weight_packed_for_cpu_inverse(codes, state)
+    if not nested and state.absmax.dim() == 2:
+        state.absmax = state.absmax.t().reshape(-1).float()
+    return codes, state
+
+
+def unpack_cpu_repacked(model: nn.Module) -> None:
+    """Put every 4-bit weight of `model` that bitsandbytes repacked for its CPU inference kernel back in its standard
+    layout, in place (the repacking's bfloat16 block scales stay, so the outputs stay the repacked model's).
+
+    A `Linear4bit`'s first eval-mode forward on a CPU with AVX512-BF16, on an input that needs no gradient (an
+    evaluation, `generate`), repacks its weight for good. The packed kernel has no backward, so every gradient that
+    passes through such a layer is silently zero (a selection scores nothing, training stops learning), and
+    bitsandbytes' own unpacking, run by `state_dict()`, scrambles an unnested weight's scales (`_unpacked`).
+    """
+    bnb = _bnb()
+    if bnb is None:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and _is_repacked(module.weight):
+            weight = module.weight
+            weight.data, weight.quant_state = _unpacked(weight.data, weight.quant_state)
+            module.quant_state = weight.quant_state
+
+
+def guard_cpu_repacking(model: nn.Module) -> None:
+    """Hooks on `model` that unpack its repacked 4-bit weights (`unpack_cpu_repacked`) before each training forward
+    with gradients and before `state_dict()` (so `save_pretrained`, `Trainer` checkpoints and `torch.save` write, and
+    leave, the right weight). Nothing is registered on a model without a bitsandbytes 4-bit layer."""
+    bnb = _bnb()
+    if bnb is None or not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
+        return
+    model.register_forward_pre_hook(_unpack_before_training)
+    model.register_state_dict_pre_hook(_unpack_before_saving)
+
+
+def _unpack_before_training(module: nn.Module, args: tuple) -> None:
+    if module.training and torch.is_grad_enabled():
+        unpack_cpu_repacked(module)
+
+
+def _unpack_before_saving(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    unpack_cpu_repacked(module)
 
 
 class Linear8bitLt(QuantizedLinear):
@@ -166,9 +230,8 @@ class Linear4bit(QuantizedLinear):
         if not weight.bnb_quantized:  # not quantized yet (quantization happens on the first move to a device)
             return weight.detach().float()
         codes, state = weight.data, weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            # bitsandbytes repacks the weight in place for its CPU inference kernel; unpack a copy of it
-            codes, state = _bnb().functional._convert_weight_packed_for_cpu_inverse(codes, copy.deepcopy(state))
+        if _is_repacked(weight):  # repacked in place for bitsandbytes' CPU inference kernel: unpack a copy of it
+            codes, state = _unpacked(codes, copy.deepcopy(state))
         return _bnb().functional.dequantize_4bit(codes, state).float()
 
     def _requantize(self, weight: torch.Tensor) -> tuple:

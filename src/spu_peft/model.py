@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .bnb import bnb_layer_class
+from .bnb import bnb_layer_class, guard_cpu_repacking
 from .config import (
     PEFT_TASK_MODULES_TO_SAVE,
     TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING,
@@ -84,6 +84,7 @@ class SPUModel(BaseTuner):
         self._warned_unselected: set[str] = set()
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
         self.model.register_forward_pre_hook(self._warn_if_unselected)  # a bound method: deepcopy rebinds it
+        guard_cpu_repacking(self.model)  # bitsandbytes' CPU inference format of 4-bit weights: no gradients
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(MODEL_TAGS)
 
@@ -192,6 +193,13 @@ class SPUModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Put `new_module` in `child`'s place. PEFT's generic version also moves the whole new module to the weight's
+        device when its base has a bitsandbytes `state` (an 8-bit layer), which fails on the meta-device placeholders
+        of `low_cpu_mem_usage=True` (torch's `Cannot copy out of meta tensor`; LoRA's own version skips that move). An
+        SPU layer makes its tensors on its base weight's device itself, and unloading puts back the layer it wrapped."""
+        setattr(parent, child_name, new_module)
 
     # ---- activation ----------------------------------------------------------------------------------------------
 
