@@ -146,3 +146,16 @@ def test_a_fold_keeps_the_bias_deltas_of_an_adapter_whose_bias_setting_differs(o
 def test_an_empty_fold_says_what_to_pass(model):
     with pytest.raises(ValueError, match="^`adapter_names` is empty; name the SPU adapters to fold.$"):
         fold_adapters(model, [], "x")
+
+
+def test_subtract_takes_the_config_and_dense_modules_of_the_adapter_it_subtracts_from():
+    """The difference took the config of the adapter removed: its `modules_to_save` ([] here) left the first
+    adapter's trained projection out, in silence, against the documented rule."""
+    model = get_peft_model(make_tiny_clip(), SPUConfig(init_weights=False, seed=1))
+    model.add_adapter("b", SPUConfig(init_weights=False, seed=2, modules_to_save=[]))
+    wrapper = model.base_model.model.visual_projection
+    torch.nn.init.normal_(wrapper.modules_to_save["default"].weight)
+    subtract_adapter(model, "default", "b", "diff")
+    config = model.peft_config["diff"]
+    assert config.modules_to_save == ["visual_projection"] and config.seed == 1
+    assert torch.equal(wrapper.modules_to_save["diff"].weight, wrapper.modules_to_save["default"].weight)

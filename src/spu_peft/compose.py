@@ -40,11 +40,12 @@ def _spu_configs(model: nn.Module, adapter_names: Sequence[str]) -> list[SPUConf
 
 
 def _combine(model: nn.Module, terms: Sequence[tuple[str, float]], new_adapter_name: str, source: str) -> None:
-    """Create `new_adapter_name` whose weight and bias deltas are the signed sum of the given adapters' deltas."""
+    """Create `new_adapter_name` whose weight and bias deltas are the signed sum of the given adapters' deltas, with the
+    config and dense `modules_to_save` of `source`."""
     if new_adapter_name in model.peft_config:
         raise ValueError(f"An adapter named {new_adapter_name!r} exists already; choose a new `new_adapter_name`.")
     configs = _spu_configs(model, [name for name, _ in terms])
-    config = copy.deepcopy(configs[-1])
+    config = copy.deepcopy(model.peft_config[source])  # the adapter whose dense modules it takes: their names agree
     config.selection = {"combined_from": [f"{'+' if sign > 0 else '-'}{name}" for name, sign in terms]}
     config.init_weights = True
     config.block_size = None  # a sum's support is entries (those summing to zero are dropped), not whole tiles
@@ -87,7 +88,7 @@ def fold_adapters(model: nn.Module, adapter_names: Sequence[str], new_adapter_na
 def subtract_adapter(model: nn.Module, adapter_name: str, remove: str, new_adapter_name: str) -> None:
     """Add an SPU adapter equal to `adapter_name` minus `remove`, e.g. to undo one task of a folded sequence.
 
-    Its `modules_to_save` are those of `adapter_name`.
+    Its config (with `bias="spu_only"` when either has bias deltas) and `modules_to_save` are those of `adapter_name`.
     """
     _combine(model, [(adapter_name, 1.0), (remove, -1.0)], new_adapter_name, source=adapter_name)
 
