@@ -305,7 +305,13 @@ class SPUModel(BaseTuner):
         (`loading.decode_adapter_state_dict`), each raising an `SPUAdapterFileError`; only then install its supports
         and resize the placeholders for `load_state_dict`. A refused state dict changes nothing, and when it is the
         first for an adapter untouched since its injection (PEFT's loaders inject, then read the file), the injection
-        is undone too, so a refused load leaves the model as it was before the loader ran."""
+        is undone too, so a refused load leaves the model as it was before the loader ran. A merged adapter is refused
+        first: the merged deltas would keep acting instead of the loaded ones until an unmerge."""
+        if any(adapter_name in layer.merged_adapters for _, layer in spu_layers(model, adapter_name)):
+            raise ValueError(
+                f"Adapter {adapter_name!r} is merged into the base weights, so new values loaded into it would not act "
+                "until an unmerge; call `model.unmerge_adapter()` first, then load."
+            )
         before = take_injection(getattr(model, "base_model", None), adapter_name)
         try:
             check_digest(model, adapter_name, state_dict)
