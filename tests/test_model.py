@@ -495,3 +495,23 @@ def test_loading_into_a_merged_adapter_is_refused_and_changes_nothing(tmp_path, 
     model.load_adapter(tmp_path, adapter_name="default")
     with torch.no_grad():
         assert torch.equal(_forward(model), _forward(PeftModel.from_pretrained(make_tiny_clip(), tmp_path)))
+
+
+def test_an_adapter_deleted_and_added_again_under_its_name_warns_again_and_holds_no_old_note():
+    """Deleting an adapter forgets what the tuner kept under its name: the once-only warning (a new adapter of that
+    name, never selected, trained in silence) and the note of its injection."""
+    model = _clip(modules_to_save=[])
+    model.add_adapter("b", SPUConfig(modules_to_save=[]))
+    model.set_adapter("b")
+    model.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _forward(model)
+        model.set_adapter("default")
+        model.delete_adapter("b")
+        assert "b" not in vars(model.base_model).get("_state_before_injection", {})
+        model.add_adapter("b", SPUConfig(modules_to_save=[]))
+        model.set_adapter("b")
+        _forward(model)
+    unselected = UNSELECTED.format(doing="is training").replace("'default'", "'b'")
+    assert _messages(caught).count(unselected) == 2

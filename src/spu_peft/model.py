@@ -174,6 +174,13 @@ class SPUModel(BaseTuner):
             raise
         remember_injection(self, before.injected())
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's deletion, forgetting what the tuner keeps under the name too: an adapter added again under it must
+        warn again when it trains unselected, and a note of the old one's injection must not outlive it."""
+        super().delete_adapter(adapter_name)
+        self._warned_unselected.discard(adapter_name)
+        take_injection(self, adapter_name)
+
     def disable_adapter_layers(self) -> None:
         """Disable all adapters. SPU's `spu_only` bias deltas are per adapter, so the output is exactly the base
         model's; only `bias="all"` (trained base biases) cannot be undone, and PEFT warns about that."""
