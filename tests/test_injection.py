@@ -9,10 +9,10 @@ import weakref
 import pytest
 import torch
 from conftest import make_batch, make_tiny_clip
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils import ModulesToSaveWrapper
 
-from spu_peft import SPUConfig, SPULayer, select_parameters
+from spu_peft import SPUAdapterFileError, SPUConfig, SPULayer, select_parameters
 from spu_peft.injection import ModelState, take_injection
 
 
@@ -140,3 +140,52 @@ def test_undoing_the_first_adapter_removes_what_peft_added_to_the_base():
     take_injection(model.base_model, "default").restore()
     assert "peft_config" not in vars(base) and not any(isinstance(m, SPULayer) for m in base.modules())
     assert model.peft_config == {} and model.active_adapters == []
+
+
+def _refused_state_dict() -> dict:
+    """A state dict whose digest no longer matches its tensors: every load refuses it."""
+    saved = get_peft_model_state_dict(get_peft_model(make_tiny_clip(), SPUConfig(modules_to_save=[])))
+    key = next(k for k in saved if k.endswith(".spu_values"))
+    return saved | {key: saved[key] + 1}
+
+
+def test_undoing_an_adapter_keeps_the_adapters_added_and_activated_after_it():
+    """A refused first state dict undoes only its adapter's injection: a later adapter living in the same modules
+    keeps its layers, and the adapter set active since stays active (the note's snapshot put the plain modules and the
+    old active adapter back, so `c` silently lost its deltas and `default` ran instead)."""
+    model = get_peft_model(make_tiny_clip(), SPUConfig(target_modules=["fc2"], init_weights=False))
+    model.add_adapter("b", SPUConfig(modules_to_save=[]))
+    model.add_adapter("c", SPUConfig(modules_to_save=[], init_weights=False))
+    model.set_adapter("c")
+    batch = make_batch()
+    with torch.no_grad():
+        expected = model(**batch).logits_per_image
+    targeted = list(model.base_model.targeted_module_names)
+    with pytest.raises(SPUAdapterFileError, match="digest"):
+        set_peft_model_state_dict(model, _refused_state_dict(), adapter_name="b")
+    assert list(model.peft_config) == ["default", "c"] and model.active_adapters == ["c"]
+    assert len(fc1_paths(model)) == 4 and all(set(m.spu_values) == {"c"} for m in model.modules() if is_fc1(m))
+    assert model.base_model.targeted_module_names == targeted
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits_per_image, expected, rtol=0, atol=0)
+
+
+def test_undoing_the_first_adapter_keeps_a_later_one_and_then_undoing_that_restores_the_base():
+    base = make_tiny_clip()
+    plain = [(path, type(module)) for path, module in base.named_modules()]
+    model = get_peft_model(base, SPUConfig(modules_to_save=[]))
+    model.add_adapter("c", SPUConfig(modules_to_save=[]))
+    with pytest.raises(SPUAdapterFileError, match="digest"):
+        set_peft_model_state_dict(model, _refused_state_dict())
+    assert list(model.peft_config) == ["c"] and "peft_config" in vars(base) and len(fc1_paths(base)) == 4
+    assert model.active_adapters == ["c"]
+    assert not any(p.requires_grad for n, p in base.named_parameters() if ".c" not in n)  # frozen for `c`
+    with pytest.raises(SPUAdapterFileError, match="digest"):
+        set_peft_model_state_dict(model, _refused_state_dict(), adapter_name="c")
+    assert [(path, type(module)) for path, module in base.named_modules()] == plain
+    assert model.peft_config == {} and "peft_config" not in vars(base)
+    assert all(parameter.requires_grad for parameter in base.parameters())
+
+
+def is_fc1(module) -> bool:
+    return isinstance(module, SPULayer) and module.in_features == 32 and module.out_features == 48

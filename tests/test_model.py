@@ -468,3 +468,50 @@ def test_save_pretrained_under_fsdp2_is_refused_naming_the_first_dtensor(one_pro
     where = "`text_model.encoder.layers.0.mlp.fc1.spu_values` is a DTensor (FSDP2)"
     assert str(caught.value) == SHARDED.format(where)
     assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("how", ["load_adapter", "set_peft_model_state_dict"])
+def test_loading_into_a_merged_adapter_is_refused_and_changes_nothing(tmp_path, how):
+    """The merged deltas kept acting after the load (the model ran the old values until an unmerge); LoRA's own load
+    there even corrupts the base weight on unmerge."""
+    _clip(init_weights=False, seed=5, modules_to_save=[]).save_pretrained(tmp_path)
+    model = _clip(init_weights=False, seed=1, modules_to_save=[])
+    model.merge_adapter()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = (
+        "Adapter 'default' is merged into the base weights, so new values loaded into it would not act until an "
+        "unmerge; call `model.unmerge_adapter()` first, then load."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        if how == "load_adapter":
+            model.load_adapter(tmp_path, adapter_name="default")
+        else:
+            set_peft_model_state_dict(
+                model, get_peft_model_state_dict(PeftModel.from_pretrained(make_tiny_clip(), tmp_path))
+            )
+    assert list(model.peft_config) == ["default"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model.unmerge_adapter()
+    model.load_adapter(tmp_path, adapter_name="default")
+    with torch.no_grad():
+        assert torch.equal(_forward(model), _forward(PeftModel.from_pretrained(make_tiny_clip(), tmp_path)))
+
+
+def test_an_adapter_deleted_and_added_again_under_its_name_warns_again_and_holds_no_old_note():
+    """Deleting an adapter forgets what the tuner kept under its name: the once-only warning (a new adapter of that
+    name, never selected, trained in silence) and the note of its injection."""
+    model = _clip(modules_to_save=[])
+    model.add_adapter("b", SPUConfig(modules_to_save=[]))
+    model.set_adapter("b")
+    model.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _forward(model)
+        model.set_adapter("default")
+        model.delete_adapter("b")
+        assert "b" not in vars(model.base_model).get("_state_before_injection", {})
+        model.add_adapter("b", SPUConfig(modules_to_save=[]))
+        model.set_adapter("b")
+        _forward(model)
+    unselected = UNSELECTED.format(doing="is training").replace("'default'", "'b'")
+    assert _messages(caught).count(unselected) == 2

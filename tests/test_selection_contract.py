@@ -371,3 +371,26 @@ def test_a_batch_without_an_input_the_forward_needs_is_refused_naming_its_keys()
     )
     with pytest.raises(ValueError, match=expected):
         select_parameters(model, [batch], score="output_norm")
+
+
+@pytest.mark.parametrize("targets", [["fc2"], ["fc1"]])
+@pytest.mark.parametrize("score", [None, "fisher", "magnitude"])
+def test_an_adapter_that_is_not_active_is_refused_for_a_score_that_reads_the_model(targets, score):
+    """The forward runs the active adapters only: an inactive adapter's own layers never recorded a gradient (all
+    scores zero, so the first entries of each matrix were picked in silence), and a layer it shares was scored on a
+    model without its deltas."""
+    model = fresh()
+    model.add_adapter("b", SPUConfig(target_modules=targets, modules_to_save=[]))
+    before = {name: layer.spu_indices["b"].clone() for name, layer in layers_of(model, "b").items()}
+    expected = (
+        "Adapter 'b' is not active, so the model's forward does not run it and its entries cannot be scored on the "
+        "model it belongs to. Activate it first with `model.set_adapter('b')` (or `model.base_model.set_adapter([...])`"
+        " to score it beside others), or select with score='random'."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        select_parameters(model, loader(1), adapter_name="b", score=score)
+    assert all(torch.equal(layer.spu_indices["b"], before[name]) for name, layer in layers_of(model, "b").items())
+    assert model.peft_config["b"].selection is None
+    select_parameters(model, adapter_name="b", score="random")  # needs no forward
+    model.set_adapter("b")
+    select_parameters(model, [dict(batch, return_loss=True) for batch in loader(1)], score=score)

@@ -7,12 +7,12 @@ load hook (`remember_injection` / `take_injection`); loading into an adapter the
 
 from __future__ import annotations
 
-import copy
 import itertools
 import weakref
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, delete_adapter
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, delete_adapter
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 _PENDING = "_state_before_injection"  # on the tuner: adapter name -> ModelState
@@ -39,7 +39,6 @@ class ModelState:
         self.tuner, self.model, self.adapter_name = tuner, model, adapter_name
         self.modules = list(model.named_modules(remove_duplicate=False))
         self.requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
-        self.active_adapter = copy.copy(tuner.active_adapter)
         self.targeted = list(tuner.targeted_module_names)
         self.had_peft_config = "peft_config" in vars(model)
         self.versions: list[tuple[weakref.ref[torch.Tensor], int]] = []
@@ -79,24 +78,74 @@ class ModelState:
         return [(tensor, tensor._version) for name, tensor in named if f".{self.adapter_name}." in f"{name}."]
 
     def restore(self) -> None:
+        """Undo the injection, and only it: the adapter leaves every layer and wrapper, and a module it replaced gets
+        its original back unless another adapter lives in it now. What happened since (adapters added into the same
+        modules, `set_adapter`) stays: putting the noted snapshot back whole would silently strip a later adapter's
+        layers and switch the active adapter."""
+        name = self.adapter_name
+        self.tuner.peft_config.pop(name, None)
+        active = self.tuner.active_adapter
+        active = [active] if isinstance(active, str) else list(active)
+        chosen = delete_adapter(self.model, name, prefix=self.tuner.prefix, layer_cls=self.tuner.tuner_layer_cls)
+        others = [note for note in vars(self.tuner).get(_PENDING, {}).values() if note is not self]
         for path, module in self.modules:  # parents come before their children
             if path:
-                parent_path, _, name = path.rpartition(".")
+                parent_path, _, child = path.rpartition(".")
                 parent = self.model.get_submodule(parent_path)
-                if getattr(parent, name, None) is not module:
-                    setattr(parent, name, module)
-        # layers and wrappers that were there before hold the adapter too
-        delete_adapter(self.model, self.adapter_name, prefix=self.tuner.prefix, layer_cls=self.tuner.tuner_layer_cls)
-        self.tuner.peft_config.pop(self.adapter_name, None)
-        active = [self.active_adapter] if isinstance(self.active_adapter, str) else self.active_adapter
-        # a tuner made for this adapter named it active before injecting it: with it gone, none is (PEFT's rule)
-        kept = [name for name in active if name in self.tuner.peft_config]
-        self.tuner.active_adapter = self.active_adapter if kept == active else kept
-        self.tuner.targeted_module_names[:] = self.targeted
+                current = getattr(parent, child, None)
+                if current is not module and not _holds_adapters(current):
+                    setattr(parent, child, module)
+                elif current is not module:
+                    self._hand_over_module(others, path, module, current)
+        if name in active:  # the layers picked the next active adapters as PEFT's deletion does; none if none is left
+            kept = [n for n in active if n != name] or [n for n in chosen or [] if n in self.tuner.peft_config]
+            self.tuner.active_adapter = kept
+        self.tuner.targeted_module_names[:] = [
+            target
+            for target in self.tuner.targeted_module_names
+            if target in self.targeted or _holds_adapters(_submodule(self.model, target))
+        ]
+        if not self.had_peft_config and self.tuner.peft_config:
+            # the first adapter froze the base; the adapters added since keep it frozen, and the last one thaws it
+            for note in others:
+                note.had_peft_config = False
+                for parameter, flag in self.requires_grad.items():
+                    note.requires_grad.setdefault(parameter, flag)
+            return
         for parameter, flag in self.requires_grad.items():
             parameter.requires_grad = flag
         if not self.had_peft_config and "peft_config" in vars(self.model):
             del self.model.peft_config
+
+    def _hand_over_module(self, others: list[ModelState], path: str, original: nn.Module, kept: nn.Module) -> None:
+        """A module kept for the adapters living in it now: the pending notes of those adapters take over putting the
+        original back (and its target name), so undoing the last of them still leaves the base as it was."""
+        for note in others:
+            if note.adapter_name in _adapter_names(kept):
+                if all(noted_path != path for noted_path, _ in note.modules):
+                    note.modules = sorted([*note.modules, (path, original)], key=lambda item: item[0].count("."))
+                if path not in self.targeted and path in note.targeted:
+                    note.targeted.remove(path)
+
+
+def _adapter_names(module: nn.Module | None) -> set[str]:
+    """The adapters living in a tuner layer or a `modules_to_save` wrapper (none for any other module)."""
+    if isinstance(module, BaseTunerLayer):
+        return set(module._all_available_adapter_names())
+    if isinstance(module, AuxiliaryTrainingWrapper):
+        return set(module._adapters)
+    return set()
+
+
+def _holds_adapters(module: nn.Module | None) -> bool:
+    return bool(_adapter_names(module))
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _freed() -> None:

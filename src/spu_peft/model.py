@@ -175,6 +175,13 @@ class SPUModel(BaseTuner):
             raise
         remember_injection(self, before.injected())
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's deletion, forgetting what the tuner keeps under the name too: an adapter added again under it must
+        warn again when it trains unselected, and a note of the old one's injection must not outlive it."""
+        super().delete_adapter(adapter_name)
+        self._warned_unselected.discard(adapter_name)
+        take_injection(self, adapter_name)
+
     def disable_adapter_layers(self) -> None:
         """Disable all adapters. SPU's `spu_only` bias deltas are per adapter, so the output is exactly the base
         model's; only `bias="all"` (trained base biases) cannot be undone, and PEFT warns about that."""
@@ -313,7 +320,13 @@ class SPUModel(BaseTuner):
         (`loading.decode_adapter_state_dict`), each raising an `SPUAdapterFileError`; only then install its supports
         and resize the placeholders for `load_state_dict`. A refused state dict changes nothing, and when it is the
         first for an adapter untouched since its injection (PEFT's loaders inject, then read the file), the injection
-        is undone too, so a refused load leaves the model as it was before the loader ran."""
+        is undone too, so a refused load leaves the model as it was before the loader ran. A merged adapter is refused
+        first: the merged deltas would keep acting instead of the loaded ones until an unmerge."""
+        if any(adapter_name in layer.merged_adapters for _, layer in spu_layers(model, adapter_name)):
+            raise ValueError(
+                f"Adapter {adapter_name!r} is merged into the base weights, so new values loaded into it would not act "
+                "until an unmerge; call `model.unmerge_adapter()` first, then load."
+            )
         before = take_injection(getattr(model, "base_model", None), adapter_name)
         try:
             check_digest(model, adapter_name, state_dict)

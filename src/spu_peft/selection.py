@@ -104,7 +104,8 @@ def select_parameters(
         fraction: share of the dataloader's batches to use (the paper: 25%), when it has a length.
         max_batches: upper bound on the number of batches (per process); an iterable without a length (a generator)
             needs it unless `fraction=1.0`. A log line says how many batches will be scored.
-        adapter_name: the SPU adapter to re-select; defaults to the active one.
+        adapter_name: the SPU adapter to re-select; defaults to the active one. It must be active (the scores read
+            the model as it runs), except for score="random".
         consolidate: fold what the adapter learned so far into its frozen delta before replacing its support, so
             a task sequence keeps earlier updates. `False` discards them.
         seed: seed of the `random` score; defaults to the config's `seed`.
@@ -131,6 +132,8 @@ def select_parameters(
         raise ValueError(f"The model has no SPU layer holding adapter {adapter_name!r}.")
     if any(layer.disable_adapters for layer in layers.values()):
         raise ValueError("The adapters are disabled (inside `disable_adapter()`); select outside that block.")
+    if score != "random" and any(adapter_name not in layer.active_adapters for layer in layers.values()):
+        raise ValueError(_inactive(adapter_name))
     if torch.is_inference_mode_enabled():
         raise ValueError("`select_parameters` needs gradients; call it outside `torch.inference_mode()`.")
     if any(layer.merged for layer in layers.values()):
@@ -226,6 +229,16 @@ def _check_arguments(score: Any, fraction: Any, max_batches: Any, score_dtype: A
             "`optimizer` must be the optimizer that holds the adapter's values (a torch.optim.Optimizer, whose state "
             f"is dropped for them), got {type(optimizer).__name__}."
         )
+
+
+def _inactive(adapter_name: str) -> str:
+    """Every score but `random` reads the model as it runs, which an inactive adapter takes no part in: its own layers
+    would record no gradient (all scores zero, the first entries picked), and shared ones would be scored without it."""
+    return (
+        f"Adapter {adapter_name!r} is not active, so the model's forward does not run it and its entries cannot be "
+        f"scored on the model it belongs to. Activate it first with `model.set_adapter({adapter_name!r})` (or "
+        "`model.base_model.set_adapter([...])` to score it beside others), or select with score='random'."
+    )
 
 
 def _default_score(batches: Iterator[Mapping[str, Any]]) -> tuple[str, Iterator[Mapping[str, Any]]]:
