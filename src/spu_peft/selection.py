@@ -31,6 +31,7 @@ from .scoring import ScoreSums
 from .selection_data import (
     BatchChecker,
     asks_for_loss,
+    eval_mode,
     objective,
     peek,
     scoring_batches,
@@ -369,14 +370,13 @@ def _gradient_score_sums(
         device=engine.score_device,
     )
     probe = torch.zeros((), device=device, requires_grad=True)
-    modes = {module: module.training for module in runner.modules()}  # each one's: a frozen tower may be in eval
     num_batches = 0
     try:
-        runner.eval()  # no dropout (the 4-bit CPU repacking eval mode would trigger is kept off below)
         for name, layer in layers.items():
             layer._scorer = (probe, functools.partial(sums.add, name))
         check = BatchChecker(runner, score)
-        with cpu_repacking_off(runner):
+        # no dropout; the 4-bit CPU repacking eval mode would trigger is kept off
+        with eval_mode(runner), cpu_repacking_off(runner):
             for batch, real in lockstep(batches, sharded=engine.sharded, device=device):
                 check(batch)
                 sums.weight = 1.0 if real else 0.0
@@ -386,22 +386,8 @@ def _gradient_score_sums(
     finally:
         for layer in layers.values():
             layer._scorer = None
-        _restore_modes(runner, modes)
     sums.finish()
     num_batches = int(all_reduce_sum(torch.tensor([float(num_batches)], dtype=torch.float64)).item())
     if num_batches == 0:
         raise ValueError("The dataloader yielded no batches; selection needs at least one batch of task data.")
     return sums, num_batches
-
-
-def _restore_modes(runner: nn.Module, modes: dict[nn.Module, bool]) -> None:
-    """Put back each module's train/eval mode as the caller had it.
-
-    `runner.train(mode)` alone would set every submodule to the model's mode, so a part the user keeps in eval mode
-    inside a training model (a frozen tower, batch norms) would come back training. `train()` runs first for modules
-    that override it; the flags it got wrong are then set one by one.
-    """
-    runner.train(modes[runner])
-    for module, training in modes.items():
-        if module.training != training:
-            module.training = training

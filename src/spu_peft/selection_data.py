@@ -7,6 +7,7 @@ applied (an endless one would run for ever).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import sys
@@ -243,3 +244,22 @@ def _uncollated(batch: Mapping[str, Any]) -> str:
         "tokenized text, transformers.default_data_collator for tensors of one size), or give the dataset a tensor "
         'format (`dataset.with_format("torch")`).'
     )
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode (no dropout) inside, and afterwards every module back in the mode the caller had it in.
+
+    `model.train(mode)` alone would set every submodule to the model's mode, so a part kept in eval mode inside a
+    training model (a frozen tower, batch norms) would come back training. `train()` runs first for modules that
+    override it; the flags it got wrong are then set one by one.
+    """
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(modes[model])
+        for module, training in modes.items():
+            if module.training != training:
+                module.training = training
