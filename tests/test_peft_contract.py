@@ -392,7 +392,10 @@ def test_adapter_names_are_refused_in_training_while_merged_and_when_unknown():
         "`adapter_names` must be a list of adapter names, one per input row: 'default'."
     )
     assert refusal(ValueError, model, X=x, adapter_names=names[:2]) == (
-        '`adapter_names` names 2 adapters for 9 inputs; pass one name per input row ("__base__" for the base model).'
+        '`adapter_names` names 2 adapters for 9 inputs; pass one name per input row ("__base__" for the base model). '
+        "If you did, the model flattens or repeats its batch before this layer (OPT flattens batch x tokens before its "
+        "MLP; `generate` repeats rows for `num_return_sequences`), and rows cannot be matched to names: run each "
+        "adapter's inputs as a batch of their own (`set_adapter`)."
     )
     model.merge_adapter()
     assert refusal(ValueError, model, X=x, adapter_names=names) == (
@@ -413,6 +416,22 @@ def refusal(error: type[Exception], call, **kwargs) -> str:
         call(**kwargs)
     assert type(caught.value) is error
     return str(caught.value)
+
+
+def test_a_model_that_flattens_its_batch_before_spu_layers_is_refused_saying_so():
+    """OPT runs its MLP on batch x tokens rows: one name per input row reaches `fc1` as fewer names than rows, which
+    no per-row split can follow (LoRA applies the names to the wrong tokens there)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=50, hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
+                       max_position_embeddings=32, word_embed_proj_dim=16)  # fmt: skip
+    model = get_peft_model(OPTForCausalLM(config), SPUConfig(target_modules=["fc1"], init_weights=False))
+    model.add_adapter("other", SPUConfig(target_modules=["fc1"], init_weights=False))
+    model.eval()
+    message = refusal(ValueError, model, input_ids=torch.randint(0, 50, (2, 5)), adapter_names=["default", "other"])
+    assert message.startswith("`adapter_names` names 2 adapters for 10 inputs; pass one name per input row")
+    assert "OPT flattens batch x tokens before its MLP" in message
 
 
 def test_clip_adapters_without_dense_modules_can_be_active_together():

@@ -327,7 +327,10 @@ class Linear(nn.Module, SPULayer):
         if len(x) != len(adapter_names):
             raise ValueError(
                 f"`adapter_names` names {len(adapter_names)} adapters for {len(x)} inputs; pass one name per input "
-                'row ("__base__" for the base model).'
+                'row ("__base__" for the base model). If you did, the model flattens or repeats its batch before this '
+                "layer (OPT flattens batch x tokens before its MLP; `generate` repeats rows for "
+                "`num_return_sequences`), and rows cannot be matched to names: run each adapter's inputs as a batch "
+                "of their own (`set_adapter`)."
             )
         if self.merged:
             raise ValueError(
