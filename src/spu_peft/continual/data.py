@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from ..integrity import tensor_digest
 from .fingerprint import RECIPE_VERSION
 from .settings import SequenceSettings
-from .tasks import class_incremental_split, task_indices
+from .tasks import capped, class_incremental_split, task_indices
 
 
 @dataclass
@@ -251,8 +251,10 @@ def prepare_sequence_data(
         raise ValueError(f"`num_tasks` {settings.num_tasks} exceeds the {len(class_names)} classes of the dataset")
     tasks = class_incremental_split(len(class_names), settings.num_tasks, seed=settings.seed)
     train_labels, test_labels = train["labels"], test["labels"]
-    train_indices = [task_indices(train_labels, t)[: settings.max_train_per_task] for t in tasks]
-    test_indices = [task_indices(test_labels, t)[: settings.max_test_per_task] for t in tasks]
+    train_indices = [capped(train_labels, task_indices(train_labels, t), settings.max_train_per_task) for t in tasks]
+    test_indices = [capped(test_labels, task_indices(test_labels, t), settings.max_test_per_task) for t in tasks]
+    _check_caps(tasks, train_labels, train_indices, "max_train_per_task", settings.max_train_per_task, "training")
+    _check_caps(tasks, test_labels, test_indices, "max_test_per_task", settings.max_test_per_task, "test")
     earlier = sum(len(i) for i in train_indices[:-1])
     if settings.buffer_size > earlier and settings.num_tasks > 1:
         raise ValueError(
@@ -298,6 +300,19 @@ def prepare_sequence_data(
         reference,
         reference_names,
     )
+
+
+def _check_caps(
+    tasks: list[list[int]], labels: list[int], kept: list[list[int]], field: str, cap: int | None, what: str
+) -> None:
+    """Refuse a cap on a task's images below its number of classes: some class would be neither learned nor
+    measured, and its task's accuracy would be another task's."""
+    left_out = [c for task, found in zip(tasks, kept) for c in sorted(set(task) - {labels[i] for i in found})]
+    if cap is not None and left_out:
+        raise ValueError(
+            f"`{field}` {cap} leaves classes {left_out} without {what} images: a task has up to "
+            f"{max(map(len, tasks))} classes; raise it to at least that, or unset it"
+        )
 
 
 def _labelled_set(
