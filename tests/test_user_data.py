@@ -10,6 +10,7 @@ import io
 import datasets
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from spu_peft.continual import SequenceSettings, prepare_sequence_data
@@ -54,6 +55,60 @@ def paths(tmp_path) -> list[str]:
     return found
 
 
+@pytest.mark.parametrize("stored_as", ["path", "bytes"])
+def test_an_image_column_of_paths_or_bytes_is_read_as_images(processor, paths, stored_as):
+    """Was: AttributeError: 'str' object has no attribute 'get' (and 'bytes'), from inside the preprocessing."""
+    pictures = paths if stored_as == "path" else [png(Image.open(p)) for p in paths]
+    data = prepare_sequence_data(
+        split(LABELS, pictures=pictures), split(LABELS, pictures=pictures), processor, SETTINGS
+    )
+    reference = prepare_sequence_data(split(LABELS), split(LABELS), processor, SETTINGS)
+    assert data.class_names == ["red fox", "cat", "dog", "bird"]
+    assert torch.equal(data.train[:]["pixel_values"], reference.train[:]["pixel_values"])
+
+
+def test_an_image_column_of_arrays_is_refused_naming_the_column_and_the_fix(processor):
+    """Was: AttributeError: 'list' object has no attribute 'get'."""
+    arrays = [np.asarray(image) for image in images(len(LABELS))]
+    with pytest.raises(ValueError, match=r"the train split: column 'img' holds .*not images.*datasets\.Image"):
+        prepare_sequence_data(
+            split(LABELS, image_column="img", pictures=arrays), split(LABELS), processor, SETTINGS, image_column="img"
+        )
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (["red fox", "cat", "dog", "bird"] * 3, r"column 'label' holds strings.*class_encode_column\('label'\)"),
+        ([[label] for label in LABELS], r"column 'label' holds .*not one class id per image"),
+        ([float(label) for label in LABELS], r"column 'label' holds float64.*not one class id per image"),
+    ],
+    ids=["strings", "lists", "floats"],
+)
+def test_labels_that_are_not_class_ids_are_refused_naming_the_fix(processor, labels, message):
+    """Was: strings were blamed on `class_names` ("4 names for the labels ['bird', ...]"), lists crashed with
+    TypeError: unhashable type, floats were taken and crashed in torch at the first evaluation."""
+    with pytest.raises(ValueError, match=message):
+        prepare_sequence_data(split(labels, None), split(labels, None), processor, SETTINGS, class_names=NAMES)
+
+
+def test_an_unlabelled_test_split_is_named_as_such(processor):
+    """Was: "`class_names` of the dataset: 4 names for the labels [-1, 0, ...]", though no names were given."""
+    with pytest.raises(ValueError, match=r"the test split holds label -1.*no label.*use a labelled split"):
+        prepare_sequence_data(split(LABELS), split([-1] * 12), processor, SETTINGS)
+
+
+@pytest.mark.parametrize("kind", ["iterable", "dict"])
+@pytest.mark.parametrize("where", ["train", "control"])
+def test_a_streamed_dataset_or_a_datasetdict_in_place_of_a_split_is_refused(processor, kind, where):
+    """Was: TypeError: object of type 'IterableDataset' has no len(); a DatasetDict was said to lack its columns."""
+    odd = split(LABELS).to_iterable_dataset() if kind == "iterable" else datasets.DatasetDict(train=split(LABELS))
+    message = "IterableDataset.*streaming" if kind == "iterable" else r"DatasetDict.*pass one split"
+    train, control = (odd, None) if where == "train" else (split(LABELS), odd)
+    with pytest.raises(ValueError, match=message):
+        prepare_sequence_data(train, split(LABELS), processor, SETTINGS, control=control)
+
+
 def test_capped_tasks_keep_every_class_of_a_dataset_sorted_by_class(processor):
     """Was: the first `max_train_per_task` images of a task, so on data sorted by class (an image folder) `--quick`
     trained and tested each task on one of its classes only."""
@@ -68,3 +123,17 @@ def test_a_cap_below_the_classes_of_a_task_is_refused(processor):
     settings = SequenceSettings(num_tasks=2, buffer_size=1, max_test_per_task=1)
     with pytest.raises(ValueError, match=r"`max_test_per_task` 1 leaves classes \[.*\] without test images"):
         prepare_sequence_data(split(LABELS), split(LABELS), processor, settings)
+
+
+@pytest.mark.parametrize("labels", ["ints", "strings"])
+def test_a_control_set_without_class_names_says_how_to_name_its_classes(processor, labels):
+    """Was: "pass `class_names`", the sequence's own names (and the script's --class-names), not the control set's."""
+    control = split(LABELS if labels == "ints" else [NAMES[label] for label in LABELS], None)
+    message = "control_class_names" if labels == "ints" else "class_encode_column"
+    with pytest.raises(ValueError, match=f"the control set: .*{message}"):
+        prepare_sequence_data(split(LABELS), split(LABELS), processor, SETTINGS, control=control)
+    if labels == "ints":
+        named = prepare_sequence_data(
+            split(LABELS), split(LABELS), processor, SETTINGS, control=control, control_class_names=list("pqrs")
+        )
+        assert named.control_class_names == list("pqrs")

@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from ..integrity import tensor_digest
+from .columns import as_stored_images, check_label_kind, check_labelled, check_split_kind
 from .fingerprint import RECIPE_VERSION
 from .settings import SequenceSettings
 from .tasks import capped, class_incremental_split, task_indices
@@ -42,15 +43,30 @@ class SequenceData:
         return [[self.class_names[c] for c in task] for task in self.tasks]
 
 
-def label_names(dataset: datasets.Dataset, label_column: str, shown_as: str | None = None) -> list[str]:
-    """The `ClassLabel` names of `label_column` (underscores read as spaces, for prompts)."""
+def label_names(
+    dataset: datasets.Dataset,
+    label_column: str,
+    shown_as: str | None = None,
+    names_argument: str = "class_names",
+    what: str = "the train split",
+) -> list[str]:
+    """The `ClassLabel` names of `label_column` (underscores read as spaces, for prompts). Integer labels have none:
+    `names_argument` is the argument that gives them (each set of data has its own)."""
     feature = dataset.features.get(label_column)
     if isinstance(feature, datasets.ClassLabel):
         return [n.replace("_", " ") for n in feature.names]
-    raise ValueError(f"column {shown_as or label_column!r} has no ClassLabel names; pass `class_names`")
+    raise ValueError(
+        f"{what}: column {shown_as or label_column!r} has no ClassLabel names; pass `{names_argument}` (one name per "
+        "label, in label order)"
+    )
 
 
-def _standardise(dataset: datasets.Dataset, image_column: str, label_column: str, what: str) -> datasets.Dataset:
+def _standardise(
+    dataset: datasets.Dataset, image_column: str, label_column: str, what: str, names_argument: str = "class_names"
+) -> datasets.Dataset:
+    """`dataset` as `image` (undecoded `datasets.Image`) and `labels` (class ids) columns, or a refusal naming the
+    column and the fix (see `columns`)."""
+    check_split_kind(dataset, what)
     missing = [c for c in (image_column, label_column) if c not in dataset.column_names]
     if missing:
         hint = (
@@ -63,13 +79,12 @@ def _standardise(dataset: datasets.Dataset, image_column: str, label_column: str
             f"{what} has no column(s) {missing}; its columns are {dataset.column_names} "
             f"(set `image_column` / `label_column`){hint}"
         )
+    check_label_kind(dataset, label_column, what, names_argument)
     dataset = dataset.select_columns([image_column, label_column])
     if image_column != "image":
         dataset = dataset.rename_column(image_column, "image")
     dataset = dataset.rename_column(label_column, "labels") if label_column != "labels" else dataset
-    if isinstance(dataset.features["image"], datasets.Image):  # decoded here, so a bad file is named
-        dataset = dataset.cast_column("image", datasets.Image(decode=False))
-    return dataset
+    return as_stored_images(dataset, "image", what, shown_as=image_column)  # decoded here, so a bad file is named
 
 
 def _open(value: Any, where: str) -> PIL.Image.Image:
@@ -240,6 +255,8 @@ def prepare_sequence_data(
     """
     train = _standardise(train, image_column, label_column, "the train split")
     test = _standardise(test, image_column, label_column, "the test split")
+    check_labelled(train["labels"], "the train split")
+    check_labelled(test["labels"], "the test split")
     class_names = list(class_names) if class_names else label_names(train, "labels", label_column)
     tokenizer = processor.tokenizer
     check_class_names(class_names, [*train["labels"], *test["labels"]], tokenizer, "the dataset")
@@ -267,13 +284,13 @@ def prepare_sequence_data(
     if control is not None:
         control, names = _labelled_set(
             control, control_class_names, control_columns, settings.max_control, settings.seed, tokenizer,
-            "the control set",
+            "the control set", "control",
         )  # fmt: skip
     reference_names = None
     if reference is not None:
         reference, reference_names = _labelled_set(
             reference, reference_class_names, reference_columns, settings.max_reference, settings.seed, tokenizer,
-            "the reference data",
+            "the reference data", "reference",
         )  # fmt: skip
     context = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
     with context:
@@ -323,11 +340,15 @@ def _labelled_set(
     seed: int,
     tokenizer: Any,
     what: str,
+    kind: str,
 ) -> tuple[datasets.Dataset, list[str]]:
-    """A set beside the tasks' (control, reference): standardised, its class names checked (not every class needs
-    examples), and at most `cap` examples (a seeded sample)."""
-    dataset = _standardise(dataset, *columns, what)
-    names = list(class_names or label_names(dataset, "labels", columns[1]))
+    """A set beside the tasks' (`kind`: control, reference): standardised, its class names checked (not every class
+    needs examples; integer labels are named by the `<kind>_class_names` argument), and at most `cap` examples (a
+    seeded sample)."""
+    argument = f"{kind}_class_names"
+    dataset = _standardise(dataset, *columns, what, argument)
+    check_labelled(dataset["labels"], what)
+    names = list(class_names or label_names(dataset, "labels", columns[1], argument, what))
     check_class_names(names, list(dataset["labels"]), tokenizer, what, every_label=False)
     if cap is not None and cap < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(cap))
