@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from spu_peft.continual import SequenceSettings, prepare_sequence_data
+from spu_peft.continual import DataSource, SequenceSettings, load_sequence_data, prepare_sequence_data
 from spu_peft.embedded import load_embedded_processor
 from spu_peft.embedded.cache import shipped_model_path
 
@@ -125,6 +125,37 @@ def test_a_cap_below_the_classes_of_a_task_is_refused(processor):
         prepare_sequence_data(split(LABELS), split(LABELS), processor, settings)
 
 
+def test_a_loaded_dataset_or_datasetdict_is_a_source(processor):
+    """Was: AttributeError: 'Dataset' object has no attribute 'name'."""
+    whole = datasets.DatasetDict(train=split(LABELS), test=split(LABELS))
+    assert load_sequence_data(processor, SETTINGS, whole, control=None).class_names == ["red fox", "cat", "dog", "bird"]
+    data = load_sequence_data(processor, SETTINGS, split(LABELS * 2), control=DataSource(split(LABELS)))
+    assert data.control_class_names == ["red fox", "cat", "dog", "bird"] and (len(data.train), len(data.test)) == (
+        20,
+        4,
+    )
+
+
+def test_a_saved_dataset_without_splits_is_the_training_split(processor, tmp_path):
+    """Was: "dataset '...' has no split 'train'", though a control set saved the same way was taken."""
+    split(LABELS * 2).save_to_disk(str(tmp_path / "plain"))
+    data = load_sequence_data(processor, SETTINGS, str(tmp_path / "plain"), control=None)
+    assert len(data.train) + len(data.test) == 24
+
+
+def test_a_missing_training_split_names_the_splits_there_are(processor, tmp_path):
+    datasets.DatasetDict(training=split(LABELS)).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(ValueError, match=r"no split 'train'; its splits: training"):
+        load_sequence_data(processor, SETTINGS, str(tmp_path / "d"), control=None)
+
+
+def test_a_validation_split_left_unused_is_named_in_a_warning(processor, tmp_path, caplog):
+    datasets.DatasetDict(train=split(LABELS), validation=split(LABELS)).save_to_disk(str(tmp_path / "d"))
+    with caplog.at_level("WARNING", logger="spu_peft.continual.sources"):
+        load_sequence_data(processor, SETTINGS, str(tmp_path / "d"), control=None)
+    assert "no split 'test' (its splits: train, validation)" in caplog.text and "test_split" in caplog.text
+
+
 @pytest.mark.parametrize("labels", ["ints", "strings"])
 def test_a_control_set_without_class_names_says_how_to_name_its_classes(processor, labels):
     """Was: "pass `class_names`", the sequence's own names (and the script's --class-names), not the control set's."""
@@ -137,3 +168,23 @@ def test_a_control_set_without_class_names_says_how_to_name_its_classes(processo
             split(LABELS), split(LABELS), processor, SETTINGS, control=control, control_class_names=list("pqrs")
         )
         assert named.control_class_names == list("pqrs")
+
+
+def test_a_control_source_may_name_its_classes(processor):
+    control = DataSource(split(LABELS, None), class_names=("p", "q", "r", "s"))
+    assert load_sequence_data(processor, SETTINGS, split(LABELS * 2), control=control).control_class_names == list(
+        "pqrs"
+    )
+
+
+def test_the_script_names_a_control_sets_integer_labels():
+    """Was: no flag could name them, and the refusal pointed at --class-names, the sequence's own."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cl_sequence
+
+    args = cl_sequence.parse_args(["--control-dataset", "folder", "--control-class-names", "p, q,r"])
+    assert cl_sequence._side_source(args, "control").class_names == ("p", "q", "r")
+    assert "--control-class-names" in cl_sequence._flagged("pass `control_class_names` (one name per label")
