@@ -188,3 +188,20 @@ def test_the_script_names_a_control_sets_integer_labels():
     args = cl_sequence.parse_args(["--control-dataset", "folder", "--control-class-names", "p, q,r"])
     assert cl_sequence._side_source(args, "control").class_names == ("p", "q", "r")
     assert "--control-class-names" in cl_sequence._flagged("pass `control_class_names` (one name per label")
+
+
+def test_rows_without_an_image_or_a_label_are_refused_naming_the_fix(processor):
+    """Was: AttributeError: 'NoneType' object has no attribute 'get', and TypeError: '<' not supported between
+    instances of 'NoneType' and 'int'."""
+    pictures = images(len(LABELS))
+    pictures[5] = None
+    with pytest.raises(ValueError, match=r"the train split, image 5: no image.*filter"):
+        prepare_sequence_data(split(LABELS, pictures=pictures), split(LABELS), processor, SETTINGS)
+    with pytest.raises(ValueError, match=r"the test split: 1 example\(s\) without a label.*filter"):
+        prepare_sequence_data(split(LABELS), split([*LABELS[:-1], None]), processor, SETTINGS)
+
+
+def test_an_empty_control_set_is_refused(processor):
+    """Was: transformers' "Unable to convert output 'pixel_values' (type: list) to tensor"."""
+    with pytest.raises(ValueError, match="the control set has no images"):
+        prepare_sequence_data(split(LABELS), split(LABELS), processor, SETTINGS, control=split(LABELS).select([]))

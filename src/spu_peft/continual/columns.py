@@ -70,9 +70,15 @@ def check_label_kind(dataset: datasets.Dataset, column: str, what: str, names_ar
 
 
 def check_labelled(labels: Any, what: str) -> None:
-    """Refuse label -1, datasets' mark of an example without a label, named as such (else the class names are
-    blamed for a label they do not cover)."""
-    if -1 in set(labels):
+    """Refuse examples without a label: a missing value (which no comparison takes) and label -1, datasets' mark of
+    an example without a label, each named as such (else the class names are blamed for a label they do not cover)."""
+    labels = list(labels)
+    if missing := labels.count(None):
+        raise ValueError(
+            f"{what}: {missing} example(s) without a label; leave them out (dataset.filter(lambda row: "
+            "row[label_column] is not None))"
+        )
+    if -1 in labels:
         raise ValueError(
             f"{what} holds label -1, datasets' mark of an example with no label (as in benchmarks whose test labels "
             "are hidden); use a labelled split"

@@ -122,6 +122,11 @@ def content_digest(dataset: datasets.Dataset, what: str) -> str:
     for start in range(0, len(dataset), 1024):
         rows = dataset[start : start + 1024]
         for position, (value, label) in enumerate(zip(rows["image"], rows["labels"]), start):
+            if value is None:  # a missing image (datasets stores it as null): nothing to train on or to test
+                raise ValueError(
+                    f"{what}, image {position}: no image; leave out the rows without one (dataset.filter(lambda row: "
+                    "row[image_column] is not None))"
+                )
             if isinstance(value, dict):
                 data = value.get("bytes") or _read(value.get("path"), f"{what}, image {position}")
             else:
@@ -347,6 +352,8 @@ def _labelled_set(
     seeded sample)."""
     argument = f"{kind}_class_names"
     dataset = _standardise(dataset, *columns, what, argument)
+    if len(dataset) == 0:  # else transformers' processor fails on the first (missing) batch
+        raise ValueError(f"{what} has no images; give it images of its classes, or leave it out")
     check_labelled(dataset["labels"], what)
     names = list(class_names or label_names(dataset, "labels", columns[1], argument, what))
     check_class_names(names, list(dataset["labels"]), tokenizer, what, every_label=False)
