@@ -172,6 +172,7 @@ def _add_side_dataset_flags(parser: argparse.ArgumentParser, kind: str, split: s
     parser.add_argument(f"--{kind}-split", default=split, help=f"Split of --{kind}-dataset to use.")
     for column in ("image", "label"):
         parser.add_argument(f"--{kind}-{column}-column", default=column, help=f"{column.title()} column of it.")
+    parser.add_argument(f"--{kind}-class-names", default=None, help="Comma-separated names of its integer labels.")
 
 
 def _side_source(args: argparse.Namespace, kind: str) -> DataSource | None:
@@ -180,7 +181,12 @@ def _side_source(args: argparse.Namespace, kind: str) -> DataSource | None:
     if name == "none":
         return None
     split, image, label = (getattr(args, f"{kind}_{flag}") for flag in ("split", "image_column", "label_column"))
-    return DataSource(name, split, image, label)
+    return DataSource(name, split, image, label, _names(getattr(args, f"{kind}_class_names")))
+
+
+def _names(value: str | None) -> tuple[str, ...] | None:
+    """The class names of a comma-separated flag (None: the dataset's own)."""
+    return tuple(name.strip() for name in value.split(",")) if value else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -303,7 +309,7 @@ def _run(args: argparse.Namespace) -> dict:
         args.settings,
         DataSource(args.dataset, args.train_split, args.image_column, args.label_column),
         test_split=args.test_split,
-        class_names=[c.strip() for c in args.class_names.split(",")] if args.class_names else None,
+        class_names=_names(args.class_names),
         control=_side_source(args, "control"),
         reference=_side_source(args, "reference") if args.needs_reference else None,
         accelerator=accelerator,

@@ -17,9 +17,10 @@ import torch
 from accelerate import Accelerator
 
 from ..integrity import tensor_digest
+from .columns import as_stored_images, check_label_kind, check_labelled, check_split_kind
 from .fingerprint import RECIPE_VERSION
 from .settings import SequenceSettings
-from .tasks import class_incremental_split, task_indices
+from .tasks import capped, class_incremental_split, task_indices
 
 
 @dataclass
@@ -42,15 +43,30 @@ class SequenceData:
         return [[self.class_names[c] for c in task] for task in self.tasks]
 
 
-def label_names(dataset: datasets.Dataset, label_column: str, shown_as: str | None = None) -> list[str]:
-    """The `ClassLabel` names of `label_column` (underscores read as spaces, for prompts)."""
+def label_names(
+    dataset: datasets.Dataset,
+    label_column: str,
+    shown_as: str | None = None,
+    names_argument: str = "class_names",
+    what: str = "the train split",
+) -> list[str]:
+    """The `ClassLabel` names of `label_column` (underscores read as spaces, for prompts). Integer labels have none:
+    `names_argument` is the argument that gives them (each set of data has its own)."""
     feature = dataset.features.get(label_column)
     if isinstance(feature, datasets.ClassLabel):
         return [n.replace("_", " ") for n in feature.names]
-    raise ValueError(f"column {shown_as or label_column!r} has no ClassLabel names; pass `class_names`")
+    raise ValueError(
+        f"{what}: column {shown_as or label_column!r} has no ClassLabel names; pass `{names_argument}` (one name per "
+        "label, in label order)"
+    )
 
 
-def _standardise(dataset: datasets.Dataset, image_column: str, label_column: str, what: str) -> datasets.Dataset:
+def _standardise(
+    dataset: datasets.Dataset, image_column: str, label_column: str, what: str, names_argument: str = "class_names"
+) -> datasets.Dataset:
+    """`dataset` as `image` (undecoded `datasets.Image`) and `labels` (class ids) columns, or a refusal naming the
+    column and the fix (see `columns`)."""
+    check_split_kind(dataset, what)
     missing = [c for c in (image_column, label_column) if c not in dataset.column_names]
     if missing:
         hint = (
@@ -63,13 +79,12 @@ def _standardise(dataset: datasets.Dataset, image_column: str, label_column: str
             f"{what} has no column(s) {missing}; its columns are {dataset.column_names} "
             f"(set `image_column` / `label_column`){hint}"
         )
+    check_label_kind(dataset, label_column, what, names_argument)
     dataset = dataset.select_columns([image_column, label_column])
     if image_column != "image":
         dataset = dataset.rename_column(image_column, "image")
     dataset = dataset.rename_column(label_column, "labels") if label_column != "labels" else dataset
-    if isinstance(dataset.features["image"], datasets.Image):  # decoded here, so a bad file is named
-        dataset = dataset.cast_column("image", datasets.Image(decode=False))
-    return dataset
+    return as_stored_images(dataset, "image", what, shown_as=image_column)  # decoded here, so a bad file is named
 
 
 def _open(value: Any, where: str) -> PIL.Image.Image:
@@ -107,6 +122,11 @@ def content_digest(dataset: datasets.Dataset, what: str) -> str:
     for start in range(0, len(dataset), 1024):
         rows = dataset[start : start + 1024]
         for position, (value, label) in enumerate(zip(rows["image"], rows["labels"]), start):
+            if value is None:  # a missing image (datasets stores it as null): nothing to train on or to test
+                raise ValueError(
+                    f"{what}, image {position}: no image; leave out the rows without one (dataset.filter(lambda row: "
+                    "row[image_column] is not None))"
+                )
             if isinstance(value, dict):
                 data = value.get("bytes") or _read(value.get("path"), f"{what}, image {position}")
             else:
@@ -240,6 +260,8 @@ def prepare_sequence_data(
     """
     train = _standardise(train, image_column, label_column, "the train split")
     test = _standardise(test, image_column, label_column, "the test split")
+    check_labelled(train["labels"], "the train split")
+    check_labelled(test["labels"], "the test split")
     class_names = list(class_names) if class_names else label_names(train, "labels", label_column)
     tokenizer = processor.tokenizer
     check_class_names(class_names, [*train["labels"], *test["labels"]], tokenizer, "the dataset")
@@ -251,8 +273,10 @@ def prepare_sequence_data(
         raise ValueError(f"`num_tasks` {settings.num_tasks} exceeds the {len(class_names)} classes of the dataset")
     tasks = class_incremental_split(len(class_names), settings.num_tasks, seed=settings.seed)
     train_labels, test_labels = train["labels"], test["labels"]
-    train_indices = [task_indices(train_labels, t)[: settings.max_train_per_task] for t in tasks]
-    test_indices = [task_indices(test_labels, t)[: settings.max_test_per_task] for t in tasks]
+    train_indices = [capped(train_labels, task_indices(train_labels, t), settings.max_train_per_task) for t in tasks]
+    test_indices = [capped(test_labels, task_indices(test_labels, t), settings.max_test_per_task) for t in tasks]
+    _check_caps(tasks, train_labels, train_indices, "max_train_per_task", settings.max_train_per_task, "training")
+    _check_caps(tasks, test_labels, test_indices, "max_test_per_task", settings.max_test_per_task, "test")
     earlier = sum(len(i) for i in train_indices[:-1])
     if settings.buffer_size > earlier and settings.num_tasks > 1:
         raise ValueError(
@@ -265,13 +289,13 @@ def prepare_sequence_data(
     if control is not None:
         control, names = _labelled_set(
             control, control_class_names, control_columns, settings.max_control, settings.seed, tokenizer,
-            "the control set",
+            "the control set", "control",
         )  # fmt: skip
     reference_names = None
     if reference is not None:
         reference, reference_names = _labelled_set(
             reference, reference_class_names, reference_columns, settings.max_reference, settings.seed, tokenizer,
-            "the reference data",
+            "the reference data", "reference",
         )  # fmt: skip
     context = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
     with context:
@@ -300,6 +324,19 @@ def prepare_sequence_data(
     )
 
 
+def _check_caps(
+    tasks: list[list[int]], labels: list[int], kept: list[list[int]], field: str, cap: int | None, what: str
+) -> None:
+    """Refuse a cap on a task's images below its number of classes: some class would be neither learned nor
+    measured, and its task's accuracy would be another task's."""
+    left_out = [c for task, found in zip(tasks, kept) for c in sorted(set(task) - {labels[i] for i in found})]
+    if cap is not None and left_out:
+        raise ValueError(
+            f"`{field}` {cap} leaves classes {left_out} without {what} images: a task has up to "
+            f"{max(map(len, tasks))} classes; raise it to at least that, or unset it"
+        )
+
+
 def _labelled_set(
     dataset: datasets.Dataset,
     class_names: Sequence[str] | None,
@@ -308,11 +345,17 @@ def _labelled_set(
     seed: int,
     tokenizer: Any,
     what: str,
+    kind: str,
 ) -> tuple[datasets.Dataset, list[str]]:
-    """A set beside the tasks' (control, reference): standardised, its class names checked (not every class needs
-    examples), and at most `cap` examples (a seeded sample)."""
-    dataset = _standardise(dataset, *columns, what)
-    names = list(class_names or label_names(dataset, "labels", columns[1]))
+    """A set beside the tasks' (`kind`: control, reference): standardised, its class names checked (not every class
+    needs examples; integer labels are named by the `<kind>_class_names` argument), and at most `cap` examples (a
+    seeded sample)."""
+    argument = f"{kind}_class_names"
+    dataset = _standardise(dataset, *columns, what, argument)
+    if len(dataset) == 0:  # else transformers' processor fails on the first (missing) batch
+        raise ValueError(f"{what} has no images; give it images of its classes, or leave it out")
+    check_labelled(dataset["labels"], what)
+    names = list(class_names or label_names(dataset, "labels", columns[1], argument, what))
     check_class_names(names, list(dataset["labels"]), tokenizer, what, every_label=False)
     if cap is not None and cap < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(cap))

@@ -21,9 +21,10 @@ import torch
 from ..integrity import atomic_write_text, hash_tensors
 from .settings import SequenceSettings
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 """Bump when the runner computes other numbers from the same settings, model and data (2: value gradients from
-the dense product on the CPU too; layer-by-layer selection scores)."""
+the dense product on the CPU too; layer-by-layer selection scores; 3: capped tasks share their images among their
+classes)."""
 
 FINGERPRINT_FILE = "fingerprint.json"
 REFERENCE_KEYS = ("reference", "reference_names")

@@ -43,23 +43,29 @@ class DataSource:
     """A dataset and the split and columns to use.
 
     Args:
-        name: `"embedded"`, a Hub id, an image folder (one sub-folder per class) or a `save_to_disk` folder.
+        name: `"embedded"`, a Hub id, an image folder (one sub-folder per class) or a `save_to_disk` folder; or a
+            `datasets.Dataset` or `DatasetDict` already loaded. A dataset without splits is its own only split.
         split: the split to use (the training split, for the sequence's dataset).
         image_column / label_column: its image column and its label column (a `ClassLabel` or integers).
+        class_names: the names of integer labels, in label order (a `ClassLabel` names its own).
     """
 
-    name: str
+    name: str | datasets.Dataset | datasets.DatasetDict
     split: str = "train"
     image_column: str = "image"
     label_column: str = "label"
+    class_names: tuple[str, ...] | None = None
 
     @property
     def columns(self) -> tuple[str, str]:
         return self.image_column, self.label_column
 
 
-def load_any(name: str) -> datasets.Dataset | datasets.DatasetDict:
-    """A Hub id, an image folder or a `save_to_disk` folder, loaded as `datasets` loads each."""
+def load_any(name: str | datasets.Dataset | datasets.DatasetDict) -> datasets.Dataset | datasets.DatasetDict:
+    """A Hub id, an image folder or a `save_to_disk` folder, loaded as `datasets` loads each (a dataset already
+    loaded is itself)."""
+    if not isinstance(name, str):
+        return name
     path = Path(name)
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
@@ -100,29 +106,41 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def load_split(source: DataSource) -> datasets.Dataset:
-    """The split of `source` (a dataset without splits is its own only split)."""
-    loaded = load_any(source.name)
+def load_split(source: DataSource, loaded: datasets.Dataset | datasets.DatasetDict | None = None) -> datasets.Dataset:
+    """The split of `source` (a dataset without splits is its own only split); `loaded`: `source` already loaded."""
+    loaded = load_any(source.name) if loaded is None else loaded
     if not isinstance(loaded, datasets.DatasetDict):
         return loaded
     if source.split not in loaded:
-        raise ValueError(f"dataset {source.name!r} has no split {source.split!r}; its splits: {', '.join(loaded)}")
+        raise ValueError(f"dataset {_shown(source)} has no split {source.split!r}; its splits: {', '.join(loaded)}")
     return loaded[source.split]
 
 
-def _source(value: str | DataSource | None) -> DataSource | None:
-    return DataSource(value) if isinstance(value, str) else value
+def _shown(source: DataSource) -> str:
+    """How a message names a source: its name, or the kind of dataset passed in its place (a repr runs for lines)."""
+    return repr(source.name) if isinstance(source.name, str) else f"(a {type(source.name).__name__})"
+
+
+Source = str | DataSource | datasets.Dataset | datasets.DatasetDict
+
+
+def _source(value: Source | None) -> DataSource | None:
+    return value if value is None or isinstance(value, DataSource) else DataSource(value)
+
+
+def _is_embedded(source: DataSource | None) -> bool:
+    return source is not None and isinstance(source.name, str) and source.name == EMBEDDED
 
 
 def load_sequence_data(
     processor,
     settings: SequenceSettings,
-    dataset: str | DataSource = EMBEDDED,
+    dataset: Source = EMBEDDED,
     *,
     test_split: str = "test",
     class_names: Sequence[str] | None = None,
-    control: str | DataSource | None = EMBEDDED,
-    reference: str | DataSource | None = None,
+    control: Source | None = EMBEDDED,
+    reference: Source | None = None,
     accelerator: Accelerator | None = None,
 ) -> SequenceData:
     """The sequence's data, loaded and prepared with `processor` (see :func:`prepare_sequence_data`).
@@ -130,21 +148,26 @@ def load_sequence_data(
     `dataset` gives the training split (`DataSource.split`); `test_split` is its test split, split off the training
     data (a seeded 20% of each class, `split_off_test`) if the dataset has none. `control` is the control set from
     the pretraining domain (`None`: none), `reference` the reference image-caption data that `zscl` and `lora_ewc`
-    need (`None`: none). A string is a `DataSource` with the default split (`"train"`) and columns; `"embedded"` is
-    the data shipped with spu_peft, drawn with `settings.seed`. Every problem raises `ValueError` before any training.
+    need (`None`: none). A string, `Dataset` or `DatasetDict` is a `DataSource` with the default split (`"train"`)
+    and columns; `"embedded"` is the data shipped with spu_peft, drawn with `settings.seed`. A dataset without
+    splits is the training split. Every problem raises `ValueError` before any training.
     """
     dataset, control, reference = _source(dataset), _source(control), _source(reference)
-    if dataset.name == EMBEDDED:
+    if _is_embedded(dataset):
         splits = _embedded().load_animal_shapes(seed=settings.seed)
         train, test, columns = splits["train"], splits["test"], ("image", "label")
     else:
         loaded = load_any(dataset.name)
-        if not isinstance(loaded, datasets.DatasetDict) or dataset.split not in loaded:
-            raise ValueError(f"dataset {dataset.name!r} has no split {dataset.split!r}")
-        train, columns = loaded[dataset.split], dataset.columns
-        if test_split in loaded:
+        train, columns = load_split(dataset, loaded), dataset.columns
+        if isinstance(loaded, datasets.DatasetDict) and test_split in loaded:
             test = loaded[test_split]
         else:
+            if isinstance(loaded, datasets.DatasetDict) and set(loaded) - {dataset.split}:
+                logger.warning(
+                    "dataset %s has no split %r (its splits: %s): its test split is a seeded 20%% of each class of "
+                    "%r; name one of the others as `test_split` to test on it",
+                    _shown(dataset), test_split, ", ".join(loaded), dataset.split,
+                )  # fmt: skip
             train, test = split_off_test(train, columns[1], settings.seed)
     seed = settings.seed
     control_split, control_columns = _side(control, lambda: _embedded().load_pretraining_data(seed=seed)["control"])
@@ -155,11 +178,13 @@ def load_sequence_data(
         processor,
         settings,
         control=control_split,
-        class_names=class_names,
+        class_names=class_names or dataset.class_names,
+        control_class_names=None if control is None else control.class_names,
         image_column=columns[0],
         label_column=columns[1],
         control_columns=control_columns,
         reference=reference_split,
+        reference_class_names=None if reference is None else reference.class_names,
         reference_columns=reference_columns,
         accelerator=accelerator,
     )
@@ -197,7 +222,7 @@ def split_off_test(
 
 def _side(source: DataSource | None, embedded: Callable[[], datasets.Dataset]) -> tuple[datasets.Dataset | None, tuple]:
     """A control or reference set and its columns: none, the embedded one, or `source`'s split."""
-    if source is None or source.name == EMBEDDED:
+    if source is None or _is_embedded(source):
         return (None if source is None else embedded()), ("image", "label")
     return load_split(source), source.columns
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Sequence
 
@@ -26,6 +27,19 @@ def task_indices(labels: Sequence[int], classes: Sequence[int]) -> list[int]:
     """Positions of the examples whose label is one of `classes`."""
     wanted = set(classes)
     return [i for i, label in enumerate(labels) if label in wanted]
+
+
+def capped(labels: Sequence[int], indices: Sequence[int], cap: int | None) -> list[int]:
+    """At most `cap` of `indices`, shared evenly among their classes: the classes take turns, each giving its next
+    image in dataset order. The first `cap` positions would be one class only in data sorted by class (an image
+    folder): the task's other classes would be neither trained nor tested."""
+    if cap is None or cap >= len(indices):
+        return list(indices)
+    by_class: dict[int, list[int]] = {}
+    for index in indices:
+        by_class.setdefault(labels[index], []).append(index)
+    turns = itertools.zip_longest(*(by_class[c] for c in sorted(by_class)))
+    return sorted([index for turn in turns for index in turn if index is not None][:cap])
 
 
 def class_lookup(class_ids: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
