@@ -55,3 +55,26 @@ def test_the_layers_chosen_are_lora_s_and_round_trip(fields, tmp_path):
 def test_combinations_lora_refuses_and_malformed_values_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         SPUConfig(**fields)
+
+
+@pytest.mark.parametrize("targets", [["fc1", "visual_projection"], r".*\.fc1|visual_projection"])
+def test_a_layer_named_in_target_modules_is_adapted_not_trained_densely_by_the_default(targets, tmp_path):
+    """CLIP's default dense `visual_projection` made PEFT skip it as a target: named to adapt sparsely, it trained
+    densely (every entry) in silence. The default gives way; `SPUConfig()` and 'all-linear' keep the paper's dense
+    projection, and a `modules_to_save` the user gives is kept as given."""
+    model = get_peft_model(make_tiny_clip(), SPUConfig(target_modules=targets, init_weights=False)).eval()
+    assert "base_model.model.visual_projection" in _adapted(model) and len(_adapted(model)) == 5
+    assert model.peft_config["default"].modules_to_save is None
+    assert not any(".modules_to_save." in name for name, _ in model.named_parameters())
+    batch = make_batch()
+    with torch.no_grad():
+        expected = model(**batch).logits_per_image
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_tiny_clip(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits_per_image, expected)
+
+    for config in (SPUConfig(), SPUConfig(target_modules="all-linear")):
+        assert get_peft_model(make_tiny_clip(), config).peft_config["default"].modules_to_save == ["visual_projection"]
+    given = SPUConfig(target_modules=["fc1", "visual_projection"], modules_to_save=["visual_projection"])
+    assert get_peft_model(make_tiny_clip(), given).peft_config["default"].modules_to_save == ["visual_projection"]

@@ -105,7 +105,8 @@ class SPUConfig(PeftConfig):
             `disable_adapter()`, and a model with such an adapter holds no other adapter.
         modules_to_save (`Optional[list[str]]`):
             Modules trained densely and saved beside the deltas. `None` uses the model type's default (CLIP:
-            `visual_projection`); pass `[]` for none.
+            `visual_projection`) less any module `target_modules` selects, which is adapted sparsely; pass `[]` for
+            none.
         init_weights (`bool`):
             `True` starts the values at zero, so the adapter is the identity. `False` draws random non-zero values
             (used by tests). Defaults to `True`.
@@ -254,6 +255,22 @@ class SPUConfig(PeftConfig):
         weights = _weights_file(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
         _check_file_fits_config(os.path.join(folder, CONFIG_NAME), weights, config, read_adapter_file(weights))
         return config
+
+
+def default_modules_to_save(config: SPUConfig, model_type: str | None, module_names: list[str]) -> list[str] | None:
+    """The model type's dense modules, for `modules_to_save=None`, less those `target_modules` selects. PEFT keeps a
+    dense module out of the targets, so the default made a layer the user named to adapt sparsely (CLIP's
+    `target_modules=['fc1', 'visual_projection']`) train densely instead, in silence. A list given is kept as is."""
+    kept = [
+        wanted
+        for wanted in TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING.get(model_type, ())
+        if not any(
+            check_target_module_exists(config, name)
+            for name in module_names
+            if name == wanted or name.endswith("." + wanted)
+        )
+    ]
+    return kept or None
 
 
 def _refuse_pickled_weights(save_directory: str) -> None:

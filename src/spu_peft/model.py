@@ -14,9 +14,9 @@ from torch import nn
 from .bnb import bnb_layer_class, guard_cpu_repacking
 from .config import (
     PEFT_TASK_MODULES_TO_SAVE,
-    TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING,
     TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING,
     SPUConfig,
+    default_modules_to_save,
 )
 from .distributed import holds_fsdp1_shards, is_sharded_tensor, refuse_sharded_tensors, sharded_save_error
 from .encoding import encode_support
@@ -112,10 +112,9 @@ class SPUModel(BaseTuner):
                     "pass the names of the first MLP linear layers, e.g. SPUConfig(target_modules=['fc1'])."
                 )
             peft_config.target_modules = set(targets)
-        if peft_config.modules_to_save is None:
-            defaults = TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING.get(model_type)
-            peft_config.modules_to_save = list(defaults) if defaults else None
         names = [relative_name(name) for name, _ in self.model.named_modules()]
+        if peft_config.modules_to_save is None:
+            peft_config.modules_to_save = default_modules_to_save(peft_config, model_type, names)
         task_type = getattr(peft_config.task_type, "value", peft_config.task_type)
         added_by_peft = PEFT_TASK_MODULES_TO_SAVE.get(task_type, ())
         for wanted in peft_config.modules_to_save or ():
