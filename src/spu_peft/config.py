@@ -75,6 +75,12 @@ class SPUConfig(PeftConfig):
             block for known model types (CLIP: `fc1` in both towers).
         exclude_modules (`Optional[Union[list[str], str]]`):
             Names or a regex of modules never to adapt.
+        layers_to_transform (`Optional[Union[list[int], int]]`):
+            Adapt only the targets in these blocks (the index after `layers_pattern` in a module's path, as PEFT reads
+            it for LoRA). Only with a list of `target_modules`. `None` (the default) adapts every block.
+        layers_pattern (`Optional[Union[list[str], str]]`):
+            The name of the model's list of blocks (`'layers'`, `'h'`) whose index `layers_to_transform` reads; `None`
+            takes the first numbered segment of the path.
         density (`float`):
             Fraction of the entries of each target matrix that train, in (0, 1]. Defaults to `0.1`, as in the paper.
         budget (`str`):
@@ -99,7 +105,8 @@ class SPUConfig(PeftConfig):
             `disable_adapter()`, and a model with such an adapter holds no other adapter.
         modules_to_save (`Optional[list[str]]`):
             Modules trained densely and saved beside the deltas. `None` uses the model type's default (CLIP:
-            `visual_projection`); pass `[]` for none.
+            `visual_projection`) less any module `target_modules` selects, which is adapted sparsely; pass `[]` for
+            none.
         init_weights (`bool`):
             `True` starts the values at zero, so the adapter is the identity. `False` draws random non-zero values
             (used by tests). Defaults to `True`.
@@ -118,6 +125,12 @@ class SPUConfig(PeftConfig):
     )
     exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names or regex of modules never to adapt."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Indices of the blocks whose targets are adapted; None: every block."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the list of blocks that `layers_to_transform` indexes."}
     )
     density: float = field(
         default=0.1, metadata={"help": "Fraction of each target matrix's entries that train, in (0, 1]."}
@@ -145,6 +158,7 @@ class SPUConfig(PeftConfig):
         self.target_modules = _names("target_modules", self.target_modules, allow_regex=True)
         self.exclude_modules = _names("exclude_modules", self.exclude_modules, allow_regex=True)
         self.modules_to_save = _names("modules_to_save", self.modules_to_save, allow_regex=False)
+        self._check_layers()
         if isinstance(self.density, bool) or not isinstance(self.density, numbers.Real):
             raise ValueError(f"`density` must be a number in (0, 1], got {self.density!r}")
         self.density = float(self.density)
@@ -164,6 +178,30 @@ class SPUConfig(PeftConfig):
             raise ValueError(f"`seed` must be in [0, 2**63), got {self.seed}")
         if self.selection is not None and not isinstance(self.selection, dict):
             raise ValueError(f"`selection` must be a dict written by select_parameters or None, got {self.selection!r}")
+
+    def _check_layers(self) -> None:
+        """`layers_to_transform` / `layers_pattern` as PEFT's matching reads them (the rules of `LoraConfig`): indices
+        only select among a list of target names, and a pattern only says where the indices are."""
+        indices, pattern = self.layers_to_transform, self.layers_pattern
+        if indices is not None and not (
+            _is_layer_index(indices) or (isinstance(indices, list) and all(map(_is_layer_index, indices)))
+        ):
+            raise ValueError(
+                f"`layers_to_transform` must be None, a layer index or a list of them (integers >= 0), got {indices!r}"
+            )
+        names = [pattern] if isinstance(pattern, str) else pattern
+        if pattern is not None and not (isinstance(names, list) and all(isinstance(n, str) and n for n in names)):
+            raise ValueError(
+                f"`layers_pattern` must be None or a name or list of names, e.g. 'layers', got {pattern!r}"
+            )
+        for name, value in (("layers_to_transform", indices), ("layers_pattern", pattern)):
+            if value is not None and isinstance(self.target_modules, str):
+                raise ValueError(
+                    f"`{name}` cannot be used when `target_modules` is a str ({self.target_modules!r}): the regex "
+                    "chooses the layers itself. Pass a list of names, e.g. target_modules=['fc1']."
+                )
+        if pattern and indices is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
 
     def to_json_dict(self) -> dict[str, Any]:
         """The config as `adapter_config.json` holds it; a field JSON cannot hold raises a `ValueError` naming it."""
@@ -217,6 +255,22 @@ class SPUConfig(PeftConfig):
         weights = _weights_file(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
         _check_file_fits_config(os.path.join(folder, CONFIG_NAME), weights, config, read_adapter_file(weights))
         return config
+
+
+def default_modules_to_save(config: SPUConfig, model_type: str | None, module_names: list[str]) -> list[str] | None:
+    """The model type's dense modules, for `modules_to_save=None`, less those `target_modules` selects. PEFT keeps a
+    dense module out of the targets, so the default made a layer the user named to adapt sparsely (CLIP's
+    `target_modules=['fc1', 'visual_projection']`) train densely instead, in silence. A list given is kept as is."""
+    kept = [
+        wanted
+        for wanted in TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING.get(model_type, ())
+        if not any(
+            check_target_module_exists(config, name)
+            for name in module_names
+            if name == wanted or name.endswith("." + wanted)
+        )
+    ]
+    return kept or None
 
 
 def _refuse_pickled_weights(save_directory: str) -> None:
@@ -287,6 +341,10 @@ def _weights_file(name_or_path: str, subfolder: str | None, hub_kwargs: dict[str
             f"{name_or_path}: could not fetch {WEIGHTS_NAME} ({error}); SPU adapters are loaded from that file. "
             "Check the repository name and your connection, or load from a local folder."
         ) from error
+
+
+def _is_layer_index(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
 
 def _names(name: str, value: Any, allow_regex: bool) -> set[str] | list[str] | str | None:

@@ -191,6 +191,21 @@ def is_sharded_tensor(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def sharded_save_error(what: str) -> ValueError:
+    """The refusal of PEFT's save where this process may hold only shards: `save_adapter` gathers them."""
+    return ValueError(
+        f"SPU cannot save this adapter: {what}, so this process may hold only shards of its tensors. "
+        "Call `spu_peft.save_adapter(model, directory)` on every process instead: it gathers the full tensors and "
+        "writes the adapter on the main process."
+    )
+
+
+def refuse_sharded_tensors(name: str, tensors: dict[str, torch.Tensor]) -> None:
+    for field, tensor in tensors.items():
+        if is_sharded_tensor(tensor):
+            raise sharded_save_error(f"`{name}.{field}` is a DTensor (FSDP2)")
+
+
 @contextlib.contextmanager
 def whole_parameters(root: nn.Module, module: nn.Module, engine: str | None, writeback: bool = True) -> Iterator[None]:
     """Within the block, `module`'s parameters are whole on this process.

@@ -11,12 +11,47 @@ from .model import MODEL_TAGS
 
 SECTION_HEADING = "## Selective Parameter Update (SPU)"
 
+# The transformers class that builds each PEFT task type's base model: the head PEFT trains (`classifier`, `score`,
+# `qa_outputs`) and the module paths the adapter file names (`bert.encoder...`, `model.layers...`) come with it.
+TASK_TYPE_TO_MODEL_CLASS: dict[str, str] = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
 
-def model_card_section(config: SPUConfig, base_model: str | None = None) -> str:
-    """A markdown section describing an SPU adapter, from its config."""
+
+def _model_class(config: SPUConfig, model_class: str | None) -> str:
+    """The class the card's code builds the base with: the one given (the base the adapter was trained on), else the
+    task type's, else the one PEFT's `auto_mapping` recorded for a transformers base, else `AutoModel`."""
+    if model_class:
+        return model_class
+    task_type = getattr(config.task_type, "value", config.task_type)
+    if task_type in TASK_TYPE_TO_MODEL_CLASS:
+        return TASK_TYPE_TO_MODEL_CLASS[task_type]
+    auto_mapping = getattr(config, "auto_mapping", None) or {}
+    if str(auto_mapping.get("parent_library", "")).startswith("transformers"):
+        return auto_mapping.get("base_model_class") or "AutoModel"
+    return "AutoModel"
+
+
+def model_card_section(
+    config: SPUConfig, base_model: str | None = None, *, adapter_name: str = "default", model_class: str | None = None
+) -> str:
+    """A markdown section describing an SPU adapter, from its config, with code that loads it.
+
+    The code builds the base with `model_class` (a transformers class name; by default the task type's `AutoModelFor...`
+    or `AutoModel`): a bare `AutoModel` lacks a task model's head and names its layers without the task model's
+    prefix, so the file would not fit. An adapter other than `default` lives in the subfolder of its name, which
+    `PeftModel.from_pretrained` is told, with the name."""
     targets = config.target_modules
     targets = sorted(targets) if isinstance(targets, (set, list)) else targets
     selection = config.selection or {}
+    cls = _model_class(config, model_class)
+    revision = f', revision="{config.revision}"' if config.revision else ""
+    subfolder = "" if adapter_name == "default" else f', subfolder="{adapter_name}", adapter_name="{adapter_name}"'
     lines = [
         SECTION_HEADING,
         "",
@@ -39,10 +74,10 @@ def model_card_section(config: SPUConfig, base_model: str | None = None) -> str:
         "```python",
         "import spu_peft",
         "from peft import PeftModel",
-        "from transformers import AutoModel",
+        f"from transformers import {cls}",
         "",
-        f'base = AutoModel.from_pretrained("{base_model or "<base model>"}")',
-        'model = PeftModel.from_pretrained(base, "<this repo>")',
+        f'base = {cls}.from_pretrained("{base_model or "<base model>"}"{revision})',
+        f'model = PeftModel.from_pretrained(base, "<this repo>"{subfolder})',
         "```",
     ]
     return "\n".join(lines) + "\n"
@@ -53,7 +88,8 @@ def update_model_card(model, save_directory: str | os.PathLike, adapter_name: st
 
     PEFT writes one generic card, in `save_directory` itself, whichever adapters it saves (those other than
     `default` get only their weights and config in `save_directory/<adapter_name>/`); call this after
-    `model.save_pretrained(save_directory)`. The section describes `adapter_name`.
+    `model.save_pretrained(save_directory)`. The section describes `adapter_name`, and its code builds the base with
+    the class of the model's own base (a transformers class), which the adapter file's layer names fit.
     """
     config = model.peft_config.get(adapter_name)
     if not isinstance(config, SPUConfig):
@@ -66,7 +102,10 @@ def update_model_card(model, save_directory: str | os.PathLike, adapter_name: st
     if SECTION_HEADING in text:
         text = text[: text.index(SECTION_HEADING)].rstrip() + "\n"
     base_model = card.data.get("base_model") or config.base_model_name_or_path
-    card.text = text.rstrip() + "\n\n" + model_card_section(config, base_model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else None
+    model_class = type(base).__name__ if type(base).__module__.startswith("transformers.") else None
+    section = model_card_section(config, base_model, adapter_name=adapter_name, model_class=model_class)
+    card.text = text.rstrip() + "\n\n" + section
     if not card.data.get("base_model"):  # PEFT writes '' (and an empty base_model tag) for a base without a name
         card.data.base_model = None
     tags = {tag for tag in card.data.get("tags") or [] if tag != "base_model:adapter:"}

@@ -42,6 +42,11 @@ SPARSE_FIELDS = (
     ("spu_indices", "spu_mask", "spu_values"),
     ("spu_frozen_indices", "spu_frozen_mask", "spu_frozen_values"),
 )
+# every per-adapter field of an SPU layer as keys spell it, in the model or in the file: the keys that end with the
+# adapter's name (`<layer>.<field>.<adapter>`), and the only ones, whatever the name is
+STORED_FIELDS = frozenset(
+    {*SPU_FIELDS, *(mask for _, mask, _ in SPARSE_FIELDS), *TILE_FIELDS.values(), BLOCK_SIZE_FIELD}
+)
 # the float dtypes a stored weight may have; anything else is bits of another type read as numbers
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -14,18 +14,19 @@ from torch import nn
 from .bnb import bnb_layer_class, guard_cpu_repacking
 from .config import (
     PEFT_TASK_MODULES_TO_SAVE,
-    TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING,
     TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING,
     SPUConfig,
+    default_modules_to_save,
 )
-from .distributed import holds_fsdp1_shards, is_sharded_tensor
+from .distributed import holds_fsdp1_shards, is_sharded_tensor, refuse_sharded_tensors, sharded_save_error
 from .encoding import encode_support
 from .injection import ModelState, remember_injection, take_injection
-from .integrity import DIGEST_KEY, digest_entry
+from .integrity import DIGEST_KEY, PEFT_PREFIX, digest_entry
 from .layer import Linear, SPULayer
 from .loading import (
     SPARSE_FIELDS,
     SPU_FIELDS,
+    STORED_FIELDS,
     apply_changes,
     auxiliary_state_dict,
     check_digest,
@@ -35,7 +36,7 @@ from .loading import (
     limit_dtype,
 )
 from .mixed_batch import adapter_names_hooks
-from .naming import PEFT_PREFIX, is_bias, is_stored_bias, relative_name, spu_layers, strip_wrappers
+from .naming import check_adapter_name, is_bias, is_stored_bias, relative_name, spu_layers, strip_wrappers
 
 MODEL_TAGS = ["spu", "selective-parameter-update", "continual-learning"]
 # the packages a training step or a save goes through before SPU's hooks run; warnings point past them
@@ -111,10 +112,9 @@ class SPUModel(BaseTuner):
                     "pass the names of the first MLP linear layers, e.g. SPUConfig(target_modules=['fc1'])."
                 )
             peft_config.target_modules = set(targets)
-        if peft_config.modules_to_save is None:
-            defaults = TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING.get(model_type)
-            peft_config.modules_to_save = list(defaults) if defaults else None
         names = [relative_name(name) for name, _ in self.model.named_modules()]
+        if peft_config.modules_to_save is None:
+            peft_config.modules_to_save = default_modules_to_save(peft_config, model_type, names)
         task_type = getattr(peft_config.task_type, "value", peft_config.task_type)
         added_by_peft = PEFT_TASK_MODULES_TO_SAVE.get(task_type, ())
         for wanted in peft_config.modules_to_save or ():
@@ -167,6 +167,7 @@ class SPUModel(BaseTuner):
         """PEFT's injection, noting what it changes (`ModelState`): a failed injection puts the model back at once,
         and PEFT's loaders inject an adapter before they read its file, so until the adapter's first state dict is
         accepted, a refused one puts the model back as it was before the injection (the load hook)."""
+        check_adapter_name(adapter_name)
         before = ModelState(self, model, adapter_name)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
@@ -265,7 +266,7 @@ class SPUModel(BaseTuner):
         ):
             warnings.warn(_unselected(adapter_name, "trained"), UserWarning, stacklevel=_user_stacklevel())
         if holds_fsdp1_shards(model):
-            raise _sharded_error("the model is wrapped in FSDP1 (FullyShardedDataParallel)")
+            raise sharded_save_error("the model is wrapped in FSDP1 (FullyShardedDataParallel)")
         by_name = {strip_wrappers(key): key for key in state_dict}
         to_return = {}
         savable = []  # (where, tensor, dtype it acts in): what loading would check, checked before PEFT writes
@@ -276,7 +277,7 @@ class SPUModel(BaseTuner):
                 key = by_name.get(f"{prefix}.{field}.{adapter_name}")
                 if key is not None:
                     fields[field] = state_dict[key]
-            _refuse_sharded_tensors(name, fields)
+            refuse_sharded_tensors(name, fields)
             base_dtype = layer.get_base_layer().weight.dtype
             savable += [
                 (f"module `{name}` ({f})", t, limit_dtype(t.dtype, base_dtype))
@@ -288,7 +289,9 @@ class SPUModel(BaseTuner):
                 if indices is None or values is None:
                     continue
                 if values.numel() != indices.numel():
-                    raise _sharded_error(f"`{name}.{values_name}` holds {values.numel()} of {indices.numel()} values")
+                    raise sharded_save_error(
+                        f"`{name}.{values_name}` holds {values.numel()} of {indices.numel()} values"
+                    )
                 if not bool((indices[1:] > indices[:-1]).all()):
                     # written in place out of order: a mask or tiles load back sorted, so the values go in that order
                     order = indices.argsort()
@@ -311,6 +314,15 @@ class SPUModel(BaseTuner):
             {cls._remove_adapter_name_from_key(k, adapter_name): v for k, v in written.items()}
         )
         return to_return
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """A key as the adapter file spells it, in both directions (PEFT builds the loading map from it). Only SPU's
+        own fields carry the adapter name (`fc1.spu_values.<adapter>`); PEFT's rule strips `.<adapter>` from any key
+        ending with it, so an adapter named like a module or parameter (`weight`, `visual_projection`) cut the
+        dense modules' and base biases' keys and saved a file that could not load."""
+        head, _, last = key.rpartition(".")
+        return head if last == adapter_name and head.rpartition(".")[2] in STORED_FIELDS else key
 
     # ---- loading -------------------------------------------------------------------------------------------------
 
@@ -379,17 +391,3 @@ def _check_dense_modules_can_combine(peft_config: dict, names: list[str]) -> Non
             "the adapters with `SPUConfig(modules_to_save=[])` (sparse deltas add up), or fold them into one with "
             f"`spu_peft.fold_adapters(model, {who}, 'combined')`, which keeps the last one's `{module}`."
         )
-
-
-def _sharded_error(what: str) -> ValueError:
-    return ValueError(
-        f"SPU cannot save this adapter: {what}, so this process may hold only shards of its tensors. "
-        "Call `spu_peft.save_adapter(model, directory)` on every process instead: it gathers the full tensors and "
-        "writes the adapter on the main process."
-    )
-
-
-def _refuse_sharded_tensors(name: str, tensors: dict[str, torch.Tensor]) -> None:
-    for field, tensor in tensors.items():
-        if is_sharded_tensor(tensor):
-            raise _sharded_error(f"`{name}.{field}` is a DTensor (FSDP2)")

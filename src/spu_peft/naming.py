@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from peft.tuners._buffer_dict import BufferDict
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
@@ -37,9 +38,31 @@ def is_bias(name: str) -> bool:
 
 
 def is_stored_bias(name: str) -> bool:
-    """Whether `bias="all"` stores the parameter `name` in the adapter file: a bias outside `modules_to_save`
-    wrappers, since a wrapper's trained copy travels with that module's own tensors and its original is not used."""
+    """Whether `bias="all"` stores the parameter `name` in the adapter file: a bias of the model outside
+    `modules_to_save` wrappers, since a wrapper's trained copy travels with that module's own tensors and its original
+    is not used. An SPU tensor of an adapter named `bias` (`fc1.spu_values.bias`) is the adapter's, not a bias."""
+    if name.rpartition(".")[0].rpartition(".")[2] in SPULayer.adapter_layer_names + SPULayer.other_param_names:
+        return False
     return is_bias(name) and ".modules_to_save." not in name and ".original_module." not in name
+
+
+def check_adapter_name(adapter_name: object) -> None:
+    """Refuse, before anything changes, a name SPU's per-adapter tensors cannot be stored under. Each SPU layer keeps
+    them in torch containers keyed by the name, which take a non-empty string without '.' that is not one of the
+    containers' own attributes; torch's `KeyError` for any other came from deep inside the injection."""
+    containers = (nn.ParameterDict(), BufferDict())
+    if (
+        isinstance(adapter_name, str)
+        and adapter_name
+        and "." not in adapter_name
+        and not any(hasattr(container, adapter_name) for container in containers)
+    ):
+        return
+    raise ValueError(
+        f"Adapter name {adapter_name!r} cannot name an SPU adapter: each SPU layer stores its tensors in torch "
+        "containers keyed by the adapter name, which take a non-empty name without '.' that is not one of the "
+        "containers' own attributes (such as 'values', 'keys', 'update'). Pick another name, e.g. 'task_1'."
+    )
 
 
 def spu_layers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, SPULayer]]:
