@@ -170,7 +170,9 @@ class SPULayer(BaseTunerLayer):
         """Give the adapter's `spu_values` or `spu_frozen_values` a new length (zeros), keeping dtype and device.
 
         A parameter keeps its object and only its data changes: an optimizer (a `Trainer`'s) that holds it trains the
-        new entries instead of a tensor no layer reads any more. A buffer is replaced."""
+        new entries instead of a tensor no layer reads any more. Its gradient belonged to the old entries and has their
+        length (`zero_grad(set_to_none=False)` keeps one), which the next backward could not add to: it is dropped.
+        A buffer is replaced."""
         store = getattr(self, field)
         held = store[adapter_name]
         if held.shape == shape:
@@ -178,6 +180,7 @@ class SPULayer(BaseTunerLayer):
         resized = torch.zeros(shape, dtype=held.dtype, device=held.device)
         if isinstance(held, nn.Parameter):
             held.data = resized
+            held.grad = None
         else:
             store[adapter_name] = resized
 

@@ -1,0 +1,69 @@
+"""SPU inside the training loops users write: state loaded mid-training, accelerate, compile, optimizers."""
+
+import torch
+from conftest import make_batch, make_tiny_clip
+from peft import get_peft_model
+
+from spu_peft import SPUConfig, SPULayer, select_parameters
+
+
+def selected(budget: str = "per_tensor", seed: int = 0):
+    model = get_peft_model(make_tiny_clip(), SPUConfig(init_weights=False, budget=budget))
+    select_parameters(model, [make_batch(seed)])
+    return model
+
+
+def step(model, optimizer, seed: int, set_to_none: bool = True) -> None:
+    model(**make_batch(seed)).logits_per_image.pow(2).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def trainable(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def values(model) -> list[torch.nn.Parameter]:
+    return [m.spu_values["default"] for m in model.modules() if isinstance(m, SPULayer)]
+
+
+def test_loading_a_checkpoint_of_other_lengths_drops_the_gradients_of_the_old_ones():
+    """`zero_grad(set_to_none=False)` keeps a zero gradient of each values tensor's length; a whole-model
+    `load_state_dict` (accelerate's `load_state`) that gives the values another length must not leave it behind, or
+    the next backward fails inside autograd on the two lengths."""
+    source = selected("global", seed=1)
+    model = selected("global", seed=2)
+    assert [p.shape for p in values(source)] != [p.shape for p in values(model)]
+    optimizer = torch.optim.SGD(trainable(model), lr=0.1)
+    step(model, optimizer, 3, set_to_none=False)
+    model.load_state_dict(source.state_dict())
+    model(**make_batch(4)).logits_per_image.pow(2).mean().backward()
+    for loaded, held in zip(values(source), values(model)):
+        assert held.grad is not None and held.grad.shape == loaded.shape
+
+
+def test_accelerate_save_state_and_load_state_continue_training_bit_for_bit(tmp_path):
+    """`accelerator.load_state` into a model holding other supports of other lengths (a global budget), with the
+    gradients `zero_grad(set_to_none=False)` keeps, continues exactly where the saved run went on."""
+    from accelerate import Accelerator
+
+    def prepared(seed: int):
+        accelerator = Accelerator(cpu=True)
+        model = selected("global", seed=seed)
+        optimizer = torch.optim.AdamW(trainable(model), lr=1e-2, weight_decay=0.1)
+        return (accelerator, *accelerator.prepare(model, optimizer))
+
+    accelerator, model, optimizer = prepared(1)
+    step(model, optimizer, 2, set_to_none=False)
+    select_parameters(model, [make_batch(3)], optimizer=optimizer)
+    step(model, optimizer, 4, set_to_none=False)
+    accelerator.save_state(tmp_path)
+    for seed in (5, 6):
+        step(model, optimizer, seed, set_to_none=False)
+    accelerator, resumed, optimizer = prepared(7)
+    step(resumed, optimizer, 8, set_to_none=False)
+    accelerator.load_state(tmp_path)
+    for seed in (5, 6):
+        step(resumed, optimizer, seed, set_to_none=False)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
