@@ -1,5 +1,8 @@
 """SPU inside the training loops users write: state loaded mid-training, accelerate, compile, optimizers."""
 
+import re
+
+import pytest
 import torch
 from conftest import make_batch, make_tiny_clip
 from peft import get_peft_model
@@ -67,3 +70,33 @@ def test_accelerate_save_state_and_load_state_continue_training_bit_for_bit(tmp_
         step(resumed, optimizer, seed, set_to_none=False)
     for name, tensor in model.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9])
+def test_optimizer_state_of_the_lengths_before_a_load_is_refused_naming_the_fix(momentum):
+    """A whole-model `load_state_dict` of a checkpoint with other lengths, the optimizer's state not loaded with it:
+    its next step is refused with the fix before torch's update fails on the two lengths, and nothing moved."""
+    source = selected("global", seed=1)
+    model = selected("global", seed=2)
+
+    def make() -> torch.optim.Optimizer:
+        if momentum is None:
+            return torch.optim.AdamW(trainable(model))
+        return torch.optim.SGD(trainable(model), lr=0.1, momentum=momentum)
+
+    optimizer = make()
+    step(model, optimizer, 3)
+    model.load_state_dict(source.state_dict())
+    model(**make_batch(4)).logits_per_image.pow(2).mean().backward()
+    before = [p.detach().clone() for p in trainable(model)]
+    with pytest.raises(ValueError) as error:
+        optimizer.step()
+    assert re.fullmatch(
+        rf"{type(optimizer).__name__} holds state of shape \{{.*\}} for SPU values of shape \(\d+,\): a loaded state "
+        r"dict or adapter gave the adapter another number of entries\. Load the optimizer's state saved with them as "
+        r"well \(`optimizer\.load_state_dict`; accelerate's `load_state` does\), or build the optimizer after "
+        r"loading\.",
+        str(error.value),
+    )
+    assert all(torch.equal(p, b) for p, b in zip(trainable(model), before))
+    step(model, make(), 5)  # the fix: an optimizer built after loading

@@ -14,6 +14,7 @@ from .blocks import LayoutCache, TileLayout, check_divisible
 from .config import SPUConfig
 from .distributed import full_tensor, is_sharded_tensor
 from .encoding import check_indices, check_values, index_dtype
+from .optim_state import watch_resized
 from .scoring import scoring_linear
 from .sparse_linear import SparseDelta, compose_weight, sparse_delta_linear, union_sum
 from .supports import adapter_seed, budget_shortfall, initial_values, random_support
@@ -172,7 +173,7 @@ class SPULayer(BaseTunerLayer):
         A parameter keeps its object and only its data changes: an optimizer (a `Trainer`'s) that holds it trains the
         new entries instead of a tensor no layer reads any more. Its gradient belonged to the old entries and has their
         length (`zero_grad(set_to_none=False)` keeps one), which the next backward could not add to: it is dropped.
-        A buffer is replaced."""
+        An optimizer's state of the old length is refused at its next step, naming the fix. A buffer is replaced."""
         store = getattr(self, field)
         held = store[adapter_name]
         if held.shape == shape:
@@ -181,6 +182,7 @@ class SPULayer(BaseTunerLayer):
         if isinstance(held, nn.Parameter):
             held.data = resized
             held.grad = None
+            watch_resized(held)
         else:
             store[adapter_name] = resized
 
