@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import make_batch, make_tiny_clip
 from peft import get_peft_model
+from torch import nn
 
 from spu_peft import SPUConfig, SPULayer, select_parameters
 
@@ -100,3 +101,32 @@ def test_optimizer_state_of_the_lengths_before_a_load_is_refused_naming_the_fix(
     )
     assert all(torch.equal(p, b) for p, b in zip(trainable(model), before))
     step(model, make(), 5)  # the fix: an optimizer built after loading
+
+
+def tiled_mlp(seed: int):
+    """A small MLP whose first layer holds a 4x4-tiled adapter, selected at random (seeded), with nonzero values."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    model = get_peft_model(mlp, SPUConfig(target_modules=["0"], block_size=(4, 4), density=0.25, init_weights=False))
+    select_parameters(model, score="random", seed=seed)
+    with torch.no_grad():
+        for p in values(model):
+            p.copy_(torch.linspace(-1, 1, p.numel()))
+    return model
+
+
+def value_grads(model, x: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad()
+    model(x).pow(2).sum().backward()
+    return [p.grad.clone() for p in values(model)]
+
+
+def test_a_compiled_model_trains_the_entries_a_state_dict_loaded_in_place():
+    """`load_state_dict` of supports of the same lengths writes them in place; a compiled forward of a tiled adapter
+    must not keep using the tile layout of the entries it replaced (the values' gradients were another support's)."""
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+    model, source = tiled_mlp(1), tiled_mlp(2)
+    compiled = torch.compile(model, backend="aot_eager")
+    assert torch.equal(torch.cat(value_grads(compiled, x)), torch.cat(value_grads(model, x)))
+    model.load_state_dict(source.state_dict())
+    assert torch.equal(torch.cat(value_grads(compiled, x)), torch.cat(value_grads(source, x)))

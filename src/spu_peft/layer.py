@@ -278,7 +278,9 @@ class Linear(nn.Module, SPULayer):
         `load_state`): a sparse delta's length comes from its selection, not from the config (a reselection folds into
         a frozen delta of any length, a global budget gives each layer its own), so each one takes the length of the
         support in the state dict, checked first, where a `LoRA` model's shapes always match its config's. The values
-        keep their `Parameter` object, so an optimizer that holds them keeps working."""
+        keep their `Parameter` object, so an optimizer that holds them keeps working. A support of the same length is
+        loaded into a new tensor, not written in place: a compiled forward (`torch.compile`) keeps the tile layout of
+        the support object it traced, and would go on computing the values' gradient at the replaced entries."""
         for buffer_name, values_name in (("spu_indices", "spu_values"), ("spu_frozen_indices", "spu_frozen_values")):
             supports, stores = getattr(self, buffer_name), getattr(self, values_name)
             for adapter_name in list(supports.keys()):
@@ -288,6 +290,9 @@ class Linear(nn.Module, SPULayer):
                     continue  # a missing key: torch reports it
                 held = stores[adapter_name]
                 if indices.shape == supports[adapter_name].shape and values.shape == held.shape:
+                    if buffer_name == "spu_indices":
+                        supports[adapter_name] = supports[adapter_name].clone()
+                        self._tile_layouts.drop(adapter_name)
                     continue
                 where = f"state dict entry `{prefix}{buffer_name}.{adapter_name}`"
                 try:
