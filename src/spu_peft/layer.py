@@ -14,6 +14,7 @@ from .blocks import LayoutCache, TileLayout, check_divisible
 from .config import SPUConfig
 from .distributed import full_tensor, is_sharded_tensor
 from .encoding import check_indices, check_values, index_dtype
+from .optim_state import watch_resized
 from .scoring import scoring_linear
 from .sparse_linear import SparseDelta, compose_weight, sparse_delta_linear, union_sum
 from .supports import adapter_seed, budget_shortfall, initial_values, random_support
@@ -170,7 +171,9 @@ class SPULayer(BaseTunerLayer):
         """Give the adapter's `spu_values` or `spu_frozen_values` a new length (zeros), keeping dtype and device.
 
         A parameter keeps its object and only its data changes: an optimizer (a `Trainer`'s) that holds it trains the
-        new entries instead of a tensor no layer reads any more. A buffer is replaced."""
+        new entries instead of a tensor no layer reads any more. Its gradient belonged to the old entries and has their
+        length (`zero_grad(set_to_none=False)` keeps one), which the next backward could not add to: it is dropped.
+        An optimizer's state of the old length is refused at its next step, naming the fix. A buffer is replaced."""
         store = getattr(self, field)
         held = store[adapter_name]
         if held.shape == shape:
@@ -178,6 +181,8 @@ class SPULayer(BaseTunerLayer):
         resized = torch.zeros(shape, dtype=held.dtype, device=held.device)
         if isinstance(held, nn.Parameter):
             held.data = resized
+            held.grad = None
+            watch_resized(held)
         else:
             store[adapter_name] = resized
 
@@ -273,7 +278,9 @@ class Linear(nn.Module, SPULayer):
         `load_state`): a sparse delta's length comes from its selection, not from the config (a reselection folds into
         a frozen delta of any length, a global budget gives each layer its own), so each one takes the length of the
         support in the state dict, checked first, where a `LoRA` model's shapes always match its config's. The values
-        keep their `Parameter` object, so an optimizer that holds them keeps working."""
+        keep their `Parameter` object, so an optimizer that holds them keeps working. A support of the same length is
+        loaded into a new tensor, not written in place: a compiled forward (`torch.compile`) keeps the tile layout of
+        the support object it traced, and would go on computing the values' gradient at the replaced entries."""
         for buffer_name, values_name in (("spu_indices", "spu_values"), ("spu_frozen_indices", "spu_frozen_values")):
             supports, stores = getattr(self, buffer_name), getattr(self, values_name)
             for adapter_name in list(supports.keys()):
@@ -283,6 +290,9 @@ class Linear(nn.Module, SPULayer):
                     continue  # a missing key: torch reports it
                 held = stores[adapter_name]
                 if indices.shape == supports[adapter_name].shape and values.shape == held.shape:
+                    if buffer_name == "spu_indices":
+                        supports[adapter_name] = supports[adapter_name].clone()
+                        self._tile_layouts.drop(adapter_name)
                     continue
                 where = f"state dict entry `{prefix}{buffer_name}.{adapter_name}`"
                 try:

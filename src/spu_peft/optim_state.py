@@ -6,7 +6,8 @@ Its per-parameter state (Adam's moments, the step count) belonged to the old ent
 has another length, which would fail inside torch at the next step. Passing that optimizer to `select_parameters`
 drops the state of every values tensor whose support changed, so those entries start as a fresh optimizer would start
 them. An optimizer that was not passed is caught at its next step: stale state warns, state of another length is
-refused with the fix.
+refused with the fix. Loading a state dict or an adapter file can also give values another length (a global budget's
+supports); an optimizer that then steps them with state of the old length is refused too, naming that fix.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ logger = logging.getLogger(__name__)
 # Values tensors whose entries a selection replaced, until an optimizer has stepped them with fresh state; keyed by id
 # with weak references (a tensor's `==` is elementwise, so weakref's sets and dicts cannot hold tensors)
 _replaced: dict[int, weakref.ref[torch.nn.Parameter]] = {}
+# Values tensors a load gave another length, until an optimizer has stepped them: only state of another length is
+# refused (accelerate's `load_state` loads the optimizer's matching state right after the model's)
+_resized: dict[int, weakref.ref[torch.nn.Parameter]] = {}
 _hooks: list[Any] = []
 
 
@@ -39,32 +43,56 @@ def drop_state(optimizer: torch.optim.Optimizer | None, parameters: list[torch.n
 def watch_stale_state(parameters: list[torch.nn.Parameter]) -> None:
     """Check the next step of any optimizer for state it kept for `parameters` from before their entries changed."""
     _replaced.update({id(p): weakref.ref(p) for p in parameters})
-    if not _hooks:  # torch's global step hooks, registered once; they cost nothing while no selection is pending
+    _register_hooks()
+
+
+def watch_resized(parameter: torch.nn.Parameter) -> None:
+    """Refuse, at the next step of any optimizer, state of another length than `parameter`'s new one: without it,
+    torch's optimizers fail deep inside their update on the two lengths."""
+    _resized[id(parameter)] = weakref.ref(parameter)
+    _register_hooks()
+
+
+def _register_hooks() -> None:
+    if not _hooks:  # torch's global step hooks, registered once; they cost nothing while nothing is watched
         _hooks.extend([register_optimizer_step_pre_hook(_refuse_stale), register_optimizer_step_post_hook(_forget)])
 
 
-def _stale(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
-    for key in [key for key, ref in _replaced.items() if ref() is None]:
-        del _replaced[key]  # a freed tensor's id may be reused
-    alive = [p for p in (ref() for ref in list(_replaced.values())) if p is not None]
+def _stale(optimizer: torch.optim.Optimizer, watched: dict[int, weakref.ref] = _replaced) -> list[torch.nn.Parameter]:
+    for key in [key for key, ref in watched.items() if ref() is None]:
+        del watched[key]  # a freed tensor's id may be reused
+    alive = [p for p in (ref() for ref in list(watched.values())) if p is not None]
     return [p for p in alive if optimizer.state.get(p)]  # `get`: the state defaultdict gains no entry
 
 
-def _refuse_stale(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    stale = _stale(optimizer)
-    if not stale:
-        return
-    fix = (
-        "Pass the optimizer to `select_parameters(..., optimizer=optimizer)`, which drops that state, or build the "
-        "optimizer after selecting."
-    )
-    for p in stale:
+def _refuse_other_lengths(optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], cause: str) -> None:
+    for p in parameters:
         shapes = {k: tuple(v.shape) for k, v in optimizer.state[p].items() if torch.is_tensor(v) and v.dim() > 0}
         if any(shape != tuple(p.shape) for shape in shapes.values()):
             raise ValueError(
                 f"{type(optimizer).__name__} holds state of shape {shapes} for SPU values of shape {tuple(p.shape)}: "
-                f"`select_parameters` gave the adapter other entries (a global budget resizes them). {fix}"
+                f"{cause}"
             )
+
+
+def _refuse_stale(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    stale = _stale(optimizer)
+    fix = (
+        "Pass the optimizer to `select_parameters(..., optimizer=optimizer)`, which drops that state, or build the "
+        "optimizer after selecting."
+    )
+    _refuse_other_lengths(
+        optimizer, stale, f"`select_parameters` gave the adapter other entries (a global budget resizes them). {fix}"
+    )
+    _refuse_other_lengths(
+        optimizer,
+        _stale(optimizer, _resized),
+        "a loaded state dict or adapter gave the adapter another number of entries. Load the optimizer's state saved "
+        "with them as well (`optimizer.load_state_dict`; accelerate's `load_state` does), or build the optimizer after "
+        "loading.",
+    )
+    if not stale:
+        return
     warnings.warn(
         f"{type(optimizer).__name__} is stepping {len(stale)} SPU values tensors with state (e.g. Adam's moments) "
         f"from before `select_parameters` replaced their entries: it belongs to the old entries. {fix}",
@@ -77,5 +105,6 @@ def _refuse_stale(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> N
 
 def _forget(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     """After a step, state an optimizer holds for a watched tensor is the new entries' own: stop watching it."""
-    for p in _stale(optimizer):
-        _replaced.pop(id(p), None)
+    for watched in (_replaced, _resized):
+        for p in _stale(optimizer, watched):
+            watched.pop(id(p), None)
