@@ -100,8 +100,8 @@ def test_a_config_read_back_holds_the_saved_settings_and_nothing_else(tmp_path):
     model.save_pretrained(tmp_path / "first")
     loaded = SPUConfig.from_pretrained(tmp_path / "first")
     assert [spec.name for spec in fields(SPUConfig) if spec.name not in {f.name for f in fields(PeftConfig)}] == [
-        "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "density", "budget", "block_size", "bias", "modules_to_save",
-        "init_weights", "seed", "selection",
+        "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "density", "budget",
+        "block_size", "bias", "modules_to_save", "init_weights", "seed", "selection",
     ]  # fmt: skip
     assert loaded.to_json_dict() == json.loads((tmp_path / "first" / CONFIG_NAME).read_text())
     assert set(vars(loaded)) == {spec.name for spec in fields(SPUConfig)}
