@@ -121,8 +121,12 @@ def test_trace_restores_clean_and_leaves_model_untouched(name):
     assert all(t.kinds["attention"] == attention and t.kinds["fc1"] == fc1 for t in found.values())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
+    frozen = next(model.children())
+    frozen.eval()  # a part (a tower) the caller keeps in eval mode inside a training model
+    modes = {m: m.training for m in model.modules()}
     result = causal_trace(model, [batch], progress=False, seed=3)
-    assert model.training  # the caller's mode comes back
+    assert {m: m.training for m in model.modules()} == modes  # every module's own mode comes back
+    assert model.training and not frozen.training
     assert _no_hooks(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

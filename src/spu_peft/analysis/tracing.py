@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..selection_data import eval_mode
 from .towers import KIND_MODULES, LAYER_KINDS, TraceTower, find_towers
 
 Hook = Callable[[nn.Module, Any, Any], Any]
@@ -243,17 +244,12 @@ def causal_trace(
     device = next(model.parameters()).device
     plan = [(t, [(b, k) for k in kinds if k in t.kinds for b in range(len(t.blocks))]) for t in towers]
     sums: dict[tuple, float] = collections.defaultdict(float)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            stds = {n: s * noise for n, s in _embedding_std(model, [_on(device, b) for b in batches], towers).items()}
-            steps = len(batches) * sum(len(s) + 1 for _, s in plan)
-            with tqdm(total=steps, disable=not progress, desc="tracing") as bar:
-                for index, (batch, target) in enumerate(zip(batches, labels, strict=True)):
-                    _trace_batch(model, _on(device, batch), target, plan, stds, seed + index, sums, bar)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():  # afterwards every module is back in its own mode
+        stds = {n: s * noise for n, s in _embedding_std(model, [_on(device, b) for b in batches], towers).items()}
+        steps = len(batches) * sum(len(s) + 1 for _, s in plan)
+        with tqdm(total=steps, disable=not progress, desc="tracing") as bar:
+            for index, (batch, target) in enumerate(zip(batches, labels, strict=True)):
+                _trace_batch(model, _on(device, batch), target, plan, stds, seed + index, sums, bar)
     count = sums["count",]
     restored = {
         t.name: {k: [sums[t.name, b, k] / count for b in range(len(t.blocks))] for k in kinds if k in t.kinds}

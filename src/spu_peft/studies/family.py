@@ -58,7 +58,10 @@ def load_control() -> datasets.Dataset:
 
 
 def capped(split: datasets.Dataset, settings, cap: int | None) -> datasets.Dataset:
-    """Only the images a per-task cap keeps (in order), so preprocessing skips the rest; the sequence is the same."""
+    """The first `cap` images of each task in dataset order, so preprocessing skips the rest. The study's figures were
+    made with this rule, on data whose tasks keep every class within the cap (the embedded Animal-Shape sets); the
+    engine's own cap (`spu_peft.continual.tasks.capped`) shares a task's images among its classes instead, and leaves
+    this selection as it is when it holds at most `cap` images of each task."""
     if cap is None:
         return split
     tasks = class_incremental_split(split.features["label"].num_classes, settings.num_tasks, seed=settings.seed)
