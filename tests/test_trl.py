@@ -178,3 +178,23 @@ def test_dpo_with_a_data_free_selection_trains_the_adapter_against_the_exact_bas
         with model.disable_adapter():
             assert torch.equal(model(**batch).logits, base(**batch).logits)
         assert not torch.allclose(model(**batch).logits, base(**batch).logits)
+
+
+@pytest.mark.slow  # about 3 s: an SFTTrainer built on a tiny LLaMA
+def test_sft_cloning_a_chat_template_that_adds_tokens_is_refused_naming_the_jinja_fix_and_leaves_the_model_alone(
+    tmp_path,
+):
+    """`SFTConfig(chat_template_path=<tokenizer>)` adds the source's tokens and sets the PEFT config's
+    `trainable_token_indices`, which SPUConfig lacked: TRL failed with an AttributeError on SPU's config."""
+    tokenizer, model_dir = tiny_llama_dir(tmp_path)
+    source = tiny_llm.char_tokenizer()
+    source.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    source.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    source.save_pretrained(tmp_path / "source")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    args = trl_args(trl.SFTConfig, tmp_path, max_length=48, chat_template_path=str(tmp_path / "source"))
+    with pytest.raises(ValueError, match=r"trainable_token_indices.*\.jinja"):
+        trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": ["the cat."] * 8}),
+                       processing_class=tokenizer, peft_config=SPUConfig(task_type="CAUSAL_LM"))  # fmt: skip
+    assert not any(isinstance(module, SPULayer) for module in model.modules())
+    assert not any(n.startswith("base_model") or ".base_layer." in n for n, _ in model.named_parameters())

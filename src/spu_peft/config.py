@@ -8,7 +8,7 @@ import numbers
 import os
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from huggingface_hub import hf_hub_download
 from peft.config import PeftConfig
@@ -118,6 +118,10 @@ class SPUConfig(PeftConfig):
             Filled in by `select_parameters`: the score, the share of data used and a description of the data, so
             a saved adapter says how its entries were chosen. Leave it `None`.
     """
+
+    # Not a field: SPU trains no single token rows. TRL's trainers read it on any PeftConfig and set it when cloning a
+    # chat template adds tokens; `SPUModel` refuses a set value, naming a template that adds none.
+    trainable_token_indices: ClassVar[list[int] | dict[str, list[int]] | None] = None
 
     target_modules: list[str] | str | None = field(
         default=None,
@@ -363,3 +367,16 @@ def _names(name: str, value: Any, allow_regex: bool) -> set[str] | list[str] | s
         return set(value) if allow_regex else list(value)
     shape = "a list of module names or a regex string" if allow_regex else "a list of module names"
     raise ValueError(f"`{name}` must be None or {shape}, got {value!r}")
+
+
+def refuse_token_rows(config: SPUConfig) -> None:
+    """Refuse `trainable_token_indices`, which SPU does not train and TRL's trainers set on the config they are given
+    when `chat_template_path` clones a template that adds tokens (without the attribute they failed on SPU's config)."""
+    if (tokens := getattr(config, "trainable_token_indices", None)) is not None:
+        raise ValueError(
+            f"SPU does not train single token embeddings, but the config asks for trainable_token_indices={tokens}. "
+            "TRL's trainers set it when `chat_template_path` names a tokenizer whose chat template adds tokens. Use a "
+            "template that adds none: a `.jinja` file (`chat_template_path='template.jinja'`) or "
+            "`tokenizer.chat_template = ...` with the tokenizer's own tokens; then pass a new SPUConfig (TRL changed "
+            "this one)."
+        )

@@ -17,6 +17,7 @@ from .config import (
     TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING,
     SPUConfig,
     default_modules_to_save,
+    refuse_token_rows,
 )
 from .distributed import holds_fsdp1_shards, is_sharded_tensor, refuse_sharded_tensors, sharded_save_error
 from .encoding import encode_support
@@ -129,7 +130,9 @@ class SPUModel(BaseTuner):
 
     def _check_new_adapter_config(self, config: SPUConfig) -> None:
         """PEFT allows one adapter with a bias. SPU's `spu_only` bias deltas belong to each adapter, so only `all`
-        (which trains the base model's biases, shared by every adapter) keeps that rule."""
+        (which trains the base model's biases, shared by every adapter) keeps that rule. Token rows
+        (`trainable_token_indices`, which TRL sets on the config) are refused before the model is touched."""
+        refuse_token_rows(config)
         if len(self.peft_config) > 1 and any(c.bias == "all" for c in self.peft_config.values()):
             raise ValueError(
                 "An SPU adapter with bias='all' trains the base model's biases, which every adapter shares, so the "
