@@ -223,8 +223,6 @@ def test_dpo_on_a_trained_spu_adapter_takes_an_exact_copy_of_it_as_the_reference
     trainer = trl.DPOTrainer(model=model, args=trl_args(trl.DPOConfig, tmp_path, max_length=48, learning_rate=1e-2),
                              train_dataset=preferences(), processing_class=tokenizer)  # fmt: skip
     assert sorted(trainer.model.peft_config) == ["default", "ref"]
-    configs = trainer.model.peft_config
-    assert configs["ref"] is not configs["default"] and configs["ref"].to_dict() == configs["default"].to_dict()
     with torch.no_grad():
         with use_adapter(trainer.model, "ref"):
             assert torch.equal(trainer.model(**batch).logits, trained)

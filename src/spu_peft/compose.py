@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Sequence
 
 import torch
@@ -14,8 +13,6 @@ from .config import SPUConfig
 from .layer import SPULayer
 from .naming import auxiliary_wrappers, spu_layers
 from .sparse_linear import union_sum
-
-logger = logging.getLogger(__name__)
 
 
 def _spu_configs(model: nn.Module, adapter_names: Sequence[str]) -> list[SPUConfig]:
@@ -105,22 +102,18 @@ def dense_deltas(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]
 def copy_adapter_of_same_config(model: nn.Module, adapter_name: str) -> None:
     """Make a new adapter an exact copy of the SPU adapter whose config object it was created with, if any.
 
-    `model.add_adapter(new, model.peft_config[source])` is how TRL's DPO, KTO, GRPO and RLOO trainers build their
-    reference adapter ("ref") from a trained one: they then copy the parameters whose names hold `.default.`, which
-    LoRA's (`lora_A.default.weight`) do and SPU's (`spu_values.default`) do not, and SPU's support and frozen deltas
-    are buffers. So "ref" was a data-free support without the trained values, neither the trained model nor the base.
+    `model.add_adapter(new, model.peft_config[source])` is how TRL's DPO, KTO, GRPO and RLOO trainers build their reference
+    adapter ("ref") from a trained one: they then copy the parameters whose names hold `.default.`, which LoRA's
+    (`lora_A.default.weight`) do and SPU's (`spu_values.default`) do not, and SPU's support and frozen deltas are
+    buffers. So "ref" was a data-free support without the trained values, neither the trained model nor the base.
     An SPU adapter's config also records how its support was chosen, which a fresh data-free support would belie.
     The copy takes the support, values, frozen deltas, bias deltas and dense `modules_to_save` of the source; the
-    new adapter keeps its own trainability (an inactive one stays frozen), and gets its own copy of the config, whose
-    selection record a later selection of either adapter would otherwise rewrite for both. A fresh adapter needs a
-    new `SPUConfig`.
+    new adapter keeps its own trainability (an inactive one stays frozen).
     """
     config = model.peft_config[adapter_name]
     source = next((name for name, c in model.peft_config.items() if c is config and name != adapter_name), None)
     if source is None:
         return
-    model.peft_config[adapter_name] = copy.deepcopy(config)
-    logger.info("Adapter %r was added with the config of %r: it starts as an exact copy of it.", adapter_name, source)
     for _, layer in spu_layers(model, adapter_name):
         if source not in layer.spu_indices:
             continue
