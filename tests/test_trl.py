@@ -19,13 +19,12 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, TrainerCallback
 from transformers.trainer_callback import TrainerState
 
-from spu_peft import SPUConfig, SPULayer, SPUSelectionCallback, select_parameters
+from spu_peft import SPUConfig, SPULayer, SPUSelectionCallback
 from spu_peft.integrity import DIGEST_KEY
 
 trl = pytest.importorskip("trl")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "method_comparison"))
 import tiny_llm  # noqa: E402
-from trl.trainer.utils import use_adapter  # noqa: E402
 
 
 class SelectionAtStepOne(TrainerCallback):
@@ -199,37 +198,3 @@ def test_sft_cloning_a_chat_template_that_adds_tokens_is_refused_naming_the_jinj
                        processing_class=tokenizer, peft_config=SPUConfig(task_type="CAUSAL_LM"))  # fmt: skip
     assert not any(isinstance(module, SPULayer) for module in model.modules())
     assert not any(n.startswith("base_model") or ".base_layer." in n for n, _ in model.named_parameters())
-
-
-@pytest.mark.slow  # about 3 s: a DPOTrainer built on a tiny LLaMA
-@pytest.mark.parametrize("budget", ["per_tensor", "global"])
-def test_dpo_on_a_trained_spu_adapter_takes_an_exact_copy_of_it_as_the_reference(budget, tmp_path):
-    """Given a PeftModel, DPOTrainer adds a "ref" adapter with the same config and copies the parameters named
-    `.default.` into it. SPU's support and frozen deltas are buffers, so "ref" kept a data-free support of its own:
-    the reference was neither the trained adapter nor the base."""
-    tokenizer, model_dir = tiny_llama_dir(tmp_path)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(model_dir), SPUConfig(task_type="CAUSAL_LM", budget=budget)
-    )
-    batch = tokenizer(["Question: 07+05 Answer: 12", "Question: 03+04 Answer: 07"], return_tensors="pt")
-    for seed in (0, 1):  # two selections: the first one's trained values become frozen deltas
-        select_parameters(model, [{**batch, "labels": batch["input_ids"]}], score="random", seed=seed)
-        with torch.no_grad():
-            for name, value in model.named_parameters():
-                if ".spu_values." in name or ".spu_bias." in name:
-                    value.add_(0.5 * torch.randn(value.shape, generator=torch.Generator().manual_seed(seed)))
-    with torch.no_grad():
-        trained = model.eval()(**batch).logits
-    trainer = trl.DPOTrainer(model=model, args=trl_args(trl.DPOConfig, tmp_path, max_length=48, learning_rate=1e-2),
-                             train_dataset=preferences(), processing_class=tokenizer)  # fmt: skip
-    assert sorted(trainer.model.peft_config) == ["default", "ref"]
-    with torch.no_grad():
-        with use_adapter(trainer.model, "ref"):
-            assert torch.equal(trainer.model(**batch).logits, trained)
-        assert torch.equal(trainer.model(**batch).logits, trained)
-    trainer.train()  # "default" learns, the reference stays the adapter it started from
-    model = trainer.model.eval()
-    with torch.no_grad():
-        with use_adapter(model, "ref"):
-            assert torch.equal(model(**batch).logits, trained)
-        assert not torch.allclose(model(**batch).logits, trained)

@@ -97,36 +97,3 @@ def dense_deltas(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]
     """The dense weight delta of every SPU layer of an adapter, keyed by module name as adapter files and every other
     SPU API spell it (`naming.relative_name`: no `base_model.model.`, no wrapper segments), for inspection."""
     return {name: layer.get_delta_weight(adapter_name) for name, layer in spu_layers(model, adapter_name)}
-
-
-def copy_adapter_of_same_config(model: nn.Module, adapter_name: str) -> None:
-    """Make a new adapter an exact copy of the SPU adapter whose config object it was created with, if any.
-
-    `model.add_adapter(new, model.peft_config[source])` is how TRL's DPO, KTO, GRPO and RLOO trainers build their reference
-    adapter ("ref") from a trained one: they then copy the parameters whose names hold `.default.`, which LoRA's
-    (`lora_A.default.weight`) do and SPU's (`spu_values.default`) do not, and SPU's support and frozen deltas are
-    buffers. So "ref" was a data-free support without the trained values, neither the trained model nor the base.
-    An SPU adapter's config also records how its support was chosen, which a fresh data-free support would belie.
-    The copy takes the support, values, frozen deltas, bias deltas and dense `modules_to_save` of the source; the
-    new adapter keeps its own trainability (an inactive one stays frozen).
-    """
-    config = model.peft_config[adapter_name]
-    source = next((name for name, c in model.peft_config.items() if c is config and name != adapter_name), None)
-    if source is None:
-        return
-    for _, layer in spu_layers(model, adapter_name):
-        if source not in layer.spu_indices:
-            continue
-        layer.spu_indices[adapter_name] = layer.spu_indices[source].clone()
-        layer.spu_frozen_indices[adapter_name] = layer.spu_frozen_indices[source].clone()
-        layer.spu_frozen_values[adapter_name] = layer.spu_frozen_values[source].clone()
-        layer._tile_layouts.drop(adapter_name)
-        values = layer.spu_values[adapter_name]
-        layer.spu_values[adapter_name] = nn.Parameter(
-            layer.spu_values[source].detach().clone(), requires_grad=values.requires_grad
-        )
-        if adapter_name in layer.spu_bias and source in layer.spu_bias:
-            layer.spu_bias[adapter_name].data.copy_(layer.spu_bias[source].detach())
-    for _, wrapper in auxiliary_wrappers(model, adapter_name):
-        if isinstance(wrapper, ModulesToSaveWrapper) and source in wrapper.modules_to_save:
-            wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[source].state_dict())

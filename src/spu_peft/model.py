@@ -12,7 +12,6 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .bnb import bnb_layer_class, guard_cpu_repacking
-from .compose import copy_adapter_of_same_config
 from .config import (
     PEFT_TASK_MODULES_TO_SAVE,
     TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING,
@@ -179,7 +178,6 @@ class SPUModel(BaseTuner):
             before.restore()
             raise
         remember_injection(self, before.injected())
-        copy_adapter_of_same_config(self, adapter_name)  # TRL's reference adapter: a copy of another
 
     def delete_adapter(self, adapter_name: str) -> None:
         """PEFT's deletion, forgetting what the tuner keeps under the name too: an adapter added again under it must
