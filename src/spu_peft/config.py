@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import enum
 import json
 import numbers
@@ -275,6 +276,20 @@ def default_modules_to_save(config: SPUConfig, model_type: str | None, module_na
         )
     ]
     return kept or None
+
+
+def own_config(configs: dict[str, PeftConfig], adapter_name: str) -> list[str]:
+    """Give `adapter_name` its own copy of a config object another adapter holds too, and return those adapters that
+    have been selected.
+
+    PEFT stores the object it is given (`add_adapter("b", model.peft_config["a"])`, as TRL's reference adapters are
+    made), and `select_parameters` writes its record into the adapter's config: a shared object would let a selection
+    of either adapter rewrite both records. The new adapter starts fresh, as a LoRA adapter does, not as a copy."""
+    config = configs[adapter_name]
+    sharing = [name for name, other in configs.items() if name != adapter_name and other is config]
+    if sharing:
+        configs[adapter_name] = copy.deepcopy(config)
+    return sharing if config.selection is not None else []
 
 
 def _refuse_pickled_weights(save_directory: str) -> None:
