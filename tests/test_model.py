@@ -515,3 +515,30 @@ def test_an_adapter_deleted_and_added_again_under_its_name_warns_again_and_holds
         _forward(model)
     unselected = UNSELECTED.format(doing="is training").replace("'default'", "'b'")
     assert _messages(caught).count(unselected) == 2
+
+
+def test_an_adapter_added_with_another_adapters_config_object_gets_its_own_record_and_starts_fresh():
+    """PEFT stores the config object it is given (TRL's reference adapter: `add_adapter("ref", config_of_default)`). A
+    shared object let a selection of one adapter rewrite the other's record; the new adapter now holds a copy, and
+    starts fresh (zero values), as a LoRA adapter would, with a warning when the other adapter was selected."""
+    config = SPUConfig(modules_to_save=[])
+    model = get_peft_model(make_tiny_clip(), config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing selected yet: nothing to warn about
+        model.add_adapter("fresh", config)
+    assert model.peft_config["fresh"] is not config and model.peft_config["default"] is config
+    select_parameters(model, [make_batch()], adapter_name="default")
+    assert model.peft_config["fresh"].selection is None  # the record is the selected adapter's alone
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, SPULayer):
+                layer.spu_values["default"].normal_()
+    batch = {k: v for k, v in make_batch().items() if k != "return_loss"}
+    with pytest.warns(UserWarning, match=r"Adapter 'ref' was added with the config of adapter\(s\) \['default'\]"):
+        model.add_adapter("ref", model.peft_config["default"])
+    model.eval()
+    model.base_model.set_adapter("ref")
+    ref = model(**batch).logits_per_image
+    with model.disable_adapter():
+        base = model(**batch).logits_per_image
+    assert torch.equal(ref, base)  # fresh: the base model exactly, not a copy of the trained adapter

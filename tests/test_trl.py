@@ -8,14 +8,18 @@ Selection happens before step 1, the saved adapter is SPU's sparse file, and it 
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
+from peft import get_peft_model
 from safetensors import safe_open
-from transformers import TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers.trainer_callback import TrainerState
 
+from spu_peft import SPUConfig, SPULayer, SPUSelectionCallback
 from spu_peft.integrity import DIGEST_KEY
 
 trl = pytest.importorskip("trl")
@@ -82,3 +86,115 @@ def test_the_sft_recipe_selects_before_step_one_and_saves_a_reloadable_sparse_ad
             assert not torch.allclose(trained(**batch).logits, expected)  # the adapter did learn something
         assert torch.allclose(namespace["model"].eval()(**batch).logits, expected, atol=1e-5)  # reloaded
         assert torch.allclose(namespace["merged"](**batch).logits, expected, atol=1e-5)
+
+
+def tiny_llama_dir(tmp_path):
+    """A random-init LLaMA and its character tokenizer saved to a folder, as TRL loads a model id."""
+    tokenizer = tiny_llm.char_tokenizer()
+    model_dir = tmp_path / "tiny-llama"
+    tiny_llm.tiny_llama(tokenizer, hidden=32, layers=2).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return tokenizer, model_dir
+
+
+def preferences(n=16):
+    pairs = tiny_llm.arithmetic()[0][:n]
+    return Dataset.from_dict({"prompt": [q for q, _ in pairs], "chosen": [a for _, a in pairs],
+                              "rejected": [" 99"] * n})  # fmt: skip
+
+
+def trl_args(config_class, tmp_path, **kwargs):
+    return config_class(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, use_cpu=True,
+                        bf16=False, report_to="none", save_strategy="no", logging_strategy="no", **kwargs)  # fmt: skip
+
+
+def spu_supports(model):
+    return {name: layer.spu_indices["default"].clone() for name, layer in model.named_modules() if
+            isinstance(layer, SPULayer)}  # fmt: skip
+
+
+@pytest.mark.slow  # about 5 s: a RewardTrainer built on a tiny LLaMA
+def test_a_reward_trainer_is_refused_by_the_callback_naming_data_free_scores_and_the_model_is_left_alone(tmp_path):
+    """RewardTrainer's loss compares the rewards of chosen and rejected texts; its batches carry no `labels`, so the
+    callback scored the norm of the reward (`output_norm`) without a word, an objective nobody trains."""
+    tokenizer, model_dir = tiny_llama_dir(tmp_path)
+    trainer = trl.RewardTrainer(
+        model=str(model_dir), args=trl_args(trl.RewardConfig, tmp_path, max_length=48), train_dataset=preferences(),
+        processing_class=tokenizer, peft_config=SPUConfig(task_type="SEQ_CLS"), callbacks=[SPUSelectionCallback()],
+    )  # fmt: skip
+    before = spu_supports(trainer.model)
+    with pytest.raises(ValueError, match=r"RewardConfig.*score='magnitude'.*select_parameters"):
+        trainer.train()
+    assert trainer.model.peft_config["default"].selection is None
+    after = spu_supports(trainer.model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("config_name", ["DPOConfig", "KTOConfig", "GRPOConfig", "RLOOConfig", "DistillationConfig"])
+def test_the_callback_refuses_trl_trainers_whose_loss_is_not_the_models_own_before_selecting(
+    config_name, tmp_path, monkeypatch
+):
+    """DPO's batches failed deep in the scoring with advice to rename a key; GRPO's (lists of prompts) as not dicts."""
+    monkeypatch.setattr("spu_peft.trainer.select_parameters", lambda *a, **k: pytest.fail("selected"))
+    args = getattr(trl, config_name)(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    model = get_peft_model(tiny_llm.tiny_llama(tiny_llm.char_tokenizer(), hidden=32), SPUConfig(task_type="CAUSAL_LM"))
+    with pytest.raises(ValueError, match=rf"^SPUSelectionCallback .* {config_name}'s trainer trains another objective"):
+        SPUSelectionCallback().on_train_begin(args, TrainerState(), None, model=model, train_dataloader=[])
+
+
+def test_an_sft_config_with_another_loss_than_the_models_warns_that_the_score_is_the_cross_entropy(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr("spu_peft.trainer.select_parameters", lambda *a, **k: "report")
+    model = get_peft_model(tiny_llm.tiny_llama(tiny_llm.char_tokenizer(), hidden=32), SPUConfig(task_type="CAUSAL_LM"))
+    args = trl.SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", loss_type="dft")
+    with pytest.warns(UserWarning, match="loss_type='dft'.*cross-entropy"):
+        SPUSelectionCallback().on_train_begin(args, TrainerState(), None, model=model, train_dataloader=[])
+    plain = trl.SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SPUSelectionCallback().on_train_begin(plain, TrainerState(), None, model=model, train_dataloader=[])
+
+
+@pytest.mark.slow  # about 8 s: two DPO steps on a tiny LLaMA
+def test_dpo_with_a_data_free_selection_trains_the_adapter_against_the_exact_base(tmp_path):
+    """The refusal's fix works: `score='magnitude'` selects before step 1, and the reference (the adapter disabled)
+    is the base model exactly."""
+    tokenizer, model_dir = tiny_llama_dir(tmp_path)
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    callback = SPUSelectionCallback(score="magnitude")
+    trainer = trl.DPOTrainer(
+        model=str(model_dir), args=trl_args(trl.DPOConfig, tmp_path, max_length=48, learning_rate=1e-2),
+        train_dataset=preferences(), processing_class=tokenizer, peft_config=SPUConfig(task_type="CAUSAL_LM"),
+        callbacks=[callback],
+    )  # fmt: skip
+    trainer.train()
+    assert (
+        callback.report.score == "magnitude" and trainer.model.peft_config["default"].selection["score"] == "magnitude"
+    )
+    batch = tokenizer(["Question: 07+05 Answer: 12"], return_tensors="pt")
+    model = trainer.model.eval()
+    with torch.no_grad():
+        with model.disable_adapter():
+            assert torch.equal(model(**batch).logits, base(**batch).logits)
+        assert not torch.allclose(model(**batch).logits, base(**batch).logits)
+
+
+@pytest.mark.slow  # about 3 s: an SFTTrainer built on a tiny LLaMA
+def test_sft_cloning_a_chat_template_that_adds_tokens_is_refused_naming_the_jinja_fix_and_leaves_the_model_alone(
+    tmp_path,
+):
+    """`SFTConfig(chat_template_path=<tokenizer>)` adds the source's tokens and sets the PEFT config's
+    `trainable_token_indices`, which SPUConfig lacked: TRL failed with an AttributeError on SPU's config."""
+    tokenizer, model_dir = tiny_llama_dir(tmp_path)
+    source = tiny_llm.char_tokenizer()
+    source.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    source.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    source.save_pretrained(tmp_path / "source")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    args = trl_args(trl.SFTConfig, tmp_path, max_length=48, chat_template_path=str(tmp_path / "source"))
+    with pytest.raises(ValueError, match=r"trainable_token_indices.*\.jinja"):
+        trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": ["the cat."] * 8}),
+                       processing_class=tokenizer, peft_config=SPUConfig(task_type="CAUSAL_LM"))  # fmt: skip
+    assert not any(isinstance(module, SPULayer) for module in model.modules())
+    assert not any(n.startswith("base_model") or ".base_layer." in n for n, _ in model.named_parameters())

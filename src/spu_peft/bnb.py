@@ -4,6 +4,7 @@ The quantized base layer computes its own output; the sparse deltas' product is 
 (`QuantizedLinear`). Magnitude scores and merges read the dequantized weight; a merge requantizes `W + delta` and
 keeps the original quantized weight, so `unmerge` restores it exactly.
 
+`spu_layer_class` picks the SPU layer for any target: these for bitsandbytes' layers, `Linear` for a plain one.
 bitsandbytes is imported only by a model that holds its layers, so `spu_peft` itself never imports it.
 """
 
@@ -265,3 +266,25 @@ def _original_dtype(weight: nn.Parameter) -> torch.dtype:
     if getattr(state, "packing_format_for_cpu", False):  # the CPU repacking records the dtype it replaced
         return state.original_dtype
     return state.dtype
+
+
+def spu_layer_class(base: nn.Module, key: str) -> type[Linear]:
+    """The SPU layer for a target: bitsandbytes' quantized layers get theirs; a plain linear layer (`torch.nn.Linear`
+    or a subclass that keeps its `forward`, which SPU replaces by `F.linear` on the composed weight) with a
+    floating-point weight gets `Linear`. Anything else is refused, by its type, before it could run wrongly."""
+    quantized = bnb_layer_class(base)
+    if quantized is not None:
+        return quantized
+    weight = getattr(base, "weight", None)
+    what = f"a {type(base).__module__}.{type(base).__qualname__}"
+    if isinstance(base, nn.Linear):
+        if type(base).forward is not nn.Linear.forward:
+            what += " (a linear layer with its own `forward`, which SPU would bypass)"
+        elif not (isinstance(weight, torch.Tensor) and weight.is_floating_point()):
+            what += f" with a {getattr(weight, 'dtype', type(weight).__name__)} weight"
+        else:
+            return Linear
+    raise ValueError(
+        f"`target_modules` matched {key!r}, {what}; SPU adapts `torch.nn.Linear` layers with floating-point weights "
+        "and bitsandbytes' `Linear8bitLt` / `Linear4bit`. Narrow `target_modules` to such layers (e.g. ['fc1'])."
+    )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import enum
 import json
 import numbers
 import os
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from huggingface_hub import hf_hub_download
 from peft.config import PeftConfig
@@ -118,6 +119,10 @@ class SPUConfig(PeftConfig):
             Filled in by `select_parameters`: the score, the share of data used and a description of the data, so
             a saved adapter says how its entries were chosen. Leave it `None`.
     """
+
+    # Not a field: SPU trains no single token rows. TRL's trainers read it on any PeftConfig and set it when cloning a
+    # chat template adds tokens; `SPUModel` refuses a set value, naming a template that adds none.
+    trainable_token_indices: ClassVar[list[int] | dict[str, list[int]] | None] = None
 
     target_modules: list[str] | str | None = field(
         default=None,
@@ -273,6 +278,20 @@ def default_modules_to_save(config: SPUConfig, model_type: str | None, module_na
     return kept or None
 
 
+def own_config(configs: dict[str, PeftConfig], adapter_name: str) -> list[str]:
+    """Give `adapter_name` its own copy of a config object another adapter holds too, and return those adapters that
+    have been selected.
+
+    PEFT stores the object it is given (`add_adapter("b", model.peft_config["a"])`, as TRL's reference adapters are
+    made), and `select_parameters` writes its record into the adapter's config: a shared object would let a selection
+    of either adapter rewrite both records. The new adapter starts fresh, as a LoRA adapter does, not as a copy."""
+    config = configs[adapter_name]
+    sharing = [name for name, other in configs.items() if name != adapter_name and other is config]
+    if sharing:
+        configs[adapter_name] = copy.deepcopy(config)
+    return sharing if config.selection is not None else []
+
+
 def _refuse_pickled_weights(save_directory: str) -> None:
     """PEFT writes the weights before the config: a `.bin` newer than the folder's safetensors file (or alone) is this
     save's, written with `safe_serialization=False`. SPU loads only its safetensors file, so a config written now
@@ -363,3 +382,16 @@ def _names(name: str, value: Any, allow_regex: bool) -> set[str] | list[str] | s
         return set(value) if allow_regex else list(value)
     shape = "a list of module names or a regex string" if allow_regex else "a list of module names"
     raise ValueError(f"`{name}` must be None or {shape}, got {value!r}")
+
+
+def refuse_token_rows(config: SPUConfig) -> None:
+    """Refuse `trainable_token_indices`, which SPU does not train and TRL's trainers set on the config they are given
+    when `chat_template_path` clones a template that adds tokens (without the attribute they failed on SPU's config)."""
+    if (tokens := getattr(config, "trainable_token_indices", None)) is not None:
+        raise ValueError(
+            f"SPU does not train single token embeddings, but the config asks for trainable_token_indices={tokens}. "
+            "TRL's trainers set it when `chat_template_path` names a tokenizer whose chat template adds tokens. Use a "
+            "template that adds none: a `.jinja` file (`chat_template_path='template.jinja'`) or "
+            "`tokenizer.chat_template = ...` with the tokenizer's own tokens; then pass a new SPUConfig (TRL changed "
+            "this one)."
+        )

@@ -11,18 +11,20 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .bnb import bnb_layer_class, guard_cpu_repacking
+from .bnb import guard_cpu_repacking, spu_layer_class
 from .config import (
     PEFT_TASK_MODULES_TO_SAVE,
     TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING,
     SPUConfig,
     default_modules_to_save,
+    own_config,
+    refuse_token_rows,
 )
 from .distributed import holds_fsdp1_shards, is_sharded_tensor, refuse_sharded_tensors, sharded_save_error
 from .encoding import encode_support
 from .injection import ModelState, remember_injection, take_injection
 from .integrity import DIGEST_KEY, PEFT_PREFIX, digest_entry
-from .layer import Linear, SPULayer
+from .layer import SPULayer
 from .loading import (
     SPARSE_FIELDS,
     SPU_FIELDS,
@@ -50,6 +52,15 @@ def _user_stacklevel() -> int:
     while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _LIBRARIES:
         frame, level = frame.f_back, level + 1
     return level if frame is not None else 1
+
+
+def _fresh_beside(adapter_name: str, selected: list[str]) -> str:
+    return (
+        f"Adapter {adapter_name!r} was added with the config of adapter(s) {selected}, already selected: it starts "
+        "fresh (zero values: the base model), not as a copy of them. TRL's DPO/KTO/GRPO/RLOO make their reference "
+        "adapter 'ref' this way from a PeftModel, so their reference is the base model; to train against the trained "
+        "adapter pass `ref_model=`, and to copy an adapter use `spu_peft.fold_adapters(model, [name], new_name)`."
+    )
 
 
 def _unselected(adapter_name: str, doing: str) -> str:
@@ -129,7 +140,9 @@ class SPUModel(BaseTuner):
 
     def _check_new_adapter_config(self, config: SPUConfig) -> None:
         """PEFT allows one adapter with a bias. SPU's `spu_only` bias deltas belong to each adapter, so only `all`
-        (which trains the base model's biases, shared by every adapter) keeps that rule."""
+        (which trains the base model's biases, shared by every adapter) keeps that rule. Token rows
+        (`trainable_token_indices`, which TRL sets on the config) are refused before the model is touched."""
+        refuse_token_rows(config)
         if len(self.peft_config) > 1 and any(c.bias == "all" for c in self.peft_config.values()):
             raise ValueError(
                 "An SPU adapter with bias='all' trains the base model's biases, which every adapter shares, so the "
@@ -168,6 +181,8 @@ class SPUModel(BaseTuner):
         and PEFT's loaders inject an adapter before they read its file, so until the adapter's first state dict is
         accepted, a refused one puts the model back as it was before the injection (the load hook)."""
         check_adapter_name(adapter_name)
+        if selected := own_config(self.peft_config, adapter_name):
+            warnings.warn(_fresh_beside(adapter_name, selected), UserWarning, stacklevel=_user_stacklevel())
         before = ModelState(self, model, adapter_name)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
@@ -196,7 +211,7 @@ class SPUModel(BaseTuner):
             target.update_layer(adapter_name, spu_config, key=current_key)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        layer_class = _spu_layer_class(base, current_key)
+        layer_class = spu_layer_class(base, current_key)
         new_module = layer_class(target, adapter_name, spu_config, key=current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
@@ -351,28 +366,6 @@ class SPUModel(BaseTuner):
             raise
         apply_changes(changes)
         return remapped
-
-
-def _spu_layer_class(base: nn.Module, key: str) -> type[Linear]:
-    """The SPU layer for a target: bitsandbytes' quantized layers get theirs; a plain linear layer (`torch.nn.Linear`
-    or a subclass that keeps its `forward`, which SPU replaces by `F.linear` on the composed weight) with a
-    floating-point weight gets `Linear`. Anything else is refused, by its type, before it could run wrongly."""
-    quantized = bnb_layer_class(base)
-    if quantized is not None:
-        return quantized
-    weight = getattr(base, "weight", None)
-    what = f"a {type(base).__module__}.{type(base).__qualname__}"
-    if isinstance(base, nn.Linear):
-        if type(base).forward is not nn.Linear.forward:
-            what += " (a linear layer with its own `forward`, which SPU would bypass)"
-        elif not (isinstance(weight, torch.Tensor) and weight.is_floating_point()):
-            what += f" with a {getattr(weight, 'dtype', type(weight).__name__)} weight"
-        else:
-            return Linear
-    raise ValueError(
-        f"`target_modules` matched {key!r}, {what}; SPU adapts `torch.nn.Linear` layers with floating-point weights "
-        "and bitsandbytes' `Linear8bitLt` / `Linear4bit`. Narrow `target_modules` to such layers (e.g. ['fc1'])."
-    )
 
 
 def _check_dense_modules_can_combine(peft_config: dict, names: list[str]) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .distributed import unwrap_replicated
+from .model import _user_stacklevel
 from .selection import SelectionReport, _resolve_adapter, select_parameters
 
 logger = logging.getLogger(__name__)
@@ -17,6 +19,7 @@ logger = logging.getLogger(__name__)
 # Batches scored before step 1 unless told otherwise: a bounded cost where a quarter of an SFT epoch would be
 # thousands of batches; 32 keep most of a 128-batch support (docs/llm.md measures how much).
 DEFAULT_MAX_BATCHES = 32
+DATA_FREE_SCORES = ("magnitude", "random")
 
 
 class SPUSelectionCallback(TrainerCallback, ExportableState):
@@ -26,6 +29,10 @@ class SPUSelectionCallback(TrainerCallback, ExportableState):
     as a causal LM's do), and at most `max_batches=32` batches (at most `fraction` of an epoch) are scored; log lines
     say which score and how many batches. `Trainer` creates its optimizer before callbacks run; selection keeps the
     value `Parameter` objects and drops that optimizer's state for them, so it trains the newly selected entries.
+
+    The gradient scores differentiate the model's own loss, which is `SFTTrainer`'s and `Trainer`'s; TRL's other
+    trainers (DPO, KTO, reward, GRPO, RLOO, distillation) train another objective on batches the model's forward does
+    not take, and are refused before any work unless `score` is data-free (`"magnitude"` or `"random"`).
 
     The selection record (`adapter_config.json`'s `selection`) is saved in each checkpoint's `trainer_state.json`; a
     run resumed from a checkpoint (global step > 0) keeps the entries stored there and restores that record.
@@ -63,6 +70,8 @@ class SPUSelectionCallback(TrainerCallback, ExportableState):
             return control
         if train_dataloader is None:
             raise ValueError("SPUSelectionCallback needs the Trainer's train dataloader.")
+        if self.kwargs["score"] not in DATA_FREE_SCORES:
+            _check_objective(args)
         self.report = select_parameters(model, train_dataloader, optimizer=optimizer, **self.kwargs)
         self.selection = copy.deepcopy(self._config(model).selection)
         return control
@@ -84,3 +93,46 @@ class SPUSelectionCallback(TrainerCallback, ExportableState):
             return
         self._config(model).selection = copy.deepcopy(self.selection)
         logger.info("Resumed at step %d: keeping the checkpoint's SPU entries and selection record.", state.global_step)
+
+
+def _trl_config_name(args: Any) -> str | None:
+    """The most derived TRL config class of `args` (its trainer's config, which says what loss it trains), if any."""
+    for cls in type(args).__mro__:
+        if cls.__module__.partition(".")[0] == "trl":
+            return cls.__name__
+    return None
+
+
+def _check_objective(args: Any) -> None:
+    """Refuse a TRL trainer whose loss is not the model's own loss on the train dataloader's batches.
+
+    A gradient score differentiates what the model returns for a batch. `SFTTrainer`'s batches are the model's forward
+    arguments with `labels`, and its loss is the model's cross-entropy; the other TRL trainers (DPO, KTO, reward,
+    GRPO, RLOO, distillation) compute their own loss from batches the model's forward does not take (pairs of chosen
+    and rejected texts, prompts to generate from). Scoring those batches failed deep in the scoring (DPO, GRPO) or
+    silently scored the norm of the output (a reward model), so the choice is refused before any work, with the fixes.
+    """
+    name = _trl_config_name(args)
+    if name is None:
+        return
+    if name == "SFTConfig":
+        loss_type = getattr(args, "loss_type", "nll")
+        if loss_type != "nll":
+            warnings.warn(
+                f"SFTConfig(loss_type={loss_type!r}) trains another loss than the model's own, but "
+                "SPUSelectionCallback scores the gradient of the model's own loss (the cross-entropy, loss_type='nll') "
+                "on the training batches: the entries are chosen for that loss. Pass score='magnitude' for a "
+                "data-free choice instead.",
+                UserWarning,
+                stacklevel=_user_stacklevel(),  # the user's `trainer.train()`
+            )
+        return
+    raise ValueError(
+        f"SPUSelectionCallback scores the gradient of the model's own loss on the train dataloader's batches, but "
+        f"{name}'s trainer trains another objective (a preference, reward or policy loss) on batches that are not "
+        "the model's forward arguments, so the entries would be chosen for the wrong objective. Use a data-free "
+        "score, `SPUSelectionCallback(score='magnitude')`, or select on labelled text before building the trainer: "
+        "`model = get_peft_model(model, SPUConfig(...))`, `spu_peft.select_parameters(model, batches)` on batches "
+        "with `input_ids` and `labels` (e.g. the prompts with their chosen responses), then pass that model to the "
+        "trainer without `peft_config` and without this callback."
+    )
