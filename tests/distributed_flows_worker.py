@@ -1,0 +1,87 @@
+"""One process of a 2-process run (torchrun, gloo, CPU) of what users do with SPU across processes beyond one engine's
+selection: `Trainer` under DDP with `SPUSelectionCallback`, and saving from the main process alone. Driven by
+tests/test_distributed_flows.py, one launch per flow; the findings go to `<out>/<flow>/rank<r>.json`.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from conftest import make_batch, make_tiny_clip  # noqa: E402
+from peft import PeftModel, get_peft_model  # noqa: E402
+
+import spu_peft  # noqa: E402
+from spu_peft import SPUConfig, SPULayer  # noqa: E402
+
+FLOWS = ("save-on-rank0",)
+
+
+def layers(model: torch.nn.Module) -> dict[str, SPULayer]:
+    return {
+        spu_peft.naming.relative_name(n): m
+        for n, m in spu_peft.distributed.unwrap_replicated(model).named_modules()
+        if isinstance(m, SPULayer)
+    }
+
+
+def supports_and_values(model: torch.nn.Module) -> dict[str, list]:
+    return {
+        name: [layer.spu_indices["default"].tolist(), layer.spu_values["default"].detach().tolist()]
+        for name, layer in layers(model).items()
+    }
+
+
+def save_on_rank0(out: Path, rank: int, found: dict) -> None:
+    """`if rank == 0: save_adapter(ddp_model, ...)`, as PEFT's `save_pretrained` is called, then training goes on."""
+    model = get_peft_model(make_tiny_clip(), SPUConfig())
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    spu_peft.select_parameters(ddp, [make_batch(rank)], fraction=1.0)
+    optimizer = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-2)
+    ddp.train()
+    ddp(**make_batch(10 + rank), return_loss=True).loss.backward()
+    optimizer.step()
+    ddp.eval()
+    if rank == 0:
+        spu_peft.save_adapter(ddp, str(out / "adapter"))
+    dist.barrier()  # the user's own wait for the main process
+    total = torch.ones(1)
+    dist.all_reduce(total)  # training goes on: the next collective
+    found["after_save"] = total.item()
+    if rank == 0:
+        with torch.no_grad():
+            loaded = PeftModel.from_pretrained(make_tiny_clip(), out / "adapter")
+            batch = make_batch(7)
+            diff = (loaded(**batch).logits_per_image - model(**batch).logits_per_image).abs().max()
+        found["reload_max_diff"] = float(diff)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--flow", required=True, choices=FLOWS)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    if not dist.is_initialized():  # Trainer's arguments start the group themselves
+        dist.init_process_group("gloo")
+    out = Path(args.out) / args.flow
+    out.mkdir(parents=True, exist_ok=True)
+    found = {"flow": args.flow}
+    {"save-on-rank0": save_on_rank0}[args.flow](out, rank, found)
+    (out / f"rank{rank}.json").write_text(json.dumps(found))
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as distributed_worker.py: skip a teardown that can abort on gloo's threads
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""What users do with SPU across processes (torchrun, 2 processes, gloo, CPU) beyond one engine's selection, driven
+through tests/distributed_flows_worker.py: `save_adapter` called on the main process alone. One launch per flow, each
+with a timeout: a hang fails its tests.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_distributed import free_port
+
+WORKER = Path(__file__).with_name("distributed_flows_worker.py")
+pytestmark = pytest.mark.slow  # a torchrun launch of 2 processes per flow
+TIMEOUT = 180
+
+
+def launch(flow: str, out: Path) -> list[dict]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    command += [str(free_port()), str(WORKER), "--flow", flow, "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # a session of its own: a hung launch is killed with its workers, which killing torchrun alone would orphan
+    launched = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = launched.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(launched.pid, signal.SIGKILL)
+        launched.communicate()
+        pytest.fail(f"{flow}: the 2-process launch did not finish in {TIMEOUT} s (a process waits for the other)")
+    if launched.returncode != 0:
+        pytest.fail(f"{flow}: the 2-process launch failed:\n{stderr[-3000:]}")
+    return [json.loads((out / flow / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_save_adapter_of_a_ddp_model_on_the_main_process_alone_saves_and_does_not_block(tmp_path):
+    """`if rank == 0: save_adapter(ddp_model, ...)`: the main process waited in a barrier no other process entered,
+    and the next collective of the others met it instead (a hang)."""
+    found = launch("save-on-rank0", tmp_path)
+    assert all(process["after_save"] == 2.0 for process in found)
+    assert found[0]["reload_max_diff"] <= 1e-6
