@@ -18,9 +18,9 @@ from conftest import make_batch, make_tiny_clip  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
 
 import spu_peft  # noqa: E402
-from spu_peft import SPUConfig, SPULayer  # noqa: E402
+from spu_peft import SPUConfig, SPULayer, SPUSelectionCallback  # noqa: E402
 
-FLOWS = ("save-on-rank0",)
+FLOWS = ("trainer-global", "save-on-rank0")
 
 
 def layers(model: torch.nn.Module) -> dict[str, SPULayer]:
@@ -36,6 +36,50 @@ def supports_and_values(model: torch.nn.Module) -> dict[str, list]:
         name: [layer.spu_indices["default"].tolist(), layer.spu_values["default"].detach().tolist()]
         for name, layer in layers(model).items()
     }
+
+
+def trainer_global(out: Path, rank: int, found: dict) -> None:
+    """A global budget under Trainer's DDP: the callback sees the unwrapped model, which DDP already holds."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    generator = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict(
+        {
+            "input_ids": torch.randint(1, 99, (16, 7), generator=generator).tolist(),
+            "pixel_values": torch.randn(16, 3, 16, 16, generator=generator).tolist(),
+        }
+    ).with_format("torch")
+
+    def trainer(callbacks: list) -> Trainer:
+        args = TrainingArguments(
+            output_dir=str(out / "trainer"),
+            max_steps=2,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            ddp_backend="gloo",
+            logging_strategy="no",
+            save_strategy="no",
+        )
+        model = get_peft_model(make_tiny_clip(), SPUConfig(budget="global"))
+
+        def collate(examples: list) -> dict:  # CLIP returns its loss when asked
+            return {**default_data_collator(examples), "return_loss": True}
+
+        return Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=callbacks)
+
+    try:
+        trainer([SPUSelectionCallback(fraction=1.0)]).train()
+        found["callback"] = "trained"
+    except Exception as error:  # noqa: BLE001 - the test reads which error, and its words
+        found["callback"] = f"{type(error).__name__}: {error}"
+    # what the refusal says works: select before `trainer.train()`, without the callback
+    fixed = trainer([])
+    spu_peft.select_parameters(fixed.model, fixed.get_train_dataloader(), fraction=1.0)
+    fixed.train()
+    found["fixed"] = supports_and_values(fixed.model)
 
 
 def save_on_rank0(out: Path, rank: int, found: dict) -> None:
@@ -74,7 +118,7 @@ def main() -> None:
     out = Path(args.out) / args.flow
     out.mkdir(parents=True, exist_ok=True)
     found = {"flow": args.flow}
-    {"save-on-rank0": save_on_rank0}[args.flow](out, rank, found)
+    {"trainer-global": trainer_global, "save-on-rank0": save_on_rank0}[args.flow](out, rank, found)
     (out / f"rank{rank}.json").write_text(json.dumps(found))
     dist.barrier()
     dist.destroy_process_group()

@@ -1,6 +1,6 @@
 """What users do with SPU across processes (torchrun, 2 processes, gloo, CPU) beyond one engine's selection, driven
-through tests/distributed_flows_worker.py: `save_adapter` called on the main process alone. One launch per flow, each
-with a timeout: a hang fails its tests.
+through tests/distributed_flows_worker.py: `Trainer` under DDP with `SPUSelectionCallback` and a global budget, and
+`save_adapter` called on the main process alone. One launch per flow, each with a timeout: a hang fails its tests.
 """
 
 import json
@@ -34,6 +34,21 @@ def launch(flow: str, out: Path) -> list[dict]:
     if launched.returncode != 0:
         pytest.fail(f"{flow}: the 2-process launch failed:\n{stderr[-3000:]}")
     return [json.loads((out / flow / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_the_callback_refuses_a_global_budget_under_trainers_ddp_and_the_named_fix_trains(tmp_path):
+    """Trainer wraps the model in DDP before callbacks run, but hands them the unwrapped model: a global budget
+    resized the values DDP holds and the first backward failed inside autograd ("invalid gradient ... got [183] but
+    expected shape compatible with [154]")."""
+    found = launch("trainer-global", tmp_path)
+    for process in found:
+        assert process["callback"].startswith("ValueError: SPUSelectionCallback cannot select with budget='global'")
+        assert "DistributedDataParallel (2 process(es))" in process["callback"]
+        assert "before `trainer.train()`" in process["callback"]
+    assert found[0]["fixed"] == found[1]["fixed"]  # the same supports and trained values on both processes
+    sizes = {len(indices) for indices, _ in found[0]["fixed"].values()}
+    assert len(sizes) > 1  # a global budget: the layers hold different numbers of entries
+    assert all(any(values) for _, values in found[0]["fixed"].values())
 
 
 def test_save_adapter_of_a_ddp_model_on_the_main_process_alone_saves_and_does_not_block(tmp_path):
