@@ -1,6 +1,7 @@
 """What users do with SPU across processes (torchrun, 2 processes, gloo, CPU) beyond one engine's selection, driven
-through tests/distributed_flows_worker.py: `Trainer` under DDP with `SPUSelectionCallback` and a global budget, and
-`save_adapter` called on the main process alone. One launch per flow, each with a timeout: a hang fails its tests.
+through tests/distributed_flows_worker.py: `Trainer` under DDP with `SPUSelectionCallback` and a global budget,
+`save_adapter` called on the main process alone, a global budget selected inside DDP. One launch per flow, each with a
+timeout: a hang fails its tests.
 """
 
 import json
@@ -57,3 +58,12 @@ def test_save_adapter_of_a_ddp_model_on_the_main_process_alone_saves_and_does_no
     found = launch("save-on-rank0", tmp_path)
     assert all(process["after_save"] == 2.0 for process in found)
     assert found[0]["reload_max_diff"] <= 1e-6
+
+
+def test_a_global_budget_selected_inside_ddp_is_refused_and_changes_nothing(tmp_path):
+    """`select_parameters(ddp.module, ...)` (accelerate's `unwrap_model`) cannot see the wrapper, which holds each
+    values tensor's gradient accumulator: the resize made the next backward fail inside autograd."""
+    for process in launch("unwrapped-global", tmp_path):
+        assert process["reselection"].startswith("ValueError: budget='global' gives ")
+        assert "Select on the model before wrapping it" in process["reselection"]
+        assert process["unchanged"]
