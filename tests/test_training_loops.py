@@ -130,3 +130,26 @@ def test_a_compiled_model_trains_the_entries_a_state_dict_loaded_in_place():
     assert torch.equal(torch.cat(value_grads(compiled, x)), torch.cat(value_grads(model, x)))
     model.load_state_dict(source.state_dict())
     assert torch.equal(torch.cat(value_grads(compiled, x)), torch.cat(value_grads(source, x)))
+
+
+def test_a_global_reselection_while_the_last_loss_holds_its_graph_is_refused_and_changes_nothing():
+    """The last step's `loss` keeps its graph, which holds each values tensor's gradient accumulator at its old length:
+    a selection that resized the values made the next backward fail inside autograd ("invalid gradient ... expected
+    shape compatible with [old length]"). It is refused before any layer changes; without that loss it trains."""
+    model = selected("global")
+    optimizer = torch.optim.AdamW(trainable(model), lr=1e-2)
+    loss = model(**make_batch(1)).logits_per_image.pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    layers = [m for m in model.modules() if isinstance(m, SPULayer)]
+    before = [(m.spu_indices["default"].clone(), m.spu_values["default"].detach().clone()) for m in layers]
+    with pytest.raises(ValueError, match=r"new number of entries.*`del` the last step's loss"):
+        select_parameters(model, [make_batch(5), make_batch(6)], optimizer=optimizer)
+    for layer, (indices, kept) in zip(layers, before, strict=True):
+        assert torch.equal(layer.spu_indices["default"], indices)
+        assert torch.equal(layer.spu_values["default"].detach(), kept)
+    del loss
+    select_parameters(model, [make_batch(5), make_batch(6)], optimizer=optimizer)
+    assert [p.numel() for p in values(model)] != [indices.numel() for indices, _ in before]  # resized
+    step(model, optimizer, seed=7)
+    assert all(p.detach().any() for p in values(model))

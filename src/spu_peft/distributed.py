@@ -327,8 +327,11 @@ def save_adapter(model: nn.Module, save_directory: str, **kwargs: Any) -> None:
     Sharded parameters are gathered into whole tensors first (FSDP1's full state dict, FSDP2's
     `get_model_state_dict(full_state_dict=True)`, offloaded from an accelerator to the CPU), then the main process
     writes the adapter as `PeftModel.save_pretrained` does; the file reloads with `PeftModel.from_pretrained` on an
-    unsharded base. Under `torch.distributed` it is a collective: call it on every process. `kwargs` go to
-    `save_pretrained`.
+    unsharded base. A sharded model's save is a collective: call it on every process. A replicated model (plain,
+    DataParallel, DDP) holds every tensor whole on every process, so nothing is exchanged and no process waits for
+    another: it may be called on every process or on the main one alone (`if rank == 0:`, as PEFT's `save_pretrained`
+    is), and the others return at once; wait for the main process (`dist.barrier()`) before another reads the folder.
+    `kwargs` go to `save_pretrained`.
     """
     runner = unwrap_replicated(model)
     engine = sharding_engine(runner)
@@ -354,7 +357,7 @@ def save_adapter(model: nn.Module, save_directory: str, **kwargs: Any) -> None:
             save_pretrained_atomically(runner, save_directory, **kwargs)  # a failed save keeps the old adapter
         finally:
             gathered_state_dict.reset(token)
-    if is_distributed():
+    if engine is not None and is_distributed():  # the gather was a collective: leave it together
         dist.barrier()
 
 

@@ -53,6 +53,39 @@ def watch_resized(parameter: torch.nn.Parameter) -> None:
     _register_hooks()
 
 
+def refuse_held_resizes(resized: dict[str, torch.nn.Parameter]) -> None:
+    """Refuse to resize values (named by layer) whose gradient accumulator something else keeps alive.
+
+    Autograd's accumulator of a parameter (its `AccumulateGrad` node) records the shape the parameter had when it was
+    made and is made anew only once nothing holds it. A wrapper made before the resize (DistributedDataParallel, a
+    DeepSpeed engine: also inside accelerate's `prepare` or a Trainer over several processes) holds it, and so does a
+    live tensor of an earlier forward (the last step's `loss`), whose graph reaches it; the next backward pass then
+    failed inside autograd ("invalid gradient ... expected shape compatible with [old length]"). Checked before any
+    layer changes, so a refusal leaves the adapter as it was.
+    """
+    held = [name for name, values in resized.items() if _accumulator_held(values)]
+    if held:
+        raise ValueError(
+            f"budget='global' gives {held} a new number of entries, but something still holds the gradient "
+            "accumulator of their values at their old length: a wrapper made before this selection "
+            "(DistributedDataParallel, a DeepSpeed engine, accelerate's `prepare`, a Trainer over several processes) "
+            "or a tensor of an earlier forward pass (the last step's `loss` or outputs) that keeps its graph; the next "
+            "backward pass would fail. Select on the model before wrapping it and wrap it anew after each selection, "
+            "`del` the last step's loss and outputs before selecting, or use budget='per_tensor' (lengths kept)."
+        )
+
+
+def _accumulator_held(parameter: torch.Tensor) -> bool:
+    """Whether `parameter`'s gradient accumulator outlives this check: it is marked (`Node.metadata`) and fetched
+    again; one that nothing else holds is made anew, without the mark."""
+    if not parameter.requires_grad:
+        return False
+    key = "spu_peft.accumulator_probe"
+    with torch.enable_grad():
+        parameter.view_as(parameter).grad_fn.next_functions[0][0].metadata[key] = True
+        return bool(parameter.view_as(parameter).grad_fn.next_functions[0][0].metadata.pop(key, False))
+
+
 def _register_hooks() -> None:
     if not _hooks:  # torch's global step hooks, registered once; they cost nothing while nothing is watched
         _hooks.extend([register_optimizer_step_pre_hook(_refuse_stale), register_optimizer_step_post_hook(_forget)])

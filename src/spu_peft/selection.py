@@ -26,7 +26,7 @@ from .distributed import Engine, all_reduce_sum, full_tensor, lockstep, resolve_
 from .encoding import expand_tiles, index_dtype
 from .layer import SPULayer
 from .naming import PEFT_PREFIX, spu_layers
-from .optim_state import drop_state, watch_stale_state
+from .optim_state import drop_state, refuse_held_resizes, watch_stale_state
 from .scoring import ScoreSums
 from .selection_data import (
     BatchChecker,
@@ -300,6 +300,8 @@ def _select_and_apply(
         if config.block_size is not None:
             support = expand_tiles(support, layer.weight_shape, config.block_size)
         chosen[name] = support.to(index_dtype(layer.weight_numel))
+    values = {name: layer.spu_values[adapter_name] for name, layer in layers.items()}
+    refuse_held_resizes({name: values[name] for name, s in chosen.items() if s.numel() != values[name].shape[0]})
     for name, layer in layers.items():
         with engine.whole_parameters(layer):
             layer.set_support(adapter_name, chosen[name], consolidate=consolidate)

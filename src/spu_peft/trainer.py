@@ -72,9 +72,29 @@ class SPUSelectionCallback(TrainerCallback, ExportableState):
             raise ValueError("SPUSelectionCallback needs the Trainer's train dataloader.")
         if self.kwargs["score"] not in DATA_FREE_SCORES:
             _check_objective(args)
+        self._refuse_resizing_under_a_wrapper(args, model)
         self.report = select_parameters(model, train_dataloader, optimizer=optimizer, **self.kwargs)
         self.selection = copy.deepcopy(self._config(model).selection)
         return control
+
+    def _refuse_resizing_under_a_wrapper(self, args, model) -> None:
+        """`Trainer` wraps the model (DistributedDataParallel over several processes, a DeepSpeed engine) before
+        callbacks run, yet hands them the unwrapped model, so `select_parameters` cannot see the wrapper. A global
+        budget resizes the adapter's values, which the wrapper already holds at their old length (DDP's gradient
+        hooks, DeepSpeed's flat buffers): the first backward would fail deep in autograd, or DeepSpeed would train a
+        detached copy. Refuse before any work, naming what works."""
+        processes, deepspeed = getattr(args, "world_size", 1), bool(getattr(args, "deepspeed", None))
+        if not (processes > 1 or deepspeed) or self._config(model).budget != "global":
+            return
+        wrapper = "a DeepSpeed engine" if deepspeed else "DistributedDataParallel"
+        raise ValueError(
+            f"SPUSelectionCallback cannot select with budget='global' here: Trainer has already wrapped the model in "
+            f"{wrapper} ({processes} process(es)) when callbacks run, and a global budget gives each layer a new "
+            "number of entries, which the wrapper cannot take (it keeps the shapes the parameters had when wrapped). "
+            "Use budget='per_tensor' (or 'per_row') with the callback, or drop the callback and call "
+            "`spu_peft.select_parameters(trainer.model, dataloader)` on every process before `trainer.train()` "
+            "(scores are still summed over processes)."
+        )
 
     def _config(self, model):
         return _resolve_adapter(unwrap_replicated(model), self.kwargs["adapter_name"])[1]
