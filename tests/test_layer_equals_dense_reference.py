@@ -17,8 +17,9 @@ def spu_layers(model):
 
 
 def dense_reference(layer: SPULayer, x: torch.Tensor, adapters=("default",)) -> torch.Tensor:
-    """F.linear with each adapter's dense delta added to the weight, as SPU's output is defined: a float32 weight
-    takes one addition per delta, a half-precision one is summed with all deltas in float32 and rounded once."""
+    """F.linear with each adapter's dense delta added to the weight and bias, as SPU's output is defined: a float32
+    weight (bias) takes one addition per delta, a half-precision one is summed with all deltas in float32 and rounded
+    once."""
     base = layer.get_base_layer()
     weight, bias = base.weight, base.bias
     deltas = []
@@ -32,9 +33,12 @@ def dense_reference(layer: SPULayer, x: torch.Tensor, adapters=("default",)) -> 
             weight = weight + delta
     else:
         weight = (weight.float() + sum(deltas)).to(weight.dtype)
-    for name in adapters:
-        if name in layer.spu_bias:
-            bias = bias + layer.spu_bias[name].detach().to(bias.dtype)
+    bias_deltas = [layer.spu_bias[name].detach() for name in adapters if name in layer.spu_bias]
+    if bias.dtype == torch.float32:
+        for delta in bias_deltas:
+            bias = bias + delta
+    elif bias_deltas:
+        bias = (bias.float() + sum(bias_deltas)).to(bias.dtype)
     return F.linear(x, weight, bias)
 
 

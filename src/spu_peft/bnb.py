@@ -63,15 +63,16 @@ class QuantizedLinear(Linear):
         device = self.get_base_layer().weight.device
         return compose_weight(torch.zeros(self.weight_shape, device=device), self.sparse_deltas(adapter_name))
 
-    def _write_merged_weight(self, adapter_name: str, merged_weight: torch.Tensor) -> Any:
+    def _write_merged_weight(self, adapter_names: list[str], merged_weight: torch.Tensor) -> Any:
         backup = self._requantize(merged_weight)
+        adapter_name = adapter_names[0] if len(adapter_names) == 1 else adapter_names
         error = (self.dense_base_weight() - merged_weight.float()).abs().max().item()
         warnings.warn(
             f"Merging SPU adapter {adapter_name!r} into a {self.quantization} weight rounds `W + delta` to the "
             f"quantization grid: the merged weight differs from it by up to {error:.3g} per entry, so outputs may "
             "differ slightly from the unmerged model's. `unmerge` restores the original quantized weight exactly.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return backup
 

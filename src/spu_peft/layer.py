@@ -16,20 +16,8 @@ from .distributed import full_tensor, is_sharded_tensor
 from .encoding import check_indices, check_values, index_dtype
 from .optim_state import watch_resized
 from .scoring import scoring_linear
-from .sparse_linear import SparseDelta, compose_weight, sparse_delta_linear, union_sum
-from .supports import adapter_seed, budget_shortfall, initial_values, random_support
-
-
-class Float32BufferDict(BufferDict):
-    """Buffers that move with the model but keep their dtype: `model.to(torch.bfloat16)`, `.half()` and the like
-    would round the frozen deltas of earlier tasks to the base's precision (see `SPULayer`)."""
-
-    def _apply(self, fn, recurse: bool = True):
-        for key, buffer in self._buffers.items():
-            if buffer is not None:
-                moved = fn(buffer)
-                self._buffers[key] = moved if moved.dtype == buffer.dtype else buffer.to(moved.device)
-        return self
+from .sparse_linear import SparseDelta, compose_bias, compose_weight, sparse_delta_linear, union_sum
+from .supports import Float32BufferDict, adapter_seed, budget_shortfall, initial_values, random_support
 
 
 class SPULayer(BaseTunerLayer):
@@ -200,29 +188,45 @@ class SPULayer(BaseTunerLayer):
     # ---- merging -------------------------------------------------------------------------------------------------
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the active adapters' deltas to the base weight and bias in place.
+        """Add the active adapters' deltas to the base weight and bias in place, keeping what the merge overwrote so
+        that `unmerge` restores them bit for bit.
 
-        What the merge overwrote is kept, so that `unmerge` restores the base weight bit for bit.
+        Every merged adapter is composed with the unmerged base at once, as the unmerged forward composes the active
+        ones: on a half-precision base `W + all deltas` is rounded once, not once per adapter, so the merged model
+        computes what the unmerged one did. Merging more adapters later unmerges first and merges them all anew.
         """
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+        new = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.spu_values]
+        previous = list(self.merged_adapters)
+        if not new:
+            return
+        if previous:
+            self.unmerge()
+        try:
+            self._merge_together([*previous, *new], new if safe_merge else None)
+        except ValueError:
+            if previous:  # put back the merge that was there (it passed its checks then)
+                self._merge_together(previous, None)
+            raise
+
+    def _merge_together(self, names: list[str], check: list[str] | None) -> None:
+        """Write `W + all deltas of names` and `b + their bias deltas` into the unmerged base layer, refusing a
+        non-finite result when `check` names the adapters to blame; the first name keeps the backup."""
         base_layer = self.get_base_layer()
-        for name in adapter_names:
-            if name not in self.spu_values:
-                continue
-            merged_weight = compose_weight(self.dense_base_weight(), self.sparse_deltas(name)).detach()
-            delta_bias = self.get_delta_bias(name)
-            merged_bias = None
-            if delta_bias is not None:
-                merged_bias = base_layer.bias.data + delta_bias.detach().to(base_layer.bias.dtype)
-            if safe_merge and not (
-                torch.isfinite(merged_weight).all() and (merged_bias is None or torch.isfinite(merged_bias).all())
-            ):
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            bias_backup = None if merged_bias is None else base_layer.bias.data.clone()
-            self._merge_backups[name] = (self._write_merged_weight(name, merged_weight), bias_backup)
-            if merged_bias is not None:
-                base_layer.bias.data.copy_(merged_bias)
-            self.merged_adapters.append(name)
+        deltas = [delta for name in names for delta in self.sparse_deltas(name)]
+        merged_weight = compose_weight(self.dense_base_weight(), deltas).detach()
+        delta_biases = [bias.detach() for name in names if (bias := self.get_delta_bias(name)) is not None]
+        merged_bias = compose_bias(base_layer.bias.data, delta_biases) if delta_biases else None
+        if check and not (
+            torch.isfinite(merged_weight).all() and (merged_bias is None or torch.isfinite(merged_bias).all())
+        ):
+            blamed = check[0] if len(check) == 1 else check
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {blamed} seems to be broken")
+        bias_backup = None if merged_bias is None else base_layer.bias.data.clone()
+        self._merge_backups[names[0]] = (self._write_merged_weight(names, merged_weight), bias_backup)
+        self._merge_backups.update({name: (None, None) for name in names[1:]})  # `unmerge` pops the last first
+        if merged_bias is not None:
+            base_layer.bias.data.copy_(merged_bias)
+        self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         """Restore the base weight and bias exactly as they were before `merge`."""
@@ -233,7 +237,8 @@ class SPULayer(BaseTunerLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             weight_backup, bias = self._merge_backups.pop(name)
-            self._restore_weight(weight_backup)
+            if weight_backup is not None:
+                self._restore_weight(weight_backup)
             if bias is not None:
                 base_layer.bias.data.copy_(bias)
 
@@ -241,11 +246,11 @@ class SPULayer(BaseTunerLayer):
         """The base weight as a dense floating-point matrix (detached): what magnitude scores and merges read."""
         return self.get_base_layer().weight.detach()
 
-    def _write_merged_weight(self, adapter_name: str, merged_weight: torch.Tensor) -> Any:
+    def _write_merged_weight(self, adapter_names: list[str], merged_weight: torch.Tensor) -> Any:
         """Make `merged_weight` the base weight; return what `_restore_weight` needs to undo it: the entries the
-        adapter touches (a sparse delta changes only those)."""
+        adapters touch (a sparse delta changes only those)."""
         weight = self.get_base_layer().weight
-        touched = torch.cat([idx.long() for idx, _ in self.sparse_deltas(adapter_name)]).unique()
+        touched = torch.cat([idx.long() for name in adapter_names for idx, _ in self.sparse_deltas(name)]).unique()
         backup = (touched, weight.data.reshape(-1)[touched].clone())
         weight.data.copy_(merged_weight)
         return backup
@@ -370,8 +375,8 @@ class Linear(nn.Module, SPULayer):
         base_layer = self.get_base_layer()
         weight = base_layer.weight
         bias = base_layer.bias
-        for delta_bias in delta_biases:
-            bias = bias + delta_bias.to(bias.dtype)
+        if delta_biases:  # summed in float32 and rounded once on a half-precision base, as the weight is
+            bias = compose_bias(bias, delta_biases)
         if not torch.is_autocast_enabled(x.device.type):
             x = self._cast_input_dtype(x, weight.dtype)
         return self._linear(x, weight, bias, deltas, layouts)

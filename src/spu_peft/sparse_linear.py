@@ -51,6 +51,23 @@ def compose_weight(weight: torch.Tensor, deltas: Sequence[SparseDelta]) -> torch
     return flat.index_copy(0, indices, (flat[indices].float() + values).to(weight.dtype)).view_as(weight)
 
 
+def compose_bias(bias: torch.Tensor, deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Return `bias + sum of dense deltas` in the bias's dtype, by `compose_weight`'s rule: a float32/64 bias takes
+    one addition per delta, in order; a half-precision one is summed with the deltas in float32 and rounded once
+    (rounding each float32 delta to bf16 first would round twice, up to a whole bf16 spacing off `b + delta`).
+    Differentiable in the deltas (the trainable `spu_bias`)."""
+    if not deltas:
+        return bias
+    if bias.dtype in (torch.float32, torch.float64):
+        for delta in deltas:
+            bias = bias + delta.to(bias.dtype)
+        return bias
+    total = deltas[0].float()
+    for delta in deltas[1:]:
+        total = total + delta.float()
+    return (bias.float() + total).to(bias.dtype)
+
+
 def composed_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, deltas: Sequence[SparseDelta], dtype: torch.dtype
 ) -> torch.Tensor:

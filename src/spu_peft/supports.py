@@ -1,11 +1,13 @@
 """An SPU adapter's start, before any data: the entries a `density` buys in a target, the seeded random support
-and initial values a layer gets when the adapter is created, and the warning for a budget lifted to its minimum."""
+and initial values a layer gets when the adapter is created, the warning for a budget lifted to its minimum, and the
+buffer store that keeps the frozen deltas float32."""
 
 from __future__ import annotations
 
 import hashlib
 
 import torch
+from peft.tuners._buffer_dict import BufferDict
 
 from .config import SPUConfig
 from .encoding import expand_tiles, index_dtype
@@ -77,3 +79,15 @@ def random_support(
         cells = torch.randperm(numel, generator=generator)[: num_selected(numel, config.density)]
     flat = cells if config.block_size is None else expand_tiles(cells, shape, config.block_size)
     return flat.sort().values.to(device=device, dtype=index_dtype(shape[0] * shape[1]))
+
+
+class Float32BufferDict(BufferDict):
+    """Buffers that move with the model but keep their dtype: `model.to(torch.bfloat16)`, `.half()` and the like
+    would round the frozen deltas of earlier tasks to the base's precision (see `SPULayer`)."""
+
+    def _apply(self, fn, recurse: bool = True):
+        for key, buffer in self._buffers.items():
+            if buffer is not None:
+                moved = fn(buffer)
+                self._buffers[key] = moved if moved.dtype == buffer.dtype else buffer.to(moved.device)
+        return self
