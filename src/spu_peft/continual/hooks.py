@@ -224,7 +224,7 @@ def checked_param_groups(hooks: MethodHooks, model: torch.nn.Module, lr: float, 
     groups = [{**group, "params": list(group["params"])} for group in hooks.param_groups(model, lr)]
     if not any(p.requires_grad for group in groups for p in group["params"]):
         raise ValueError(
-            f"method {method!r} has nothing to train at task {task}: no parameter of the model its `build` returned "
+            f"method {method!r} has nothing to train at task {task}: no parameter of the model its builder returned "
             f"(and of {type(hooks).__name__}.param_groups) has requires_grad. Set requires_grad on what it trains, "
             "or give the method trains=False to evaluate the model as built"
         )
