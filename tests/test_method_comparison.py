@@ -117,3 +117,33 @@ def test_the_offline_runner_reports_accuracy_and_forgetting_for_spu_and_lora(tmp
     for r in runs.values():
         assert 0.0 <= r["test_accuracy"] <= 1.0 and math.isfinite(r["forgetting"]) and r["forgetting"] != 0.0
     assert "| spu-matched | 0.001 | 3,584 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "script, flags, message",
+    [
+        ("run_offline", ["--score-batches", "0"], "--score-batches must be at least 1, got 0"),
+        ("run_offline", ["--spu-lr", "-1"], "--spu-lr must be a positive finite number, got -1.0"),
+        ("run_offline", ["--lr-grid", "1e-3", "nan"], "--lr-grid must be a positive finite number"),
+        ("run_offline", ["--batch-size", "105"], "--batch-size 105 exceeds the task's 104 training examples"),
+        ("lr_sweep_encoder", ["--steps", "0"], "--steps must be at least 1, got 0"),
+        ("lr_sweep_encoder", ["--lr-grid", "0"], "--lr-grid must be a positive finite number"),
+        ("lr_sweep_encoder", ["--batch-size", "2001"], "--batch-size 2001 exceeds the task's 2000 training examples"),
+        ("selection_batches", ["--counts", "0"], "--counts must be at least 1"),
+        ("selection_batches", ["--counts", "8", "--reference", "4"], "--counts [8] exceed --reference 4"),
+        ("selection_batches", ["--batch-size", "105"], "--batch-size 105 exceeds the task's 104 training examples"),
+    ],
+)
+def test_bad_flags_of_the_offline_scripts_stop_with_one_line_before_any_work(script, flags, message, capsys):
+    """A count below 1, a rate that is not a positive number or a batch larger than the task's data stops at the
+    flags (a traceback after pretraining, a division by zero, an endless loop, or a wrong table before)."""
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(script).parse_args(flags)
+    assert stopped.value.code == 2
+    assert f"error: {message}" in capsys.readouterr().err
+
+
+def test_the_hook_outside_peft_s_folder_says_where_to_run_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no run.py here
+    with pytest.raises(SystemExit, match="PEFT's method_comparison/MetaMathQA folder"):
+        importlib.import_module("spu_run")

@@ -16,6 +16,7 @@ from spu_peft.blocks import tile_layout
 from spu_peft.continual import (
     ContinualMethod,
     FingerprintMismatchError,
+    MethodHooks,
     SelectionHooks,
     SequenceSettings,
     protocol_settings,
@@ -290,15 +291,75 @@ def test_a_build_takes_the_model_the_settings_and_optionally_the_options():
     with pytest.raises(TypeError, match=r"`build` must take \(model, settings\[, options\]\)"):
         ContinualMethod("one_argument", lambda model: model, default_lr=1e-4)
     seen = []
-    with_options = ContinualMethod("three", lambda model, settings, options: seen.append(options), default_lr=1e-4)
-    with_options.build_model(None, SETTINGS, {"density": 0.5})
-    ContinualMethod("two", lambda model, settings: seen.append("two"), default_lr=1e-4).build_model(None, SETTINGS, {})
+    model = torch.nn.Linear(1, 1)
+    with_options = ContinualMethod("three", lambda m, settings, options: seen.append(options) or m, default_lr=1e-4)
+    with_options.build_model(model, SETTINGS, {"density": 0.5})
+    ContinualMethod("two", lambda m, settings: seen.append("two") or m, default_lr=1e-4).build_model(
+        model, SETTINGS, {}
+    )
     assert seen == [{"density": 0.5}, "two"]
 
 
 def test_a_method_that_trains_needs_a_learning_rate():
     with pytest.raises(ValueError, match="default_lr"):
         ContinualMethod("nameless", _vision_tower_only)
+
+
+def _frozen(model, settings):
+    return model.requires_grad_(False)
+
+
+class _NoGroups(MethodHooks):
+    def param_groups(self, model, lr):
+        return []
+
+
+class _VectorLoss(MethodHooks):
+    def extra_loss(self, step):
+        return torch.ones(3)
+
+
+class _CountInStateDict(MethodHooks):
+    def state_dict(self):
+        return {"count": 3}
+
+
+class _SetInExtraState(MethodHooks):
+    def get_extra_state(self):
+        return {"seen": {1, 2}}
+
+
+@pytest.mark.parametrize(
+    "build, hooks, error, message",
+    [
+        (lambda model, settings: None, None, TypeError, r"`build` must return the model to train.*got NoneType"),
+        (_frozen, None, ValueError, "has nothing to train at task 0"),
+        (_vision_tower_only, _NoGroups, ValueError, "has nothing to train at task 0"),
+        (_vision_tower_only, _VectorLoss, ValueError, r"_VectorLoss.extra_loss must return one number.*\(3,\)"),
+        (
+            _vision_tower_only,
+            _CountInStateDict,
+            ValueError,
+            r"_CountInStateDict.state_dict\(\) must return tensors",
+        ),
+        (
+            _vision_tower_only,
+            _SetInExtraState,
+            ValueError,
+            r"_SetInExtraState.get_extra_state\(\) must return what",
+        ),
+    ],
+)
+def test_what_a_users_method_gives_the_runner_is_checked_naming_the_method(
+    setup, tmp_path, build, hooks, error, message
+):
+    """A builder or hooks that hand the runner something it cannot use stop with an error naming the method and the
+    fix, not an autograd or serialisation error from deep inside, and before a checkpoint holds it."""
+    method = ContinualMethod("mine", build, replay=True, default_lr=1e-4, hooks=hooks)
+    with pytest.raises(error, match=message) as raised:
+        run(setup, tmp_path, methods=[method])
+    assert "'mine'" in str(raised.value) or hooks.__name__ in str(raised.value)  # the method, or its hooks
+    assert not (tmp_path / "runs" / "mine_lr0.0001" / "task0").exists()  # no checkpoint of an unusable state
 
 
 # ---- the paper's protocol --------------------------------------------------------------------------------------------

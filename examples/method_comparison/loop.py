@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 from collections.abc import Callable, Iterable
 from itertools import islice
 
@@ -31,3 +33,26 @@ def train(
         optimizer.step(), scheduler.step(), optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def check_flags(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    counts: Iterable[str] = (),
+    rates: Iterable[str] = (),
+    batch_limit: int | None = None,
+) -> None:
+    """Stop with argparse's one-line error when a count flag (one value or a list) is below 1, a rate is not a
+    positive finite number, or `--batch-size` exceeds `batch_limit`, the task's training examples; unset flags pass."""
+    checks = (
+        (counts, lambda v: v >= 1, "at least 1"),
+        (rates, lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
+    )
+    for names, good, wanted in checks:
+        for name in names:
+            value = getattr(args, name)
+            values = value if isinstance(value, list) else [] if value is None else [value]
+            if not all(good(v) for v in values):
+                parser.error(f"--{name.replace('_', '-')} must be {wanted}, got {value}")
+    if batch_limit is not None and args.batch_size > batch_limit:
+        parser.error(f"--batch-size {args.batch_size} exceeds the task's {batch_limit} training examples")

@@ -30,6 +30,7 @@ from spu_peft.studies.text_retention import minilm_path
 SUBJECTS = ["soup", "film", "hotel", "service", "book", "concert", "game", "coffee", "trip", "lecture", "room", "show"]
 GOOD = ["good", "great", "nice", "wonderful", "pleasant", "excellent"]
 BAD = ["bad", "awful", "poor", "terrible", "boring", "horrible"]
+TRAIN_SIZE = 2000  # training sentences
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of data and training")
     parser.add_argument("--cache-dir", default=None, help="where the model's weights are unzipped once")
     parser.add_argument("--output", default="results/lr_sweep_encoder.json", help="JSON file of the results")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    loop.check_flags(parser, args, ("steps", "batch_size"), ("lr_grid",), batch_limit=TRAIN_SIZE)
+    return args
 
 
 def sentences(n: int, seed: int) -> list[tuple[str, int]]:
@@ -98,7 +101,7 @@ def main(argv=None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(args.seed)
     base = BertForSequenceClassification.from_pretrained(path, num_labels=2)
-    train, test = sentences(2000, args.seed), sentences(400, args.seed + 1)
+    train, test = sentences(TRAIN_SIZE, args.seed), sentences(400, args.seed + 1)
     rows = [run(method, lr, base, tokenizer, train, test, args) for method in args.methods for lr in args.lr_grid]
     lines = ["| method | lr | test accuracy | final train loss | failed |", "|---|---:|---:|---:|---|"]
     for r in rows:

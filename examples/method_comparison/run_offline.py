@@ -64,8 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pretrain-steps", type=int, default=1000, help="steps of the base's pretraining")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, model and training")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.pretrain_steps < 1 or args.batch_size < 1 or args.lora_rank < 1:
-        parser.error("--steps, --pretrain-steps, --batch-size and --lora-rank must be positive")
+    counts = ("steps", "pretrain_steps", "batch_size", "lora_rank", "score_batches")
+    train_size = len(tiny_llm.arithmetic(seed=args.seed)[0])
+    loop.check_flags(parser, args, counts, ("lr_grid", "spu_lr", "lora_lr"), batch_limit=train_size)
     return args
 
 

@@ -14,6 +14,7 @@ import random
 from itertools import islice
 from pathlib import Path
 
+import loop
 import lr_sweep_encoder
 import run_offline
 import tiny_llm
@@ -37,7 +38,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=None, help="where all-MiniLM-L6-v2's weights are unzipped once")
     parser.add_argument("--pretrain-steps", type=int, default=1000, help="the cached base's pretraining steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    train_size = (
+        len(tiny_llm.arithmetic(seed=args.seed)[0]) if args.model == "tiny-llama" else lr_sweep_encoder.TRAIN_SIZE
+    )
+    loop.check_flags(parser, args, ("counts", "reference", "batch_size", "pretrain_steps"), batch_limit=train_size)
+    if beyond := [n for n in args.counts if n > args.reference]:
+        parser.error(
+            f"--counts {beyond} exceed --reference {args.reference}: each count's selection is compared with "
+            "the one from --reference batches; raise --reference"
+        )
+    return args
 
 
 def supports(base, config, batches) -> dict[str, set[int]]:
@@ -58,7 +69,7 @@ def main(argv=None) -> None:
         path = minilm_path(args.cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(path)
         base = BertForSequenceClassification.from_pretrained(path, num_labels=2)
-        rows, rng = lr_sweep_encoder.sentences(2000, args.seed), random.Random(args.seed)
+        rows, rng = lr_sweep_encoder.sentences(lr_sweep_encoder.TRAIN_SIZE, args.seed), random.Random(args.seed)
         batches = [lr_sweep_encoder.encode(rng.sample(rows, args.batch_size), tokenizer) for _ in range(args.reference)]
         config = SPUConfig(modules_to_save=["classifier"])
     reference = supports(base, config, batches)

@@ -19,7 +19,15 @@ import sys
 from collections.abc import Iterator
 
 sys.path.insert(0, os.getcwd())  # PEFT's run.py and its utils.py and data.py, imported from the working directory
-import run  # noqa: E402
+try:
+    import run
+except ModuleNotFoundError as error:
+    if error.name != "run":
+        raise
+    raise SystemExit(
+        "spu_run.py: error: PEFT's run.py is not in the working directory; run this script from PEFT's "
+        "method_comparison/MetaMathQA folder (this file's docstring shows how)"
+    ) from None
 
 from spu_peft import SPUConfig, select_parameters  # noqa: E402  (importing spu_peft registers SPU with PEFT)
 

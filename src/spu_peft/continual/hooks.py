@@ -36,6 +36,7 @@ A penalty method is a few lines:
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -216,6 +217,42 @@ def make_hooks(factory: HooksFactory | None, settings: Any, options: Mapping[str
     if not isinstance(hooks, MethodHooks):
         raise TypeError(f"a method's `hooks` factory must return a MethodHooks, got {type(hooks).__name__}")
     return hooks
+
+
+def checked_param_groups(hooks: MethodHooks, model: torch.nn.Module, lr: float, method: str, task: int) -> list[dict]:
+    """`hooks.param_groups(model, lr)`, each group's parameters listed, refused when no parameter trains."""
+    groups = [{**group, "params": list(group["params"])} for group in hooks.param_groups(model, lr)]
+    if not any(p.requires_grad for group in groups for p in group["params"]):
+        raise ValueError(
+            f"method {method!r} has nothing to train at task {task}: no parameter of the model its builder returned "
+            f"(and of {type(hooks).__name__}.param_groups) has requires_grad. Set requires_grad on what it trains, "
+            "or give the method trains=False to evaluate the model as built"
+        )
+    return groups
+
+
+def checked_state(hooks: MethodHooks, method: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """`hooks.state_dict()` and `hooks.get_extra_state()`, checked before a checkpoint holds them: tensors, and
+    records that JSON can write."""
+    name = f"method {method!r}: {type(hooks).__name__}"
+    tensors = hooks.state_dict()
+    if not isinstance(tensors, Mapping) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        found = {k: type(v).__name__ for k, v in tensors.items()} if isinstance(tensors, Mapping) else tensors
+        raise ValueError(
+            f"{name}.state_dict() must return tensors by name, got {found!r}; records that are not tensors belong "
+            "in get_extra_state()"
+        )
+    records = hooks.get_extra_state()
+    try:
+        if not isinstance(records, Mapping):
+            raise TypeError(f"a {type(records).__name__}, not a dict")
+        json.dumps(records)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"{name}.get_extra_state() must return what JSON can write (a dict of numbers, strings, lists and dicts; "
+            f"tensors belong in state_dict()): {error}"
+        ) from None
+    return dict(tensors), dict(records)
 
 
 def trainable_named_parameters(module: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Parameter]]:

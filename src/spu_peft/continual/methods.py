@@ -99,7 +99,13 @@ class ContinualMethod:
         self, model: torch.nn.Module, settings: SequenceSettings, options: Mapping[str, Option]
     ) -> torch.nn.Module:
         """`build(model, settings, options)`, or `build(model, settings)` for a builder without options."""
-        return self.build(model, settings, options) if _takes(self.build, 3) else self.build(model, settings)
+        built = self.build(model, settings, options) if _takes(self.build, 3) else self.build(model, settings)
+        if not isinstance(built, torch.nn.Module):
+            raise TypeError(
+                f"method {self.name!r}: `build` must return the model to train (a torch.nn.Module), got "
+                f"{type(built).__name__}; end the builder with `return model`"
+            )
+        return built
 
 
 def _takes(function: Callable, count: int) -> bool:

@@ -38,7 +38,7 @@ from .checkpoint import claim_output_dir, load_method_state, release_output_dir,
 from .data import SequenceData, check_modules_to_save
 from .evaluation import control_accuracy, task_accuracies, tokenize_prompts
 from .fingerprint import check_fingerprint, model_identity, sequence_fingerprint
-from .hooks import MethodHooks, TaskContext, make_hooks
+from .hooks import MethodHooks, TaskContext, checked_param_groups, checked_state, make_hooks
 from .loaders import shuffled_loader
 from .methods import DEFAULT_METHODS, ContinualMethod, Option, method_plan, resolve_methods
 from .numerics import numerics_report, pin_cpu_numerics
@@ -86,7 +86,7 @@ def _train_one_task(model, method, lr, task, context, hooks: MethodHooks, buffer
     data, settings, accelerator = context.data, context.settings, context.accelerator
     seen, captions, task_seed = context.seen, context.captions, context.seed
     hooks.start_task(context)
-    groups = hooks.param_groups(model, lr)
+    groups = checked_param_groups(hooks, model, lr, method.name, task)
     for group in groups:
         group.setdefault("lr", lr)
         group["base_lr"] = group["lr"]
@@ -194,10 +194,10 @@ def run_method(
         else:  # an untrained model keeps its control accuracy
             state["control_acc"].append(state["control_acc"][0])
         state["buffer"] = buffer.state_dict()
-        state["method"] = hooks.get_extra_state()
+        method_tensors, state["method"] = checked_state(hooks, method.name)
         state["wall_s"] += time.perf_counter() - start
         if accelerator.is_main_process:
-            write_checkpoint(run_dir, task, state, model if method.trains else None, hooks.state_dict())
+            write_checkpoint(run_dir, task, state, model if method.trains else None, method_tensors)
         accelerator.wait_for_everyone()
         accuracies = " ".join(f"{a:.1f}" for a in state["acc_matrix"][-1])
         control = state["control_acc"][-1]

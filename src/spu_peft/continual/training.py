@@ -86,6 +86,11 @@ def training_step(
         *position,
     )
     extra = hooks.extra_loss(step)
+    if isinstance(extra, torch.Tensor) and extra.numel() != 1:
+        raise ValueError(
+            f"{type(hooks).__name__}.extra_loss must return one number (a tensor of one element) or None, got a "
+            f"tensor of shape {tuple(extra.shape)}: reduce it, e.g. with .sum() or .mean()"
+        )
     total = value if extra is None else value + extra
     if accelerator is not None:
         accelerator.backward(total)
