@@ -45,7 +45,7 @@ MODEL_TAGS = ["spu", "selective-parameter-update", "continual-learning"]
 _LIBRARIES = ("torch", "transformers", "peft", "accelerate", "trl", "spu_peft")
 
 
-def _user_stacklevel() -> int:
+def user_stacklevel() -> int:
     """The `stacklevel` with which the caller's `warnings.warn` points at the first frame outside `_LIBRARIES`: the
     user's line (a forward, a save, `trainer.train()`), however many library frames lie between."""
     frame, level = sys._getframe(1), 1
@@ -110,7 +110,7 @@ class SPUModel(BaseTuner):
             config = self.peft_config.get(name)
             if isinstance(config, SPUConfig) and config.selection is None and name not in self._warned_unselected:
                 self._warned_unselected.add(name)
-                warnings.warn(_unselected(name, "is training"), UserWarning, stacklevel=_user_stacklevel())
+                warnings.warn(_unselected(name, "is training"), UserWarning, stacklevel=user_stacklevel())
 
     def _prepare_adapter_config(self, peft_config: SPUConfig, model_config: dict) -> SPUConfig:
         model_type = model_config.get("model_type")
@@ -182,7 +182,7 @@ class SPUModel(BaseTuner):
         accepted, a refused one puts the model back as it was before the injection (the load hook)."""
         check_adapter_name(adapter_name)
         if selected := own_config(self.peft_config, adapter_name):
-            warnings.warn(_fresh_beside(adapter_name, selected), UserWarning, stacklevel=_user_stacklevel())
+            warnings.warn(_fresh_beside(adapter_name, selected), UserWarning, stacklevel=user_stacklevel())
         before = ModelState(self, model, adapter_name)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
@@ -279,7 +279,7 @@ class SPUModel(BaseTuner):
                 for values in (layer.spu_values[adapter_name] for _, layer in spu_layers(model, adapter_name))
             )
         ):
-            warnings.warn(_unselected(adapter_name, "trained"), UserWarning, stacklevel=_user_stacklevel())
+            warnings.warn(_unselected(adapter_name, "trained"), UserWarning, stacklevel=user_stacklevel())
         if holds_fsdp1_shards(model):
             raise sharded_save_error("the model is wrapped in FSDP1 (FullyShardedDataParallel)")
         by_name = {strip_wrappers(key): key for key in state_dict}

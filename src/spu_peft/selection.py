@@ -127,7 +127,7 @@ def select_parameters(
         raise ValueError(f"`description` must be a string (it is saved in adapter_config.json), got {description!r}")
     engine = resolve_engine(model, score_device)
     runner = engine.runner
-    adapter_name, config = _resolve_adapter(runner, adapter_name)
+    adapter_name, config = resolve_adapter(runner, adapter_name)
     layers = dict(spu_layers(runner, adapter_name))
     if not layers:
         raise ValueError(f"The model has no SPU layer holding adapter {adapter_name!r}.")
@@ -318,7 +318,8 @@ class _TileScores:
         return tile_scores(self.scores(name), self.block_size)
 
 
-def _resolve_adapter(model: nn.Module, adapter_name: str | None) -> tuple[str, SPUConfig]:
+def resolve_adapter(model: nn.Module, adapter_name: str | None) -> tuple[str, SPUConfig]:
+    """The SPU adapter `adapter_name` names (None: the active one) and its config, or a refusal saying what is wrong."""
     peft_config = getattr(model, "peft_config", None)
     if not isinstance(peft_config, Mapping):
         raise ValueError("`model` holds no PEFT adapter; wrap it first with `get_peft_model(model, SPUConfig())`.")

@@ -11,8 +11,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .distributed import unwrap_replicated
-from .model import _user_stacklevel
-from .selection import SelectionReport, _resolve_adapter, select_parameters
+from .model import user_stacklevel
+from .selection import SelectionReport, resolve_adapter, select_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class SPUSelectionCallback(TrainerCallback, ExportableState):
         )
 
     def _config(self, model):
-        return _resolve_adapter(unwrap_replicated(model), self.kwargs["adapter_name"])[1]
+        return resolve_adapter(unwrap_replicated(model), self.kwargs["adapter_name"])[1]
 
     def _restore(self, model, state) -> None:
         """A resumed run: the checkpoint's entries are loaded; put back the record of how they were chosen."""
@@ -144,7 +144,7 @@ def _check_objective(args: Any) -> None:
                 "on the training batches: the entries are chosen for that loss. Pass score='magnitude' for a "
                 "data-free choice instead.",
                 UserWarning,
-                stacklevel=_user_stacklevel(),  # the user's `trainer.train()`
+                stacklevel=user_stacklevel(),  # the user's `trainer.train()`
             )
         return
     raise ValueError(
