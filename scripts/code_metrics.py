@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "sparse_linear",
             "supports",
             "optim_state",
+            "arrival",
             "distributed",
             "scoring",
             "memory",

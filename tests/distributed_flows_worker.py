@@ -21,7 +21,7 @@ from peft import PeftModel, get_peft_model  # noqa: E402
 import spu_peft  # noqa: E402
 from spu_peft import SPUConfig, SPULayer, SPUSelectionCallback  # noqa: E402
 
-FLOWS = ("trainer-global", "save-on-rank0", "unwrapped-global")
+FLOWS = ("trainer-global", "save-on-rank0", "unwrapped-global", "sharded-save-on-rank0")
 
 
 def layers(model: torch.nn.Module) -> dict[str, SPULayer]:
@@ -123,6 +123,22 @@ def unwrapped_global(out: Path, rank: int, found: dict) -> None:
     found["unchanged"] = supports_and_values(model) == before
 
 
+def sharded_save_on_rank0(out: Path, rank: int, found: dict) -> None:
+    """`if rank == 0: save_adapter(fsdp_model, ...)`: the gather is a collective the other process never enters."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = get_peft_model(make_tiny_clip(), SPUConfig())
+    model = fully_shard(model, ignored_params=spu_peft.scalar_parameters(model))
+    found["saved"] = "not called"
+    if rank == 0:
+        try:
+            spu_peft.save_adapter(model, str(out / "adapter"), arrival_timeout_s=5)
+            found["saved"] = "saved"
+        except RuntimeError as error:
+            found["saved"] = str(error)
+    found["adapter_written"] = (out / "adapter").exists()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--flow", required=True, choices=FLOWS)
@@ -136,6 +152,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     found = {"flow": args.flow}
     flows = {"trainer-global": trainer_global, "save-on-rank0": save_on_rank0, "unwrapped-global": unwrapped_global}
+    flows |= {"sharded-save-on-rank0": sharded_save_on_rank0}
     flows[args.flow](out, rank, found)
     (out / f"rank{rank}.json").write_text(json.dumps(found))
     dist.barrier()
