@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "supports",
             "optim_state",
             "arrival",
+            "fsdp_units",
             "distributed",
             "scoring",
             "memory",

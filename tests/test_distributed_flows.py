@@ -81,3 +81,13 @@ def test_save_adapter_of_a_sharded_model_on_the_main_process_alone_is_refused_no
     assert "process(es) [1] of 2 did not call it within 5 s" in main["saved"]
     assert "on every process, not under `if rank == 0:`" in main["saved"]
     assert other["saved"] == "not called" and not main["adapter_written"]
+
+
+def test_fsdp_units_around_each_linear_are_refused_with_the_fix(tmp_path):
+    """A size-based auto-wrap policy makes each large `nn.Linear`, an SPU layer's base layer too, an FSDP unit of its
+    own, whose weight FSDP gathers only in its own forward: SPU's forward failed with "The size of tensor a (0) must
+    match ..." (FSDP1) or "mixed torch.Tensor and DTensor" (FSDP2); LoRA, which calls the base layer, runs."""
+    for process in launch("linear-units", tmp_path):
+        for engine in ("fsdp1", "fsdp2"):
+            assert process[engine].startswith("ValueError: SPU cannot run a layer whose base layer FSDP wraps")
+            assert "wrap the transformer blocks" in process[engine]
