@@ -29,6 +29,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "sparse_linear",
             "supports",
             "optim_state",
+            "arrival",
+            "fsdp_units",
             "distributed",
             "scoring",
             "memory",

@@ -21,7 +21,7 @@ from peft import PeftModel, get_peft_model  # noqa: E402
 import spu_peft  # noqa: E402
 from spu_peft import SPUConfig, SPULayer, SPUSelectionCallback  # noqa: E402
 
-FLOWS = ("trainer-global", "save-on-rank0", "unwrapped-global")
+FLOWS = ("trainer-global", "save-on-rank0", "unwrapped-global", "sharded-save-on-rank0", "linear-units")
 
 
 def layers(model: torch.nn.Module) -> dict[str, SPULayer]:
@@ -123,6 +123,52 @@ def unwrapped_global(out: Path, rank: int, found: dict) -> None:
     found["unchanged"] = supports_and_values(model) == before
 
 
+def sharded_save_on_rank0(out: Path, rank: int, found: dict) -> None:
+    """`if rank == 0: save_adapter(fsdp_model, ...)`: the gather is a collective the other process never enters."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = get_peft_model(make_tiny_clip(), SPUConfig())
+    model = fully_shard(model, ignored_params=spu_peft.scalar_parameters(model))
+    found["saved"] = "not called"
+    if rank == 0:
+        try:
+            spu_peft.save_adapter(model, str(out / "adapter"), arrival_timeout_s=5)
+            found["saved"] = "saved"
+        except RuntimeError as error:
+            found["saved"] = str(error)
+    found["adapter_written"] = (out / "adapter").exists()
+
+
+def linear_units(out: Path, rank: int, found: dict) -> None:
+    """FSDP units around each large `nn.Linear` (a size-based auto-wrap policy), which SPU's forward cannot run
+    under, and the wrapping by block the refusal names."""
+    import functools
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
+
+    def run(model: torch.nn.Module) -> str:
+        try:
+            spu_peft.select_parameters(model, [make_batch(rank)], fraction=1.0)
+            return f"{float(model(**make_batch(7)).logits_per_image.sum()):.6f}"
+        except Exception as error:  # noqa: BLE001 - the test reads which error, and its words
+            return f"{type(error).__name__}: {error}"
+
+    model = get_peft_model(make_tiny_clip(), SPUConfig())
+    policy = functools.partial(size_based_auto_wrap_policy, min_num_params=1000)
+    ignored = list(spu_peft.scalar_parameters(model))
+    cpu = torch.device("cpu")
+    wrapped = FSDP(model, use_orig_params=True, device_id=cpu, auto_wrap_policy=policy, ignored_states=ignored)
+    found["fsdp1"] = run(wrapped)
+    model = get_peft_model(make_tiny_clip(), SPUConfig())
+    ignored = spu_peft.scalar_parameters(model)
+    for module in list(model.modules()):
+        if type(module) is torch.nn.Linear and module.weight.numel() >= 1000:
+            fully_shard(module, ignored_params=ignored)
+    found["fsdp2"] = run(fully_shard(model, ignored_params=ignored))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--flow", required=True, choices=FLOWS)
@@ -136,6 +182,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     found = {"flow": args.flow}
     flows = {"trainer-global": trainer_global, "save-on-rank0": save_on_rank0, "unwrapped-global": unwrapped_global}
+    flows |= {"sharded-save-on-rank0": sharded_save_on_rank0, "linear-units": linear_units}
     flows[args.flow](out, rank, found)
     (out / f"rank{rank}.json").write_text(json.dumps(found))
     dist.barrier()

@@ -23,14 +23,19 @@ def launch(flow: str, out: Path) -> list[dict]:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
     command += [str(free_port()), str(WORKER), "--flow", flow, "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # a session of its own: a hung launch is killed with its workers, which killing torchrun alone would orphan
+    # a session of its own: a hung launch is ended with its workers
     launched = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                 start_new_session=True)  # fmt: skip
     try:
         _, stderr = launched.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(launched.pid, signal.SIGKILL)
-        launched.communicate()
+        # torchrun starts each worker in a session of its own, which killing torchrun's would leave running, holding
+        # the pipes open: SIGTERM makes torchrun end its workers first
+        os.killpg(launched.pid, signal.SIGTERM)
+        try:
+            launched.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(launched.pid, signal.SIGKILL)
         pytest.fail(f"{flow}: the 2-process launch did not finish in {TIMEOUT} s (a process waits for the other)")
     if launched.returncode != 0:
         pytest.fail(f"{flow}: the 2-process launch failed:\n{stderr[-3000:]}")
@@ -67,3 +72,22 @@ def test_a_global_budget_selected_inside_ddp_is_refused_and_changes_nothing(tmp_
         assert process["reselection"].startswith("ValueError: budget='global' gives ")
         assert "Select on the model before wrapping it" in process["reselection"]
         assert process["unchanged"]
+
+
+def test_save_adapter_of_a_sharded_model_on_the_main_process_alone_is_refused_not_a_hang(tmp_path):
+    """`if rank == 0: save_adapter(fsdp_model, ...)`: the main process waited in FSDP's gather for a process that
+    never came (a hang until the group's timeout, 30 min under gloo)."""
+    main, other = launch("sharded-save-on-rank0", tmp_path)
+    assert "process(es) [1] of 2 did not call it within 5 s" in main["saved"]
+    assert "on every process, not under `if rank == 0:`" in main["saved"]
+    assert other["saved"] == "not called" and not main["adapter_written"]
+
+
+def test_fsdp_units_around_each_linear_are_refused_with_the_fix(tmp_path):
+    """A size-based auto-wrap policy makes each large `nn.Linear`, an SPU layer's base layer too, an FSDP unit of its
+    own, whose weight FSDP gathers only in its own forward: SPU's forward failed with "The size of tensor a (0) must
+    match ..." (FSDP1) or "mixed torch.Tensor and DTensor" (FSDP2); LoRA, which calls the base layer, runs."""
+    for process in launch("linear-units", tmp_path):
+        for engine in ("fsdp1", "fsdp2"):
+            assert process[engine].startswith("ValueError: SPU cannot run a layer whose base layer FSDP wraps")
+            assert "wrap the transformer blocks" in process[engine]

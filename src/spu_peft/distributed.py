@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .arrival import ARRIVAL_TIMEOUT_S, await_every_process
 from .integrity import save_pretrained_atomically
 
 FSDP1 = "fsdp1"
@@ -321,7 +322,9 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def save_adapter(model: nn.Module, save_directory: str, **kwargs: Any) -> None:
+def save_adapter(
+    model: nn.Module, save_directory: str, *, arrival_timeout_s: float = ARRIVAL_TIMEOUT_S, **kwargs: Any
+) -> None:
     """`save_pretrained` for the model as you hold it: plain, `DataParallel`/DDP, FSDP1 or FSDP2; atomic.
 
     Sharded parameters are gathered into whole tensors first (FSDP1's full state dict, FSDP2's
@@ -331,10 +334,17 @@ def save_adapter(model: nn.Module, save_directory: str, **kwargs: Any) -> None:
     DataParallel, DDP) holds every tensor whole on every process, so nothing is exchanged and no process waits for
     another: it may be called on every process or on the main one alone (`if rank == 0:`, as PEFT's `save_pretrained`
     is), and the others return at once; wait for the main process (`dist.barrier()`) before another reads the folder.
-    `kwargs` go to `save_pretrained`.
+    A sharded save first waits up to `arrival_timeout_s` seconds for every process to call it and then raises,
+    naming the missing processes, instead of waiting inside the gather for ever. `kwargs` go to `save_pretrained`.
     """
     runner = unwrap_replicated(model)
     engine = sharding_engine(runner)
+    if engine is not None:
+        fix = (
+            "The model is sharded: call `spu_peft.save_adapter(model, directory)` on every process, not under "
+            "`if rank == 0:` (it gathers the shards and writes the adapter on the main process alone)."
+        )
+        await_every_process("save_adapter", fix, arrival_timeout_s)
     state_dict = None
     if engine == FSDP1:
         from torch.distributed.fsdp import FullStateDictConfig, StateDictType

@@ -14,6 +14,7 @@ from .blocks import LayoutCache, TileLayout, check_divisible
 from .config import SPUConfig
 from .distributed import full_tensor, is_sharded_tensor
 from .encoding import check_indices, check_values, index_dtype
+from .fsdp_units import refuse_base_layer_sharded_alone
 from .optim_state import watch_resized
 from .scoring import scoring_linear
 from .sparse_linear import SparseDelta, compose_bias, compose_weight, sparse_delta_linear, union_sum
@@ -372,7 +373,7 @@ class Linear(nn.Module, SPULayer):
         **kwargs: Any,
     ) -> torch.Tensor:
         """`x (W + deltas)^T + b + bias deltas` as one product with the composed weight."""
-        base_layer = self.get_base_layer()
+        refuse_base_layer_sharded_alone(base_layer := self.get_base_layer())  # FSDP gathers no weight for us
         weight = base_layer.weight
         bias = base_layer.bias
         if delta_biases:  # summed in float32 and rounded once on a half-precision base, as the weight is
