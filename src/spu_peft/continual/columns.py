@@ -69,10 +69,9 @@ def check_label_kind(dataset: datasets.Dataset, column: str, what: str, names_ar
     )
 
 
-def check_labelled(labels: Any, what: str) -> None:
+def check_labelled(labels: list, what: str) -> None:
     """Refuse examples without a label: a missing value (which no comparison takes) and label -1, datasets' mark of
     an example without a label, each named as such (else the class names are blamed for a label they do not cover)."""
-    labels = list(labels)
     if missing := labels.count(None):
         raise ValueError(
             f"{what}: {missing} example(s) without a label; leave them out (dataset.filter(lambda row: "

@@ -260,11 +260,12 @@ def prepare_sequence_data(
     """
     train = _standardise(train, image_column, label_column, "the train split")
     test = _standardise(test, image_column, label_column, "the test split")
-    check_labelled(train["labels"], "the train split")
-    check_labelled(test["labels"], "the test split")
+    train_labels, test_labels = list(train["labels"]), list(test["labels"])  # read once: a column read is a copy
+    check_labelled(train_labels, "the train split")
+    check_labelled(test_labels, "the test split")
     class_names = list(class_names) if class_names else label_names(train, "labels", label_column)
     tokenizer = processor.tokenizer
-    check_class_names(class_names, [*train["labels"], *test["labels"]], tokenizer, "the dataset")
+    check_class_names(class_names, [*train_labels, *test_labels], tokenizer, "the dataset")
     check_splits_match(train, test, class_names)
     train_id, test_id = content_digest(train, "the train split"), content_digest(test, "the test split")
     identity = {"train": train_id, "test": test_id, "control": None}
@@ -272,7 +273,6 @@ def prepare_sequence_data(
     if settings.num_tasks > len(class_names):
         raise ValueError(f"`num_tasks` {settings.num_tasks} exceeds the {len(class_names)} classes of the dataset")
     tasks = class_incremental_split(len(class_names), settings.num_tasks, seed=settings.seed)
-    train_labels, test_labels = train["labels"], test["labels"]
     train_indices = [capped(train_labels, task_indices(train_labels, t), settings.max_train_per_task) for t in tasks]
     test_indices = [capped(test_labels, task_indices(test_labels, t), settings.max_test_per_task) for t in tasks]
     _check_caps(tasks, train_labels, train_indices, "max_train_per_task", settings.max_train_per_task, "training")
@@ -354,9 +354,10 @@ def _labelled_set(
     dataset = _standardise(dataset, *columns, what, argument)
     if len(dataset) == 0:  # else transformers' processor fails on the first (missing) batch
         raise ValueError(f"{what} has no images; give it images of its classes, or leave it out")
-    check_labelled(dataset["labels"], what)
+    labels = list(dataset["labels"])
+    check_labelled(labels, what)
     names = list(class_names or label_names(dataset, "labels", columns[1], argument, what))
-    check_class_names(names, list(dataset["labels"]), tokenizer, what, every_label=False)
+    check_class_names(names, labels, tokenizer, what, every_label=False)
     if cap is not None and cap < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(cap))
     return dataset, names
