@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import unwrap_replicated
+from ..selection_data import eval_mode
 from .loaders import eval_loader
 from .tasks import class_lookup
 
@@ -67,24 +68,22 @@ def zero_shot_predictions(
     with `gather_for_metrics`, so every rank returns the same tensors. The only zero-shot evaluation of the
     package: pretraining, the sequence and the notebooks all use it.
     """
-    was_training = model.training
-    model.eval()
-    unwrapped = unwrap_replicated(model)
-    device = class_features.device
-    parameter = next(unwrapped.parameters())
-    lookup = None if class_ids is None else class_lookup(class_ids, device)
-    predicted, true = [], []
-    for batch in dataloader:
-        pixel_values = batch["pixel_values"].to(device=device, dtype=parameter.dtype)
-        labels = batch["labels"].to(device)
-        image = image_features(unwrapped, pixel_values)
-        predictions = (image @ class_features.t()).argmax(-1)
-        targets = labels if lookup is None else lookup[labels]
-        if accelerator is not None:
-            predictions, targets = accelerator.gather_for_metrics((predictions, targets))
-        predicted.append(predictions.cpu())
-        true.append(targets.cpu())
-    model.train(was_training)
+    with eval_mode(model):  # every module back in its own mode afterwards, also on an error
+        unwrapped = unwrap_replicated(model)
+        device = class_features.device
+        parameter = next(unwrapped.parameters())
+        lookup = None if class_ids is None else class_lookup(class_ids, device)
+        predicted, true = [], []
+        for batch in dataloader:
+            pixel_values = batch["pixel_values"].to(device=device, dtype=parameter.dtype)
+            labels = batch["labels"].to(device)
+            image = image_features(unwrapped, pixel_values)
+            predictions = (image @ class_features.t()).argmax(-1)
+            targets = labels if lookup is None else lookup[labels]
+            if accelerator is not None:
+                predictions, targets = accelerator.gather_for_metrics((predictions, targets))
+            predicted.append(predictions.cpu())
+            true.append(targets.cpu())
     if not true:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     return torch.cat(predicted), torch.cat(true)

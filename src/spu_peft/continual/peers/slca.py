@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ...selection_data import eval_mode
 from ..hooks import MethodHooks, TaskContext, trainable_named_parameters
 from ..methods import FULL_GRID, ContinualMethod, full_fine_tuning, register_method
 from ..tasks import class_lookup
@@ -129,12 +130,9 @@ class SLCA(MethodHooks):
         return [group for group in groups if group["params"]]
 
     def end_task(self, context: TaskContext) -> None:
-        model = context.model
-        training = model.training
-        model.eval()
-        self.add_class_statistics(context)
-        self.align_classifier(context)
-        model.train(training)
+        with eval_mode(context.model):
+            self.add_class_statistics(context)
+            self.align_classifier(context)
 
     def add_class_statistics(self, context: TaskContext) -> None:
         """Gaussians of the current task's classes (older classes keep theirs)."""

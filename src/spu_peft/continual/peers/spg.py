@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from ...selection_data import eval_mode
 from ..hooks import Step, TaskContext, trainable_named_parameters
 from ..methods import FULL_GRID, ContinualMethod, register_method
 from ..settings import SequenceSettings
@@ -92,13 +93,11 @@ class SPG(ImportanceHooks):
         classes = sorted(c for task in context.data.tasks[: context.task] for c in task)
         rows = [context.seen.index(c) for c in classes]
         captions = {k: v[rows].to(context.device) for k, v in context.captions.items()}
-        training = model.training
-        model.eval()
-        for objective in importance_objectives(context, captions):
-            batches = task_batches(context, context.task - 1, classes, context.settings.scoring_batch_size)
-            gradients = summed_gradients(parameters, batches, objective, absolute=False, accelerator=accelerator)
-            accumulate_importance(self.importance, gradients)
-        model.train(training)
+        with eval_mode(model):
+            for objective in importance_objectives(context, captions):
+                batches = task_batches(context, context.task - 1, classes, context.settings.scoring_batch_size)
+                gradients = summed_gradients(parameters, batches, objective, absolute=False, accelerator=accelerator)
+                accumulate_importance(self.importance, gradients)
 
     def __init__(self, settings=None, options=None) -> None:
         super().__init__(settings, options)
