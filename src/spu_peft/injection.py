@@ -93,10 +93,12 @@ class ModelState:
                 parent_path, _, child = path.rpartition(".")
                 parent = self.model.get_submodule(parent_path)
                 current = getattr(parent, child, None)
-                if current is not module and not _holds_adapters(current):
-                    setattr(parent, child, module)
-                elif current is not module:
+                if current is module:
+                    continue
+                if _holds_adapters(current):
                     self._hand_over_module(others, path, module, current)
+                else:
+                    setattr(parent, child, module)
         if name in active:  # the layers picked the next active adapters as PEFT's deletion does; none if none is left
             kept = [n for n in active if n != name] or [n for n in chosen or [] if n in self.tuner.peft_config]
             self.tuner.active_adapter = kept
