@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 SCORES = ("output_norm", "task_loss", "fisher", "magnitude", "random")
 GRADIENT_SCORES = ("output_norm", "task_loss", "fisher")
+DATA_FREE_SCORES = tuple(score for score in SCORES if score not in GRADIENT_SCORES)  # "magnitude", "random"
 
 
 @dataclass

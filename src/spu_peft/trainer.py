@@ -12,14 +12,13 @@ from transformers.trainer_callback import ExportableState
 
 from .distributed import unwrap_replicated
 from .model import user_stacklevel
-from .selection import SelectionReport, resolve_adapter, select_parameters
+from .selection import DATA_FREE_SCORES, SelectionReport, resolve_adapter, select_parameters
 
 logger = logging.getLogger(__name__)
 
 # Batches scored before step 1 unless told otherwise: a bounded cost where a quarter of an SFT epoch would be
 # thousands of batches; 32 keep most of a 128-batch support (docs/llm.md measures how much).
 DEFAULT_MAX_BATCHES = 32
-DATA_FREE_SCORES = ("magnitude", "random")
 
 
 class SPUSelectionCallback(TrainerCallback, ExportableState):
