@@ -190,6 +190,8 @@ def test_the_report_holds_figures_only_and_goals_are_checked_on_request(throughp
         "goal": "SPU step time <= 1.15x LoRA", "threshold": 1.15, "ratio": 2.0, "margin": -0.85, "met": False
     }  # fmt: skip
     assert checked["spu_mem_vs_lora"]["ratio"] == round(100 / 110, 4) and checked["spu_mem_vs_lora"]["met"] is True
+    tiny_miss = goals.check_goals({**figures, "lora": {**figures["lora"], "peak_mem_bytes": 100 / 1.10 - 1e-6}})
+    assert tiny_miss["spu_mem_vs_lora"]["met"] is False and tiny_miss["spu_mem_vs_lora"]["margin"] == -0.0001
     assert checked["adapter_vs_values"]["ratio"] == 1.35 and checked["adapter_vs_values"]["met"] is True  # at the limit
     assert checked["spu_step_vs_full"]["ratio"] is None and checked["spu_step_vs_full"]["met"] is None  # no `full` row
     table = goals.goals_markdown("tiny", checked)

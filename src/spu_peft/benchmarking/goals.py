@@ -56,17 +56,19 @@ def goal_ratios(results: dict[str, Any]) -> dict[str, float | None]:
 
 def check_goals(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each goal with its ratio, threshold, margin (threshold - ratio) and whether it is met (None where the ratio
-    could not be measured); ratio and margin rounded to 4 decimals after the verdict."""
+    could not be measured); ratio and margin rounded to 4 decimals after the verdict. A miss smaller than the last
+    decimal shows as -0.0001, not as a margin of 0 beside `met: False` (two peaks a page apart did)."""
     ratios, checked = goal_ratios(results), {}
     for key, statement, threshold in GOALS:
         value = ratios[key]
         margin = None if value is None else threshold - value
+        met = None if margin is None else margin >= 0
         checked[key] = {
             "goal": statement,
             "threshold": threshold,
             "ratio": None if value is None else round(value, 4),
-            "margin": None if margin is None else round(margin, 4),
-            "met": None if margin is None else margin >= 0,
+            "margin": None if margin is None else round(margin, 4) if met else min(round(margin, 4), -1e-4),
+            "met": met,
         }
     return checked
 
