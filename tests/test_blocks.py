@@ -649,7 +649,7 @@ def test_a_layout_grouped_by_rows_lists_each_row_of_tiles_and_its_tiles_columns(
     """Tiles 3, 17, 9, 22, 16 of the 6 x 8 grid (fewer rows of tiles): rows 0 (column 3), 1 (1), 2 (0, 1, 6)."""
     layout = tile_layout(torch.tensor([3, 9, 16, 17, 22]), (48, 32), BLOCK)
     assert layout.by_rows and layout.groups == ((0, 1), (1, 1), (2, 3)) and layout.entries == 5 * 32
-    assert layout.other_blocks.tolist() == [3, 1, 0, 1, 6] and layout.chunks is None
+    assert layout.other_blocks.tolist() == [3, 1, 0, 1, 6] and layout.first_runs is None
     square = tile_layout(torch.tensor([1, 2]), (16, 8), BLOCK)  # 2 x 2 tiles
     assert square.by_rows and square.groups == ((0, 1), (1, 1))  # as many rows as columns: by rows, no map
 
@@ -661,9 +661,10 @@ def test_a_layout_grouped_by_columns_puts_each_row_of_a_tile_where_the_sorted_su
     layout = tile_layout(torch.tensor([1, 6, 7, 13, 20]), (48, 16), BLOCK)
     assert not layout.by_rows and layout.groups == ((0, 1), (1, 2), (2, 1), (3, 1))
     assert layout.other_blocks.tolist() == [5, 0, 3, 1, 1] and layout.entries == 5 * 32
-    pairs = [chunk for i in range(8) for chunk in (24 + i, 32 + i)]
-    assert layout.chunks.tolist() == [*range(8, 16), *pairs, *range(16, 24), *range(8)]
-    assert layout.chunks.dtype == torch.int32 and layout.runs.dtype == torch.int32  # the compact index dtype
+    # in group order 20 | 1, 13 | 6 | 7: tile 20 alone in its row of tiles (runs 32-39), 1 alone (0-7), 13 alone
+    # (24-31), 6 and 7 sharing theirs (runs 8, 10, ..., 22 and 9, 11, ..., 23)
+    assert layout.first_runs.tolist() == [32, 0, 24, 8, 9] and layout.run_strides.tolist() == [1, 1, 1, 2, 2]
+    assert layout.first_runs.dtype == torch.int32 and layout.runs.dtype == torch.int32  # the compact index dtype
     # runs: tile 1 (row of tiles 0, column 1) is weight rows 0-7 at column block 1 of 4; tiles 6 and 7 share rows 8-15
     assert layout.runs.tolist() == [
         *(4 * r + 1 for r in range(8)),

@@ -79,8 +79,9 @@ class TileLayout:
     matmuls are few and large: `groups` is `(block, tiles)` per group in order, and `other_blocks` the block of the
     other side of each tile, in group order. Grouped by rows (`by_rows`), each group's product is its stretch of the
     gradient. Grouped by columns, the products are whole tiles, `(tiles, br, bc)`, whose rows of `bc` values are the
-    gradient's runs in another order: `chunks` is, for each run, its row in the products. Where the block-sparse
-    kernel applies (`spu_peft.bsr.bsr_applies`), `bsr` is its layout, taken in the kernel's dtypes.
+    gradient's runs in another order: row `i` of the group's `t`-th tile is run `first_runs[t] + i * run_strides[t]`
+    (its row of tiles' first run, and how many tiles that row of tiles has). Where the block-sparse kernel applies
+    (`spu_peft.bsr.bsr_applies`), `bsr` is its layout, taken in the kernel's dtypes.
     """
 
     block_size: tuple[int, int]
@@ -89,7 +90,8 @@ class TileLayout:
     other_blocks: torch.Tensor
     entries: int
     runs: torch.Tensor
-    chunks: torch.Tensor | None = None
+    first_runs: torch.Tensor | None = None
+    run_strides: torch.Tensor | None = None
     bsr: BsrLayout | None = None
 
 
@@ -102,15 +104,22 @@ class RunOrder:
     row: torch.Tensor
 
 
-def run_order(tile_rows: torch.Tensor, br: int) -> RunOrder:
-    """The tile and the row within it of each run, in the values' order, for sorted tiles in the rows of tiles
-    `tile_rows` (tile `t`, the `j`-th of the `k` tiles of its row of tiles, whose first is the `f`-th: its row `i` is
-    run `br * f + i * k + j`)."""
+def first_runs_and_strides(tile_rows: torch.Tensor, br: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sorted tile (in the rows of tiles `tile_rows`), its first row's run and the step between its rows' runs:
+    tile `t`, the `j`-th of the `k` tiles of its row of tiles, whose first is the `f`-th, has its row `i` at run
+    `br * f + j + i * k`."""
     _, row_of, per_row = torch.unique_consecutive(tile_rows, return_inverse=True, return_counts=True)
     first = (torch.cumsum(per_row, 0) - per_row)[row_of]
     rank = torch.arange(tile_rows.numel(), device=tile_rows.device) - first
+    return br * first + rank, per_row[row_of]
+
+
+def run_order(tile_rows: torch.Tensor, br: int) -> RunOrder:
+    """The tile and the row within it of each run, in the values' order, for sorted tiles in the rows of tiles
+    `tile_rows`."""
+    first_runs, strides = first_runs_and_strides(tile_rows, br)
     within = torch.arange(br, device=tile_rows.device)[None, :]
-    target = (br * first[:, None] + within * per_row[row_of][:, None] + rank[:, None]).reshape(-1)
+    target = (first_runs[:, None] + within * strides[:, None]).reshape(-1)
     tile = torch.empty_like(target)
     row = torch.empty_like(target)
     tile[target] = torch.arange(tile_rows.numel(), device=target.device).repeat_interleave(br)
@@ -134,15 +143,12 @@ def tile_layout(tiles: torch.Tensor, shape: tuple[int, int], block_size: tuple[i
     if rows // br <= grid_cols:
         blocks, counts = torch.unique_consecutive(tile_rows, return_counts=True)
         groups = tuple(zip(blocks.tolist(), counts.tolist()))
-        return TileLayout(block_size, True, groups, tile_cols, entries, runs, None, bsr)
+        return TileLayout(block_size, True, groups, tile_cols, entries, runs, None, None, bsr)
     by_cols = torch.argsort(tile_cols, stable=True)
     blocks, counts = torch.unique_consecutive(tile_cols[by_cols], return_counts=True)
-    position = torch.empty_like(by_cols)
-    position[by_cols] = torch.arange(by_cols.numel(), device=by_cols.device)
-    chunks = position[order.tile] * br + order.row
     groups = tuple(zip(blocks.tolist(), counts.tolist()))
-    chunks = chunks.to(index_dtype(chunks.numel()))
-    return TileLayout(block_size, False, groups, tile_rows[by_cols], entries, runs, chunks, bsr)
+    first_runs, strides = (t[by_cols].to(index_dtype(runs.numel())) for t in first_runs_and_strides(tile_rows, br))
+    return TileLayout(block_size, False, groups, tile_rows[by_cols], entries, runs, first_runs, strides, bsr)
 
 
 def check_tiles(tiles: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int], adapter_name: str) -> None:
@@ -195,7 +201,8 @@ def tile_value_gradient(grad_output: torch.Tensor, x: torch.Tensor, layout: Tile
     `grad_output` is `(tokens, out_features)` and `x` `(tokens, in_features)`, both 2-D in the compute dtype. The work
     is `tokens * (selected entries)` multiply-adds, the tiles' share of the dense product's. Each group of tiles is one
     matmul of a slice of the grouping side (a view) with the other side's blocks of its tiles (gathered): of the
-    inputs only those blocks are copied (grouped by columns, the products are copied once more, into sorted order).
+    inputs only those blocks are copied (grouped by columns, each group's products are copied once more, to their
+    runs).
     Under `create_graph=True` the products stay differentiable. Where the layout has a block-sparse kernel's
     (`spu_peft.bsr`, CUDA) and the dtype is one of its, that one kernel computes the tiles instead, except when
     autograd records the gradient (a double backward): the Triton kernel writes its output outside autograd, so its
@@ -209,8 +216,9 @@ def tile_value_gradient(grad_output: torch.Tensor, x: torch.Tensor, layout: Tile
     tokens = x.shape[0]
     if layout.by_rows:  # (br, tiles * bc) per row of tiles: its stretch of the gradient
         other, out = x.reshape(tokens, -1, bc), grad_output.new_empty(layout.entries)
-    else:  # (tiles * br, bc) per column of tiles: whole tiles, put in order by `chunks`
+    else:  # (tiles * br, bc) per column of tiles: whole tiles, each row copied to its run
         other, out = grad_output.reshape(tokens, -1, br), grad_output.new_empty(layout.entries // bc, bc)
+        rows = torch.arange(br, device=out.device)
     first = 0
     for block, count in layout.groups:
         gathered = other.index_select(1, layout.other_blocks[first : first + count]).flatten(1)
@@ -218,9 +226,11 @@ def tile_value_gradient(grad_output: torch.Tensor, x: torch.Tensor, layout: Tile
             stretch = out[first * br * bc : (first + count) * br * bc].view(br, count * bc)
             _mm_into(grad_output[:, block * br : (block + 1) * br].t(), gathered, stretch)
         else:
-            _mm_into(gathered.t(), x[:, block * bc : (block + 1) * bc], out[first * br : (first + count) * br])
+            tiles = slice(first, first + count)
+            runs = layout.first_runs[tiles, None] + rows * layout.run_strides[tiles, None]
+            out.index_copy_(0, runs.reshape(-1), gathered.t() @ x[:, block * bc : (block + 1) * bc])
         first += count
-    return out if layout.by_rows else out.index_select(0, layout.chunks).view(-1)
+    return out.view(-1)
 
 
 def _records_graph(a: torch.Tensor, b: torch.Tensor) -> bool:
