@@ -58,9 +58,9 @@ def paths(shape, args, device, dtype) -> tuple[dict, Callable[[], torch.Tensor]]
     autograd reference they are compared with."""
     generator = torch.Generator().manual_seed(0)
     grid = (shape[0] // args.block_size[0]) * (shape[1] // args.block_size[1])
-    tiles = torch.randperm(grid, generator=generator)[: max(1, round(args.density * grid))]
-    indices = expand_tiles(tiles, shape, args.block_size).to(device)
-    layout = tile_layout(indices, shape, args.block_size)
+    tiles = torch.randperm(grid, generator=generator)[: max(1, round(args.density * grid))].sort().values.to(device)
+    indices = expand_tiles(tiles, shape, args.block_size)
+    layout = tile_layout(tiles, shape, args.block_size)
     grad_out = torch.randn(args.tokens, shape[0], generator=generator).to(device, dtype)
     x = torch.randn(args.tokens, shape[1], generator=generator).to(device, dtype)
     weight = torch.randn(shape, generator=generator).to(device, dtype).requires_grad_(True)

@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "blocks",
             "bsr",
             "sparse_linear",
+            "state_sizes",
             "supports",
             "optim_state",
             "arrival",

@@ -34,7 +34,7 @@ def layers(model: torch.nn.Module) -> dict[str, SPULayer]:
 
 def supports_and_values(model: torch.nn.Module) -> dict[str, list]:
     return {
-        name: [layer.spu_indices["default"].tolist(), layer.spu_values["default"].detach().tolist()]
+        name: [layer.support("default").tolist(), layer.spu_values["default"].detach().tolist()]
         for name, layer in layers(model).items()
     }
 

@@ -73,7 +73,7 @@ def wrap(model: torch.nn.Module, engine: str) -> torch.nn.Module:
 
 def supports(model: torch.nn.Module) -> dict[str, list[int]]:
     return {
-        spu_peft.naming.relative_name(n): m.spu_indices["default"].tolist()
+        spu_peft.naming.relative_name(n): m.support("default").tolist()
         for n, m in spu_peft.distributed.unwrap_replicated(model).named_modules()
         if isinstance(m, SPULayer)
     }
@@ -226,7 +226,7 @@ def finish(out: Path, rank: int, found: dict, trained: torch.Tensor, first_suppo
                 moved = set(differs.flatten().nonzero().squeeze(1).tolist())
                 allowed = set(found["supports"][name])
                 if not first_support_only:  # trained again after the reselection
-                    allowed |= set(m.spu_indices["default"].tolist())
+                    allowed |= set(m.support("default").tolist())
                 changed[name] = {"inside": len(moved & allowed), "outside": len(moved - allowed)}
         found["changed_entries"] = changed
     (out / f"rank{rank}.json").write_text(json.dumps(found))

@@ -4,7 +4,6 @@ dense autograd, and saving, loading, merging and composing as entry-level adapte
 import copy
 import gc
 import json
-import logging
 import warnings
 import weakref
 
@@ -82,7 +81,7 @@ def test_a_shape_the_tiles_do_not_divide_is_refused_naming_layer_shape_and_block
 def test_initial_support_is_whole_tiles(budget):
     model = blocked_model(budget=budget, density=0.25)
     for layer in layers(model).values():
-        tiles, whole = tiles_of(layer.spu_indices["default"], layer.weight_shape, BLOCK)
+        tiles, whole = tiles_of(layer.support("default"), layer.weight_shape, BLOCK)
         assert whole
         if budget == "per_row":
             assert sorted({r for r, _ in tiles}) == list(range(6))
@@ -122,7 +121,7 @@ def test_a_tile_budget_lifted_to_one_tile_warns_how_much_of_the_weight_trains(bl
         )
         for message in said
     )
-    assert all(layer.spu_indices["default"].numel() == 48 * 32 for layer in layers(model).values())
+    assert all(layer.support("default").numel() == 48 * 32 for layer in layers(model).values())
 
 
 def magnitude_tiles(model):
@@ -140,7 +139,7 @@ def test_selection_takes_the_top_tiles_by_the_sum_of_their_entries_scores(budget
         pooled = torch.cat([s.flatten() for s in sums.values()])
         threshold = pooled.sort(descending=True).values[num_selected(pooled.numel(), 0.2) - 1]
     for name, layer in layers(model).items():
-        chosen, whole = tiles_of(layer.spu_indices["default"], layer.weight_shape, BLOCK)
+        chosen, whole = tiles_of(layer.support("default"), layer.weight_shape, BLOCK)
         assert whole and report.num_selected[name] == len(chosen) * 32
         score = sums[name]
         if budget == "per_tensor":
@@ -175,16 +174,17 @@ def test_gradient_selection_scores_tiles_from_the_entry_scores(monkeypatch):
         torch.testing.assert_close(tiles, entry_scores.view(6, 8, 8, 4).sum(dim=(1, 3)), rtol=0, atol=0)
         top = tiles.flatten().topk(num_selected(48, 0.25)).indices
         expected = {(int(t) // 8, int(t) % 8) for t in top}
-        assert tiles_of(layer.spu_indices["default"], layer.weight_shape, BLOCK)[0] == expected
+        assert tiles_of(layer.support("default"), layer.weight_shape, BLOCK)[0] == expected
 
 
 # ---- the per-tile value gradient ---------------------------------------------------------------------------------
 
 
 def random_tiles(shape, block, count, seed):
+    """`count` seeded tiles (sorted flat positions in the grid of tiles) and their entries (sorted)."""
     grid = (shape[0] // block[0]) * (shape[1] // block[1])
-    tiles = torch.randperm(grid, generator=torch.Generator().manual_seed(seed))[:count]
-    return expand_tiles(tiles, shape, block)
+    tiles = torch.randperm(grid, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    return tiles, expand_tiles(tiles, shape, block)
 
 
 @pytest.mark.parametrize("block", [(8, 4), (1, 16), (16, 1), (4, 4), (48, 32)])
@@ -192,12 +192,11 @@ def random_tiles(shape, block, count, seed):
 def test_tile_gradient_equals_dense_autograd_in_float64(block, tokens):
     shape = (48, 32)
     grid = shape[0] // block[0] * shape[1] // block[1]
-    indices = random_tiles(shape, block, max(1, grid // 3), seed=tokens)
+    tiles, indices = random_tiles(shape, block, max(1, grid // 3), seed=tokens)
     generator = torch.Generator().manual_seed(1)
     grad_out = torch.randn(tokens, shape[0], generator=generator, dtype=torch.float64)
     x = torch.randn(tokens, shape[1], generator=generator, dtype=torch.float64)
-    layout = tile_layout(indices, shape, block)
-    assert layout is not None
+    layout = tile_layout(tiles, shape, block)
     expected = (grad_out.t() @ x).flatten()[indices]
     torch.testing.assert_close(tile_value_gradient(grad_out, x, layout), expected, rtol=0, atol=1e-12)
 
@@ -205,11 +204,11 @@ def test_tile_gradient_equals_dense_autograd_in_float64(block, tokens):
 def test_tile_gradient_takes_inputs_that_are_views_of_other_layouts():
     """`x` and `grad_output` as transposed views (not contiguous), on a shape grouped by rows and one by columns."""
     for shape, by_rows in [((48, 32), False), ((32, 48), True)]:
-        indices = random_tiles(shape, (8, 8), 7, seed=4)
+        tiles, indices = random_tiles(shape, (8, 8), 7, seed=4)
         generator = torch.Generator().manual_seed(3)
         grad_out_t = torch.randn(shape[0], 11, generator=generator, dtype=torch.float64)
         x_t = torch.randn(shape[1], 11, generator=generator, dtype=torch.float64)
-        layout = tile_layout(indices, shape, (8, 8))
+        layout = tile_layout(tiles, shape, (8, 8))
         assert layout.by_rows == by_rows
         got = tile_value_gradient(grad_out_t.t(), x_t.t(), layout)
         torch.testing.assert_close(got, (grad_out_t @ x_t.t()).flatten()[indices], rtol=0, atol=1e-12)
@@ -220,11 +219,11 @@ def test_tile_gradient_in_bfloat16_is_within_one_rounding_of_the_exact_sum():
     sum (float64 on the same bf16 inputs) differs by at most half a bf16 spacing (2**-8 relative) plus float32
     accumulation error (tokens * 2**-24 of the sum of |terms|): bounded by 2**-7 * (|grad_out|^T |x|)."""
     shape, block = (64, 48), (16, 8)
-    indices = random_tiles(shape, block, 7, seed=3)
+    tiles, indices = random_tiles(shape, block, 7, seed=3)
     generator = torch.Generator().manual_seed(2)
     grad_out = torch.randn(200, shape[0], generator=generator).bfloat16()
     x = torch.randn(200, shape[1], generator=generator).bfloat16()
-    got = tile_value_gradient(grad_out, x, tile_layout(indices, shape, block))
+    got = tile_value_gradient(grad_out, x, tile_layout(tiles, shape, block))
     assert got.dtype == torch.bfloat16
     exact = (grad_out.double().t() @ x.double()).flatten()[indices]
     bound = 2**-7 * (grad_out.double().abs().t() @ x.double().abs()).flatten()[indices]
@@ -233,22 +232,30 @@ def test_tile_gradient_in_bfloat16_is_within_one_rounding_of_the_exact_sum():
     assert ((dense.double() - exact).abs() <= bound).all()
 
 
-def test_a_support_of_partial_tiles_has_no_layout():
-    indices = random_tiles((48, 32), BLOCK, 5, seed=0)
-    assert tile_layout(indices[1:], (48, 32), BLOCK) is None
-
-
 @pytest.mark.parametrize("shape", [(48, 32), (32, 48)], ids=["by-rows", "by-columns"])
-def test_whole_tiles_out_of_sorted_order_have_no_layout(shape):
-    """The layouts put values in sorted order: a support written unsorted (by hand, in place) takes the entry path."""
-    indices = random_tiles(shape, (8, 8), 3, seed=1)
-    assert tile_layout(indices, shape, (8, 8)) is not None
-    assert tile_layout(indices.flip(0), shape, (8, 8)) is None
-    assert tile_layout(indices[torch.tensor([64, *range(64), *range(65, 192)])], shape, (8, 8)) is None
-    assert tile_layout(indices[torch.tensor([0, 2, 1, *range(3, 192)])], shape, (8, 8)) is None  # first still least
-    repeated = indices.clone()
-    repeated[5] = repeated[4]  # every tile still has entries, one entry twice: not whole tiles
-    assert tile_layout(repeated, shape, (8, 8)) is None
+@pytest.mark.parametrize("block", [(8, 8), (1, 16), (16, 1), (4, 8)])
+def test_the_runs_of_a_layout_add_each_value_at_its_sorted_entry(shape, block):
+    """`W + delta` by runs of a tile row's values equals it by entries, for every grouping and tile shape."""
+    grid = (shape[0] // block[0]) * (shape[1] // block[1])
+    tiles, indices = random_tiles(shape, block, grid // 3, seed=1)
+    layout = tile_layout(tiles, shape, block)
+    assert layout.runs.numel() * block[1] == indices.numel()
+    values = torch.randn(indices.numel(), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    weight = torch.zeros(shape, dtype=torch.float64)
+    by_runs = weight.reshape(-1, block[1]).index_add(0, layout.runs, values.view(-1, block[1])).view(shape)
+    assert torch.equal(by_runs, weight.reshape(-1).index_add(0, indices, values).view(shape))
+
+
+@pytest.mark.parametrize("edit", ["unsorted", "repeated"])
+def test_a_support_of_tiles_out_of_sorted_order_is_refused_naming_the_fix(edit):
+    """Values pair with tiles in sorted order: a support written in place unsorted or repeated cannot be read."""
+    model = blocked_model(init_weights=False)
+    layer = next(iter(layers(model).values()))
+    tiles = layer.spu_indices["default"]
+    with torch.no_grad():
+        tiles.copy_(tiles.flip(0) if edit == "unsorted" else tiles[torch.tensor([0, 0, *range(2, tiles.numel())])])
+    with pytest.raises(ValueError, match=r"adapter 'default'.*not sorted and distinct.*set_support"):
+        layer(torch.randn(4, 32))
 
 
 def test_a_double_backward_through_tiled_layers_equals_the_entry_paths():
@@ -256,9 +263,10 @@ def test_a_double_backward_through_tiled_layers_equals_the_entry_paths():
     same gradient of their norm, as with no layouts."""
     generator = torch.Generator().manual_seed(0)
     w1, w2 = torch.randn(32, 16, generator=generator).double(), torch.randn(16, 32, generator=generator).double()
-    i1, i2 = expand_tiles(torch.tensor([0, 3]), (32, 16), (8, 8)), expand_tiles(torch.tensor([1, 4]), (16, 32), (8, 8))
+    t1, t2 = torch.tensor([0, 3]), torch.tensor([1, 4])
+    i1, i2 = expand_tiles(t1, (32, 16), (8, 8)), expand_tiles(t2, (16, 32), (8, 8))
     x = torch.randn(4, 16, generator=generator).double()
-    layouts = tile_layout(i1, (32, 16), (8, 8)), tile_layout(i2, (16, 32), (8, 8))
+    layouts = tile_layout(t1, (32, 16), (8, 8)), tile_layout(t2, (16, 32), (8, 8))
     assert not layouts[0].by_rows and layouts[1].by_rows
 
     def grads(tiled):
@@ -280,7 +288,7 @@ def test_sparse_delta_linear_with_layouts_matches_the_dense_path(dtype, monkeypa
     weight = torch.randn(shape, generator=generator).to(dtype)
     bias = torch.randn(shape[0], generator=generator).to(dtype)
     frozen = (torch.arange(0, 1536, 7), torch.randn(220, generator=generator).to(dtype))
-    indices = random_tiles(shape, BLOCK, 9, seed=5)
+    tiles, indices = random_tiles(shape, BLOCK, 9, seed=5)
     x = torch.randn(3, 5, shape[1], generator=generator).to(dtype).requires_grad_()
     upstream = torch.randn(3, 5, shape[0], generator=generator).to(dtype)
 
@@ -291,7 +299,7 @@ def test_sparse_delta_linear_with_layouts_matches_the_dense_path(dtype, monkeypa
         return (out,) + torch.autograd.grad(out, [x, values], upstream)
 
     reference = grads(None)
-    got = grads([None, tile_layout(indices, shape, BLOCK)])
+    got = grads([None, tile_layout(tiles, shape, BLOCK)])
     assert torch.equal(got[0], reference[0]) and torch.equal(got[1], reference[1])
     if dtype == torch.float64:
         torch.testing.assert_close(got[2], reference[2], rtol=0, atol=1e-12)
@@ -352,16 +360,17 @@ def test_a_backward_sorts_counts_and_syncs_nothing_once_the_layout_is_cached(mon
     assert all(layer.spu_values["default"].grad.abs().sum() > 0 for layer in layers(model).values())
 
 
-def test_a_support_set_by_hand_falls_back_to_entry_gradients_with_a_log_line(caplog):
+def test_a_support_set_by_hand_that_is_not_whole_tiles_is_refused_and_changes_nothing():
     model = blocked_model(init_weights=False)
     layer = next(iter(layers(model).values()))
-    layer.set_support("default", torch.arange(0, 1536, 5))
-    x = torch.randn(4, 32, requires_grad=True)
-    with caplog.at_level(logging.WARNING, logger="spu_peft.blocks"):
-        layer(x).sum().backward()
-    assert "not made of whole" in caplog.text
-    expected = x.detach().sum(0).repeat(48, 1).flatten()[torch.arange(0, 1536, 5)]  # d(sum)/dW[o, i] = sum_n x[n, i]
-    torch.testing.assert_close(layer.spu_values["default"].grad, expected)
+    before = layer.spu_indices["default"].clone(), layer.spu_values["default"].detach().clone()
+    with pytest.raises(ValueError, match=r"'default' trains whole \(8, 4\) tiles.*308 entries are not made of whole"):
+        layer.set_support("default", torch.arange(0, 1536, 5))
+    assert torch.equal(layer.spu_indices["default"], before[0])
+    assert torch.equal(layer.spu_values["default"], before[1])
+    layer.set_support("default", expand_tiles(torch.tensor([7, 2]), (48, 32), BLOCK).flip(0))  # whole tiles, any order
+    assert layer.spu_indices["default"].tolist() == [2, 7]
+    assert torch.equal(layer.support("default"), expand_tiles(torch.tensor([2, 7]), (48, 32), BLOCK))
 
 
 # ---- saving, loading, merging, composing -----------------------------------------------------------------------------
@@ -394,24 +403,18 @@ def test_save_reload_gives_the_same_logits_and_supports(tmp_path):
     loaded.train()  # a reloaded blocked adapter trains through tiles again
     for layer in layers(loaded).values():
         layer.spu_values["default"].requires_grad_(True)
-        assert layer.tile_layouts("default")[-1] is not None
+        assert layer.forward_deltas("default")[1][-1] is not None
 
 
-def test_whole_tiles_written_in_place_out_of_sorted_order_save_and_reload_to_the_same_logits(tmp_path):
-    """Such a support trains through the entry-level path (above); its file stores it as tiles, which load back
-    sorted, so the values are stored in the support's sorted order too, not paired with other entries."""
-    batch = make_batch()
+def test_tiles_written_in_place_out_of_sorted_order_are_refused_by_save_pretrained(tmp_path):
+    """Values pair with tiles in sorted order, so unsorted tiles (written in place by hand) have no file to become."""
     model = blocked_model(init_weights=False)
     for layer in layers(model).values():
         indices = layer.spu_indices["default"]
-        indices.copy_(indices.flip(0))  # the same whole tiles, in descending order
-    with torch.no_grad():
-        expected = model(**batch).logits_per_image
-    model.save_pretrained(tmp_path)
-    assert any(key.endswith(".spu_tiles") for key in load_file(tmp_path / "adapter_model.safetensors"))
-    loaded = PeftModel.from_pretrained(make_tiny_clip(), tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits_per_image, expected, rtol=0, atol=1e-6)
+        indices.copy_(indices.flip(0))  # the same tiles, in descending order
+    with pytest.raises(ValueError, match=r"tiles of adapter 'default' are not sorted and distinct"):
+        model.save_pretrained(tmp_path)
+    assert not (tmp_path / "adapter_model.safetensors").exists()
 
 
 TILED_LAYER = "base_model.model.vision_model.encoder.layers.0.mlp.fc1"
@@ -437,7 +440,8 @@ def test_a_tiled_support_is_stored_as_its_tiles_and_loads_back_to_the_same_entri
         assert tiles.dtype == torch.int32 and tiles.numel() == 5
         assert state[f"{key}.spu_block_size"].tolist() == list(BLOCK)
         assert f"{key}.spu_mask" not in state and f"{key}.spu_indices" not in state
-        assert torch.equal(expand_tiles(tiles, (48, 32), BLOCK), layer.spu_indices["default"].long())
+        assert torch.equal(tiles, layer.spu_indices["default"])
+        assert torch.equal(expand_tiles(tiles, (48, 32), BLOCK), layer.support("default"))
     decoded, _ = decode_adapter_state_dict(model, config, "default", state)
     for name, layer in layers(model).items():
         assert torch.equal(decoded[f"base_model.model.{name}.spu_indices"].long(), layer.spu_indices["default"].long())
@@ -446,11 +450,13 @@ def test_a_tiled_support_is_stored_as_its_tiles_and_loads_back_to_the_same_entri
 def test_supports_that_are_not_whole_tiles_and_entry_adapters_keep_the_mask_or_indices(tmp_path):
     model = blocked_model(init_weights=False)
     layer = layers(model)[TILED_LAYER.removeprefix("base_model.model.")]
-    layer.set_support("default", torch.arange(0, 1536, 5))  # 308 entries, not whole tiles: a mask (192 bytes)
+    # a frozen delta of 308 entries, not whole tiles (a sum that cancelled in places): a mask (192 bytes)
+    layer.spu_frozen_indices["default"] = torch.arange(0, 1536, 5, dtype=torch.int32)
+    layer.spu_frozen_values["default"] = torch.ones(308)
     model.save_pretrained(tmp_path / "hand")
     state = load_file(tmp_path / "hand" / "adapter_model.safetensors")
-    assert f"{TILED_LAYER}.spu_mask" in state and f"{TILED_LAYER}.spu_tiles" not in state
-    assert f"{TILED_LAYER}.spu_frozen_tiles" in state  # what the random tiles learned, folded, is still whole tiles
+    assert f"{TILED_LAYER}.spu_frozen_mask" in state and f"{TILED_LAYER}.spu_frozen_tiles" not in state
+    assert f"{TILED_LAYER}.spu_tiles" in state  # the trained support is whole tiles
     decoded, _ = decode_adapter_state_dict(model, model.peft_config["default"], "default", state)
     for field in ("spu_indices", "spu_frozen_indices"):
         assert torch.equal(decoded[f"{TILED_LAYER}.{field}"].long(), getattr(layer, field)["default"].long())
@@ -598,7 +604,7 @@ def test_ddp_selects_and_trains_the_tiles_an_unwrapped_model_does(one_process_gr
     plain.train()(**batch, return_loss=True).loss.backward()
     ddp.train()(**batch, return_loss=True).loss.backward()
     for a, b in zip(layers(plain).values(), layers(wrapped).values()):
-        assert b.tile_layouts("default")[-1] is not None
+        assert b.forward_deltas("default")[1][-1] is not None
         torch.testing.assert_close(a.spu_values["default"].grad, b.spu_values["default"].grad)
 
 
@@ -641,11 +647,10 @@ def test_a_shape_one_side_of_which_the_tiles_do_not_divide_is_refused_with_the_w
 
 def test_a_layout_grouped_by_rows_lists_each_row_of_tiles_and_its_tiles_columns():
     """Tiles 3, 17, 9, 22, 16 of the 6 x 8 grid (fewer rows of tiles): rows 0 (column 3), 1 (1), 2 (0, 1, 6)."""
-    indices = expand_tiles(torch.tensor([3, 17, 9, 22, 16]), (48, 32), BLOCK)
-    layout = tile_layout(indices, (48, 32), BLOCK)
+    layout = tile_layout(torch.tensor([3, 9, 16, 17, 22]), (48, 32), BLOCK)
     assert layout.by_rows and layout.groups == ((0, 1), (1, 1), (2, 3)) and layout.entries == 5 * 32
-    assert layout.other_blocks.tolist() == [3, 1, 0, 1, 6] and layout.chunks is None
-    square = tile_layout(expand_tiles(torch.tensor([1, 2]), (16, 8), BLOCK), (16, 8), BLOCK)  # 2 x 2 tiles
+    assert layout.other_blocks.tolist() == [3, 1, 0, 1, 6] and layout.first_runs is None
+    square = tile_layout(torch.tensor([1, 2]), (16, 8), BLOCK)  # 2 x 2 tiles
     assert square.by_rows and square.groups == ((0, 1), (1, 1))  # as many rows as columns: by rows, no map
 
 
@@ -653,17 +658,24 @@ def test_a_layout_grouped_by_columns_puts_each_row_of_a_tile_where_the_sorted_su
     """Tiles 1, 6, 7, 13, 20 of a 6 x 4 grid of (8, 4) tiles (fewer columns of tiles): the products come by column
     (20 | 1, 13 | 6 | 7), and each tile's 8 rows of 4 values go to its row of tiles' stretch, interleaved with the
     rows of the other tiles of that row of tiles (6 and 7)."""
-    indices = expand_tiles(torch.tensor([1, 6, 7, 13, 20]), (48, 16), BLOCK)
-    layout = tile_layout(indices, (48, 16), BLOCK)
+    layout = tile_layout(torch.tensor([1, 6, 7, 13, 20]), (48, 16), BLOCK)
     assert not layout.by_rows and layout.groups == ((0, 1), (1, 2), (2, 1), (3, 1))
     assert layout.other_blocks.tolist() == [5, 0, 3, 1, 1] and layout.entries == 5 * 32
-    pairs = [chunk for i in range(8) for chunk in (24 + i, 32 + i)]
-    assert layout.chunks.tolist() == [*range(8, 16), *pairs, *range(16, 24), *range(8)]
-    assert layout.chunks.dtype == torch.int32  # the compact index dtype
+    # in group order 20 | 1, 13 | 6 | 7: tile 20 alone in its row of tiles (runs 32-39), 1 alone (0-7), 13 alone
+    # (24-31), 6 and 7 sharing theirs (runs 8, 10, ..., 22 and 9, 11, ..., 23)
+    assert layout.first_runs.tolist() == [32, 0, 24, 8, 9] and layout.run_strides.tolist() == [1, 1, 1, 2, 2]
+    assert layout.first_runs.dtype == torch.int32 and layout.runs.dtype == torch.int32  # the compact index dtype
+    # runs: tile 1 (row of tiles 0, column 1) is weight rows 0-7 at column block 1 of 4; tiles 6 and 7 share rows 8-15
+    assert layout.runs.tolist() == [
+        *(4 * r + 1 for r in range(8)),
+        *(p for r in range(8, 16) for p in (4 * r + 2, 4 * r + 3)),
+        *(4 * r + 1 for r in range(24, 32)),
+        *(4 * r for r in range(40, 48)),
+    ]
 
 
 def test_the_layout_cache_reuses_a_layout_until_the_support_changes():
-    cache, indices = LayoutCache(), random_tiles((48, 32), BLOCK, 5, seed=0)
+    cache, indices = LayoutCache(), random_tiles((48, 32), BLOCK, 5, seed=0)[0]
     first = cache.get("a", indices, (48, 32), BLOCK)
     assert cache.get("a", indices, (48, 32), BLOCK) is first
     assert cache.get("b", indices, (48, 32), BLOCK) is not first  # per adapter
@@ -676,13 +688,13 @@ def test_the_layout_cache_reuses_a_layout_until_the_support_changes():
 
 
 def test_the_layout_cache_does_not_keep_a_replaced_support_alive():
-    cache, indices = LayoutCache(), random_tiles((48, 32), BLOCK, 5, seed=0)
+    cache, indices = LayoutCache(), random_tiles((48, 32), BLOCK, 5, seed=0)[0]
     layout = cache.get("a", indices, (48, 32), BLOCK)
     replaced = weakref.ref(indices)
     del indices
     gc.collect()
     assert replaced() is None
-    assert cache.get("a", random_tiles((48, 32), BLOCK, 5, seed=0), (48, 32), BLOCK) is not layout
+    assert cache.get("a", random_tiles((48, 32), BLOCK, 5, seed=0)[0], (48, 32), BLOCK) is not layout
 
 
 def test_a_trained_blocked_model_frees_a_support_set_support_replaces():
@@ -697,10 +709,12 @@ def test_a_trained_blocked_model_frees_a_support_set_support_replaces():
     assert replaced and [name for name, ref in replaced.items() if ref() is not None] == []
 
 
-def test_a_support_not_of_whole_tiles_is_logged_with_the_adapter_and_block(caplog):
-    with caplog.at_level(logging.WARNING, logger="spu_peft.blocks"):
-        assert LayoutCache().get("task1", torch.arange(3), (48, 32), BLOCK) is None
-    assert caplog.messages == [
-        "The support of adapter 'task1' is not made of whole (8, 4) tiles in sorted order (set by hand?); its value "
-        "gradient is computed entry by entry."
-    ]
+@pytest.mark.parametrize("tiles", [[2, 1], [1, 1], [-1, 3], [0, 48]], ids=["unsorted", "repeated", "below", "beyond"])
+def test_a_layout_of_tiles_that_are_not_sorted_grid_positions_is_refused_naming_the_adapter(tiles):
+    with pytest.raises(ValueError) as caught:
+        LayoutCache().get("task1", torch.tensor(tiles), (48, 32), BLOCK)
+    assert str(caught.value) == (
+        "The tiles of adapter 'task1' are not sorted and distinct positions in the grid of 48 tiles (written in "
+        "place?): a tiled support's values pair with its tiles in sorted order. Change a support with `set_support`, "
+        "which sorts it."
+    )

@@ -21,7 +21,7 @@ from peft import get_peft_model
 
 from spu_peft import SPUConfig, bsr, select_parameters
 from spu_peft import sparse_linear as sparse_linear_module
-from spu_peft.blocks import tile_layout, tile_value_gradient
+from spu_peft.blocks import run_order, tile_layout, tile_value_gradient
 from spu_peft.encoding import expand_tiles
 from spu_peft.naming import spu_layers
 from spu_peft.sparse_linear import sparse_delta_linear
@@ -45,19 +45,26 @@ def reference_kernel(calls=None):
 
 
 def tiled_support(shape, block, count, seed):
+    """`count` seeded tiles (sorted grid positions) and their sorted entries."""
     grid = (shape[0] // block[0]) * (shape[1] // block[1])
-    tiles = torch.randperm(grid, generator=torch.Generator().manual_seed(seed))[:count]
-    return expand_tiles(tiles, shape, block)
+    tiles = torch.randperm(grid, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    return tiles, expand_tiles(tiles, shape, block)
+
+
+def bsr_layout_of(tiles, shape, block):
+    """The BSR layout `tile_layout` builds where the kernel applies, built here on any device."""
+    order = run_order(tiles // (shape[1] // block[1]), block[0])
+    return bsr.bsr_layout(tiles, shape, block, order.tile * block[0] + order.row)
 
 
 @pytest.mark.parametrize(
     ("shape", "block", "count"), [((64, 48), (16, 16), 5), ((96, 32), (32, 16), 6), ((32, 64), (16, 32), 4)]
 )
 def test_the_layout_puts_every_value_where_the_kernel_computes_it(shape, block, count):
-    indices = tiled_support(shape, block, count, seed=count)
-    layout = bsr.bsr_layout(indices, shape, block)
+    tiles, indices = tiled_support(shape, block, count, seed=count)
+    layout = bsr_layout_of(tiles, shape, block)
     assert layout.col_indices.numel() == count and layout.crow_indices.numel() == shape[0] // block[0] + 1
-    assert layout.gather.dtype == torch.int32  # the support's index dtype: int32 below 2**31 entries
+    assert layout.gather.dtype == torch.int32 and layout.gather.numel() == count * block[0]  # one per run
     torch.manual_seed(0)
     grad_out, x = torch.randn(9, shape[0], dtype=torch.float64), torch.randn(9, shape[1], dtype=torch.float64)
     got = bsr.bsr_value_gradient(grad_out, x, layout, kernel=reference_kernel())
@@ -97,8 +104,8 @@ def test_a_layout_grouped_either_way_takes_the_kernel_and_its_values(shape, monk
     calls = []
     monkeypatch.setattr(bsr, "BSR_VALUE_GRAD_DEVICES", ("cpu",))
     monkeypatch.setattr(bsr, "bsr_kernel", lambda: reference_kernel(calls))
-    indices = tiled_support(shape, (16, 16), 3, seed=2)
-    layout = tile_layout(indices, shape, (16, 16))
+    tiles, indices = tiled_support(shape, (16, 16), 3, seed=2)
+    layout = tile_layout(tiles, shape, (16, 16))
     assert layout.by_rows == (shape[0] < shape[1]) and layout.bsr is not None
     torch.manual_seed(0)
     grad_out, x = torch.randn(5, shape[0]), torch.randn(5, shape[1])
@@ -123,10 +130,10 @@ def test_a_double_backward_takes_the_grouped_matmuls_whose_gradients_keep_their_
     monkeypatch.setattr(bsr, "bsr_kernel", lambda: triton_like)
     generator = torch.Generator().manual_seed(0)
     w1, w2 = torch.randn(32, 16, generator=generator), torch.randn(16, 32, generator=generator)
-    i1 = tiled_support((32, 16), (16, 16), 1, seed=0)
-    i2 = tiled_support((16, 32), (16, 16), 1, seed=1)
+    t1, i1 = tiled_support((32, 16), (16, 16), 1, seed=0)
+    i2 = tiled_support((16, 32), (16, 16), 1, seed=1)[1]
     x = torch.randn(4, 16, generator=generator)
-    layout = tile_layout(i1, (32, 16), (16, 16))
+    layout = tile_layout(t1, (32, 16), (16, 16))
     assert layout.bsr is not None
 
     def grads(tiled, create_graph=True):
@@ -151,7 +158,7 @@ def test_torch_here_has_or_lacks_the_kernel_as_it_says():
     """Without a GPU (or without Triton) torch defines no kernel, so no layout has a BSR part and nothing changes."""
     if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
         assert bsr.bsr_kernel() is None
-    layout = tile_layout(tiled_support((64, 48), (16, 16), 4, seed=0), (64, 48), (16, 16))
+    layout = tile_layout(tiled_support((64, 48), (16, 16), 4, seed=0)[0], (64, 48), (16, 16))
     assert layout.bsr is None
 
 
@@ -177,7 +184,7 @@ def test_a_model_takes_the_kernel_in_its_dtypes_and_the_grouped_matmuls_else(mon
 
         tiled = value_grads()
         assert calls == ([torch.float32] * len(layers) if dtype == torch.float32 else [])
-        assert all(layer.tile_layouts("default")[-1].bsr is not None for layer in layers.values())
+        assert all(layer.forward_deltas("default")[1][-1].bsr is not None for layer in layers.values())
         monkeypatch.setattr(sparse_linear_module, "TILE_VALUE_GRAD", False)  # the dense product, gathered
         dense = value_grads()
         monkeypatch.setattr(sparse_linear_module, "TILE_VALUE_GRAD", True)
@@ -192,8 +199,9 @@ def test_the_cuda_kernel_equals_dense_autograd(dtype):
     """torch's block-sparse kernel on a GPU against dense autograd of `grad_output^T @ x` (float64 reference): float32
     to float32 accumulation error, bfloat16 within `2**-7 * (|grad_output|^T |x|)` as the CPU paths are held."""
     shape, block = (256, 128), (32, 32)
-    indices = tiled_support(shape, block, 7, seed=1).cuda()
-    layout = tile_layout(indices, shape, block)
+    tiles, indices = tiled_support(shape, block, 7, seed=1)
+    tiles, indices = tiles.cuda(), indices.cuda()
+    layout = tile_layout(tiles, shape, block)
     assert layout.bsr is not None, "torch has no Triton here: the kernel cannot run"
     torch.manual_seed(0)
     grad_out, x = torch.randn(300, shape[0], device="cuda"), torch.randn(300, shape[1], device="cuda")

@@ -65,7 +65,7 @@ def test_a_sharded_model_selects_trains_and_saves_what_the_unwrapped_model_does(
     if block_size is not None:  # 5 whole tiles of the 6 x 8 grid, which the layers train through the tile gradient
         for indices in supports(wrapped).values():
             assert len({(i // 32 // 8, i % 32 // 4) for i in indices}) == 5 and len(indices) == 5 * 8 * 4
-        tiled = [m.tile_layouts("default")[-1] for m in wrapped.modules() if isinstance(m, SPULayer)]
+        tiled = [m.forward_deltas("default")[1][-1] for m in wrapped.modules() if isinstance(m, SPULayer)]
         assert tiled and all(layout is not None for layout in tiled)
     for model in (plain, wrapped):
         train_step(model, batches[0])

@@ -34,7 +34,7 @@ def config(**kwargs) -> SPUConfig:
 def current_delta(layer, name: str = "default") -> torch.Tensor:
     """The dense float64 delta of the values being trained now (not the frozen ones)."""
     flat = torch.zeros(layer.weight_numel, dtype=torch.float64)
-    flat.index_add_(0, layer.spu_indices[name].long(), layer.spu_values[name].detach().double())
+    flat.index_add_(0, layer.support(name).long(), layer.spu_values[name].detach().double())
     return flat.view(layer.weight_shape)
 
 
@@ -160,7 +160,7 @@ def test_a_long_sequence_keeps_every_task_and_round_trips_exactly(budget, tmp_pa
         train(model, "default", generator)
         if task % 3 == 2:  # some entries selected again train to exactly cancel what was frozen there
             for layer in layers.values():
-                frozen, current = layer.spu_frozen_indices["default"].long(), layer.spu_indices["default"].long()
+                frozen, current = layer.spu_frozen_indices["default"].long(), layer.support("default").long()
                 again = torch.isin(current, frozen)
                 with torch.no_grad():
                     frozen_values = layer.spu_frozen_values["default"][torch.searchsorted(frozen, current[again])]

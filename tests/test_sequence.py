@@ -12,7 +12,6 @@ from conftest import KILL_POINTS, SMALL_SEQUENCE, Crash, sequence_numbers, stop_
 from transformers import CLIPModel
 
 from spu_peft import SPUConfig
-from spu_peft.blocks import tile_layout
 from spu_peft.continual import (
     ContinualMethod,
     FingerprintMismatchError,
@@ -30,6 +29,7 @@ from spu_peft.continual import methods as registry
 from spu_peft.continual import sequence as engine
 from spu_peft.continual.methods import parse_method_options, peft_model
 from spu_peft.continual.training import clip_loss, reference_cosine_factor
+from spu_peft.encoding import whole_tiles
 from spu_peft.layer import SPULayer
 from spu_peft.supports import num_selected
 
@@ -451,7 +451,7 @@ def test_block_size_option_selects_whole_tiles_for_spu_and_random_tiles_for_its_
     def select(model, *args, **kwargs):
         report = real_select(model, *args, **kwargs)
         layers = [m for m in model.modules() if isinstance(m, SPULayer)]
-        supports.extend((kwargs["score"], m.spu_indices["default"].clone(), m.weight_shape) for m in layers)
+        supports.extend((kwargs["score"], m.support("default").clone(), m.weight_shape) for m in layers)
         return report
 
     monkeypatch.setattr(task_selection, "select_parameters", select)
@@ -461,7 +461,7 @@ def test_block_size_option_selects_whole_tiles_for_spu_and_random_tiles_for_its_
     assert {score for score, _, _ in supports} == {"output_norm", "random"}
     assert len(supports) == 2 * 2 * 4  # two methods, two tasks, four fc1 layers
     for _, indices, shape in supports:
-        assert tile_layout(indices, shape, (16, 16)) is not None  # whole tiles
+        assert whole_tiles(indices, shape, (16, 16)) is not None
         assert indices.numel() == num_selected(shape[0] * shape[1] // 256, 0.1) * 256
     plans = json.loads((tmp_path / "results.json").read_text())["config"]["method_plans"]
     assert plans["spu_replay"]["options"]["block_size"] == "16x16"

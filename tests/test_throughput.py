@@ -151,7 +151,7 @@ def test_value_grad_flag_forces_the_path_and_both_give_the_same_gradients(throug
     torch.manual_seed(0)
     weight, x = torch.randn(48, 40), torch.randn(2, 7, 40)
     indices = expand_tiles(torch.tensor([0, 7, 13]), weight.shape, (8, 8))
-    layout = tile_layout(indices, weight.shape, (8, 8))
+    layout = tile_layout(torch.tensor([0, 7, 13]), weight.shape, (8, 8))
     values = torch.randn(indices.numel(), requires_grad=True)
     reference = torch.zeros(48 * 40).index_put((indices.long(),), values.detach())
     reference = reference.view(48, 40).requires_grad_(True)

@@ -28,6 +28,7 @@ from peft import get_peft_model  # noqa: E402
 
 from spu_peft import SPUConfig, bsr, select_parameters  # noqa: E402
 from spu_peft import sparse_linear as sparse_linear_module  # noqa: E402
+from spu_peft.blocks import run_order  # noqa: E402
 from spu_peft.encoding import expand_tiles  # noqa: E402
 from spu_peft.naming import spu_layers  # noqa: E402
 
@@ -48,7 +49,8 @@ def layout_cases() -> dict:
     shapes = [((64, 48), (16, 16), [0, 4, 7, 10]), ((128, 64), (32, 16), [1, 2, 9, 15]), ((96, 64), (16, 32), [3, 7])]
     for shape, block, tiles in shapes:
         indices = expand_tiles(torch.tensor(tiles), shape, block)
-        layout = bsr.bsr_layout(indices, shape, block)
+        order = run_order(torch.tensor(tiles) // (shape[1] // block[1]), block[0])
+        layout = bsr.bsr_layout(torch.tensor(tiles), shape, block, order.tile * block[0] + order.row)
         for dtype, unit in ((torch.float32, 2**-20), (torch.float16, 2**-10)):
             generator = torch.Generator().manual_seed(len(tiles))
             grad_out = torch.randn(37, shape[0], generator=generator).to(dtype)

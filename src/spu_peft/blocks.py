@@ -1,16 +1,17 @@
 """Block-structured supports: SPU's selection in tiles of `block_size` entries, and the value gradient of a tiled
 support computed tile by tile.
 
-An adapter with `SPUConfig(block_size=(br, bc))` trains whole `br x bc` tiles of each target weight. In memory the
-support is still flat entry indices (sorted, as every SPU support), so loading, merging and composing are those of
-entry-level adapters (a file stores the tiles' positions where that is smaller, `spu_peft.encoding`); what the tiles
-buy is the weight gradient: `grad_output[:, rows]^T @ x[:, cols]` per selected tile, one matmul per row or column of
-tiles, whose work is the tiles' share of the dense product's (on CUDA, one block-sparse kernel: `spu_peft.bsr`).
+An adapter with `SPUConfig(block_size=(br, bc))` trains whole `br x bc` tiles of each target weight. Its support is
+held as the tiles' flat positions in the grid of tiles (sorted), and its values as those of every other support: one
+per entry, in sorted (row-major) entry order. Readers that need entries (merges, composition, analyses) get them
+expanded for the moment (`SPULayer.sparse_deltas`); the forward adds whole runs of a tile row's values
+(`TileLayout.runs`), and the weight gradient is `grad_output[:, rows]^T @ x[:, cols]` per selected tile, one matmul per
+row or column of tiles, whose work is the tiles' share of the dense product's (on CUDA, one block-sparse kernel:
+`spu_peft.bsr`). Holding tiles instead of entry positions saves 4 bytes per trained value.
 """
 
 from __future__ import annotations
 
-import logging
 import numbers
 import weakref
 from dataclasses import dataclass
@@ -19,9 +20,7 @@ from typing import Any
 import torch
 
 from .bsr import BSR_DTYPES, BsrLayout, bsr_applies, bsr_layout, bsr_value_gradient
-from .encoding import index_dtype, whole_tiles
-
-logger = logging.getLogger(__name__)
+from .encoding import index_dtype
 
 
 def check_block_size(block_size: Any) -> tuple[int, int] | None:
@@ -68,18 +67,21 @@ def tile_scores(scores: torch.Tensor, block_size: tuple[int, int]) -> torch.Tens
 
 @dataclass(frozen=True)
 class TileLayout:
-    """How `tile_value_gradient` computes a tiled support's value gradient, fixed once per support so that a backward
-    sorts and counts nothing (and, on an accelerator, waits for no group size).
+    """How a tiled support acts in a forward and a backward, fixed once per support so that neither sorts nor counts
+    anything (and, on an accelerator, waits for no group size).
 
-    The tiles are grouped by a block of the side with fewer blocks (rows at a tie), so the matmuls are few and large:
-    `groups` is `(block, tiles)` per group in order, and `other_blocks` the block of the other side of each tile, in
-    group order.
-    A sorted support lists a row of tiles' values one after another, weight row by weight row, so grouped by rows
-    (`by_rows`) each group's product is its stretch of the gradient. Grouped by columns, the products are whole tiles,
-    `(tiles, br, bc)`, whose rows of `bc` values are the gradient's rows of `bc` values in another order: `chunks` is,
-    for each such row of the gradient, its row in the products (`tiles * br` positions, a `bc`-th of the entries).
-    Where the block-sparse kernel applies (`spu_peft.bsr.bsr_applies`), `bsr` is its layout, taken in the kernel's
-    dtypes.
+    A tiled adapter's values list its tiles' entries in sorted (row-major) order: a row of tiles' values one after
+    another, weight row by weight row, each a run of `bc` values per tile. `runs` is the position of each such run in
+    the weight seen as `(rows * cols // bc, bc)`, so `W + delta` is one `index_add` of whole runs and no entry's
+    position is ever held (4 bytes a value, a fifth of a trained value's state with AdamW).
+
+    For the value gradient the tiles are grouped by a block of the side with fewer blocks (rows at a tie), so the
+    matmuls are few and large: `groups` is `(block, tiles)` per group in order, and `other_blocks` the block of the
+    other side of each tile, in group order. Grouped by rows (`by_rows`), each group's product is its stretch of the
+    gradient. Grouped by columns, the products are whole tiles, `(tiles, br, bc)`, whose rows of `bc` values are the
+    gradient's runs in another order: row `i` of the group's `t`-th tile is run `first_runs[t] + i * run_strides[t]`
+    (its row of tiles' first run, and how many tiles that row of tiles has). Where the block-sparse kernel applies
+    (`spu_peft.bsr.bsr_applies`), `bsr` is its layout, taken in the kernel's dtypes.
     """
 
     block_size: tuple[int, int]
@@ -87,65 +89,99 @@ class TileLayout:
     groups: tuple[tuple[int, int], ...]
     other_blocks: torch.Tensor
     entries: int
-    chunks: torch.Tensor | None = None
+    runs: torch.Tensor
+    first_runs: torch.Tensor | None = None
+    run_strides: torch.Tensor | None = None
     bsr: BsrLayout | None = None
 
 
-def tile_layout(indices: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> TileLayout | None:
-    """The layout of a sorted support made of whole tiles, or None when it is not (a support set by hand or written in
-    place unsorted): the caller then takes the entry-level gradient, which is right for any support."""
+@dataclass(frozen=True)
+class RunOrder:
+    """Where the runs of `bc` values of a tiled support sit (see `TileLayout`), per run in the values' order:
+    `tile`, the run's tile (its rank in the sorted tiles), and `row`, the run's row within that tile."""
+
+    tile: torch.Tensor
+    row: torch.Tensor
+
+
+def first_runs_and_strides(tile_rows: torch.Tensor, br: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sorted tile (in the rows of tiles `tile_rows`), its first row's run and the step between its rows' runs:
+    tile `t`, the `j`-th of the `k` tiles of its row of tiles, whose first is the `f`-th, has its row `i` at run
+    `br * f + j + i * k`."""
+    _, row_of, per_row = torch.unique_consecutive(tile_rows, return_inverse=True, return_counts=True)
+    first = (torch.cumsum(per_row, 0) - per_row)[row_of]
+    rank = torch.arange(tile_rows.numel(), device=tile_rows.device) - first
+    return br * first + rank, per_row[row_of]
+
+
+def run_order(tile_rows: torch.Tensor, br: int) -> RunOrder:
+    """The tile and the row within it of each run, in the values' order, for sorted tiles in the rows of tiles
+    `tile_rows`."""
+    first_runs, strides = first_runs_and_strides(tile_rows, br)
+    within = torch.arange(br, device=tile_rows.device)[None, :]
+    target = (first_runs[:, None] + within * strides[:, None]).reshape(-1)
+    tile = torch.empty_like(target)
+    row = torch.empty_like(target)
+    tile[target] = torch.arange(tile_rows.numel(), device=target.device).repeat_interleave(br)
+    row[target] = within.expand(tile_rows.numel(), br).reshape(-1)
+    return RunOrder(tile, row)
+
+
+def tile_layout(tiles: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> TileLayout:
+    """The layout of a tiled support: `tiles`, the sorted flat positions of its tiles in the grid of tiles."""
     (rows, cols), (br, bc) = shape, block_size
     grid_cols = cols // bc
-    tiles = whole_tiles(indices, shape, block_size) if bool((indices[1:] > indices[:-1]).all()) else None
-    if tiles is None:
-        return None
+    tiles = tiles.long()
     tile_rows, tile_cols = tiles // grid_cols, tiles % grid_cols
-    bsr = bsr_layout(indices, shape, block_size) if bsr_applies(indices.device, block_size) else None
+    order = run_order(tile_rows, br)
+    runs = (tile_rows[order.tile] * br + order.row) * grid_cols + tile_cols[order.tile]
+    runs = runs.to(index_dtype(rows * grid_cols))
+    entries = tiles.numel() * br * bc
+    bsr = None
+    if bsr_applies(tiles.device, block_size):
+        bsr = bsr_layout(tiles, shape, block_size, order.tile * br + order.row)
     if rows // br <= grid_cols:
         blocks, counts = torch.unique_consecutive(tile_rows, return_counts=True)
         groups = tuple(zip(blocks.tolist(), counts.tolist()))
-        return TileLayout(block_size, True, groups, tile_cols, indices.numel(), None, bsr)
-    order = torch.argsort(tile_cols, stable=True)
-    blocks, counts = torch.unique_consecutive(tile_cols[order], return_counts=True)
-    position = torch.empty_like(order)
-    position[order] = torch.arange(order.numel(), device=order.device)
-    # tile t, the j-th of the k tiles of its row of tiles (whose first tile is the f-th of the support): its row i
-    # is the gradient's row of bc values number br * f + i * k + j
-    _, row_of, per_row = torch.unique_consecutive(tile_rows, return_inverse=True, return_counts=True)
-    first = (torch.cumsum(per_row, 0) - per_row)[row_of]
-    rank = torch.arange(tiles.numel(), device=tiles.device) - first
-    within = torch.arange(br, device=tiles.device)[None, :]
-    target = br * first[:, None] + within * per_row[row_of][:, None] + rank[:, None]
-    chunks = torch.empty(tiles.numel() * br, dtype=torch.long, device=tiles.device)
-    chunks[target.reshape(-1)] = (position[:, None] * br + within).reshape(-1)
+        return TileLayout(block_size, True, groups, tile_cols, entries, runs, None, None, bsr)
+    by_cols = torch.argsort(tile_cols, stable=True)
+    blocks, counts = torch.unique_consecutive(tile_cols[by_cols], return_counts=True)
     groups = tuple(zip(blocks.tolist(), counts.tolist()))
-    return TileLayout(
-        block_size, False, groups, tile_rows[order], indices.numel(), chunks.to(index_dtype(chunks.numel())), bsr
-    )
+    first_runs, strides = (t[by_cols].to(index_dtype(runs.numel())) for t in first_runs_and_strides(tile_rows, br))
+    return TileLayout(block_size, False, groups, tile_rows[by_cols], entries, runs, first_runs, strides, bsr)
+
+
+def check_tiles(tiles: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int], adapter_name: str) -> None:
+    """Refuse tiles that are not sorted, distinct positions in the grid (a support written in place by hand): a tiled
+    support's values pair with its tiles in sorted order."""
+    grid = (shape[0] // block_size[0]) * (shape[1] // block_size[1])
+    if tiles.numel() and not (bool((tiles[1:] > tiles[:-1]).all()) and int(tiles[0]) >= 0 and int(tiles[-1]) < grid):
+        raise ValueError(
+            f"The tiles of adapter {adapter_name!r} are not sorted and distinct positions in the grid of {grid} tiles "
+            "(written in place?): a tiled support's values pair with its tiles in sorted order. Change a support with "
+            "`set_support`, which sorts it."
+        )
 
 
 class LayoutCache:
     """One layer's tile layouts per adapter, rebuilt when the support changes (a new tensor or one written in place,
     as `load_state_dict` does), so the layout costs one pass per selection, not one per step.
 
-    A support is known by a weak reference: a selection replaces it, and the replaced one (4 bytes an entry) must not
-    stay alive here until the next training step asks for a layout."""
+    A support is known by a weak reference: a selection replaces it, and the replaced one must not stay alive here
+    until the next forward asks for a layout."""
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[weakref.ref, int, TileLayout | None]] = {}
 
-    def get(self, adapter_name: str, indices: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]):
+    def get(
+        self, adapter_name: str, indices: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]
+    ) -> TileLayout:
+        """The layout of the support `indices` (sorted tile positions)."""
         cached = self._entries.get(adapter_name)
         if cached is not None and cached[0]() is indices and cached[1] == indices._version:
             return cached[2]
+        check_tiles(indices, shape, block_size, adapter_name)
         layout = tile_layout(indices, shape, block_size)
-        if layout is None:
-            logger.warning(
-                "The support of adapter %r is not made of whole %s tiles in sorted order (set by hand?); its value "
-                "gradient is computed entry by entry.",
-                adapter_name,
-                block_size,
-            )
         self._entries[adapter_name] = (weakref.ref(indices), indices._version, layout)
         return layout
 
@@ -165,7 +201,8 @@ def tile_value_gradient(grad_output: torch.Tensor, x: torch.Tensor, layout: Tile
     `grad_output` is `(tokens, out_features)` and `x` `(tokens, in_features)`, both 2-D in the compute dtype. The work
     is `tokens * (selected entries)` multiply-adds, the tiles' share of the dense product's. Each group of tiles is one
     matmul of a slice of the grouping side (a view) with the other side's blocks of its tiles (gathered): of the
-    inputs only those blocks are copied (grouped by columns, the products are copied once more, into sorted order).
+    inputs only those blocks are copied (grouped by columns, each group's products are copied once more, to their
+    runs).
     Under `create_graph=True` the products stay differentiable. Where the layout has a block-sparse kernel's
     (`spu_peft.bsr`, CUDA) and the dtype is one of its, that one kernel computes the tiles instead, except when
     autograd records the gradient (a double backward): the Triton kernel writes its output outside autograd, so its
@@ -179,8 +216,9 @@ def tile_value_gradient(grad_output: torch.Tensor, x: torch.Tensor, layout: Tile
     tokens = x.shape[0]
     if layout.by_rows:  # (br, tiles * bc) per row of tiles: its stretch of the gradient
         other, out = x.reshape(tokens, -1, bc), grad_output.new_empty(layout.entries)
-    else:  # (tiles * br, bc) per column of tiles: whole tiles, put in order by `chunks`
+    else:  # (tiles * br, bc) per column of tiles: whole tiles, each row copied to its run
         other, out = grad_output.reshape(tokens, -1, br), grad_output.new_empty(layout.entries // bc, bc)
+        rows = torch.arange(br, device=out.device)
     first = 0
     for block, count in layout.groups:
         gathered = other.index_select(1, layout.other_blocks[first : first + count]).flatten(1)
@@ -188,9 +226,11 @@ def tile_value_gradient(grad_output: torch.Tensor, x: torch.Tensor, layout: Tile
             stretch = out[first * br * bc : (first + count) * br * bc].view(br, count * bc)
             _mm_into(grad_output[:, block * br : (block + 1) * br].t(), gathered, stretch)
         else:
-            _mm_into(gathered.t(), x[:, block * bc : (block + 1) * bc], out[first * br : (first + count) * br])
+            tiles = slice(first, first + count)
+            runs = layout.first_runs[tiles, None] + rows * layout.run_strides[tiles, None]
+            out.index_copy_(0, runs.reshape(-1), gathered.t() @ x[:, block * bc : (block + 1) * bc])
         first += count
-    return out if layout.by_rows else out.index_select(0, layout.chunks).view(-1)
+    return out.view(-1)
 
 
 def _records_graph(a: torch.Tensor, b: torch.Tensor) -> bool:

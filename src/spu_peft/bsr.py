@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .encoding import index_dtype, tiles_of_entries
+from .encoding import index_dtype
 
 BSR_VALUE_GRAD_DEVICES: tuple[str, ...] = ("cuda",)
 """Device types whose tiled supports take the block-sparse kernel (where `bsr_kernel` finds it). Not measured yet:
@@ -31,8 +31,9 @@ BSR_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @dataclass(frozen=True)
 class BsrLayout:
     """A tiled support as a BSR pattern of its weight: `crow_indices` (per row of tiles, where its tiles start) and
-    `col_indices` (each tile's column of tiles), in sorted tile order; value `i` of the (sorted) support is entry
-    `gather[i]` of the kernel's `(tiles, br, bc)` output blocks, laid out one after another."""
+    `col_indices` (each tile's column of tiles), in sorted tile order; run `i` of `bc` values of the support (see
+    `spu_peft.blocks.TileLayout`) is row `gather[i]` of the kernel's `(tiles, br, bc)` output blocks seen as
+    `(tiles * br, bc)`."""
 
     block_size: tuple[int, int]
     crow_indices: torch.Tensor
@@ -57,14 +58,16 @@ def bsr_applies(device: torch.device, block_size: tuple[int, int]) -> bool:
     return all(side >= 16 and not side & (side - 1) for side in block_size)
 
 
-def bsr_layout(indices: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> BsrLayout:
-    """The BSR layout of a support made of whole tiles (the caller checked that it is)."""
+def bsr_layout(
+    tiles: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int], run_rows: torch.Tensor
+) -> BsrLayout:
+    """The BSR layout of the sorted tiles `tiles` (flat positions in the grid of tiles); `run_rows` is, per run of the
+    values, its row among the tiles' rows in sorted tile order (`spu_peft.blocks.run_order`)."""
     (rows, cols), (br, bc) = shape, block_size
-    row, col, of_entry, tiles = tiles_of_entries(indices, shape, block_size)
+    tiles = tiles.long()
     per_row = torch.bincount(tiles // (cols // bc), minlength=rows // br)
     crow = torch.cat([per_row.new_zeros(1), per_row.cumsum(0)])
-    gather = torch.searchsorted(tiles, of_entry) * (br * bc) + (row % br) * bc + col % bc
-    return BsrLayout(block_size, crow, tiles % (cols // bc), gather.to(index_dtype(indices.numel())))
+    return BsrLayout(block_size, crow, tiles % (cols // bc), run_rows.to(index_dtype(run_rows.numel())))
 
 
 def bsr_value_gradient(
@@ -84,4 +87,4 @@ def bsr_value_gradient(
             size=(grad_output.shape[1], x.shape[1]),
         )
     product = (kernel or bsr_kernel())(pattern, grad_output.t(), x, beta=0.0)
-    return product.values().reshape(-1).index_select(0, layout.gather)
+    return product.values().reshape(-1, bc).index_select(0, layout.gather).reshape(-1)

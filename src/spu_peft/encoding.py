@@ -52,23 +52,13 @@ def encode_support(
     return {buffer_name: indices}
 
 
-def tiles_of_entries(
-    indices: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Of each entry of a support, its row, its column and its tile's flat position in the grid of tiles (int64);
-    and the tiles they fall in, sorted."""
+def whole_tiles(indices: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> torch.Tensor | None:
+    """The sorted flat positions (int32) of the tiles the support `indices` (distinct flat entry positions) is made of,
+    or None when it is not made of whole tiles (a support set by hand, a sum of adapters)."""
     (_, cols), (br, bc) = shape, block_size
     flat = indices.long()
-    row, col = flat // cols, flat % cols
-    of_entry = (row // br) * (cols // bc) + col // bc
-    return row, col, of_entry, torch.unique(of_entry, sorted=True)
-
-
-def whole_tiles(indices: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> torch.Tensor | None:
-    """The sorted flat positions (int32) of the tiles the support `indices` is made of, or None when it is not made of
-    whole tiles (a support set by hand, a sum of adapters)."""
-    tiles = tiles_of_entries(indices, shape, block_size)[3]
-    return tiles.to(torch.int32) if tiles.numel() * block_size[0] * block_size[1] == indices.numel() else None
+    tiles = torch.unique((flat // cols // br) * (cols // bc) + flat % cols // bc, sorted=True)
+    return tiles.to(torch.int32) if tiles.numel() * br * bc == indices.numel() else None
 
 
 def expand_tiles(tiles: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> torch.Tensor:

@@ -13,11 +13,12 @@ from torch import nn
 from .blocks import LayoutCache, TileLayout, check_divisible
 from .config import SPUConfig
 from .distributed import full_tensor, is_sharded_tensor
-from .encoding import check_indices, check_values, index_dtype
+from .encoding import expand_tiles, index_dtype, whole_tiles
 from .fsdp_units import refuse_base_layer_sharded_alone
 from .optim_state import watch_resized
 from .scoring import scoring_linear
 from .sparse_linear import SparseDelta, compose_bias, compose_weight, sparse_delta_linear, union_sum
+from .state_sizes import fit_deltas_to_state_dict
 from .supports import Float32BufferDict, adapter_seed, budget_shortfall, initial_values, random_support
 
 
@@ -28,7 +29,9 @@ class SPULayer(BaseTunerLayer):
     `spu_frozen_indices` / `spu_frozen_values` hold what earlier selections of the same adapter learned, folded
     into one sparse delta when `select_parameters` picks new entries, so a task sequence never loses earlier updates;
     they are buffers (saved, never trained) and the frozen values stay float32 whatever the base dtype.
-    `spu_bias` is a dense delta of the layer's bias. Indices are flat positions into the weight, sorted ascending.
+    `spu_bias` is a dense delta of the layer's bias. Indices are flat positions into the weight, sorted ascending;
+    those of an adapter with a `block_size` are its tiles' flat positions in the grid of tiles, each standing for
+    `br * bc` values (`spu_peft.blocks`): `support` gives any adapter's entries.
     Shapes come from `in_features` / `out_features`, never from the weight tensor, which a sharding engine (FSDP)
     may hold as a flat shard.
     """
@@ -71,7 +74,8 @@ class SPULayer(BaseTunerLayer):
             warnings.warn(shortfall, UserWarning, stacklevel=2)
         indices = random_support(self.weight_shape, config, key, device, adapter_name)
         self.spu_indices[adapter_name] = indices
-        values = initial_values(indices.numel(), config, adapter_seed(config, "values", adapter_name, key), device)
+        seed = adapter_seed(config, "values", adapter_name, key)
+        values = initial_values(indices.numel() * self.values_per_index(adapter_name), config, seed, device)
         self.spu_values[adapter_name] = nn.Parameter(values)
         self.spu_frozen_indices[adapter_name] = torch.zeros(0, dtype=indices.dtype, device=device)
         self.spu_frozen_values[adapter_name] = torch.zeros(0, dtype=torch.float32, device=device)
@@ -91,23 +95,34 @@ class SPULayer(BaseTunerLayer):
 
     # ---- reading the adapter -------------------------------------------------------------------------------------
 
+    def values_per_index(self, adapter_name: str) -> int:
+        """How many values each index of the adapter's `spu_indices` stands for: a tile's entries, or one."""
+        block_size = self._block_sizes.get(adapter_name)
+        return 1 if block_size is None else block_size[0] * block_size[1]
+
+    def support(self, adapter_name: str) -> torch.Tensor:
+        """The sorted flat entry positions the adapter's values train (a tiled support's tiles expanded)."""
+        indices, block_size = self.spu_indices[adapter_name], self._block_sizes.get(adapter_name)
+        return indices if block_size is None else expand_tiles(indices, self.weight_shape, block_size)
+
     def sparse_deltas(self, adapter_name: str) -> list[SparseDelta]:
-        """The adapter's sparse deltas (earlier tasks' folded delta first), as (indices, values) pairs."""
+        """The adapter's sparse deltas by entries (earlier tasks' folded delta first), as (indices, values) pairs."""
         deltas = []
         if self.spu_frozen_indices[adapter_name].numel():
             deltas.append((self.spu_frozen_indices[adapter_name], self.spu_frozen_values[adapter_name]))
-        deltas.append((self.spu_indices[adapter_name], self.spu_values[adapter_name]))
+        deltas.append((self.support(adapter_name), self.spu_values[adapter_name]))
         return deltas
 
-    def tile_layouts(self, adapter_name: str) -> list[TileLayout | None]:
-        """One entry per delta of `sparse_deltas`: the tile layout of the trained support when the adapter has a
-        `block_size` and its values are being trained (what the per-tile value gradient needs), else None."""
-        deltas = self.sparse_deltas(adapter_name)
-        block_size = self._block_sizes.get(adapter_name)
-        layout = None
-        if block_size is not None and torch.is_grad_enabled() and self.spu_values[adapter_name].requires_grad:
-            layout = self._tile_layouts.get(adapter_name, self.spu_indices[adapter_name], self.weight_shape, block_size)
-        return [None] * (len(deltas) - 1) + [layout]
+    def forward_deltas(self, adapter_name: str) -> tuple[list[SparseDelta], list[TileLayout | None]]:
+        """`sparse_deltas` as the forward composes them, and one tile layout per delta (None for entries): a tiled
+        support acts by runs of a tile row's values (`TileLayout.runs`), its entries never expanded."""
+        deltas = self.sparse_deltas(adapter_name)[:-1]
+        values, block_size = self.spu_values[adapter_name], self._block_sizes.get(adapter_name)
+        if block_size is None:
+            return [*deltas, (self.spu_indices[adapter_name], values)], [None] * (len(deltas) + 1)
+        tiles = self.spu_indices[adapter_name]
+        layout = self._tile_layouts.get(adapter_name, tiles, self.weight_shape, block_size)
+        return [*deltas, (layout.runs, values.view(-1, block_size[1]))], [None] * len(deltas) + [layout]
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -141,6 +156,14 @@ class SPULayer(BaseTunerLayer):
         device = self.get_base_layer().weight.device
         values = self.spu_values[adapter_name]
         indices = indices.to(device=device).long().unique(sorted=True)
+        if (block_size := self._block_sizes.get(adapter_name)) is not None:
+            tiles = whole_tiles(indices, self.weight_shape, block_size)
+            if tiles is None:
+                raise ValueError(
+                    f"Adapter {adapter_name!r} trains whole {block_size} tiles (`block_size`), but the new support's "
+                    f"{indices.numel()} entries are not made of whole tiles. Pass every entry of each tile, or use an "
+                    "adapter without `block_size`."
+                )
         if indices.numel() != values.shape[0] and is_sharded_tensor(values):
             raise ValueError(
                 f"The new support has {indices.numel()} entries where the sharded values hold {values.shape[0]}; "
@@ -148,7 +171,7 @@ class SPULayer(BaseTunerLayer):
             )
         if consolidate:
             self._fold_into_frozen(adapter_name)
-        self.spu_indices[adapter_name] = indices.to(index_dtype(self.weight_numel))
+        self.spu_indices[adapter_name] = (indices if block_size is None else tiles).to(index_dtype(self.weight_numel))
         if values.shape[0] == indices.numel():
             with torch.no_grad():
                 values.zero_()  # in place: sharded parameters (FSDP) keep their storage
@@ -181,9 +204,9 @@ class SPULayer(BaseTunerLayer):
             return
         frozen_values = self.spu_frozen_values[adapter_name]
         indices, summed = union_sum(
-            [(self.spu_frozen_indices[adapter_name], frozen_values), (self.spu_indices[adapter_name], values)]
+            [(self.spu_frozen_indices[adapter_name], frozen_values), (self.support(adapter_name), values)]
         )
-        self.spu_frozen_indices[adapter_name] = indices.to(self.spu_indices[adapter_name].dtype)
+        self.spu_frozen_indices[adapter_name] = indices.to(index_dtype(self.weight_numel))
         self.spu_frozen_values[adapter_name] = summed.to(frozen_values.dtype)
 
     # ---- merging -------------------------------------------------------------------------------------------------
@@ -280,37 +303,8 @@ class Linear(nn.Module, SPULayer):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        """torch's `load_state_dict` with a whole model's state dict (`torch.save(model.state_dict())`, accelerate's
-        `load_state`): a sparse delta's length comes from its selection, not from the config (a reselection folds into
-        a frozen delta of any length, a global budget gives each layer its own), so each one takes the length of the
-        support in the state dict, checked first, where a `LoRA` model's shapes always match its config's. The values
-        keep their `Parameter` object, so an optimizer that holds them keeps working. A support of the same length is
-        loaded into a new tensor, not written in place: a compiled forward (`torch.compile`) keeps the tile layout of
-        the support object it traced, and would go on computing the values' gradient at the replaced entries."""
-        for buffer_name, values_name in (("spu_indices", "spu_values"), ("spu_frozen_indices", "spu_frozen_values")):
-            supports, stores = getattr(self, buffer_name), getattr(self, values_name)
-            for adapter_name in list(supports.keys()):
-                indices = state_dict.get(f"{prefix}{buffer_name}.{adapter_name}")
-                values = state_dict.get(f"{prefix}{values_name}.{adapter_name}")
-                if not (isinstance(indices, torch.Tensor) and isinstance(values, torch.Tensor)):
-                    continue  # a missing key: torch reports it
-                held = stores[adapter_name]
-                if indices.shape == supports[adapter_name].shape and values.shape == held.shape:
-                    if buffer_name == "spu_indices":
-                        supports[adapter_name] = supports[adapter_name].clone()
-                        self._tile_layouts.drop(adapter_name)
-                    continue
-                where = f"state dict entry `{prefix}{buffer_name}.{adapter_name}`"
-                try:
-                    check_values(values, check_indices(indices, self.weight_numel, where).numel(), where)
-                except ValueError as error:
-                    error_msgs.append(str(error))
-                    continue
-                old = supports[adapter_name]
-                supports[adapter_name] = torch.zeros(indices.shape, dtype=old.dtype, device=old.device)
-                self.resize_values(values_name, adapter_name, values.shape)
-                if buffer_name == "spu_indices":
-                    self._tile_layouts.drop(adapter_name)
+        """torch's `load_state_dict`, each sparse delta first sized to the state dict's (`fit_deltas_to_state_dict`)."""
+        fit_deltas_to_state_dict(self, state_dict, prefix, error_msgs)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -329,8 +323,9 @@ class Linear(nn.Module, SPULayer):
         active = self._active_spu_adapters()
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        deltas = [delta for name in active for delta in self.sparse_deltas(name)]
-        layouts = [layout for name in active for layout in self.tile_layouts(name)]
+        terms = [self.forward_deltas(name) for name in active]
+        deltas = [delta for delta_list, _ in terms for delta in delta_list]
+        layouts = [layout for _, layout_list in terms for layout in layout_list]
         delta_biases = [bias for name in active if (bias := self.get_delta_bias(name)) is not None]
         return self._adapted_forward(x, deltas, delta_biases, layouts, *args, **kwargs)
 
@@ -359,7 +354,8 @@ class Linear(nn.Module, SPULayer):
                 continue
             rows = [i for i, row_name in enumerate(adapter_names) if row_name == name]
             biases = [bias] if (bias := self.get_delta_bias(name)) is not None else []
-            output = self._adapted_forward(x[rows], self.sparse_deltas(name), biases, self.tile_layouts(name))
+            deltas, layouts = self.forward_deltas(name)
+            output = self._adapted_forward(x[rows], deltas, biases, layouts)
             result[rows] = output.to(result.dtype)
         return result
 

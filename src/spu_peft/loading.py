@@ -26,6 +26,7 @@ from .encoding import (
     decode_tiles,
     index_dtype,
     unpack_mask,
+    whole_tiles,
 )
 from .integrity import (
     DIGEST_KEY,
@@ -199,6 +200,8 @@ def _decode_layer(
         _check_float(values, _where(name, values_name), limit_dtype(placeholder.dtype, base_dtype))
         order = support.argsort()
         support, values = support[order], values[order].to(placeholder.dtype)
+        if buffer_name == "spu_indices" and block_size is not None:  # held as tiles (`SPULayer.spu_indices`)
+            support = _as_tiles(support, layer.weight_shape, block_size, _where(name, buffer_name))
         support = support.to(device=layer.get_base_layer().weight.device, dtype=index_dtype(numel))
         changes.append(_layout_change(layer, buffer_name, values_name, adapter_name, support, values.shape))
         out[f"{PEFT_PREFIX}{name}.{buffer_name}"] = support
@@ -236,6 +239,17 @@ def limit_dtype(stored: torch.dtype, base: torch.dtype) -> torch.dtype:
     if not base.is_floating_point:
         return stored
     return base if torch.finfo(base).max < torch.finfo(stored).max else stored
+
+
+def _as_tiles(support: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int], where: str) -> torch.Tensor:
+    """The tiles of a tiled adapter's stored support, refusing one that is not made of whole tiles."""
+    tiles = whole_tiles(support, shape, block_size)
+    if tiles is None:
+        raise SPUAdapterFileError(
+            f"{where}: the adapter's config trains whole {tuple(block_size)} tiles (`block_size`) but the file's "
+            f"{support.numel()} entries are not made of whole tiles; it was saved with another config or is corrupt."
+        )
+    return tiles
 
 
 def _layout_change(

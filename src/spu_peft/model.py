@@ -11,6 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from .blocks import check_tiles
 from .bnb import guard_cpu_repacking, spu_layer_class
 from .config import (
     PEFT_TASK_MODULES_TO_SAVE,
@@ -21,7 +22,7 @@ from .config import (
     refuse_token_rows,
 )
 from .distributed import holds_fsdp1_shards, is_sharded_tensor, refuse_sharded_tensors, sharded_save_error
-from .encoding import encode_support
+from .encoding import encode_support, expand_tiles
 from .injection import ModelState, remember_injection, take_injection
 from .integrity import DIGEST_KEY, PEFT_PREFIX, digest_entry
 from .layer import SPULayer
@@ -303,6 +304,9 @@ class SPUModel(BaseTuner):
                 indices, values = fields.get(buffer_name), fields.get(values_name)
                 if indices is None or values is None:
                     continue
+                if buffer_name == "spu_indices" and config.block_size is not None:  # tiles: entries, as files hold
+                    check_tiles(indices, layer.weight_shape, config.block_size, adapter_name)
+                    indices = expand_tiles(indices, layer.weight_shape, config.block_size)
                 if values.numel() != indices.numel():
                     raise sharded_save_error(
                         f"`{name}.{values_name}` holds {values.numel()} of {indices.numel()} values"

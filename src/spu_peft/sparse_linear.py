@@ -17,13 +17,29 @@ import torch.nn.functional as F
 
 from .blocks import TileLayout, tile_value_gradient
 
-SparseDelta = tuple[torch.Tensor, torch.Tensor]  # (flat indices, values)
+SparseDelta = tuple[torch.Tensor, torch.Tensor]
+"""(indices, values): 1-D values at the flat entry positions `indices`, or `(n, w)` values whose rows are runs of `w`
+entries at the positions `indices` of the weight seen as `(numel // w, w)` (a tiled support, `TileLayout.runs`)."""
 
 
 def as_index(indices: torch.Tensor) -> torch.Tensor:
     """`indices` as `index_add_` and `index_select` take them: int32 and int64 as they are (no copy), any other integer
     dtype (a support set by hand) as int64."""
     return indices if indices.dtype in (torch.int32, torch.int64) else indices.long()
+
+
+def flat_view(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`weight` as the positions of a delta with these `values` count it: entries, or runs of `values.shape[1]`."""
+    return weight.reshape(-1) if values.dim() == 1 else weight.reshape(-1, values.shape[1])
+
+
+def entry_delta(indices: torch.Tensor, values: torch.Tensor) -> SparseDelta:
+    """A delta by entries (int64 positions, 1-D values), from either form of `SparseDelta`."""
+    if values.dim() == 1:
+        return indices.long(), values
+    width = values.shape[1]
+    entries = indices.long()[:, None] * width + torch.arange(width, device=indices.device)
+    return entries.reshape(-1), values.reshape(-1)
 
 
 def compose_weight(weight: torch.Tensor, deltas: Sequence[SparseDelta]) -> torch.Tensor:
@@ -36,19 +52,22 @@ def compose_weight(weight: torch.Tensor, deltas: Sequence[SparseDelta]) -> torch
     rounding the float32 delta to the weight's dtype first would round twice, up to a whole bf16 spacing off
     `W + delta`.
     """
-    flat = weight.reshape(-1)
     if not deltas:
         return weight
     if weight.dtype in (torch.float32, torch.float64):
+        composed = weight
         for indices, values in deltas:
-            flat = flat.index_add(0, as_index(indices), values.to(weight.dtype))
-        return flat.view_as(weight)
-    indices = torch.cat([idx.long() for idx, _ in deltas])
-    values = torch.cat([val.float() for _, val in deltas])
-    if len(deltas) > 1:  # overlapping supports (a frozen delta and the current one) are summed before rounding
-        indices, inverse = torch.unique(indices, return_inverse=True)
+            composed = flat_view(composed, values).index_add(0, as_index(indices), values.to(weight.dtype))
+        return composed.view_as(weight)
+    if len(deltas) == 1:
+        indices, values = deltas[0]
+    else:  # overlapping supports (a frozen delta and the current one) are summed before rounding
+        entries = [entry_delta(idx, val) for idx, val in deltas]
+        indices, inverse = torch.unique(torch.cat([idx for idx, _ in entries]), return_inverse=True)
+        values = torch.cat([val.float() for _, val in entries])
         values = values.new_zeros(indices.numel()).index_add_(0, inverse, values)
-    return flat.index_copy(0, indices, (flat[indices].float() + values).to(weight.dtype)).view_as(weight)
+    flat, indices = flat_view(weight, values), indices.long()
+    return flat.index_copy(0, indices, (flat[indices].float() + values.float()).to(weight.dtype)).view_as(weight)
 
 
 def compose_bias(bias: torch.Tensor, deltas: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -155,17 +174,17 @@ def value_gradients(
         return grads
     grad_output_2d = grad_output.reshape(-1, grad_output.shape[-1])
     x_2d = x.reshape(-1, x.shape[-1]).to(dtype)
-    grad_flat = None
+    dense = None
     for i, (idx, val) in enumerate(zip(indices, values)):
         if not needs[i]:
             continue
         layout = None if layouts is None else layouts[i]
         if layout is not None and TILE_VALUE_GRAD:
-            grad = tile_value_gradient(grad_output_2d, x_2d, layout)
+            grad = tile_value_gradient(grad_output_2d, x_2d, layout).view_as(val)
         else:
-            if grad_flat is None:
-                grad_flat = (grad_output_2d.t() @ x_2d).reshape(-1)
-            grad = grad_flat.index_select(0, as_index(idx))
+            if dense is None:
+                dense = grad_output_2d.t() @ x_2d
+            grad = flat_view(dense, val).index_select(0, as_index(idx))
         grads[i] = grad.to(val.dtype)
     return grads
 

@@ -10,7 +10,7 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 
 from .config import SPUConfig
-from .encoding import expand_tiles, index_dtype
+from .encoding import index_dtype
 
 
 def num_selected(numel: int, density: float) -> int:
@@ -67,7 +67,7 @@ def random_support(
 ) -> torch.Tensor:
     """A seeded random support, the data-free stand-in used until `select_parameters` runs: entries or, with a
     `block_size`, whole tiles (cells of a grid of `1 x 1` or `block_size` cells), per row of cells or of the whole
-    grid, as many as the budget buys."""
+    grid, as many as the budget buys; sorted flat positions of the cells, as `SPULayer.spu_indices` holds them."""
     generator = torch.Generator().manual_seed(adapter_seed(config, "support", adapter_name, key))
     cell = config.block_size or (1, 1)
     grid = (shape[0] // cell[0], shape[1] // cell[1])
@@ -77,8 +77,7 @@ def random_support(
     else:
         numel = grid[0] * grid[1]
         cells = torch.randperm(numel, generator=generator)[: num_selected(numel, config.density)]
-    flat = cells if config.block_size is None else expand_tiles(cells, shape, config.block_size)
-    return flat.sort().values.to(device=device, dtype=index_dtype(shape[0] * shape[1]))
+    return cells.sort().values.to(device=device, dtype=index_dtype(shape[0] * shape[1]))
 
 
 class Float32BufferDict(BufferDict):

@@ -30,7 +30,7 @@ def model_support(model: nn.Module, adapter_name: str = "default") -> dict[str, 
     Raises:
         ValueError: when no SPU layer holds `adapter_name` (an empty support would compare as sharing nothing).
     """
-    support = {name: set(layer.spu_indices[adapter_name].tolist()) for name, layer in spu_layers(model, adapter_name)}
+    support = {name: set(layer.support(adapter_name).tolist()) for name, layer in spu_layers(model, adapter_name)}
     if not support:
         held = sorted({a for m in model.modules() if isinstance(m, SPULayer) for a in m.spu_indices})
         raise ValueError(

@@ -23,15 +23,17 @@ def keep_freed_memory() -> None:
 
 
 def release_freed_memory() -> None:
-    """Make glibc hand every freed block of 1 MiB or more back to the system at once, so that RSS follows the live
-    tensors: for measuring memory, not time (every such allocation then page-faults afresh).
+    """Make glibc map every block larger than a page on its own and hand it back to the system when freed, so that
+    RSS follows the live tensors: for measuring memory, not time (every such allocation then page-faults afresh).
 
     With glibc's default (or `keep_freed_memory`) large blocks also come from the heap, whose fragmentation depends on
     the order of allocations: the peak RSS of one LoRA step on ViT-B/16 measured 2,302, 2,789 and 2,586 MiB in three
-    processes.
+    processes. A threshold of 1 MiB, used before, still left the tensors just under it in the heap (SPU's per-layer
+    values, gradients and Adam moments on a ViT-B/16 `fc1` are 0.9 MiB each): SPU-block's step peaked 12 MiB above
+    LoRA's there, where torch's profiler puts the live tensors' peak 2.5 MiB below (docs/performance.md).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed at 1 MiB (setting it also stops glibc from raising it)
+    libc.mallopt(-3, 4096)  # M_MMAP_THRESHOLD: fixed at one page (setting it also stops glibc from raising it)

@@ -144,7 +144,7 @@ def measure_time(workload: Workload, settings: ThroughputSettings, accelerator: 
 
         def selection(kind):
             reports[kind].append(select(models["spu"], workload, settings, accelerator, kind))
-            chosen[kind] = [layer.spu_indices["default"].clone() for layer in spu_layers]
+            chosen[kind] = [layer.support("default").clone() for layer in spu_layers]
             return reports[kind][-1].score_seconds  # the scoring phase, without the top-k
 
         runs = {kind: (contextlib.nullcontext, lambda k=kind: selection(k)) for kind in settings.score_sums}

@@ -30,7 +30,7 @@ def supports(
     `score` on all of `batches`, or a random support of the same size (seeded by `seed`) when `batches` is None."""
     model = get_peft_model(base, SPUConfig(seed=seed, density=density))
     select_parameters(model, batches, score=score if batches is not None else "random", fraction=1.0, seed=seed)
-    return {name: set(layer.spu_indices["default"].tolist()) for name, layer in spu_layers(model, "default")}
+    return {name: set(layer.support("default").tolist()) for name, layer in spu_layers(model, "default")}
 
 
 def shared(selection: dict[str, set[int]], other: dict[str, set[int]], layers: Iterable[str] | None = None) -> float:
