@@ -1,8 +1,8 @@
 """Loading SPU adapters: the one validator of an adapter's tensors against a model.
 
 An adapter file holds, per SPU layer, the support of each sparse delta (a packed bit mask, int32 indices or, with a
-`block_size`, int32 tile positions), its values and the bias delta, plus the dense `modules_to_save` and, with
-`bias="all"`, the model's biases. Anything
+`block_size`, int32 tile positions), its values and the bias delta, plus the dense `modules_to_save`, with
+`bias="all"` the model's biases and, where PEFT saved them (`save_embedding_layers`), the token embeddings. Anything
 missing, extra, of another dtype than its role allows, non-finite, too large for the model's dtype, of the wrong
 length or made for another base raises an `SPUAdapterFileError` that names the module and the field. The changes the
 file implies for the model (new supports, resized placeholders) are returned, to be made only once all of it passed.
@@ -132,6 +132,7 @@ def decode_adapter_state_dict(
         decoded.update(_take_auxiliary(file, name, wrapper, adapter_name))
     if config.bias == "all":
         decoded.update(_take_learnable_biases(file, model))
+    decoded.update(_take_embeddings(file, model))
     if leftover := file.leftover():
         shown = ", ".join(f"`{k}`" for k in leftover[:5]) + (
             f" and {len(leftover) - 5} more" if len(leftover) > 5 else ""
@@ -294,6 +295,54 @@ def _take_learnable_biases(file: _AdapterFile, model: nn.Module) -> dict[str, to
         _check_float(tensor, f"SPU adapter file, `{key}`", parameter.dtype)
         out[PEFT_PREFIX + key] = tensor.to(parameter.dtype)
     return out
+
+
+def _take_embeddings(file: _AdapterFile, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The input and output token embeddings, which PEFT saves beside the adapter when the vocabulary was resized
+    (`save_embedding_layers`) and which load into the model's as LoRA's do, if the model's vocabulary has their
+    size: a base loaded fresh has its original vocabulary until the user resizes it as they did before training."""
+    out = {}
+    if not file.tensors:  # the usual file: nothing left once the adapter's own tensors were taken
+        return out
+    for name, module in _embedding_modules(model):
+        for field, parameter in module.named_parameters(recurse=False):
+            key = f"{name}.{field}"
+            tensor = file.take(key)
+            if tensor is None:
+                continue
+            where = f"SPU adapter file, `{key}`"
+            if tensor.shape != parameter.shape:
+                raise SPUAdapterFileError(_embedding_mismatch(where, tuple(tensor.shape), tuple(parameter.shape)))
+            _check_float(tensor, where, parameter.dtype)
+            out[PEFT_PREFIX + key] = tensor.to(parameter.dtype)
+    return out
+
+
+def _embedding_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(relative name, module) of the model's input and output token embeddings, where it has them and SPU does not
+    wrap them (a wrapper's tensors are its own fields)."""
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layers.append(getattr(model, getter)())
+        except (AttributeError, NotImplementedError):  # not a transformers model, or one without token embeddings
+            continue
+    for name, module in model.named_modules():
+        if any(module is layer for layer in layers) and not isinstance(module, (SPULayer, AuxiliaryTrainingWrapper)):
+            yield relative_name(name), module
+
+
+def _embedding_mismatch(where: str, stored: tuple[int, ...], model: tuple[int, ...]) -> str:
+    if not stored or stored[1:] != model[1:]:
+        return (
+            f"{where}: shape {stored} in the file but {model} in the model; the adapter was made for a different "
+            "base model."
+        )
+    return (
+        f"{where}: the adapter was trained with a vocabulary of {stored[0]} tokens, but the model has {model[0]}. "
+        f"Resize the base's token embeddings to {stored[0]} first, as before training (`base.resize_token_embeddings"
+        f"({stored[0]})`, or `len(tokenizer)` with the tokenizer saved beside the adapter), then load the adapter."
+    )
 
 
 def check_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

@@ -325,9 +325,11 @@ class SPUModel(BaseTuner):
         # PEFT adds the `modules_to_save` tensors after this hook and then removes the adapter name from every key:
         # the digest covers the state dict as PEFT will write it, so PEFT writes it and nothing rewrites the file
         written = to_return | auxiliary_state_dict(model, adapter_name, state_dict)
-        to_return[DIGEST_KEY] = digest_entry(
-            {cls._remove_adapter_name_from_key(k, adapter_name): v for k, v in written.items()}
-        )
+        written = {cls._remove_adapter_name_from_key(k, adapter_name): v for k, v in written.items()}
+        to_return[DIGEST_KEY] = digest_entry(written)
+        # PEFT also adds the embedding layers (`save_embedding_layers`) after this hook, on an argument the hook does
+        # not see; it then writes the file and saves this config, whose save extends the digest to them
+        config.record_digested_keys(written)
         return to_return
 
     @classmethod
