@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -35,13 +35,17 @@ def base(vocabulary: int | None = RESIZED, seed: int = 0, path=None, **config) -
     return model.eval()
 
 
-def trained(model: LlamaForCausalLM):
-    peft_model = get_peft_model(model, SPUConfig(task_type="CAUSAL_LM"))
-    select_parameters(peft_model, score="random")
+def trained(model: LlamaForCausalLM, adapter_name: str = "default", **config):
+    """An SPU adapter on `model` as training leaves it: values away from zero, dense modules moved."""
+    peft_model = get_peft_model(model, SPUConfig(task_type="CAUSAL_LM", **config), adapter_name=adapter_name)
+    select_parameters(peft_model, score="random", adapter_name=adapter_name)
     with torch.no_grad():
         for _, layer in peft_model.named_modules():
             if isinstance(layer, SPULayer):
-                layer.spu_values["default"].normal_(0, 0.5)
+                layer.spu_values[adapter_name].normal_(0, 0.5)
+        for name, parameter in peft_model.named_parameters():
+            if ".modules_to_save." in name:
+                parameter.add_(0.1)
     return peft_model.eval()
 
 
@@ -113,6 +117,49 @@ def test_explicit_save_embedding_layers_round_trips_an_untouched_vocabulary(tmp_
     assert torch.equal(loaded(input_ids=IDS % 50).logits, model(input_ids=IDS % 50).logits)
 
 
+@pytest.mark.parametrize("save_embedding_layers", [False, True])
+def test_embeddings_trained_densely_round_trip_and_name_the_vocabulary(tmp_path, save_embedding_layers):
+    """`modules_to_save=["embed_tokens", "lm_head"]` trains copies of the embeddings; with the embedding layers saved
+    too, PEFT also saves the originals and the copies under the wrappers' own names (the copies without the adapter
+    name, as LoRA's, or PEFT's load would put the dense tensor in their place): the originals load (the output with
+    the adapter disabled is the trained model's), and a base with another vocabulary is refused."""
+    model = trained(base(), modules_to_save=["embed_tokens", "lm_head"])
+    model.save_pretrained(tmp_path, save_embedding_layers=save_embedding_layers)
+    wrapped = {
+        f"{key.rpartition('.')[0]}.{part}.weight"
+        for key in EMBEDDINGS
+        for part in ("original_module", "modules_to_save")
+    }
+    assert (wrapped < file_keys(tmp_path)) == save_embedding_layers
+    loaded = PeftModel.from_pretrained(base(seed=1), tmp_path)
+    assert torch.equal(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
+    with loaded.disable_adapter(), model.disable_adapter():
+        assert torch.equal(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits) == save_embedding_layers
+    with pytest.raises(SPUAdapterFileError, match=rf"vocabulary of {RESIZED} tokens, but the model has 50"):
+        PeftModel.from_pretrained(base(vocabulary=None), tmp_path)
+
+
+def test_a_named_adapter_saved_atomically_round_trips_its_embeddings(tmp_path):
+    model = trained(base(), adapter_name="task")
+    spu_peft.save_adapter(model, tmp_path, save_embedding_layers=True)
+    assert file_keys(tmp_path / "task") > EMBEDDINGS
+    loaded = PeftModel.from_pretrained(base(seed=1), tmp_path, subfolder="task", adapter_name="task")
+    assert torch.equal(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+def test_an_spu_layer_on_the_output_embeddings_round_trips_their_base_weight(tmp_path):
+    """With `lm_head` among the targets PEFT saves its base weight whatever the vocabulary (as for LoRA), which SPU
+    refused as altered and as a tensor the adapter does not have."""
+    model = trained(base(vocabulary=None), target_modules=["up_proj", "lm_head"])
+    with pytest.warns(UserWarning, match="embedding layers found in `target_modules`"):
+        model.save_pretrained(tmp_path)
+    assert "base_model.model.lm_head.base_layer.weight" in file_keys(tmp_path)
+    loaded = PeftModel.from_pretrained(base(vocabulary=None), tmp_path)
+    assert torch.equal(loaded(input_ids=IDS % 50).logits, model(input_ids=IDS % 50).logits)
+    with pytest.raises(SPUAdapterFileError, match=r"`lm_head.base_layer.weight`: .*resize_token_embeddings\(50\)"):
+        PeftModel.from_pretrained(base(), tmp_path)
+
+
 def test_a_tampered_or_truncated_embedding_is_refused(tmp_path):
     model, _ = saved(tmp_path)
     path = tmp_path / WEIGHTS
@@ -140,6 +187,19 @@ def test_a_base_with_another_vocabulary_is_refused_with_the_size_to_resize_to(tm
         PeftModel.from_pretrained(other, tmp_path)
     assert not any(isinstance(module, SPULayer) for module in other.modules())
     assert all(torch.equal(value, before[key]) for key, value in other.state_dict().items())
+
+
+def test_a_state_dict_taken_with_the_embeddings_is_refused_naming_the_save(tmp_path):
+    """`get_peft_model_state_dict(save_embedding_layers=True)` adds the embeddings after SPU's hook digested the rest:
+    only `save_pretrained` extends the digest, so the state dict itself is refused, saying so, not as damaged."""
+    model = trained(base())
+    state_dict = get_peft_model_state_dict(model, save_embedding_layers=True)
+    assert state_dict.keys() > EMBEDDINGS
+    with pytest.raises(SPUAdapterFileError, match="outside its digest.*save_pretrained"):
+        set_peft_model_state_dict(get_peft_model(base(seed=1), SPUConfig(task_type="CAUSAL_LM")), state_dict)
+    state_dict["base_model.model.model.layers.0.mlp.up_proj.spu_values"][0] += 1.0
+    with pytest.raises(SPUAdapterFileError, match="altered or damaged"):
+        set_peft_model_state_dict(get_peft_model(base(seed=1), SPUConfig(task_type="CAUSAL_LM")), state_dict)
 
 
 def test_a_file_the_save_did_not_digest_is_not_sealed(tmp_path):
