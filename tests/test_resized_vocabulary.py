@@ -74,13 +74,14 @@ def test_resized_vocabulary_round_trips_exactly_onto_a_base_resized_alike(tmp_pa
 
 def test_load_adapter_into_a_peft_model_loads_the_embeddings_too(tmp_path):
     model, expected = saved(tmp_path)
-    for load in (
-        lambda peft_model: peft_model.load_adapter(tmp_path, adapter_name="task"),
-        lambda peft_model: spu_peft.load_adapter(peft_model, tmp_path, adapter_name="task"),
+    for load, name in (
+        (lambda peft_model: peft_model.load_adapter(tmp_path, adapter_name="task"), "task"),
+        (lambda peft_model: spu_peft.load_adapter(peft_model, tmp_path, adapter_name="task"), "task"),
+        (lambda peft_model: spu_peft.load_adapter(peft_model, tmp_path), "default"),  # into the adapter it holds
     ):
         peft_model = get_peft_model(base(seed=2), SPUConfig(task_type="CAUSAL_LM"))
         load(peft_model)
-        peft_model.set_adapter("task")
+        peft_model.set_adapter(name)
         assert torch.equal(peft_model.eval()(input_ids=IDS).logits, expected)
 
 

@@ -354,7 +354,7 @@ def _vocabulary_problem(stored: tuple[int, ...], model: tuple[int, ...]) -> str 
     return (
         f"the adapter was trained with a vocabulary of {stored[0]} tokens, but the model has {model[0]}. Resize the "
         f"base's token embeddings to {stored[0]} first, as before training (`base.resize_token_embeddings"
-        f"({stored[0]})`, or `len(tokenizer)` with the tokenizer saved beside the adapter), then load the adapter."
+        f"({stored[0]})`), then load the adapter."
     )
 
 
@@ -415,7 +415,7 @@ def check_digest(model: nn.Module, adapter_name: str, state_dict: dict[str, torc
                 "its token embeddings are outside its digest, which covers every other tensor: they were added after "
                 "SPU's save hook, by `get_peft_model_state_dict(save_embedding_layers=...)` (whose state dict only a "
                 "save completes) or by a save stopped before it finished. Save the adapter with `save_pretrained` "
-                "and load that folder."
+                "and load that folder; for a file you trust, `spu_peft.integrity.seal_file(path)` records its digest."
             )
         raise SPUAdapterFileError(f"SPU adapter file: {problem}")
 
