@@ -8,6 +8,7 @@ import json
 import numbers
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -17,7 +18,14 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import CONFIG_NAME
 
 from .blocks import check_block_size
-from .integrity import PEFT_PREFIX, WEIGHTS_NAME, SPUAdapterFileError, atomic_write_text, read_adapter_file
+from .integrity import (
+    PEFT_PREFIX,
+    WEIGHTS_NAME,
+    SPUAdapterFileError,
+    atomic_write_text,
+    cover_added_tensors,
+    read_adapter_file,
+)
 
 
 class SPUPeftType(str, enum.Enum):
@@ -226,14 +234,28 @@ class SPUConfig(PeftConfig):
                 ) from error
         return output
 
+    # the keys SPU's save hook digested, until the save that follows it (`record_digested_keys`); no field: not saved
+    _digested_keys: ClassVar[frozenset[str] | None] = None
+
+    def record_digested_keys(self, keys: Iterable[str]) -> None:
+        """Note the keys of the tensors whose digest SPU's save hook just added. PEFT writes the weights and then this
+        config; tensors it added to the file after the hook (the embedding layers of `save_embedding_layers`) are
+        covered then (`integrity.cover_added_tensors`)."""
+        self._digested_keys = frozenset(keys)
+
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Write `adapter_config.json` through a temporary file, after checking that JSON can hold every field."""
+        """Write `adapter_config.json` through a temporary file, after checking that JSON can hold every field, and
+        extend the digest of the weights PEFT wrote just before to the embedding layers PEFT added (if it did)."""
         output = self.to_json_dict()
         if (auto_mapping := kwargs.pop("auto_mapping_dict", None)) is not None:
             output["auto_mapping"] = auto_mapping
         if os.path.isfile(save_directory):
             raise ValueError(f"`save_directory` {save_directory!r} is a file; pass a folder.")
         _refuse_pickled_weights(save_directory)
+        digested, self._digested_keys = self._digested_keys, None
+        weights = os.path.join(save_directory, WEIGHTS_NAME)
+        if digested is not None and os.path.isfile(weights):
+            cover_added_tensors(weights, digested)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(output, indent=2, sort_keys=True))
 
     @classmethod

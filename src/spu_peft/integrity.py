@@ -5,7 +5,9 @@ The one place in spu-peft that hashes tensors and replaces files or folders:
 - `tensor_digest` / `hash_tensors`: SHA-256 over tensors' names, dtypes, shapes and bytes; a flipped byte, two
   swapped tensors or a rewritten dtype change it.
 - `digest_entry` / `digest_problem`: an adapter's state dict carries the digest of its other tensors as one more
-  tensor, `DIGEST_KEY`, which SPU's save hook adds, so PEFT writes it with the rest and no file is rewritten.
+  tensor, `DIGEST_KEY`, which SPU's save hook adds, so PEFT writes it with the rest and no file is rewritten; only the
+  embedding layers PEFT adds after that hook (`save_embedding_layers`) are covered by `cover_added_tensors`, which
+  rewrites the file once.
 - `read_adapter_file`: the tensors of an adapter file, refused with an `SPUAdapterFileError` naming the file unless
   it is a regular file, readable safetensors, and its tensors match their digest; `seal_file` records the digest of a
   file one trusts.
@@ -25,7 +27,7 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +95,25 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
     except Exception as error:  # safetensors raises its own error type, without the path, for every kind of damage
-        raise SPUAdapterFileError(
-            f"{os.fspath(path)}: not a readable safetensors file ({error}); it is truncated or damaged. Save the "
-            "adapter again, or restore the file from a copy."
-        ) from error
+        raise _unreadable(path, error) from error
     return tensors, metadata
+
+
+def _tensor_keys(path: str | os.PathLike[str]) -> set[str]:
+    """The tensor names of a safetensors file, read from its header alone."""
+    check_regular_file(path, "safetensors file")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            return set(handle.keys())
+    except Exception as error:  # as in `read_safetensors`
+        raise _unreadable(path, error) from error
+
+
+def _unreadable(path: str | os.PathLike[str], error: Exception) -> SPUAdapterFileError:
+    return SPUAdapterFileError(
+        f"{os.fspath(path)}: not a readable safetensors file ({error}); it is truncated or damaged. Save the "
+        "adapter again, or restore the file from a copy."
+    )
 
 
 def digest_entry(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -158,6 +174,30 @@ def seal_file(path: str | os.PathLike[str]) -> None:
             f"{os.fspath(path)}: the tensors do not match the digest recorded in its header when it was saved; the "
             "file was altered or damaged. Save the adapter again, or restore the file from a copy."
         )
+    _write_sealed(path, tensors, metadata)
+
+
+def cover_added_tensors(path: str | os.PathLike[str], digested: Collection[str]) -> list[str]:
+    """Extend the digest of the adapter file PEFT just wrote to the tensors PEFT added after SPU's save hook digested
+    the others (the embedding layers `save_embedding_layers` saves, which PEFT adds last); return their keys.
+
+    The file is rewritten (through a temporary file) only if its recorded digest matches exactly the tensors of the
+    keys `digested`, which the hook covered: then the file is the one this save wrote, and nothing else. A file with
+    no added tensor is not read beyond its header, nor rewritten."""
+    added = sorted(_tensor_keys(path) - set(digested) - {DIGEST_KEY})
+    if not added:
+        return []
+    tensors, metadata = read_safetensors(path)
+    covered = {key: tensor for key, tensor in tensors.items() if key not in added}
+    if covered.keys() != {*digested, DIGEST_KEY} or digest_problem(covered) is not None:
+        return []  # not the file the hook digested: left as it is, and a load refuses it
+    tensors.pop(DIGEST_KEY)
+    _write_sealed(path, tensors, metadata)
+    return added
+
+
+def _write_sealed(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write `tensors` (no `DIGEST_KEY` among them) to `path` with the digest of all of them, through a rename."""
     with replacing(path) as tmp:
         save_file({**tensors, DIGEST_KEY: digest_entry(tensors)}, tmp, metadata={**metadata, "format": "pt"})
 

@@ -1,8 +1,8 @@
 """Loading SPU adapters: the one validator of an adapter's tensors against a model.
 
 An adapter file holds, per SPU layer, the support of each sparse delta (a packed bit mask, int32 indices or, with a
-`block_size`, int32 tile positions), its values and the bias delta, plus the dense `modules_to_save` and, with
-`bias="all"`, the model's biases. Anything
+`block_size`, int32 tile positions), its values and the bias delta, plus the dense `modules_to_save`, with
+`bias="all"` the model's biases and, where PEFT saved them (`save_embedding_layers`), the token embeddings. Anything
 missing, extra, of another dtype than its role allows, non-finite, too large for the model's dtype, of the wrong
 length or made for another base raises an `SPUAdapterFileError` that names the module and the field. The changes the
 file implies for the model (new supports, resized placeholders) are returned, to be made only once all of it passed.
@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
-from peft.utils.other import AuxiliaryTrainingWrapper
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
 from .config import SPUConfig
@@ -120,7 +121,7 @@ def decode_adapter_state_dict(
     Raises `SPUAdapterFileError` naming the module and field if the file does not fit.
     """
     file = _AdapterFile(state_dict)
-    decoded: dict[str, torch.Tensor] = {}
+    decoded = _take_embeddings(file, model)  # first: another vocabulary is named, not an SPU `lm_head`'s mask length
     changes: list[Change] = []
     for name, layer in spu_layers(model, adapter_name):
         try:
@@ -310,21 +311,85 @@ def _take_learnable_biases(file: _AdapterFile, model: nn.Module) -> dict[str, to
     return out
 
 
+def _take_embeddings(file: _AdapterFile, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The input and output token embeddings, which PEFT saves beside the adapter when the vocabulary was resized
+    (`save_embedding_layers`) and which load into the model's as LoRA's do, if the model's vocabulary has their
+    size: a base loaded fresh has its original vocabulary until the user resizes it as they did before training."""
+    out = {}
+    for name, module in _embedding_modules(model):
+        for key, model_key, target, load in _embedding_keys(name, module):
+            tensor = file.take(key)
+            if tensor is None:
+                continue
+            where = f"SPU adapter file, `{key}`"
+            if problem := _vocabulary_problem(tuple(tensor.shape), tuple(target.shape)):
+                raise SPUAdapterFileError(f"{where}: {problem}")
+            _check_float(tensor, where, target.dtype)
+            if load:
+                out[PEFT_PREFIX + model_key] = tensor.to(target.dtype)
+    return out
+
+
+def _embedding_keys(name: str, module: nn.Module) -> Iterator[tuple[str, str, torch.Tensor, bool]]:
+    """(key in the file, key in the model, the model's tensor, whether to load it) of each tensor PEFT saves of an
+    embedding module: its own, those of the layer an SPU layer wraps (`base_layer.`), or, of a module trained
+    densely, those of the original (`original_module.`) and of the adapter's copy (`modules_to_save.`), which the
+    adapter's dense tensors load already: that copy is checked like the original and not loaded twice."""
+    if isinstance(module, ModulesToSaveWrapper):
+        for field, tensor in module.original_module.named_parameters(recurse=False):
+            yield f"{name}.original_module.{field}", f"{name}.original_module.{field}", tensor, True
+            yield f"{name}.modules_to_save.{field}", f"{name}.original_module.{field}", tensor, False
+        return
+    inner = "base_layer." if isinstance(module, BaseTunerLayer) else ""
+    holder = module.get_base_layer() if inner else module
+    for field, tensor in holder.named_parameters(recurse=False):
+        yield f"{name}.{inner}{field}", f"{name}.{inner}{field}", tensor, True
+
+
+def _embedding_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(relative name, module) of the model's input and output token embeddings, where it has them."""
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layers.append(getattr(model, getter)())
+        except (AttributeError, NotImplementedError):  # not a transformers model, or one without token embeddings
+            continue
+    for name, module in model.named_modules():
+        if any(module is layer for layer in layers):
+            yield relative_name(name), module
+
+
+def _vocabulary_problem(stored: tuple[int, ...], model: tuple[int, ...]) -> str | None:
+    """Why an embedding tensor of shape `stored` does not fit the model's of shape `model` (None: it does)."""
+    if stored == model:
+        return None
+    if not stored or stored[1:] != model[1:]:
+        return _shape_problem(stored, model)
+    return (
+        f"the adapter was trained with a vocabulary of {stored[0]} tokens, but the model has {model[0]}. Resize the "
+        f"base's token embeddings to {stored[0]} first, as before training (`base.resize_token_embeddings"
+        f"({stored[0]})`), then load the adapter."
+    )
+
+
+def _shape_problem(stored: tuple[int, ...], model: tuple[int, ...]) -> str:
+    return f"shape {stored} in the file but {model} in the model; the adapter was made for a different base model."
+
+
 def check_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Turn shape mismatches (an adapter made for another base) into a clear error before torch raises one.
 
     SPU's own tensors were checked by the decoder (their placeholders take the file's length), so only the dense
-    tensors (`modules_to_save`, `bias="all"`) are compared here.
+    tensors (`modules_to_save`, `bias="all"`) are compared here; a token embedding trained densely, by the vocabulary.
     """
     model_state = {relative_name(k): v for k, v in model.state_dict().items()}
     for key, tensor in state_dict.items():
         name = relative_name(key)
         target = model_state.get(name)
         if target is not None and ".spu_" not in name and target.shape != tensor.shape:
-            raise SPUAdapterFileError(
-                f"SPU adapter file, `{name}`: shape {tuple(tensor.shape)} in the file but "
-                f"{tuple(target.shape)} in the model; the adapter was made for a different base model."
-            )
+            embeddings = tuple(f"{embedding}." for embedding, _ in _embedding_modules(model))
+            check = _vocabulary_problem if name.startswith(embeddings) else _shape_problem
+            raise SPUAdapterFileError(f"SPU adapter file, `{name}`: {check(tuple(tensor.shape), tuple(target.shape))}")
 
 
 def check_savable(adapter_name: str, weights: Iterable[tuple[str, torch.Tensor, torch.dtype]]) -> None:
@@ -355,7 +420,17 @@ def check_digest(model: nn.Module, adapter_name: str, state_dict: dict[str, torc
     for name, module in _peft_auxiliary_wrappers(model):
         load_map = module.adapter_state_dict_load_map(adapter_name)
         file_keys.update({f"{name}.{model_key}": f"{name}.{key}" for key, model_key in load_map.items()})
-    if problem := digest_problem({file_keys.get(key, key): tensor for key, tensor in state_dict.items()}):
+    tensors = {file_keys.get(key, key): tensor for key, tensor in state_dict.items()}
+    if problem := digest_problem(tensors):
+        embeddings = {key for name, module in _embedding_modules(model) for key, *_ in _embedding_keys(name, module)}
+        others = {key: tensor for key, tensor in tensors.items() if relative_name(key) not in embeddings}
+        if len(others) < len(tensors) and digest_problem(others) is None:
+            problem = (
+                "its token embeddings are outside its digest, which covers every other tensor: they were added after "
+                "SPU's save hook, by `get_peft_model_state_dict(save_embedding_layers=...)` (whose state dict only a "
+                "save completes) or by a save stopped before it finished. Save the adapter with `save_pretrained` "
+                "and load that folder; for a file you trust, `spu_peft.integrity.seal_file(path)` records its digest."
+            )
         raise SPUAdapterFileError(f"SPU adapter file: {problem}")
 
 

@@ -329,9 +329,11 @@ class SPUModel(BaseTuner):
         # PEFT adds the `modules_to_save` tensors after this hook and then removes the adapter name from every key:
         # the digest covers the state dict as PEFT will write it, so PEFT writes it and nothing rewrites the file
         written = to_return | auxiliary_state_dict(model, adapter_name, state_dict)
-        to_return[DIGEST_KEY] = digest_entry(
-            {cls._remove_adapter_name_from_key(k, adapter_name): v for k, v in written.items()}
-        )
+        written = {cls._remove_adapter_name_from_key(k, adapter_name): v for k, v in written.items()}
+        to_return[DIGEST_KEY] = digest_entry(written)
+        # PEFT also adds the embedding layers (`save_embedding_layers`) after this hook, on an argument the hook does
+        # not see; it then writes the file and saves this config, whose save extends the digest to them
+        config.record_digested_keys(written)
         return to_return
 
     @classmethod
@@ -339,9 +341,13 @@ class SPUModel(BaseTuner):
         """A key as the adapter file spells it, in both directions (PEFT builds the loading map from it). Only SPU's
         own fields carry the adapter name (`fc1.spu_values.<adapter>`); PEFT's rule strips `.<adapter>` from any key
         ending with it, so an adapter named like a module or parameter (`weight`, `visual_projection`) cut the
-        dense modules' and base biases' keys and saved a file that could not load."""
+        dense modules' and base biases' keys and saved a file that could not load. The embedding layers PEFT saves
+        (`save_embedding_layers`) of a module trained densely hold the adapter's copy as `modules_to_save.<adapter>.`:
+        saved without the name, as LoRA's, or on load PEFT would put the module's own tensor under that key."""
         head, _, last = key.rpartition(".")
-        return head if last == adapter_name and head.rpartition(".")[2] in STORED_FIELDS else key
+        if last == adapter_name and head.rpartition(".")[2] in STORED_FIELDS:
+            return head
+        return key.replace(f".modules_to_save.{adapter_name}.", ".modules_to_save.", 1)
 
     # ---- loading -------------------------------------------------------------------------------------------------
 
