@@ -58,6 +58,10 @@ PEFT_TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
     "QUESTION_ANS": ("qa_outputs",),
 }
 
+# The fields `PeftModel.save_pretrained` sets on the live config before it writes the config (it restores only
+# `inference_mode`, and only after the write succeeded).
+_SET_BY_PEFT_SAVE = ("inference_mode", "base_model_name_or_path")
+
 BUDGETS = ("per_tensor", "per_row", "global")
 BIAS_OPTIONS = ("none", "spu_only", "all")
 
@@ -226,8 +230,23 @@ class SPUConfig(PeftConfig):
                 ) from error
         return output
 
+    def note_fields_before_save(self) -> None:
+        """Remember the fields that `PeftModel.save_pretrained` sets on this (live) config before writing it; the
+        tuner's save hook calls this first. PEFT puts back `inference_mode` only after a successful write, so a
+        refused write (`save_pretrained` below) puts them back itself: a refused save leaves the model as it was."""
+        self._fields_before_save = {name: getattr(self, name) for name in _SET_BY_PEFT_SAVE}
+
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write `adapter_config.json` through a temporary file, after checking that JSON can hold every field."""
+        before = self.__dict__.pop("_fields_before_save", {})
+        try:
+            self._write(save_directory, **kwargs)
+        except BaseException:
+            for name, value in before.items():
+                setattr(self, name, value)
+            raise
+
+    def _write(self, save_directory: str, **kwargs: Any) -> None:
         output = self.to_json_dict()
         if (auto_mapping := kwargs.pop("auto_mapping_dict", None)) is not None:
             output["auto_mapping"] = auto_mapping

@@ -270,6 +270,7 @@ class SPUModel(BaseTuner):
         Keys are matched after removing wrapper segments, so a model whose blocks are nested FSDP1 units saves every
         layer (PEFT's own key discovery strips only a leading `_fsdp_wrapped_module.` and would silently drop them).
         """
+        config.note_fields_before_save()  # PEFT's save changes some next; a refused config write puts them back
         config.to_json_dict()  # refuses a config that JSON cannot hold before PEFT writes a byte
         if (
             config.selection is None
