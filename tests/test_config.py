@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_clip
 from peft import PeftConfig, get_peft_model
 from peft.utils import CONFIG_NAME
-from transformers import DistilBertConfig, DistilBertModel
+from transformers import ElectraConfig, ElectraModel
 
 from spu_peft import SPUAdapterFileError, SPUConfig, SPULayer
 from spu_peft.integrity import WEIGHTS_NAME
@@ -72,10 +72,11 @@ def test_target_that_is_not_linear_is_refused(tiny_clip):
 
 def test_model_type_without_default_targets_asks_for_target_modules():
     torch.manual_seed(0)
-    distilbert = DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=4, hidden_dim=37, vocab_size=50))
-    with pytest.raises(ValueError, match="`target_modules` has no default for model type 'distilbert'"):
-        get_peft_model(distilbert, SPUConfig())
-    model = get_peft_model(distilbert, SPUConfig(target_modules=["lin1"]))
+    config = ElectraConfig(vocab_size=50, embedding_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    electra = ElectraModel(config)
+    with pytest.raises(ValueError, match="`target_modules` has no default for model type 'electra'"):
+        get_peft_model(electra, SPUConfig())
+    model = get_peft_model(electra, SPUConfig(target_modules=["intermediate.dense"]))
     assert sum(isinstance(m, SPULayer) for m in model.modules()) == 1
 
 
