@@ -11,6 +11,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from launchers import run_launch
 from PIL import Image
 from transformers import CLIPModel
 
@@ -371,7 +372,7 @@ def test_two_processes_select_identical_entries_and_keep_identical_weights(tiny_
                     "--max-reference", "32", "--method-option", "slca.samples_per_class=16",
                     "--method-option", "slca.ca_epochs=1"),
     ]  # fmt: skip
-    finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    finished = run_launch(command, 900, "the 2-process sequence", env=env, cwd=ROOT)
     assert finished.returncode == 0, finished.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["config"]["processes"] == 2
