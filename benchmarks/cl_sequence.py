@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {_flagged(str(error))}") from None
 
 
-_INSTALLED = tuple(sysconfig.get_paths()[name] for name in ("stdlib", "platstdlib", "purelib", "platlib"))
+# Where no user code lies: the installed libraries, and code made at run time (`<string>`: dataclasses' methods)
+_NOT_USERS = ("<", *(sysconfig.get_paths()[name] for name in ("stdlib", "platstdlib", "purelib", "platlib")))
 
 
 def _is_refusal(error: ValueError) -> bool:
@@ -290,7 +291,7 @@ def _is_refusal(error: ValueError) -> bool:
     if not frames or frames[-1][0].partition(".")[0] != "spu_peft":
         return False
     return all(
-        module.partition(".")[0] == "spu_peft" or module == __name__ or filename.startswith(_INSTALLED)
+        module.partition(".")[0] == "spu_peft" or module == __name__ or filename.startswith(_NOT_USERS)
         for module, filename in frames
     )
 
