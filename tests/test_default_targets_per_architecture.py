@@ -1,4 +1,5 @@
-"""Default targets beyond CLIP: ViT, BERT, LLaMA, SigLIP; selection with their main outputs; round trips."""
+"""Default targets beyond CLIP: ViT, BERT, LLaMA, SigLIP (selection with their main outputs, round trips) and the
+other model types with one (the modules wrapped, a forward)."""
 
 import pytest
 import torch
