@@ -22,6 +22,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "kernels",
         (
+            "constants",
+            "adapter_folder",
             "config",
             "encoding",
             "blocks",
@@ -49,6 +51,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "budgets",
             "comparison",
             "injection",
+            "vocabulary",
             "loading",
             "adapter_loader",
             "model",

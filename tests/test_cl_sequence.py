@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
+from launchers import run_launch
 from PIL import Image
 from transformers import CLIPModel
 
@@ -20,9 +22,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import cl_sequence  # noqa: E402
 from sequence_goals import goals_table, sequence_goals  # noqa: E402
 
-from spu_peft.continual import DEFAULT_METHODS, ContinualMethod, SequenceSettings, get_method  # noqa: E402
+from spu_peft import SPUConfig  # noqa: E402
+from spu_peft.continual import DEFAULT_METHODS, ContinualMethod, MethodHooks, SequenceSettings, get_method  # noqa: E402
+from spu_peft.continual import methods as methods_module  # noqa: E402
 from spu_peft.continual import sequence as engine  # noqa: E402
-from spu_peft.continual.methods import METHOD_GROUPS, PEER_METHODS  # noqa: E402
+from spu_peft.continual.methods import METHOD_GROUPS, PEER_METHODS, peft_model  # noqa: E402
+from spu_peft.continual.workers import WorkerTraceback  # noqa: E402
 
 
 def quick_args(model: str, output_dir: Path, *extra: str) -> list[str]:
@@ -371,7 +376,7 @@ def test_two_processes_select_identical_entries_and_keep_identical_weights(tiny_
                     "--max-reference", "32", "--method-option", "slca.samples_per_class=16",
                     "--method-option", "slca.ca_epochs=1"),
     ]  # fmt: skip
-    finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    finished = run_launch(command, 900, "the 2-process sequence", env=env, cwd=ROOT)
     assert finished.returncode == 0, finished.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["config"]["processes"] == 2
@@ -490,3 +495,41 @@ def test_help_lists_every_method_with_its_line_and_the_groups(capsys):
     for name in METHOD_GROUPS["paper"]:
         assert f"  {name:<16}{get_method(name).description}" in shown
     assert "  paper           " + ", ".join(METHOD_GROUPS["paper"]) in shown
+
+
+class _BuggyHooks(MethodHooks):
+    def start_task(self, context):
+        raise ValueError("a bug in the user's hook")
+
+
+def _spu_with_a_bad_density(model, settings):
+    return peft_model(model, SPUConfig(density=2.0))  # spu_peft refuses it, called from the user's code
+
+
+@pytest.mark.parametrize("workers", ["1", pytest.param("2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    ("method", "raised_in"),
+    [
+        (
+            ContinualMethod("buggy", get_method("finetune_replay").build, default_lr=1e-5, hooks=_BuggyHooks),
+            "start_task",
+        ),
+        (ContinualMethod("bad_density", _spu_with_a_bad_density, default_lr=1e-5), "_spu_with_a_bad_density"),
+    ],
+    ids=["raised-by-the-hook", "raised-through-the-method"],
+)
+def test_a_value_error_of_a_users_method_keeps_its_traceback(
+    tiny_model, tmp_path, monkeypatch, method, raised_in, workers
+):
+    """Regression: every ValueError of a run became the script's one-line `error: ...`, so a bug in a registered
+    method's hooks showed neither where it was raised nor its traceback; spu_peft's refusals of the flags and data
+    (the tests above) stay one line. In forked workers the worker's traceback is the error's cause."""
+    monkeypatch.setitem(methods_module._REGISTRY, method.name, method)
+    with pytest.raises(ValueError) as raised:
+        cl_sequence.main(quick_args(tiny_model, tmp_path, "--methods", method.name, "--workers", workers))
+    if workers == "1":
+        assert raised_in in [frame.name for frame in traceback.extract_tb(raised.value.__traceback__)]
+    else:
+        assert isinstance(raised.value.__cause__, WorkerTraceback)
+        assert f"in {raised_in}\n" in str(raised.value.__cause__)
+        assert str(raised.value) in str(raised.value.__cause__)

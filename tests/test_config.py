@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_clip
 from peft import PeftConfig, get_peft_model
 from peft.utils import CONFIG_NAME
-from transformers import DistilBertConfig, DistilBertModel
+from transformers import ElectraConfig, ElectraModel
 
 from spu_peft import SPUAdapterFileError, SPUConfig, SPULayer
 from spu_peft.integrity import WEIGHTS_NAME
@@ -72,10 +72,11 @@ def test_target_that_is_not_linear_is_refused(tiny_clip):
 
 def test_model_type_without_default_targets_asks_for_target_modules():
     torch.manual_seed(0)
-    distilbert = DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=4, hidden_dim=37, vocab_size=50))
-    with pytest.raises(ValueError, match="`target_modules` has no default for model type 'distilbert'"):
-        get_peft_model(distilbert, SPUConfig())
-    model = get_peft_model(distilbert, SPUConfig(target_modules=["lin1"]))
+    config = ElectraConfig(vocab_size=50, embedding_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    electra = ElectraModel(config)
+    with pytest.raises(ValueError, match="`target_modules` has no default for model type 'electra'"):
+        get_peft_model(electra, SPUConfig())
+    model = get_peft_model(electra, SPUConfig(target_modules=["intermediate.dense"]))
     assert sum(isinstance(m, SPULayer) for m in model.modules()) == 1
 
 
@@ -287,6 +288,49 @@ def test_a_pickled_save_over_an_adapter_leaves_that_adapter_loadable_and_unchang
     assert SPUConfig.from_pretrained(str(folder)).density == 0.2
     model.save_pretrained(folder)  # a safetensors save over the pickle is taken
     assert SPUConfig.from_pretrained(str(folder)).density == 0.3
+
+
+def _full_state(model):
+    """What a refused save must leave as it was: every adapter's config fields, each parameter's `requires_grad`
+    and each module's training mode."""
+    configs = {
+        name: {f.name: getattr(config, f.name) for f in fields(config)} for name, config in model.peft_config.items()
+    }
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    return configs, grads, {name: m.training for name, m in model.named_modules()}
+
+
+def _disk_full(path, text):
+    raise OSError(28, "No space left on device", path)
+
+
+@pytest.mark.parametrize("refusal", ["pickled", "config write fails"])
+@pytest.mark.parametrize("save", ["save_pretrained", "save_adapter"])
+def test_a_refused_save_leaves_the_model_exactly_as_before(tmp_path, monkeypatch, refusal, save):
+    """PEFT sets `inference_mode=True` (and a missing `base_model_name_or_path`) on the live config before writing it,
+    and puts back `inference_mode` only after a successful write: a refused write left a training model's config in
+    inference mode, which PEFT reads when the adapter is activated or loaded again."""
+    import spu_peft
+
+    base = make_tiny_clip()
+    base.name_or_path = "tiny/clip"  # PEFT's save fills a missing `base_model_name_or_path` from it
+    model = get_peft_model(base, SPUConfig(density=0.2))
+    model.add_adapter("other", SPUConfig(density=0.3, seed=1))
+    model.peft_config["default"].base_model_name_or_path = None
+    model.train()
+    before = _full_state(model)
+    assert before[0]["default"]["inference_mode"] is False
+    kwargs = {}
+    if refusal == "pickled":
+        kwargs["safe_serialization"] = False
+    else:
+        monkeypatch.setattr("spu_peft.config.atomic_write_text", _disk_full)
+    with pytest.raises((ValueError, OSError)):
+        if save == "save_pretrained":
+            model.save_pretrained(tmp_path / "adapter", **kwargs)
+        else:
+            spu_peft.save_adapter(model, tmp_path / "adapter", **kwargs)
+    assert _full_state(model) == before
 
 
 def test_a_hub_adapter_fetches_its_config_and_file_with_the_hub_arguments(tmp_path, monkeypatch):

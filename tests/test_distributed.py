@@ -7,12 +7,11 @@ One torchrun launch per engine: an engine that fails (or hangs) fails only its o
 import importlib.util
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launchers import free_port, run_launch
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 NO_DEEPSPEED = "deepspeed is not installed (it is in the dev extra: pip install -e '.[dev]')"
@@ -23,12 +22,6 @@ ENGINES = ["ddp", "ddp-global", "fsdp1", "fsdp1-nested", "fsdp2", ZERO2, "fsdp1-
 """Each engine's launch; `+8x4`: the adapters select whole 8 x 4 tiles (`SPUConfig.block_size`)."""
 WRAPPED = ["ddp", "fsdp1", "fsdp1-nested", "fsdp2"]  # select on the wrapped model
 pytestmark = pytest.mark.slow  # a torchrun launch of 2 processes per engine
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=ENGINES)
@@ -47,11 +40,7 @@ def run(request, tmp_path_factory) -> list[dict]:
         "--block-size",
         block_size or "none",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{engine}: the 2-process launch did not finish in 300 s")
+    done = run_launch(command, 300, engine, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
         written = sorted(path.name for path in (out / engine).glob("rank*.json"))
         pytest.fail(f"{engine}: the 2-process launch failed (findings written: {written}):\n{done.stderr[-3000:]}")

@@ -6,13 +6,11 @@ timeout: a hang fails its tests.
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_distributed import free_port
+from launchers import free_port, run_launch
 
 WORKER = Path(__file__).with_name("distributed_flows_worker.py")
 pytestmark = pytest.mark.slow  # a torchrun launch of 2 processes per flow
@@ -22,23 +20,9 @@ TIMEOUT = 180
 def launch(flow: str, out: Path) -> list[dict]:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
     command += [str(free_port()), str(WORKER), "--flow", flow, "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # a session of its own: a hung launch is ended with its workers
-    launched = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)  # fmt: skip
-    try:
-        _, stderr = launched.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        # torchrun starts each worker in a session of its own, which killing torchrun's would leave running, holding
-        # the pipes open: SIGTERM makes torchrun end its workers first
-        os.killpg(launched.pid, signal.SIGTERM)
-        try:
-            launched.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(launched.pid, signal.SIGKILL)
-        pytest.fail(f"{flow}: the 2-process launch did not finish in {TIMEOUT} s (a process waits for the other)")
+    launched = run_launch(command, TIMEOUT, flow, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if launched.returncode != 0:
-        pytest.fail(f"{flow}: the 2-process launch failed:\n{stderr[-3000:]}")
+        pytest.fail(f"{flow}: the 2-process launch failed:\n{launched.stderr[-3000:]}")
     return [json.loads((out / flow / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 

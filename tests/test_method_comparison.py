@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from spu_peft import SPUConfig
-from spu_peft.config import TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING
+from spu_peft.constants import TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING
 from spu_peft.supports import num_selected
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "method_comparison"

@@ -9,7 +9,7 @@ from conftest import make_batch, make_tiny_clip
 from datasets import Dataset
 from peft import get_peft_model
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from transformers import BertConfig, BertForSequenceClassification
 
 from spu_peft import SPUConfig, SPULayer, select_parameters
@@ -126,6 +126,46 @@ def test_a_dataset_of_examples_is_refused_saying_to_batch_it_in_a_dataloader(mak
         select_parameters(branches(), make())
     message = str(refused.value)
     assert kind in message and "examples, not batches" in message and "DataLoader(dataset, batch_size=" in message
+
+
+class Examples(IterableDataset):
+    """A streamed torch dataset of single examples (or of whole batches, `batched=True`), never batched by a
+    DataLoader."""
+
+    def __init__(self, batched=False):
+        self.batched = batched
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(8):
+            yield {"x": torch.randn(*((4,) if self.batched else ()), 4, generator=generator)}
+
+
+@pytest.mark.parametrize("max_batches", [None, 2])
+@pytest.mark.parametrize(
+    "make, kind",
+    [
+        (Examples, "Examples"),
+        (
+            lambda: Dataset.from_dict({"x": torch.randn(8, 4).tolist()}).to_iterable_dataset().with_format("torch"),
+            "datasets.IterableDataset",
+        ),
+    ],
+)
+def test_a_streamed_dataset_of_examples_is_refused_saying_to_batch_it_in_a_dataloader(make, kind, max_batches):
+    """An iterable dataset has no length: with the default `fraction` the refusal asked for `max_batches`, and with it
+    single examples went to the model (a linear layer takes a vector: scored one example at a time, in silence)."""
+    with pytest.raises(ValueError) as refused:
+        select_parameters(branches(), make(), max_batches=max_batches)
+    message = str(refused.value)
+    assert f"got a {kind}, which yields single examples, not batches" in message
+    assert "DataLoader(dataset, batch_size=" in message and "DataLoader(dataset, batch_size=None)" in message
+    # what the message says to do
+    assert select_parameters(branches(), DataLoader(make(), batch_size=4), fraction=1.0).num_batches == 2
+    assert (
+        select_parameters(branches(), DataLoader(Examples(batched=True), batch_size=None), fraction=1.0).num_batches
+        == 8
+    )
 
 
 def test_batches_that_were_not_collated_are_named_with_the_collator_to_use():

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from .budgets import matched_rank
-from .config import TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING, SPUConfig
+from .config import SPUConfig
+from .constants import TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING
 from .supports import num_selected
 
 

@@ -12,14 +12,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-from huggingface_hub import hf_hub_download
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import CONFIG_NAME
 
+from .adapter_folder import check_file_fits_config, refuse_pickled_weights, weights_file
 from .blocks import check_block_size
+from .constants import (
+    TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING,
+)
 from .integrity import (
-    PEFT_PREFIX,
     WEIGHTS_NAME,
     SPUAdapterFileError,
     atomic_write_text,
@@ -34,37 +36,9 @@ class SPUPeftType(str, enum.Enum):
     SPU = "SPU"
 
 
-# The first linear layer of each MLP block, per transformers `model_type`. Other model types may join.
-# Gated MLPs (LLaMA-style SwiGLU) have two first layers, `gate_proj` and `up_proj`, both mapping the hidden state
-# into the MLP's intermediate space; SPU's "fc1" is that input side, so both are targeted (`down_proj` is fc2).
-TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
-    "clip": ["fc1"],
-    "clip_vision_model": ["fc1"],
-    "clip_text_model": ["fc1"],
-    "siglip": ["fc1"],
-    "siglip_vision_model": ["fc1"],
-    "siglip_text_model": ["fc1"],
-    "vit": ["fc1"],
-    "bert": ["intermediate.dense"],
-    "roberta": ["intermediate.dense"],
-    "llama": ["gate_proj", "up_proj"],
-    "mistral": ["gate_proj", "up_proj"],
-    "qwen2": ["gate_proj", "up_proj"],
-}
-
-# Modules trained densely beside the sparse deltas (the paper trains CLIP's visual projection).
-TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING: dict[str, list[str]] = {
-    "clip": ["visual_projection"],
-}
-
-# The heads PEFT's task models put into `modules_to_save` themselves (`PeftModelForSequenceClassification` and its
-# kin), whichever of them the model has: so a classifier named `score` (LLaMA) or `classifier` (BERT) trains densely.
-# Only the names a user gave must match a module.
-PEFT_TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
-    "SEQ_CLS": ("classifier", "score"),
-    "TOKEN_CLS": ("classifier", "score"),
-    "QUESTION_ANS": ("qa_outputs",),
-}
+# The fields `PeftModel.save_pretrained` sets on the live config before it writes the config (it restores only
+# `inference_mode`, and only after the write succeeded).
+_SET_BY_PEFT_SAVE = ("inference_mode", "base_model_name_or_path")
 
 BUDGETS = ("per_tensor", "per_row", "global")
 BIAS_OPTIONS = ("none", "spu_only", "all")
@@ -243,15 +217,30 @@ class SPUConfig(PeftConfig):
         covered then (`integrity.cover_added_tensors`)."""
         self._digested_keys = frozenset(keys)
 
+    def note_fields_before_save(self) -> None:
+        """Remember the fields that `PeftModel.save_pretrained` sets on this (live) config before writing it; the
+        tuner's save hook calls this first. PEFT puts back `inference_mode` only after a successful write, so a
+        refused write (`save_pretrained` below) puts them back itself: a refused save leaves the model as it was."""
+        self._fields_before_save = {name: getattr(self, name) for name in _SET_BY_PEFT_SAVE}
+
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write `adapter_config.json` through a temporary file, after checking that JSON can hold every field, and
         extend the digest of the weights PEFT wrote just before to the embedding layers PEFT added (if it did)."""
+        before = self.__dict__.pop("_fields_before_save", {})
+        try:
+            self._write(save_directory, **kwargs)
+        except BaseException:
+            for name, value in before.items():
+                setattr(self, name, value)
+            raise
+
+    def _write(self, save_directory: str, **kwargs: Any) -> None:
         output = self.to_json_dict()
         if (auto_mapping := kwargs.pop("auto_mapping_dict", None)) is not None:
             output["auto_mapping"] = auto_mapping
         if os.path.isfile(save_directory):
             raise ValueError(f"`save_directory` {save_directory!r} is a file; pass a folder.")
-        _refuse_pickled_weights(save_directory)
+        refuse_pickled_weights(save_directory)
         digested, self._digested_keys = self._digested_keys, None
         weights = os.path.join(save_directory, WEIGHTS_NAME)
         if digested is not None and os.path.isfile(weights):
@@ -279,8 +268,8 @@ class SPUConfig(PeftConfig):
                 f"{os.path.join(folder, CONFIG_NAME)}: {error}. The file is damaged or was edited; save the adapter "
                 "again, or restore the file from a copy."
             ) from error
-        weights = _weights_file(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
-        _check_file_fits_config(os.path.join(folder, CONFIG_NAME), weights, config, read_adapter_file(weights))
+        weights = weights_file(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
+        check_file_fits_config(os.path.join(folder, CONFIG_NAME), weights, config, read_adapter_file(weights))
         return config
 
 
@@ -312,76 +301,6 @@ def own_config(configs: dict[str, PeftConfig], adapter_name: str) -> list[str]:
     if sharing:
         configs[adapter_name] = copy.deepcopy(config)
     return sharing if config.selection is not None else []
-
-
-def _refuse_pickled_weights(save_directory: str) -> None:
-    """PEFT writes the weights before the config: a `.bin` newer than the folder's safetensors file (or alone) is this
-    save's, written with `safe_serialization=False`. SPU loads only its safetensors file, so a config written now
-    would make the folder load an older adapter, or none, without a word."""
-    pickled = os.path.join(save_directory, "adapter_model.bin")
-    weights = os.path.join(save_directory, WEIGHTS_NAME)
-    if not os.path.isfile(pickled):
-        return
-    if os.path.isfile(weights) and os.stat(weights).st_mtime_ns > os.stat(pickled).st_mtime_ns:
-        return
-    raise ValueError(
-        f"{pickled}: `save_pretrained(safe_serialization=False)` saved the adapter as a pickle, which SPU does not "
-        f"load (its {WEIGHTS_NAME} carries the digest that shows it intact); {CONFIG_NAME} was not written, so "
-        "this folder still holds the SPU adapter saved before, if any. Save again without `safe_serialization=False`."
-    )
-
-
-def _check_file_fits_config(config_file: str, weights: str, config: SPUConfig, tensors: dict[str, Any]) -> None:
-    """Refuse an adapter file and config that do not belong together, as far as that shows without the model (the
-    load hook checks each tensor against the model): every layer with a sparse delta in the file must be one the
-    config targets (PEFT's own matching), else PEFT would adapt other layers or none; and every module the config
-    trains densely must have a tensor in the file, which PEFT looks up before SPU's load hook sees the file (a missing
-    one is a bare `KeyError` there)."""
-    layers = {key.removeprefix(PEFT_PREFIX).rpartition(".")[0] for key in tensors if ".spu_" in key}
-    if config.target_modules is not None and (
-        stray := sorted(layer for layer in layers if not check_target_module_exists(config, layer))
-    ):
-        raise SPUAdapterFileError(
-            f"{weights}: holds a sparse delta for `{stray[0]}` ({len(stray)} such layer(s)), which `target_modules`, "
-            f"`exclude_modules` and `modules_to_save` in {config_file} do not select: one of the two files was "
-            "edited, or they belong to different adapters. Restore them from a copy, or save the adapter again."
-        )
-    task_type = getattr(config.task_type, "value", config.task_type)
-    added_by_peft = PEFT_TASK_MODULES_TO_SAVE.get(task_type, ())  # each task model adds a list; one of them exists
-    for name in config.modules_to_save or ():  # PEFT wraps every module whose path ends with the name
-        if name not in added_by_peft and not any(f"{name}." in key for key in tensors):
-            raise SPUAdapterFileError(
-                f"{weights}: the adapter trains `{name}` densely (modules_to_save) but the file has no tensor of it; "
-                "it is corrupt or was saved with other `modules_to_save`. Save the adapter again, or restore the file "
-                "from a copy."
-            )
-
-
-def _weights_file(name_or_path: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> str:
-    """The adapter file beside the config: in the folder, or fetched from the Hub (PEFT fetches it next anyway)."""
-    folder = os.path.join(name_or_path, subfolder or "")
-    if os.path.isdir(name_or_path):
-        local = os.path.join(folder, WEIGHTS_NAME)
-        if not os.path.lexists(local) and os.path.lexists(os.path.join(folder, "adapter_model.bin")):
-            raise SPUAdapterFileError(
-                f"{os.path.join(folder, 'adapter_model.bin')}: SPU adapters load from {WEIGHTS_NAME}, whose digest "
-                "shows they are intact; a pickled .bin carries none. Load it with the code that saved it and save "
-                "it again with `save_pretrained` (safe_serialization=True, the default)."
-            )
-        if not os.path.lexists(local):
-            raise SPUAdapterFileError(
-                f"{local}: missing beside {CONFIG_NAME}; the adapter folder is incomplete. Save the adapter again, or "
-                "restore the file from a copy. (To read only a config, as from an experiment folder, use "
-                "`peft.PeftConfig.from_pretrained`.)"
-            )
-        return local
-    try:
-        return hf_hub_download(name_or_path, WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
-    except Exception as error:  # noqa: BLE001 (offline, missing, or only a .bin: each is a refusal here)
-        raise SPUAdapterFileError(
-            f"{name_or_path}: could not fetch {WEIGHTS_NAME} ({error}); SPU adapters are loaded from that file. "
-            "Check the repository name and your connection, or load from a local folder."
-        ) from error
 
 
 def _is_layer_index(value: Any) -> bool:

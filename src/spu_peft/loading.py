@@ -14,8 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .config import SPUConfig
@@ -36,6 +35,7 @@ from .integrity import (
 )
 from .layer import SPULayer
 from .naming import PEFT_PREFIX, auxiliary_wrappers, is_stored_bias, relative_name, spu_layers
+from .vocabulary import embedding_keys, embedding_modules, shape_problem, vocabulary_problem
 
 # every per-adapter tensor of an SPU layer, as the model's state dict names it
 SPU_FIELDS = ("spu_indices", "spu_values", "spu_frozen_indices", "spu_frozen_values", "spu_bias")
@@ -316,64 +316,18 @@ def _take_embeddings(file: _AdapterFile, model: nn.Module) -> dict[str, torch.Te
     (`save_embedding_layers`) and which load into the model's as LoRA's do, if the model's vocabulary has their
     size: a base loaded fresh has its original vocabulary until the user resizes it as they did before training."""
     out = {}
-    for name, module in _embedding_modules(model):
-        for key, model_key, target, load in _embedding_keys(name, module):
+    for name, module in embedding_modules(model):
+        for key, model_key, target, load in embedding_keys(name, module):
             tensor = file.take(key)
             if tensor is None:
                 continue
             where = f"SPU adapter file, `{key}`"
-            if problem := _vocabulary_problem(tuple(tensor.shape), tuple(target.shape)):
+            if problem := vocabulary_problem(tuple(tensor.shape), tuple(target.shape)):
                 raise SPUAdapterFileError(f"{where}: {problem}")
             _check_float(tensor, where, target.dtype)
             if load:
                 out[PEFT_PREFIX + model_key] = tensor.to(target.dtype)
     return out
-
-
-def _embedding_keys(name: str, module: nn.Module) -> Iterator[tuple[str, str, torch.Tensor, bool]]:
-    """(key in the file, key in the model, the model's tensor, whether to load it) of each tensor PEFT saves of an
-    embedding module: its own, those of the layer an SPU layer wraps (`base_layer.`), or, of a module trained
-    densely, those of the original (`original_module.`) and of the adapter's copy (`modules_to_save.`), which the
-    adapter's dense tensors load already: that copy is checked like the original and not loaded twice."""
-    if isinstance(module, ModulesToSaveWrapper):
-        for field, tensor in module.original_module.named_parameters(recurse=False):
-            yield f"{name}.original_module.{field}", f"{name}.original_module.{field}", tensor, True
-            yield f"{name}.modules_to_save.{field}", f"{name}.original_module.{field}", tensor, False
-        return
-    inner = "base_layer." if isinstance(module, BaseTunerLayer) else ""
-    holder = module.get_base_layer() if inner else module
-    for field, tensor in holder.named_parameters(recurse=False):
-        yield f"{name}.{inner}{field}", f"{name}.{inner}{field}", tensor, True
-
-
-def _embedding_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(relative name, module) of the model's input and output token embeddings, where it has them."""
-    layers = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        try:
-            layers.append(getattr(model, getter)())
-        except (AttributeError, NotImplementedError):  # not a transformers model, or one without token embeddings
-            continue
-    for name, module in model.named_modules():
-        if any(module is layer for layer in layers):
-            yield relative_name(name), module
-
-
-def _vocabulary_problem(stored: tuple[int, ...], model: tuple[int, ...]) -> str | None:
-    """Why an embedding tensor of shape `stored` does not fit the model's of shape `model` (None: it does)."""
-    if stored == model:
-        return None
-    if not stored or stored[1:] != model[1:]:
-        return _shape_problem(stored, model)
-    return (
-        f"the adapter was trained with a vocabulary of {stored[0]} tokens, but the model has {model[0]}. Resize the "
-        f"base's token embeddings to {stored[0]} first, as before training (`base.resize_token_embeddings"
-        f"({stored[0]})`), then load the adapter."
-    )
-
-
-def _shape_problem(stored: tuple[int, ...], model: tuple[int, ...]) -> str:
-    return f"shape {stored} in the file but {model} in the model; the adapter was made for a different base model."
 
 
 def check_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
@@ -387,8 +341,8 @@ def check_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
         name = relative_name(key)
         target = model_state.get(name)
         if target is not None and ".spu_" not in name and target.shape != tensor.shape:
-            embeddings = tuple(f"{embedding}." for embedding, _ in _embedding_modules(model))
-            check = _vocabulary_problem if name.startswith(embeddings) else _shape_problem
+            embeddings = tuple(f"{embedding}." for embedding, _ in embedding_modules(model))
+            check = vocabulary_problem if name.startswith(embeddings) else shape_problem
             raise SPUAdapterFileError(f"SPU adapter file, `{name}`: {check(tuple(tensor.shape), tuple(target.shape))}")
 
 
@@ -422,7 +376,7 @@ def check_digest(model: nn.Module, adapter_name: str, state_dict: dict[str, torc
         file_keys.update({f"{name}.{model_key}": f"{name}.{key}" for key, model_key in load_map.items()})
     tensors = {file_keys.get(key, key): tensor for key, tensor in state_dict.items()}
     if problem := digest_problem(tensors):
-        embeddings = {key for name, module in _embedding_modules(model) for key, *_ in _embedding_keys(name, module)}
+        embeddings = {key for name, module in embedding_modules(model) for key, *_ in embedding_keys(name, module)}
         others = {key: tensor for key, tensor in tensors.items() if relative_name(key) not in embeddings}
         if len(others) < len(tensors) and digest_problem(others) is None:
             problem = (

@@ -14,13 +14,12 @@ from torch import nn
 from .blocks import check_tiles
 from .bnb import guard_cpu_repacking, spu_layer_class
 from .config import (
-    PEFT_TASK_MODULES_TO_SAVE,
-    TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING,
     SPUConfig,
     default_modules_to_save,
     own_config,
     refuse_token_rows,
 )
+from .constants import PEFT_TASK_MODULES_TO_SAVE, TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING
 from .distributed import holds_fsdp1_shards, is_sharded_tensor, refuse_sharded_tensors, sharded_save_error
 from .encoding import encode_support, expand_tiles
 from .injection import ModelState, remember_injection, take_injection
@@ -271,6 +270,7 @@ class SPUModel(BaseTuner):
         Keys are matched after removing wrapper segments, so a model whose blocks are nested FSDP1 units saves every
         layer (PEFT's own key discovery strips only a leading `_fsdp_wrapped_module.` and would silently drop them).
         """
+        config.note_fields_before_save()  # PEFT's save changes some next; a refused config write puts them back
         config.to_json_dict()  # refuses a config that JSON cannot hold before PEFT writes a byte
         if (
             config.selection is None

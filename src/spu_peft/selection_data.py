@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset
 
 # Keys of labelled batches that a forward may leave in its `**kwargs` unused (Trainer keeps them for every model)
 LABEL_KEYS = frozenset({"labels", "label", "label_ids", "return_loss"})
@@ -122,8 +122,10 @@ def check_batch_source(dataloader: Any) -> None:
     """Refuse the containers that have a length and can be iterated but do not yield batches.
 
     A single batch dict has a length (its keys) and would be taken as a dataloader of key names; a dataset (a
-    `datasets.Dataset`, a map-style torch `Dataset`) yields single examples, which fail deep inside the model (lists,
-    tensors without a batch dimension) or would be scored one example at a time.
+    `datasets.Dataset` or `IterableDataset`, a torch `Dataset` or `IterableDataset`) yields single examples, which
+    fail deep inside the model (lists, tensors without a batch dimension) or would be scored one example at a time.
+    A dataset that yields whole batches itself goes through `DataLoader(dataset, batch_size=None)`, which the
+    message names too.
     """
     if isinstance(dataloader, Mapping):
         raise ValueError(
@@ -131,14 +133,17 @@ def check_batch_source(dataloader: Any) -> None:
             f"keys {sorted(map(str, dataloader))}: pass [batch] to score one batch, or a DataLoader."
         )
     hf_datasets = sys.modules.get("datasets")  # loaded wherever a user holds one of its datasets
-    map_style = isinstance(dataloader, Dataset) and not isinstance(dataloader, IterableDataset)
-    if map_style or (hf_datasets is not None and isinstance(dataloader, hf_datasets.Dataset)):
-        kind = "datasets.Dataset" if not map_style else type(dataloader).__name__
+    hf_kinds = (hf_datasets.Dataset, hf_datasets.IterableDataset) if hf_datasets is not None else ()
+    if isinstance(dataloader, (Dataset, *hf_kinds)):
+        kind = (
+            f"datasets.{type(dataloader).__name__}" if isinstance(dataloader, hf_kinds) else type(dataloader).__name__
+        )
         raise ValueError(
             f"select_parameters got a {kind}, which yields single examples, not batches. Pass "
             "DataLoader(dataset, batch_size=..., collate_fn=...) with the collator you train with (for tokenized "
             "text, transformers.DataCollatorWithPadding(tokenizer); for tensors of one size, "
-            "transformers.default_data_collator)."
+            "transformers.default_data_collator); a dataset that yields whole batches, DataLoader(dataset, "
+            "batch_size=None)."
         )
 
 

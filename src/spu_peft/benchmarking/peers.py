@@ -30,7 +30,7 @@ import torch
 from accelerate import Accelerator
 
 from .. import comparison
-from ..config import (
+from ..constants import (
     TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING,
     TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING,
 )

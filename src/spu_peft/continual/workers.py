@@ -10,6 +10,7 @@ import pickle
 import queue
 import signal
 from collections.abc import Callable, Iterator, Sequence
+from traceback import format_exc, walk_tb
 from typing import Any
 
 import torch
@@ -27,17 +28,32 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+class WorkerTraceback(Exception):
+    """The traceback of an error raised in a forked worker, as text: the cause of that error raised again in the
+    main process, so its traceback shows where in the run it was raised."""
+
+
+def error_frames(error: BaseException) -> list[tuple[str, str]]:
+    """The (module, file) of every frame `error` was raised through, outermost first; for an error from a forked
+    worker, the worker's frames follow this process's (recorded there, as frames do not cross processes)."""
+    here = [
+        (frame.f_globals.get("__name__", ""), frame.f_code.co_filename) for frame, _ in walk_tb(error.__traceback__)
+    ]
+    return here + getattr(error, "_worker_frames", [])
+
+
 def _work(index: int, job: Callable[[], Any], results: Any, parent: int) -> None:
     _die_with_parent(parent)
     torch.set_num_threads(1)
     try:
-        results.put((index, None, job()))
+        results.put((index, None, job(), ""))
     except BaseException as error:  # report it; the parent decides what stops
+        error._worker_frames = error_frames(error)
         try:
             pickle.dumps(error)
         except Exception:
             error = RuntimeError(repr(error))
-        results.put((index, error, None))
+        results.put((index, error, None, format_exc()))
 
 
 def _next_message(results: Any, running: dict[int, Any]) -> tuple | None:
@@ -78,10 +94,10 @@ def run_forked(jobs: Sequence[Callable[[], Any]], workers: int) -> Iterator[Any]
                 message = _next_message(results, running)
                 if message is None:
                     continue
-                index, error, result = message
+                index, error, result, trace = message
                 running.pop(index).join()
                 if error is not None:
-                    raise error
+                    raise error from WorkerTraceback(trace)
                 finished[index] = result
             yield finished.pop(wanted)
     finally:
