@@ -180,7 +180,7 @@ def test_a_hub_name_goes_to_peft_unchecked_as_a_folder(tmp_path):
     with (
         mock.patch("peft.config.hf_hub_download", download),
         mock.patch("peft.utils.save_and_load.hf_hub_download", download),
-        mock.patch("spu_peft.config.hf_hub_download", download),
+        mock.patch("spu_peft.adapter_folder.hf_hub_download", download),
     ):
         loaded = spu_peft.load_adapter(make_tiny_clip(), "user/spu-clip")
     assert torch.equal(logits(loaded), logits(source))

@@ -342,7 +342,7 @@ def test_a_hub_adapter_fetches_its_config_and_file_with_the_hub_arguments(tmp_pa
         return str(folder / filename)
 
     monkeypatch.setattr("peft.config.hf_hub_download", fake_download)
-    monkeypatch.setattr("spu_peft.config.hf_hub_download", fake_download)
+    monkeypatch.setattr("spu_peft.adapter_folder.hf_hub_download", fake_download)
     config = SPUConfig.from_pretrained("someone/adapter", subfolder="sub", revision="v1")
     assert config.density == 0.2
     assert calls == [
@@ -355,7 +355,7 @@ def test_a_hub_adapter_fetches_its_config_and_file_with_the_hub_arguments(tmp_pa
             raise OSError("offline")
         return str(folder / filename)
 
-    monkeypatch.setattr("spu_peft.config.hf_hub_download", no_weights)
+    monkeypatch.setattr("spu_peft.adapter_folder.hf_hub_download", no_weights)
     with pytest.raises(SPUAdapterFileError) as caught:
         SPUConfig.from_pretrained("someone/adapter", subfolder="sub", revision="v1")
     assert str(caught.value) == (

@@ -399,7 +399,7 @@ def test_a_tampered_file_from_the_hub_is_refused_before_injection(tmp_path):
     base = make_tiny_clip()
     with (
         mock.patch("peft.config.hf_hub_download", download),
-        mock.patch("spu_peft.config.hf_hub_download", download),
+        mock.patch("spu_peft.adapter_folder.hf_hub_download", download),
         pytest.raises(ValueError, match="do not match the digest"),
     ):
         PeftModel.from_pretrained(base, "user/spu-clip")
