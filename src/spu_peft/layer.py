@@ -13,7 +13,7 @@ from torch import nn
 from .blocks import LayoutCache, TileLayout, check_divisible
 from .config import SPUConfig
 from .distributed import full_tensor, is_sharded_tensor
-from .encoding import expand_tiles, index_dtype, whole_tiles
+from .encoding import index_dtype, whole_tiles
 from .fsdp_units import refuse_base_layer_sharded_alone
 from .optim_state import watch_resized
 from .scoring import scoring_linear
@@ -101,28 +101,35 @@ class SPULayer(BaseTunerLayer):
         return 1 if block_size is None else block_size[0] * block_size[1]
 
     def support(self, adapter_name: str) -> torch.Tensor:
-        """The sorted flat entry positions the adapter's values train (a tiled support's tiles expanded)."""
-        indices, block_size = self.spu_indices[adapter_name], self._block_sizes.get(adapter_name)
-        return indices if block_size is None else expand_tiles(indices, self.weight_shape, block_size)
+        """The sorted flat entry positions the adapter's values train (a tiled support's runs expanded)."""
+        if (layout := self._layout(adapter_name)) is None:
+            return self.spu_indices[adapter_name]
+        width = layout.block_size[1]
+        return (layout.runs.long()[:, None] * width + torch.arange(width, device=layout.runs.device)).reshape(-1)
+
+    def _layout(self, adapter_name: str) -> TileLayout | None:
+        """The tile layout of a tiled adapter's support (cached), None for an entry-level one."""
+        if (block_size := self._block_sizes.get(adapter_name)) is None:
+            return None
+        return self._tile_layouts.get(adapter_name, self.spu_indices[adapter_name], self.weight_shape, block_size)
+
+    def _frozen_deltas(self, adapter_name: str) -> list[SparseDelta]:
+        """What earlier selections of the adapter learned, as one delta by entries (none before a reselection)."""
+        if not self.spu_frozen_indices[adapter_name].numel():
+            return []
+        return [(self.spu_frozen_indices[adapter_name], self.spu_frozen_values[adapter_name])]
 
     def sparse_deltas(self, adapter_name: str) -> list[SparseDelta]:
         """The adapter's sparse deltas by entries (earlier tasks' folded delta first), as (indices, values) pairs."""
-        deltas = []
-        if self.spu_frozen_indices[adapter_name].numel():
-            deltas.append((self.spu_frozen_indices[adapter_name], self.spu_frozen_values[adapter_name]))
-        deltas.append((self.support(adapter_name), self.spu_values[adapter_name]))
-        return deltas
+        return [*self._frozen_deltas(adapter_name), (self.support(adapter_name), self.spu_values[adapter_name])]
 
     def forward_deltas(self, adapter_name: str) -> tuple[list[SparseDelta], list[TileLayout | None]]:
         """`sparse_deltas` as the forward composes them, and one tile layout per delta (None for entries): a tiled
         support acts by runs of a tile row's values (`TileLayout.runs`), its entries never expanded."""
-        deltas = self.sparse_deltas(adapter_name)[:-1]
-        values, block_size = self.spu_values[adapter_name], self._block_sizes.get(adapter_name)
-        if block_size is None:
+        deltas, values = self._frozen_deltas(adapter_name), self.spu_values[adapter_name]
+        if (layout := self._layout(adapter_name)) is None:
             return [*deltas, (self.spu_indices[adapter_name], values)], [None] * (len(deltas) + 1)
-        tiles = self.spu_indices[adapter_name]
-        layout = self._tile_layouts.get(adapter_name, tiles, self.weight_shape, block_size)
-        return [*deltas, (layout.runs, values.view(-1, block_size[1]))], [None] * len(deltas) + [layout]
+        return [*deltas, (layout.runs, values.view(-1, layout.block_size[1]))], [None] * len(deltas) + [layout]
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

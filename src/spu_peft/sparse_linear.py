@@ -33,6 +33,11 @@ def flat_view(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return weight.reshape(-1) if values.dim() == 1 else weight.reshape(-1, values.shape[1])
 
 
+def _run_index(indices: torch.Tensor, width: int) -> torch.Tensor:
+    """Runs' positions as `scatter` takes them for rows of `width` values: int64, one per value (an expanded view)."""
+    return indices.long()[:, None].expand(-1, width)
+
+
 def entry_delta(indices: torch.Tensor, values: torch.Tensor) -> SparseDelta:
     """A delta by entries (int64 positions, 1-D values), from either form of `SparseDelta`."""
     if values.dim() == 1:
@@ -57,7 +62,11 @@ def compose_weight(weight: torch.Tensor, deltas: Sequence[SparseDelta]) -> torch
     if weight.dtype in (torch.float32, torch.float64):
         composed = weight
         for indices, values in deltas:
-            composed = flat_view(composed, values).index_add(0, as_index(indices), values.to(weight.dtype))
+            flat, values = flat_view(composed, values), values.to(weight.dtype)
+            if values.dim() == 1:
+                composed = flat.index_add(0, as_index(indices), values)
+            else:  # scatter over every value, where `index_add` of rows adds one row at a time (half as fast on a CPU)
+                composed = torch.scatter_add(flat, 0, _run_index(indices, values.shape[1]), values)
         return composed.view_as(weight)
     if len(deltas) == 1:
         indices, values = deltas[0]
@@ -67,7 +76,10 @@ def compose_weight(weight: torch.Tensor, deltas: Sequence[SparseDelta]) -> torch
         values = torch.cat([val.float() for _, val in entries])
         values = values.new_zeros(indices.numel()).index_add_(0, inverse, values)
     flat, indices = flat_view(weight, values), indices.long()
-    return flat.index_copy(0, indices, (flat[indices].float() + values.float()).to(weight.dtype)).view_as(weight)
+    summed = (flat[indices].float() + values.float()).to(weight.dtype)
+    if values.dim() == 1:
+        return flat.index_copy(0, indices, summed).view_as(weight)
+    return torch.scatter(flat, 0, _run_index(indices, values.shape[1]), summed).view_as(weight)
 
 
 def compose_bias(bias: torch.Tensor, deltas: Sequence[torch.Tensor]) -> torch.Tensor:
