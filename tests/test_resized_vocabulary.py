@@ -216,3 +216,48 @@ def test_a_file_the_save_did_not_digest_is_not_sealed(tmp_path):
     save_file({**tensors, **extra, DIGEST_KEY: digest_entry(tensors)}, path)
     assert cover_added_tensors(path, tensors) == sorted(extra)
     assert torch.equal(load_file(path)[DIGEST_KEY], digest_entry({**tensors, **extra}))
+
+
+def card_code(folder) -> str:
+    text = (folder / "README.md").read_text()
+    return text.split(spu_peft.hub.SECTION_HEADING)[1].split("```python\n")[1].split("```")[0]
+
+
+def test_the_model_card_s_code_resizes_the_base_before_loading_the_adapter(tmp_path):
+    """The card's code runs as written on a resized adapter: it resizes the freshly loaded base to the vocabulary the
+    file's embeddings have, which loading needs (without it the load is refused, naming the size)."""
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**LLAMA)).save_pretrained(tmp_path / "base")
+    model = trained(base(path=tmp_path / "base"))
+    model.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)
+    spu_peft.update_model_card(model, tmp_path / "adapter")
+    code = card_code(tmp_path / "adapter")
+    assert f"base.resize_token_embeddings({RESIZED})" in code and str(tmp_path / "base") in code
+    scope = {}
+    exec(code.replace("<this repo>", str(tmp_path / "adapter")), scope)
+    with torch.no_grad():
+        assert torch.equal(scope["model"].eval()(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+def test_the_model_card_of_an_untouched_vocabulary_resizes_nothing(tmp_path):
+    model = trained(base(vocabulary=None))
+    model.save_pretrained(tmp_path, save_embedding_layers=False)
+    spu_peft.update_model_card(model, tmp_path)
+    assert "resize_token_embeddings" not in card_code(tmp_path)
+
+
+def test_the_model_card_of_embeddings_trained_densely_resizes_to_their_rows_a_no_op_here(tmp_path):
+    """Embeddings trained densely travel in every file, resized or not: the card resizes to their rows, which changes
+    nothing on a base that has them, and its code loads the adapter."""
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**LLAMA)).save_pretrained(tmp_path / "base")
+    model = trained(base(vocabulary=None, path=tmp_path / "base"), modules_to_save=["embed_tokens", "lm_head"])
+    model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    spu_peft.update_model_card(model, tmp_path / "adapter")
+    code = card_code(tmp_path / "adapter")
+    assert "base.resize_token_embeddings(50)" in code
+    scope = {}
+    exec(code.replace("<this repo>", str(tmp_path / "adapter")), scope)
+    ids = IDS[:, IDS[0] < 50]  # the base's own tokens
+    with torch.no_grad():
+        assert torch.equal(scope["model"].eval()(input_ids=ids).logits, model(input_ids=ids).logits)

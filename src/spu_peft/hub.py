@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 
 from huggingface_hub import ModelCard
+from safetensors import safe_open
 
 from .config import SPUConfig
+from .integrity import WEIGHTS_NAME
 from .model import MODEL_TAGS
+from .naming import relative_name
+from .vocabulary import embedding_modules
 
 SECTION_HEADING = "## Selective Parameter Update (SPU)"
 
@@ -38,14 +42,21 @@ def _model_class(config: SPUConfig, model_class: str | None) -> str:
 
 
 def model_card_section(
-    config: SPUConfig, base_model: str | None = None, *, adapter_name: str = "default", model_class: str | None = None
+    config: SPUConfig,
+    base_model: str | None = None,
+    *,
+    adapter_name: str = "default",
+    model_class: str | None = None,
+    vocabulary_size: int | None = None,
 ) -> str:
     """A markdown section describing an SPU adapter, from its config, with code that loads it.
 
     The code builds the base with `model_class` (a transformers class name; by default the task type's `AutoModelFor...`
     or `AutoModel`): a bare `AutoModel` lacks a task model's head and names its layers without the task model's
     prefix, so the file would not fit. An adapter other than `default` lives in the subfolder of its name, which
-    `PeftModel.from_pretrained` is told, with the name."""
+    `PeftModel.from_pretrained` is told, with the name. `vocabulary_size`, for an adapter file holding token
+    embeddings (saved for a vocabulary resized before training, or trained densely), makes the code resize the base to
+    their rows first, which loading needs (a no-op where the base has them already)."""
     targets = config.target_modules
     targets = sorted(targets) if isinstance(targets, (set, list)) else targets
     selection = config.selection or {}
@@ -77,6 +88,11 @@ def model_card_section(
         f"from transformers import {cls}",
         "",
         f'base = {cls}.from_pretrained("{base_model or "<base model>"}"{revision})',
+        *(
+            [f"base.resize_token_embeddings({vocabulary_size})  # the adapter's embeddings' rows"]
+            if vocabulary_size
+            else []
+        ),
         f'model = PeftModel.from_pretrained(base, "<this repo>"{subfolder})',
         "```",
     ]
@@ -104,7 +120,11 @@ def update_model_card(model, save_directory: str | os.PathLike, adapter_name: st
     base_model = card.data.get("base_model") or config.base_model_name_or_path
     base = model.get_base_model() if hasattr(model, "get_base_model") else None
     model_class = type(base).__name__ if type(base).__module__.startswith("transformers.") else None
-    section = model_card_section(config, base_model, adapter_name=adapter_name, model_class=model_class)
+    folder = os.path.join(os.fspath(save_directory), "" if adapter_name == "default" else adapter_name)
+    vocabulary = _saved_vocabulary_size(model, os.path.join(folder, WEIGHTS_NAME))
+    section = model_card_section(
+        config, base_model, adapter_name=adapter_name, model_class=model_class, vocabulary_size=vocabulary
+    )
     card.text = text.rstrip() + "\n\n" + section
     if not card.data.get("base_model"):  # PEFT writes '' (and an empty base_model tag) for a base without a name
         card.data.base_model = None
@@ -112,3 +132,21 @@ def update_model_card(model, save_directory: str | os.PathLike, adapter_name: st
     card.data["tags"] = sorted(tags | set(MODEL_TAGS))
     card.save(path)
     return card
+
+
+def _saved_vocabulary_size(model, weights: str) -> int | None:
+    """The number of rows of the input token embeddings in the adapter file `weights` (PEFT saves them when the
+    vocabulary was resized, `save_embedding_layers`, and when they train densely, `modules_to_save`), or None."""
+    if not hasattr(model, "get_base_model") or not os.path.isfile(weights):
+        return None
+    base = model.get_base_model()
+    try:
+        inputs = base.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    names = tuple(f"{name}." for name, module in embedding_modules(base) if module is inputs)
+    with safe_open(weights, framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 (safe_open is no dict)
+            if names and relative_name(key).startswith(names):
+                return int(handle.get_slice(key).get_shape()[0])
+    return None
