@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import make_batch, make_tiny_clip
 from peft import get_peft_model
+from safetensors.torch import load_file
 from torch import nn
 
 from spu_peft import SPUConfig, select_parameters
@@ -184,3 +185,25 @@ def test_a_quantized_base_adds_the_tiled_delta_and_trains_exactly_the_tiles():
     grad_out = 2 * out.detach()
     expected = (grad_out.t() @ x).reshape(-1)[layer.support("default")]
     torch.testing.assert_close(layer.spu_values["default"].grad, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("block_size", "density"), [((1, 1), 0.001), ((1, 2), 0.001), ((8, 4), 0.001)])
+def test_a_tiled_support_saved_as_indices_or_empty_is_int32_as_an_entry_level_ones_file(tmp_path, block_size, density):
+    """Where the file stores a tiled adapter's support as entry indices (1 x 1 tiles, or too few tiles for the tile
+    encoding to be smaller) or stores none (a layer with no tiles), the indices are int32 as an entry-level adapter's
+    with the same entries: the tiles expanded to entries are int64 and had doubled the support's bytes."""
+    tiled = get_peft_model(make_tiny_clip(), SPUConfig(block_size=block_size, density=density, init_weights=False))
+    entries = get_peft_model(make_tiny_clip(), SPUConfig(density=density, init_weights=False))
+    first = next(iter(layers(tiled)))
+    layers(tiled)[first].set_support("default", torch.zeros(0, dtype=torch.long), consolidate=False)
+    for name, layer in layers(entries).items():
+        layer.set_support("default", layers(tiled)[name].support("default"), consolidate=False)
+    saved = {}
+    for label, model in (("tiled", tiled), ("entries", entries)):
+        model.save_pretrained(tmp_path / label)
+        saved[label] = load_file(tmp_path / label / "adapter_model.safetensors")
+    stored = {key: tensor for key, tensor in saved["tiled"].items() if key.endswith(".spu_indices")}
+    assert stored and any(tensor.numel() == 0 for tensor in stored.values())
+    for key, tensor in stored.items():
+        assert tensor.dtype == torch.int32, key
+        assert torch.equal(tensor, saved["entries"][key]), key

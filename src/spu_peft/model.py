@@ -21,7 +21,7 @@ from .config import (
 )
 from .constants import PEFT_TASK_MODULES_TO_SAVE, TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING
 from .distributed import holds_fsdp1_shards, is_sharded_tensor, refuse_sharded_tensors, sharded_save_error
-from .encoding import encode_support, expand_tiles
+from .encoding import encode_support, expand_tiles, index_dtype
 from .injection import ModelState, remember_injection, take_injection
 from .integrity import DIGEST_KEY, PEFT_PREFIX, digest_entry
 from .layer import SPULayer
@@ -307,6 +307,7 @@ class SPUModel(BaseTuner):
                 if buffer_name == "spu_indices" and config.block_size is not None:  # tiles: entries, as files hold
                     check_tiles(indices, layer.weight_shape, config.block_size, adapter_name)
                     indices = expand_tiles(indices, layer.weight_shape, config.block_size)
+                    indices = indices.to(index_dtype(layer.weight_numel))  # int32, as an entry-level support's
                 if values.numel() != indices.numel():
                     raise sharded_save_error(
                         f"`{name}.{values_name}` holds {values.numel()} of {indices.numel()} values"
