@@ -207,3 +207,21 @@ def test_a_tiled_support_saved_as_indices_or_empty_is_int32_as_an_entry_level_on
     for key, tensor in stored.items():
         assert tensor.dtype == torch.int32, key
         assert torch.equal(tensor, saved["entries"][key]), key
+
+
+def test_a_first_forward_under_inference_mode_leaves_the_tiled_adapter_trainable():
+    """The tile layout is built by the first forward after a selection and kept; built under `torch.inference_mode()`
+    (an evaluation before training) its tensors were inference tensors, which the next training step could not save
+    for backward. The gradients are those of a model that skipped the evaluation."""
+    batch = make_batch()
+    models = []
+    for evaluate in (True, False):
+        model = get_peft_model(make_tiny_clip(), SPUConfig(block_size=BLOCK, init_weights=False))
+        select_parameters(model, [batch], score="random")
+        if evaluate:
+            with torch.inference_mode():
+                model(**batch)
+        model.train()(**batch, return_loss=True).loss.backward()
+        models.append(model)
+    for a, b in zip(layers(models[0]).values(), layers(models[1]).values()):
+        assert torch.equal(a.spu_values["default"].grad, b.spu_values["default"].grad)

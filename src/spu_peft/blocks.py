@@ -181,7 +181,8 @@ class LayoutCache:
         if cached is not None and cached[0]() is indices and cached[1] == indices._version:
             return cached[2]
         check_tiles(indices, shape, block_size, adapter_name)
-        layout = tile_layout(indices, shape, block_size)
+        with torch.inference_mode(False):  # built in an evaluation's forward, it is kept for training too
+            layout = tile_layout(indices, shape, block_size)
         self._entries[adapter_name] = (weakref.ref(indices), indices._version, layout)
         return layout
 
