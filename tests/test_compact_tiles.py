@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import make_batch, make_tiny_clip
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
@@ -225,3 +225,36 @@ def test_a_first_forward_under_inference_mode_leaves_the_tiled_adapter_trainable
         models.append(model)
     for a, b in zip(layers(models[0]).values(), layers(models[1]).values()):
         assert torch.equal(a.spu_values["default"].grad, b.spu_values["default"].grad)
+
+
+def test_a_config_whose_block_size_changed_after_creation_is_refused_by_save_selection_and_loading(tmp_path):
+    """PEFT keeps the `SPUConfig` object it was given, so a config reused for another model (a sweep over block sizes)
+    changes the first model's config too. Its layers hold tiles of the block size they were created with: the save
+    expanded them with the config's new one and wrote other entries, which loaded without a word. Save, selection and
+    loading into the adapter are refused, naming both block sizes and the fix; with the config put back the adapter
+    round-trips."""
+    config = SPUConfig(block_size=BLOCK, init_weights=False)
+    model = get_peft_model(make_tiny_clip(), config)
+    batch = make_batch()
+    with torch.no_grad():
+        expected = model(**batch).logits_per_image
+    config.block_size = (4, 8)  # the same number of tiles per layer: nothing else notices
+    message = (
+        r"Adapter 'default' was created with block_size=\(8, 4\) but its config now says block_size=\(4, 8\) \(changed "
+        r"after the adapter was created: PEFT keeps the config object it was given, so reusing it for another model "
+        r"changes this one's\)\. Set `model\.peft_config\['default'\]\.block_size = \(8, 4\)` back, or give each model "
+        r"a config of its own \(`copy\.deepcopy\(config\)`\)\."
+    )
+    with pytest.raises(ValueError, match=message):
+        model.save_pretrained(tmp_path / "changed")
+    assert not (tmp_path / "changed" / "adapter_model.safetensors").exists()
+    with pytest.raises(ValueError, match=message):
+        select_parameters(model, [batch], score="random")
+    config.block_size = BLOCK
+    model.save_pretrained(tmp_path / "restored")
+    loaded = PeftModel.from_pretrained(make_tiny_clip(), tmp_path / "restored")
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits_per_image, expected)
+    config.block_size = (4, 8)
+    with pytest.raises(ValueError, match=message):  # into the adapter it holds: the file's tiles read as (4, 8) ones
+        model.load_adapter(tmp_path / "restored", adapter_name="default")

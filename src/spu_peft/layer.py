@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -95,9 +96,14 @@ class SPULayer(BaseTunerLayer):
 
     # ---- reading the adapter -------------------------------------------------------------------------------------
 
+    def block_size(self, adapter_name: str) -> tuple[int, int] | None:
+        """The tiles the adapter's `spu_indices` count (its config's `block_size` when the adapter was created), None
+        for entries: the config object can change later (`refuse_changed_block_size`), the held tiles cannot."""
+        return self._block_sizes.get(adapter_name)
+
     def values_per_index(self, adapter_name: str) -> int:
         """How many values each index of the adapter's `spu_indices` stands for: a tile's entries, or one."""
-        block_size = self._block_sizes.get(adapter_name)
+        block_size = self.block_size(adapter_name)
         return 1 if block_size is None else block_size[0] * block_size[1]
 
     def support(self, adapter_name: str) -> torch.Tensor:
@@ -289,6 +295,21 @@ class SPULayer(BaseTunerLayer):
     def _restore_weight(self, backup: Any) -> None:
         touched, original = backup
         self.get_base_layer().weight.data.reshape(-1)[touched] = original
+
+
+def refuse_changed_block_size(adapter_name: str, config: SPUConfig, layers: Iterable[SPULayer]) -> None:
+    """Refuse a config whose `block_size` is no longer the one the adapter's layers were created with: saving, loading
+    or selecting by it would read their tiles as tiles of another shape (other entries, silently)."""
+    now = None if config.block_size is None else tuple(config.block_size)
+    for layer in layers:
+        if (held := layer.block_size(adapter_name)) != now:
+            raise ValueError(
+                f"Adapter {adapter_name!r} was created with block_size={held} but its config now says "
+                f"block_size={now} (changed after the adapter was created: PEFT keeps the config object it was given, "
+                f"so reusing it for another model changes this one's). Set "
+                f"`model.peft_config[{adapter_name!r}].block_size = {held}` back, or give each model a config of its "
+                "own (`copy.deepcopy(config)`)."
+            )
 
 
 class Linear(nn.Module, SPULayer):
