@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -295,21 +294,6 @@ class SPULayer(BaseTunerLayer):
     def _restore_weight(self, backup: Any) -> None:
         touched, original = backup
         self.get_base_layer().weight.data.reshape(-1)[touched] = original
-
-
-def refuse_changed_block_size(adapter_name: str, config: SPUConfig, layers: Iterable[SPULayer]) -> None:
-    """Refuse a config whose `block_size` is no longer the one the adapter's layers were created with: saving, loading
-    or selecting by it would read their tiles as tiles of another shape (other entries, silently)."""
-    now = None if config.block_size is None else tuple(config.block_size)
-    for layer in layers:
-        if (held := layer.block_size(adapter_name)) != now:
-            raise ValueError(
-                f"Adapter {adapter_name!r} was created with block_size={held} but its config now says "
-                f"block_size={now} (changed after the adapter was created: PEFT keeps the config object it was given, "
-                f"so reusing it for another model changes this one's). Set "
-                f"`model.peft_config[{adapter_name!r}].block_size = {held}` back, or give each model a config of its "
-                "own (`copy.deepcopy(config)`)."
-            )
 
 
 class Linear(nn.Module, SPULayer):

@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .blocks import check_tiles
+from .blocks import check_tiles, refuse_changed_block_size
 from .bnb import guard_cpu_repacking, spu_layer_class
 from .config import (
     SPUConfig,
@@ -24,7 +24,7 @@ from .distributed import holds_fsdp1_shards, is_sharded_tensor, refuse_sharded_t
 from .encoding import encode_support, expand_tiles, index_dtype
 from .injection import ModelState, remember_injection, take_injection
 from .integrity import DIGEST_KEY, PEFT_PREFIX, digest_entry
-from .layer import SPULayer, refuse_changed_block_size
+from .layer import SPULayer
 from .loading import (
     SPARSE_FIELDS,
     SPU_FIELDS,
@@ -270,7 +270,7 @@ class SPUModel(BaseTuner):
         Keys are matched after removing wrapper segments, so a model whose blocks are nested FSDP1 units saves every
         layer (PEFT's own key discovery strips only a leading `_fsdp_wrapped_module.` and would silently drop them).
         """
-        refuse_changed_block_size(adapter_name, config, (layer for _, layer in spu_layers(model, adapter_name)))
+        refuse_changed_block_size(adapter_name, config.block_size, dict(spu_layers(model, adapter_name)).values())
         config.note_fields_before_save()  # PEFT's save changes some next; a refused config write puts them back
         config.to_json_dict()  # refuses a config that JSON cannot hold before PEFT writes a byte
         if (
@@ -368,7 +368,7 @@ class SPUModel(BaseTuner):
             )
         before = take_injection(getattr(model, "base_model", None), adapter_name)
         try:
-            refuse_changed_block_size(adapter_name, config, (layer for _, layer in spu_layers(model, adapter_name)))
+            refuse_changed_block_size(adapter_name, config.block_size, dict(spu_layers(model, adapter_name)).values())
             check_digest(model, adapter_name, state_dict)
             decoded, changes = decode_adapter_state_dict(model, config, adapter_name, state_dict)
             remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, decoded)

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import tile_scores
+from .blocks import refuse_changed_block_size, tile_scores
 from .bnb import cpu_repacking_off
 from .budgets import global_top_entries, layer_top_entries
 from .config import SPUConfig
 from .distributed import Engine, all_reduce_sum, full_tensor, lockstep, resolve_engine
 from .encoding import expand_tiles, index_dtype
-from .layer import SPULayer, refuse_changed_block_size
+from .layer import SPULayer
 from .naming import PEFT_PREFIX, spu_layers
 from .optim_state import drop_state, refuse_held_resizes, watch_stale_state
 from .scoring import ScoreSums
@@ -132,7 +132,7 @@ def select_parameters(
     layers = dict(spu_layers(runner, adapter_name))
     if not layers:
         raise ValueError(f"The model has no SPU layer holding adapter {adapter_name!r}.")
-    refuse_changed_block_size(adapter_name, config, layers.values())
+    refuse_changed_block_size(adapter_name, config.block_size, layers.values())
     if any(layer.disable_adapters for layer in layers.values()):
         raise ValueError("The adapters are disabled (inside `disable_adapter()`); select outside that block.")
     if score != "random" and any(adapter_name not in layer.active_adapters for layer in layers.values()):
