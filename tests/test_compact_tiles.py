@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 from conftest import make_batch, make_tiny_clip
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 from torch import nn
 
 from spu_peft import SPUConfig, select_parameters
@@ -184,3 +185,76 @@ def test_a_quantized_base_adds_the_tiled_delta_and_trains_exactly_the_tiles():
     grad_out = 2 * out.detach()
     expected = (grad_out.t() @ x).reshape(-1)[layer.support("default")]
     torch.testing.assert_close(layer.spu_values["default"].grad, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("block_size", "density"), [((1, 1), 0.001), ((1, 2), 0.001), ((8, 4), 0.001)])
+def test_a_tiled_support_saved_as_indices_or_empty_is_int32_as_an_entry_level_ones_file(tmp_path, block_size, density):
+    """Where the file stores a tiled adapter's support as entry indices (1 x 1 tiles, or too few tiles for the tile
+    encoding to be smaller) or stores none (a layer with no tiles), the indices are int32 as an entry-level adapter's
+    with the same entries: the tiles expanded to entries are int64 and had doubled the support's bytes."""
+    tiled = get_peft_model(make_tiny_clip(), SPUConfig(block_size=block_size, density=density, init_weights=False))
+    entries = get_peft_model(make_tiny_clip(), SPUConfig(density=density, init_weights=False))
+    first = next(iter(layers(tiled)))
+    layers(tiled)[first].set_support("default", torch.zeros(0, dtype=torch.long), consolidate=False)
+    for name, layer in layers(entries).items():
+        layer.set_support("default", layers(tiled)[name].support("default"), consolidate=False)
+    saved = {}
+    for label, model in (("tiled", tiled), ("entries", entries)):
+        model.save_pretrained(tmp_path / label)
+        saved[label] = load_file(tmp_path / label / "adapter_model.safetensors")
+    stored = {key: tensor for key, tensor in saved["tiled"].items() if key.endswith(".spu_indices")}
+    assert stored and any(tensor.numel() == 0 for tensor in stored.values())
+    for key, tensor in stored.items():
+        assert tensor.dtype == torch.int32, key
+        assert torch.equal(tensor, saved["entries"][key]), key
+
+
+def test_a_first_forward_under_inference_mode_leaves_the_tiled_adapter_trainable():
+    """The tile layout is built by the first forward after a selection and kept; built under `torch.inference_mode()`
+    (an evaluation before training) its tensors were inference tensors, which the next training step could not save
+    for backward. The gradients are those of a model that skipped the evaluation."""
+    batch = make_batch()
+    models = []
+    for evaluate in (True, False):
+        model = get_peft_model(make_tiny_clip(), SPUConfig(block_size=BLOCK, init_weights=False))
+        select_parameters(model, [batch], score="random")
+        if evaluate:
+            with torch.inference_mode():
+                model(**batch)
+        model.train()(**batch, return_loss=True).loss.backward()
+        models.append(model)
+    for a, b in zip(layers(models[0]).values(), layers(models[1]).values()):
+        assert torch.equal(a.spu_values["default"].grad, b.spu_values["default"].grad)
+
+
+def test_a_config_whose_block_size_changed_after_creation_is_refused_by_save_selection_and_loading(tmp_path):
+    """PEFT keeps the `SPUConfig` object it was given, so a config reused for another model (a sweep over block sizes)
+    changes the first model's config too. Its layers hold tiles of the block size they were created with: the save
+    expanded them with the config's new one and wrote other entries, which loaded without a word. Save, selection and
+    loading into the adapter are refused, naming both block sizes and the fix; with the config put back the adapter
+    round-trips."""
+    config = SPUConfig(block_size=BLOCK, init_weights=False)
+    model = get_peft_model(make_tiny_clip(), config)
+    batch = make_batch()
+    with torch.no_grad():
+        expected = model(**batch).logits_per_image
+    config.block_size = (4, 8)  # the same number of tiles per layer: nothing else notices
+    message = (
+        r"Adapter 'default' was created with block_size=\(8, 4\) but its config now says block_size=\(4, 8\) \(changed "
+        r"after the adapter was created: PEFT keeps the config object it was given, so reusing it for another model "
+        r"changes this one's\)\. Set `model\.peft_config\['default'\]\.block_size = \(8, 4\)` back, or give each model "
+        r"a config of its own \(`copy\.deepcopy\(config\)`\)\."
+    )
+    with pytest.raises(ValueError, match=message):
+        model.save_pretrained(tmp_path / "changed")
+    assert not (tmp_path / "changed" / "adapter_model.safetensors").exists()
+    with pytest.raises(ValueError, match=message):
+        select_parameters(model, [batch], score="random")
+    config.block_size = BLOCK
+    model.save_pretrained(tmp_path / "restored")
+    loaded = PeftModel.from_pretrained(make_tiny_clip(), tmp_path / "restored")
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits_per_image, expected)
+    config.block_size = (4, 8)
+    with pytest.raises(ValueError, match=message):  # into the adapter it holds: the file's tiles read as (4, 8) ones
+        model.load_adapter(tmp_path / "restored", adapter_name="default")

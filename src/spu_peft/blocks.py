@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numbers
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,6 +164,22 @@ def check_tiles(tiles: torch.Tensor, shape: tuple[int, int], block_size: tuple[i
         )
 
 
+def refuse_changed_block_size(adapter_name: str, block_size: Any, layers: Iterable[Any]) -> None:
+    """Refuse an adapter config's `block_size` that is no longer the one its SPU layers were created with
+    (`SPULayer.block_size`): saving, loading or selecting by it would read their tiles as tiles of another shape,
+    that is other entries, silently."""
+    now = None if block_size is None else tuple(block_size)
+    for layer in layers:
+        if (held := layer.block_size(adapter_name)) != now:
+            raise ValueError(
+                f"Adapter {adapter_name!r} was created with block_size={held} but its config now says "
+                f"block_size={now} (changed after the adapter was created: PEFT keeps the config object it was given, "
+                f"so reusing it for another model changes this one's). Set "
+                f"`model.peft_config[{adapter_name!r}].block_size = {held}` back, or give each model a config of its "
+                "own (`copy.deepcopy(config)`)."
+            )
+
+
 class LayoutCache:
     """One layer's tile layouts per adapter, rebuilt when the support changes (a new tensor or one written in place,
     as `load_state_dict` does), so the layout costs one pass per selection, not one per step.
@@ -181,7 +198,8 @@ class LayoutCache:
         if cached is not None and cached[0]() is indices and cached[1] == indices._version:
             return cached[2]
         check_tiles(indices, shape, block_size, adapter_name)
-        layout = tile_layout(indices, shape, block_size)
+        with torch.inference_mode(False):  # built in an evaluation's forward, it is kept for training too
+            layout = tile_layout(indices, shape, block_size)
         self._entries[adapter_name] = (weakref.ref(indices), indices._version, layout)
         return layout
 

@@ -95,9 +95,14 @@ class SPULayer(BaseTunerLayer):
 
     # ---- reading the adapter -------------------------------------------------------------------------------------
 
+    def block_size(self, adapter_name: str) -> tuple[int, int] | None:
+        """The tiles the adapter's `spu_indices` count (its config's `block_size` when the adapter was created), None
+        for entries: the config object can change later (`refuse_changed_block_size`), the held tiles cannot."""
+        return self._block_sizes.get(adapter_name)
+
     def values_per_index(self, adapter_name: str) -> int:
         """How many values each index of the adapter's `spu_indices` stands for: a tile's entries, or one."""
-        block_size = self._block_sizes.get(adapter_name)
+        block_size = self.block_size(adapter_name)
         return 1 if block_size is None else block_size[0] * block_size[1]
 
     def support(self, adapter_name: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .blocks import check_tiles
+from .blocks import check_tiles, refuse_changed_block_size
 from .bnb import guard_cpu_repacking, spu_layer_class
 from .config import (
     SPUConfig,
@@ -21,7 +21,7 @@ from .config import (
 )
 from .constants import PEFT_TASK_MODULES_TO_SAVE, TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING
 from .distributed import holds_fsdp1_shards, is_sharded_tensor, refuse_sharded_tensors, sharded_save_error
-from .encoding import encode_support, expand_tiles
+from .encoding import encode_support, expand_tiles, index_dtype
 from .injection import ModelState, remember_injection, take_injection
 from .integrity import DIGEST_KEY, PEFT_PREFIX, digest_entry
 from .layer import SPULayer
@@ -270,6 +270,7 @@ class SPUModel(BaseTuner):
         Keys are matched after removing wrapper segments, so a model whose blocks are nested FSDP1 units saves every
         layer (PEFT's own key discovery strips only a leading `_fsdp_wrapped_module.` and would silently drop them).
         """
+        refuse_changed_block_size(adapter_name, config.block_size, dict(spu_layers(model, adapter_name)).values())
         config.note_fields_before_save()  # PEFT's save changes some next; a refused config write puts them back
         config.to_json_dict()  # refuses a config that JSON cannot hold before PEFT writes a byte
         if (
@@ -307,6 +308,7 @@ class SPUModel(BaseTuner):
                 if buffer_name == "spu_indices" and config.block_size is not None:  # tiles: entries, as files hold
                     check_tiles(indices, layer.weight_shape, config.block_size, adapter_name)
                     indices = expand_tiles(indices, layer.weight_shape, config.block_size)
+                    indices = indices.to(index_dtype(layer.weight_numel))  # int32, as an entry-level support's
                 if values.numel() != indices.numel():
                     raise sharded_save_error(
                         f"`{name}.{values_name}` holds {values.numel()} of {indices.numel()} values"
@@ -366,6 +368,7 @@ class SPUModel(BaseTuner):
             )
         before = take_injection(getattr(model, "base_model", None), adapter_name)
         try:
+            refuse_changed_block_size(adapter_name, config.block_size, dict(spu_layers(model, adapter_name)).values())
             check_digest(model, adapter_name, state_dict)
             decoded, changes = decode_adapter_state_dict(model, config, adapter_name, state_dict)
             remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, decoded)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import tile_scores
+from .blocks import refuse_changed_block_size, tile_scores
 from .bnb import cpu_repacking_off
 from .budgets import global_top_entries, layer_top_entries
 from .config import SPUConfig
@@ -132,6 +132,7 @@ def select_parameters(
     layers = dict(spu_layers(runner, adapter_name))
     if not layers:
         raise ValueError(f"The model has no SPU layer holding adapter {adapter_name!r}.")
+    refuse_changed_block_size(adapter_name, config.block_size, layers.values())
     if any(layer.disable_adapters for layer in layers.values()):
         raise ValueError("The adapters are disabled (inside `disable_adapter()`); select outside that block.")
     if score != "random" and any(adapter_name not in layer.active_adapters for layer in layers.values()):
