@@ -44,6 +44,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "adapter",
         (
+            "merging",
             "layer",
             "mixed_batch",
             "bnb",
