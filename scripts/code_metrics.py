@@ -23,6 +23,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "kernels",
         (
             "constants",
+            "versions",
             "adapter_folder",
             "config",
             "encoding",

@@ -189,3 +189,20 @@ def test_undoing_the_first_adapter_keeps_a_later_one_and_then_undoing_that_resto
 
 def is_fc1(module) -> bool:
     return isinstance(module, SPULayer) and module.in_features == 32 and module.out_features == 48
+
+
+@pytest.mark.parametrize("block_size", [None, (8, 4)], ids=["entries", "tiles"])
+def test_an_adapter_created_or_loaded_under_inference_mode_runs_as_outside_it(tmp_path, block_size):
+    """`torch.inference_mode()` around `get_peft_model` or `PeftModel.from_pretrained` (an evaluation script) makes
+    inference tensors, which have no version counter: noting the injected tensors' versions raised."""
+    from peft import PeftModel
+
+    model = get_peft_model(make_tiny_clip(), SPUConfig(init_weights=False, block_size=block_size))
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = model(**make_batch()).logits_per_image
+    with torch.inference_mode():
+        loaded = PeftModel.from_pretrained(make_tiny_clip(), tmp_path)
+        fresh = get_peft_model(make_tiny_clip(), SPUConfig(init_weights=False, block_size=block_size))
+        assert torch.equal(loaded(**make_batch()).logits_per_image, expected)
+        assert torch.equal(fresh(**make_batch()).logits_per_image, expected)

@@ -22,6 +22,7 @@ import torch
 
 from .bsr import BSR_DTYPES, BsrLayout, bsr_applies, bsr_layout, bsr_value_gradient
 from .encoding import index_dtype
+from .versions import tensor_version
 
 
 def check_block_size(block_size: Any) -> tuple[int, int] | None:
@@ -195,12 +196,12 @@ class LayoutCache:
     ) -> TileLayout:
         """The layout of the support `indices` (sorted tile positions)."""
         cached = self._entries.get(adapter_name)
-        if cached is not None and cached[0]() is indices and cached[1] == indices._version:
+        if cached is not None and cached[0]() is indices and cached[1] == tensor_version(indices):
             return cached[2]
         check_tiles(indices, shape, block_size, adapter_name)
         with torch.inference_mode(False):  # built in an evaluation's forward, it is kept for training too
             layout = tile_layout(indices, shape, block_size)
-        self._entries[adapter_name] = (weakref.ref(indices), indices._version, layout)
+        self._entries[adapter_name] = (weakref.ref(indices), tensor_version(indices), layout)
         return layout
 
     def drop(self, adapter_name: str) -> None:

@@ -15,6 +15,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, delete_adapter
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from .versions import tensor_version
+
 _PENDING = "_state_before_injection"  # on the tuner: adapter name -> ModelState
 
 
@@ -58,14 +60,14 @@ class ModelState:
         a copy's note judges the copy's tensors, from their versions as the copy starts."""
         state = dict(vars(self))
         state["versions"] = [
-            (tensor if tensor is not None and tensor._version == version else None)
+            (tensor if tensor is not None and tensor_version(tensor) == version else None)
             for tensor, version in ((noted(), version) for noted, version in self.versions)
         ]
         return state
 
     def __setstate__(self, state: dict) -> None:
         vars(self).update(state)
-        self.versions = [(_freed, -1) if t is None else (weakref.ref(t), t._version) for t in state["versions"]]
+        self.versions = [(_freed, -1) if t is None else (weakref.ref(t), tensor_version(t)) for t in state["versions"]]
 
     def untouched(self) -> bool:
         now = self._adapter_tensors()
@@ -75,7 +77,7 @@ class ModelState:
 
     def _adapter_tensors(self) -> list[tuple[torch.Tensor, int]]:
         named = itertools.chain(self.model.named_parameters(), self.model.named_buffers())
-        return [(tensor, tensor._version) for name, tensor in named if f".{self.adapter_name}." in f"{name}."]
+        return [(tensor, tensor_version(tensor)) for name, tensor in named if f".{self.adapter_name}." in f"{name}."]
 
     def restore(self) -> None:
         """Undo the injection, and only it: the adapter leaves every layer and wrapper, and a module it replaced gets
