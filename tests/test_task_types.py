@@ -7,6 +7,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import (
     BartConfig,
     BartForConditionalGeneration,
+    BartForSequenceClassification,
     BertConfig,
     BertForQuestionAnswering,
     BertForSequenceClassification,
@@ -17,6 +18,7 @@ from transformers import (
     LlamaForSequenceClassification,
     T5Config,
     T5ForConditionalGeneration,
+    T5ForSequenceClassification,
 )
 
 from spu_peft import SPUConfig
@@ -142,3 +144,45 @@ def test_only_names_the_user_gave_must_match_a_module():
     assert {n.split(".")[2] for n in dense_trainable(model)} == {"classifier", "bert"}  # bert.pooler's copy
     with pytest.raises(ValueError, match="`modules_to_save` names 'poolr', which matches no module"):
         get_peft_model(build("seq_cls_bert", 0), SPUConfig(task_type="SEQ_CLS", modules_to_save=["poolr"]))
+
+
+# Sequence classifiers whose head is `classification_head`, a name PEFT's SEQ_CLS model does not add.
+CLASSIFICATION_HEAD_MODELS = {
+    "bart": lambda: BartForSequenceClassification(BartConfig(**BART, num_labels=3, eos_token_id=2)),
+    "t5": lambda: T5ForSequenceClassification(T5Config(**T5, num_labels=3, eos_token_id=2)),
+}
+
+
+@pytest.mark.parametrize("name", CLASSIFICATION_HEAD_MODELS)
+def test_a_classification_head_trains_and_is_saved(name, tmp_path):
+    """With LoRA, BART's and T5's new head stays frozen at its random initialization and is not saved, so a reload
+    (which draws another head) classifies differently; SPU trains it densely and saves it."""
+    ids = IDS.clone()
+    ids[:, -1] = 2  # the classifiers read the hidden state at the last <eos>
+    batch = {"input_ids": ids, "labels": torch.tensor([0, 2])}
+    torch.manual_seed(0)
+    model = get_peft_model(CLASSIFICATION_HEAD_MODELS[name]().eval(), SPUConfig(task_type="SEQ_CLS"))
+    assert "classification_head" in model.peft_config["default"].modules_to_save
+    head = {n for n in dense_trainable(model) if ".classification_head.modules_to_save.default." in n}
+    assert head and all(n.endswith((".weight", ".bias")) for n in head)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in head}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(**batch).loss.backward()
+    optimizer.step()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in head and "weight" in n)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    base = CLASSIFICATION_HEAD_MODELS[name]().eval()
+    with torch.no_grad():  # another random head, as `from_pretrained` of a checkpoint without one draws
+        for parameter in base.classification_head.parameters():
+            parameter.normal_()
+    reloaded = PeftModel.from_pretrained(base, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, expected)
+
+
+def test_a_task_head_that_matches_no_module_warns():
+    with pytest.warns(UserWarning, match=r"task_type='SEQ_CLS' trains the model's task head densely, but no module"):
+        get_peft_model(build("feature_extraction_bert", 0), SPUConfig(task_type="SEQ_CLS"))

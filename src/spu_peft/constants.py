@@ -55,3 +55,10 @@ PEFT_TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
     "TOKEN_CLS": ("classifier", "score"),
     "QUESTION_ANS": ("qa_outputs",),
 }
+
+# Task heads PEFT's task models leave out: BART's, mBART's and T5's sequence classifiers are `classification_head`,
+# which PEFT's `classifier`/`score` do not match, so the new head would stay frozen at its random initialization and
+# be missing from the saved adapter. SPU adds the ones the model has to `modules_to_save`.
+SPU_TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classification_head",),
+}

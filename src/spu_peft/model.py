@@ -15,6 +15,7 @@ from .blocks import check_tiles
 from .bnb import guard_cpu_repacking, spu_layer_class
 from .config import (
     SPUConfig,
+    add_task_heads,
     default_modules_to_save,
     own_config,
     refuse_token_rows,
@@ -126,6 +127,8 @@ class SPUModel(BaseTuner):
         names = [relative_name(name) for name, _ in self.model.named_modules()]
         if peft_config.modules_to_save is None:
             peft_config.modules_to_save = default_modules_to_save(peft_config, model_type, names)
+        if message := add_task_heads(peft_config, names):
+            warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
         task_type = getattr(peft_config.task_type, "value", peft_config.task_type)
         added_by_peft = PEFT_TASK_MODULES_TO_SAVE.get(task_type, ())
         for wanted in peft_config.modules_to_save or ():
