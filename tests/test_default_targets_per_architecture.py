@@ -121,6 +121,7 @@ ADDED_DEFAULTS = {
     "xlm-roberta": ("XLMRobertaModel", {}, ["encoder.layer.{}.intermediate.dense"]),
     "deberta-v2": ("DebertaV2Model", {}, ["encoder.layer.{}.intermediate.dense"]),
     "bart": ("BartModel", _SEQ2SEQ, ["encoder.layers.{}.fc1", "decoder.layers.{}.fc1"]),
+    "mbart": ("MBartModel", _SEQ2SEQ, ["encoder.layers.{}.fc1", "decoder.layers.{}.fc1"]),
     "whisper": (
         "WhisperModel",
         dict(_SEQ2SEQ, num_mel_bins=8, max_source_positions=8),
@@ -128,6 +129,8 @@ ADDED_DEFAULTS = {
     ),
     "t5": ("T5Model", _T5, _T5_MLP),
     "t5 gated": ("T5Model", dict(_T5, feed_forward_proj="gated-gelu"), [f"{n}_{i}" for n in _T5_MLP for i in (0, 1)]),
+    "mt5": ("MT5Model", _T5, [f"{n}_{i}" for n in _T5_MLP for i in (0, 1)]),  # gated by default
+    "umt5": ("UMT5Model", _T5, [f"{n}_{i}" for n in _T5_MLP for i in (0, 1)]),
     "dinov2": ("Dinov2Model", _VISION, ["encoder.layer.{}.mlp.fc1"]),
     "dinov2 swiglu": (
         "Dinov2Model",
@@ -143,7 +146,7 @@ def _inputs(model_type: str) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.randn(2, 3, 16, 16)}
     if model_type == "whisper":
         return {"input_features": torch.randn(2, 8, 16), "decoder_input_ids": ids}
-    if model_type.startswith("t5"):
+    if "t5" in model_type:
         return {"input_ids": ids, "decoder_input_ids": ids}
     return {"input_ids": ids}
 

@@ -4,9 +4,9 @@
 # The first linear layer of each MLP block, per transformers `model_type`. Other model types may join.
 # Gated MLPs (LLaMA-style SwiGLU) have two first layers, `gate_proj` and `up_proj`, both mapping the hidden state
 # into the MLP's intermediate space; SPU's "fc1" is that input side, so both are targeted (`down_proj` is fc2).
-# Phi-3 fuses both into `gate_up_proj`, targeted whole; gated T5 names them `wi_0` and `wi_1`. Left out on purpose:
-# GPT-2's `c_fc` is a transformers `Conv1D` and Falcon's `dense_h_to_4h` a linear layer with its own `forward`, both
-# of which SPU refuses; MoE models keep their experts in fused tensors, not linear layers.
+# Phi-3 fuses both into `gate_up_proj`, targeted whole; gated T5 (mT5 and UMT5 are gated) names them `wi_0` and
+# `wi_1`. Left out on purpose: GPT-2's `c_fc` is a transformers `Conv1D` and Falcon's `dense_h_to_4h` a linear layer
+# with its own `forward`, both of which SPU refuses; MoE models keep their experts in fused tensors, not linear layers.
 TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "clip": ["fc1"],
     "clip_vision_model": ["fc1"],
@@ -22,8 +22,11 @@ TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "deberta-v2": ["intermediate.dense"],
     "distilbert": ["lin1"],
     "bart": ["fc1"],
+    "mbart": ["fc1"],
     "whisper": ["fc1"],
     "t5": ["wi", "wi_0", "wi_1"],
+    "mt5": ["wi", "wi_0", "wi_1"],
+    "umt5": ["wi", "wi_0", "wi_1"],
     "opt": ["fc1"],
     "phi": ["fc1"],
     "phi3": ["gate_up_proj"],
