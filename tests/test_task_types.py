@@ -21,7 +21,7 @@ from transformers import (
     T5ForSequenceClassification,
 )
 
-from spu_peft import SPUConfig
+from spu_peft import SPUConfig, SPULayer, select_parameters
 
 BERT = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
 LLAMA = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -186,3 +186,26 @@ def test_a_classification_head_trains_and_is_saved(name, tmp_path):
 def test_a_task_head_that_matches_no_module_warns():
     with pytest.warns(UserWarning, match=r"task_type='SEQ_CLS' trains the model's task head densely, but no module"):
         get_peft_model(build("feature_extraction_bert", 0), SPUConfig(task_type="SEQ_CLS"))
+
+
+def test_seq_2_seq_lm_on_a_model_whose_forward_takes_no_input_ids_is_refused():
+    """PEFT's seq2seq model passes `input_ids` to Whisper, which hands it to its decoder beside the decoder's own: every
+    forward failed with a TypeError (for LoRA too). Without a task type the model trains and selects as it is."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    config = WhisperConfig(vocab_size=50, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=8,
+                           max_source_positions=8, decoder_start_token_id=0, pad_token_id=1)  # fmt: skip
+    whisper = WhisperForConditionalGeneration(config)
+    with pytest.raises(ValueError) as caught:
+        get_peft_model(whisper, SPUConfig(task_type="SEQ_2_SEQ_LM"))
+    assert str(caught.value) == (
+        "task_type='SEQ_2_SEQ_LM' wraps the model in PEFT's `PeftModelForSeq2SeqLM`, whose forward passes `input_ids`, "
+        "which WhisperForConditionalGeneration's forward does not take: every forward would fail. Leave `task_type` "
+        "unset for this model (its forward then takes its own inputs and `labels`)."
+    )
+    assert not any(isinstance(m, SPULayer) for m in whisper.modules())
+    model = get_peft_model(whisper, SPUConfig())
+    batch = {"input_features": torch.randn(2, 8, 16), "labels": IDS}
+    select_parameters(model, [batch])
+    assert model.peft_config["default"].selection["score"] == "task_loss" and model(**batch).loss.isfinite()

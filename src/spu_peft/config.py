@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import inspect
 import json
 import numbers
 import os
@@ -358,3 +359,18 @@ def refuse_token_rows(config: SPUConfig) -> None:
             "`tokenizer.chat_template = ...` with the tokenizer's own tokens; then pass a new SPUConfig (TRL changed "
             "this one)."
         )
+
+
+def refuse_seq2seq_task_without_input_ids(config: SPUConfig, model: Any) -> None:
+    """Refuse task_type='SEQ_2_SEQ_LM' on a model whose forward takes no `input_ids` (Whisper reads
+    `input_features`): PEFT's seq2seq model passes `input_ids=` to every forward, which such a model hands on to its
+    decoder beside the decoder's own, so each forward failed with a TypeError, for LoRA too."""
+    task_type = getattr(config.task_type, "value", config.task_type)
+    forward = getattr(model, "forward", None)
+    if task_type != "SEQ_2_SEQ_LM" or forward is None or "input_ids" in inspect.signature(forward).parameters:
+        return
+    raise ValueError(
+        f"task_type='SEQ_2_SEQ_LM' wraps the model in PEFT's `PeftModelForSeq2SeqLM`, whose forward passes "
+        f"`input_ids`, which {type(model).__name__}'s forward does not take: every forward would fail. Leave "
+        "`task_type` unset for this model (its forward then takes its own inputs and `labels`)."
+    )

@@ -18,6 +18,7 @@ from .config import (
     add_task_heads,
     default_modules_to_save,
     own_config,
+    refuse_seq2seq_task_without_input_ids,
     refuse_token_rows,
 )
 from .constants import PEFT_TASK_MODULES_TO_SAVE, TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING
@@ -143,9 +144,10 @@ class SPUModel(BaseTuner):
 
     def _check_new_adapter_config(self, config: SPUConfig) -> None:
         """PEFT allows one adapter with a bias. SPU's `spu_only` bias deltas belong to each adapter, so only `all`
-        (which trains the base model's biases, shared by every adapter) keeps that rule. Token rows
-        (`trainable_token_indices`, which TRL sets on the config) are refused before the model is touched."""
+        (which trains the base model's biases, shared by every adapter) keeps that rule. Token rows (which TRL sets
+        on the config) and a seq2seq task no forward could run are refused before the model is touched."""
         refuse_token_rows(config)
+        refuse_seq2seq_task_without_input_ids(config, self.model)
         if len(self.peft_config) > 1 and any(c.bias == "all" for c in self.peft_config.values()):
             raise ValueError(
                 "An SPU adapter with bias='all' trains the base model's biases, which every adapter shares, so the "
