@@ -43,6 +43,7 @@ TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "gemma": ["gate_proj", "up_proj"],
     "gemma2": ["gate_proj", "up_proj"],
     "gemma3_text": ["gate_proj", "up_proj"],
+    "gemma3": ["gate_proj", "up_proj"],  # Gemma 3 from 4B on: the language model's MLPs, not the SigLIP tower's fc1
 }
 
 # Modules trained densely beside the sparse deltas (the paper trains CLIP's visual projection).
