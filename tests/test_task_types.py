@@ -13,6 +13,8 @@ from transformers import (
     BertForSequenceClassification,
     BertForTokenClassification,
     BertModel,
+    DebertaV2Config,
+    DebertaV2ForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -146,41 +148,53 @@ def test_only_names_the_user_gave_must_match_a_module():
         get_peft_model(build("seq_cls_bert", 0), SPUConfig(task_type="SEQ_CLS", modules_to_save=["poolr"]))
 
 
-# Sequence classifiers whose head is `classification_head`, a name PEFT's SEQ_CLS model does not add.
-CLASSIFICATION_HEAD_MODELS = {
-    "bart": lambda: BartForSequenceClassification(BartConfig(**BART, num_labels=3, eos_token_id=2)),
-    "t5": lambda: T5ForSequenceClassification(T5Config(**T5, num_labels=3, eos_token_id=2)),
+# Sequence classifiers with a new head module PEFT's SEQ_CLS model does not add: (builder, that module)
+NEW_HEAD_MODELS = {
+    "bart": (
+        lambda: BartForSequenceClassification(BartConfig(**BART, num_labels=3, eos_token_id=2)),
+        "classification_head",
+    ),
+    "t5": (lambda: T5ForSequenceClassification(T5Config(**T5, num_labels=3, eos_token_id=2)), "classification_head"),
+    "deberta-v2": (lambda: DebertaV2ForSequenceClassification(DebertaV2Config(**BERT, num_labels=3)), "pooler"),
 }
 
 
-@pytest.mark.parametrize("name", CLASSIFICATION_HEAD_MODELS)
-def test_a_classification_head_trains_and_is_saved(name, tmp_path):
-    """With LoRA, BART's and T5's new head stays frozen at its random initialization and is not saved, so a reload
-    (which draws another head) classifies differently; SPU trains it densely and saves it."""
+@pytest.mark.parametrize("name", NEW_HEAD_MODELS)
+def test_a_new_head_module_peft_does_not_add_trains_and_is_saved(name, tmp_path):
+    """With LoRA, BART's and T5's `classification_head` and DeBERTa's `pooler` (new modules, absent from the
+    backbones' checkpoints) stay frozen at their random initialization and are not saved, so a reload (which draws
+    others) classifies differently; SPU trains them densely and saves them."""
+    builder, head = NEW_HEAD_MODELS[name]
     ids = IDS.clone()
-    ids[:, -1] = 2  # the classifiers read the hidden state at the last <eos>
+    ids[:, -1] = 2  # BART and T5 classify from the hidden state at the last <eos>
     batch = {"input_ids": ids, "labels": torch.tensor([0, 2])}
     torch.manual_seed(0)
-    model = get_peft_model(CLASSIFICATION_HEAD_MODELS[name]().eval(), SPUConfig(task_type="SEQ_CLS"))
-    assert "classification_head" in model.peft_config["default"].modules_to_save
-    head = {n for n in dense_trainable(model) if ".classification_head.modules_to_save.default." in n}
-    assert head and all(n.endswith((".weight", ".bias")) for n in head)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in head}
+    model = get_peft_model(builder().eval(), SPUConfig(task_type="SEQ_CLS"))
+    assert head in model.peft_config["default"].modules_to_save
+    trained = {n for n in dense_trainable(model) if f".{head}.modules_to_save.default." in n}
+    assert trained and all(n.endswith((".weight", ".bias")) for n in trained)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in trained}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model(**batch).loss.backward()
     optimizer.step()
-    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in head and "weight" in n)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in trained and "weight" in n)
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     model.save_pretrained(tmp_path)
     torch.manual_seed(0)
-    base = CLASSIFICATION_HEAD_MODELS[name]().eval()
-    with torch.no_grad():  # another random head, as `from_pretrained` of a checkpoint without one draws
-        for parameter in base.classification_head.parameters():
+    base = builder().eval()
+    with torch.no_grad():  # other random head weights, as `from_pretrained` of a checkpoint without them draws
+        for parameter in getattr(base, head).parameters():
             parameter.normal_()
     reloaded = PeftModel.from_pretrained(base, tmp_path)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, expected)
+
+
+def test_bert_keeps_its_pretrained_pooler_frozen_as_with_lora():
+    model = get_peft_model(build("seq_cls_bert", 0), SPUConfig(task_type="SEQ_CLS"))
+    assert "pooler" not in model.peft_config["default"].modules_to_save
+    assert not any(".pooler." in n for n in dense_trainable(model))
 
 
 def test_a_task_head_that_matches_no_module_warns():

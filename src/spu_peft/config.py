@@ -23,6 +23,7 @@ from .constants import (
     PEFT_TASK_MODULES_TO_SAVE,
     SPU_TASK_MODULES_TO_SAVE,
     TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING,
+    TRANSFORMERS_MODELS_TO_SPU_TASK_MODULES_TO_SAVE,
 )
 from .integrity import (
     WEIGHTS_NAME,
@@ -292,22 +293,24 @@ def default_modules_to_save(config: SPUConfig, model_type: str | None, module_na
     return kept or None
 
 
-def add_task_heads(config: SPUConfig, module_names: list[str]) -> str | None:
-    """Add to `modules_to_save` the task heads the model has under a name PEFT's task model does not add (BART's and
-    T5's `classification_head`), and return a warning when the task type's head matches no module at all: a task
-    head left out trains nothing, and a reload would draw another random one."""
+def add_task_heads(config: SPUConfig, model_type: str | None, module_names: list[str]) -> str | None:
+    """Add to `modules_to_save` the new task head modules the model has under a name PEFT's task model does not add
+    (BART's and T5's `classification_head`, DeBERTa's `pooler`), and return a warning when the task type's head
+    matches no module at all: a new head left out trains nothing, and a reload would draw another random one."""
     task_type = getattr(config.task_type, "value", config.task_type)
     heads = PEFT_TASK_MODULES_TO_SAVE.get(task_type)
     if heads is None:
         return None
-    if present := [head for head in SPU_TASK_MODULES_TO_SAVE.get(task_type, ()) if head in module_names]:
+    missed = SPU_TASK_MODULES_TO_SAVE.get(task_type, ())
+    missed += TRANSFORMERS_MODELS_TO_SPU_TASK_MODULES_TO_SAVE.get(model_type, {}).get(task_type, ())
+    if present := [head for head in missed if head in module_names]:
         config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or ()), *present]))
     trained = [*(config.modules_to_save or ()), *heads]  # some task models add theirs after this point
     if any(name == wanted or name.endswith("." + wanted) for wanted in trained for name in module_names):
         return None
     return (
         f"task_type={task_type!r} trains the model's task head densely, but no module is named "
-        f"{' or '.join(heads + SPU_TASK_MODULES_TO_SAVE.get(task_type, ()))} nor named in `modules_to_save`: the head "
+        f"{' or '.join(heads + missed)} nor named in `modules_to_save`: the head "
         "stays frozen and is not saved with the adapter. Name it in SPUConfig(modules_to_save=[...])."
     )
 

@@ -66,3 +66,10 @@ PEFT_TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
 SPU_TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
     "SEQ_CLS": ("classification_head",),
 }
+
+# The same per model type: DeBERTa's sequence classifier puts a new dense `pooler` (which its backbone's checkpoints
+# lack) before `classifier`. BERT's `pooler` is pretrained and stays frozen, as with LoRA.
+TRANSFORMERS_MODELS_TO_SPU_TASK_MODULES_TO_SAVE: dict[str, dict[str, tuple[str, ...]]] = {
+    "deberta": {"SEQ_CLS": ("pooler",)},
+    "deberta-v2": {"SEQ_CLS": ("pooler",)},
+}
