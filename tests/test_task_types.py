@@ -21,6 +21,9 @@ from transformers import (
     T5Config,
     T5ForConditionalGeneration,
     T5ForSequenceClassification,
+    WhisperConfig,
+    WhisperForAudioClassification,
+    WhisperForConditionalGeneration,
 )
 
 from spu_peft import SPUConfig, SPULayer, select_parameters
@@ -31,6 +34,9 @@ LLAMA = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_h
 T5 = dict(vocab_size=50, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0)
 BART = dict(vocab_size=50, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
             decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=32)  # fmt: skip
+WHISPER = dict(vocab_size=50, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+               decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=8,
+               max_source_positions=8)  # fmt: skip
 IDS = torch.randint(1, 50, (2, 6), generator=torch.Generator().manual_seed(0))
 
 # name: (task type, model builder, target modules (None: SPU's default for the model type), a labelled batch)
@@ -156,18 +162,21 @@ NEW_HEAD_MODELS = {
     ),
     "t5": (lambda: T5ForSequenceClassification(T5Config(**T5, num_labels=3, eos_token_id=2)), "classification_head"),
     "deberta-v2": (lambda: DebertaV2ForSequenceClassification(DebertaV2Config(**BERT, num_labels=3)), "pooler"),
+    "whisper": (lambda: WhisperForAudioClassification(WhisperConfig(**WHISPER, num_labels=3)), "projector"),
 }
 
 
 @pytest.mark.parametrize("name", NEW_HEAD_MODELS)
 def test_a_new_head_module_peft_does_not_add_trains_and_is_saved(name, tmp_path):
-    """With LoRA, BART's and T5's `classification_head` and DeBERTa's `pooler` (new modules, absent from the
+    """With LoRA, BART's and T5's `classification_head`, DeBERTa's `pooler` and an audio classifier's `projector`
+    (new modules, absent from the
     backbones' checkpoints) stay frozen at their random initialization and are not saved, so a reload (which draws
     others) classifies differently; SPU trains them densely and saves them."""
     builder, head = NEW_HEAD_MODELS[name]
     ids = IDS.clone()
     ids[:, -1] = 2  # BART and T5 classify from the hidden state at the last <eos>
-    batch = {"input_ids": ids, "labels": torch.tensor([0, 2])}
+    inputs = {"input_features": torch.randn(2, 8, 16)} if name == "whisper" else {"input_ids": ids}
+    batch = {**inputs, "labels": torch.tensor([0, 2])}
     torch.manual_seed(0)
     model = get_peft_model(builder().eval(), SPUConfig(task_type="SEQ_CLS"))
     assert head in model.peft_config["default"].modules_to_save
@@ -179,7 +188,7 @@ def test_a_new_head_module_peft_does_not_add_trains_and_is_saved(name, tmp_path)
     optimizer.step()
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in trained and "weight" in n)
     with torch.no_grad():
-        expected = model(input_ids=ids).logits
+        expected = model(**inputs).logits
     model.save_pretrained(tmp_path)
     torch.manual_seed(0)
     base = builder().eval()
@@ -188,7 +197,7 @@ def test_a_new_head_module_peft_does_not_add_trains_and_is_saved(name, tmp_path)
             parameter.normal_()
     reloaded = PeftModel.from_pretrained(base, tmp_path)
     with torch.no_grad():
-        assert torch.equal(reloaded(input_ids=ids).logits, expected)
+        assert torch.equal(reloaded(**inputs).logits, expected)
 
 
 def test_bert_keeps_its_pretrained_pooler_frozen_as_with_lora():
@@ -205,12 +214,7 @@ def test_a_task_head_that_matches_no_module_warns():
 def test_seq_2_seq_lm_on_a_model_whose_forward_takes_no_input_ids_is_refused():
     """PEFT's seq2seq model passes `input_ids` to Whisper, which hands it to its decoder beside the decoder's own: every
     forward failed with a TypeError (for LoRA too). Without a task type the model trains and selects as it is."""
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
-    config = WhisperConfig(vocab_size=50, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                           decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=8,
-                           max_source_positions=8, decoder_start_token_id=0, pad_token_id=1)  # fmt: skip
-    whisper = WhisperForConditionalGeneration(config)
+    whisper = WhisperForConditionalGeneration(WhisperConfig(**WHISPER, decoder_start_token_id=0, pad_token_id=1))
     with pytest.raises(ValueError) as caught:
         get_peft_model(whisper, SPUConfig(task_type="SEQ_2_SEQ_LM"))
     assert str(caught.value) == (

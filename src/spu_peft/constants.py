@@ -61,10 +61,11 @@ PEFT_TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
 }
 
 # Task heads PEFT's task models leave out: BART's, mBART's and T5's sequence classifiers are `classification_head`,
-# which PEFT's `classifier`/`score` do not match, so the new head would stay frozen at its random initialization and
-# be missing from the saved adapter. SPU adds the ones the model has to `modules_to_save`.
+# and audio classifiers (Whisper's, wav2vec 2.0's) put a new `projector` before `classifier`. PEFT's
+# `classifier`/`score` do not match them, so they would stay frozen at their random initialization and be missing
+# from the saved adapter. SPU adds the ones the model has to `modules_to_save`.
 SPU_TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
-    "SEQ_CLS": ("classification_head",),
+    "SEQ_CLS": ("classification_head", "projector"),
 }
 
 # The same per model type: DeBERTa's sequence classifier puts a new dense `pooler` (which its backbone's checkpoints
