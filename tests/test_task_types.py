@@ -1,6 +1,8 @@
 """Every `peft.TaskType` works with SPU as with LoRA: the same task model class, the same densely trained head (PEFT
 adds `classifier`/`score` or `qa_outputs` to `modules_to_save` itself), training, and a save/reload round trip."""
 
+import re
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -207,8 +209,13 @@ def test_bert_keeps_its_pretrained_pooler_frozen_as_with_lora():
 
 
 def test_a_task_head_that_matches_no_module_warns():
-    with pytest.warns(UserWarning, match=r"task_type='SEQ_CLS' trains the model's task head densely, but no module"):
+    with pytest.warns(UserWarning) as caught:
         get_peft_model(build("feature_extraction_bert", 0), SPUConfig(task_type="SEQ_CLS"))
+    assert [str(w.message) for w in caught if "task head" in str(w.message)] == [
+        "task_type='SEQ_CLS' trains the model's task head densely, but ['classifier', 'score'] (`modules_to_save`) "
+        "names no module of this model: the head stays frozen and is not saved with the adapter. Name it in "
+        "SPUConfig(modules_to_save=[...])."
+    ]
 
 
 def test_seq_2_seq_lm_on_a_model_whose_forward_takes_no_input_ids_is_refused():
@@ -227,3 +234,28 @@ def test_seq_2_seq_lm_on_a_model_whose_forward_takes_no_input_ids_is_refused():
     batch = {"input_features": torch.randn(2, 8, 16), "labels": IDS}
     select_parameters(model, [batch])
     assert model.peft_config["default"].selection["score"] == "task_loss" and model(**batch).loss.isfinite()
+
+
+def test_an_adapter_saved_without_the_new_head_still_loads(tmp_path, monkeypatch):
+    """An adapter saved before SPU trained `classification_head` has no tensor of it: loading adds no such head to
+    its `modules_to_save` (PEFT would look the head up in the file and fail with a KeyError), and warns."""
+    import spu_peft.config
+
+    def bart():
+        torch.manual_seed(0)
+        return NEW_HEAD_MODELS["bart"][0]().eval()
+
+    ids = IDS.clone()
+    ids[:, -1] = 2
+    with monkeypatch.context() as patch:
+        patch.setattr(spu_peft.config, "SPU_TASK_MODULES_TO_SAVE", {})  # as saved before
+        model = get_peft_model(bart(), SPUConfig(task_type="SEQ_CLS", init_weights=False))
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits
+        model.save_pretrained(tmp_path)
+    message = "saved without its `classification_head`: the base model's, as loaded, stands in."
+    with pytest.warns(UserWarning, match=re.escape(message)):
+        reloaded = PeftModel.from_pretrained(bart(), tmp_path)
+    assert "classification_head" not in reloaded.peft_config["default"].modules_to_save
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, expected)

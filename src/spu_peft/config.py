@@ -9,6 +9,7 @@ import json
 import numbers
 import os
 import re
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -259,8 +260,8 @@ class SPUConfig(PeftConfig):
         open the weights, so a weights file that is missing, not a regular file (a folder, a FIFO that would block
         the reader, a dangling symlink), a pickle `adapter_model.bin`, unreadable, altered since it was saved
         (`integrity.read_adapter_file`) or not made with this config is refused here, naming it, while the model is
-        untouched. Nothing is recorded: whether the file fits the model is checked in the tuner's load hook, on the
-        state dict PEFT reads.
+        untouched. Nothing is recorded on the config: whether the file fits the model is checked in the tuner's load hook, on the
+        state dict PEFT reads (only that the config came from a file is noted, beside it).
         """
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         try:
@@ -274,6 +275,7 @@ class SPUConfig(PeftConfig):
             ) from error
         weights = weights_file(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
         check_file_fits_config(os.path.join(folder, CONFIG_NAME), weights, config, read_adapter_file(weights))
+        _READ_FROM_FILE[id(config)] = config  # `add_task_heads` adds no head module its file may lack
         return config
 
 
@@ -293,6 +295,10 @@ def default_modules_to_save(config: SPUConfig, model_type: str | None, module_na
     return kept or None
 
 
+# The configs `SPUConfig.from_pretrained` read, held here rather than on them (a config read back equals the saved one).
+_READ_FROM_FILE: weakref.WeakValueDictionary[int, SPUConfig] = weakref.WeakValueDictionary()
+
+
 def add_task_heads(config: SPUConfig, model_type: str | None, module_names: list[str]) -> str | None:
     """Add to `modules_to_save` the new task head modules the model has under a name PEFT's task model does not add
     (BART's and T5's `classification_head`, DeBERTa's `pooler`), and return a warning when the task type's head
@@ -303,15 +309,21 @@ def add_task_heads(config: SPUConfig, model_type: str | None, module_names: list
         return None
     missed = SPU_TASK_MODULES_TO_SAVE.get(task_type, ())
     missed += TRANSFORMERS_MODELS_TO_SPU_TASK_MODULES_TO_SAVE.get(model_type, {}).get(task_type, ())
-    if present := [head for head in missed if head in module_names]:
+    present = [head for head in missed if head in module_names]
+    saved = _READ_FROM_FILE.get(id(config)) is config  # one saved before SPU added them has no tensor of them
+    if present and not saved:
         config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or ()), *present]))
-    trained = [*(config.modules_to_save or ()), *heads]  # some task models add theirs after this point
+    trained = list(dict.fromkeys([*(config.modules_to_save or ()), *heads]))  # some task models add theirs later
     if any(name == wanted or name.endswith("." + wanted) for wanted in trained for name in module_names):
         return None
+    fix = (
+        f"This adapter was saved without its `{present[0]}`: the base model's, as loaded, stands in."
+        if present
+        else "Name it in SPUConfig(modules_to_save=[...])."
+    )
     return (
-        f"task_type={task_type!r} trains the model's task head densely, but no module is named "
-        f"{' or '.join(heads + missed)} nor named in `modules_to_save`: the head "
-        "stays frozen and is not saved with the adapter. Name it in SPUConfig(modules_to_save=[...])."
+        f"task_type={task_type!r} trains the model's task head densely, but {trained} (`modules_to_save`) names no "
+        f"module of this model: the head stays frozen and is not saved with the adapter. {fix}"
     )
 
 
