@@ -451,3 +451,35 @@ def test_a_merge_quantizes_w_plus_delta_as_bitsandbytes_quantizes_a_float_layer(
         assert base.weight is original
         if kind != "int8":
             assert base.quant_state is original.quant_state
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_a_quantized_new_task_head_warns_how_to_train_it_instead_of_failing_in_torch(kind, tmp_path):
+    """SPU trains BART's `classification_head` densely (PEFT's SEQ_CLS model adds only `classifier`/`score`); when
+    bitsandbytes quantized it, PEFT's dense copy failed to require gradients deep in torch. It warns with the fix,
+    which then trains the head."""
+    from transformers import BartConfig, BartForSequenceClassification
+
+    config = BartConfig(vocab_size=50, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_labels=3,
+                        max_position_embeddings=32)  # fmt: skip
+    torch.manual_seed(0)
+    BartForSequenceClassification(config).save_pretrained(tmp_path)
+
+    def load(quantization_config):
+        model = BartForSequenceClassification.from_pretrained(tmp_path, quantization_config=quantization_config)
+        return no_cpu_repacking(prepare_model_for_kbit_training(model))
+
+    with pytest.warns(UserWarning) as caught:
+        model = get_peft_model(load(CONFIGS[kind]()), SPUConfig(task_type="SEQ_CLS"))
+    assert [str(w.message) for w in caught if "task head" in str(w.message)] == [
+        "`classification_head`, the model's new task head, is quantized, so it cannot train: it stays frozen at its "
+        "random initialization and is not saved with the adapter. Load the model with "
+        "BitsAndBytesConfig(..., llm_int8_skip_modules=['classification_head']) to train it."
+    ]
+    assert "classification_head" not in model.peft_config["default"].modules_to_save
+    skipping = CONFIGS[kind]()
+    skipping.llm_int8_skip_modules = ["classification_head"]
+    model = get_peft_model(load(skipping), SPUConfig(task_type="SEQ_CLS"))
+    assert "classification_head" in model.peft_config["default"].modules_to_save
+    assert any(p.requires_grad for n, p in model.named_parameters() if ".classification_head.modules_to_save." in n)

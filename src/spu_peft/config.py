@@ -260,8 +260,8 @@ class SPUConfig(PeftConfig):
         open the weights, so a weights file that is missing, not a regular file (a folder, a FIFO that would block
         the reader, a dangling symlink), a pickle `adapter_model.bin`, unreadable, altered since it was saved
         (`integrity.read_adapter_file`) or not made with this config is refused here, naming it, while the model is
-        untouched. Nothing is recorded on the config: whether the file fits the model is checked in the tuner's load hook, on the
-        state dict PEFT reads (only that the config came from a file is noted, beside it).
+        untouched. Nothing is recorded on the config (only that it came from a file is noted, beside it): whether the
+        file fits the model is checked in the tuner's load hook, on the state dict PEFT reads.
         """
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         try:
@@ -299,7 +299,7 @@ def default_modules_to_save(config: SPUConfig, model_type: str | None, module_na
 _READ_FROM_FILE: weakref.WeakValueDictionary[int, SPUConfig] = weakref.WeakValueDictionary()
 
 
-def add_task_heads(config: SPUConfig, model_type: str | None, module_names: list[str]) -> str | None:
+def add_task_heads(config: SPUConfig, model: Any, model_type: str | None, module_names: list[str]) -> str | None:
     """Add to `modules_to_save` the new task head modules the model has under a name PEFT's task model does not add
     (BART's and T5's `classification_head`, DeBERTa's `pooler`), and return a warning when the task type's head
     matches no module at all: a new head left out trains nothing, and a reload would draw another random one."""
@@ -310,6 +310,12 @@ def add_task_heads(config: SPUConfig, model_type: str | None, module_names: list
     missed = SPU_TASK_MODULES_TO_SAVE.get(task_type, ())
     missed += TRANSFORMERS_MODELS_TO_SPU_TASK_MODULES_TO_SAVE.get(model_type, {}).get(task_type, ())
     present = [head for head in missed if head in module_names]
+    if quantized := [h for h in present if any(not p.is_floating_point() for p in model.get_submodule(h).parameters())]:
+        return (  # PEFT's dense copy of it would fail to require gradients, deep in torch
+            f"`{quantized[0]}`, the model's new task head, is quantized, so it cannot train: it stays frozen at its "
+            f"random initialization and is not saved with the adapter. Load the model with "
+            f"BitsAndBytesConfig(..., llm_int8_skip_modules={quantized}) to train it."
+        )
     saved = _READ_FROM_FILE.get(id(config)) is config  # one saved before SPU added them has no tensor of them
     if present and not saved:
         config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or ()), *present]))

@@ -128,7 +128,7 @@ class SPUModel(BaseTuner):
         names = [relative_name(name) for name, _ in self.model.named_modules()]
         if peft_config.modules_to_save is None:
             peft_config.modules_to_save = default_modules_to_save(peft_config, model_type, names)
-        if message := add_task_heads(peft_config, model_type, names):
+        if message := add_task_heads(peft_config, self.model, model_type, names):
             warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
         task_type = getattr(peft_config.task_type, "value", peft_config.task_type)
         added_by_peft = PEFT_TASK_MODULES_TO_SAVE.get(task_type, ())
