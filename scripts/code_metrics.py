@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "constants",
             "adapter_folder",
             "config",
+            "task_heads",
             "encoding",
             "blocks",
             "bsr",

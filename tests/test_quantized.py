@@ -13,7 +13,7 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-from spu_peft import SPUConfig, select_parameters
+from spu_peft import SPUConfig, SPULayer, select_parameters
 from spu_peft.bnb import Linear4bit, Linear8bitLt, bnb_layer_class
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'spu-peft[test]')")
@@ -483,3 +483,18 @@ def test_a_quantized_new_task_head_warns_how_to_train_it_instead_of_failing_in_t
     model = get_peft_model(load(skipping), SPUConfig(task_type="SEQ_CLS"))
     assert "classification_head" in model.peft_config["default"].modules_to_save
     assert any(p.requires_grad for n, p in model.named_parameters() if ".classification_head.modules_to_save." in n)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_modules_to_save_naming_a_quantized_module_is_refused_with_the_fix(kind, llama_dir):
+    """PEFT's dense copy of a quantized layer failed to require gradients, deep in torch."""
+    model = load_llama(llama_dir, kind, torch.device("cpu"))
+    with pytest.raises(ValueError) as caught:
+        get_peft_model(model, SPUConfig(task_type="CAUSAL_LM", modules_to_save=["o_proj"]))
+    dtype = "int8" if kind == "int8" else "uint8"
+    assert str(caught.value) == (
+        f"`modules_to_save` names 'o_proj', but `model.layers.0.self_attn.o_proj` is quantized ({dtype} weights), so "
+        "it cannot train densely. Load the model with BitsAndBytesConfig(..., llm_int8_skip_modules=['o_proj']) to "
+        "train it, or leave it out of `modules_to_save`."
+    )
+    assert not any(isinstance(m, SPULayer) for m in model.modules())  # refused before the model was touched

@@ -239,7 +239,7 @@ def test_seq_2_seq_lm_on_a_model_whose_forward_takes_no_input_ids_is_refused():
 def test_an_adapter_saved_without_the_new_head_still_loads(tmp_path, monkeypatch):
     """An adapter saved before SPU trained `classification_head` has no tensor of it: loading adds no such head to
     its `modules_to_save` (PEFT would look the head up in the file and fail with a KeyError), and warns."""
-    import spu_peft.config
+    import spu_peft.task_heads
 
     def bart():
         torch.manual_seed(0)
@@ -248,7 +248,7 @@ def test_an_adapter_saved_without_the_new_head_still_loads(tmp_path, monkeypatch
     ids = IDS.clone()
     ids[:, -1] = 2
     with monkeypatch.context() as patch:
-        patch.setattr(spu_peft.config, "SPU_TASK_MODULES_TO_SAVE", {})  # as saved before
+        patch.setattr(spu_peft.task_heads, "SPU_TASK_MODULES_TO_SAVE", {})  # as saved before
         model = get_peft_model(bart(), SPUConfig(task_type="SEQ_CLS", init_weights=False))
         with torch.no_grad():
             expected = model(input_ids=ids).logits

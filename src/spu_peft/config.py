@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import copy
 import enum
-import inspect
 import json
 import numbers
 import os
 import re
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -21,10 +19,7 @@ from peft.utils import CONFIG_NAME
 from .adapter_folder import check_file_fits_config, refuse_pickled_weights, weights_file
 from .blocks import check_block_size
 from .constants import (
-    PEFT_TASK_MODULES_TO_SAVE,
-    SPU_TASK_MODULES_TO_SAVE,
     TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING,
-    TRANSFORMERS_MODELS_TO_SPU_TASK_MODULES_TO_SAVE,
 )
 from .integrity import (
     WEIGHTS_NAME,
@@ -33,6 +28,7 @@ from .integrity import (
     cover_added_tensors,
     read_adapter_file,
 )
+from .task_heads import note_read_from_file
 
 
 class SPUPeftType(str, enum.Enum):
@@ -275,7 +271,7 @@ class SPUConfig(PeftConfig):
             ) from error
         weights = weights_file(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
         check_file_fits_config(os.path.join(folder, CONFIG_NAME), weights, config, read_adapter_file(weights))
-        _READ_FROM_FILE[id(config)] = config  # `add_task_heads` adds no head module its file may lack
+        note_read_from_file(config)  # `add_task_heads` adds no head module its file may lack
         return config
 
 
@@ -293,44 +289,6 @@ def default_modules_to_save(config: SPUConfig, model_type: str | None, module_na
         )
     ]
     return kept or None
-
-
-# The configs `SPUConfig.from_pretrained` read, held here rather than on them (a config read back equals the saved one).
-_READ_FROM_FILE: weakref.WeakValueDictionary[int, SPUConfig] = weakref.WeakValueDictionary()
-
-
-def add_task_heads(config: SPUConfig, model: Any, model_type: str | None, module_names: list[str]) -> str | None:
-    """Add to `modules_to_save` the new task head modules the model has under a name PEFT's task model does not add
-    (BART's and T5's `classification_head`, DeBERTa's `pooler`), and return a warning when the task type's head
-    matches no module at all: a new head left out trains nothing, and a reload would draw another random one."""
-    task_type = getattr(config.task_type, "value", config.task_type)
-    heads = PEFT_TASK_MODULES_TO_SAVE.get(task_type)
-    if heads is None:
-        return None
-    missed = SPU_TASK_MODULES_TO_SAVE.get(task_type, ())
-    missed += TRANSFORMERS_MODELS_TO_SPU_TASK_MODULES_TO_SAVE.get(model_type, {}).get(task_type, ())
-    present = [head for head in missed if head in module_names]
-    if quantized := [h for h in present if any(not p.is_floating_point() for p in model.get_submodule(h).parameters())]:
-        return (  # PEFT's dense copy of it would fail to require gradients, deep in torch
-            f"`{quantized[0]}`, the model's new task head, is quantized, so it cannot train: it stays frozen at its "
-            f"random initialization and is not saved with the adapter. Load the model with "
-            f"BitsAndBytesConfig(..., llm_int8_skip_modules={quantized}) to train it."
-        )
-    saved = _READ_FROM_FILE.get(id(config)) is config  # one saved before SPU added them has no tensor of them
-    if present and not saved:
-        config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or ()), *present]))
-    trained = list(dict.fromkeys([*(config.modules_to_save or ()), *heads]))  # some task models add theirs later
-    if any(name == wanted or name.endswith("." + wanted) for wanted in trained for name in module_names):
-        return None
-    fix = (
-        f"This adapter was saved without its `{present[0]}`: the base model's, as loaded, stands in."
-        if present
-        else "Name it in SPUConfig(modules_to_save=[...])."
-    )
-    return (
-        f"task_type={task_type!r} trains the model's task head densely, but {trained} (`modules_to_save`) names no "
-        f"module of this model: the head stays frozen and is not saved with the adapter. {fix}"
-    )
 
 
 def own_config(configs: dict[str, PeftConfig], adapter_name: str) -> list[str]:
@@ -380,18 +338,3 @@ def refuse_token_rows(config: SPUConfig) -> None:
             "`tokenizer.chat_template = ...` with the tokenizer's own tokens; then pass a new SPUConfig (TRL changed "
             "this one)."
         )
-
-
-def refuse_seq2seq_task_without_input_ids(config: SPUConfig, model: Any) -> None:
-    """Refuse task_type='SEQ_2_SEQ_LM' on a model whose forward takes no `input_ids` (Whisper reads
-    `input_features`): PEFT's seq2seq model passes `input_ids=` to every forward, which such a model hands on to its
-    decoder beside the decoder's own, so each forward failed with a TypeError, for LoRA too."""
-    task_type = getattr(config.task_type, "value", config.task_type)
-    forward = getattr(model, "forward", None)
-    if task_type != "SEQ_2_SEQ_LM" or forward is None or "input_ids" in inspect.signature(forward).parameters:
-        return
-    raise ValueError(
-        f"task_type='SEQ_2_SEQ_LM' wraps the model in PEFT's `PeftModelForSeq2SeqLM`, whose forward passes "
-        f"`input_ids`, which {type(model).__name__}'s forward does not take: every forward would fail. Leave "
-        "`task_type` unset for this model (its forward then takes its own inputs and `labels`)."
-    )

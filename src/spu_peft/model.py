@@ -13,15 +13,8 @@ from torch import nn
 
 from .blocks import check_tiles
 from .bnb import guard_cpu_repacking, spu_layer_class
-from .config import (
-    SPUConfig,
-    add_task_heads,
-    default_modules_to_save,
-    own_config,
-    refuse_seq2seq_task_without_input_ids,
-    refuse_token_rows,
-)
-from .constants import PEFT_TASK_MODULES_TO_SAVE, TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING
+from .config import SPUConfig, default_modules_to_save, own_config, refuse_token_rows
+from .constants import TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING
 from .distributed import holds_fsdp1_shards, is_sharded_tensor, refuse_sharded_tensors, sharded_save_error
 from .encoding import encode_support, expand_tiles
 from .injection import ModelState, remember_injection, take_injection
@@ -41,6 +34,7 @@ from .loading import (
 )
 from .mixed_batch import adapter_names_hooks
 from .naming import check_adapter_name, is_bias, is_stored_bias, relative_name, spu_layers, strip_wrappers
+from .task_heads import add_task_heads, check_modules_to_save, refuse_seq2seq_task_without_input_ids
 
 MODEL_TAGS = ["spu", "selective-parameter-update", "continual-learning"]
 # the packages a training step or a save goes through before SPU's hooks run; warnings point past them
@@ -125,21 +119,12 @@ class SPUModel(BaseTuner):
                     "pass the names of the first MLP linear layers, e.g. SPUConfig(target_modules=['fc1'])."
                 )
             peft_config.target_modules = set(targets)
-        names = [relative_name(name) for name, _ in self.model.named_modules()]
+        modules = {relative_name(name): module for name, module in self.model.named_modules()}
         if peft_config.modules_to_save is None:
-            peft_config.modules_to_save = default_modules_to_save(peft_config, model_type, names)
-        if message := add_task_heads(peft_config, self.model, model_type, names):
+            peft_config.modules_to_save = default_modules_to_save(peft_config, model_type, list(modules))
+        if message := add_task_heads(peft_config, model_type, modules):
             warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
-        task_type = getattr(peft_config.task_type, "value", peft_config.task_type)
-        added_by_peft = PEFT_TASK_MODULES_TO_SAVE.get(task_type, ())
-        for wanted in peft_config.modules_to_save or ():
-            if wanted in added_by_peft:
-                continue
-            if not any(name == wanted or name.endswith("." + wanted) for name in names):
-                raise ValueError(
-                    f"`modules_to_save` names {wanted!r}, which matches no module of the model (PEFT would ignore it "
-                    "and train nothing there); name a module such as the model's projection, or pass []."
-                )
+        check_modules_to_save(peft_config, modules)
         return peft_config
 
     def _check_new_adapter_config(self, config: SPUConfig) -> None:
