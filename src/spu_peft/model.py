@@ -68,6 +68,20 @@ def _unselected(adapter_name: str, doing: str) -> str:
     )
 
 
+def _half_values(model: nn.Module, adapter_name: str) -> str | None:
+    """A warning when the adapter's trainable values were cast to half precision after SPU made them in float32."""
+    for _, layer in spu_layers(model, adapter_name):
+        if (dtype := layer.spu_values[adapter_name].dtype) in (torch.bfloat16, torch.float16):
+            return (
+                f"Adapter {adapter_name!r} trains its SPU values in {dtype} (cast after SPU made them in float32: by "
+                "`model.to(...)`, or by TRL's SFTTrainer on a quantized base): AdamW steps at full fine-tuning's "
+                "learning rates fall below its resolution once a value passes a few thousandths, and the values stop "
+                "moving. Cast them back before building the optimizer (`p.data = p.data.float()` for each parameter "
+                "with `.spu_` in its name), or pass callbacks=[spu_peft.SPUSelectionCallback()], which does."
+            )
+    return None
+
+
 class SPUModel(BaseTuner):
     """Selective Parameter Update (Zhang et al., CVPR 2024) as a PEFT tuner.
 
@@ -90,6 +104,7 @@ class SPUModel(BaseTuner):
 
     def __init__(self, model, config, adapter_name="default", low_cpu_mem_usage: bool = False, **kwargs) -> None:
         self._warned_unselected: set[str] = set()
+        self._checked_dtypes: set[str] = set()  # adapters whose values' dtype the first training forward checked
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
         self.model.register_forward_pre_hook(self._warn_if_unselected)  # a bound method: deepcopy rebinds it
         guard_cpu_repacking(self.model)  # bitsandbytes' CPU inference format of 4-bit weights: no gradients
@@ -107,6 +122,10 @@ class SPUModel(BaseTuner):
             if isinstance(config, SPUConfig) and config.selection is None and name not in self._warned_unselected:
                 self._warned_unselected.add(name)
                 warnings.warn(_unselected(name, "is training"), UserWarning, stacklevel=user_stacklevel())
+            if name not in self._checked_dtypes and isinstance(config, SPUConfig):
+                self._checked_dtypes.add(name)
+                if message := _half_values(self.model, name):
+                    warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
 
     def _prepare_adapter_config(self, peft_config: SPUConfig, model_config: dict) -> SPUConfig:
         model_type = model_config.get("model_type")
