@@ -26,6 +26,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "versions",
             "adapter_folder",
             "config",
+            "task_heads",
             "encoding",
             "blocks",
             "bsr",

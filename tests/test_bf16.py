@@ -4,6 +4,8 @@ save, reload, merge and unmerge; and what merging into bf16 weights costs in pre
 `pytest tests/test_bf16.py -k precision -s` prints the measured figures that README.md quotes.
 """
 
+import warnings
+
 import pytest
 import torch
 from conftest import DEVICES, NEEDS_CUDA, make_batch, make_tiny_clip, to_device
@@ -227,3 +229,27 @@ def test_merged_entries_are_rounded_once(trained):
     errors = merge_errors(model)
     assert errors["mismatches"] == 0  # every merged entry is the float32 sum W + delta rounded once to bf16
     assert errors["spacings"] <= 0.5
+
+
+def test_values_cast_to_half_precision_warn_at_the_first_training_forward():
+    """`model.to(torch.bfloat16)` after `get_peft_model` (or TRL's SFTTrainer on a quantized base) casts the values SPU
+    made in float32, where AdamW steps at full fine-tuning's rates are lost once a value passes a few thousandths."""
+    ids = torch.randint(0, VOCAB, (2, 5))
+    kept = get_peft_model(tiny_llama(torch.float32), SPUConfig(task_type="CAUSAL_LM"))
+    select_parameters(kept, score="random")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept.train()(input_ids=ids)  # float32 values: no warning
+    model = get_peft_model(tiny_llama(torch.float32), SPUConfig(task_type="CAUSAL_LM"))
+    select_parameters(model, score="random")
+    model.to(torch.bfloat16).train()
+    with pytest.warns(UserWarning) as caught:
+        model(input_ids=ids)
+        model(input_ids=ids)  # once
+    assert [str(w.message) for w in caught if "SPU values" in str(w.message)] == [
+        "Adapter 'default' trains its SPU values in torch.bfloat16 (cast after SPU made them in float32: by "
+        "`model.to(...)`, or by TRL's SFTTrainer on a quantized base): AdamW steps at full fine-tuning's learning "
+        "rates fall below its resolution once a value passes a few thousandths, and the values stop moving. Cast them "
+        "back before building the optimizer (`p.data = p.data.float()` for each parameter with `.spu_` in its name), "
+        "or pass callbacks=[spu_peft.SPUSelectionCallback()], which does."
+    ]

@@ -121,6 +121,7 @@ ADDED_DEFAULTS = {
     "xlm-roberta": ("XLMRobertaModel", {}, ["encoder.layer.{}.intermediate.dense"]),
     "deberta-v2": ("DebertaV2Model", {}, ["encoder.layer.{}.intermediate.dense"]),
     "bart": ("BartModel", _SEQ2SEQ, ["encoder.layers.{}.fc1", "decoder.layers.{}.fc1"]),
+    "mbart": ("MBartModel", _SEQ2SEQ, ["encoder.layers.{}.fc1", "decoder.layers.{}.fc1"]),
     "whisper": (
         "WhisperModel",
         dict(_SEQ2SEQ, num_mel_bins=8, max_source_positions=8),
@@ -128,6 +129,8 @@ ADDED_DEFAULTS = {
     ),
     "t5": ("T5Model", _T5, _T5_MLP),
     "t5 gated": ("T5Model", dict(_T5, feed_forward_proj="gated-gelu"), [f"{n}_{i}" for n in _T5_MLP for i in (0, 1)]),
+    "mt5": ("MT5Model", _T5, [f"{n}_{i}" for n in _T5_MLP for i in (0, 1)]),  # gated by default
+    "umt5": ("UMT5Model", _T5, [f"{n}_{i}" for n in _T5_MLP for i in (0, 1)]),
     "dinov2": ("Dinov2Model", _VISION, ["encoder.layer.{}.mlp.fc1"]),
     "dinov2 swiglu": (
         "Dinov2Model",
@@ -143,7 +146,7 @@ def _inputs(model_type: str) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.randn(2, 3, 16, 16)}
     if model_type == "whisper":
         return {"input_features": torch.randn(2, 8, 16), "decoder_input_ids": ids}
-    if model_type.startswith("t5"):
+    if "t5" in model_type:
         return {"input_ids": ids, "decoder_input_ids": ids}
     return {"input_ids": ids}
 
@@ -184,3 +187,34 @@ def test_gpt2_conv1d_mlp_has_no_default_and_targeting_it_is_refused_clearly():
         "to such layers (e.g. ['fc1'])."
     )
     assert not any(isinstance(m, SPULayer) for m in gpt2.modules())  # the refused injection left the model as it was
+
+
+def test_gemma3_from_4b_on_targets_the_language_model_and_round_trips(tmp_path):
+    """Gemma 3 from 4B on is `gemma3` (a SigLIP tower beside the language model), which `AutoModelForCausalLM` loads
+    as such: the default trains the language model's gate_proj and up_proj, not the tower's fc1."""
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    text = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, intermediate_size=48)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+                  patch_size=4)  # fmt: skip
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+                          boi_token_index=297, eoi_token_index=298)  # fmt: skip
+
+    def build():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config).eval()
+
+    model = get_peft_model(build(), SPUConfig(task_type="CAUSAL_LM"))
+    wrapped = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, SPULayer)}
+    assert wrapped == {f"model.language_model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up")}
+    ids = torch.randint(2, 290, (2, 8))
+    select_parameters(model, [{"input_ids": ids, "labels": ids}])
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, SPULayer):
+                layer.spu_values["default"].normal_(0, 0.5)
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(PeftModel.from_pretrained(build(), tmp_path)(input_ids=ids).logits, expected)

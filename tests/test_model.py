@@ -61,7 +61,7 @@ def test_a_model_type_without_default_targets_is_refused_listing_the_known_ones(
     known = sorted([*known, "siglip_text_model", "vit", "bert", "roberta", "llama", "mistral", "qwen2"])
     known = sorted([*known, "dinov2", "xlm-roberta", "deberta-v2", "distilbert", "bart", "whisper", "t5", "opt"])
     known = sorted([*known, "phi", "phi3", "gpt_neox", "bloom", "gptj", "codegen", "gpt_bigcode", "starcoder2"])
-    known = sorted([*known, "qwen3", "gemma", "gemma2", "gemma3_text"])
+    known = sorted([*known, "qwen3", "gemma", "gemma2", "gemma3_text", "mbart", "mt5", "umt5", "gemma3"])
     assert str(caught.value) == (
         f"`target_modules` has no default for model type 'custom' (defaults exist for {known}); "
         "pass the names of the first MLP linear layers, e.g. SPUConfig(target_modules=['fc1'])."

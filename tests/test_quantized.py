@@ -13,7 +13,7 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-from spu_peft import SPUConfig, select_parameters
+from spu_peft import SPUConfig, SPULayer, select_parameters
 from spu_peft.bnb import Linear4bit, Linear8bitLt, bnb_layer_class
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'spu-peft[test]')")
@@ -451,3 +451,50 @@ def test_a_merge_quantizes_w_plus_delta_as_bitsandbytes_quantizes_a_float_layer(
         assert base.weight is original
         if kind != "int8":
             assert base.quant_state is original.quant_state
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_a_quantized_new_task_head_warns_how_to_train_it_instead_of_failing_in_torch(kind, tmp_path):
+    """SPU trains BART's `classification_head` densely (PEFT's SEQ_CLS model adds only `classifier`/`score`); when
+    bitsandbytes quantized it, PEFT's dense copy failed to require gradients deep in torch. It warns with the fix,
+    which then trains the head."""
+    from transformers import BartConfig, BartForSequenceClassification
+
+    config = BartConfig(vocab_size=50, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_labels=3,
+                        max_position_embeddings=32)  # fmt: skip
+    torch.manual_seed(0)
+    BartForSequenceClassification(config).save_pretrained(tmp_path)
+
+    def load(quantization_config):
+        model = BartForSequenceClassification.from_pretrained(tmp_path, quantization_config=quantization_config)
+        return no_cpu_repacking(prepare_model_for_kbit_training(model))
+
+    with pytest.warns(UserWarning) as caught:
+        model = get_peft_model(load(CONFIGS[kind]()), SPUConfig(task_type="SEQ_CLS"))
+    assert [str(w.message) for w in caught if "task head" in str(w.message)] == [
+        "`classification_head`, the model's new task head, is quantized, so it cannot train: it stays frozen at its "
+        "random initialization and is not saved with the adapter. Load the model with "
+        "BitsAndBytesConfig(..., llm_int8_skip_modules=['classification_head']) to train it."
+    ]
+    assert "classification_head" not in model.peft_config["default"].modules_to_save
+    skipping = CONFIGS[kind]()
+    skipping.llm_int8_skip_modules = ["classification_head"]
+    model = get_peft_model(load(skipping), SPUConfig(task_type="SEQ_CLS"))
+    assert "classification_head" in model.peft_config["default"].modules_to_save
+    assert any(p.requires_grad for n, p in model.named_parameters() if ".classification_head.modules_to_save." in n)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_modules_to_save_naming_a_quantized_module_is_refused_with_the_fix(kind, llama_dir):
+    """PEFT's dense copy of a quantized layer failed to require gradients, deep in torch."""
+    model = load_llama(llama_dir, kind, torch.device("cpu"))
+    with pytest.raises(ValueError) as caught:
+        get_peft_model(model, SPUConfig(task_type="CAUSAL_LM", modules_to_save=["o_proj"]))
+    dtype = "int8" if kind == "int8" else "uint8"
+    assert str(caught.value) == (
+        f"`modules_to_save` names 'o_proj', but `model.layers.0.self_attn.o_proj` is quantized ({dtype} weights), so "
+        "it cannot train densely. Load the model with BitsAndBytesConfig(..., llm_int8_skip_modules=['o_proj']) to "
+        "train it, or leave it out of `modules_to_save`."
+    )
+    assert not any(isinstance(m, SPULayer) for m in model.modules())  # refused before the model was touched

@@ -180,3 +180,34 @@ def test_a_forward_that_fails_on_a_batch_is_named_with_the_batch_keys_and_the_er
         "`attention_mask`); for a language model, `input_ids` (`labels` for score='task_loss')."
     )
     assert scoring_forward(Picky(), {"pixel_values": 7}, "Picky") == 7
+
+
+def test_an_encoder_decoder_batch_without_decoder_inputs_is_refused_saying_what_the_decoder_needs():
+    """T5 makes no decoder inputs from `input_ids`: its own error named `input_ids`, which the batch had."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4, decoder_start_token_id=0)
+    model = get_peft_model(T5ForConditionalGeneration(config), SPUConfig(task_type="SEQ_2_SEQ_LM"))
+    ids = torch.randint(1, 50, (2, 5))
+    with pytest.raises(ValueError) as error:
+        select_parameters(model, [{"input_ids": ids}], score="output_norm")
+    assert str(error.value) == (
+        "T5ForConditionalGeneration's forward failed on a scoring batch with keys ['input_ids'] (ValueError: You must "
+        "specify exactly one of input_ids or inputs_embeds). An encoder-decoder model's batch needs `labels` (which "
+        "score='task_loss' differentiates) or `decoder_input_ids` for its decoder: T5 does not make them from "
+        "`input_ids`."
+    )
+    select_parameters(model, [{"input_ids": ids, "decoder_input_ids": ids}], score="output_norm")  # and with them
+
+
+def test_a_value_error_of_a_batch_with_decoder_inputs_is_raised_as_the_model_raised_it():
+    class Refusing(torch.nn.Module):
+        config = SimpleNamespace(is_encoder_decoder=True)
+
+        def forward(self, **batch):
+            raise ValueError("the model's own words")
+
+    with pytest.raises(ValueError, match="^the model's own words$"):
+        scoring_forward(Refusing(), {"input_ids": 1, "labels": 1}, "Refusing")
+    with pytest.raises(ValueError, match="^Refusing's forward failed on a scoring batch with keys \\['input_ids'\\]"):
+        scoring_forward(Refusing(), {"input_ids": 1}, "Refusing")

@@ -28,6 +28,7 @@ from .integrity import (
     cover_added_tensors,
     read_adapter_file,
 )
+from .task_heads import note_read_from_file
 
 
 class SPUPeftType(str, enum.Enum):
@@ -255,8 +256,8 @@ class SPUConfig(PeftConfig):
         open the weights, so a weights file that is missing, not a regular file (a folder, a FIFO that would block
         the reader, a dangling symlink), a pickle `adapter_model.bin`, unreadable, altered since it was saved
         (`integrity.read_adapter_file`) or not made with this config is refused here, naming it, while the model is
-        untouched. Nothing is recorded: whether the file fits the model is checked in the tuner's load hook, on the
-        state dict PEFT reads.
+        untouched. Nothing is recorded on the config (only that it came from a file is noted, beside it): whether the
+        file fits the model is checked in the tuner's load hook, on the state dict PEFT reads.
         """
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         try:
@@ -270,6 +271,7 @@ class SPUConfig(PeftConfig):
             ) from error
         weights = weights_file(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
         check_file_fits_config(os.path.join(folder, CONFIG_NAME), weights, config, read_adapter_file(weights))
+        note_read_from_file(config)  # `add_task_heads` adds no head module its file may lack
         return config
 
 

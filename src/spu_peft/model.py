@@ -13,13 +13,8 @@ from torch import nn
 
 from .blocks import check_tiles, refuse_changed_block_size
 from .bnb import guard_cpu_repacking, spu_layer_class
-from .config import (
-    SPUConfig,
-    default_modules_to_save,
-    own_config,
-    refuse_token_rows,
-)
-from .constants import PEFT_TASK_MODULES_TO_SAVE, TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING
+from .config import SPUConfig, default_modules_to_save, own_config, refuse_token_rows
+from .constants import TRANSFORMERS_MODELS_TO_SPU_TARGET_MODULES_MAPPING
 from .distributed import holds_fsdp1_shards, is_sharded_tensor, refuse_sharded_tensors, sharded_save_error
 from .encoding import encode_support, expand_tiles, index_dtype
 from .injection import ModelState, remember_injection, take_injection
@@ -39,6 +34,7 @@ from .loading import (
 )
 from .mixed_batch import adapter_names_hooks
 from .naming import check_adapter_name, is_bias, is_stored_bias, relative_name, spu_layers, strip_wrappers
+from .task_heads import add_task_heads, check_modules_to_save, refuse_seq2seq_task_without_input_ids
 
 MODEL_TAGS = ["spu", "selective-parameter-update", "continual-learning"]
 # the packages a training step or a save goes through before SPU's hooks run; warnings point past them
@@ -72,6 +68,20 @@ def _unselected(adapter_name: str, doing: str) -> str:
     )
 
 
+def _half_values(model: nn.Module, adapter_name: str) -> str | None:
+    """A warning when the adapter's trainable values were cast to half precision after SPU made them in float32."""
+    for _, layer in spu_layers(model, adapter_name):
+        if (dtype := layer.spu_values[adapter_name].dtype) in (torch.bfloat16, torch.float16):
+            return (
+                f"Adapter {adapter_name!r} trains its SPU values in {dtype} (cast after SPU made them in float32: by "
+                "`model.to(...)`, or by TRL's SFTTrainer on a quantized base): AdamW steps at full fine-tuning's "
+                "learning rates fall below its resolution once a value passes a few thousandths, and the values stop "
+                "moving. Cast them back before building the optimizer (`p.data = p.data.float()` for each parameter "
+                "with `.spu_` in its name), or pass callbacks=[spu_peft.SPUSelectionCallback()], which does."
+            )
+    return None
+
+
 class SPUModel(BaseTuner):
     """Selective Parameter Update (Zhang et al., CVPR 2024) as a PEFT tuner.
 
@@ -94,6 +104,7 @@ class SPUModel(BaseTuner):
 
     def __init__(self, model, config, adapter_name="default", low_cpu_mem_usage: bool = False, **kwargs) -> None:
         self._warned_unselected: set[str] = set()
+        self._checked_dtypes: set[str] = set()  # adapters whose values' dtype the first training forward checked
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
         self.model.register_forward_pre_hook(self._warn_if_unselected)  # a bound method: deepcopy rebinds it
         guard_cpu_repacking(self.model)  # bitsandbytes' CPU inference format of 4-bit weights: no gradients
@@ -111,6 +122,10 @@ class SPUModel(BaseTuner):
             if isinstance(config, SPUConfig) and config.selection is None and name not in self._warned_unselected:
                 self._warned_unselected.add(name)
                 warnings.warn(_unselected(name, "is training"), UserWarning, stacklevel=user_stacklevel())
+            if name not in self._checked_dtypes and isinstance(config, SPUConfig):
+                self._checked_dtypes.add(name)
+                if message := _half_values(self.model, name):
+                    warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
 
     def _prepare_adapter_config(self, peft_config: SPUConfig, model_config: dict) -> SPUConfig:
         model_type = model_config.get("model_type")
@@ -123,26 +138,20 @@ class SPUModel(BaseTuner):
                     "pass the names of the first MLP linear layers, e.g. SPUConfig(target_modules=['fc1'])."
                 )
             peft_config.target_modules = set(targets)
-        names = [relative_name(name) for name, _ in self.model.named_modules()]
+        modules = {relative_name(name): module for name, module in self.model.named_modules()}
         if peft_config.modules_to_save is None:
-            peft_config.modules_to_save = default_modules_to_save(peft_config, model_type, names)
-        task_type = getattr(peft_config.task_type, "value", peft_config.task_type)
-        added_by_peft = PEFT_TASK_MODULES_TO_SAVE.get(task_type, ())
-        for wanted in peft_config.modules_to_save or ():
-            if wanted in added_by_peft:
-                continue
-            if not any(name == wanted or name.endswith("." + wanted) for name in names):
-                raise ValueError(
-                    f"`modules_to_save` names {wanted!r}, which matches no module of the model (PEFT would ignore it "
-                    "and train nothing there); name a module such as the model's projection, or pass []."
-                )
+            peft_config.modules_to_save = default_modules_to_save(peft_config, model_type, list(modules))
+        if message := add_task_heads(peft_config, model_type, modules):
+            warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
+        check_modules_to_save(peft_config, modules)
         return peft_config
 
     def _check_new_adapter_config(self, config: SPUConfig) -> None:
         """PEFT allows one adapter with a bias. SPU's `spu_only` bias deltas belong to each adapter, so only `all`
-        (which trains the base model's biases, shared by every adapter) keeps that rule. Token rows
-        (`trainable_token_indices`, which TRL sets on the config) are refused before the model is touched."""
+        (which trains the base model's biases, shared by every adapter) keeps that rule. Token rows (which TRL sets
+        on the config) and a seq2seq task no forward could run are refused before the model is touched."""
         refuse_token_rows(config)
+        refuse_seq2seq_task_without_input_ids(config, self.model)
         if len(self.peft_config) > 1 and any(c.bias == "all" for c in self.peft_config.values()):
             raise ValueError(
                 "An SPU adapter with bias='all' trains the base model's biases, which every adapter shares, so the "

@@ -225,6 +225,20 @@ def scoring_forward(model: nn.Module, batch: Mapping[str, Any], model_name: str)
             f"{model_name}'s forward failed on a scoring batch with keys {sorted(batch)} ({type(error).__name__}: "
             f"{error}). {_uncollated(batch) or _NEEDS}"
         ) from error
+    except ValueError as error:  # T5's says "input_ids or inputs_embeds" of its decoder, where the batch has them
+        if not _lacks_decoder_inputs(model, batch):
+            raise
+        raise ValueError(
+            f"{model_name}'s forward failed on a scoring batch with keys {sorted(batch)} (ValueError: {error}). An "
+            "encoder-decoder model's batch needs `labels` (which score='task_loss' differentiates) or "
+            "`decoder_input_ids` for its decoder: T5 does not make them from `input_ids`."
+        ) from error
+
+
+def _lacks_decoder_inputs(model: nn.Module, batch: Mapping[str, Any]) -> bool:
+    """Whether `batch` gives an encoder-decoder model nothing to feed its decoder."""
+    is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    return is_encoder_decoder is True and not {"labels", "decoder_input_ids", "decoder_inputs_embeds"} & set(batch)
 
 
 _NEEDS = (

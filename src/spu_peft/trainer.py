@@ -7,11 +7,13 @@ import logging
 import warnings
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .distributed import unwrap_replicated
 from .model import user_stacklevel
+from .naming import spu_layers
 from .selection import DATA_FREE_SCORES, SelectionReport, resolve_adapter, select_parameters
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class SPUSelectionCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, optimizer=None, **kwargs: Any):
         if model is None:
             raise ValueError("SPUSelectionCallback needs the Trainer's model.")
+        self._keep_values_in_float32(args, model)
         if state.global_step > 0:
             self._restore(model, state)
             return control
@@ -94,6 +97,26 @@ class SPUSelectionCallback(TrainerCallback, ExportableState):
             "`spu_peft.select_parameters(trainer.model, dataloader)` on every process before `trainer.train()` "
             "(scores are still summed over processes)."
         )
+
+    def _keep_values_in_float32(self, args, model) -> None:
+        """TRL's `SFTTrainer` casts a quantized model's trainable adapter tensors to bfloat16 (QLoRA's recipe for
+        LoRA's factors). SPU's values are weight deltas trained at full fine-tuning's rates: an Adam step of 2e-5 is
+        below bfloat16's resolution once a value passes about 0.008, so the values stop moving, in silence. Put them
+        back in float32, the dtype SPU makes them in, before the optimizer holds any state for them (not under
+        DeepSpeed, whose engine holds the tensors as they were)."""
+        quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+        if not quantized or getattr(args, "deepspeed", None):
+            return
+        name = resolve_adapter(unwrap_replicated(model), self.kwargs["adapter_name"])[0]
+        cast = []
+        for layer_name, layer in spu_layers(unwrap_replicated(model), name):
+            for field in layer.adapter_layer_names:
+                parameter = getattr(layer, field).get(name)
+                if parameter is not None and parameter.dtype in (torch.bfloat16, torch.float16):
+                    parameter.data = parameter.data.float()
+                    cast.append(layer_name)
+        if cast:
+            logger.info("SPU: %d tensors of adapter %r were cast to half precision; back in float32.", len(cast), name)
 
     def _config(self, model):
         return resolve_adapter(unwrap_replicated(model), self.kwargs["adapter_name"])[1]
