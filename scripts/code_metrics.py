@@ -51,6 +51,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mixed_batch",
             "bnb",
             "naming",
+            "adapter_warnings",
             "budgets",
             "comparison",
             "injection",

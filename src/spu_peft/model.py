@@ -11,6 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from .adapter_warnings import fresh_beside, half_values, unselected
 from .blocks import check_tiles, refuse_changed_block_size
 from .bnb import guard_cpu_repacking, spu_layer_class
 from .config import SPUConfig, default_modules_to_save, own_config, refuse_token_rows
@@ -48,38 +49,6 @@ def user_stacklevel() -> int:
     while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _LIBRARIES:
         frame, level = frame.f_back, level + 1
     return level if frame is not None else 1
-
-
-def _fresh_beside(adapter_name: str, selected: list[str]) -> str:
-    return (
-        f"Adapter {adapter_name!r} was added with the config of adapter(s) {selected}, already selected: it starts "
-        "fresh (zero values: the base model), not as a copy of them. TRL's DPO/KTO/GRPO/RLOO make their reference "
-        "adapter 'ref' this way from a PeftModel, so their reference is the base model; to train against the trained "
-        "adapter pass `ref_model=`, and to copy an adapter use `spu_peft.fold_adapters(model, [name], new_name)`."
-    )
-
-
-def _unselected(adapter_name: str, doing: str) -> str:
-    return (
-        f"Adapter {adapter_name!r} {doing} its data-free random support: `spu_peft.select_parameters` was never "
-        "called (adapter_config.json will say 'selection': null). Select before training (in a Trainer: "
-        "callbacks=[spu_peft.SPUSelectionCallback()]), or call select_parameters(model, score='random') to train a "
-        "random support on purpose."
-    )
-
-
-def _half_values(model: nn.Module, adapter_name: str) -> str | None:
-    """A warning when the adapter's trainable values were cast to half precision after SPU made them in float32."""
-    for _, layer in spu_layers(model, adapter_name):
-        if (dtype := layer.spu_values[adapter_name].dtype) in (torch.bfloat16, torch.float16):
-            return (
-                f"Adapter {adapter_name!r} trains its SPU values in {dtype} (cast after SPU made them in float32: by "
-                "`model.to(...)`, or by TRL's SFTTrainer on a quantized base): AdamW steps at full fine-tuning's "
-                "learning rates fall below its resolution once a value passes a few thousandths, and the values stop "
-                "moving. Cast them back before building the optimizer (`p.data = p.data.float()` for each parameter "
-                "with `.spu_` in its name), or pass callbacks=[spu_peft.SPUSelectionCallback()], which does."
-            )
-    return None
 
 
 class SPUModel(BaseTuner):
@@ -121,10 +90,10 @@ class SPUModel(BaseTuner):
             config = self.peft_config.get(name)
             if isinstance(config, SPUConfig) and config.selection is None and name not in self._warned_unselected:
                 self._warned_unselected.add(name)
-                warnings.warn(_unselected(name, "is training"), UserWarning, stacklevel=user_stacklevel())
+                warnings.warn(unselected(name, "is training"), UserWarning, stacklevel=user_stacklevel())
             if name not in self._checked_dtypes and isinstance(config, SPUConfig):
                 self._checked_dtypes.add(name)
-                if message := _half_values(self.model, name):
+                if message := half_values(self.model, name):
                     warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
 
     def _prepare_adapter_config(self, peft_config: SPUConfig, model_config: dict) -> SPUConfig:
@@ -191,7 +160,7 @@ class SPUModel(BaseTuner):
         accepted, a refused one puts the model back as it was before the injection (the load hook)."""
         check_adapter_name(adapter_name)
         if selected := own_config(self.peft_config, adapter_name):
-            warnings.warn(_fresh_beside(adapter_name, selected), UserWarning, stacklevel=user_stacklevel())
+            warnings.warn(fresh_beside(adapter_name, selected), UserWarning, stacklevel=user_stacklevel())
         before = ModelState(self, model, adapter_name)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
@@ -290,7 +259,7 @@ class SPUModel(BaseTuner):
                 for values in (layer.spu_values[adapter_name] for _, layer in spu_layers(model, adapter_name))
             )
         ):
-            warnings.warn(_unselected(adapter_name, "trained"), UserWarning, stacklevel=user_stacklevel())
+            warnings.warn(unselected(adapter_name, "trained"), UserWarning, stacklevel=user_stacklevel())
         if holds_fsdp1_shards(model):
             raise sharded_save_error("the model is wrapped in FSDP1 (FullyShardedDataParallel)")
         by_name = {strip_wrappers(key): key for key in state_dict}
