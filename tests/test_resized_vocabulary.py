@@ -286,24 +286,29 @@ def test_a_config_seals_only_the_file_its_own_save_hook_digested(tmp_path):
     _unsealed_file(tmp_path, model, "other")
     before = (tmp_path / WEIGHTS).read_bytes()
     get_peft_model_state_dict(model, save_embedding_layers=True)  # the default adapter's hook runs; no save follows
-    model.peft_config["default"].save_pretrained(tmp_path)
+    model.peft_config["default"].save_pretrained(tmp_path, auto_mapping_dict=None)  # as PeftModel.save_pretrained
     assert (tmp_path / WEIGHTS).read_bytes() == before
     with pytest.raises(SPUAdapterFileError, match="do not match the digest"):
         PeftModel.from_pretrained(base(seed=1), tmp_path)
 
 
-def test_a_refused_save_or_a_copied_config_leaves_no_record_to_seal_with(tmp_path):
-    """A save refused before the config was written (`safe_serialization=False`), and a deep copy of a config, keep
-    no record of what the hook digested: a later config save alone seals nothing."""
+def test_a_refused_save_a_copied_config_or_a_config_saved_alone_seals_nothing(tmp_path):
+    """A save refused before the config was written (`safe_serialization=False`) and a deep copy of a config keep no
+    record of what the hook digested, so their config saves, called as `PeftModel.save_pretrained` calls them, seal
+    nothing; nor does a save of the config alone, even of the file of the state dict its hook just digested."""
     model = trained(base())
+    config = model.peft_config["default"]
     _unsealed_file(tmp_path / "old", model, "default")
-    copied = copy.deepcopy(model.peft_config["default"])  # taken while the hook's record of that state dict is held
+    copied = copy.deepcopy(config)  # taken while the hook's record of that state dict is held
     model.save_pretrained(tmp_path / "done")  # the record is spent here
     before = (tmp_path / "old" / WEIGHTS).read_bytes()
-    copied.save_pretrained(tmp_path / "old")
+    copied.save_pretrained(tmp_path / "old", auto_mapping_dict=None)
     with pytest.raises(ValueError, match="safe_serialization=False"):
         model.save_pretrained(tmp_path / "pickled", safe_serialization=False, save_embedding_layers=True)
-    model.peft_config["default"].save_pretrained(tmp_path / "old")
+    config.save_pretrained(tmp_path / "old", auto_mapping_dict=None)
+    assert (tmp_path / "old" / WEIGHTS).read_bytes() == before
+    get_peft_model_state_dict(model, save_embedding_layers=True)  # the record of this very state dict, then
+    config.save_pretrained(tmp_path / "old")  # a save of the config alone
     assert (tmp_path / "old" / WEIGHTS).read_bytes() == before
 
 

@@ -234,13 +234,18 @@ class SPUConfig(PeftConfig):
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write `adapter_config.json` through a temporary file, after checking that JSON can hold every field, and
-        extend the digest of the weights PEFT wrote just before to the embedding layers PEFT added (if it did)."""
-        before = self.__dict__.pop("_fields_before_save", {})
-        digested = self.__dict__.pop("_digested", None)  # spent by this write, written or refused
+        extend the digest of the weights PEFT wrote just before to the embedding layers PEFT added (if it did).
+
+        What the save hook noted is spent by this write, written or refused, and used only when
+        `PeftModel.save_pretrained` calls it (it always passes `auto_mapping_dict`): a save of the config alone puts
+        back no field and seals no file, whatever a hook that no save followed (a state dict taken) left behind."""
+        digested, before = (self.__dict__.pop(name, None) for name in self._SAVE_STATE)
+        if "auto_mapping_dict" not in kwargs:
+            digested, before = None, None
         try:
             self._write(save_directory, digested, **kwargs)
         except BaseException:
-            for name, value in before.items():
+            for name, value in (before or {}).items():
                 setattr(self, name, value)
             raise
 
