@@ -333,6 +333,22 @@ def test_a_refused_save_leaves_the_model_exactly_as_before(tmp_path, monkeypatch
     assert _full_state(model) == before
 
 
+def test_a_config_save_alone_that_fails_keeps_the_fields_set_since_a_state_dict_was_taken(tmp_path):
+    """The save hook notes the fields PEFT's save is about to set; when no save follows (a state dict taken, a save
+    on another process than the main one), a later refused save of the config alone must not put those old values
+    back over the ones set since."""
+    from peft import get_peft_model_state_dict
+
+    model = get_peft_model(make_tiny_clip(), SPUConfig(density=0.2))
+    get_peft_model_state_dict(model)  # the hook runs; no config save follows
+    config = model.peft_config["default"]
+    config.inference_mode, config.base_model_name_or_path = True, "org/base"
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        config.save_pretrained(str(tmp_path / "a file"))
+    assert (config.inference_mode, config.base_model_name_or_path) == (True, "org/base")
+
+
 def test_a_hub_adapter_fetches_its_config_and_file_with_the_hub_arguments(tmp_path, monkeypatch):
     folder = _saved_adapter(tmp_path / "adapter")
     calls = []

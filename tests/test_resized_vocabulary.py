@@ -2,6 +2,7 @@
 embeddings beside the adapter, as LoRA's does (`save_embedding_layers`): the file's digest covers them, and they load
 back onto a base resized to the same vocabulary, or are refused, with the fix, on any other."""
 
+import copy
 import os
 
 import pytest
@@ -211,10 +212,12 @@ def test_a_file_the_save_did_not_digest_is_not_sealed(tmp_path):
     extra = {"base_model.model.model.embed_tokens.weight": torch.ones(4, 2)}
     save_file({**tensors, **extra, DIGEST_KEY: digest_entry({"other": torch.ones(3)})}, path)
     before = path.read_bytes()
-    assert cover_added_tensors(path, tensors) == []
+    assert cover_added_tensors(path, tensors, digest_entry(tensors)) == []
     assert path.read_bytes() == before
     save_file({**tensors, **extra, DIGEST_KEY: digest_entry(tensors)}, path)
-    assert cover_added_tensors(path, tensors) == sorted(extra)
+    other = {"base_model.model.fc1.spu_values": torch.zeros(3)}  # the same keys: another adapter's digest
+    assert cover_added_tensors(path, tensors, digest_entry(other)) == []
+    assert cover_added_tensors(path, tensors, digest_entry(tensors)) == sorted(extra)
     assert torch.equal(load_file(path)[DIGEST_KEY], digest_entry({**tensors, **extra}))
 
 
@@ -261,3 +264,62 @@ def test_the_model_card_of_embeddings_trained_densely_resizes_to_their_rows_a_no
     ids = IDS[:, IDS[0] < 50]  # the base's own tokens
     with torch.no_grad():
         assert torch.equal(scope["model"].eval()(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def _unsealed_file(folder, model, adapter_name: str) -> None:
+    """The adapter's state dict with its embeddings as `get_peft_model_state_dict` returns it (outside the digest),
+    one embedding entry then edited, written as a save stopped before the config would leave it."""
+    state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=True)
+    state_dict = {key: value.detach().clone().contiguous() for key, value in state_dict.items()}
+    state_dict["base_model.model.model.embed_tokens.weight"][51, 0] += 1.0
+    os.makedirs(folder, exist_ok=True)
+    save_file(state_dict, os.path.join(folder, WEIGHTS), metadata={"format": "pt"})
+
+
+def test_a_config_seals_only_the_file_its_own_save_hook_digested(tmp_path):
+    """Two adapters of one model have the same keys: the record one adapter's hook left on its config (a state dict
+    taken, no save followed) must not seal the other adapter's unsealed, edited file when that config is saved
+    into its folder; the file stays as it was and loading it is refused."""
+    model = trained(base())
+    model.add_adapter("other", SPUConfig(task_type="CAUSAL_LM", seed=3))
+    select_parameters(model, score="random", adapter_name="other")
+    _unsealed_file(tmp_path, model, "other")
+    before = (tmp_path / WEIGHTS).read_bytes()
+    get_peft_model_state_dict(model, save_embedding_layers=True)  # the default adapter's hook runs; no save follows
+    model.peft_config["default"].save_pretrained(tmp_path, auto_mapping_dict=None)  # as PeftModel.save_pretrained
+    assert (tmp_path / WEIGHTS).read_bytes() == before
+    with pytest.raises(SPUAdapterFileError, match="do not match the digest"):
+        PeftModel.from_pretrained(base(seed=1), tmp_path)
+
+
+def test_a_refused_save_a_copied_config_or_a_config_saved_alone_seals_nothing(tmp_path):
+    """A save refused before the config was written (`safe_serialization=False`) and a deep copy of a config keep no
+    record of what the hook digested, so their config saves, called as `PeftModel.save_pretrained` calls them, seal
+    nothing; nor does a save of the config alone, even of the file of the state dict its hook just digested."""
+    model = trained(base())
+    config = model.peft_config["default"]
+    _unsealed_file(tmp_path / "old", model, "default")
+    copied = copy.deepcopy(config)  # taken while the hook's record of that state dict is held
+    model.save_pretrained(tmp_path / "done")  # the record is spent here
+    before = (tmp_path / "old" / WEIGHTS).read_bytes()
+    copied.save_pretrained(tmp_path / "old", auto_mapping_dict=None)
+    with pytest.raises(ValueError, match="safe_serialization=False"):
+        model.save_pretrained(tmp_path / "pickled", safe_serialization=False, save_embedding_layers=True)
+    config.save_pretrained(tmp_path / "old", auto_mapping_dict=None)
+    assert (tmp_path / "old" / WEIGHTS).read_bytes() == before
+    get_peft_model_state_dict(model, save_embedding_layers=True)  # the record of this very state dict, then
+    config.save_pretrained(tmp_path / "old")  # a save of the config alone
+    assert (tmp_path / "old" / WEIGHTS).read_bytes() == before
+
+
+def test_an_untied_adapter_file_is_refused_on_a_base_that_ties_its_embeddings(tmp_path):
+    """A base that ties its input and output embeddings holds one tensor for both: loading a file whose two
+    embeddings differ would keep only one of them (the logits changed in silence); it is refused, naming the tie, and
+    the base's embeddings stay as they were."""
+    model, _ = saved(tmp_path, tie_word_embeddings=False)
+    tied = base(seed=1, tie_word_embeddings=True)
+    before = tied.get_input_embeddings().weight.clone()
+    with pytest.raises(SPUAdapterFileError, match="tie_word_embeddings"):
+        PeftModel.from_pretrained(tied, tmp_path)
+    assert torch.equal(tied.get_input_embeddings().weight, before)
+    assert not any(isinstance(module, SPULayer) for module in tied.modules())

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+import torch
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import CONFIG_NAME
@@ -209,14 +210,22 @@ class SPUConfig(PeftConfig):
                 ) from error
         return output
 
-    # the keys SPU's save hook digested, until the save that follows it (`record_digested_keys`); no field: not saved
-    _digested_keys: ClassVar[frozenset[str] | None] = None
+    # what SPU's save hook digested (keys, digest), until the config save that follows it; no field: not saved
+    _digested: ClassVar[tuple[frozenset[str], torch.Tensor] | None] = None
+    # attributes a save leaves on the live config for the config write that follows it; never copied or pickled
+    _SAVE_STATE: ClassVar[tuple[str, ...]] = ("_digested", "_fields_before_save")
 
-    def record_digested_keys(self, keys: Iterable[str]) -> None:
-        """Note the keys of the tensors whose digest SPU's save hook just added. PEFT writes the weights and then this
-        config; tensors it added to the file after the hook (the embedding layers of `save_embedding_layers`) are
-        covered then (`integrity.cover_added_tensors`)."""
-        self._digested_keys = frozenset(keys)
+    def __getstate__(self) -> dict[str, Any]:
+        """The config without what a save in progress noted: a copy (`copy.deepcopy`, `own_config`) or a pickle starts
+        with no record, so its own later save cannot seal a file by another save's record."""
+        return {key: value for key, value in self.__dict__.items() if key not in self._SAVE_STATE}
+
+    def record_digested_keys(self, keys: Iterable[str], digest: torch.Tensor) -> None:
+        """Note the keys of the tensors whose digest SPU's save hook just added, and that digest. PEFT writes the
+        weights and then this config; tensors it added to the file after the hook (the embedding layers of
+        `save_embedding_layers`) are covered then (`integrity.cover_added_tensors`), in a file whose digest is this
+        one (another adapter's file has the same keys)."""
+        self._digested = (frozenset(keys), digest)
 
     def note_fields_before_save(self) -> None:
         """Remember the fields that `PeftModel.save_pretrained` sets on this (live) config before writing it; the
@@ -226,26 +235,31 @@ class SPUConfig(PeftConfig):
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write `adapter_config.json` through a temporary file, after checking that JSON can hold every field, and
-        extend the digest of the weights PEFT wrote just before to the embedding layers PEFT added (if it did)."""
-        before = self.__dict__.pop("_fields_before_save", {})
+        extend the digest of the weights PEFT wrote just before to the embedding layers PEFT added (if it did).
+
+        What the save hook noted is spent by this write, written or refused, and used only when
+        `PeftModel.save_pretrained` calls it (it always passes `auto_mapping_dict`): a save of the config alone puts
+        back no field and seals no file, whatever a hook that no save followed (a state dict taken) left behind."""
+        digested, before = (self.__dict__.pop(name, None) for name in self._SAVE_STATE)
+        if "auto_mapping_dict" not in kwargs:
+            digested, before = None, None
         try:
-            self._write(save_directory, **kwargs)
+            self._write(save_directory, digested, **kwargs)
         except BaseException:
-            for name, value in before.items():
+            for name, value in (before or {}).items():
                 setattr(self, name, value)
             raise
 
-    def _write(self, save_directory: str, **kwargs: Any) -> None:
+    def _write(self, save_directory: str, digested: tuple[frozenset[str], torch.Tensor] | None, **kwargs: Any) -> None:
         output = self.to_json_dict()
         if (auto_mapping := kwargs.pop("auto_mapping_dict", None)) is not None:
             output["auto_mapping"] = auto_mapping
         if os.path.isfile(save_directory):
             raise ValueError(f"`save_directory` {save_directory!r} is a file; pass a folder.")
         refuse_pickled_weights(save_directory)
-        digested, self._digested_keys = self._digested_keys, None
         weights = os.path.join(save_directory, WEIGHTS_NAME)
         if digested is not None and os.path.isfile(weights):
-            cover_added_tensors(weights, digested)
+            cover_added_tensors(weights, *digested)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(output, indent=2, sort_keys=True))
 
     @classmethod

@@ -177,19 +177,24 @@ def seal_file(path: str | os.PathLike[str]) -> None:
     _write_sealed(path, tensors, metadata)
 
 
-def cover_added_tensors(path: str | os.PathLike[str], digested: Collection[str]) -> list[str]:
+def cover_added_tensors(path: str | os.PathLike[str], digested: Collection[str], digest: torch.Tensor) -> list[str]:
     """Extend the digest of the adapter file PEFT just wrote to the tensors PEFT added after SPU's save hook digested
     the others (the embedding layers `save_embedding_layers` saves, which PEFT adds last); return their keys.
 
-    The file is rewritten (through a temporary file) only if its recorded digest matches exactly the tensors of the
-    keys `digested`, which the hook covered: then the file is the one this save wrote, and nothing else. A file with
+    The file is rewritten (through a temporary file) only if its recorded digest is `digest`, the one the hook added,
+    and matches exactly the tensors of the keys `digested`, which the hook covered: then the file is the one this save
+    wrote (not another adapter's, whose keys are the same), and nothing else. A file with
     no added tensor is not read beyond its header, nor rewritten."""
     added = sorted(_tensor_keys(path) - set(digested) - {DIGEST_KEY})
     if not added:
         return []
     tensors, metadata = read_safetensors(path)
     covered = {key: tensor for key, tensor in tensors.items() if key not in added}
-    if covered.keys() != {*digested, DIGEST_KEY} or digest_problem(covered) is not None:
+    if (
+        covered.keys() != {*digested, DIGEST_KEY}
+        or digest_problem(covered) is not None
+        or not torch.equal(covered[DIGEST_KEY].reshape(-1), digest.reshape(-1).cpu())
+    ):
         return []  # not the file the hook digested: left as it is, and a load refuses it
     tensors.pop(DIGEST_KEY)
     _write_sealed(path, tensors, metadata)

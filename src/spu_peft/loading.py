@@ -35,7 +35,7 @@ from .integrity import (
 )
 from .layer import SPULayer
 from .naming import PEFT_PREFIX, auxiliary_wrappers, is_stored_bias, relative_name, spu_layers
-from .vocabulary import embedding_keys, embedding_modules, shape_problem, vocabulary_problem
+from .vocabulary import embedding_keys, embedding_modules, shape_problem, tied_problem, vocabulary_problem
 
 # every per-adapter tensor of an SPU layer, as the model's state dict names it
 SPU_FIELDS = ("spu_indices", "spu_values", "spu_frozen_indices", "spu_frozen_values", "spu_bias")
@@ -312,10 +312,10 @@ def _take_learnable_biases(file: _AdapterFile, model: nn.Module) -> dict[str, to
 
 
 def _take_embeddings(file: _AdapterFile, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The input and output token embeddings, which PEFT saves beside the adapter when the vocabulary was resized
-    (`save_embedding_layers`) and which load into the model's as LoRA's do, if the model's vocabulary has their
-    size: a base loaded fresh has its original vocabulary until the user resizes it as they did before training."""
-    out = {}
+    """The input and output token embeddings PEFT saves beside the adapter when the vocabulary was resized
+    (`save_embedding_layers`), loaded into the model's as LoRA's are if its vocabulary has their size (a fresh base has
+    its original one until resized as before training); tied ones (`loaded` by storage) take only two equal tensors."""
+    out, loaded = {}, {}
     for name, module in embedding_modules(model):
         for key, model_key, target, load in embedding_keys(name, module):
             tensor = file.take(key)
@@ -325,8 +325,13 @@ def _take_embeddings(file: _AdapterFile, model: nn.Module) -> dict[str, torch.Te
             if problem := vocabulary_problem(tuple(tensor.shape), tuple(target.shape)):
                 raise SPUAdapterFileError(f"{where}: {problem}")
             _check_float(tensor, where, target.dtype)
-            if load:
-                out[PEFT_PREFIX + model_key] = tensor.to(target.dtype)
+            if not load:
+                continue
+            value = tensor.to(target.dtype)
+            first = loaded.setdefault(target.untyped_storage().data_ptr(), (key, value))
+            if first[0] != key and not torch.equal(first[1], value):
+                raise SPUAdapterFileError(f"{where}: {tied_problem(first[0])}")
+            out[PEFT_PREFIX + model_key] = value
     return out
 
 

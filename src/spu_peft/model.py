@@ -313,7 +313,7 @@ class SPUModel(BaseTuner):
         to_return[DIGEST_KEY] = digest_entry(written)
         # PEFT also adds the embedding layers (`save_embedding_layers`) after this hook, on an argument the hook does
         # not see; it then writes the file and saves this config, whose save extends the digest to them
-        config.record_digested_keys(written)
+        config.record_digested_keys(written, to_return[DIGEST_KEY])
         return to_return
 
     @classmethod

@@ -57,3 +57,12 @@ def vocabulary_problem(stored: tuple[int, ...], model: tuple[int, ...]) -> str |
 
 def shape_problem(stored: tuple[int, ...], model: tuple[int, ...]) -> str:
     return f"shape {stored} in the file but {model} in the model; the adapter was made for a different base model."
+
+
+def tied_problem(other_key: str) -> str:
+    """Why a file's two token embeddings, different, do not fit a model that ties them (one tensor for both)."""
+    return (
+        f"the model ties its input and output token embeddings (one tensor), but the file holds a different one under "
+        f"`{other_key}`: the adapter was saved from a model with untied embeddings, and loading would keep only one. "
+        "Load the base with `tie_word_embeddings=False`, as it was trained, then the adapter."
+    )
