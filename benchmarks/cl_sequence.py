@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import sys
-import sysconfig
 from pathlib import Path
 
 import torch
@@ -56,7 +55,7 @@ from spu_peft.continual.data import check_modules_to_save  # noqa: E402
 from spu_peft.continual.fingerprint import DIFFERENCE_FLAGS, check_fingerprint  # noqa: E402
 from spu_peft.continual.methods import METHOD_GROUPS, parse_method_options, resolve_methods  # noqa: E402
 from spu_peft.continual.sources import EMBEDDED, load_clip  # noqa: E402
-from spu_peft.continual.workers import error_frames  # noqa: E402
+from spu_peft.continual.workers import is_library_refusal  # noqa: E402
 
 logger = get_logger(__name__)
 
@@ -274,26 +273,9 @@ def main(argv: list[str] | None = None) -> dict:
     except FingerprintMismatchError as error:
         raise SystemExit(_refusal(error)) from None
     except (OutputDirBusyError, ValueError) as error:  # the library's refusals, each naming what to fix
-        if isinstance(error, ValueError) and not _is_refusal(error):
+        if isinstance(error, ValueError) and not is_library_refusal(error, __name__):
             raise  # a method's or its hooks' own code, or a library the engine called: the traceback says where
         raise SystemExit(f"error: {_flagged(str(error))}") from None
-
-
-# Where no user code lies: the installed libraries, and code made at run time (`<string>`: dataclasses' methods)
-_NOT_USERS = ("<", *(sysconfig.get_paths()[name] for name in ("stdlib", "platstdlib", "purelib", "platlib")))
-
-
-def _is_refusal(error: ValueError) -> bool:
-    """Whether `error` is spu_peft's refusal of what the flags or the data asked for: raised by spu_peft, through
-    spu_peft, this script and installed libraries only. One raised by a library (torch, for a bug), or raised in or
-    through a user's method or hooks (registered with `register_method`), is not: it keeps its traceback."""
-    frames = error_frames(error)
-    if not frames or frames[-1][0].partition(".")[0] != "spu_peft":
-        return False
-    return all(
-        module.partition(".")[0] == "spu_peft" or module == __name__ or filename.startswith(_NOT_USERS)
-        for module, filename in frames
-    )
 
 
 def _run(args: argparse.Namespace) -> dict:

@@ -9,6 +9,7 @@ import os
 import pickle
 import queue
 import signal
+import sysconfig
 from collections.abc import Callable, Iterator, Sequence
 from traceback import format_exc, walk_tb
 from typing import Any
@@ -40,6 +41,24 @@ def error_frames(error: BaseException) -> list[tuple[str, str]]:
         (frame.f_globals.get("__name__", ""), frame.f_code.co_filename) for frame, _ in walk_tb(error.__traceback__)
     ]
     return here + getattr(error, "_worker_frames", [])
+
+
+# Where no user code lies: the installed libraries, and code made at run time (`<string>`: dataclasses' methods)
+_NOT_USERS = ("<", *(sysconfig.get_paths()[name] for name in ("stdlib", "platstdlib", "purelib", "platlib")))
+
+
+def is_library_refusal(error: ValueError, script: str) -> bool:
+    """Whether `error` is spu_peft's refusal of what a script's flags or data asked for: raised by spu_peft, through
+    spu_peft, the script (module `script`) and installed libraries only. One raised by a library (torch, for a bug),
+    or raised in or through a user's method or hooks (registered with `register_method`), is not: it keeps its
+    traceback."""
+    frames = error_frames(error)
+    if not frames or frames[-1][0].partition(".")[0] != "spu_peft":
+        return False
+    return all(
+        module.partition(".")[0] == "spu_peft" or module == script or filename.startswith(_NOT_USERS)
+        for module, filename in frames
+    )
 
 
 def _work(index: int, job: Callable[[], Any], results: Any, parent: int) -> None:
