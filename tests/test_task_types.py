@@ -17,6 +17,8 @@ from transformers import (
     BertModel,
     DebertaV2Config,
     DebertaV2ForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -29,6 +31,7 @@ from transformers import (
 )
 
 from spu_peft import SPUConfig, SPULayer, select_parameters
+from spu_peft.constants import PEFT_TASK_MODULES_TO_SAVE
 
 BERT = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
 LLAMA = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -165,6 +168,12 @@ NEW_HEAD_MODELS = {
     "t5": (lambda: T5ForSequenceClassification(T5Config(**T5, num_labels=3, eos_token_id=2)), "classification_head"),
     "deberta-v2": (lambda: DebertaV2ForSequenceClassification(DebertaV2Config(**BERT, num_labels=3)), "pooler"),
     "whisper": (lambda: WhisperForAudioClassification(WhisperConfig(**WHISPER, num_labels=3)), "projector"),
+    "distilbert": (  # PEFT adds its pre_classifier only from 0.22 on: SPU does on every version
+        lambda: DistilBertForSequenceClassification(
+            DistilBertConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, hidden_dim=48, num_labels=3)
+        ),
+        "pre_classifier",
+    ),
 }
 
 
@@ -211,9 +220,10 @@ def test_bert_keeps_its_pretrained_pooler_frozen_as_with_lora():
 def test_a_task_head_that_matches_no_module_warns():
     with pytest.warns(UserWarning) as caught:
         get_peft_model(build("feature_extraction_bert", 0), SPUConfig(task_type="SEQ_CLS"))
+    heads = list(PEFT_TASK_MODULES_TO_SAVE["SEQ_CLS"])  # PEFT's own: ['classifier', 'score'], 'pre_classifier' too
     assert [str(w.message) for w in caught if "task head" in str(w.message)] == [
-        "task_type='SEQ_CLS' trains the model's task head densely, but ['classifier', 'score'] (`modules_to_save`) "
-        "names no module of this model: the head stays frozen and is not saved with the adapter. Name it in "
+        f"task_type='SEQ_CLS' trains the model's task head densely, but {heads} (`modules_to_save`) names no module "
+        "of this model: the head stays frozen and is not saved with the adapter. Name it in "
         "SPUConfig(modules_to_save=[...])."
     ]
 

@@ -1,6 +1,8 @@
 """The tables SPU reads per transformers `model_type` and PEFT task type, as PEFT keeps its own in
 `peft.utils.constants`."""
 
+from peft import peft_model as _peft_model
+
 # The first linear layer of each MLP block, per transformers `model_type`. Other model types may join.
 # Gated MLPs (LLaMA-style SwiGLU) have two first layers, `gate_proj` and `up_proj`, both mapping the hidden state
 # into the MLP's intermediate space; SPU's "fc1" is that input side, so both are targeted (`down_proj` is fc2).
@@ -51,21 +53,25 @@ TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING: dict[str, list[str]] = {
     "clip": ["visual_projection"],
 }
 
+# The heads PEFT's classification task models add themselves: `classifier` and `score`, and from PEFT 0.22 on also
+# DistilBERT's new `pre_classifier` (read from PEFT where it says).
+PEFT_CLASSIFIER_HEADS: tuple[str, ...] = tuple(getattr(_peft_model, "CLASSIFIER_MODULE_NAMES", ("classifier", "score")))
+
 # The heads PEFT's task models put into `modules_to_save` themselves (`PeftModelForSequenceClassification` and its
 # kin), whichever of them the model has: so a classifier named `score` (LLaMA) or `classifier` (BERT) trains densely.
 # Only the names a user gave must match a module.
 PEFT_TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
-    "SEQ_CLS": ("classifier", "score"),
-    "TOKEN_CLS": ("classifier", "score"),
+    "SEQ_CLS": PEFT_CLASSIFIER_HEADS,
+    "TOKEN_CLS": PEFT_CLASSIFIER_HEADS,
     "QUESTION_ANS": ("qa_outputs",),
 }
 
 # Task heads PEFT's task models leave out: BART's, mBART's and T5's sequence classifiers are `classification_head`,
-# and audio classifiers (Whisper's, wav2vec 2.0's) put a new `projector` before `classifier`. PEFT's
-# `classifier`/`score` do not match them, so they would stay frozen at their random initialization and be missing
-# from the saved adapter. SPU adds the ones the model has to `modules_to_save`.
+# audio classifiers (Whisper's, wav2vec 2.0's) put a new `projector` before `classifier`, and DistilBERT a new
+# `pre_classifier` (which PEFT adds itself only from 0.22 on). They would stay frozen at their random initialization
+# and be missing from the saved adapter. SPU adds the ones the model has to `modules_to_save`.
 SPU_TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
-    "SEQ_CLS": ("classification_head", "projector"),
+    "SEQ_CLS": ("classification_head", "projector", "pre_classifier"),
 }
 
 # The same per model type: DeBERTa's sequence classifier puts a new dense `pooler` (which its backbone's checkpoints
