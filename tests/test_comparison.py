@@ -107,7 +107,8 @@ def test_peft_model_hides_only_the_gradient_checkpointing_notice():
         from peft import get_peft_model
 
         get_peft_model(make_tiny_clip(), comparison.SPUConfig(target_modules=["fc1"]))
-    assert [w.category for w in caught if "is_gradient_checkpointing" in str(w.message)] == [FutureWarning]
+    # PEFT 0.21 asks transformers' deprecated property (the notice the first call hid); 0.22 no longer does
+    assert [w.category for w in caught if "is_gradient_checkpointing" in str(w.message)] in ([FutureWarning], [])
 
 
 def test_spu_is_an_adapter_with_the_budget_s_settings():
