@@ -18,7 +18,7 @@ from .fsdp_units import refuse_base_layer_sharded_alone
 from .merging import MergeMixin
 from .optim_state import watch_resized
 from .scoring import scoring_linear
-from .sparse_linear import SparseDelta, compose_bias, compose_weight, sparse_delta_linear, union_sum
+from .sparse_linear import SparseDelta, compose_bias, compose_weight, run_entries, sparse_delta_linear, union_sum
 from .state_sizes import fit_deltas_to_state_dict
 from .supports import Float32BufferDict, adapter_seed, budget_shortfall, initial_values, random_support
 
@@ -110,8 +110,7 @@ class SPULayer(MergeMixin, BaseTunerLayer):
         """The sorted flat entry positions the adapter's values train (a tiled support's runs expanded)."""
         if (layout := self._layout(adapter_name)) is None:
             return self.spu_indices[adapter_name]
-        width = layout.block_size[1]
-        return (layout.runs.long()[:, None] * width + torch.arange(width, device=layout.runs.device)).reshape(-1)
+        return run_entries(layout.runs, layout.block_size[1])
 
     def _layout(self, adapter_name: str) -> TileLayout | None:
         """The tile layout of a tiled adapter's support (cached), None for an entry-level one."""

@@ -38,13 +38,17 @@ def _run_index(indices: torch.Tensor, width: int) -> torch.Tensor:
     return indices.long()[:, None].expand(-1, width)
 
 
+def run_entries(runs: torch.Tensor, width: int) -> torch.Tensor:
+    """The flat entry positions (int64) of runs of `width` values at positions `runs` of the weight seen as
+    `(numel // width, width)`, run by run: sorted where the runs are."""
+    return (runs.long()[:, None] * width + torch.arange(width, device=runs.device)).reshape(-1)
+
+
 def entry_delta(indices: torch.Tensor, values: torch.Tensor) -> SparseDelta:
     """A delta by entries (int64 positions, 1-D values), from either form of `SparseDelta`."""
     if values.dim() == 1:
         return indices.long(), values
-    width = values.shape[1]
-    entries = indices.long()[:, None] * width + torch.arange(width, device=indices.device)
-    return entries.reshape(-1), values.reshape(-1)
+    return run_entries(indices, values.shape[1]), values.reshape(-1)
 
 
 def compose_weight(weight: torch.Tensor, deltas: Sequence[SparseDelta]) -> torch.Tensor:
