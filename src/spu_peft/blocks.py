@@ -74,7 +74,7 @@ class TileLayout:
 
     A tiled adapter's values list its tiles' entries in sorted (row-major) order: a row of tiles' values one after
     another, weight row by weight row, each a run of `bc` values per tile. `runs` is the position of each such run in
-    the weight seen as `(rows * cols // bc, bc)`, so `W + delta` is one `index_add` of whole runs and no entry's
+    the weight seen as `(rows * cols // bc, bc)`, so `W + delta` is one scatter of whole runs and no entry's
     position is ever held (4 bytes a value, a fifth of a trained value's state with AdamW).
 
     For the value gradient the tiles are grouped by a block of the side with fewer blocks (rows at a tie), so the
@@ -119,13 +119,16 @@ def first_runs_and_strides(tile_rows: torch.Tensor, br: int) -> tuple[torch.Tens
 def run_order(tile_rows: torch.Tensor, br: int) -> RunOrder:
     """The tile and the row within it of each run, in the values' order, for sorted tiles in the rows of tiles
     `tile_rows`."""
-    first_runs, strides = first_runs_and_strides(tile_rows, br)
-    within = torch.arange(br, device=tile_rows.device)[None, :]
+    return _run_order(*first_runs_and_strides(tile_rows, br), br)
+
+
+def _run_order(first_runs: torch.Tensor, strides: torch.Tensor, br: int) -> RunOrder:
+    within = torch.arange(br, device=first_runs.device)[None, :]
     target = (first_runs[:, None] + within * strides[:, None]).reshape(-1)
     tile = torch.empty_like(target)
     row = torch.empty_like(target)
-    tile[target] = torch.arange(tile_rows.numel(), device=target.device).repeat_interleave(br)
-    row[target] = within.expand(tile_rows.numel(), br).reshape(-1)
+    tile[target] = torch.arange(first_runs.numel(), device=target.device).repeat_interleave(br)
+    row[target] = within.expand(first_runs.numel(), br).reshape(-1)
     return RunOrder(tile, row)
 
 
@@ -135,7 +138,8 @@ def tile_layout(tiles: torch.Tensor, shape: tuple[int, int], block_size: tuple[i
     grid_cols = cols // bc
     tiles = tiles.long()
     tile_rows, tile_cols = tiles // grid_cols, tiles % grid_cols
-    order = run_order(tile_rows, br)
+    first_runs, strides = first_runs_and_strides(tile_rows, br)
+    order = _run_order(first_runs, strides, br)
     runs = (tile_rows[order.tile] * br + order.row) * grid_cols + tile_cols[order.tile]
     runs = runs.to(index_dtype(rows * grid_cols))
     entries = tiles.numel() * br * bc
@@ -149,7 +153,7 @@ def tile_layout(tiles: torch.Tensor, shape: tuple[int, int], block_size: tuple[i
     by_cols = torch.argsort(tile_cols, stable=True)
     blocks, counts = torch.unique_consecutive(tile_cols[by_cols], return_counts=True)
     groups = tuple(zip(blocks.tolist(), counts.tolist()))
-    first_runs, strides = (t[by_cols].to(index_dtype(runs.numel())) for t in first_runs_and_strides(tile_rows, br))
+    first_runs, strides = (t[by_cols].to(index_dtype(runs.numel())) for t in (first_runs, strides))
     return TileLayout(block_size, False, groups, tile_rows[by_cols], entries, runs, first_runs, strides, bsr)
 
 
