@@ -29,7 +29,7 @@ from .integrity import (
     cover_added_tensors,
     read_adapter_file,
 )
-from .task_heads import note_read_from_file
+from .task_heads import matching_modules, note_read_from_file
 
 
 class SPUPeftType(str, enum.Enum):
@@ -296,11 +296,7 @@ def default_modules_to_save(config: SPUConfig, model_type: str | None, module_na
     kept = [
         wanted
         for wanted in TRANSFORMERS_MODELS_TO_SPU_MODULES_TO_SAVE_MAPPING.get(model_type, ())
-        if not any(
-            check_target_module_exists(config, name)
-            for name in module_names
-            if name == wanted or name.endswith("." + wanted)
-        )
+        if not any(check_target_module_exists(config, name) for name in matching_modules(wanted, module_names))
     ]
     return kept or None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 from peft.config import PeftConfig
@@ -45,7 +46,7 @@ def add_task_heads(config: PeftConfig, model_type: str | None, modules: dict[str
     if present and not saved:
         config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or ()), *present]))
     trained = list(dict.fromkeys([*(config.modules_to_save or ()), *heads]))  # some task models add theirs later
-    if any(_matches(wanted, modules) for wanted in trained):
+    if any(matching_modules(wanted, modules) for wanted in trained):
         return None
     fix = (
         f"This adapter was saved without its `{present[0]}`: the base model's, as loaded, stands in."
@@ -64,7 +65,7 @@ def check_modules_to_save(config: PeftConfig, modules: dict[str, Any]) -> None:
     of it would fail to require gradients, deep in torch)."""
     task_type = getattr(config.task_type, "value", config.task_type)
     for wanted in config.modules_to_save or ():
-        matched = _matches(wanted, modules)
+        matched = matching_modules(wanted, modules)
         if not matched and wanted not in PEFT_TASK_MODULES_TO_SAVE.get(task_type, ()):
             raise ValueError(
                 f"`modules_to_save` names {wanted!r}, which matches no module of the model (PEFT would ignore it "
@@ -79,7 +80,8 @@ def check_modules_to_save(config: PeftConfig, modules: dict[str, Any]) -> None:
                 )
 
 
-def _matches(wanted: str, modules: dict[str, Any]) -> list[str]:
+def matching_modules(wanted: str, modules: Iterable[str]) -> list[str]:
+    """The module names a `modules_to_save` entry selects, as PEFT matches it: the name or a path ending in it."""
     return [name for name in modules if name == wanted or name.endswith("." + wanted)]
 
 
